@@ -1,0 +1,1 @@
+"""Domain: models, errors and services. No HTTP here."""

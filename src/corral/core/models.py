@@ -1,0 +1,250 @@
+"""Wire models shared by the server, the SDK and the CLI.
+
+Every request and response of the native API is one of these; faces translate to and from them.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Annotated, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class SandboxState(str, enum.Enum):
+    creating = "creating"
+    running = "running"
+    paused = "paused"
+    stopped = "stopped"
+    error = "error"
+    deleted = "deleted"
+
+    def can_become(self, new: SandboxState) -> bool:
+        return new in _SANDBOX_TRANSITIONS[self]
+
+
+_SANDBOX_TRANSITIONS: dict[SandboxState, set[SandboxState]] = {
+    SandboxState.creating: {SandboxState.running, SandboxState.error, SandboxState.deleted},
+    SandboxState.running: {
+        SandboxState.paused,
+        SandboxState.stopped,
+        SandboxState.error,
+        SandboxState.deleted,
+        SandboxState.creating,  # restarted after a crash of the server or of the sandbox
+    },
+    SandboxState.paused: {SandboxState.running, SandboxState.stopped, SandboxState.deleted},
+    SandboxState.stopped: {SandboxState.creating, SandboxState.deleted},
+    SandboxState.error: {SandboxState.creating, SandboxState.deleted},
+    SandboxState.deleted: set(),
+}
+
+
+class CommandStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    completed = "completed"  # ran to its end, whatever its exit code
+    failed = "failed"  # could not be started
+    timed_out = "timed_out"
+    cancelled = "cancelled"
+    lost = "lost"  # the node or the server died while it ran: the result is unknown
+
+    @property
+    def finished(self) -> bool:
+        return self not in (CommandStatus.queued, CommandStatus.running)
+
+
+class Scope(str, enum.Enum):
+    read = "read"  # look at sandboxes, commands and output
+    exec = "exec"  # run and cancel commands
+    files = "files"  # move files in and out
+    sandboxes = "sandboxes"  # create, change and delete sandboxes
+    admin = "admin"  # everything, tokens included
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- sandboxes ---------------------------------------------------------------------------------
+
+
+class SandboxCreate(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    template: str = Field(default="host", description="Root filesystem template")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for every command")
+    labels: dict[str, str] = Field(default_factory=dict)
+    cpu: float | None = Field(default=None, gt=0, le=256, description="CPUs (quota)")
+    memory_mb: int | None = Field(default=None, ge=16, le=1024 * 1024)
+    pids: int | None = Field(default=None, ge=8, le=1_000_000)
+    disk_mb: int | None = Field(default=None, ge=1, le=1024 * 1024)
+    ttl_seconds: int | None = Field(default=None, ge=1, description="Stopped and deleted after")
+    network: Literal["none"] = "none"
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value)
+
+
+class Sandbox(BaseModel):
+    id: str
+    name: str | None
+    state: SandboxState
+    node_id: str
+    template: str
+    env_keys: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    cpu: float | None = None
+    memory_mb: int | None = None
+    pids: int | None = None
+    disk_mb: int | None = None
+    ttl_seconds: int | None = None
+    network: str = "none"
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None = None
+    error: str | None = None
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+class ExecRequest(Strict):
+    command: str = Field(min_length=1, description="Shell string, or the program when args is set")
+    args: list[str] | None = Field(default=None, description="Program arguments: no shell")
+    cwd: str | None = Field(default=None, description="Absolute path; default /workspace")
+    env: dict[str, str] = Field(default_factory=dict)
+    user: str | None = Field(default=None, description="'user' (uid 1000, the default)")
+    stdin: str | None = Field(default=None, description="Standard input as UTF-8 text")
+    timeout_ms: int | None = Field(default=None, ge=1)
+    max_output_bytes: int | None = Field(default=None, ge=0, description="Cap per stream")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value)
+
+    @field_validator("command", "cwd", "stdin")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL bytes")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any("\x00" in a for a in value):
+            raise ValueError("arguments must not contain NUL bytes")
+        return value
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("user", "1000"):
+            raise ValueError("only 'user' (uid 1000) is available")
+        return value
+
+
+class Command(BaseModel):
+    """One execution and, once finished, its result."""
+
+    id: str
+    sandbox_id: str
+    status: CommandStatus
+    command: str
+    args: list[str] | None = None
+    cwd: str
+    user: str = "user"
+    env_keys: list[str] = Field(default_factory=list)
+    timeout_ms: int
+    max_output_bytes: int
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    duration_ms: int | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+class TokenCreate(Strict):
+    name: str = Field(default="", max_length=200)
+    scopes: list[Scope] = Field(default_factory=lambda: [Scope.read, Scope.exec, Scope.files])
+    sandbox_ids: list[str] | None = Field(
+        default=None, description="Limit the token to these sandboxes (ids or names)"
+    )
+    expires_in_seconds: int | None = Field(default=None, ge=1)
+
+
+class Token(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    scopes: list[Scope]
+    sandbox_ids: list[str] | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class TokenCreated(Token):
+    secret: str = Field(description="Shown once; only its hash is kept")
+
+
+# --- generic -----------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: object | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+    request_id: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    node: str
+    runtime: str
+
+
+def check_env(env: dict[str, str]) -> dict[str, str]:
+    for key, val in env.items():
+        if not _ENV_KEY.match(key):
+            raise ValueError(f"invalid environment variable name: {key!r}")
+        if "\x00" in val:
+            raise ValueError(f"environment variable {key} contains a NUL byte")
+    return env

@@ -1,0 +1,32 @@
+"""Identifiers: a short type prefix plus a time-ordered, URL-safe random part.
+
+Time-ordered so that ids sort in creation order (cheap pagination); the random part has 80 bits,
+enough that ids can be handed out without coordination by several servers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
+
+
+def _b32(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        out.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def new_id(prefix: str) -> str:
+    """`prefix_` + 10 chars of milliseconds + 16 chars of randomness."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    return f"{prefix}_{_b32(ms, 10)}{_b32(rand, 16)}"
+
+
+SANDBOX = "sb"
+COMMAND = "cmd"
+TOKEN = "tok"

@@ -1,0 +1,109 @@
+"""The interface every sandbox backend implements.
+
+A runtime starts long-lived sandboxes and spawns processes in them. It hands back raw pipe file
+descriptors so the node can stream output without copies through the backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    id: str
+    slot: int  # index into the host uid pool
+    dir: Path  # host directory holding the sandbox's files (workspace, ...)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    id: str  # command id
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None = None
+
+    @property
+    def shell_code(self) -> int:
+        """The code a shell would report: 128+N for a signal."""
+        if self.exit_code is not None:
+            return self.exit_code
+        return 128 + (self.signal or 0)
+
+
+class SpawnError(Exception):
+    """The process could not be started (no such program, bad cwd, ...)."""
+
+
+class SandboxDied(Exception):
+    """The sandbox went away while the process ran: its result is unknown."""
+
+
+class ProcessHandle(abc.ABC):
+    """A process running in a sandbox, with the host ends of its pipes."""
+
+    stdin_fd: int | None  # write end, owned by the caller once spawned
+    stdout_fd: int  # read end, owned by the caller
+    stderr_fd: int  # read end, owned by the caller
+
+    @abc.abstractmethod
+    async def wait(self) -> ExitStatus:
+        """The exit of the process itself; raises SandboxDied if that cannot be known."""
+
+    @abc.abstractmethod
+    async def signal(self, signum: int) -> None:
+        """Send a signal to every process the command started."""
+
+    @abc.abstractmethod
+    async def kill_tree(self) -> None:
+        """SIGKILL every process the command started, however it detached itself."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Free what tracked the command (its cgroup) once nothing of it runs."""
+
+
+class SandboxHandle(abc.ABC):
+    config: SandboxConfig
+
+    @property
+    @abc.abstractmethod
+    def alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def spawn(self, spec: ProcessSpec) -> ProcessHandle: ...
+
+    @abc.abstractmethod
+    async def wait_dead(self) -> None:
+        """Returns when the sandbox's processes are gone (stopped or crashed)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Kill every process of the sandbox; its files stay."""
+
+
+class Runtime(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def prepare(self) -> list[str]:
+        """Check the host and set up shared state; returns warnings to log at start-up."""
+
+    @abc.abstractmethod
+    async def start(self, config: SandboxConfig) -> SandboxHandle: ...
+
+    @abc.abstractmethod
+    async def remove_files(self, config: SandboxConfig) -> None: ...
+
+    @abc.abstractmethod
+    async def sweep(self) -> None:
+        """Remove what an earlier run of the node left behind (processes, cgroups)."""

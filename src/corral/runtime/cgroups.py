@@ -1,0 +1,118 @@
+"""The node's cgroup2 tree: one cgroup per sandbox, one below it per command.
+
+Used for what only a cgroup can do reliably: kill a whole process tree (`cgroup.kill` takes
+setsid'd, double-forked and ptrace-stopped processes alike), and account CPU time. On hosts with
+cgroup v1 the controller-less cgroup2 at /sys/fs/cgroup/unified serves this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+_CANDIDATES = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+
+
+def find_cgroup2() -> Path | None:
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    cgroup2 = {Path(line.split()[1]) for line in mounts if line.split()[2:3] == ["cgroup2"]}
+    for path in _CANDIDATES:
+        if path in cgroup2 and os.access(path, os.W_OK):
+            return path
+    return None
+
+
+class CgroupTree:
+    def __init__(self, mount: Path, name: str) -> None:
+        self.base = mount / name
+        self.has_kill = (mount / "cgroup.kill").exists() or self._probe_kill(mount)
+
+    @staticmethod
+    def _probe_kill(mount: Path) -> bool:
+        probe = mount / f"corral-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+            return (probe / "cgroup.kill").exists()
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                probe.rmdir()
+
+    def setup(self) -> None:
+        self.base.mkdir(exist_ok=True)
+
+    def sandbox(self, sandbox_id: str) -> Path:
+        return self.base / sandbox_id
+
+    def command(self, sandbox_id: str, command_id: str) -> Path:
+        return self.base / sandbox_id / command_id
+
+    @staticmethod
+    def procs(path: Path) -> list[int]:
+        try:
+            text = (path / "cgroup.procs").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    @staticmethod
+    def populated(path: Path) -> bool:
+        try:
+            for line in (path / "cgroup.events").read_text().splitlines():
+                if line.startswith("populated "):
+                    return line.endswith("1")
+        except FileNotFoundError:
+            return False
+        return bool(CgroupTree.procs(path))
+
+    def signal_all(self, path: Path, signum: int) -> None:
+        """Signal every process in the cgroup and below it."""
+        for dirpath, _dirs, _files in os.walk(path):
+            for pid in self.procs(Path(dirpath)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+    def kill(self, path: Path) -> None:
+        if not path.exists():
+            return
+        if self.has_kill:
+            with contextlib.suppress(FileNotFoundError):
+                (path / "cgroup.kill").write_text("1")
+            return
+        # No cgroup.kill (kernel < 5.14): freeze, kill, thaw, so nothing forks in between.
+        freeze = path / "cgroup.freeze"
+        with contextlib.suppress(OSError):
+            freeze.write_text("1")
+        self.signal_all(path, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            freeze.write_text("0")
+
+    def remove(self, path: Path) -> bool:
+        """Remove a cgroup whose processes are gone, children first. False if still busy."""
+        if not path.exists():
+            return True
+        ok = True
+        for child in [p for p in path.iterdir() if p.is_dir()]:
+            ok = self.remove(child) and ok
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return ok
+
+    async def kill_and_remove(self, path: Path, wait_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.kill(path)
+            if self.remove(path):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)

@@ -1,0 +1,470 @@
+"""The embedded default backend: Linux namespaces through bubblewrap.
+
+Each sandbox is one long-lived `bwrap` started under its own unprivileged host uid (never host
+root), uid 1000 inside, the host's /usr read-only, a private /tmp, its own /workspace, and no
+network. Inside runs the supervisor (supervisor.py), which forks commands on request; the node
+passes it the pipes and the command's cgroup over a SOCK_SEQPACKET socket.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from corral.runtime.base import (
+    ExitStatus,
+    ProcessHandle,
+    ProcessSpec,
+    Runtime,
+    SandboxConfig,
+    SandboxDied,
+    SandboxHandle,
+    SpawnError,
+)
+from corral.runtime.cgroups import CgroupTree, find_cgroup2
+
+log = logging.getLogger(__name__)
+
+SANDBOX_UID = 1000
+MAX_MESSAGE = 1 << 20  # the supervisor reads at most this much per message
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
+START_TIMEOUT = 15.0
+SPAWN_TIMEOUT = 10.0
+PYTHON = "/usr/bin/python3"
+SUPERVISOR = Path(__file__).with_name("supervisor.py")
+
+# Host paths bound read-only when present: what programs need from /etc, nothing secret.
+HOST_ETC = (
+    "alternatives",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "timezone",
+    "mime.types",
+    "protocols",
+    "services",
+    "bash.bashrc",
+    "profile",
+    "inputrc",
+    "python3",
+    "python3.11",
+    "gai.conf",
+    "magic",
+    "mime.types",
+)
+
+ETC_FILES = {
+    "passwd": (
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:sandbox user:/workspace:/bin/bash\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    ),
+    "group": f"root:x:0:\nuser:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
+    "hostname": "sandbox\n",
+    "hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+    "resolv.conf": "",
+}
+
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/workspace",
+    "USER": "user",
+    "LOGNAME": "user",
+    "SHELL": "/bin/bash",
+    "LANG": "C.UTF-8",
+}
+
+
+class NamespacesRuntime(Runtime):
+    name = "namespaces"
+
+    def __init__(self, *, data_dir: Path, uid_base: int, cgroup_name: str, tmp_mb: int = 1024):
+        self.data_dir = data_dir
+        self.uid_base = uid_base
+        self.cgroup_name = cgroup_name
+        self.tmp_bytes = tmp_mb * 1024 * 1024
+        self.etc_dir = data_dir / "runtime" / "etc"
+        self.supervisor_path = data_dir / "runtime" / "supervisor.py"
+        self.cgroups: CgroupTree | None = None
+
+    async def prepare(self) -> list[str]:
+        warnings: list[str] = []
+        for tool in ("bwrap", "setpriv"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is not installed (scripts/setup.sh installs it)")
+        if not os.access(PYTHON, os.X_OK):
+            raise RuntimeError(f"{PYTHON} is missing: the in-sandbox supervisor needs it")
+        if os.geteuid() != 0:
+            raise RuntimeError("the namespaces runtime needs root to drop to per-sandbox uids")
+        self._check_traversable(self.data_dir)
+        runtime_dir = self.data_dir / "runtime"
+        self.etc_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.data_dir, runtime_dir, self.etc_dir):
+            d.chmod(0o755)
+        for name, text in ETC_FILES.items():
+            path = self.etc_dir / name
+            path.write_text(text)
+            path.chmod(0o644)
+        shutil.copyfile(SUPERVISOR, self.supervisor_path)
+        self.supervisor_path.chmod(0o644)
+        sandboxes = self.data_dir / "sandboxes"
+        sandboxes.mkdir(exist_ok=True)
+        sandboxes.chmod(0o711)
+
+        mount = find_cgroup2()
+        if mount is None:
+            warnings.append(
+                "no writable cgroup2 hierarchy: a timeout or cancel kills the command's process "
+                "group and its sandbox-wide descendants only through the supervisor"
+            )
+        else:
+            self.cgroups = CgroupTree(mount, self.cgroup_name)
+            self.cgroups.setup()
+            if not self.cgroups.has_kill:
+                warnings.append("cgroup.kill missing (kernel < 5.14): tree kill uses the freezer")
+        return warnings
+
+    @staticmethod
+    def _check_traversable(path: Path) -> None:
+        # bwrap binds the workspace as the sandbox's uid, which must be able to reach it.
+        for parent in [path, *path.parents]:
+            if parent.exists() and not os.stat(parent).st_mode & 0o001:
+                raise RuntimeError(
+                    f"{parent} is not searchable by other users; choose a data dir whose parents "
+                    "are (e.g. under /var/lib)"
+                )
+
+    def host_uid(self, config: SandboxConfig) -> int:
+        return self.uid_base + config.slot
+
+    def workspace(self, config: SandboxConfig) -> Path:
+        return config.dir / "workspace"
+
+    def _bwrap_args(self, config: SandboxConfig, sock_fd: int) -> list[str]:
+        uid = self.host_uid(config)
+        args = [
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+            "bwrap",
+            "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--clearenv", "--setenv", "PATH", DEFAULT_ENV["PATH"],
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--hostname", "sandbox",
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin",
+            "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64",
+            "--symlink", "usr/sbin", "/sbin",
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--size", str(self.tmp_bytes), "--tmpfs", "/tmp",
+            "--size", str(64 * 1024 * 1024), "--tmpfs", "/dev/shm",
+            "--dir", "/var", "--symlink", "../tmp", "/var/tmp",
+        ]  # fmt: skip
+        for name in ETC_FILES:
+            args += ["--ro-bind", str(self.etc_dir / name), f"/etc/{name}"]
+        for name in dict.fromkeys(HOST_ETC):
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        args += [
+            "--ro-bind", str(self.supervisor_path), "/.corral/supervisor.py",
+            "--bind", str(self.workspace(config)), "/workspace",
+            "--chdir", "/workspace",
+            "--remount-ro", "/",
+            "--", PYTHON, "-I", "-S", "/.corral/supervisor.py", str(sock_fd),
+        ]  # fmt: skip
+        return args
+
+    async def start(self, config: SandboxConfig) -> SandboxHandle:
+        uid = self.host_uid(config)
+        await asyncio.to_thread(self._make_dirs, config, uid)
+        cgroup: Path | None = None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with contextlib.suppress(OSError):
+            parent.setsockopt(socket.SOL_SOCKET, 32, 2 * MAX_MESSAGE)  # SO_SNDBUFFORCE
+        argv = self._bwrap_args(config, child.fileno())
+        if self.cgroups is not None:
+            cgroup = self.cgroups.sandbox(config.id)
+            await self.cgroups.kill_and_remove(cgroup)
+            cgroup.mkdir()
+            # Join the sandbox's cgroup before bwrap starts, so nothing of it runs outside.
+            join = 'echo $$ > "$0" && exec "$@"'
+            argv = ["/bin/sh", "-c", join, str(cgroup / "cgroup.procs"), *argv]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=[child.fileno()],  # bwrap passes it on under the same number
+                start_new_session=True,
+            )
+        finally:
+            child.close()
+        sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
+        try:
+            await asyncio.wait_for(sandbox.ready, START_TIMEOUT)
+        except (TimeoutError, SandboxDied) as exc:
+            detail = await sandbox.startup_error()
+            await sandbox.stop()
+            raise RuntimeError(f"sandbox did not start: {detail or exc}") from None
+        return sandbox
+
+    def _make_dirs(self, config: SandboxConfig, uid: int) -> None:
+        config.dir.mkdir(parents=True, exist_ok=True)
+        os.chown(config.dir, uid, uid)
+        config.dir.chmod(0o700)
+        ws = self.workspace(config)
+        ws.mkdir(exist_ok=True)
+        st = os.lstat(ws)
+        if st.st_uid != uid:
+            os.chown(ws, uid, uid, follow_symlinks=False)
+
+    async def remove_files(self, config: SandboxConfig) -> None:
+        # rmtree on Linux walks with file descriptors and never follows symlinks.
+        await asyncio.to_thread(shutil.rmtree, config.dir, True)
+
+    async def sweep(self) -> None:
+        if self.cgroups is None or not self.cgroups.base.exists():
+            return
+        for path in [p for p in self.cgroups.base.iterdir() if p.is_dir()]:
+            if not await self.cgroups.kill_and_remove(path):
+                log.warning("could not remove leftover cgroup %s", path)
+
+
+class NamespacesSandbox(SandboxHandle):
+    def __init__(
+        self,
+        runtime: NamespacesRuntime,
+        config: SandboxConfig,
+        proc: asyncio.subprocess.Process,
+        sock: socket.socket,
+        cgroup: Path | None,
+    ) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.proc = proc
+        self.sock = sock
+        self.cgroup = cgroup
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self._dead = asyncio.Event()
+        self._spawns: dict[str, asyncio.Future[int]] = {}
+        self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
+        self._stderr = b""
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._watch = asyncio.ensure_future(self._watch_process())
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead.is_set()
+
+    async def wait_dead(self) -> None:
+        await self._dead.wait()
+
+    async def startup_error(self) -> str:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._watch), 1.0)
+        return self._stderr.decode(errors="replace").strip()[-2000:]
+
+    async def _watch_process(self) -> None:
+        assert self.proc.stderr is not None
+        # Keep only the head of what bwrap prints: it explains failed starts.
+        while chunk := await self.proc.stderr.read(65536):
+            if len(self._stderr) < 8192:
+                self._stderr += chunk[: 8192 - len(self._stderr)]
+        await self.proc.wait()
+        self._mark_dead()
+
+    def _mark_dead(self) -> None:
+        if self._dead.is_set():
+            return
+        self._dead.set()
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+        error = SandboxDied("the sandbox stopped")
+        for fut in [self.ready, *self._spawns.values(), *self._exits.values()]:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # mark retrieved: nobody may be waiting any more
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._mark_dead()
+                return
+            try:
+                message = json.loads(data)
+                self._dispatch(message)
+            except (ValueError, TypeError, KeyError) as exc:
+                # The supervisor runs as the sandbox's user: treat what it says as untrusted.
+                log.warning("sandbox %s sent a bad message: %s", self.config.id, exc)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        ev = message["ev"]
+        if ev == "ready":
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return
+        cid = str(message["id"])
+        if ev == "started":
+            fut = self._spawns.pop(cid, None)
+            if fut and not fut.done():
+                fut.set_result(int(message["pid"]))
+        elif ev == "spawn_failed":
+            fut = self._spawns.pop(cid, None)
+            if fut and not fut.done():
+                fut.set_exception(SpawnError(str(message.get("error", "could not start"))[:500]))
+        elif ev == "exit":
+            efut = self._exits.get(cid)
+            if efut and not efut.done():
+                code = message.get("code")
+                sig = message.get("signal")
+                efut.set_result(
+                    ExitStatus(
+                        exit_code=int(code) if code is not None else None,
+                        signal=int(sig) if sig is not None else None,
+                    )
+                )
+
+    async def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        if len(data) > MAX_MESSAGE:
+            raise SpawnError("command line and environment are too large")
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while True:
+            if not self.alive:
+                raise SandboxDied("the sandbox stopped")
+            try:
+                self.sock.sendmsg([data], anc)
+                return
+            except BlockingIOError:
+                writable = self.loop.create_future()
+                self.loop.add_writer(self.sock.fileno(), writable.set_result, None)
+                try:
+                    await asyncio.wait_for(writable, SPAWN_TIMEOUT)
+                finally:
+                    self.loop.remove_writer(self.sock.fileno())
+            except OSError as exc:
+                raise SandboxDied(f"the sandbox stopped: {exc}") from None
+
+    async def spawn(self, spec: ProcessSpec) -> ProcessHandle:
+        if not self.alive:
+            raise SandboxDied("the sandbox is not running")
+        cgroup = None
+        cgroup_fd = -1
+        runtime = self.runtime
+        if runtime.cgroups is not None and self.cgroup is not None:
+            cgroup = runtime.cgroups.command(self.config.id, spec.id)
+            cgroup.mkdir()
+            cgroup_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        for fd in (out_r, err_r):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        env = {**DEFAULT_ENV, **self.config.env, **spec.env}
+        started = self.loop.create_future()
+        exited: asyncio.Future[ExitStatus] = self.loop.create_future()
+        self._spawns[spec.id] = started
+        self._exits[spec.id] = exited
+        message = {"op": "spawn", "id": spec.id, "argv": spec.argv, "env": env, "cwd": spec.cwd}
+        child_fds = [stdin_r, out_w, err_w] + ([cgroup_fd] if cgroup_fd >= 0 else [])
+        try:
+            await self._send(message, child_fds)
+            pid = await asyncio.wait_for(started, SPAWN_TIMEOUT)
+        except BaseException:
+            self._spawns.pop(spec.id, None)
+            self._exits.pop(spec.id, None)
+            for fd in (stdin_w, out_r, err_r):
+                os.close(fd)
+            if cgroup is not None:
+                await asyncio.to_thread(runtime.cgroups.remove, cgroup)  # type: ignore[union-attr]
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        return NamespacesProcess(self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroup)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # bwrap's --die-with-parent takes the whole pid namespace
+        cgroups = self.runtime.cgroups
+        if cgroups is not None and self.cgroup is not None:
+            if not await cgroups.kill_and_remove(self.cgroup):
+                log.warning("cgroup %s still busy after stop", self.cgroup)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._watch), 5.0)
+        self._mark_dead()
+        self.sock.close()
+
+
+class NamespacesProcess(ProcessHandle):
+    def __init__(
+        self,
+        sandbox: NamespacesSandbox,
+        command_id: str,
+        pid: int,
+        stdin_fd: int,
+        stdout_fd: int,
+        stderr_fd: int,
+        exited: asyncio.Future[ExitStatus],
+        cgroup: Path | None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.command_id = command_id
+        self.pid = pid  # inside the sandbox's pid namespace
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        self._exited = exited
+        self.cgroup = cgroup
+
+    async def wait(self) -> ExitStatus:
+        return await asyncio.shield(self._exited)
+
+    async def signal(self, signum: int) -> None:
+        cgroups = self.sandbox.runtime.cgroups
+        if cgroups is not None and self.cgroup is not None:
+            cgroups.signal_all(self.cgroup, signum)
+        else:
+            with contextlib.suppress(SandboxDied):
+                await self.sandbox._send({"op": "signal", "id": self.command_id, "sig": signum})
+
+    async def kill_tree(self) -> None:
+        cgroups = self.sandbox.runtime.cgroups
+        if cgroups is not None and self.cgroup is not None:
+            cgroups.kill(self.cgroup)
+        else:
+            await self.signal(signal.SIGKILL)
+
+    async def release(self) -> None:
+        self.sandbox._exits.pop(self.command_id, None)
+        cgroups = self.sandbox.runtime.cgroups
+        if cgroups is not None and self.cgroup is not None and not cgroups.populated(self.cgroup):
+            cgroups.remove(self.cgroup)

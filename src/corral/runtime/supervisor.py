@@ -1,0 +1,172 @@
+"""The supervisor that lives inside each sandbox and starts its commands.
+
+Runs under the sandbox's own uid with the distribution's python3 (`python3 -I -S`, stdlib only).
+The node talks to it over a SOCK_SEQPACKET socket (fd given as argv[1]): one JSON object per
+message, file descriptors for the command's stdio and cgroup passed alongside with SCM_RIGHTS.
+The command's output goes straight from its pipes to the node; the supervisor only reports
+start and exit. It trusts nothing it receives beyond the node's messages and sends only its own.
+
+Node -> supervisor:
+  {"op": "spawn", "id", "argv", "env", "cwd"}  + fds [stdin, stdout, stderr, (cgroup.procs)]
+  {"op": "signal", "id", "sig"}                 signal the command's process group
+Supervisor -> node:
+  {"ev": "ready"}
+  {"ev": "started", "id", "pid"}
+  {"ev": "spawn_failed", "id", "error"}
+  {"ev": "exit", "id", "code", "signal"}
+"""
+
+import array
+import ctypes
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+
+MAX_MESSAGE = 1 << 20
+PR_SET_DUMPABLE = 4
+
+
+def _no_ptrace() -> None:
+    # Commands run as the same uid: stop them from attaching to the supervisor.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def _send(sock, message):
+    sock.send(json.dumps(message, separators=(",", ":")).encode())
+
+
+def _recv(sock):
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(16 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    return data, list(fds)
+
+
+def _spawn(message, fds):
+    """Fork and exec the command; returns its pid. Raises OSError with the child's errno."""
+    stdin, stdout, stderr = fds[0], fds[1], fds[2]
+    cgroup = fds[3] if len(fds) > 3 else -1
+    argv = [str(a) for a in message["argv"]]
+    env = {str(k): str(v) for k, v in message["env"].items()}
+    cwd = str(message["cwd"])
+    errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            if cgroup >= 0:
+                # Join the command's cgroup before anything can fork: the node kills the
+                # whole tree through it.
+                os.write(cgroup, b"0")
+            os.setsid()
+            os.dup2(stdin, 0)
+            os.dup2(stdout, 1)
+            os.dup2(stderr, 2)
+            os.closerange(3, errpipe_w)
+            os.closerange(errpipe_w + 1, 65536)
+            for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.chdir(cwd)
+            os.execvpe(argv[0], argv, env)
+        except OSError as exc:
+            os.write(errpipe_w, f"{exc.errno}:{exc.strerror}".encode())
+        except BaseException as exc:
+            os.write(errpipe_w, f"0:{exc}".encode())
+        os._exit(127)
+    os.close(errpipe_w)
+    try:
+        report = b""
+        while True:
+            chunk = os.read(errpipe_r, 1024)
+            if not chunk:
+                break
+            report += chunk
+    finally:
+        os.close(errpipe_r)
+    if report:
+        os.waitpid(pid, 0)
+        errno_text, _, text = report.decode(errors="replace").partition(":")
+        raise OSError(int(errno_text or 0), text)
+    return pid
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    sock.setblocking(True)
+    _no_ptrace()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, None)
+    running = {}  # pid -> command id
+    groups = {}  # command id -> pid (its process group)
+    _send(sock, {"ev": "ready"})
+
+    while True:
+        for key, _ in selector.select():
+            if key.data is None:
+                try:
+                    data, fds = _recv(sock)
+                except ConnectionError:
+                    return
+                if not data:
+                    return  # the node closed the socket: the sandbox is being stopped
+                try:
+                    _handle(sock, selector, running, groups, json.loads(data), fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            else:
+                pid, pidfd = key.data
+                selector.unregister(pidfd)
+                os.close(pidfd)
+                _, status = os.waitpid(pid, 0)
+                cid = running.pop(pid)
+                groups.pop(cid, None)
+                if os.WIFSIGNALED(status):
+                    _send(sock, {"ev": "exit", "id": cid, "code": None,
+                                 "signal": os.WTERMSIG(status)})
+                else:
+                    _send(sock, {"ev": "exit", "id": cid, "code": os.WEXITSTATUS(status),
+                                 "signal": None})
+
+
+def _handle(sock, selector, running, groups, message, fds):
+    op = message.get("op")
+    cid = message.get("id")
+    if op == "spawn":
+        if len(fds) < 3:
+            _send(sock, {"ev": "spawn_failed", "id": cid, "error": "missing descriptors"})
+            return
+        try:
+            pid = _spawn(message, fds)
+        except OSError as exc:
+            _send(sock, {"ev": "spawn_failed", "id": cid, "error": exc.strerror or str(exc),
+                         "errno": exc.errno})
+            return
+        pidfd = os.pidfd_open(pid)
+        selector.register(pidfd, selectors.EVENT_READ, (pid, pidfd))
+        running[pid] = cid
+        groups[cid] = pid
+        _send(sock, {"ev": "started", "id": cid, "pid": pid})
+    elif op == "signal":
+        pgid = groups.get(cid)
+        if pgid is not None:
+            try:
+                os.killpg(pgid, int(message["sig"]))
+            except ProcessLookupError:
+                pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""One settings object for the server, read from `CORRAL_*` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8700
+    data_dir: Path = Path("./data")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; default SQLite (WAL) in the data dir"
+    )
+    admin_key: str | None = Field(
+        default=None, description="Admin token; generated on first start when unset"
+    )
+    log_level: str = "info"
+
+    runtime: Literal["namespaces", "fake"] = "namespaces"
+    node_id: str = "local"
+    uid_base: int = Field(default=200_000, description="First host uid of the per-sandbox pool")
+    uid_count: int = Field(default=60_000, ge=1)
+    cgroup_root: str = Field(default="corral", description="cgroup directory name used by the node")
+
+    # Defaults and bounds for commands.
+    default_timeout_ms: int = Field(default=300_000, ge=1)
+    max_timeout_ms: int = Field(default=24 * 3600 * 1000, ge=1)
+    default_max_output_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    max_output_bytes_limit: int = Field(default=256 * 1024 * 1024, ge=0)
+    kill_grace_ms: int = Field(default=2_000, ge=0, description="SIGTERM to SIGKILL grace on cancel")
+
+    # Admission control.
+    max_request_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_sandboxes: int = Field(default=2_000, ge=1)
+    max_running_commands_per_sandbox: int = Field(default=64, ge=1)
+    rate_limit_per_second: float = Field(
+        default=0.0, ge=0, description="Requests per second per token; 0 disables"
+    )
+    rate_limit_burst: int = Field(default=200, ge=1)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'corral.db'}"
+
+    def resolve_admin_key(self) -> tuple[str, bool]:
+        """The admin key and whether it was generated just now (to print it once)."""
+        if self.admin_key:
+            return self.admin_key, False
+        path = self.data_dir / "admin.key"
+        if path.exists():
+            return path.read_text().strip(), False
+        key = "crl_admin_" + secrets.token_urlsafe(32)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = path.open("x", encoding="ascii")
+        path.chmod(0o600)
+        with fd:
+            fd.write(key + "\n")
+        return key, True
