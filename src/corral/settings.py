@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     max_timeout_ms: int = Field(default=24 * 3600 * 1000, ge=1)
     default_max_output_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     max_output_bytes_limit: int = Field(default=256 * 1024 * 1024, ge=0)
-    kill_grace_ms: int = Field(default=2_000, ge=0, description="SIGTERM to SIGKILL grace on cancel")
+    kill_grace_ms: int = Field(
+        default=2_000, ge=0, description="SIGTERM to SIGKILL grace on cancel"
+    )
 
     # Admission control.
     max_request_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)

@@ -16,7 +16,7 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
-class SandboxState(str, enum.Enum):
+class SandboxState(enum.StrEnum):
     creating = "creating"
     running = "running"
     paused = "paused"
@@ -44,7 +44,7 @@ _SANDBOX_TRANSITIONS: dict[SandboxState, set[SandboxState]] = {
 }
 
 
-class CommandStatus(str, enum.Enum):
+class CommandStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
     completed = "completed"  # ran to its end, whatever its exit code
@@ -58,7 +58,7 @@ class CommandStatus(str, enum.Enum):
         return self not in (CommandStatus.queued, CommandStatus.running)
 
 
-class Scope(str, enum.Enum):
+class Scope(enum.StrEnum):
     read = "read"  # look at sandboxes, commands and output
     exec = "exec"  # run and cancel commands
     files = "files"  # move files in and out

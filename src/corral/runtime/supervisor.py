@@ -134,11 +134,14 @@ def main() -> None:
                 cid = running.pop(pid)
                 groups.pop(cid, None)
                 if os.WIFSIGNALED(status):
-                    _send(sock, {"ev": "exit", "id": cid, "code": None,
-                                 "signal": os.WTERMSIG(status)})
+                    _send(
+                        sock, {"ev": "exit", "id": cid, "code": None, "signal": os.WTERMSIG(status)}
+                    )
                 else:
-                    _send(sock, {"ev": "exit", "id": cid, "code": os.WEXITSTATUS(status),
-                                 "signal": None})
+                    _send(
+                        sock,
+                        {"ev": "exit", "id": cid, "code": os.WEXITSTATUS(status), "signal": None},
+                    )
 
 
 def _handle(sock, selector, running, groups, message, fds):
@@ -151,8 +154,15 @@ def _handle(sock, selector, running, groups, message, fds):
         try:
             pid = _spawn(message, fds)
         except OSError as exc:
-            _send(sock, {"ev": "spawn_failed", "id": cid, "error": exc.strerror or str(exc),
-                         "errno": exc.errno})
+            _send(
+                sock,
+                {
+                    "ev": "spawn_failed",
+                    "id": cid,
+                    "error": exc.strerror or str(exc),
+                    "errno": exc.errno,
+                },
+            )
             return
         pidfd = os.pidfd_open(pid)
         selector.register(pidfd, selectors.EVENT_READ, (pid, pidfd))

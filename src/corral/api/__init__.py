@@ -1,0 +1,1 @@
+"""The HTTP side: the ASGI app, auth, native routes and the faces."""

@@ -1,0 +1,45 @@
+"""Who is calling: the token from any auth style a face uses, turned into a Principal."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from corral.core.tokens import Principal
+from corral.services import Services
+
+
+def token_from_request(request: Request) -> str | None:
+    """Bearer, Basic-Auth username, X-API-Key, or ?access_token=, in that order."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return value.strip() or None
+        if scheme == "basic":
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return decoded.partition(":")[0] or None
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    return request.query_params.get("access_token") or None
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def get_principal(request: Request) -> Principal:
+    services = get_services(request)
+    return await services.tokens.authenticate(token_from_request(request))
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+Caller = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,86 @@
+"""ASGI middleware: request ids and the request body limit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class RequestContext:
+    """Gives each request an id (echoed as X-Request-Id) and bounds its body.
+
+    Routes that stream large bodies (file uploads) register their path prefixes as exempt and
+    enforce their own limits.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = "req_" + os.urandom(8).hex()
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        limit = self.max_body
+        if scope["path"].startswith(self.exempt):
+            await self.app(scope, receive, send_with_id)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await _reject(send_with_id, request_id, limit)
+                    return
+        seen = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"the request body exceeds {limit} bytes")
+            return message
+
+        await self.app(scope, bounded_receive, send_with_id)
+
+
+async def _reject(send: Send, request_id: str, limit: int) -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "code": "payload_too_large",
+                "message": f"the request body exceeds {limit} bytes",
+                "details": None,
+            },
+            "request_id": request_id,
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,89 @@
+"""Commands in a sandbox: sync exec, async start, history, status and cancel."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Query
+
+from corral.api.auth import Caller, ServicesDep
+from corral.core.commands import to_model
+from corral.core.models import Command, CommandStatus, ExecRequest, Page, Scope
+from corral.core.tokens import Principal
+from corral.services import Services
+from corral.store.tables import SandboxRow
+
+router = APIRouter(prefix="/v1/sandboxes/{sandbox}", tags=["commands"])
+
+
+async def usable_row(services: Services, caller: Principal, ref: str) -> SandboxRow:
+    row = await services.sandboxes.row(ref)
+    caller.require_sandbox(row.id, row.name)
+    return row
+
+
+@router.post("/exec", response_model=Command)
+async def exec_command(
+    sandbox: str, body: ExecRequest, services: ServicesDep, caller: Caller
+) -> Command:
+    """Run a command and answer with its result once it ends."""
+    caller.require(Scope.exec)
+    row = await usable_row(services, caller, sandbox)
+    row = await services.sandboxes.running_row(row.id)
+    return await services.commands.run(row, body)
+
+
+@router.post("/commands", status_code=202, response_model=Command)
+async def start_command(
+    sandbox: str, body: ExecRequest, services: ServicesDep, caller: Caller
+) -> Command:
+    """Start a command and answer at once; poll it, or wait on it, by its id."""
+    caller.require(Scope.exec)
+    row = await usable_row(services, caller, sandbox)
+    row = await services.sandboxes.running_row(row.id)
+    command_row, _ = await services.commands.start(row, body)
+    return to_model(command_row)
+
+
+@router.get("/commands", response_model=Page[Command])
+async def list_commands(
+    sandbox: str,
+    services: ServicesDep,
+    caller: Caller,
+    status: CommandStatus | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = Query(50, ge=1, le=1000),
+    cursor: str | None = None,
+) -> Page[Command]:
+    """The sandbox's command history, newest first (output left out: fetch one command)."""
+    caller.require(Scope.read)
+    row = await usable_row(services, caller, sandbox)
+    return await services.commands.list(
+        row.id, status=status, since=since, until=until, limit=limit, cursor=cursor
+    )
+
+
+@router.get("/commands/{command_id}", response_model=Command)
+async def get_command(
+    sandbox: str,
+    command_id: str,
+    services: ServicesDep,
+    caller: Caller,
+    wait: bool = False,
+    timeout_ms: int = Query(60_000, ge=0, le=3_600_000),
+) -> Command:
+    """A command's status and output; with `wait`, block until it ends or `timeout_ms`."""
+    caller.require(Scope.read)
+    row = await usable_row(services, caller, sandbox)
+    return await services.commands.get(row.id, command_id, wait=wait, timeout=timeout_ms / 1000)
+
+
+@router.post("/commands/{command_id}/cancel", response_model=Command)
+async def cancel_command(
+    sandbox: str, command_id: str, services: ServicesDep, caller: Caller
+) -> Command:
+    """SIGTERM to every process of the command, SIGKILL after the grace period."""
+    caller.require(Scope.exec)
+    row = await usable_row(services, caller, sandbox)
+    return await services.commands.cancel(row.id, command_id)

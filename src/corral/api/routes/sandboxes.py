@@ -1,0 +1,73 @@
+"""`/v1/sandboxes`: create, list, inspect, stop, start and delete sandboxes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from corral.api.auth import Caller, ServicesDep
+from corral.core.errors import PermissionDenied
+from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, Scope
+from corral.core.tokens import Principal
+from corral.services import Services
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+
+
+async def visible_sandbox(services: Services, caller: Principal, ref: str) -> Sandbox:
+    sandbox = await services.sandboxes.get(ref)
+    caller.require_sandbox(sandbox.id, sandbox.name)
+    return sandbox
+
+
+@router.post("", status_code=201, response_model=Sandbox)
+async def create_sandbox(body: SandboxCreate, services: ServicesDep, caller: Caller) -> Sandbox:
+    caller.require(Scope.sandboxes)
+    if caller.sandbox_ids is not None:
+        raise PermissionDenied("a token limited to certain sandboxes cannot create sandboxes")
+    return await services.sandboxes.create(body)
+
+
+@router.get("", response_model=Page[Sandbox])
+async def list_sandboxes(
+    services: ServicesDep,
+    caller: Caller,
+    state: SandboxState | None = None,
+    include_deleted: bool = False,
+    limit: int = Query(100, ge=1, le=1000),
+    cursor: str | None = None,
+) -> Page[Sandbox]:
+    caller.require(Scope.read)
+    return await services.sandboxes.list(
+        state=state,
+        include_deleted=include_deleted,
+        only=caller.sandbox_ids,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+@router.get("/{sandbox}", response_model=Sandbox)
+async def get_sandbox(sandbox: str, services: ServicesDep, caller: Caller) -> Sandbox:
+    caller.require(Scope.read)
+    return await visible_sandbox(services, caller, sandbox)
+
+
+@router.delete("/{sandbox}", response_model=Sandbox)
+async def delete_sandbox(sandbox: str, services: ServicesDep, caller: Caller) -> Sandbox:
+    caller.require(Scope.sandboxes)
+    found = await visible_sandbox(services, caller, sandbox)
+    return await services.sandboxes.delete(found.id)
+
+
+@router.post("/{sandbox}/stop", response_model=Sandbox)
+async def stop_sandbox(sandbox: str, services: ServicesDep, caller: Caller) -> Sandbox:
+    caller.require(Scope.sandboxes)
+    found = await visible_sandbox(services, caller, sandbox)
+    return await services.sandboxes.stop(found.id)
+
+
+@router.post("/{sandbox}/start", response_model=Sandbox)
+async def start_sandbox(sandbox: str, services: ServicesDep, caller: Caller) -> Sandbox:
+    caller.require(Scope.sandboxes)
+    found = await visible_sandbox(services, caller, sandbox)
+    return await services.sandboxes.start(found.id)

@@ -1,0 +1,310 @@
+"""Commands: start, wait, cancel, and the history kept in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy import select, update
+
+from corral import ids
+from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited, Unavailable
+from corral.core.models import Command, CommandStatus, ExecRequest, Page
+from corral.core.paging import decode_cursor, encode_cursor
+from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
+from corral.node.output_log import read_output
+from corral.runtime.base import SandboxDied, SpawnError
+from corral.settings import Settings
+from corral.store.db import Database
+from corral.store.tables import CommandRow, SandboxRow
+
+log = logging.getLogger(__name__)
+SHELL = "/bin/bash"
+DEFAULT_CWD = "/workspace"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def to_model(row: CommandRow, output: tuple[bytes, bytes] | None = None) -> Command:
+    return Command(
+        id=row.id,
+        sandbox_id=row.sandbox_id,
+        status=CommandStatus(row.status),
+        command=row.command,
+        args=row.args,
+        cwd=row.cwd,
+        user=row.user,
+        env_keys=row.env_keys,
+        timeout_ms=row.timeout_ms,
+        max_output_bytes=row.max_output_bytes,
+        exit_code=row.exit_code,
+        signal=row.signal,
+        stdout=_decode(output[0]) if output is not None else None,
+        stderr=_decode(output[1]) if output is not None else None,
+        stdout_truncated=row.stdout_truncated,
+        stderr_truncated=row.stderr_truncated,
+        stdout_bytes=row.stdout_bytes,
+        stderr_bytes=row.stderr_bytes,
+        duration_ms=row.duration_ms,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        error=row.error,
+    )
+
+
+class CommandService:
+    def __init__(self, db: Database, node: Node, settings: Settings) -> None:
+        self.db = db
+        self.node = node
+        self.settings = settings
+        self._finished: dict[str, asyncio.Future[None]] = {}
+        self._finishers: set[asyncio.Task[None]] = set()
+        self._accepting = True
+
+    # --- starting ---
+
+    def _check(self, req: ExecRequest) -> tuple[int, int]:
+        timeout_ms = req.timeout_ms or self.settings.default_timeout_ms
+        if timeout_ms > self.settings.max_timeout_ms:
+            raise InvalidArgument(
+                f"timeout_ms may be at most {self.settings.max_timeout_ms}",
+                details=[{"loc": ["body", "timeout_ms"], "msg": "too large"}],
+            )
+        cap = (
+            req.max_output_bytes
+            if req.max_output_bytes is not None
+            else self.settings.default_max_output_bytes
+        )
+        if cap > self.settings.max_output_bytes_limit:
+            raise InvalidArgument(
+                f"max_output_bytes may be at most {self.settings.max_output_bytes_limit}",
+                details=[{"loc": ["body", "max_output_bytes"], "msg": "too large"}],
+            )
+        return timeout_ms, cap
+
+    async def start(
+        self, sandbox: SandboxRow, req: ExecRequest, *, source: str = "native"
+    ) -> tuple[CommandRow, Execution | None]:
+        """Start a command; the returned row is already stored (running, or failed to start)."""
+        if not self._accepting:
+            raise Unavailable("the server is shutting down")
+        timeout_ms, cap = self._check(req)
+        if self.node.running_count(sandbox.id) >= self.settings.max_running_commands_per_sandbox:
+            raise RateLimited(
+                f"sandbox {sandbox.id} already runs "
+                f"{self.settings.max_running_commands_per_sandbox} commands"
+            )
+        argv = [SHELL, "-c", req.command] if req.args is None else [req.command, *req.args]
+        cid = ids.new_id(ids.COMMAND)
+        now = utcnow()
+        row = CommandRow(
+            id=cid,
+            sandbox_id=sandbox.id,
+            node_id=sandbox.node_id,
+            status=CommandStatus.running.value,
+            command=req.command,
+            args=req.args,
+            cwd=req.cwd or DEFAULT_CWD,
+            user="user",
+            env_keys=sorted(req.env),
+            timeout_ms=timeout_ms,
+            max_output_bytes=cap,
+            stdout_bytes=0,
+            stderr_bytes=0,
+            stdout_truncated=False,
+            stderr_truncated=False,
+            created_at=now,
+            source=source,
+        )
+        spec = CommandSpec(
+            id=cid,
+            sandbox_id=sandbox.id,
+            argv=argv,
+            env=req.env,
+            cwd=row.cwd,
+            stdin=req.stdin.encode() if req.stdin else None,
+            timeout_ms=timeout_ms,
+            max_output_bytes=cap,
+        )
+        execution: Execution | None = None
+        try:
+            execution = await self.node.run(spec)
+            row.started_at = execution.started_at
+        except SpawnError as exc:
+            row.status = CommandStatus.failed.value
+            row.error = f"could not start: {exc}"
+            row.finished_at = utcnow()
+            row.duration_ms = 0
+        except SandboxDied as exc:
+            raise Unavailable(f"sandbox {sandbox.id} is not running: {exc}") from None
+        try:
+            async with self.db.transaction() as session:
+                session.add(row)
+        except BaseException:
+            if execution is not None:
+                execution.cancel()
+            raise
+        if execution is not None:
+            self._finished[cid] = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._finish(row, execution))
+            self._finishers.add(task)
+            task.add_done_callback(self._finishers.discard)
+        return row, execution
+
+    async def _finish(self, row: CommandRow, execution: Execution) -> None:
+        outcome = await execution.outcome()
+        try:
+            await self._record(row.id, outcome)
+        except Exception:
+            log.exception("could not record the result of %s", row.id)
+        finally:
+            done = self._finished.pop(row.id, None)
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    async def _record(self, cid: str, outcome: CommandOutcome) -> None:
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(CommandRow)
+                .where(CommandRow.id == cid)
+                .values(
+                    status=outcome.status.value,
+                    exit_code=outcome.exit_code,
+                    signal=outcome.signal,
+                    stdout_bytes=outcome.stdout_bytes,
+                    stderr_bytes=outcome.stderr_bytes,
+                    stdout_truncated=outcome.stdout_truncated,
+                    stderr_truncated=outcome.stderr_truncated,
+                    finished_at=outcome.finished_at,
+                    duration_ms=outcome.duration_ms,
+                    error=outcome.error,
+                )
+            )
+
+    async def run(
+        self, sandbox: SandboxRow, req: ExecRequest, *, source: str = "native"
+    ) -> Command:
+        """Start a command and wait for its result, output included."""
+        row, execution = await self.start(sandbox, req, source=source)
+        if execution is None:
+            return to_model(row, (b"", b""))
+        await self.wait_finished(row.id)
+        memory = execution.log.memory_output()
+        return await self.get(sandbox.id, row.id, output=memory)
+
+    async def wait_finished(self, cid: str, timeout: float | None = None) -> bool:
+        done = self._finished.get(cid)
+        if done is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- queries ---
+
+    async def row(self, sandbox_id: str, cid: str) -> CommandRow:
+        async with self.db.session() as session:
+            row = await session.get(CommandRow, cid)
+        if row is None or row.sandbox_id != sandbox_id:
+            raise NotFound(f"no command {cid!r} in sandbox {sandbox_id}")
+        return row
+
+    async def get(
+        self,
+        sandbox_id: str,
+        cid: str,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        output: tuple[bytes, bytes] | None = None,
+    ) -> Command:
+        row = await self.row(sandbox_id, cid)
+        if wait and not CommandStatus(row.status).finished:
+            await self.wait_finished(cid, timeout)
+            row = await self.row(sandbox_id, cid)
+        if output is None and (
+            CommandStatus(row.status).finished or self.node.execution(cid) is not None
+        ):
+            path = self.node.log_path(row.sandbox_id, row.id)
+            output = await asyncio.to_thread(read_output, path)
+        return to_model(row, output)
+
+    async def list(
+        self,
+        sandbox_id: str,
+        *,
+        status: CommandStatus | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[Command]:
+        """Newest first."""
+        query = (
+            select(CommandRow)
+            .where(CommandRow.sandbox_id == sandbox_id)
+            .order_by(CommandRow.id.desc())
+            .limit(limit + 1)
+        )
+        if status is not None:
+            query = query.where(CommandRow.status == status.value)
+        if since is not None:
+            query = query.where(CommandRow.created_at >= since)
+        if until is not None:
+            query = query.where(CommandRow.created_at < until)
+        if cursor:
+            query = query.where(CommandRow.id < decode_cursor(cursor))
+        async with self.db.session() as session:
+            rows = list(await session.scalars(query))
+        nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+        return Page[Command](items=[to_model(r) for r in rows[:limit]], next_cursor=nxt)
+
+    async def cancel(self, sandbox_id: str, cid: str) -> Command:
+        row = await self.row(sandbox_id, cid)
+        execution = self.node.execution(cid)
+        if CommandStatus(row.status).finished or execution is None:
+            raise Conflict(f"command {cid} has already finished ({row.status})")
+        execution.cancel()
+        await self.wait_finished(cid)
+        return await self.get(sandbox_id, cid)
+
+    # --- lifecycle ---
+
+    async def mark_lost(self) -> int:
+        """At start-up: whatever was running when the server died has an unknown result."""
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                update(CommandRow)
+                .where(
+                    CommandRow.node_id == self.node.id,
+                    CommandRow.status.in_(
+                        [CommandStatus.queued.value, CommandStatus.running.value]
+                    ),
+                )
+                .values(
+                    status=CommandStatus.lost.value,
+                    finished_at=utcnow(),
+                    error="the server stopped while the command ran; its result is unknown",
+                )
+            )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for running commands' results to be recorded."""
+        if self._finishers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait(set(self._finishers), timeout=timeout)

@@ -1,0 +1,294 @@
+"""Sandboxes: creation, lookup, lifecycle, and reconciliation after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from corral import ids
+from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunning, Unavailable
+from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState
+from corral.core.paging import decode_cursor, encode_cursor
+from corral.node.base import Node
+from corral.runtime.base import SandboxConfig
+from corral.store.db import Database
+from corral.store.tables import SandboxRow
+
+log = logging.getLogger(__name__)
+RECONCILE_CONCURRENCY = 8
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_model(row: SandboxRow) -> Sandbox:
+    spec = row.spec
+    return Sandbox(
+        id=row.id,
+        name=row.name,
+        state=SandboxState(row.state),
+        node_id=row.node_id,
+        template=row.template,
+        env_keys=sorted(spec.get("env", {})),
+        labels=spec.get("labels", {}),
+        cpu=spec.get("cpu"),
+        memory_mb=spec.get("memory_mb"),
+        pids=spec.get("pids"),
+        disk_mb=spec.get("disk_mb"),
+        ttl_seconds=spec.get("ttl_seconds"),
+        network=spec.get("network", "none"),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        expires_at=row.expires_at,
+        error=row.error,
+    )
+
+
+class SandboxService:
+    def __init__(
+        self, db: Database, node: Node, data_dir: Path, *, max_sandboxes: int, uid_count: int
+    ) -> None:
+        self.db = db
+        self.node = node
+        self.data_dir = data_dir
+        self.max_sandboxes = max_sandboxes
+        self.uid_count = uid_count
+        self._alloc_lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        node.on_sandbox_died = self._on_died
+
+    def config(self, row: SandboxRow) -> SandboxConfig:
+        return SandboxConfig(
+            id=row.id,
+            slot=row.slot,
+            dir=self.data_dir / "sandboxes" / row.id,
+            env=dict(row.spec.get("env", {})),
+        )
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    # --- queries ---
+
+    async def row(self, ref: str) -> SandboxRow:
+        """A sandbox by id, or by name among those not deleted."""
+        async with self.db.session() as session:
+            row = await session.get(SandboxRow, ref)
+            if row is None:
+                row = await session.scalar(
+                    select(SandboxRow).where(
+                        SandboxRow.name == ref, SandboxRow.state != SandboxState.deleted.value
+                    )
+                )
+        if row is None:
+            raise NotFound(f"no sandbox {ref!r}")
+        return row
+
+    async def get(self, ref: str) -> Sandbox:
+        return to_model(await self.row(ref))
+
+    async def running_row(self, ref: str) -> SandboxRow:
+        row = await self.row(ref)
+        if row.state != SandboxState.running.value:
+            raise SandboxNotRunning(f"sandbox {row.id} is {row.state}")
+        if not self.node.sandbox_running(row.id):
+            raise Unavailable(f"sandbox {row.id} is restarting; try again")
+        return row
+
+    async def list(
+        self,
+        *,
+        state: SandboxState | None = None,
+        include_deleted: bool = False,
+        only: frozenset[str] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[Sandbox]:
+        query = select(SandboxRow).order_by(SandboxRow.id).limit(limit + 1)
+        if state is not None:
+            query = query.where(SandboxRow.state == state.value)
+        elif not include_deleted:
+            query = query.where(SandboxRow.state != SandboxState.deleted.value)
+        if only is not None:
+            query = query.where(or_(SandboxRow.id.in_(only), SandboxRow.name.in_(only)))
+        if cursor:
+            query = query.where(SandboxRow.id > decode_cursor(cursor))
+        async with self.db.session() as session:
+            rows = list(await session.scalars(query))
+        nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+        return Page[Sandbox](items=[to_model(r) for r in rows[:limit]], next_cursor=nxt)
+
+    # --- lifecycle ---
+
+    async def create(self, req: SandboxCreate) -> Sandbox:
+        now = utcnow()
+        spec = req.model_dump(mode="json")
+        row = SandboxRow(
+            id=ids.new_id(ids.SANDBOX),
+            name=req.name,
+            node_id=self.node.id,
+            slot=0,
+            state=SandboxState.creating.value,
+            template=req.template,
+            spec=spec,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + timedelta(seconds=req.ttl_seconds) if req.ttl_seconds else None,
+        )
+        if req.template != "host":
+            raise Conflict(f"unknown template {req.template!r}; available: host")
+        async with self._alloc_lock:
+            async with self.db.transaction() as session:
+                live = SandboxRow.state != SandboxState.deleted.value
+                count = await session.scalar(select(func.count()).where(live))
+                if (count or 0) >= self.max_sandboxes:
+                    raise RateLimited(f"the limit of {self.max_sandboxes} sandboxes is reached")
+                used = set(
+                    await session.scalars(
+                        select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
+                    )
+                )
+                row.slot = next(i for i in range(1, self.uid_count + 2) if i not in used)
+                if row.slot > self.uid_count:
+                    raise RateLimited("no free host uid for another sandbox")
+                session.add(row)
+                try:
+                    await session.flush()
+                except IntegrityError:
+                    raise Conflict(f"a sandbox named {req.name!r} exists already") from None
+        await self._boot(row)
+        return await self.get(row.id)
+
+    async def _boot(self, row: SandboxRow) -> None:
+        """Start the sandbox's processes and record the outcome."""
+        try:
+            await self.node.start_sandbox(self.config(row))
+        except Exception as exc:
+            log.warning("sandbox %s failed to start: %s", row.id, exc)
+            await self._set_state(row.id, SandboxState.error, error=str(exc)[:2000])
+            raise Unavailable(f"the sandbox could not start: {exc}") from None
+        await self._set_state(row.id, SandboxState.running, error=None)
+
+    async def _set_state(
+        self, sandbox_id: str, state: SandboxState, *, error: str | None = None
+    ) -> SandboxRow:
+        async with self.db.transaction() as session:
+            row = await session.get(SandboxRow, sandbox_id)
+            if row is None:
+                raise NotFound(f"no sandbox {sandbox_id!r}")
+            current = SandboxState(row.state)
+            if current != state and not current.can_become(state):
+                raise Conflict(
+                    f"sandbox {sandbox_id} is {current.value}, cannot become {state.value}"
+                )
+            row.state = state.value
+            row.error = error
+            row.updated_at = utcnow()
+            return row
+
+    async def delete(self, ref: str) -> Sandbox:
+        row = await self.row(ref)
+        async with self._lock(row.id):
+            row = await self.row(row.id)
+            if row.state == SandboxState.deleted.value:
+                return to_model(row)
+            await self.node.remove_sandbox(self.config(row))
+            row = await self._set_state(row.id, SandboxState.deleted)
+        self._locks.pop(row.id, None)
+        return to_model(row)
+
+    async def stop(self, ref: str) -> Sandbox:
+        row = await self.row(ref)
+        async with self._lock(row.id):
+            row = await self.row(row.id)
+            if row.state == SandboxState.stopped.value:
+                return to_model(row)
+            if not SandboxState(row.state).can_become(SandboxState.stopped):
+                raise Conflict(f"sandbox {row.id} is {row.state}")
+            await self.node.stop_sandbox(row.id)
+            return to_model(await self._set_state(row.id, SandboxState.stopped))
+
+    async def start(self, ref: str) -> Sandbox:
+        row = await self.row(ref)
+        async with self._lock(row.id):
+            row = await self.row(row.id)
+            if row.state == SandboxState.running.value and self.node.sandbox_running(row.id):
+                return to_model(row)
+            if row.state == SandboxState.deleted.value:
+                raise Conflict(f"sandbox {row.id} is deleted")
+            await self._set_state(row.id, SandboxState.creating)
+            await self._boot(row)
+        return await self.get(row.id)
+
+    async def _on_died(self, sandbox_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._set_state(
+                sandbox_id, SandboxState.error, error="the sandbox's processes exited unexpectedly"
+            )
+
+    async def reconcile(self) -> None:
+        """After a restart: bring back every sandbox that should run on this node."""
+        async with self.db.session() as session:
+            rows = list(
+                await session.scalars(
+                    select(SandboxRow).where(
+                        SandboxRow.node_id == self.node.id,
+                        SandboxRow.state.in_(
+                            [
+                                SandboxState.creating.value,
+                                SandboxState.running.value,
+                                SandboxState.paused.value,
+                            ]
+                        ),
+                    )
+                )
+            )
+        gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
+
+        async def bring_back(row: SandboxRow) -> None:
+            async with gate:
+                with contextlib.suppress(Exception):
+                    if row.state != SandboxState.creating.value:
+                        await self._set_state(row.id, SandboxState.creating)
+                    await self._boot(row)
+
+        await asyncio.gather(*(bring_back(r) for r in rows))
+
+    # --- lifetime ---
+
+    def start_reaper(self) -> None:
+        self._reaper = asyncio.ensure_future(self._reap_expired())
+
+    async def stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                async with self.db.session() as session:
+                    expired = list(
+                        await session.scalars(
+                            select(SandboxRow.id).where(
+                                SandboxRow.node_id == self.node.id,
+                                SandboxRow.state != SandboxState.deleted.value,
+                                SandboxRow.expires_at <= utcnow(),
+                            )
+                        )
+                    )
+                for sandbox_id in expired:
+                    log.info("sandbox %s reached its ttl", sandbox_id)
+                    await self.delete(sandbox_id)
+            except Exception:
+                log.exception("expiring sandboxes failed")

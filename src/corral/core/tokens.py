@@ -1,0 +1,168 @@
+"""Tokens and the caller they identify.
+
+A token is a random secret shown once; only its SHA-256 is stored (the secret has 256 bits of
+entropy, so a slow hash adds nothing). The admin key is a token with every scope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, select, update
+
+from corral import ids
+from corral.core.errors import NotFound, PermissionDenied, RateLimited, Unauthenticated
+from corral.core.models import Scope, Token, TokenCreate, TokenCreated
+from corral.store.db import Database
+from corral.store.tables import TokenRow
+
+SECRET_PREFIX = "crl_"
+CACHE_SECONDS = 5.0  # a revoked token stops working on other replicas within this time
+LAST_USED_EVERY = 60.0  # last_used_at is written at most this often per token
+
+
+@dataclass(frozen=True)
+class Principal:
+    token_id: str  # "admin" for the admin key
+    scopes: frozenset[Scope]
+    sandbox_ids: frozenset[str] | None = None  # None: every sandbox
+
+    @property
+    def is_admin(self) -> bool:
+        return Scope.admin in self.scopes
+
+    def require(self, scope: Scope) -> None:
+        if not self.is_admin and scope not in self.scopes:
+            raise PermissionDenied(f"this token lacks the '{scope.value}' scope")
+
+    def may_use(self, sandbox_id: str, name: str | None = None) -> bool:
+        if self.sandbox_ids is None:
+            return True
+        return sandbox_id in self.sandbox_ids or (name is not None and name in self.sandbox_ids)
+
+    def require_sandbox(self, sandbox_id: str, name: str | None = None) -> None:
+        if not self.may_use(sandbox_id, name):
+            raise PermissionDenied("this token is limited to other sandboxes")
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def to_model(row: TokenRow) -> Token:
+    return Token(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        scopes=[Scope(s) for s in row.scopes],
+        sandbox_ids=row.sandbox_ids,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+    )
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._state: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> None:
+        now = time.monotonic()
+        tokens, last = self._state.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._state[key] = (tokens, now)
+            raise RateLimited(
+                "too many requests for this token", retry_after=(1.0 - tokens) / self.rate
+            )
+        self._state[key] = (tokens - 1.0, now)
+
+
+class TokenService:
+    def __init__(self, db: Database, admin_key: str, rate: float = 0.0, burst: int = 200) -> None:
+        self.db = db
+        self._admin_hash = hash_secret(admin_key)
+        self._cache: dict[str, tuple[float, TokenRow | None]] = {}
+        self._last_used: dict[str, float] = {}
+        self._bucket = TokenBucket(rate, burst) if rate > 0 else None
+
+    async def authenticate(self, secret: str | None) -> Principal:
+        if not secret:
+            raise Unauthenticated("a token is required")
+        digest = hash_secret(secret)
+        if hmac.compare_digest(digest, self._admin_hash):
+            principal = Principal("admin", frozenset(Scope))
+        else:
+            row = await self._lookup(digest)
+            now = datetime.now(UTC)
+            if row is None or (row.expires_at is not None and row.expires_at <= now):
+                raise Unauthenticated("invalid or expired token")
+            await self._touch(row.id, now)
+            principal = Principal(
+                row.id,
+                frozenset(Scope(s) for s in row.scopes),
+                frozenset(row.sandbox_ids) if row.sandbox_ids is not None else None,
+            )
+        if self._bucket is not None:
+            self._bucket.take(principal.token_id)
+        return principal
+
+    async def _lookup(self, digest: str) -> TokenRow | None:
+        hit = self._cache.get(digest)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        async with self.db.session() as session:
+            row = await session.scalar(select(TokenRow).where(TokenRow.secret_hash == digest))
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now, row)
+        return row
+
+    async def _touch(self, token_id: str, now: datetime) -> None:
+        mono = time.monotonic()
+        if mono - self._last_used.get(token_id, 0.0) < LAST_USED_EVERY:
+            return
+        self._last_used[token_id] = mono
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(TokenRow).where(TokenRow.id == token_id).values(last_used_at=now)
+            )
+
+    async def create(self, req: TokenCreate) -> TokenCreated:
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        row = TokenRow(
+            id=ids.new_id(ids.TOKEN),
+            name=req.name,
+            prefix=secret[: len(SECRET_PREFIX) + 6],
+            secret_hash=hash_secret(secret),
+            scopes=sorted({s.value for s in req.scopes}),
+            sandbox_ids=sorted(set(req.sandbox_ids)) if req.sandbox_ids is not None else None,
+            created_at=now,
+            expires_at=now + timedelta(seconds=req.expires_in_seconds)
+            if req.expires_in_seconds
+            else None,
+        )
+        async with self.db.transaction() as session:
+            session.add(row)
+        return TokenCreated(**to_model(row).model_dump(), secret=secret)
+
+    async def list(self) -> list[Token]:
+        async with self.db.session() as session:
+            rows = await session.scalars(select(TokenRow).order_by(TokenRow.id))
+            return [to_model(r) for r in rows]
+
+    async def delete(self, token_id: str) -> None:
+        async with self.db.transaction() as session:
+            result = await session.execute(delete(TokenRow).where(TokenRow.id == token_id))
+        if result.rowcount == 0:  # type: ignore[attr-defined]
+            raise NotFound(f"no token {token_id}")
+        self._cache.clear()

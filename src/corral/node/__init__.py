@@ -1,0 +1,1 @@
+"""Nodes run sandboxes: the built-in local node, and (later) remote agents, behind one interface."""

@@ -1,0 +1,100 @@
+"""What the core asks of a node. The built-in local node implements it; a remote agent will
+implement the same calls over its connection to the server."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from corral.core.models import CommandStatus
+from corral.node.output_log import OutputLog
+from corral.runtime.base import SandboxConfig
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    id: str
+    sandbox_id: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    stdin: bytes | None  # None: standard input is closed at once
+    timeout_ms: int
+    max_output_bytes: int
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    status: CommandStatus
+    exit_code: int | None
+    signal: int | None
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_truncated: bool
+    stderr_truncated: bool
+    started_at: datetime
+    finished_at: datetime
+    error: str | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        return max(0, round((self.finished_at - self.started_at).total_seconds() * 1000))
+
+
+class Execution(abc.ABC):
+    """A command running on a node."""
+
+    spec: CommandSpec
+    started_at: datetime
+    log: OutputLog
+
+    @abc.abstractmethod
+    async def outcome(self) -> CommandOutcome: ...
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """SIGTERM to every process of the command, SIGKILL after the grace period."""
+
+
+SandboxDiedCallback = Callable[[str], Awaitable[None]]
+
+
+class Node(abc.ABC):
+    id: str
+    runtime_name: str
+
+    @abc.abstractmethod
+    async def prepare(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def start_sandbox(self, config: SandboxConfig) -> None: ...
+
+    @abc.abstractmethod
+    async def stop_sandbox(self, sandbox_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_sandbox(self, config: SandboxConfig) -> None: ...
+
+    @abc.abstractmethod
+    def sandbox_running(self, sandbox_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def running_count(self, sandbox_id: str) -> int: ...
+
+    @abc.abstractmethod
+    async def run(self, spec: CommandSpec) -> Execution:
+        """Start a command; raises SpawnError or SandboxDied when it cannot start."""
+
+    @abc.abstractmethod
+    def execution(self, command_id: str) -> Execution | None: ...
+
+    @abc.abstractmethod
+    def log_path(self, sandbox_id: str, command_id: str) -> Path: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+    on_sandbox_died: SandboxDiedCallback | None = None

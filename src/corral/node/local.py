@@ -1,0 +1,280 @@
+"""The built-in node: runs sandboxes on this host through a runtime backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
+
+from corral.core.models import CommandStatus
+from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
+from corral.node.output_log import STDERR, STDOUT, OutputLog
+from corral.runtime.base import (
+    ExitStatus,
+    ProcessHandle,
+    ProcessSpec,
+    Runtime,
+    SandboxConfig,
+    SandboxDied,
+    SandboxHandle,
+)
+
+log = logging.getLogger(__name__)
+
+DRAIN_AFTER_EXIT = 0.25  # how long output is still read once the command's process has exited
+EXIT_AFTER_KILL = 3.0  # how long to wait for the exit report after a kill
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _PipeReader(asyncio.Protocol):
+    def __init__(self, log: OutputLog, stream: int) -> None:
+        self.log = log
+        self.stream = stream
+        self.eof = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.log.append(self.stream, data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+
+class LocalExecution(Execution):
+    def __init__(
+        self, node: LocalNode, spec: CommandSpec, process: ProcessHandle, log: OutputLog
+    ) -> None:
+        self.node = node
+        self.spec = spec
+        self.process = process
+        self.log = log
+        self.started_at = utcnow()
+        self._reason: CommandStatus | None = None  # timed_out or cancelled, once decided
+        self._killed = asyncio.Event()
+        self._terminator: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[CommandOutcome] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.ensure_future(self._supervise())
+
+    async def outcome(self) -> CommandOutcome:
+        return await asyncio.shield(self._done)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.done()
+
+    def cancel(self) -> None:
+        if self._reason is None and not self._done.done():
+            self._reason = CommandStatus.cancelled
+            self._terminator = asyncio.ensure_future(self._terminate(self.node.kill_grace))
+
+    def _expire(self) -> None:
+        if self._reason is None and not self._done.done():
+            self._reason = CommandStatus.timed_out
+            self._terminator = asyncio.ensure_future(self._terminate(0))
+
+    async def _terminate(self, grace: float) -> None:
+        with contextlib.suppress(Exception):
+            if grace > 0:
+                await self.process.signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._exited_event()), grace)
+            await self.process.kill_tree()
+        self._killed.set()
+
+    async def _exited_event(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.process.wait()
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        readers: list[tuple[asyncio.BaseTransport, _PipeReader]] = []
+        timer = loop.call_later(self.spec.timeout_ms / 1000, self._expire)
+        status: ExitStatus | None = None
+        error: str | None = None
+        try:
+            for fd, stream in ((self.process.stdout_fd, STDOUT), (self.process.stderr_fd, STDERR)):
+                reader = _PipeReader(self.log, stream)
+                pipe = os.fdopen(fd, "rb", buffering=0)
+                transport, _ = await loop.connect_read_pipe(lambda r=reader: r, pipe)
+                readers.append((transport, reader))
+            await self._feed_stdin()
+            status = await self._wait_exit()
+        except SandboxDied as exc:
+            error = f"the sandbox stopped while the command ran: {exc}"
+        except Exception as exc:  # a bug here must still end the command, never hang it
+            log.exception("command %s supervision failed", self.spec.id)
+            error = f"internal error: {exc}"
+        finally:
+            timer.cancel()
+            eofs = [r.eof for _, r in readers]
+            if eofs:
+                await asyncio.wait(eofs, timeout=DRAIN_AFTER_EXIT)
+            for transport, _ in readers:
+                transport.close()
+            self.log.close()
+            with contextlib.suppress(Exception):
+                await self.process.release()
+        self._done.set_result(self._build_outcome(status, error))
+
+    async def _wait_exit(self) -> ExitStatus | None:
+        wait = asyncio.ensure_future(self.process.wait())
+        killed = asyncio.ensure_future(self._killed.wait())
+        try:
+            done, _ = await asyncio.wait({wait, killed}, return_when=asyncio.FIRST_COMPLETED)
+            if wait in done:
+                return wait.result()
+            # Killed: the exit report should follow at once, unless the sandbox is wedged.
+            try:
+                return await asyncio.wait_for(wait, EXIT_AFTER_KILL)
+            except TimeoutError:
+                return None
+        finally:
+            for fut in (wait, killed):
+                fut.cancel()
+
+    async def _feed_stdin(self) -> None:
+        fd = self.process.stdin_fd
+        if fd is None:
+            return
+        data = self.spec.stdin
+        if not data:
+            os.close(fd)
+            return
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(fd, "wb", buffering=0)
+        transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+        transport.write(data)
+        transport.close()  # flushes what is buffered, then closes: the command sees EOF
+
+    def _build_outcome(self, status: ExitStatus | None, error: str | None) -> CommandOutcome:
+        if self._reason is not None:
+            final = self._reason
+        elif status is None:
+            final = CommandStatus.lost
+        else:
+            final = CommandStatus.completed
+        return CommandOutcome(
+            status=final,
+            exit_code=status.exit_code if status else None,
+            signal=status.signal if status else None,
+            stdout_bytes=self.log.seen[STDOUT],
+            stderr_bytes=self.log.seen[STDERR],
+            stdout_truncated=self.log.truncated(STDOUT),
+            stderr_truncated=self.log.truncated(STDERR),
+            started_at=self.started_at,
+            finished_at=utcnow(),
+            error=error,
+        )
+
+
+class LocalNode(Node):
+    def __init__(
+        self, *, node_id: str, runtime: Runtime, data_dir: Path, kill_grace_ms: int
+    ) -> None:
+        self.id = node_id
+        self.runtime = runtime
+        self.runtime_name = runtime.name
+        self.logs_dir = data_dir / "logs"
+        self.kill_grace = kill_grace_ms / 1000
+        self._sandboxes: dict[str, SandboxHandle] = {}
+        self._stopping: set[str] = set()
+        self._executions: dict[str, LocalExecution] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def prepare(self) -> list[str]:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.chmod(0o700)
+        warnings = await self.runtime.prepare()
+        await self.runtime.sweep()
+        return warnings
+
+    async def start_sandbox(self, config: SandboxConfig) -> None:
+        old = self._sandboxes.pop(config.id, None)
+        if old is not None:
+            self._stopping.add(config.id)
+            await old.stop()
+            self._stopping.discard(config.id)
+        handle = await self.runtime.start(config)
+        self._sandboxes[config.id] = handle
+        task = asyncio.ensure_future(self._watch(config.id, handle))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, sandbox_id: str, handle: SandboxHandle) -> None:
+        await handle.wait_dead()
+        if self._sandboxes.get(sandbox_id) is handle and sandbox_id not in self._stopping:
+            del self._sandboxes[sandbox_id]
+            log.warning("sandbox %s stopped unexpectedly", sandbox_id)
+            await handle.stop()  # clean up what is left of it (cgroups)
+            if self.on_sandbox_died is not None:
+                await self.on_sandbox_died(sandbox_id)
+
+    async def stop_sandbox(self, sandbox_id: str) -> None:
+        for execution in list(self._executions.values()):
+            if execution.spec.sandbox_id == sandbox_id:
+                execution.cancel()
+        handle = self._sandboxes.pop(sandbox_id, None)
+        if handle is not None:
+            self._stopping.add(sandbox_id)
+            try:
+                await handle.stop()
+            finally:
+                self._stopping.discard(sandbox_id)
+        for execution in list(self._executions.values()):
+            if execution.spec.sandbox_id == sandbox_id:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(execution.outcome(), EXIT_AFTER_KILL + 1)
+
+    async def remove_sandbox(self, config: SandboxConfig) -> None:
+        await self.stop_sandbox(config.id)
+        await self.runtime.remove_files(config)
+
+    def sandbox_running(self, sandbox_id: str) -> bool:
+        handle = self._sandboxes.get(sandbox_id)
+        return handle is not None and handle.alive
+
+    def running_count(self, sandbox_id: str) -> int:
+        return sum(1 for e in self._executions.values() if e.spec.sandbox_id == sandbox_id)
+
+    def log_path(self, sandbox_id: str, command_id: str) -> Path:
+        return self.logs_dir / sandbox_id / f"{command_id}.log"
+
+    async def run(self, spec: CommandSpec) -> Execution:
+        handle = self._sandboxes.get(spec.sandbox_id)
+        if handle is None or not handle.alive:
+            raise SandboxDied("the sandbox is not running")
+        process = await handle.spawn(
+            ProcessSpec(id=spec.id, argv=spec.argv, env=spec.env, cwd=spec.cwd)
+        )
+        output = OutputLog(self.log_path(spec.sandbox_id, spec.id), spec.max_output_bytes)
+        execution = LocalExecution(self, spec, process, output)
+        self._executions[spec.id] = execution
+        execution._done.add_done_callback(lambda _: self._executions.pop(spec.id, None))
+        return execution
+
+    def execution(self, command_id: str) -> Execution | None:
+        return self._executions.get(command_id)
+
+    async def shutdown(self) -> None:
+        # Commands still running end as `lost` unless they finish while their sandbox stops.
+        ids = list(self._sandboxes)
+        self._stopping.update(ids)
+        await asyncio.gather(*(self._sandboxes[i].stop() for i in ids), return_exceptions=True)
+        self._sandboxes.clear()
+        pending = [e.outcome() for e in self._executions.values()]
+        if pending:
+            await asyncio.wait(
+                [asyncio.ensure_future(p) for p in pending], timeout=EXIT_AFTER_KILL + 1
+            )
+        for task in list(self._watchers):
+            task.cancel()

@@ -1,0 +1,98 @@
+"""The server's parts, built and wired in order, and taken down in the reverse order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from corral.core.commands import CommandService
+from corral.core.sandboxes import SandboxService
+from corral.core.tokens import TokenService
+from corral.node.local import LocalNode
+from corral.runtime.base import Runtime
+from corral.settings import Settings
+from corral.store.db import Database
+
+log = logging.getLogger("corral")
+SHUTDOWN_DRAIN_SECONDS = 10.0
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    if settings.runtime == "fake":
+        from corral.runtime.fake import FakeRuntime
+
+        return FakeRuntime()
+    from corral.runtime.namespaces import NamespacesRuntime
+
+    return NamespacesRuntime(
+        data_dir=settings.data_dir, uid_base=settings.uid_base, cgroup_name=settings.cgroup_root
+    )
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    node: LocalNode
+    tokens: TokenService
+    sandboxes: SandboxService
+    commands: CommandService
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Services:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # 1. The store, migrated to the current schema.
+        db = Database(settings.effective_database_url)
+        await db.migrate()
+        # 2. The admin key (printed once when generated).
+        admin_key, generated = settings.resolve_admin_key()
+        if generated:
+            print(
+                f"corral: generated admin key (kept in {settings.data_dir / 'admin.key'}):\n"
+                f"  {admin_key}",
+                flush=True,
+            )
+        # 3. The local node: checks the host, removes what a previous run left behind.
+        node = LocalNode(
+            node_id=settings.node_id,
+            runtime=build_runtime(settings),
+            data_dir=settings.data_dir,
+            kill_grace_ms=settings.kill_grace_ms,
+        )
+        for warning in await node.prepare():
+            log.warning("%s", warning)
+        services = cls(
+            settings=settings,
+            db=db,
+            node=node,
+            tokens=TokenService(
+                db, admin_key, settings.rate_limit_per_second, settings.rate_limit_burst
+            ),
+            sandboxes=SandboxService(
+                db,
+                node,
+                settings.data_dir,
+                max_sandboxes=settings.max_sandboxes,
+                uid_count=settings.uid_count,
+            ),
+            commands=CommandService(db, node, settings),
+        )
+        # 4. Whatever ran when the server last stopped has an unknown result; sandboxes that
+        #    should run come back with their files.
+        lost = await services.commands.mark_lost()
+        if lost:
+            log.warning("%d command(s) were running when the server stopped: marked lost", lost)
+        await services.sandboxes.reconcile()
+        services.sandboxes.start_reaper()
+        return services
+
+    async def close(self) -> None:
+        # 1. No new commands.
+        self.commands.stop_accepting()
+        await self.sandboxes.stop_reaper()
+        # 2. Stop the sandboxes (their files stay; they come back at the next start). Commands
+        #    still running end as lost.
+        await self.node.shutdown()
+        # 3. Record those results, then close the store.
+        await self.commands.drain(SHUTDOWN_DRAIN_SECONDS)
+        await self.db.close()
