@@ -1,11 +1,14 @@
-"""Opaque pagination cursors."""
+"""Opaque pagination cursors: the last id of a page, encoded."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from corral.core.errors import BadRequest
+
+_ID = re.compile(r"^[a-z]+_[0-9a-z]{1,64}$")
 
 
 def encode_cursor(value: str) -> str:
@@ -14,6 +17,10 @@ def encode_cursor(value: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+        raw = base64.urlsafe_b64decode((cursor + "=" * (-len(cursor) % 4)).encode("ascii"))
+        value = raw.decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
         raise BadRequest("invalid cursor") from None
+    if not _ID.match(value) or encode_cursor(value) != cursor:
+        raise BadRequest("invalid cursor")
+    return value

@@ -278,3 +278,4 @@ class LocalNode(Node):
             )
         for task in list(self._watchers):
             task.cancel()
+        await self.runtime.close()

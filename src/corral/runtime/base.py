@@ -107,3 +107,6 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def sweep(self) -> None:
         """Remove what an earlier run of the node left behind (processes, cgroups)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release shared host state once every sandbox is stopped."""

@@ -156,12 +156,10 @@ class NamespacesRuntime(Runtime):
     def workspace(self, config: SandboxConfig) -> Path:
         return config.dir / "workspace"
 
-    def _bwrap_args(self, config: SandboxConfig, sock_fd: int) -> list[str]:
-        uid = self.host_uid(config)
+    def _bwrap_options(self, config: SandboxConfig) -> list[str]:
+        """bwrap's options; passed through a pipe (`--args FD`), since /proc/1/cmdline shows
+        whatever bwrap got on its command line to the sandbox."""
         args = [
-            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-            "bwrap",
             "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--clearenv", "--setenv", "PATH", DEFAULT_ENV["PATH"],
@@ -187,9 +185,17 @@ class NamespacesRuntime(Runtime):
             "--bind", str(self.workspace(config)), "/workspace",
             "--chdir", "/workspace",
             "--remount-ro", "/",
-            "--", PYTHON, "-I", "-S", "/.corral/supervisor.py", str(sock_fd),
         ]  # fmt: skip
         return args
+
+    def _command_line(self, config: SandboxConfig, args_fd: int, sock_fd: int) -> list[str]:
+        uid = self.host_uid(config)
+        return [
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+            "bwrap", "--args", str(args_fd),
+            "--", PYTHON, "-I", "-S", "/.corral/supervisor.py", str(sock_fd),
+        ]  # fmt: skip
 
     async def start(self, config: SandboxConfig) -> SandboxHandle:
         uid = self.host_uid(config)
@@ -198,7 +204,13 @@ class NamespacesRuntime(Runtime):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with contextlib.suppress(OSError):
             parent.setsockopt(socket.SOL_SOCKET, 32, 2 * MAX_MESSAGE)  # SO_SNDBUFFORCE
-        argv = self._bwrap_args(config, child.fileno())
+        args_r, args_w = os.pipe2(os.O_CLOEXEC)
+        options = "\0".join(self._bwrap_options(config)) + "\0"
+        try:
+            os.write(args_w, options.encode())  # a few KiB: fits the pipe's buffer
+        finally:
+            os.close(args_w)
+        argv = self._command_line(config, args_r, child.fileno())
         if self.cgroups is not None:
             cgroup = self.cgroups.sandbox(config.id)
             await self.cgroups.kill_and_remove(cgroup)
@@ -212,11 +224,16 @@ class NamespacesRuntime(Runtime):
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=[child.fileno()],  # bwrap passes it on under the same number
+                pass_fds=[args_r, child.fileno()],  # bwrap keeps their numbers
                 start_new_session=True,
+                # bwrap stays the sandbox's pid 1, readable in /proc/1/environ: give it nothing
+                # of the server's environment.
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                cwd="/",
             )
         finally:
             child.close()
+            os.close(args_r)
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
         try:
             await asyncio.wait_for(sandbox.ready, START_TIMEOUT)
@@ -239,6 +256,11 @@ class NamespacesRuntime(Runtime):
     async def remove_files(self, config: SandboxConfig) -> None:
         # rmtree on Linux walks with file descriptors and never follows symlinks.
         await asyncio.to_thread(shutil.rmtree, config.dir, True)
+
+    async def close(self) -> None:
+        await self.sweep()
+        if self.cgroups is not None:
+            self.cgroups.remove(self.cgroups.base)
 
     async def sweep(self) -> None:
         if self.cgroups is None or not self.cgroups.base.exists():

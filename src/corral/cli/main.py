@@ -1,0 +1,455 @@
+"""The `corral` command: run the server, and drive one over its API with the SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import pydantic
+
+from corral import __version__
+from corral.cli import _output as output
+from corral.client import Client, CorralError
+from corral.core.models import Command, CommandStatus, Sandbox, SandboxState, Scope
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exit statuses of `corral exec` that are not the command's own (as timeout(1) and shells use).
+EXIT_API_ERROR = 1
+EXIT_TIMED_OUT = 124
+EXIT_NOT_RUN = 125
+EXIT_CANCELLED = 130
+
+
+class Failure(click.ClickException):
+    """An error already worded for the user: printed as is, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.message, err=True)
+
+
+class CorralGroup(click.Group):
+    """Turns SDK errors from any subcommand into `error: <code>: <message>` and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CorralError as exc:
+            raise Failure(output.error_line(exc)) from exc
+
+
+@dataclass(frozen=True)
+class Connection:
+    url: str | None
+    token: str | None
+
+    def client(self) -> Client:
+        return Client(self.url, token=self.token)
+
+
+pass_connection = click.make_pass_decorator(Connection)
+
+
+def json_option(function: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")(
+        function
+    )
+
+
+def parse_pairs(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    """`K=V` options into a dict (later ones win)."""
+    result: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx=ctx, param=param)
+        result[key] = value
+    return result
+
+
+@click.group(cls=CorralGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--url",
+    envvar="CORRAL_URL",
+    show_envvar=True,
+    metavar="URL",
+    help="Server to talk to [default: http://127.0.0.1:8700].",
+)
+@click.option(
+    "--token", envvar="CORRAL_TOKEN", show_envvar=True, metavar="TOKEN", help="API token."
+)
+@click.version_option(__version__, "-V", "--version", prog_name="corral")
+@click.pass_context
+def main(ctx: click.Context, url: str | None, token: str | None) -> None:
+    """Corral: isolated sandboxes that run commands over HTTP."""
+    ctx.obj = Connection(url=url or None, token=token or None)
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", help="Address to listen on [env: CORRAL_HOST; default 127.0.0.1].")
+@click.option("--port", type=int, help="Port to listen on [env: CORRAL_PORT; default 8700].")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Store, logs and sandboxes [env: CORRAL_DATA_DIR; default ./data].",
+)
+@click.option(
+    "--database-url",
+    help="SQLAlchemy async URL [env: CORRAL_DATABASE_URL; default SQLite in the data dir].",
+)
+@click.option(
+    "--admin-key",
+    help="Admin token [env: CORRAL_ADMIN_KEY; default generated once, kept in the data dir]. "
+    "Prefer the variable: arguments are visible to other users.",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["namespaces", "fake"]),
+    help="Sandbox backend [env: CORRAL_RUNTIME; default namespaces].",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"], False),
+    help="Log level [env: CORRAL_LOG_LEVEL; default info].",
+)
+def serve(**options: Any) -> None:
+    """Run the server: API, store and local node. Every option also reads CORRAL_<OPTION>."""
+    from corral.cli.serve import run_server
+    from corral.settings import Settings
+
+    overrides = {key: value for key, value in options.items() if value is not None}
+    try:
+        settings = Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        raise click.UsageError(f"invalid settings: {exc}") from exc
+    run_server(settings=settings)
+
+
+# --- sandboxes ---------------------------------------------------------------------------------
+
+
+@main.group()
+def sandbox() -> None:
+    """Create, list, inspect, stop, start and delete sandboxes."""
+
+
+@sandbox.command("create")
+@click.option("--name", help="Unique name, usable wherever an id is.")
+@click.option("--template", help="Root filesystem template [server default: host].")
+@click.option(
+    "-e", "--env", multiple=True, callback=parse_pairs, metavar="K=V", help="Env for every command."
+)
+@click.option("-l", "--label", multiple=True, callback=parse_pairs, metavar="K=V", help="Label.")
+@click.option("--ttl", type=click.IntRange(min=1), metavar="SECONDS", help="Delete after.")
+@click.option("--cpu", type=float, help="CPU quota, in CPUs.")
+@click.option("--memory-mb", type=int, help="Memory limit (MiB).")
+@click.option("--pids", type=int, help="Process limit.")
+@click.option("--disk-mb", type=int, help="Disk limit (MiB).")
+@json_option
+@pass_connection
+def sandbox_create(
+    connection: Connection,
+    name: str | None,
+    template: str | None,
+    env: dict[str, str],
+    label: dict[str, str],
+    ttl: int | None,
+    cpu: float | None,
+    memory_mb: int | None,
+    pids: int | None,
+    disk_mb: int | None,
+    as_json: bool,
+) -> None:
+    """Create a sandbox and print its id."""
+    with connection.client() as client:
+        created = client.create_sandbox(
+            name=name,
+            template=template,
+            env=env,
+            labels=label,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            pids=pids,
+            disk_mb=disk_mb,
+            ttl_seconds=ttl,
+        )
+    if as_json:
+        output.print_json(created)
+    else:
+        click.echo(created.id)
+
+
+@sandbox.command("ls")
+@click.option("--state", type=click.Choice([state.value for state in SandboxState]))
+@click.option("--limit", type=click.IntRange(min=1), help="Show at most this many.")
+@json_option
+@pass_connection
+def sandbox_ls(connection: Connection, state: str | None, limit: int | None, as_json: bool) -> None:
+    """List sandboxes."""
+    with connection.client() as client:
+        sandboxes = client.list_sandboxes(state=state, limit=limit)
+    if as_json:
+        output.print_json(sandboxes)
+    else:
+        output.print_table(output.sandbox_table(sandboxes))
+
+
+@sandbox.command("show")
+@click.argument("ref")
+@json_option
+@pass_connection
+def sandbox_show(connection: Connection, ref: str, as_json: bool) -> None:
+    """Show one sandbox (by id or name)."""
+    with connection.client() as client:
+        found = client.get_sandbox(ref)
+    if as_json:
+        output.print_json(found)
+    else:
+        output.print_table(output.sandbox_details(found))
+
+
+@sandbox.command("rm")
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@pass_connection
+def sandbox_rm(connection: Connection, refs: tuple[str, ...]) -> None:
+    """Delete sandboxes and everything in them; prints each deleted id."""
+    failed = False
+    with connection.client() as client:
+        for ref in refs:
+            # Go on with the others: one missing sandbox should not keep the rest alive.
+            try:
+                click.echo(client.delete_sandbox(ref).id)
+            except CorralError as exc:
+                click.echo(output.error_line(exc), err=True)
+                failed = True
+    if failed:
+        raise click.exceptions.Exit(EXIT_API_ERROR)
+
+
+@sandbox.command("stop")
+@click.argument("ref")
+@json_option
+@pass_connection
+def sandbox_stop(connection: Connection, ref: str, as_json: bool) -> None:
+    """Stop a sandbox's processes; its files stay."""
+    with connection.client() as client:
+        stopped = client.stop_sandbox(ref)
+    _print_state(stopped, as_json)
+
+
+@sandbox.command("start")
+@click.argument("ref")
+@json_option
+@pass_connection
+def sandbox_start(connection: Connection, ref: str, as_json: bool) -> None:
+    """Start a stopped sandbox."""
+    with connection.client() as client:
+        started = client.start_sandbox(ref)
+    _print_state(started, as_json)
+
+
+def _print_state(found: Sandbox, as_json: bool) -> None:
+    if as_json:
+        output.print_json(found)
+    else:
+        click.echo(f"{found.id} {found.state.value}")
+
+
+# --- exec --------------------------------------------------------------------------------------
+
+
+@main.command("exec")
+@click.argument("sandbox_ref", metavar="SANDBOX")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD...")
+@click.option("--cwd", help="Working directory (absolute) [default: /workspace].")
+@click.option("-e", "--env", multiple=True, callback=parse_pairs, metavar="K=V", help="Env var.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Kill the command after this long [server default].",
+)
+@click.option("--max-output-bytes", type=click.IntRange(min=0), help="Cap on each stream.")
+@click.option("-i", "--stdin", "send_stdin", is_flag=True, help="Send local stdin to the command.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@pass_connection
+def exec_command(
+    connection: Connection,
+    sandbox_ref: str,
+    command: tuple[str, ...],
+    cwd: str | None,
+    env: dict[str, str],
+    timeout: float | None,
+    max_output_bytes: int | None,
+    send_stdin: bool,
+    as_json: bool,
+) -> None:
+    """Run a command in a sandbox and wait for it.
+
+    One CMD is a shell string (`corral exec box -- 'ls | wc -l'`); several are a program and its
+    arguments, run without a shell. The command's stdout and stderr are copied to ours.
+
+    \b
+    Exit status:
+      N    the command's own exit status (128+N if killed by signal N)
+      1    the API refused the request (error printed)
+      124  the command timed out
+      125  the command failed to start, or was lost
+      130  the command was cancelled
+    """
+    stdin = _read_stdin() if send_stdin else None
+    program, args = (command[0], None) if len(command) == 1 else (command[0], list(command[1:]))
+    with connection.client() as client:
+        result = client.exec(
+            sandbox_ref,
+            program,
+            args=args,
+            cwd=cwd,
+            env=env or None,
+            stdin=stdin,
+            timeout_ms=None if timeout is None else max(1, round(timeout * 1000)),
+            max_output_bytes=max_output_bytes,
+        )
+    if as_json:
+        output.print_json(result)
+    else:
+        _report(result)
+    raise click.exceptions.Exit(exit_status(result))
+
+
+def exit_status(command: Command) -> int:
+    """The exit status `corral exec` gives for a command's result."""
+    status = command.status
+    if status is CommandStatus.completed:
+        if command.exit_code is not None:
+            return command.exit_code
+        if command.signal is not None:
+            return 128 + command.signal
+        return EXIT_NOT_RUN
+    if status is CommandStatus.timed_out:
+        return EXIT_TIMED_OUT
+    if status is CommandStatus.cancelled:
+        return EXIT_CANCELLED
+    return EXIT_NOT_RUN
+
+
+def _report(result: Command) -> None:
+    output.write_raw(result.stdout)
+    output.write_raw(result.stderr, err=True)
+    notes = []
+    for stream in ("stdout", "stderr"):
+        if getattr(result, f"{stream}_truncated"):
+            total = getattr(result, f"{stream}_bytes")
+            notes.append(
+                f"corral: {stream} truncated to {result.max_output_bytes} of {total} bytes"
+            )
+    if result.status is CommandStatus.timed_out:
+        notes.append(f"corral: command timed out after {result.timeout_ms / 1000:g}s")
+    elif result.status is CommandStatus.cancelled:
+        notes.append("corral: command was cancelled")
+    elif result.status in (CommandStatus.failed, CommandStatus.lost):
+        what = "failed to start" if result.status is CommandStatus.failed else "was lost"
+        notes.append(f"error: command {what}: {result.error or 'no reason given'}")
+    elif not result.status.finished:
+        notes.append(f"error: command has not finished (status {result.status.value})")
+    for note in notes:
+        click.echo(note, err=True)
+
+
+def _read_stdin() -> str:
+    data = click.get_binary_stream("stdin").read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.UsageError("--stdin sends text: standard input is not valid UTF-8") from exc
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """Create, list and revoke API tokens (needs the admin scope)."""
+
+
+@token.command("new")
+@click.option("--name", default="", help="What the token is for.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice([scope.value for scope in Scope]),
+    help="Grant this scope (repeatable) [server default: read, exec, files].",
+)
+@click.option(
+    "--sandbox", "sandboxes", multiple=True, metavar="REF", help="Limit to this sandbox (repeat)."
+)
+@click.option("--expires-in", type=click.IntRange(min=1), metavar="SECONDS", help="Lifetime.")
+@json_option
+@pass_connection
+def token_new(
+    connection: Connection,
+    name: str,
+    scopes: tuple[str, ...],
+    sandboxes: tuple[str, ...],
+    expires_in: int | None,
+    as_json: bool,
+) -> None:
+    """Create a token and print its secret, which is shown this once only."""
+    with connection.client() as client:
+        created = client.create_token(
+            name=name,
+            scopes=scopes or None,
+            sandbox_ids=sandboxes or None,
+            expires_in_seconds=expires_in,
+        )
+    if as_json:
+        output.print_json(created)
+        return
+    # The secret alone on stdout, so that `$(corral token new)` captures just it.
+    scope_list = ", ".join(scope.value for scope in created.scopes)
+    click.echo(f"Created token {created.id} ({scope_list}). Its secret, shown once:", err=True)
+    click.echo(created.secret)
+
+
+@token.command("ls")
+@json_option
+@pass_connection
+def token_ls(connection: Connection, as_json: bool) -> None:
+    """List tokens (never their secrets)."""
+    with connection.client() as client:
+        tokens = client.list_tokens()
+    if as_json:
+        output.print_json(tokens)
+    else:
+        output.print_table(output.token_table(tokens))
+
+
+@token.command("rm")
+@click.argument("token_ids", nargs=-1, required=True, metavar="ID...")
+@pass_connection
+def token_rm(connection: Connection, token_ids: tuple[str, ...]) -> None:
+    """Revoke tokens at once; prints each revoked id."""
+    failed = False
+    with connection.client() as client:
+        for token_id in token_ids:
+            try:
+                client.delete_token(token_id)
+                click.echo(token_id)
+            except CorralError as exc:
+                click.echo(output.error_line(exc), err=True)
+                failed = True
+    if failed:
+        raise click.exceptions.Exit(EXIT_API_ERROR)
+
+
+if __name__ == "__main__":
+    main(prog_name="corral")

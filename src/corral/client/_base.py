@@ -1,0 +1,351 @@
+"""What `Client` and `AsyncClient` share: configuration, request building and response parsing.
+
+Nothing here does I/O, so the two clients differ only in how they send a `Call`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+import pydantic
+
+from corral.client._exceptions import APIError, ConfigError, DecodingError
+from corral.core.models import (
+    Command,
+    CommandStatus,
+    Health,
+    Page,
+    Sandbox,
+    SandboxState,
+    Scope,
+    Token,
+    TokenCreated,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8700"
+DEFAULT_TIMEOUT = 30.0
+# Requests that wait on the server (exec, get_command with wait) may take this much longer than
+# the deadline the server was given, to cover queueing, the kill grace and the network.
+WAIT_MARGIN_SECONDS = 30.0
+PAGE_SIZE = 100
+
+SandboxRef = str | Sandbox
+CommandRef = str | Command
+TimeoutValue = float | httpx.Timeout | None
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One API request and how to read its success response."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: Mapping[str, str | int] | None = None
+    json: Any = None
+    timeout: httpx.Timeout | None = None  # None: the client's own timeout
+
+
+class Pager(Generic[M]):
+    """Walks a paginated listing: ask `next_call()` for a request, `feed()` it the page."""
+
+    def __init__(
+        self,
+        make_call: Callable[[str | None, int], Call[Page[M]]],
+        limit: int | None,
+    ) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError("limit must not be negative")
+        self._make_call = make_call
+        self._limit = limit
+        self._cursor: str | None = None
+        self._done = limit == 0
+        self.items: list[M] = []
+
+    def next_call(self) -> Call[Page[M]] | None:
+        if self._done:
+            return None
+        size = PAGE_SIZE if self._limit is None else min(PAGE_SIZE, self._limit - len(self.items))
+        return self._make_call(self._cursor, size)
+
+    def feed(self, page: Page[M]) -> None:
+        self.items.extend(page.items)
+        if self._limit is not None and len(self.items) >= self._limit:
+            del self.items[self._limit :]
+            self._done = True
+        # An empty page or a repeated cursor would otherwise loop for ever.
+        elif not page.items or page.next_cursor is None or page.next_cursor == self._cursor:
+            self._done = True
+        self._cursor = page.next_cursor
+
+
+class BaseClient:
+    """Configuration and the I/O-free half of every API method."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None,
+        token: str | None,
+        timeout: TimeoutValue,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        from corral import __version__  # here, not at import time: corral imports this module
+
+        self.base_url = _check_base_url(
+            base_url or os.environ.get("CORRAL_URL") or DEFAULT_BASE_URL
+        )
+        token = token or os.environ.get("CORRAL_TOKEN") or None
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._headers = {"user-agent": f"corral-python/{__version__}", "accept": "application/json"}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
+        self._headers.update(headers or {})
+
+    # --- timeouts ------------------------------------------------------------------------------
+
+    def _waiting_timeout(self, server_ms: int | None) -> httpx.Timeout:
+        """The client timeout for a request the server holds open for up to `server_ms`.
+
+        With no server deadline given the server applies its own default, which only it knows,
+        so the read is left unbounded: the server, not the client, ends the wait.
+        """
+        read: float | None = None
+        if server_ms is not None and self.timeout.read is not None:
+            read = max(self.timeout.read, server_ms / 1000 + WAIT_MARGIN_SECONDS)
+        return httpx.Timeout(
+            connect=self.timeout.connect,
+            read=read,
+            write=self.timeout.write,
+            pool=self.timeout.pool,
+        )
+
+    # --- responses -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(call: Call[T], response: httpx.Response) -> T:
+        if not response.is_success:
+            raise APIError.from_response(response)
+        try:
+            return call.parse(response)
+        except pydantic.ValidationError as exc:
+            raise DecodingError(
+                f"unexpected response to {call.method} {call.path}: {exc}", response=response
+            ) from exc
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    def _health_call(self) -> Call[Health]:
+        return Call("GET", "/healthz", _model(Health))
+
+    def _create_sandbox_call(
+        self,
+        *,
+        name: str | None,
+        template: str | None,
+        env: Mapping[str, str] | None,
+        labels: Mapping[str, str] | None,
+        cpu: float | None,
+        memory_mb: int | None,
+        pids: int | None,
+        disk_mb: int | None,
+        ttl_seconds: int | None,
+    ) -> Call[Sandbox]:
+        body = _without_none(
+            name=name,
+            template=template,
+            env=_dict_or_none(env),
+            labels=_dict_or_none(labels),
+            cpu=cpu,
+            memory_mb=memory_mb,
+            pids=pids,
+            disk_mb=disk_mb,
+            ttl_seconds=ttl_seconds,
+        )
+        return Call("POST", "/v1/sandboxes", _model(Sandbox), json=body)
+
+    def _list_sandboxes_pager(
+        self, *, state: SandboxState | str | None, limit: int | None
+    ) -> Pager[Sandbox]:
+        def make_call(cursor: str | None, size: int) -> Call[Page[Sandbox]]:
+            params = _without_none(limit=size, cursor=cursor, state=_enum_value(state))
+            return Call("GET", "/v1/sandboxes", _model(Page[Sandbox]), params=params)
+
+        return Pager(make_call, limit)
+
+    def _get_sandbox_call(self, sandbox: SandboxRef) -> Call[Sandbox]:
+        return Call("GET", _sandbox_path(sandbox), _model(Sandbox))
+
+    def _delete_sandbox_call(self, sandbox: SandboxRef) -> Call[Sandbox]:
+        return Call("DELETE", _sandbox_path(sandbox), _model(Sandbox))
+
+    def _stop_sandbox_call(self, sandbox: SandboxRef) -> Call[Sandbox]:
+        return Call("POST", _sandbox_path(sandbox, "stop"), _model(Sandbox))
+
+    def _start_sandbox_call(self, sandbox: SandboxRef) -> Call[Sandbox]:
+        return Call("POST", _sandbox_path(sandbox, "start"), _model(Sandbox))
+
+    def _exec_call(
+        self,
+        sandbox: SandboxRef,
+        command: str,
+        *,
+        args: Iterable[str] | None,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        stdin: str | None,
+        timeout_ms: int | None,
+        max_output_bytes: int | None,
+        background: bool,
+    ) -> Call[Command]:
+        body = _without_none(
+            command=command,
+            args=None if args is None else list(args),
+            cwd=cwd,
+            env=_dict_or_none(env),
+            stdin=stdin,
+            timeout_ms=timeout_ms,
+            max_output_bytes=max_output_bytes,
+        )
+        if background:
+            return Call("POST", _sandbox_path(sandbox, "commands"), _model(Command), json=body)
+        return Call(
+            "POST",
+            _sandbox_path(sandbox, "exec"),
+            _model(Command),
+            json=body,
+            timeout=self._waiting_timeout(timeout_ms),
+        )
+
+    def _get_command_call(
+        self, sandbox: SandboxRef, command: CommandRef, *, wait: bool, timeout_ms: int | None
+    ) -> Call[Command]:
+        path = _sandbox_path(sandbox, "commands", _ref(command))
+        if not wait:
+            return Call("GET", path, _model(Command))
+        params = _without_none(wait="true", timeout_ms=timeout_ms)
+        return Call(
+            "GET", path, _model(Command), params=params, timeout=self._waiting_timeout(timeout_ms)
+        )
+
+    def _list_commands_pager(
+        self,
+        sandbox: SandboxRef,
+        *,
+        status: CommandStatus | str | None,
+        since: datetime | str | None,
+        until: datetime | str | None,
+        limit: int | None,
+    ) -> Pager[Command]:
+        path = _sandbox_path(sandbox, "commands")
+
+        def make_call(cursor: str | None, size: int) -> Call[Page[Command]]:
+            params = _without_none(
+                limit=size,
+                cursor=cursor,
+                status=_enum_value(status),
+                since=_timestamp(since),
+                until=_timestamp(until),
+            )
+            return Call("GET", path, _model(Page[Command]), params=params)
+
+        return Pager(make_call, limit)
+
+    def _cancel_command_call(self, sandbox: SandboxRef, command: CommandRef) -> Call[Command]:
+        path = _sandbox_path(sandbox, "commands", _ref(command), "cancel")
+        return Call("POST", path, _model(Command))
+
+    def _create_token_call(
+        self,
+        *,
+        name: str | None,
+        scopes: Iterable[Scope | str] | None,
+        sandbox_ids: Iterable[SandboxRef] | None,
+        expires_in_seconds: int | None,
+    ) -> Call[TokenCreated]:
+        body = _without_none(
+            name=name,
+            scopes=None if scopes is None else [_enum_value(s) for s in scopes],
+            sandbox_ids=None if sandbox_ids is None else [_ref(s) for s in sandbox_ids],
+            expires_in_seconds=expires_in_seconds,
+        )
+        return Call("POST", "/v1/tokens", _model(TokenCreated), json=body)
+
+    def _list_tokens_pager(self) -> Pager[Token]:
+        def make_call(cursor: str | None, size: int) -> Call[Page[Token]]:
+            params = _without_none(limit=size, cursor=cursor)
+            return Call("GET", "/v1/tokens", _model(Page[Token]), params=params)
+
+        return Pager(make_call, None)
+
+    def _delete_token_call(self, token: str | Token) -> Call[None]:
+        return Call("DELETE", f"/v1/tokens/{_segment(_ref(token))}", _nothing)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _model(model: type[M]) -> Callable[[httpx.Response], M]:
+    def parse(response: httpx.Response) -> M:
+        return model.model_validate_json(response.content)
+
+    return parse
+
+
+def _nothing(response: httpx.Response) -> None:
+    return None
+
+
+def _check_base_url(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"invalid base URL {url!r}: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"invalid base URL {url!r}: expected http(s)://host[:port][/prefix]")
+    return url.rstrip("/")
+
+
+def _ref(value: str | Sandbox | Command | Token) -> str:
+    """An id or name, taken from a model when one is given instead of a string."""
+    return value if isinstance(value, str) else value.id
+
+
+def _segment(ref: str) -> str:
+    if not ref:
+        raise ValueError("an id or name must not be empty")
+    if ref in (".", ".."):  # would be resolved as a relative path, not sent as a name
+        return ref.replace(".", "%2E")
+    return quote(ref, safe="")
+
+
+def _sandbox_path(sandbox: SandboxRef, *rest: str) -> str:
+    parts = [_segment(_ref(sandbox)), *(_segment(part) for part in rest)]
+    return "/v1/sandboxes/" + "/".join(parts)
+
+
+def _enum_value(value: Enum | str | None) -> str | None:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _timestamp(value: datetime | str | None) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _dict_or_none(value: Mapping[str, str] | None) -> dict[str, str] | None:
+    return None if value is None else dict(value)
+
+
+def _without_none(**fields: Any) -> dict[str, Any]:
+    # Omitted rather than null, so the server's defaults apply.
+    return {key: value for key, value in fields.items() if value is not None}

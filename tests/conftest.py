@@ -1,0 +1,130 @@
+"""Shared fixtures: a real Corral server on a loopback port, with a real data dir and SQLite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ADMIN_KEY = "crl_test_admin_" + os.urandom(8).hex()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_data_dir(prefix: str) -> Path:
+    # Sandboxes' uids must be able to traverse to their workspaces: not under a 0700 dir.
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+_uid_blocks = iter(range(300_000, 1_000_000, 10_000))
+
+
+class Server:
+    """`corral serve` in a subprocess, as an operator would run it.
+
+    Each server gets its own block of host uids and its own cgroup, so that tests can tell its
+    sandboxes' processes from those of other servers.
+    """
+
+    def __init__(self, data_dir: Path, *, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_key = ADMIN_KEY
+        self.cgroup_name = "corral-test-" + data_dir.name
+        self.uid_base = next(_uid_blocks)
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "server.log"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "CORRAL_ADMIN_KEY": self.admin_key,
+            "CORRAL_CGROUP_ROOT": self.cgroup_name,
+            "CORRAL_UID_BASE": str(self.uid_base),
+            "CORRAL_UID_COUNT": "9999",
+            "CORRAL_LOG_LEVEL": "warning",
+            **self.extra_env,
+        }
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.cli.main", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not become ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token or self.admin_key}"},
+            timeout=60,
+        )
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    data_dir = make_data_dir("corral-test-")
+    srv = Server(data_dir)
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def api(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def sandbox_id(api: httpx.Client) -> Iterator[str]:
+    resp = api.post("/v1/sandboxes", json={})
+    assert resp.status_code == 201, resp.text
+    sid = resp.json()["id"]
+    yield sid
+    api.delete(f"/v1/sandboxes/{sid}")

@@ -1,0 +1,54 @@
+"""Host-side checks used by the integration tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+UID_BASE = 200_000  # the lowest uid any test server gives its sandboxes
+
+
+def sandbox_processes(uid_min: int = UID_BASE, uid_max: int = 10**9) -> list[tuple[int, int, str]]:
+    """(pid, uid, cmdline) of live (non-zombie) host processes with a uid in [uid_min, uid_max)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uid = int(fields["Uid"].split()[0])
+        state = fields["State"].split()[0]
+        if uid_min <= uid < uid_max and state != "Z":
+            found.append((int(entry.name), uid, cmdline))
+    return found
+
+
+def processes_matching(text: str) -> list[tuple[int, int, str]]:
+    return [p for p in sandbox_processes() if text in p[2]]
+
+
+def server_processes(uid_base: int) -> list[tuple[int, int, str]]:
+    """Live processes of one test server's sandboxes."""
+    return sandbox_processes(uid_base, uid_base + 10_000)
+
+
+def cgroup_dirs(name: str) -> list[str]:
+    for mount in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        base = Path(mount) / name
+        if base.is_dir():
+            return sorted(
+                os.path.relpath(dirpath, base)
+                for dirpath, _d, _f in os.walk(base)
+                if dirpath != str(base)
+            )
+    return []
+
+
+def sandbox_mounts() -> list[str]:
+    """Mounts in the host's namespace that point into sandbox data dirs (there should be none)."""
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    return [line for line in mounts if "corral-test" in line]
