@@ -1,0 +1,76 @@
+"""Sandboxes: a sandbox that breaks itself is noticed and can be started again; ttl; delete."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+from tests.integration.helpers import cgroup_dirs, server_processes
+
+pytestmark = pytest.mark.sandbox
+
+
+def wait_state(api: httpx.Client, sid: str, state: str, seconds: float = 5.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        sandbox = api.get(f"/v1/sandboxes/{sid}").json()
+        if sandbox["state"] == state or time.monotonic() > deadline:
+            return sandbox
+        time.sleep(0.05)
+
+
+def test_sandbox_that_kills_its_supervisor(api: httpx.Client, sandbox_id: str) -> None:
+    base = f"/v1/sandboxes/{sandbox_id}"
+    api.post(f"{base}/exec", json={"command": "echo survived > kept"})
+    result = api.post(f"{base}/exec", json={"command": "kill -9 $PPID; sleep 5"}).json()
+    assert result["status"] == "lost"
+    assert "sandbox stopped" in result["error"]
+    sandbox = wait_state(api, sandbox_id, "error")
+    assert sandbox["state"] == "error" and "unexpectedly" in sandbox["error"]
+    refused = api.post(f"{base}/exec", json={"command": "true"})
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "sandbox_not_running"
+    assert api.post(f"{base}/start").json()["state"] == "running"
+    again = api.post(f"{base}/exec", json={"command": "cat kept"}).json()
+    assert again["stdout"] == "survived\n"
+
+
+def test_ttl_deletes_the_sandbox(api: httpx.Client) -> None:
+    created = api.post("/v1/sandboxes", json={"ttl_seconds": 1}).json()
+    assert created["expires_at"] is not None
+    assert wait_state(api, created["id"], "deleted", 5.0)["state"] == "deleted"
+
+
+def test_delete_kills_everything_and_keeps_history(api: httpx.Client, server: Server) -> None:
+    sid = api.post("/v1/sandboxes", json={"name": "to-delete"}).json()["id"]
+    job = api.post(f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 600"}).json()
+    time.sleep(0.2)
+    deleted = api.delete(f"/v1/sandboxes/{sid}")
+    assert deleted.status_code == 200 and deleted.json()["state"] == "deleted"
+    command = api.get(f"/v1/sandboxes/{sid}/commands/{job['id']}").json()
+    assert command["status"] == "cancelled"
+    assert sid not in cgroup_dirs(server.cgroup_name)
+    assert not (server.data_dir / "sandboxes" / sid).exists()
+    assert api.get("/v1/sandboxes/to-delete").status_code == 404
+    assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "deleted"
+    assert sid not in [s["id"] for s in api.get("/v1/sandboxes").json()["items"]]
+    assert sid in [
+        s["id"]
+        for s in api.get("/v1/sandboxes", params={"include_deleted": "true"}).json()["items"]
+    ]
+    assert api.delete(f"/v1/sandboxes/{sid}").json()["state"] == "deleted"  # idempotent
+
+
+def test_stopped_sandbox_has_no_processes(api: httpx.Client, server: Server) -> None:
+    sid = api.post("/v1/sandboxes", json={}).json()["id"]
+    try:
+        before = len(server_processes(server.uid_base))
+        api.post(f"/v1/sandboxes/{sid}/stop")
+        after = len(server_processes(server.uid_base))
+        assert after <= before - 3  # bwrap (two) and the supervisor are gone
+        assert sid not in cgroup_dirs(server.cgroup_name)
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
