@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check src tests
 .venv/bin/python -m pytest "$@"
