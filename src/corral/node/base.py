@@ -21,9 +21,13 @@ class CommandSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: str
-    stdin: bytes | None  # None: standard input is closed at once
+    stdin: bytes | None  # written first; then EOF unless interactive
     timeout_ms: int
     max_output_bytes: int
+    interactive: bool = False  # standard input stays open for write_stdin()
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,21 @@ class Execution(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:
         """SIGTERM to every process of the command, SIGKILL after the grace period."""
+
+    @abc.abstractmethod
+    async def write_stdin(self, data: bytes) -> None:
+        """Append to the command's standard input (interactive commands only)."""
+
+    @abc.abstractmethod
+    async def close_stdin(self) -> None:
+        """End of input: EOF on a pipe, Ctrl-D on a terminal."""
+
+    @abc.abstractmethod
+    async def signal(self, signum: int) -> None:
+        """Signal the command's process group, as a terminal's Ctrl-C would."""
+
+    @abc.abstractmethod
+    def resize(self, rows: int, cols: int) -> None: ...
 
 
 SandboxDiedCallback = Callable[[str], Awaitable[None]]

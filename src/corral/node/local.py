@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_AFTER_EXIT = 0.25  # how long output is still read once the command's process has exited
 EXIT_AFTER_KILL = 3.0  # how long to wait for the exit report after a kill
+STDIN_BUFFER = 1 << 20  # bytes of stdin buffered for a command before writers wait
 
 
 def utcnow() -> datetime:
@@ -62,6 +63,8 @@ class LocalExecution(Execution):
         self._reason: CommandStatus | None = None  # timed_out or cancelled, once decided
         self._killed = asyncio.Event()
         self._terminator: asyncio.Future[None] | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._stdin_ready = asyncio.Event()
         self._done: asyncio.Future[CommandOutcome] = asyncio.get_running_loop().create_future()
         self._task = asyncio.ensure_future(self._supervise())
 
@@ -102,12 +105,18 @@ class LocalExecution(Execution):
         status: ExitStatus | None = None
         error: str | None = None
         try:
-            for fd, stream in ((self.process.stdout_fd, STDOUT), (self.process.stderr_fd, STDERR)):
+            pipes = [(self.process.stdout_fd, STDOUT), (self.process.stderr_fd, STDERR)]
+            for fd, stream in pipes:
+                if fd is None:
+                    continue
                 reader = _PipeReader(self.log, stream)
                 pipe = os.fdopen(fd, "rb", buffering=0)
                 transport, _ = await loop.connect_read_pipe(lambda r=reader: r, pipe)
                 readers.append((transport, reader))
-            await self._feed_stdin()
+            try:
+                await self._feed_stdin()
+            finally:
+                self._stdin_ready.set()
             status = await self._wait_exit()
         except SandboxDied as exc:
             error = f"the sandbox stopped while the command ran: {exc}"
@@ -115,12 +124,15 @@ class LocalExecution(Execution):
             log.exception("command %s supervision failed", self.spec.id)
             error = f"internal error: {exc}"
         finally:
+            self._stdin_ready.set()
             timer.cancel()
             eofs = [r.eof for _, r in readers]
             if eofs:
                 await asyncio.wait(eofs, timeout=DRAIN_AFTER_EXIT)
             for transport, _ in readers:
                 transport.close()
+            if self._stdin is not None and not self._stdin.is_closing():
+                self._stdin.abort()
             self.log.close()
             with contextlib.suppress(Exception):
                 await self.process.release()
@@ -146,15 +158,44 @@ class LocalExecution(Execution):
         fd = self.process.stdin_fd
         if fd is None:
             return
-        data = self.spec.stdin
-        if not data:
+        if not self.spec.stdin and not self.spec.interactive:
             os.close(fd)
             return
         loop = asyncio.get_running_loop()
         pipe = os.fdopen(fd, "wb", buffering=0)
-        transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
-        transport.write(data)
-        transport.close()  # flushes what is buffered, then closes: the command sees EOF
+        self._stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+        if self.spec.stdin:
+            self._stdin.write(self.spec.stdin)
+        if not self.spec.interactive:
+            self._stdin.close()  # flushes what is buffered, then closes: the command sees EOF
+
+    async def write_stdin(self, data: bytes) -> None:
+        await self._stdin_ready.wait()
+        if self._stdin is None or self._stdin.is_closing():
+            raise BrokenPipeError("standard input is closed")
+        self._stdin.write(data)
+        # Back-pressure: do not buffer without bound for a command that does not read.
+        stdin = self._stdin
+        while stdin.get_write_buffer_size() > STDIN_BUFFER and not stdin.is_closing():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # the transport has no drain event to wait on
+
+    async def close_stdin(self) -> None:
+        await self._stdin_ready.wait()
+        if self._stdin is None or self._stdin.is_closing():
+            return
+        if self.spec.tty:
+            self._stdin.write(b"\x04")  # a terminal has no EOF of its own: Ctrl-D
+        else:
+            self._stdin.close()
+
+    async def signal(self, signum: int) -> None:
+        if not self._done.done():
+            await self.process.signal_group(signum)
+
+    def resize(self, rows: int, cols: int) -> None:
+        if not self._done.done():
+            with contextlib.suppress(OSError):
+                self.process.resize(rows, cols)
 
     def _build_outcome(self, status: ExitStatus | None, error: str | None) -> CommandOutcome:
         if self._reason is not None:
@@ -254,7 +295,15 @@ class LocalNode(Node):
         if handle is None or not handle.alive:
             raise SandboxDied("the sandbox is not running")
         process = await handle.spawn(
-            ProcessSpec(id=spec.id, argv=spec.argv, env=spec.env, cwd=spec.cwd)
+            ProcessSpec(
+                id=spec.id,
+                argv=spec.argv,
+                env=spec.env,
+                cwd=spec.cwd,
+                tty=spec.tty,
+                rows=spec.rows,
+                cols=spec.cols,
+            )
         )
         output = OutputLog(self.log_path(spec.sandbox_id, spec.id), spec.max_output_bytes)
         execution = LocalExecution(self, spec, process, output)

@@ -7,8 +7,25 @@ descriptors so the node can stream output without copies through the backend.
 from __future__ import annotations
 
 import abc
+import fcntl
+import os
+import struct
+import termios
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def open_pty(rows: int, cols: int) -> tuple[int, int]:
+    """A pseudo-terminal pair (master, slave), both close-on-exec."""
+    master, slave = os.openpty()
+    os.set_inheritable(master, False)
+    os.set_inheritable(slave, False)
+    set_winsize(master, rows, cols)
+    return master, slave
 
 
 @dataclass(frozen=True)
@@ -25,6 +42,9 @@ class ProcessSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: str
+    tty: bool = False  # run on a pseudo-terminal: one output stream, job control, resize
+    rows: int = 24
+    cols: int = 80
 
 
 @dataclass(frozen=True)
@@ -52,8 +72,14 @@ class ProcessHandle(abc.ABC):
     """A process running in a sandbox, with the host ends of its pipes."""
 
     stdin_fd: int | None  # write end, owned by the caller once spawned
-    stdout_fd: int  # read end, owned by the caller
-    stderr_fd: int  # read end, owned by the caller
+    stdout_fd: int  # read end, owned by the caller (the terminal's master side with a tty)
+    stderr_fd: int | None  # read end, owned by the caller; None with a tty
+    tty: bool = False
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal's size (the foreground process group gets SIGWINCH)."""
+        if self.tty:
+            set_winsize(self.stdout_fd, rows, cols)
 
     @abc.abstractmethod
     async def wait(self) -> ExitStatus:
@@ -62,6 +88,10 @@ class ProcessHandle(abc.ABC):
     @abc.abstractmethod
     async def signal(self, signum: int) -> None:
         """Send a signal to every process the command started."""
+
+    @abc.abstractmethod
+    async def signal_group(self, signum: int) -> None:
+        """Send a signal to the command's process group (what Ctrl-C reaches in a shell)."""
 
     @abc.abstractmethod
     async def kill_tree(self) -> None:

@@ -87,7 +87,10 @@ class FakeProcess(ProcessHandle):
         self.stderr_fd, err_w = os.pipe2(os.O_CLOEXEC)
         self.signals: list[int] = []
         self._exit: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
+        self._child_fds = (stdin_r, out_w, err_w)
         self._task = asyncio.ensure_future(self._run(script, stdin_r, out_w, err_w))
+        # A task cancelled before it first runs skips its finally: close the ends here too.
+        self._task.add_done_callback(lambda _: self._close_child_fds())
 
     async def _run(self, script: str, stdin_r: int, out_w: int, err_w: int) -> None:
         loop = asyncio.get_running_loop()
@@ -123,9 +126,13 @@ class FakeProcess(ProcessHandle):
         except OSError:
             self._finish(ExitStatus(None, signal.SIGPIPE))
         finally:
-            for fd in (stdin_r, out_w, err_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self._close_child_fds()
+
+    def _close_child_fds(self) -> None:
+        fds, self._child_fds = self._child_fds, ()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _finish(self, status: ExitStatus) -> None:
         if not self._exit.done():
@@ -145,6 +152,9 @@ class FakeProcess(ProcessHandle):
         if signum in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
             self._task.cancel()
             self._finish(ExitStatus(None, signum))
+
+    async def signal_group(self, signum: int) -> None:
+        await self.signal(signum)
 
     async def kill_tree(self) -> None:
         await self.signal(signal.SIGKILL)

@@ -30,6 +30,7 @@ from corral.runtime.base import (
     SandboxDied,
     SandboxHandle,
     SpawnError,
+    open_pty,
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
 
@@ -403,34 +404,48 @@ class NamespacesSandbox(SandboxHandle):
             cgroup = runtime.cgroups.command(self.config.id, spec.id)
             cgroup.mkdir()
             cgroup_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (out_r, err_r):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        if spec.tty:
+            master, slave = open_pty(spec.rows, spec.cols)
+            stdin_w, out_r, err_r = os.dup(master), master, None
+            os.set_inheritable(stdin_w, False)
+            host_fds = [stdin_w, out_r]
+            child_fds = [slave, slave, slave]
+        else:
+            stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            for fd in (out_r, err_r):
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+            host_fds = [stdin_w, out_r, err_r]
+            child_fds = [stdin_r, out_w, err_w]
+        child_fds += [cgroup_fd] if cgroup_fd >= 0 else []
         env = {**DEFAULT_ENV, **self.config.env, **spec.env}
         started = self.loop.create_future()
         exited: asyncio.Future[ExitStatus] = self.loop.create_future()
         self._spawns[spec.id] = started
         self._exits[spec.id] = exited
-        message = {"op": "spawn", "id": spec.id, "argv": spec.argv, "env": env, "cwd": spec.cwd}
-        child_fds = [stdin_r, out_w, err_w] + ([cgroup_fd] if cgroup_fd >= 0 else [])
+        message = {
+            "op": "spawn", "id": spec.id, "argv": spec.argv, "env": env, "cwd": spec.cwd,
+            "tty": spec.tty,
+        }  # fmt: skip
         try:
             await self._send(message, child_fds)
             pid = await asyncio.wait_for(started, SPAWN_TIMEOUT)
         except BaseException:
             self._spawns.pop(spec.id, None)
             self._exits.pop(spec.id, None)
-            for fd in (stdin_w, out_r, err_r):
+            for fd in host_fds:
                 os.close(fd)
             if cgroup is not None:
                 await asyncio.to_thread(runtime.cgroups.remove, cgroup)  # type: ignore[union-attr]
             raise
         finally:
-            for fd in child_fds:
+            for fd in set(child_fds):
                 os.close(fd)
-        return NamespacesProcess(self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroup)
+        process = NamespacesProcess(self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroup)
+        process.tty = spec.tty
+        return process
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -454,7 +469,7 @@ class NamespacesProcess(ProcessHandle):
         pid: int,
         stdin_fd: int,
         stdout_fd: int,
-        stderr_fd: int,
+        stderr_fd: int | None,
         exited: asyncio.Future[ExitStatus],
         cgroup: Path | None,
     ) -> None:
@@ -477,6 +492,10 @@ class NamespacesProcess(ProcessHandle):
         else:
             with contextlib.suppress(SandboxDied):
                 await self.sandbox._send({"op": "signal", "id": self.command_id, "sig": signum})
+
+    async def signal_group(self, signum: int) -> None:
+        with contextlib.suppress(SandboxDied):
+            await self.sandbox._send({"op": "signal", "id": self.command_id, "sig": signum})
 
     async def kill_tree(self) -> None:
         cgroups = self.sandbox.runtime.cgroups

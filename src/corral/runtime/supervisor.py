@@ -7,7 +7,8 @@ The command's output goes straight from its pipes to the node; the supervisor on
 start and exit. It trusts nothing it receives beyond the node's messages and sends only its own.
 
 Node -> supervisor:
-  {"op": "spawn", "id", "argv", "env", "cwd"}  + fds [stdin, stdout, stderr, (cgroup.procs)]
+  {"op": "spawn", "id", "argv", "env", "cwd", "tty"}
+      + fds [stdin, stdout, stderr, (cgroup.procs)]; with tty all three are the terminal
   {"op": "signal", "id", "sig"}                 signal the command's process group
 Supervisor -> node:
   {"ev": "ready"}
@@ -18,12 +19,14 @@ Supervisor -> node:
 
 import array
 import ctypes
+import fcntl
 import json
 import os
 import selectors
 import signal
 import socket
 import sys
+import termios
 
 MAX_MESSAGE = 1 << 20
 PR_SET_DUMPABLE = 4
@@ -66,6 +69,8 @@ def _spawn(message, fds):
                 # whole tree through it.
                 os.write(cgroup, b"0")
             os.setsid()
+            if message.get("tty"):
+                fcntl.ioctl(stdin, termios.TIOCSCTTY, 0)  # the terminal becomes ours
             os.dup2(stdin, 0)
             os.dup2(stdout, 1)
             os.dup2(stderr, 2)

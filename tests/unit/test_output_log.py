@@ -1,0 +1,329 @@
+"""The per-command output log: frames, offsets, the per-stream cap, replay and live follow."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import stat
+import struct
+from pathlib import Path
+
+from corral.node.output_log import (
+    MAX_FRAME,
+    STDERR,
+    STDOUT,
+    Chunk,
+    OutputLog,
+    follow,
+    read_frames,
+    read_output,
+)
+
+from .helpers import eventually, run
+
+HEADER = 5  # stream byte + 4-byte length
+
+
+def all_frames(path: Path, offset: int = 0) -> list[Chunk]:
+    """Every complete frame from offset on, across read_frames' per-call limit."""
+    out: list[Chunk] = []
+    while chunks := read_frames(path, offset):
+        out.extend(chunks)
+        offset = chunks[-1].next_offset
+    return out
+
+
+async def collect(path: Path, offset: int, live: OutputLog | None) -> list[Chunk]:
+    return [c async for c in follow(path, offset, live)]
+
+
+def joined(chunks: list[Chunk], stream: int) -> bytes:
+    return b"".join(c.data for c in chunks if c.stream == stream)
+
+
+# --- frames and offsets ------------------------------------------------------------------------
+
+
+def test_frames_keep_order_and_offsets(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "logs" / "cmd.log", cap=1000)
+    writes = [(STDOUT, b"a"), (STDERR, b"bb"), (STDOUT, b"ccc"), (STDERR, b"dddd")]
+    for stream, data in writes:
+        log.append(stream, data)
+    log.close()
+
+    chunks = read_frames(log.path, 0)
+    assert [(c.stream, c.data) for c in chunks] == writes
+    assert [c.offset for c in chunks] == [0, 6, 13, 21]
+    # Each frame ends where the next begins, and the last where the file ends.
+    for prev, nxt in itertools.pairwise(chunks):
+        assert prev.next_offset == nxt.offset
+    assert chunks[-1].next_offset == log.size == log.path.stat().st_size == 30
+
+
+def test_read_from_a_middle_offset_gives_exactly_the_rest(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=1000)
+    for i in range(6):
+        log.append(STDOUT if i % 2 == 0 else STDERR, f"part{i}".encode())
+    log.close()
+    chunks = read_frames(log.path, 0)
+
+    rest = read_frames(log.path, chunks[3].offset)
+    assert rest == chunks[3:]
+    assert read_frames(log.path, chunks[-1].next_offset) == []
+
+
+def test_read_frames_stops_at_the_limit(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=1000)
+    for data in (b"one", b"two", b"three"):
+        log.append(STDOUT, data)
+    log.close()
+
+    first = read_frames(log.path, 0, limit=1)
+    assert [c.data for c in first] == [b"one"]
+    assert [c.data for c in read_frames(log.path, first[-1].next_offset, limit=4)] == [
+        b"two",
+        b"three",
+    ]
+
+
+def test_read_frames_skips_a_frame_still_being_written(tmp_path: Path) -> None:
+    path = tmp_path / "cmd.log"
+    log = OutputLog(path, cap=1000)
+    log.append(STDOUT, b"whole")
+    log.close()
+    # A header announcing 10 bytes of which only 3 have reached the file yet.
+    with path.open("ab") as f:
+        f.write(struct.pack(">BI", STDERR, 10) + b"par")
+
+    chunks = read_frames(path, 0)
+    assert [c.data for c in chunks] == [b"whole"]
+    assert read_output(path) == (b"whole", b"")
+
+
+def test_missing_log_reads_as_empty(tmp_path: Path) -> None:
+    assert read_frames(tmp_path / "never.log", 0) == []
+    assert read_output(tmp_path / "never.log") == (b"", b"")
+
+
+def test_log_file_is_private(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=10)
+    log.close()
+    assert stat.S_IMODE(log.path.stat().st_mode) & 0o077 == 0
+
+
+def test_close_is_idempotent_and_wakes_waiters(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=10)
+        waiter = log.changed()
+        assert not waiter.done()
+        log.close()
+        log.close()
+        assert waiter.done()
+        assert log.changed().done()  # a closed log never makes anyone wait
+
+    run(main())
+
+
+def test_append_wakes_a_registered_waiter(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=10)
+        waiter = log.changed()
+        log.append(STDOUT, b"x")
+        assert waiter.done()
+        log.close()
+
+    run(main())
+
+
+# --- the cap -----------------------------------------------------------------------------------
+
+
+def test_cap_applies_per_stream_and_drops_the_excess(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=10)
+    log.append(STDOUT, b"012345")
+    log.append(STDOUT, b"6789AB")  # 2 bytes over the cap
+    assert log.kept[STDOUT] == 10
+    assert log.seen[STDOUT] == 12
+    assert log.truncated(STDOUT)
+
+    # Stdout being full leaves the whole cap to stderr.
+    log.append(STDERR, b"abcdefgh")
+    assert log.kept[STDERR] == 8
+    assert not log.truncated(STDERR)
+    log.append(STDERR, b"ijklm")
+    assert (log.kept[STDERR], log.seen[STDERR]) == (10, 13)
+    assert log.truncated(STDERR)
+
+    size = log.size
+    log.append(STDOUT, b"z" * 100)  # past the cap: counted, not stored
+    assert log.size == size == log.path.stat().st_size
+    assert log.seen[STDOUT] == 112
+    log.close()
+
+    assert read_output(log.path) == (b"0123456789", b"abcdefghij")
+
+
+def test_output_exactly_at_the_cap_is_not_truncated(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=4)
+    log.append(STDOUT, b"abcd")
+    assert not log.truncated(STDOUT)
+    log.append(STDOUT, b"e")
+    assert log.truncated(STDOUT)
+    log.close()
+    assert read_output(log.path) == (b"abcd", b"")
+
+
+def test_zero_cap_stores_nothing(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=0)
+    log.append(STDOUT, b"hello")
+    log.append(STDERR, b"oops")
+    log.close()
+    assert log.path.stat().st_size == 0
+    assert log.truncated(STDOUT) and log.truncated(STDERR)
+    assert log.seen == {STDOUT: 5, STDERR: 4}
+    assert read_output(log.path) == (b"", b"")
+
+
+# --- large frames ------------------------------------------------------------------------------
+
+
+def test_data_larger_than_a_frame_is_split_and_reassembles(tmp_path: Path) -> None:
+    data = os.urandom(2 * MAX_FRAME + MAX_FRAME // 2)
+    log = OutputLog(tmp_path / "cmd.log", cap=len(data) + 1)
+    log.append(STDERR, b"before")
+    log.append(STDOUT, data)
+    log.close()
+
+    frames = all_frames(log.path)
+    assert [len(c.data) for c in frames] == [6, MAX_FRAME, MAX_FRAME, MAX_FRAME // 2]
+    assert all(len(c.data) <= MAX_FRAME for c in frames)
+    assert log.size == sum(HEADER + len(c.data) for c in frames)
+    assert read_output(log.path) == (data, b"before")
+
+    async def replay() -> list[Chunk]:
+        return await collect(log.path, 0, None)
+
+    assert joined(run(replay()), STDOUT) == data
+
+
+# --- memory copy -------------------------------------------------------------------------------
+
+
+def test_memory_output_for_small_output(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=5)
+    log.append(STDOUT, b"hi ")
+    log.append(STDERR, b"err")
+    log.append(STDOUT, b"there")  # the memory copy honours the cap as the file does
+    assert log.memory_output() == (b"hi th", b"err")
+    log.close()
+    assert log.memory_output() == read_output(log.path)
+
+
+def test_memory_output_dropped_past_256_kib(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "cmd.log", cap=1 << 20)
+    log.append(STDOUT, b"o" * (128 * 1024))
+    log.append(STDERR, b"e" * (128 * 1024))
+    assert log.memory_output() == (b"o" * (128 * 1024), b"e" * (128 * 1024))  # 256 KiB: kept
+    log.append(STDOUT, b"!")
+    assert log.memory_output() is None
+    log.append(STDERR, b"more")
+    assert log.memory_output() is None  # not rebuilt later
+    log.close()
+    out, err = read_output(log.path)
+    assert (len(out), len(err)) == (128 * 1024 + 1, 128 * 1024 + 4)
+
+
+# --- follow ------------------------------------------------------------------------------------
+
+
+def test_follow_replays_then_follows_live_appends(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1000)
+        log.append(STDOUT, b"early ")
+        received: list[Chunk] = []
+
+        async def consume() -> None:
+            async for chunk in follow(log.path, 0, log):
+                received.append(chunk)
+
+        consumer = asyncio.create_task(consume())
+        await eventually(lambda: len(received) == 1)
+        await asyncio.sleep(0.05)
+        assert not consumer.done()  # an open log keeps the follower waiting
+
+        log.append(STDERR, b"warn ")
+        await eventually(lambda: len(received) == 2)
+        log.append(STDOUT, b"late")
+        await eventually(lambda: len(received) == 3)
+        assert not consumer.done()
+
+        log.close()
+        await asyncio.wait_for(consumer, 2)
+        assert [(c.stream, c.data) for c in received] == [
+            (STDOUT, b"early "),
+            (STDERR, b"warn "),
+            (STDOUT, b"late"),
+        ]
+        assert received == read_frames(log.path, 0)
+
+    run(main())
+
+
+def test_follow_resumes_from_next_offset_with_exactly_the_rest(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=10_000)
+        for i in range(3):
+            log.append(STDOUT, f"first{i};".encode())
+
+        # A reader that goes away after two chunks, as a dropped connection would.
+        seen: list[Chunk] = []
+        async with contextlib.aclosing(follow(log.path, 0, log)) as gen:
+            async for chunk in gen:
+                seen.append(chunk)
+                if len(seen) == 2:
+                    break
+        resume_at = seen[-1].next_offset
+
+        async def produce() -> None:
+            for i in range(3):
+                await asyncio.sleep(0.01)
+                log.append(STDERR if i == 1 else STDOUT, f"then{i};".encode())
+            log.close()
+
+        producer = asyncio.create_task(produce())
+        rest = await collect(log.path, resume_at, log)
+        await producer
+
+        everything = read_frames(log.path, 0)
+        assert seen + rest == everything
+        assert joined(seen + rest, STDOUT) == b"first0;first1;first2;then0;then2;"
+        assert joined(rest, STDERR) == b"then1;"
+
+    run(main())
+
+
+def test_follow_on_a_closed_log_ends(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=100)
+        log.append(STDOUT, b"done")
+        log.close()
+        chunks = await collect(log.path, 0, log)
+        assert [c.data for c in chunks] == [b"done"]
+        assert await collect(log.path, log.size, log) == []
+        assert await collect(log.path, 0, None) == chunks  # replay of a finished command
+
+    run(main())
+
+
+def test_follow_of_an_empty_log_ends_at_close(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=100)
+        follower = asyncio.create_task(collect(log.path, 0, log))
+        await asyncio.sleep(0.05)
+        assert not follower.done()
+        log.close()
+        assert await asyncio.wait_for(follower, 2) == []
+
+    run(main())
