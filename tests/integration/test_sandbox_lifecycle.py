@@ -25,9 +25,11 @@ def wait_state(api: httpx.Client, sid: str, state: str, seconds: float = 5.0) ->
 def test_sandbox_that_kills_its_supervisor(api: httpx.Client, sandbox_id: str) -> None:
     base = f"/v1/sandboxes/{sandbox_id}"
     api.post(f"{base}/exec", json={"command": "echo survived > kept"})
-    result = api.post(f"{base}/exec", json={"command": "kill -9 $PPID; sleep 5"}).json()
+    resp = api.post(f"{base}/exec", json={"command": "kill -9 $PPID; sleep 5"})
+    assert resp.status_code == 200, resp.text
+    result = resp.json()
     assert result["status"] == "lost"
-    assert "sandbox stopped" in result["error"]
+    assert "sandbox stopped" in result["error"] and "unknown" in result["error"]
     sandbox = wait_state(api, sandbox_id, "error")
     assert sandbox["state"] == "error" and "unexpectedly" in sandbox["error"]
     refused = api.post(f"{base}/exec", json={"command": "true"})

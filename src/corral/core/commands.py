@@ -15,7 +15,7 @@ from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
 from corral.node.output_log import read_output
-from corral.runtime.base import SandboxDied, SpawnError
+from corral.runtime.base import SandboxDied, SpawnError, StartUnknown
 from corral.settings import Settings
 from corral.store.db import Database
 from corral.store.tables import CommandRow, SandboxRow
@@ -144,6 +144,10 @@ class CommandService:
             row.error = f"could not start: {exc}"
             row.finished_at = utcnow()
             row.duration_ms = 0
+        except StartUnknown as exc:
+            row.status = CommandStatus.lost.value
+            row.error = f"the sandbox stopped as the command started; its result is unknown: {exc}"
+            row.finished_at = utcnow()
         except SandboxDied as exc:
             raise Unavailable(f"sandbox {sandbox.id} is not running: {exc}") from None
         try:

@@ -119,7 +119,7 @@ class LocalExecution(Execution):
                 self._stdin_ready.set()
             status = await self._wait_exit()
         except SandboxDied as exc:
-            error = f"the sandbox stopped while the command ran: {exc}"
+            error = f"the sandbox stopped while the command ran ({exc}); its result is unknown"
         except Exception as exc:  # a bug here must still end the command, never hang it
             log.exception("command %s supervision failed", self.spec.id)
             error = f"internal error: {exc}"

@@ -68,6 +68,10 @@ class SandboxDied(Exception):
     """The sandbox went away while the process ran: its result is unknown."""
 
 
+class StartUnknown(SandboxDied):
+    """The sandbox went away after the process was asked to start: it may have run."""
+
+
 class ProcessHandle(abc.ABC):
     """A process running in a sandbox, with the host ends of its pipes."""
 

@@ -30,6 +30,7 @@ from corral.runtime.base import (
     SandboxDied,
     SandboxHandle,
     SpawnError,
+    StartUnknown,
     open_pty,
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
@@ -431,7 +432,10 @@ class NamespacesSandbox(SandboxHandle):
         }  # fmt: skip
         try:
             await self._send(message, child_fds)
-            pid = await asyncio.wait_for(started, SPAWN_TIMEOUT)
+            try:
+                pid = await asyncio.wait_for(started, SPAWN_TIMEOUT)
+            except SandboxDied as exc:
+                raise StartUnknown(str(exc)) from None
         except BaseException:
             self._spawns.pop(spec.id, None)
             self._exits.pop(spec.id, None)
