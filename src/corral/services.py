@@ -25,7 +25,10 @@ def build_runtime(settings: Settings) -> Runtime:
     from corral.runtime.namespaces import NamespacesRuntime
 
     return NamespacesRuntime(
-        data_dir=settings.data_dir, uid_base=settings.uid_base, cgroup_name=settings.cgroup_root
+        data_dir=settings.data_dir,
+        uid_base=settings.uid_base,
+        cgroup_name=settings.cgroup_root,
+        tools_dir=settings.effective_tools_dir,
     )
 
 

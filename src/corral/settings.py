@@ -48,10 +48,33 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(default=200, ge=1)
 
+    # Streams and files.
+    heartbeat_seconds: float = Field(default=15.0, gt=0, description="Idle stream keep-alive")
+    max_upload_bytes: int = Field(default=4 * 1024**3, ge=1, description="Compressed upload")
+    max_upload_expanded_bytes: int = Field(default=8 * 1024**3, ge=1, description="Unpacked")
+    max_upload_entries: int = Field(default=1_000_000, ge=1)
+    tools_dir: Path | None = Field(
+        default=None,
+        description="Host directory shown read-only in every sandbox at /opt/corral "
+        "(default: <data dir>/tools, filled at start-up with deno)",
+    )
+
+    # Faces.
+    ssh_port: int | None = Field(
+        default=None, description="SSH front (cmd.io face); off when unset"
+    )
+    ssh_host_key: Path | None = Field(default=None, description="Default: <data dir>/ssh_host_key")
+    admin_email: str | None = Field(default=None, description="run-dat-sheesh admin login")
+    admin_password: str | None = Field(default=None, description="run-dat-sheesh admin login")
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @property
+    def effective_tools_dir(self) -> Path:
+        return self.tools_dir or self.data_dir / "tools"
 
     @property
     def effective_database_url(self) -> str:

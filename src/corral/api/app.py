@@ -11,8 +11,9 @@ from swagger_ui_bundle import swagger_ui_path
 
 from corral import __version__
 from corral.api import errors
+from corral.api.faces import cmdio, cmdop, rundatsheesh, runta, vercel
 from corral.api.middleware import RequestContext
-from corral.api.routes import commands, sandboxes, system, tokens
+from corral.api.routes import commands, files, run, sandboxes, streams, system, tokens
 from corral.services import Services
 from corral.settings import Settings
 
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
-    for module in (system, sandboxes, commands, tokens):
+    for module in (system, sandboxes, commands, streams, files, run, tokens):
         app.include_router(module.router)
+    for face in (cmdio, cmdop, rundatsheesh, runta, vercel):
+        app.include_router(face.router)
     return app

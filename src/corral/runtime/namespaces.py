@@ -44,6 +44,7 @@ F_SETPIPE_SZ = 1031
 START_TIMEOUT = 15.0
 SPAWN_TIMEOUT = 10.0
 PYTHON = "/usr/bin/python3"
+TOOLS_MOUNT = "/opt/corral"
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 
 # Host paths bound read-only when present: what programs need from /etc, nothing secret.
@@ -96,8 +97,17 @@ DEFAULT_ENV = {
 class NamespacesRuntime(Runtime):
     name = "namespaces"
 
-    def __init__(self, *, data_dir: Path, uid_base: int, cgroup_name: str, tmp_mb: int = 1024):
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        uid_base: int,
+        cgroup_name: str,
+        tools_dir: Path | None = None,
+        tmp_mb: int = 1024,
+    ):
         self.data_dir = data_dir
+        self.tools_dir = tools_dir  # shown read-only at /opt/corral (interpreters, helpers)
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
         self.tmp_bytes = tmp_mb * 1024 * 1024
@@ -115,6 +125,10 @@ class NamespacesRuntime(Runtime):
         if os.geteuid() != 0:
             raise RuntimeError("the namespaces runtime needs root to drop to per-sandbox uids")
         self._check_traversable(self.data_dir)
+        if self.tools_dir is not None:
+            self.tools_dir.mkdir(parents=True, exist_ok=True)
+            self.tools_dir.chmod(0o755)
+            self._check_traversable(self.tools_dir)
         runtime_dir = self.data_dir / "runtime"
         self.etc_dir.mkdir(parents=True, exist_ok=True)
         for d in (self.data_dir, runtime_dir, self.etc_dir):
@@ -184,6 +198,7 @@ class NamespacesRuntime(Runtime):
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         args += [
             "--ro-bind", str(self.supervisor_path), "/.corral/supervisor.py",
+            *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
             "--bind", str(self.workspace(config)), "/workspace",
             "--chdir", "/workspace",
             "--remount-ro", "/",

@@ -1,0 +1,7 @@
+"""The cmdop face."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["cmdop"])

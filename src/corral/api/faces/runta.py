@@ -1,0 +1,7 @@
+"""The runta face."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["runta"])

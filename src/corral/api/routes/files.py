@@ -1,0 +1,7 @@
+"""Native API routes: files."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["files"])
