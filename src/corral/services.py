@@ -6,10 +6,12 @@ import logging
 from dataclasses import dataclass
 
 from corral.core.commands import CommandService
+from corral.core.named_commands import NamedCommandService
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
 from corral.node.local import LocalNode
 from corral.runtime.base import Runtime
+from corral.runtime.limits import Limits
 from corral.settings import Settings
 from corral.store.db import Database
 
@@ -40,6 +42,7 @@ class Services:
     tokens: TokenService
     sandboxes: SandboxService
     commands: CommandService
+    named: NamedCommandService
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -77,8 +80,17 @@ class Services:
                 settings.data_dir,
                 max_sandboxes=settings.max_sandboxes,
                 uid_count=settings.uid_count,
+                default_limits=Limits(
+                    cpu=settings.default_cpu or None,
+                    memory_mb=settings.default_memory_mb or None,
+                    pids=settings.default_pids or None,
+                ),
             ),
             commands=CommandService(db, node, settings),
+            named=None,  # type: ignore[arg-type]  # set just below: it needs the others
+        )
+        services.named = NamedCommandService(
+            db, services.sandboxes, services.commands, services.tokens
         )
         # 4. Whatever ran when the server last stopped has an unknown result; sandboxes that
         #    should run come back with their files.

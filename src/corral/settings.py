@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     uid_count: int = Field(default=60_000, ge=1)
     cgroup_root: str = Field(default="corral", description="cgroup directory name used by the node")
 
+    # Sandbox limits applied when a sandbox's spec leaves them out (0: no limit).
+    default_memory_mb: int = Field(default=4096, ge=0)
+    default_pids: int = Field(default=4096, ge=0)
+    default_cpu: float = Field(default=0.0, ge=0)
+
     # Defaults and bounds for commands.
     default_timeout_ms: int = Field(default=300_000, ge=1)
     max_timeout_ms: int = Field(default=24 * 3600 * 1000, ge=1)

@@ -20,6 +20,8 @@ PROTECTED = [
     ("DELETE", "/v1/sandboxes/sb_x"),
     ("POST", "/v1/sandboxes/sb_x/stop"),
     ("POST", "/v1/sandboxes/sb_x/start"),
+    ("POST", "/v1/sandboxes/sb_x/pause"),
+    ("POST", "/v1/sandboxes/sb_x/resume"),
     ("POST", "/v1/sandboxes/sb_x/exec"),
     ("POST", "/v1/sandboxes/sb_x/commands"),
     ("GET", "/v1/sandboxes/sb_x/commands"),

@@ -122,7 +122,7 @@ def test_every_live_state_can_be_deleted() -> None:
         ("running", "stopped", True),
         ("running", "running", False),
         ("paused", "running", True),
-        ("paused", "creating", False),
+        ("paused", "creating", True),
     ],
 )
 def test_sandbox_transitions(old: str, new: str, allowed: bool) -> None:

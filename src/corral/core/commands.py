@@ -58,6 +58,9 @@ def to_model(row: CommandRow, output: tuple[bytes, bytes] | None = None) -> Comm
         started_at=row.started_at,
         finished_at=row.finished_at,
         error=row.error,
+        cpu_ms=row.cpu_ms,
+        peak_memory_bytes=row.peak_memory_bytes,
+        oom_killed=bool(row.oom_killed),
     )
 
 
@@ -92,9 +95,21 @@ class CommandService:
         return timeout_ms, cap
 
     async def start(
-        self, sandbox: SandboxRow, req: ExecRequest, *, source: str = "native"
+        self,
+        sandbox: SandboxRow,
+        req: ExecRequest,
+        *,
+        source: str = "native",
+        interactive: bool = False,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
     ) -> tuple[CommandRow, Execution | None]:
-        """Start a command; the returned row is already stored (running, or failed to start)."""
+        """Start a command; the returned row is already stored (running, or failed to start).
+
+        `interactive` keeps standard input open for `Execution.write_stdin`; `tty` runs the
+        command on a terminal of `rows` x `cols` (one output stream).
+        """
         if not self._accepting:
             raise Unavailable("the server is shutting down")
         timeout_ms, cap = self._check(req)
@@ -124,6 +139,7 @@ class CommandService:
             stderr_truncated=False,
             created_at=now,
             source=source,
+            oom_killed=False,
         )
         spec = CommandSpec(
             id=cid,
@@ -134,6 +150,10 @@ class CommandService:
             stdin=req.stdin.encode() if req.stdin else None,
             timeout_ms=timeout_ms,
             max_output_bytes=cap,
+            interactive=interactive or tty,
+            tty=tty,
+            rows=rows,
+            cols=cols,
         )
         execution: Execution | None = None
         try:
@@ -191,6 +211,9 @@ class CommandService:
                     finished_at=outcome.finished_at,
                     duration_ms=outcome.duration_ms,
                     error=outcome.error,
+                    cpu_ms=outcome.cpu_ms,
+                    peak_memory_bytes=outcome.peak_memory_bytes,
+                    oom_killed=outcome.oom_killed,
                 )
             )
 

@@ -37,7 +37,13 @@ _SANDBOX_TRANSITIONS: dict[SandboxState, set[SandboxState]] = {
         SandboxState.deleted,
         SandboxState.creating,  # restarted after a crash of the server or of the sandbox
     },
-    SandboxState.paused: {SandboxState.running, SandboxState.stopped, SandboxState.deleted},
+    SandboxState.paused: {
+        SandboxState.running,
+        SandboxState.stopped,
+        SandboxState.error,
+        SandboxState.deleted,
+        SandboxState.creating,  # restarted after a crash of the server
+    },
     SandboxState.stopped: {SandboxState.creating, SandboxState.deleted},
     SandboxState.error: {SandboxState.creating, SandboxState.deleted},
     SandboxState.deleted: set(),
@@ -109,6 +115,10 @@ class Sandbox(BaseModel):
     updated_at: datetime
     expires_at: datetime | None = None
     error: str | None = None
+    limits_enforced: dict[str, str] = Field(
+        default_factory=dict,
+        description="Each limit and how this host enforces it (empty: not enforced here)",
+    )
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -184,6 +194,9 @@ class Command(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: str | None = None
+    cpu_ms: int | None = Field(default=None, description="CPU time of all its processes")
+    peak_memory_bytes: int | None = None
+    oom_killed: bool = False
 
 
 # --- tokens ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import Node
 from corral.runtime.base import SandboxConfig
+from corral.runtime.limits import Limits
 from corral.store.db import Database
 from corral.store.tables import SandboxRow
 
@@ -28,7 +29,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def to_model(row: SandboxRow) -> Sandbox:
+def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox:
     spec = row.spec
     return Sandbox(
         id=row.id,
@@ -48,13 +49,22 @@ def to_model(row: SandboxRow) -> Sandbox:
         updated_at=row.updated_at,
         expires_at=row.expires_at,
         error=row.error,
+        limits_enforced=enforced or {},
     )
 
 
 class SandboxService:
     def __init__(
-        self, db: Database, node: Node, data_dir: Path, *, max_sandboxes: int, uid_count: int
+        self,
+        db: Database,
+        node: Node,
+        data_dir: Path,
+        *,
+        max_sandboxes: int,
+        uid_count: int,
+        default_limits: Limits | None = None,
     ) -> None:
+        self.default_limits = default_limits or Limits()
         self.db = db
         self.node = node
         self.data_dir = data_dir
@@ -71,7 +81,19 @@ class SandboxService:
             slot=row.slot,
             dir=self.data_dir / "sandboxes" / row.id,
             env=dict(row.spec.get("env", {})),
+            limits=self.limits(row),
         )
+
+    def limits(self, row: SandboxRow) -> Limits:
+        spec, default = row.spec, self.default_limits
+        return Limits(
+            cpu=spec.get("cpu") or default.cpu,
+            memory_mb=spec.get("memory_mb") or default.memory_mb,
+            pids=spec.get("pids") or default.pids,
+        )
+
+    def model(self, row: SandboxRow) -> Sandbox:
+        return to_model(row, self.node.enforceable())
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -93,7 +115,7 @@ class SandboxService:
         return row
 
     async def get(self, ref: str) -> Sandbox:
-        return to_model(await self.row(ref))
+        return self.model(await self.row(ref))
 
     async def running_row(self, ref: str) -> SandboxRow:
         row = await self.row(ref)
@@ -124,7 +146,7 @@ class SandboxService:
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
         nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
-        return Page[Sandbox](items=[to_model(r) for r in rows[:limit]], next_cursor=nxt)
+        return Page[Sandbox](items=[self.model(r) for r in rows[:limit]], next_cursor=nxt)
 
     # --- lifecycle ---
 
@@ -199,29 +221,58 @@ class SandboxService:
         async with self._lock(row.id):
             row = await self.row(row.id)
             if row.state == SandboxState.deleted.value:
-                return to_model(row)
+                return self.model(row)
             await self.node.remove_sandbox(self.config(row))
             row = await self._set_state(row.id, SandboxState.deleted)
         self._locks.pop(row.id, None)
-        return to_model(row)
+        return self.model(row)
 
     async def stop(self, ref: str) -> Sandbox:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
             if row.state == SandboxState.stopped.value:
-                return to_model(row)
+                return self.model(row)
             if not SandboxState(row.state).can_become(SandboxState.stopped):
                 raise Conflict(f"sandbox {row.id} is {row.state}")
             await self.node.stop_sandbox(row.id)
-            return to_model(await self._set_state(row.id, SandboxState.stopped))
+            return self.model(await self._set_state(row.id, SandboxState.stopped))
+
+    async def pause(self, ref: str) -> Sandbox:
+        """Freeze every process of the sandbox; commands keep their wall-clock timeouts."""
+        row = await self.row(ref)
+        async with self._lock(row.id):
+            row = await self.row(row.id)
+            if row.state == SandboxState.paused.value:
+                return self.model(row)
+            if row.state != SandboxState.running.value:
+                raise SandboxNotRunning(f"sandbox {row.id} is {row.state}")
+            try:
+                await self.node.pause_sandbox(row.id)
+            except RuntimeError as exc:
+                raise Unavailable(str(exc)) from None
+            return self.model(await self._set_state(row.id, SandboxState.paused))
+
+    async def resume(self, ref: str) -> Sandbox:
+        row = await self.row(ref)
+        async with self._lock(row.id):
+            row = await self.row(row.id)
+            if row.state == SandboxState.running.value:
+                return self.model(row)
+            if row.state != SandboxState.paused.value:
+                raise Conflict(f"sandbox {row.id} is {row.state}, not paused")
+            try:
+                await self.node.resume_sandbox(row.id)
+            except RuntimeError as exc:
+                raise Unavailable(str(exc)) from None
+            return self.model(await self._set_state(row.id, SandboxState.running))
 
     async def start(self, ref: str) -> Sandbox:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
             if row.state == SandboxState.running.value and self.node.sandbox_running(row.id):
-                return to_model(row)
+                return self.model(row)
             if row.state == SandboxState.deleted.value:
                 raise Conflict(f"sandbox {row.id} is deleted")
             await self._set_state(row.id, SandboxState.creating)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +28,7 @@ class CommandSpec:
     tty: bool = False
     rows: int = 24
     cols: int = 80
+    rlimits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class CommandOutcome:
     started_at: datetime
     finished_at: datetime
     error: str | None = None
+    cpu_ms: int | None = None
+    peak_memory_bytes: int | None = None
+    oom_killed: bool = False
 
     @property
     def duration_ms(self) -> int:
@@ -96,6 +100,16 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     async def remove_sandbox(self, config: SandboxConfig) -> None: ...
+
+    @abc.abstractmethod
+    async def pause_sandbox(self, sandbox_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def resume_sandbox(self, sandbox_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def enforceable(self) -> dict[str, str]:
+        """Which sandbox limits this node enforces (limit -> mechanism; empty: not enforced)."""
 
     @abc.abstractmethod
     def sandbox_running(self, sandbox_id: str) -> bool: ...

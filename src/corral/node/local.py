@@ -22,6 +22,7 @@ from corral.runtime.base import (
     SandboxDied,
     SandboxHandle,
 )
+from corral.runtime.limits import Usage
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,10 @@ class LocalExecution(Execution):
             if self._stdin is not None and not self._stdin.is_closing():
                 self._stdin.abort()
             self.log.close()
+            usage = self.process.usage()
             with contextlib.suppress(Exception):
                 await self.process.release()
-        self._done.set_result(self._build_outcome(status, error))
+        self._done.set_result(self._build_outcome(status, error, usage))
 
     async def _wait_exit(self) -> ExitStatus | None:
         wait = asyncio.ensure_future(self.process.wait())
@@ -197,7 +199,9 @@ class LocalExecution(Execution):
             with contextlib.suppress(OSError):
                 self.process.resize(rows, cols)
 
-    def _build_outcome(self, status: ExitStatus | None, error: str | None) -> CommandOutcome:
+    def _build_outcome(
+        self, status: ExitStatus | None, error: str | None, usage: Usage
+    ) -> CommandOutcome:
         if self._reason is not None:
             final = self._reason
         elif status is None:
@@ -215,6 +219,10 @@ class LocalExecution(Execution):
             started_at=self.started_at,
             finished_at=utcnow(),
             error=error,
+            cpu_ms=usage.cpu_ms,
+            peak_memory_bytes=usage.peak_memory_bytes,
+            # Killed by SIGKILL while its memory cgroup counted an OOM kill.
+            oom_killed=bool(usage.oom_kills) and status is not None and status.signal == 9,
         )
 
 
@@ -280,6 +288,21 @@ class LocalNode(Node):
         await self.stop_sandbox(config.id)
         await self.runtime.remove_files(config)
 
+    async def pause_sandbox(self, sandbox_id: str) -> None:
+        handle = self._sandboxes.get(sandbox_id)
+        if handle is None or not handle.alive:
+            raise SandboxDied("the sandbox is not running")
+        await handle.pause()
+
+    async def resume_sandbox(self, sandbox_id: str) -> None:
+        handle = self._sandboxes.get(sandbox_id)
+        if handle is None or not handle.alive:
+            raise SandboxDied("the sandbox is not running")
+        await handle.resume()
+
+    def enforceable(self) -> dict[str, str]:
+        return self.runtime.enforceable()
+
     def sandbox_running(self, sandbox_id: str) -> bool:
         handle = self._sandboxes.get(sandbox_id)
         return handle is not None and handle.alive
@@ -303,6 +326,7 @@ class LocalNode(Node):
                 tty=spec.tty,
                 rows=spec.rows,
                 cols=spec.cols,
+                rlimits=spec.rlimits,
             )
         )
         output = OutputLog(self.log_path(spec.sandbox_id, spec.id), spec.max_output_bytes)

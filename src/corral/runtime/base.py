@@ -14,6 +14,8 @@ import termios
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.runtime.limits import Limits, Usage
+
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
@@ -34,6 +36,7 @@ class SandboxConfig:
     slot: int  # index into the host uid pool
     dir: Path  # host directory holding the sandbox's files (workspace, ...)
     env: dict[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ProcessSpec:
     tty: bool = False  # run on a pseudo-terminal: one output stream, job control, resize
     rows: int = 24
     cols: int = 80
+    rlimits: dict[str, int] = field(default_factory=dict)  # e.g. {"nofile": 1024, "cpu": 10}
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,11 @@ class ProcessHandle(abc.ABC):
     async def release(self) -> None:
         """Free what tracked the command (its cgroup) once nothing of it runs."""
 
+    def usage(self) -> Usage:
+        """CPU time, peak memory and OOM kills of the command, where the host measures them;
+        read before release()."""
+        return Usage()
+
 
 class SandboxHandle(abc.ABC):
     config: SandboxConfig
@@ -124,6 +133,13 @@ class SandboxHandle(abc.ABC):
     async def stop(self) -> None:
         """Kill every process of the sandbox; its files stay."""
 
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Freeze every process of the sandbox."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
+
 
 class Runtime(abc.ABC):
     name: str
@@ -131,6 +147,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def prepare(self) -> list[str]:
         """Check the host and set up shared state; returns warnings to log at start-up."""
+
+    def enforceable(self) -> dict[str, str]:
+        """Which sandbox limits this host enforces (limit -> mechanism; empty: not enforced)."""
+        return {}
 
     @abc.abstractmethod
     async def start(self, config: SandboxConfig) -> SandboxHandle: ...

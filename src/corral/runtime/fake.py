@@ -49,6 +49,7 @@ class FakeSandbox(SandboxHandle):
         self.config = config
         self._dead = asyncio.Event()
         self.processes: list[FakeProcess] = []
+        self.paused = False
 
     @property
     def alive(self) -> bool:
@@ -66,6 +67,12 @@ class FakeSandbox(SandboxHandle):
 
     async def wait_dead(self) -> None:
         await self._dead.wait()
+
+    async def pause(self) -> None:
+        self.paused = True
+
+    async def resume(self) -> None:
+        self.paused = False
 
     async def stop(self) -> None:
         for process in self.processes:

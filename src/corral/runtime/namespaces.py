@@ -34,6 +34,8 @@ from corral.runtime.base import (
     open_pty,
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
+from corral.runtime.limits import ResourceControl, Usage
+from corral.runtime.seccomp import build_filter
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,8 @@ class NamespacesRuntime(Runtime):
         self.etc_dir = data_dir / "runtime" / "etc"
         self.supervisor_path = data_dir / "runtime" / "supervisor.py"
         self.cgroups: CgroupTree | None = None
+        self.resources: ResourceControl | None = None
+        self.seccomp_bpf = b""
 
     async def prepare(self) -> list[str]:
         warnings: list[str] = []
@@ -143,6 +147,7 @@ class NamespacesRuntime(Runtime):
         sandboxes.mkdir(exist_ok=True)
         sandboxes.chmod(0o711)
 
+        self.seccomp_bpf = build_filter()
         mount = find_cgroup2()
         if mount is None:
             warnings.append(
@@ -154,7 +159,19 @@ class NamespacesRuntime(Runtime):
             self.cgroups.setup()
             if not self.cgroups.has_kill:
                 warnings.append("cgroup.kill missing (kernel < 5.14): tree kill uses the freezer")
+        self.resources = ResourceControl(
+            self.cgroup_name, self.cgroups.base if self.cgroups else None
+        )
+        self.resources.setup()
+        for limit, how in self.enforceable().items():
+            if not how:
+                warnings.append(f"this host cannot enforce the sandbox limit {limit!r}")
         return warnings
+
+    def enforceable(self) -> dict[str, str]:
+        found = self.resources.enforceable() if self.resources else {}
+        found["disk_mb"] = ""  # not enforced yet beyond the fixed /tmp size
+        return found
 
     @staticmethod
     def _check_traversable(path: Path) -> None:
@@ -221,27 +238,32 @@ class NamespacesRuntime(Runtime):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with contextlib.suppress(OSError):
             parent.setsockopt(socket.SOL_SOCKET, 32, 2 * MAX_MESSAGE)  # SO_SNDBUFFORCE
-        args_r, args_w = os.pipe2(os.O_CLOEXEC)
-        options = "\0".join(self._bwrap_options(config)) + "\0"
-        try:
-            os.write(args_w, options.encode())  # a few KiB: fits the pipe's buffer
-        finally:
-            os.close(args_w)
+        seccomp_fd = _pipe_with(self.seccomp_bpf)
+        options = [*self._bwrap_options(config), "--add-seccomp-fd", str(seccomp_fd)]
+        args_r = _pipe_with(("\0".join(options) + "\0").encode())
         argv = self._command_line(config, args_r, child.fileno())
+        joins: list[Path] = []
         if self.cgroups is not None:
             cgroup = self.cgroups.sandbox(config.id)
             await self.cgroups.kill_and_remove(cgroup)
             cgroup.mkdir()
-            # Join the sandbox's cgroup before bwrap starts, so nothing of it runs outside.
-            join = 'echo $$ > "$0" && exec "$@"'
-            argv = ["/bin/sh", "-c", join, str(cgroup / "cgroup.procs"), *argv]
+            joins.append(cgroup / "cgroup.procs")
+        if self.resources is not None:
+            joins += self.resources.create(config.id, config.limits)
+        if joins:
+            # Join the sandbox's cgroups before bwrap starts, so nothing of it runs outside.
+            join = (
+                'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; '
+                'shift; n=$((n-1)); done; exec "$@"'
+            )
+            argv = ["/bin/sh", "-c", join, "sh", str(len(joins)), *map(str, joins), *argv]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=[args_r, child.fileno()],  # bwrap keeps their numbers
+                pass_fds=[args_r, seccomp_fd, child.fileno()],  # bwrap keeps their numbers
                 start_new_session=True,
                 # bwrap stays the sandbox's pid 1, readable in /proc/1/environ: give it nothing
                 # of the server's environment.
@@ -251,6 +273,7 @@ class NamespacesRuntime(Runtime):
         finally:
             child.close()
             os.close(args_r)
+            os.close(seccomp_fd)
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
         try:
             await asyncio.wait_for(sandbox.ready, START_TIMEOUT)
@@ -278,13 +301,28 @@ class NamespacesRuntime(Runtime):
         await self.sweep()
         if self.cgroups is not None:
             self.cgroups.remove(self.cgroups.base)
+        if self.resources is not None:
+            self.resources.close()
 
     async def sweep(self) -> None:
-        if self.cgroups is None or not self.cgroups.base.exists():
-            return
-        for path in [p for p in self.cgroups.base.iterdir() if p.is_dir()]:
-            if not await self.cgroups.kill_and_remove(path):
-                log.warning("could not remove leftover cgroup %s", path)
+        if self.cgroups is not None and self.cgroups.base.exists():
+            for path in [p for p in self.cgroups.base.iterdir() if p.is_dir()]:
+                if not await self.cgroups.kill_and_remove(path):
+                    log.warning("could not remove leftover cgroup %s", path)
+        if self.resources is not None:
+            self.resources.sweep()
+
+
+def _pipe_with(data: bytes) -> int:
+    """A pipe holding `data` (a few KiB: it fits the pipe's buffer); returns the read end."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view) :]
+    finally:
+        os.close(w)
+    return r
 
 
 class NamespacesSandbox(SandboxHandle):
@@ -414,12 +452,15 @@ class NamespacesSandbox(SandboxHandle):
         if not self.alive:
             raise SandboxDied("the sandbox is not running")
         cgroup = None
-        cgroup_fd = -1
         runtime = self.runtime
+        joins: list[Path] = []
         if runtime.cgroups is not None and self.cgroup is not None:
             cgroup = runtime.cgroups.command(self.config.id, spec.id)
             cgroup.mkdir()
-            cgroup_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            joins.append(cgroup / "cgroup.procs")
+        if runtime.resources is not None:
+            joins += runtime.resources.command_procs(self.config.id, spec.id)
+        cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in joins]
         if spec.tty:
             master, slave = open_pty(spec.rows, spec.cols)
             stdin_w, out_r, err_r = os.dup(master), master, None
@@ -435,7 +476,7 @@ class NamespacesSandbox(SandboxHandle):
                     fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             host_fds = [stdin_w, out_r, err_r]
             child_fds = [stdin_r, out_w, err_w]
-        child_fds += [cgroup_fd] if cgroup_fd >= 0 else []
+        child_fds += cgroup_fds
         env = {**DEFAULT_ENV, **self.config.env, **spec.env}
         started = self.loop.create_future()
         exited: asyncio.Future[ExitStatus] = self.loop.create_future()
@@ -443,7 +484,7 @@ class NamespacesSandbox(SandboxHandle):
         self._exits[spec.id] = exited
         message = {
             "op": "spawn", "id": spec.id, "argv": spec.argv, "env": env, "cwd": spec.cwd,
-            "tty": spec.tty,
+            "tty": spec.tty, "rlimits": {"core": 0, **spec.rlimits},
         }  # fmt: skip
         try:
             await self._send(message, child_fds)
@@ -458,6 +499,8 @@ class NamespacesSandbox(SandboxHandle):
                 os.close(fd)
             if cgroup is not None:
                 await asyncio.to_thread(runtime.cgroups.remove, cgroup)  # type: ignore[union-attr]
+            if runtime.resources is not None:
+                runtime.resources.remove_command(self.config.id, spec.id)
             raise
         finally:
             for fd in set(child_fds):
@@ -472,12 +515,33 @@ class NamespacesSandbox(SandboxHandle):
                 self.proc.kill()  # bwrap's --die-with-parent takes the whole pid namespace
         cgroups = self.runtime.cgroups
         if cgroups is not None and self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                (self.cgroup / "cgroup.freeze").write_text("0")  # a paused sandbox dies too
             if not await cgroups.kill_and_remove(self.cgroup):
                 log.warning("cgroup %s still busy after stop", self.cgroup)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._watch), 5.0)
+        if self.runtime.resources is not None:
+            self.runtime.resources.remove(self.config.id)
         self._mark_dead()
         self.sock.close()
+
+    async def pause(self) -> None:
+        await self._freeze(True)
+
+    async def resume(self) -> None:
+        await self._freeze(False)
+
+    async def _freeze(self, frozen: bool) -> None:
+        if self.runtime.cgroups is None or self.cgroup is None:
+            raise RuntimeError("pausing needs cgroup2 (cgroup.freeze), which this host lacks")
+        (self.cgroup / "cgroup.freeze").write_text("1" if frozen else "0")
+        want = "frozen 1" if frozen else "frozen 0"
+        for _ in range(500):  # freezing completes asynchronously
+            if want in (self.cgroup / "cgroup.events").read_text():
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("the sandbox did not reach the frozen state in time")
 
 
 class NamespacesProcess(ProcessHandle):
@@ -523,8 +587,18 @@ class NamespacesProcess(ProcessHandle):
         else:
             await self.signal(signal.SIGKILL)
 
+    def usage(self) -> Usage:
+        resources = self.sandbox.runtime.resources
+        if resources is None:
+            return Usage()
+        return resources.command_usage(self.sandbox.config.id, self.command_id, self.cgroup)
+
     async def release(self) -> None:
         self.sandbox._exits.pop(self.command_id, None)
         cgroups = self.sandbox.runtime.cgroups
         if cgroups is not None and self.cgroup is not None and not cgroups.populated(self.cgroup):
             cgroups.remove(self.cgroup)
+            if self.sandbox.runtime.resources is not None:
+                self.sandbox.runtime.resources.remove_command(
+                    self.sandbox.config.id, self.command_id
+                )

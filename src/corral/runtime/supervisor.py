@@ -7,8 +7,8 @@ The command's output goes straight from its pipes to the node; the supervisor on
 start and exit. It trusts nothing it receives beyond the node's messages and sends only its own.
 
 Node -> supervisor:
-  {"op": "spawn", "id", "argv", "env", "cwd", "tty"}
-      + fds [stdin, stdout, stderr, (cgroup.procs)]; with tty all three are the terminal
+  {"op": "spawn", "id", "argv", "env", "cwd", "tty", "rlimits"}
+      + fds [stdin, stdout, stderr, cgroup.procs...]; with tty all three are the terminal
   {"op": "signal", "id", "sig"}                 signal the command's process group
 Supervisor -> node:
   {"ev": "ready"}
@@ -22,6 +22,7 @@ import ctypes
 import fcntl
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -56,7 +57,7 @@ def _recv(sock):
 def _spawn(message, fds):
     """Fork and exec the command; returns its pid. Raises OSError with the child's errno."""
     stdin, stdout, stderr = fds[0], fds[1], fds[2]
-    cgroup = fds[3] if len(fds) > 3 else -1
+    cgroups = fds[3:8]
     argv = [str(a) for a in message["argv"]]
     env = {str(k): str(v) for k, v in message["env"].items()}
     cwd = str(message["cwd"])
@@ -64,9 +65,9 @@ def _spawn(message, fds):
     pid = os.fork()
     if pid == 0:  # child
         try:
-            if cgroup >= 0:
-                # Join the command's cgroup before anything can fork: the node kills the
-                # whole tree through it.
+            for cgroup in cgroups:
+                # Join the command's cgroups before anything can fork: the node kills the
+                # whole tree, and measures it, through them.
                 os.write(cgroup, b"0")
             os.setsid()
             if message.get("tty"):
@@ -79,6 +80,9 @@ def _spawn(message, fds):
             for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            for name, value in (message.get("rlimits") or {}).items():
+                limit = getattr(resource, "RLIMIT_" + str(name).upper())
+                resource.setrlimit(limit, (int(value), int(value)))
             os.chdir(cwd)
             os.execvpe(argv[0], argv, env)
         except OSError as exc:

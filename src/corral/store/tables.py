@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, text
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -92,6 +92,9 @@ class CommandRow(Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(32), default="native")
+    cpu_ms: Mapped[int | None] = mapped_column(BigInteger)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    oom_killed: Mapped[bool] = mapped_column(default=False)
 
     __table_args__ = (
         Index("ix_commands_sandbox_created", "sandbox_id", "created_at"),
@@ -111,3 +114,44 @@ class TokenRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The cmd.io user who made it with `cmd-tokens new` (such tokens have no scopes and no
+    # sandboxes: they only run the named commands whose access lists hold them).
+    owner: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+# --- cmd.io: users, their named commands, and the access lists (migration 0002) ---------------
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ssh_public_keys: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class NamedCommandRow(Base):
+    __tablename__ = "named_commands"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    command: Mapped[str] = mapped_column(Text)
+    env: Mapped[dict[str, str]] = mapped_column(JSON)
+    template: Mapped[str] = mapped_column(String(200))
+    timeout_ms: Mapped[int | None] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("uq_named_commands_owner_name", "owner", "name", unique=True),)
+
+
+class NamedCommandAccessRow(Base):
+    __tablename__ = "named_command_access"
+
+    command_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_named_command_access_token", "token_id"),)

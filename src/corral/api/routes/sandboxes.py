@@ -71,3 +71,18 @@ async def start_sandbox(sandbox: str, services: ServicesDep, caller: Caller) -> 
     caller.require(Scope.sandboxes)
     found = await visible_sandbox(services, caller, sandbox)
     return await services.sandboxes.start(found.id)
+
+
+@router.post("/{sandbox}/pause", response_model=Sandbox)
+async def pause_sandbox(sandbox: str, services: ServicesDep, caller: Caller) -> Sandbox:
+    """Freeze every process of the sandbox (cgroup freezer); nothing runs until resumed."""
+    caller.require(Scope.sandboxes)
+    found = await visible_sandbox(services, caller, sandbox)
+    return await services.sandboxes.pause(found.id)
+
+
+@router.post("/{sandbox}/resume", response_model=Sandbox)
+async def resume_sandbox(sandbox: str, services: ServicesDep, caller: Caller) -> Sandbox:
+    caller.require(Scope.sandboxes)
+    found = await visible_sandbox(services, caller, sandbox)
+    return await services.sandboxes.resume(found.id)
