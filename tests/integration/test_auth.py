@@ -18,6 +18,7 @@ PROTECTED = [
     ("GET", "/v1/sandboxes"),
     ("GET", "/v1/sandboxes/sb_x"),
     ("DELETE", "/v1/sandboxes/sb_x"),
+    ("PATCH", "/v1/sandboxes/sb_x"),
     ("POST", "/v1/sandboxes/sb_x/stop"),
     ("POST", "/v1/sandboxes/sb_x/start"),
     ("POST", "/v1/sandboxes/sb_x/pause"),

@@ -39,7 +39,7 @@ def test_timeout_kills_setsid_and_double_forked(api: httpx.Client, sandbox_id: s
     elapsed = time.monotonic() - started
     assert result["status"] == "timed_out"
     assert elapsed < 2.0, elapsed
-    assert result["signal"] == 9 and result["exit_code"] is None
+    assert result["signal"] == 9 and result["exit_code"] == 137
     assert wait_gone("sleep 301", 0.5) == []
 
 
@@ -130,7 +130,7 @@ def test_program_and_args_form(api: httpx.Client, sandbox_id: str) -> None:
 
 def test_signal_exit_and_missing_program(api: httpx.Client, sandbox_id: str) -> None:
     killed = exec_(api, sandbox_id, command="kill -9 $$")
-    assert killed["exit_code"] is None and killed["signal"] == 9
+    assert killed["exit_code"] == 137 and killed["signal"] == 9
     missing = exec_(api, sandbox_id, command="/no/such/program", args=[])
     assert missing["status"] == "failed"
     assert "No such file" in missing["error"]

@@ -163,7 +163,7 @@ def test_timeout_kills_the_command(tmp_path: Path) -> None:
             outcome, _, _ = await run_to_end(node, spec("echo begin; sleep 10", timeout_ms=100))
             assert time.monotonic() - started < 2
             assert outcome.status == CommandStatus.timed_out
-            assert outcome.exit_code is None
+            assert outcome.exit_code == 128 + signal.SIGKILL
             assert outcome.signal == signal.SIGKILL  # a timeout gets no grace period
             assert outcome.stdout_bytes == len(b"begin\n")
 

@@ -6,6 +6,7 @@ Every request and response of the native API is one of these; faces translate to
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Generic, Literal, TypeVar
@@ -72,6 +73,9 @@ class Scope(enum.StrEnum):
     admin = "admin"  # everything, tokens included
 
 
+NetworkMode = Literal["none", "allow", "outbound"]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -89,12 +93,35 @@ class SandboxCreate(Strict):
     pids: int | None = Field(default=None, ge=8, le=1_000_000)
     disk_mb: int | None = Field(default=None, ge=1, le=1024 * 1024)
     ttl_seconds: int | None = Field(default=None, ge=1, description="Stopped and deleted after")
-    network: Literal["none"] = "none"
+    network: NetworkMode = Field(
+        default="none",
+        description="none: no network; allow: only the `allow` CIDRs; outbound: public "
+        "addresses (private ranges, link-local and the host stay denied unless in `allow`)",
+    )
+    allow: list[str] = Field(default_factory=list, description="IPv4 CIDRs the sandbox may reach")
 
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         return check_env(value)
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: list[str]) -> list[str]:
+        return check_cidrs(value)
+
+
+class SandboxUpdate(Strict):
+    """A change to a running sandbox. Network changes between allow and outbound, and of the
+    allow-list, take effect at once; switching to or from `none` restarts the sandbox."""
+
+    network: NetworkMode | None = None
+    allow: list[str] | None = None
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: list[str] | None) -> list[str] | None:
+        return check_cidrs(value) if value is not None else None
 
 
 class Sandbox(BaseModel):
@@ -111,6 +138,7 @@ class Sandbox(BaseModel):
     disk_mb: int | None = None
     ttl_seconds: int | None = None
     network: str = "none"
+    allow: list[str] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
     expires_at: datetime | None = None
@@ -252,6 +280,20 @@ class Health(BaseModel):
     version: str
     node: str
     runtime: str
+
+
+def check_cidrs(cidrs: list[str]) -> list[str]:
+    """IPv4 networks in CIDR form (a bare address is a /32), normalized and deduplicated."""
+    out = set()
+    for cidr in cidrs:
+        try:
+            net = ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"not an IPv4 network: {cidr!r}") from None
+        if net.version != 4:
+            raise ValueError(f"only IPv4 networks are supported: {cidr!r}")
+        out.add(str(net))
+    return sorted(out)
 
 
 def check_env(env: dict[str, str]) -> dict[str, str]:

@@ -13,10 +13,10 @@ from sqlalchemy.exc import IntegrityError
 
 from corral import ids
 from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunning, Unavailable
-from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState
+from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, SandboxUpdate
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import Node
-from corral.runtime.base import SandboxConfig
+from corral.runtime.base import NeedsRestart, SandboxConfig
 from corral.runtime.limits import Limits
 from corral.store.db import Database
 from corral.store.tables import SandboxRow
@@ -45,6 +45,7 @@ def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox
         disk_mb=spec.get("disk_mb"),
         ttl_seconds=spec.get("ttl_seconds"),
         network=spec.get("network", "none"),
+        allow=spec.get("allow", []),
         created_at=row.created_at,
         updated_at=row.updated_at,
         expires_at=row.expires_at,
@@ -82,6 +83,8 @@ class SandboxService:
             dir=self.data_dir / "sandboxes" / row.id,
             env=dict(row.spec.get("env", {})),
             limits=self.limits(row),
+            network=row.spec.get("network", "none"),
+            allow=tuple(row.spec.get("allow", [])),
         )
 
     def limits(self, row: SandboxRow) -> Limits:
@@ -167,6 +170,8 @@ class SandboxService:
         )
         if req.template != "host":
             raise Conflict(f"unknown template {req.template!r}; available: host")
+        if req.network != "none" and not self.node.enforceable().get("network"):
+            raise Unavailable("this host cannot give sandboxes a network policy")
         async with self._alloc_lock:
             async with self.db.transaction() as session:
                 live = SandboxRow.state != SandboxState.deleted.value
@@ -237,6 +242,40 @@ class SandboxService:
                 raise Conflict(f"sandbox {row.id} is {row.state}")
             await self.node.stop_sandbox(row.id)
             return self.model(await self._set_state(row.id, SandboxState.stopped))
+
+    async def update(self, ref: str, change: SandboxUpdate) -> Sandbox:
+        row = await self.row(ref)
+        async with self._lock(row.id):
+            row = await self.row(row.id)
+            if row.state == SandboxState.deleted.value:
+                raise Conflict(f"sandbox {row.id} is deleted")
+            spec = dict(row.spec)
+            if change.network is not None:
+                spec["network"] = change.network
+            if change.allow is not None:
+                spec["allow"] = change.allow
+            if spec.get("network", "none") != "none" and not self.node.enforceable().get("network"):
+                raise Unavailable("this host cannot give sandboxes a network policy")
+            async with self.db.transaction() as session:
+                stored = await session.get(SandboxRow, row.id)
+                assert stored is not None
+                stored.spec = spec
+                stored.updated_at = utcnow()
+            row = await self.row(row.id)
+            if row.state != SandboxState.running.value or not self.node.sandbox_running(row.id):
+                return self.model(row)  # applies at the next start
+            config = self.config(row)
+            try:
+                await self.node.set_network(row.id, config.network, config.allow)
+            except NeedsRestart:
+                if self.node.running_count(row.id):
+                    raise Conflict(
+                        "switching to or from network 'none' restarts the sandbox; "
+                        "wait for its commands to end, or cancel them"
+                    ) from None
+                await self._set_state(row.id, SandboxState.creating)
+                await self._boot(row)
+        return await self.get(row.id)
 
     async def pause(self, ref: str) -> Sandbox:
         """Freeze every process of the sandbox; commands keep their wall-clock timeouts."""

@@ -102,6 +102,10 @@ class Node(abc.ABC):
     async def remove_sandbox(self, config: SandboxConfig) -> None: ...
 
     @abc.abstractmethod
+    async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
+        """Change a running sandbox's network policy; NeedsRestart if not possible live."""
+
+    @abc.abstractmethod
     async def pause_sandbox(self, sandbox_id: str) -> None: ...
 
     @abc.abstractmethod

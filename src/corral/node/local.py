@@ -210,7 +210,8 @@ class LocalExecution(Execution):
             final = CommandStatus.completed
         return CommandOutcome(
             status=final,
-            exit_code=status.exit_code if status else None,
+            # The shell's convention: 128+N when signal N ended it (`signal` says which).
+            exit_code=status.shell_code if status else None,
             signal=status.signal if status else None,
             stdout_bytes=self.log.seen[STDOUT],
             stderr_bytes=self.log.seen[STDERR],
@@ -287,6 +288,12 @@ class LocalNode(Node):
     async def remove_sandbox(self, config: SandboxConfig) -> None:
         await self.stop_sandbox(config.id)
         await self.runtime.remove_files(config)
+
+    async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
+        handle = self._sandboxes.get(sandbox_id)
+        if handle is None or not handle.alive:
+            raise SandboxDied("the sandbox is not running")
+        await handle.set_network(network, allow)
 
     async def pause_sandbox(self, sandbox_id: str) -> None:
         handle = self._sandboxes.get(sandbox_id)

@@ -37,6 +37,8 @@ class SandboxConfig:
     dir: Path  # host directory holding the sandbox's files (workspace, ...)
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    network: str = "none"  # none | allow | outbound
+    allow: tuple[str, ...] = ()  # CIDRs the sandbox may reach
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class SpawnError(Exception):
 
 class SandboxDied(Exception):
     """The sandbox went away while the process ran: its result is unknown."""
+
+
+class NeedsRestart(Exception):
+    """The change asked for takes a restart of the sandbox's processes."""
 
 
 class StartUnknown(SandboxDied):
@@ -132,6 +138,10 @@ class SandboxHandle(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Kill every process of the sandbox; its files stay."""
+
+    async def set_network(self, network: str, allow: tuple[str, ...]) -> None:
+        """Change the policy of a running sandbox; NeedsRestart when it cannot be done live."""
+        raise NeedsRestart("this backend changes network policy only by restarting")
 
     @abc.abstractmethod
     async def pause(self) -> None:

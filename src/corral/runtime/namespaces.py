@@ -23,6 +23,7 @@ from typing import Any
 
 from corral.runtime.base import (
     ExitStatus,
+    NeedsRestart,
     ProcessHandle,
     ProcessSpec,
     Runtime,
@@ -35,6 +36,7 @@ from corral.runtime.base import (
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
 from corral.runtime.limits import ResourceControl, Usage
+from corral.runtime.netpolicy import NetworkManager
 from corral.runtime.seccomp import build_filter
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class NamespacesRuntime(Runtime):
         self.supervisor_path = data_dir / "runtime" / "supervisor.py"
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
+        self.net = NetworkManager(cgroup_name)
         self.seccomp_bpf = b""
 
     async def prepare(self) -> list[str]:
@@ -163,6 +166,9 @@ class NamespacesRuntime(Runtime):
             self.cgroup_name, self.cgroups.base if self.cgroups else None
         )
         self.resources.setup()
+        unavailable = await self.net.setup()
+        if unavailable:
+            warnings.append(unavailable)
         for limit, how in self.enforceable().items():
             if not how:
                 warnings.append(f"this host cannot enforce the sandbox limit {limit!r}")
@@ -171,6 +177,7 @@ class NamespacesRuntime(Runtime):
     def enforceable(self) -> dict[str, str]:
         found = self.resources.enforceable() if self.resources else {}
         found["disk_mb"] = ""  # not enforced yet beyond the fixed /tmp size
+        found["network"] = "netns + nftables" if self.net.available else ""
         return found
 
     @staticmethod
@@ -192,8 +199,9 @@ class NamespacesRuntime(Runtime):
     def _bwrap_options(self, config: SandboxConfig) -> list[str]:
         """bwrap's options; passed through a pipe (`--args FD`), since /proc/1/cmdline shows
         whatever bwrap got on its command line to the sandbox."""
+        share_net = ["--share-net"] if config.network != "none" else []
         args = [
-            "--unshare-all", "--unshare-user", "--disable-userns",
+            "--unshare-all", *share_net, "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--clearenv", "--setenv", "PATH", DEFAULT_ENV["PATH"],
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -242,6 +250,9 @@ class NamespacesRuntime(Runtime):
         options = [*self._bwrap_options(config), "--add-seccomp-fd", str(seccomp_fd)]
         args_r = _pipe_with(("\0".join(options) + "\0").encode())
         argv = self._command_line(config, args_r, child.fileno())
+        if config.network != "none":
+            netns = await self.net.attach(config.slot, config.network, list(config.allow))
+            argv = ["nsenter", f"--net={netns}", "--", *argv]
         joins: list[Path] = []
         if self.cgroups is not None:
             cgroup = self.cgroups.sandbox(config.id)
@@ -303,6 +314,7 @@ class NamespacesRuntime(Runtime):
             self.cgroups.remove(self.cgroups.base)
         if self.resources is not None:
             self.resources.close()
+        await self.net.close()
 
     async def sweep(self) -> None:
         if self.cgroups is not None and self.cgroups.base.exists():
@@ -336,6 +348,7 @@ class NamespacesSandbox(SandboxHandle):
     ) -> None:
         self.runtime = runtime
         self.config = config
+        self.network = config.network
         self.proc = proc
         self.sock = sock
         self.cgroup = cgroup
@@ -523,8 +536,17 @@ class NamespacesSandbox(SandboxHandle):
             await asyncio.wait_for(asyncio.shield(self._watch), 5.0)
         if self.runtime.resources is not None:
             self.runtime.resources.remove(self.config.id)
+        if self.network != "none":
+            await self.runtime.net.detach(self.config.slot)
+            self.network = "none"
         self._mark_dead()
         self.sock.close()
+
+    async def set_network(self, network: str, allow: tuple[str, ...]) -> None:
+        if network == "none" or self.network == "none":
+            raise NeedsRestart("switching to or from network 'none' restarts the sandbox")
+        await self.runtime.net.update(self.config.slot, network, list(allow))
+        self.network = network
 
     async def pause(self) -> None:
         await self._freeze(True)

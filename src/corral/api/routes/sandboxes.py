@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query
 
 from corral.api.auth import Caller, ServicesDep
 from corral.core.errors import PermissionDenied
-from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, Scope
+from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, SandboxUpdate, Scope
 from corral.core.tokens import Principal
 from corral.services import Services
 
@@ -57,6 +57,16 @@ async def delete_sandbox(sandbox: str, services: ServicesDep, caller: Caller) ->
     caller.require(Scope.sandboxes)
     found = await visible_sandbox(services, caller, sandbox)
     return await services.sandboxes.delete(found.id)
+
+
+@router.patch("/{sandbox}", response_model=Sandbox)
+async def update_sandbox(
+    sandbox: str, body: SandboxUpdate, services: ServicesDep, caller: Caller
+) -> Sandbox:
+    """Change the network policy; allow-list changes apply at once to a running sandbox."""
+    caller.require(Scope.sandboxes)
+    found = await visible_sandbox(services, caller, sandbox)
+    return await services.sandboxes.update(found.id, body)
 
 
 @router.post("/{sandbox}/stop", response_model=Sandbox)

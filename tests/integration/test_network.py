@@ -1,0 +1,163 @@
+"""Network policy: none reaches nothing; allow reaches only the listed CIDRs (tested against test
+hosts that live in network namespaces on this machine); the list changes live; nothing is left
+behind. No traffic leaves the machine."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+
+pytestmark = pytest.mark.sandbox
+
+HOSTS = {"a": "10.77.1", "b": "10.77.2"}  # a test host per /24: <net>.2 serves, <net>.1 is us
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def test_hosts() -> Iterator[dict[str, str]]:
+    servers = []
+    try:
+        for name, net in HOSTS.items():
+            ns, veth = f"corral-th-{name}", f"crlth{name}"
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+            subprocess.run(["ip", "link", "delete", veth], capture_output=True)
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "addr", "add", f"{net}.1/24", "dev", veth)
+            sh("ip", "link", "set", veth, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{net}.2/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "route", "add", "default", "via", f"{net}.1")
+            servers.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "/usr/bin/python3",
+                        "-m",
+                        "http.server",
+                        "8080",
+                        "--bind",
+                        f"{net}.2",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for net in HOSTS.values():  # wait until both answer from the host
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    httpx.get(f"http://{net}.2:8080/", timeout=0.5)
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, "test host did not start"
+                    time.sleep(0.1)
+        yield {name: f"{net}.2" for name, net in HOSTS.items()}
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+        for name in HOSTS:
+            subprocess.run(["ip", "netns", "delete", f"corral-th-{name}"], capture_output=True)
+            subprocess.run(["ip", "link", "delete", f"crlth{name}"], capture_output=True)
+
+
+def reach(api: httpx.Client, sid: str, address: str) -> bool:
+    probe = f"curl -s -m 2 -o /dev/null -w '%{{http_code}}' http://{address}:8080/"
+    result = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": probe}).json()
+    return result["stdout"] == "200"
+
+
+def test_none_reaches_nothing(api: httpx.Client, server: Server, test_hosts: dict) -> None:
+    sid = api.post("/v1/sandboxes", json={}).json()["id"]
+    try:
+        assert not reach(api, sid, test_hosts["a"])
+        devices = "tail -n +3 /proc/net/dev | cut -d: -f1"
+        links = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": devices})
+        assert links.json()["stdout"].split() == ["lo"]
+        port = server.url.rsplit(":", 1)[1]
+        own = api.post(
+            f"/v1/sandboxes/{sid}/exec",
+            json={"command": f"curl -s -m 2 http://127.0.0.1:{port}/healthz"},
+        ).json()
+        assert own["exit_code"] != 0 and own["stdout"] == ""
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_allow_list_and_live_change(api: httpx.Client, test_hosts: dict) -> None:
+    created = api.post("/v1/sandboxes", json={"network": "allow", "allow": ["10.77.1.0/24"]})
+    assert created.status_code == 201, created.text
+    sandbox = created.json()
+    sid = sandbox["id"]
+    assert sandbox["allow"] == ["10.77.1.0/24"] and sandbox["limits_enforced"]["network"]
+    try:
+        assert reach(api, sid, test_hosts["a"])
+        assert not reach(api, sid, test_hosts["b"])
+        # The host itself (the sandbox's gateway) is not reachable unless listed.
+        gateway = (
+            api.post(
+                f"/v1/sandboxes/{sid}/exec",
+                json={"command": "ip route | awk '/default/ {print $3}'"},
+            )
+            .json()["stdout"]
+            .strip()
+        )
+        assert not reach(api, sid, gateway)
+        # A live change: no restart (a file in /tmp survives), the new list applies at once.
+        api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo mark > /tmp/mark"})
+        changed = api.patch(f"/v1/sandboxes/{sid}", json={"allow": ["10.77.2.0/24"]})
+        assert changed.status_code == 200 and changed.json()["allow"] == ["10.77.2.0/24"]
+        assert not reach(api, sid, test_hosts["a"])
+        assert reach(api, sid, test_hosts["b"])
+        kept = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "cat /tmp/mark"}).json()
+        assert kept["stdout"] == "mark\n"
+        # outbound: public addresses only; private ranges stay denied unless listed.
+        api.patch(f"/v1/sandboxes/{sid}", json={"network": "outbound", "allow": []})
+        assert not reach(api, sid, test_hosts["a"])
+        api.patch(f"/v1/sandboxes/{sid}", json={"allow": ["10.77.1.2/32"]})
+        assert reach(api, sid, test_hosts["a"]) and not reach(api, sid, test_hosts["b"])
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+    # Nothing is left: no namespace, veth or rule for it.
+    assert "crl" not in subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True
+    ).stdout.replace("corral-th-", "")
+
+
+def test_switching_to_none_restarts_and_removes_the_network(
+    api: httpx.Client, test_hosts: dict
+) -> None:
+    sid = api.post("/v1/sandboxes", json={"network": "allow", "allow": ["10.77.1.0/24"]}).json()[
+        "id"
+    ]
+    try:
+        job = api.post(f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 30"}).json()
+        busy = api.patch(f"/v1/sandboxes/{sid}", json={"network": "none"})
+        assert busy.status_code == 409
+        api.post(f"/v1/sandboxes/{sid}/commands/{job['id']}/cancel")
+        done = api.patch(f"/v1/sandboxes/{sid}", json={"network": "none"})
+        assert done.status_code == 200 and done.json()["network"] == "none"
+        assert not reach(api, sid, test_hosts["a"])
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_bad_network_specs(api: httpx.Client) -> None:
+    for spec in ({"network": "everything"}, {"allow": ["not-a-cidr"]}, {"allow": ["::1/128"]}):
+        resp = api.post("/v1/sandboxes", json=spec)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["code"] == "invalid_argument"
