@@ -67,6 +67,23 @@ def to_model(row: TokenRow) -> Token:
     )
 
 
+@dataclass(frozen=True)
+class RateInfo:
+    """A token's request budget, as `X-RateLimit-*` headers show it."""
+
+    limit: int  # the burst: requests that may be made at once
+    remaining: int  # requests that may be made now
+    reset: int  # epoch seconds at which the budget is full again
+
+
+class TokenRateLimited(RateLimited):
+    """A token's budget is spent; `info` tells the budget."""
+
+    def __init__(self, message: str, *, retry_after: float, info: RateInfo) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.info = info
+
+
 class TokenBucket:
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
@@ -79,10 +96,19 @@ class TokenBucket:
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens < 1.0:
             self._state[key] = (tokens, now)
-            raise RateLimited(
-                "too many requests for this token", retry_after=(1.0 - tokens) / self.rate
+            raise TokenRateLimited(
+                "too many requests for this token",
+                retry_after=(1.0 - tokens) / self.rate,
+                info=self.info(key),
             )
         self._state[key] = (tokens - 1.0, now)
+
+    def info(self, key: str) -> RateInfo:
+        now = time.monotonic()
+        tokens, last = self._state.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        full_in = (self.burst - tokens) / self.rate
+        return RateInfo(self.burst, int(tokens), int(time.time() + full_in + 0.999))
 
 
 class TokenService:
@@ -113,6 +139,10 @@ class TokenService:
         if self._bucket is not None:
             self._bucket.take(principal.token_id)
         return principal
+
+    def rate_info(self, token_id: str) -> RateInfo | None:
+        """The budget left to a token; None when no rate limit is configured."""
+        return self._bucket.info(token_id) if self._bucket is not None else None
 
     async def _lookup(self, digest: str) -> TokenRow | None:
         hit = self._cache.get(digest)

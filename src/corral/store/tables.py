@@ -140,6 +140,8 @@ class NamedCommandRow(Base):
     env: Mapped[dict[str, str]] = mapped_column(JSON)
     template: Mapped[str] = mapped_column(String(200))
     timeout_ms: Mapped[int | None] = mapped_column(Integer)
+    # Set: runs in this existing sandbox (kept) instead of a fresh one per run.
+    sandbox_id: Mapped[str | None] = mapped_column(String(40), default=None)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

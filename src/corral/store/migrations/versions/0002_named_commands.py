@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("env", sa.JSON, nullable=False),
         sa.Column("template", sa.String(200), nullable=False),
         sa.Column("timeout_ms", sa.Integer),
+        sa.Column("sandbox_id", sa.String(40)),
         sa.Column("description", sa.Text, nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
