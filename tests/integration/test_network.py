@@ -4,7 +4,9 @@ behind. No traffic leaves the machine."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -15,7 +17,11 @@ from tests.conftest import Server
 
 pytestmark = pytest.mark.sandbox
 
-HOSTS = {"a": "10.77.1", "b": "10.77.2"}  # a test host per /24: <net>.2 serves, <net>.1 is us
+# A test host per /24 (<net>.2 serves, <net>.1 is our side); per process, so that runs in
+# parallel on one machine do not collide.
+_NET = f"10.{100 + os.getpid() % 100}"
+HOSTS = {"a": f"{_NET}.1", "b": f"{_NET}.2"}
+_TAG = f"{os.getpid() % 100000}"
 
 
 def sh(*argv: str) -> None:
@@ -25,9 +31,10 @@ def sh(*argv: str) -> None:
 @pytest.fixture(scope="module")
 def test_hosts() -> Iterator[dict[str, str]]:
     servers = []
+    log = tempfile.TemporaryFile()
     try:
         for name, net in HOSTS.items():
-            ns, veth = f"corral-th-{name}", f"crlth{name}"
+            ns, veth = f"corral-th-{name}{_TAG}", f"crlth{name}{_TAG}"
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
             subprocess.run(["ip", "link", "delete", veth], capture_output=True)
             sh("ip", "netns", "add", ns)
@@ -52,8 +59,8 @@ def test_hosts() -> Iterator[dict[str, str]]:
                         "--bind",
                         f"{net}.2",
                     ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             )
         for net in HOSTS.values():  # wait until both answer from the host
@@ -63,16 +70,21 @@ def test_hosts() -> Iterator[dict[str, str]]:
                     httpx.get(f"http://{net}.2:8080/", timeout=0.5)
                     break
                 except httpx.HTTPError:
-                    assert time.monotonic() < deadline, "test host did not start"
+                    log.seek(0)
+                    said = log.read().decode(errors="replace")
+                    assert time.monotonic() < deadline, f"test host did not start: {said}"
                     time.sleep(0.1)
         yield {name: f"{net}.2" for name, net in HOSTS.items()}
     finally:
         for proc in servers:
             proc.kill()
             proc.wait()
+        log.close()
         for name in HOSTS:
-            subprocess.run(["ip", "netns", "delete", f"corral-th-{name}"], capture_output=True)
-            subprocess.run(["ip", "link", "delete", f"crlth{name}"], capture_output=True)
+            subprocess.run(
+                ["ip", "netns", "delete", f"corral-th-{name}{_TAG}"], capture_output=True
+            )
+            subprocess.run(["ip", "link", "delete", f"crlth{name}{_TAG}"], capture_output=True)
 
 
 def reach(api: httpx.Client, sid: str, address: str) -> bool:
@@ -99,11 +111,11 @@ def test_none_reaches_nothing(api: httpx.Client, server: Server, test_hosts: dic
 
 
 def test_allow_list_and_live_change(api: httpx.Client, test_hosts: dict) -> None:
-    created = api.post("/v1/sandboxes", json={"network": "allow", "allow": ["10.77.1.0/24"]})
+    created = api.post("/v1/sandboxes", json={"network": "allow", "allow": [f"{HOSTS['a']}.0/24"]})
     assert created.status_code == 201, created.text
     sandbox = created.json()
     sid = sandbox["id"]
-    assert sandbox["allow"] == ["10.77.1.0/24"] and sandbox["limits_enforced"]["network"]
+    assert sandbox["allow"] == [f"{HOSTS['a']}.0/24"] and sandbox["limits_enforced"]["network"]
     try:
         assert reach(api, sid, test_hosts["a"])
         assert not reach(api, sid, test_hosts["b"])
@@ -119,8 +131,8 @@ def test_allow_list_and_live_change(api: httpx.Client, test_hosts: dict) -> None
         assert not reach(api, sid, gateway)
         # A live change: no restart (a file in /tmp survives), the new list applies at once.
         api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo mark > /tmp/mark"})
-        changed = api.patch(f"/v1/sandboxes/{sid}", json={"allow": ["10.77.2.0/24"]})
-        assert changed.status_code == 200 and changed.json()["allow"] == ["10.77.2.0/24"]
+        changed = api.patch(f"/v1/sandboxes/{sid}", json={"allow": [f"{HOSTS['b']}.0/24"]})
+        assert changed.status_code == 200 and changed.json()["allow"] == [f"{HOSTS['b']}.0/24"]
         assert not reach(api, sid, test_hosts["a"])
         assert reach(api, sid, test_hosts["b"])
         kept = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "cat /tmp/mark"}).json()
@@ -128,22 +140,21 @@ def test_allow_list_and_live_change(api: httpx.Client, test_hosts: dict) -> None
         # outbound: public addresses only; private ranges stay denied unless listed.
         api.patch(f"/v1/sandboxes/{sid}", json={"network": "outbound", "allow": []})
         assert not reach(api, sid, test_hosts["a"])
-        api.patch(f"/v1/sandboxes/{sid}", json={"allow": ["10.77.1.2/32"]})
+        api.patch(f"/v1/sandboxes/{sid}", json={"allow": [f"{HOSTS['a']}.2/32"]})
         assert reach(api, sid, test_hosts["a"]) and not reach(api, sid, test_hosts["b"])
     finally:
         api.delete(f"/v1/sandboxes/{sid}")
     # Nothing is left: no namespace, veth or rule for it.
-    assert "crl" not in subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True
-    ).stdout.replace("corral-th-", "")
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in namespaces.split() if n.startswith("crl")]
 
 
 def test_switching_to_none_restarts_and_removes_the_network(
     api: httpx.Client, test_hosts: dict
 ) -> None:
-    sid = api.post("/v1/sandboxes", json={"network": "allow", "allow": ["10.77.1.0/24"]}).json()[
-        "id"
-    ]
+    sid = api.post(
+        "/v1/sandboxes", json={"network": "allow", "allow": [f"{HOSTS['a']}.0/24"]}
+    ).json()["id"]
     try:
         job = api.post(f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 30"}).json()
         busy = api.patch(f"/v1/sandboxes/{sid}", json={"network": "none"})
