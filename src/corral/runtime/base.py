@@ -51,6 +51,7 @@ class ProcessSpec:
     rows: int = 24
     cols: int = 80
     rlimits: dict[str, int] = field(default_factory=dict)  # e.g. {"nofile": 1024, "cpu": 10}
+    user: str = "user"  # "user" (uid 1000) or "root" (uid 0 of the sandbox's user namespace)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from corral.runtime.seccomp import build_filter
 log = logging.getLogger(__name__)
 
 SANDBOX_UID = 1000
+SUPERVISOR_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_FOWNER")
 MAX_MESSAGE = 1 << 20  # the supervisor reads at most this much per message
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
@@ -191,7 +192,12 @@ class NamespacesRuntime(Runtime):
                 )
 
     def host_uid(self, config: SandboxConfig) -> int:
-        return self.uid_base + config.slot
+        """The host uid that uid 1000 inside maps to (and that runs bwrap)."""
+        return self.uid_base + 2 * config.slot + 1
+
+    def host_root_uid(self, config: SandboxConfig) -> int:
+        """The host uid that uid 0 inside (sudo) maps to: unprivileged on the host too."""
+        return self.uid_base + 2 * config.slot
 
     def workspace(self, config: SandboxConfig) -> Path:
         return config.dir / "workspace"
@@ -201,10 +207,14 @@ class NamespacesRuntime(Runtime):
         whatever bwrap got on its command line to the sandbox."""
         share_net = ["--share-net"] if config.network != "none" else []
         args = [
-            "--unshare-all", *share_net, "--unshare-user", "--disable-userns",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            # No --disable-userns (bwrap refuses it with --userns-block-fd): the seccomp filter
+            # denies unshare, setns and clone with namespace flags, clone3 included.
+            "--unshare-all", *share_net, "--unshare-user",
+            "--die-with-parent", "--new-session",
+            # The supervisor keeps what it needs to start sudo commands as uid 0 of the
+            # sandbox's user namespace; every other command drops all capabilities.
+            "--cap-drop", "ALL", *[a for c in SUPERVISOR_CAPS for a in ("--cap-add", c)],
             "--clearenv", "--setenv", "PATH", DEFAULT_ENV["PATH"],
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--hostname", "sandbox",
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/bin", "/bin",
@@ -224,18 +234,25 @@ class NamespacesRuntime(Runtime):
         args += [
             "--ro-bind", str(self.supervisor_path), "/.corral/supervisor.py",
             *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
+            # The sandbox's own /usr/local, writable by its root (sudo pip install, make
+            # install); the host's /usr/local is not shown.
+            "--bind", str(config.dir / "usr-local"), "/usr/local",
             "--bind", str(self.workspace(config)), "/workspace",
             "--chdir", "/workspace",
             "--remount-ro", "/",
         ]  # fmt: skip
         return args
 
-    def _command_line(self, config: SandboxConfig, args_fd: int, sock_fd: int) -> list[str]:
+    def _command_line(
+        self, config: SandboxConfig, args_fd: int, sock_fd: int, info_fd: int, block_fd: int
+    ) -> list[str]:
         uid = self.host_uid(config)
         return [
             "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
             "bwrap", "--args", str(args_fd),
+            # bwrap waits while the node writes the user namespace's two-uid map.
+            "--info-fd", str(info_fd), "--userns-block-fd", str(block_fd),
             "--", PYTHON, "-I", "-S", "/.corral/supervisor.py", str(sock_fd),
         ]  # fmt: skip
 
@@ -249,7 +266,9 @@ class NamespacesRuntime(Runtime):
         seccomp_fd = _pipe_with(self.seccomp_bpf)
         options = [*self._bwrap_options(config), "--add-seccomp-fd", str(seccomp_fd)]
         args_r = _pipe_with(("\0".join(options) + "\0").encode())
-        argv = self._command_line(config, args_r, child.fileno())
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        block_r, block_w = os.pipe2(os.O_CLOEXEC)
+        argv = self._command_line(config, args_r, child.fileno(), info_w, block_r)
         if config.network != "none":
             netns = await self.net.attach(config.slot, config.network, list(config.allow))
             argv = ["nsenter", f"--net={netns}", "--", *argv]
@@ -274,30 +293,65 @@ class NamespacesRuntime(Runtime):
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=[args_r, seccomp_fd, child.fileno()],  # bwrap keeps their numbers
+                pass_fds=[args_r, seccomp_fd, child.fileno(), info_w, block_r],  # same numbers
                 start_new_session=True,
                 # bwrap stays the sandbox's pid 1, readable in /proc/1/environ: give it nothing
                 # of the server's environment.
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 cwd="/",
             )
+        except BaseException:
+            os.close(info_r)
+            os.close(block_w)
+            raise
         finally:
+            for fd in (args_r, seccomp_fd, info_w, block_r):
+                os.close(fd)
             child.close()
-            os.close(args_r)
-            os.close(seccomp_fd)
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
         try:
+            await asyncio.wait_for(self._map_users(config, info_r, block_w), START_TIMEOUT)
             await asyncio.wait_for(sandbox.ready, START_TIMEOUT)
-        except (TimeoutError, SandboxDied) as exc:
+        except (TimeoutError, SandboxDied, OSError, ValueError) as exc:
             detail = await sandbox.startup_error()
             await sandbox.stop()
             raise RuntimeError(f"sandbox did not start: {detail or exc}") from None
         return sandbox
 
+    async def _map_users(self, config: SandboxConfig, info_fd: int, block_fd: int) -> None:
+        """Map uid 0 and 1000 inside to the sandbox's two host uids, then let bwrap go on."""
+        loop = asyncio.get_running_loop()
+        try:
+            reader = asyncio.StreamReader()
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(info_fd, "rb", 0)
+            )
+            try:
+                data = await reader.readuntil(b"}")
+            finally:
+                transport.close()
+            pid = int(json.loads(data)["child-pid"])
+            root, user = self.host_root_uid(config), self.host_uid(config)
+            mapping = f"0 {root} 1\n{SANDBOX_UID} {user} 1\n"
+            # Written by host root: an unprivileged bwrap could map only its own uid.
+            Path(f"/proc/{pid}/uid_map").write_text(mapping)  # noqa: ASYNC240 - procfs
+            Path(f"/proc/{pid}/gid_map").write_text(mapping)  # noqa: ASYNC240 - procfs
+            os.write(block_fd, b"1")
+        except asyncio.IncompleteReadError:
+            raise SandboxDied("bwrap exited before creating the sandbox") from None
+        finally:
+            os.close(block_fd)
+
     def _make_dirs(self, config: SandboxConfig, uid: int) -> None:
         config.dir.mkdir(parents=True, exist_ok=True)
         os.chown(config.dir, uid, uid)
         config.dir.chmod(0o700)
+        usr_local = config.dir / "usr-local"
+        usr_local.mkdir(exist_ok=True)
+        root = self.host_root_uid(config)
+        if os.lstat(usr_local).st_uid != root:
+            os.chown(usr_local, root, root, follow_symlinks=False)
+        usr_local.chmod(0o755)
         ws = self.workspace(config)
         ws.mkdir(exist_ok=True)
         st = os.lstat(ws)
@@ -491,13 +545,15 @@ class NamespacesSandbox(SandboxHandle):
             child_fds = [stdin_r, out_w, err_w]
         child_fds += cgroup_fds
         env = {**DEFAULT_ENV, **self.config.env, **spec.env}
+        if spec.user == "root":
+            env.update(USER="root", LOGNAME="root")
         started = self.loop.create_future()
         exited: asyncio.Future[ExitStatus] = self.loop.create_future()
         self._spawns[spec.id] = started
         self._exits[spec.id] = exited
         message = {
             "op": "spawn", "id": spec.id, "argv": spec.argv, "env": env, "cwd": spec.cwd,
-            "tty": spec.tty, "rlimits": {"core": 0, **spec.rlimits},
+            "tty": spec.tty, "rlimits": {"core": 0, **spec.rlimits}, "user": spec.user,
         }  # fmt: skip
         try:
             await self._send(message, child_fds)

@@ -7,7 +7,7 @@ The command's output goes straight from its pipes to the node; the supervisor on
 start and exit. It trusts nothing it receives beyond the node's messages and sends only its own.
 
 Node -> supervisor:
-  {"op": "spawn", "id", "argv", "env", "cwd", "tty", "rlimits"}
+  {"op": "spawn", "id", "argv", "env", "cwd", "tty", "rlimits", "user" ("root" for sudo)}
       + fds [stdin, stdout, stderr, cgroup.procs...]; with tty all three are the terminal
   {"op": "signal", "id", "sig"}                 signal the command's process group
 Supervisor -> node:
@@ -39,6 +39,22 @@ def _no_ptrace() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     except OSError:
         pass
+
+
+USER_ID = 1000
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def _drop_capabilities() -> None:
+    """Empty every capability set: an ordinary command keeps none of the supervisor's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all zero
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
 
 
 def _send(sock, message):
@@ -80,6 +96,16 @@ def _spawn(message, fds):
             for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            if message.get("user") == "root":
+                # sudo: uid 0 of the sandbox's user namespace, mapped to an unprivileged host
+                # uid; it keeps only the capabilities the supervisor holds.
+                os.setgroups([])
+                os.setgid(0)
+                os.setuid(0)
+            else:
+                os.setgroups([])
+                os.setgid(USER_ID)
+                _drop_capabilities()
             for name, value in (message.get("rlimits") or {}).items():
                 limit = getattr(resource, "RLIMIT_" + str(name).upper())
                 resource.setrlimit(limit, (int(value), int(value)))
