@@ -22,6 +22,7 @@ class Limits:
     cpu: float | None = None
     memory_mb: int | None = None
     pids: int | None = None
+    disk_mb: int | None = None  # everything the sandbox can write: /workspace, /tmp, /usr/local
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ class NamespacesRuntime(Runtime):
 
     def enforceable(self) -> dict[str, str]:
         found = self.resources.enforceable() if self.resources else {}
-        found["disk_mb"] = ""  # not enforced yet beyond the fixed /tmp size
+        found["disk_mb"] = "ext4 image" if shutil.which("mkfs.ext4") else ""
         found["network"] = "netns + nftables" if self.net.available else ""
         return found
 
@@ -199,8 +200,13 @@ class NamespacesRuntime(Runtime):
         """The host uid that uid 0 inside (sudo) maps to: unprivileged on the host too."""
         return self.uid_base + 2 * config.slot
 
+    def storage(self, config: SandboxConfig) -> Path:
+        """Where the sandbox's writable directories live: its own file system when it has a
+        disk limit, else its directory."""
+        return config.dir / "disk" if config.limits.disk_mb else config.dir
+
     def workspace(self, config: SandboxConfig) -> Path:
-        return config.dir / "workspace"
+        return self.storage(config) / "workspace"
 
     def _bwrap_options(self, config: SandboxConfig) -> list[str]:
         """bwrap's options; passed through a pipe (`--args FD`), since /proc/1/cmdline shows
@@ -223,7 +229,11 @@ class NamespacesRuntime(Runtime):
             "--symlink", "usr/sbin", "/sbin",
             "--proc", "/proc",
             "--dev", "/dev",
-            "--size", str(self.tmp_bytes), "--tmpfs", "/tmp",
+            *(
+                ["--bind", str(self.storage(config) / "tmp"), "/tmp"]
+                if config.limits.disk_mb
+                else ["--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
+            ),
             "--size", str(64 * 1024 * 1024), "--tmpfs", "/dev/shm",
             "--dir", "/var", "--symlink", "../tmp", "/var/tmp",
         ]  # fmt: skip
@@ -236,7 +246,7 @@ class NamespacesRuntime(Runtime):
             *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
             # The sandbox's own /usr/local, writable by its root (sudo pip install, make
             # install); the host's /usr/local is not shown.
-            "--bind", str(config.dir / "usr-local"), "/usr/local",
+            "--bind", str(self.storage(config) / "usr-local"), "/usr/local",
             "--bind", str(self.workspace(config)), "/workspace",
             "--chdir", "/workspace",
             "--remount-ro", "/",
@@ -346,7 +356,16 @@ class NamespacesRuntime(Runtime):
         config.dir.mkdir(parents=True, exist_ok=True)
         os.chown(config.dir, uid, uid)
         config.dir.chmod(0o700)
-        usr_local = config.dir / "usr-local"
+        storage = self.storage(config)
+        if config.limits.disk_mb:
+            self._mount_disk(config, uid)
+            tmp = storage / "tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)  # /tmp starts empty, as a tmpfs would
+            tmp.mkdir()
+            os.chown(tmp, uid, uid)
+            tmp.chmod(0o1777)
+        usr_local = storage / "usr-local"
         usr_local.mkdir(exist_ok=True)
         root = self.host_root_uid(config)
         if os.lstat(usr_local).st_uid != root:
@@ -354,11 +373,41 @@ class NamespacesRuntime(Runtime):
         usr_local.chmod(0o755)
         ws = self.workspace(config)
         ws.mkdir(exist_ok=True)
+        ws.chmod(0o755)
         st = os.lstat(ws)
         if st.st_uid != uid:
             os.chown(ws, uid, uid, follow_symlinks=False)
 
+    def _mount_disk(self, config: SandboxConfig, uid: int) -> None:
+        """The sandbox's own ext4 file system of disk_mb MiB (sparse), loop-mounted."""
+        disk, image = config.dir / "disk", config.dir / "disk.img"
+        disk.mkdir(exist_ok=True)
+        if os.path.ismount(disk):
+            return
+        if not image.exists():
+            with open(image, "wb") as f:
+                f.truncate(config.limits.disk_mb * 1024 * 1024)  # type: ignore[operator]
+            subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode",
+                 "-i", "65536",  # fewer inodes: most of disk_mb stays usable
+                 "-E", f"root_owner={uid}:{uid}", str(image)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        subprocess.run(
+            ["mount", "-o", "loop,nosuid,nodev", str(image), str(disk)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        lost = disk / "lost+found"
+        if lost.is_dir():
+            lost.rmdir()
+
+    def unmount_disk(self, config: SandboxConfig) -> None:
+        disk = config.dir / "disk"
+        if os.path.ismount(disk):
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
     async def remove_files(self, config: SandboxConfig) -> None:
+        await asyncio.to_thread(self.unmount_disk, config)
         # rmtree on Linux walks with file descriptors and never follows symlinks.
         await asyncio.to_thread(shutil.rmtree, config.dir, True)
 
@@ -371,12 +420,21 @@ class NamespacesRuntime(Runtime):
         await self.net.close()
 
     async def sweep(self) -> None:
+        await asyncio.to_thread(self._unmount_all)
         if self.cgroups is not None and self.cgroups.base.exists():
             for path in [p for p in self.cgroups.base.iterdir() if p.is_dir()]:
                 if not await self.cgroups.kill_and_remove(path):
                     log.warning("could not remove leftover cgroup %s", path)
         if self.resources is not None:
             self.resources.sweep()
+
+    def _unmount_all(self) -> None:
+        """Unmount the sandbox file systems an earlier run left mounted."""
+        prefix = str(self.data_dir / "sandboxes") + "/"
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            target = line.split()[1]
+            if target.startswith(prefix):
+                subprocess.run(["umount", "-l", target], capture_output=True)
 
 
 def _pipe_with(data: bytes) -> int:
@@ -592,6 +650,7 @@ class NamespacesSandbox(SandboxHandle):
             await asyncio.wait_for(asyncio.shield(self._watch), 5.0)
         if self.runtime.resources is not None:
             self.runtime.resources.remove(self.config.id)
+        await asyncio.to_thread(self.runtime.unmount_disk, self.config)
         if self.network != "none":
             await self.runtime.net.detach(self.config.slot)
             self.network = "none"
