@@ -93,6 +93,7 @@ class SandboxService:
             cpu=spec.get("cpu") or default.cpu,
             memory_mb=spec.get("memory_mb") or default.memory_mb,
             pids=spec.get("pids") or default.pids,
+            disk_mb=spec.get("disk_mb") or default.disk_mb,
         )
 
     def model(self, row: SandboxRow) -> Sandbox:
