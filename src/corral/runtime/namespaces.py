@@ -51,6 +51,7 @@ START_TIMEOUT = 15.0
 SPAWN_TIMEOUT = 10.0
 PYTHON = "/usr/bin/python3"
 TOOLS_MOUNT = "/opt/corral"
+HOST_ETC_MOUNT = "/.corral/host-etc"
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 
 # Host paths bound read-only when present: what programs need from /etc, nothing secret.
@@ -117,7 +118,6 @@ class NamespacesRuntime(Runtime):
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
         self.tmp_bytes = tmp_mb * 1024 * 1024
-        self.etc_dir = data_dir / "runtime" / "etc"
         self.supervisor_path = data_dir / "runtime" / "supervisor.py"
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
@@ -139,13 +139,9 @@ class NamespacesRuntime(Runtime):
             self.tools_dir.chmod(0o755)
             self._check_traversable(self.tools_dir)
         runtime_dir = self.data_dir / "runtime"
-        self.etc_dir.mkdir(parents=True, exist_ok=True)
-        for d in (self.data_dir, runtime_dir, self.etc_dir):
+        runtime_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.data_dir, runtime_dir):
             d.chmod(0o755)
-        for name, text in ETC_FILES.items():
-            path = self.etc_dir / name
-            path.write_text(text)
-            path.chmod(0o644)
         shutil.copyfile(SUPERVISOR, self.supervisor_path)
         self.supervisor_path.chmod(0o644)
         sandboxes = self.data_dir / "sandboxes"
@@ -237,10 +233,11 @@ class NamespacesRuntime(Runtime):
             "--size", str(64 * 1024 * 1024), "--tmpfs", "/dev/shm",
             "--dir", "/var", "--symlink", "../tmp", "/var/tmp",
         ]  # fmt: skip
-        for name in ETC_FILES:
-            args += ["--ro-bind", str(self.etc_dir / name), f"/etc/{name}"]
+        # /etc is the sandbox's own (its root may edit it); the host's harmless parts are shown
+        # read-only under /.corral/host-etc, and /etc links to them until root replaces a link.
         for name in dict.fromkeys(HOST_ETC):
-            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+            args += ["--ro-bind-try", f"/etc/{name}", f"{HOST_ETC_MOUNT}/{name}"]
+        args += ["--bind", str(self.storage(config) / "etc"), "/etc"]
         args += [
             "--ro-bind", str(self.supervisor_path), "/.corral/supervisor.py",
             *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
@@ -365,9 +362,10 @@ class NamespacesRuntime(Runtime):
             tmp.mkdir()
             os.chown(tmp, uid, uid)
             tmp.chmod(0o1777)
+        root = self.host_root_uid(config)
+        self._seed_etc(storage / "etc", root)
         usr_local = storage / "usr-local"
         usr_local.mkdir(exist_ok=True)
-        root = self.host_root_uid(config)
         if os.lstat(usr_local).st_uid != root:
             os.chown(usr_local, root, root, follow_symlinks=False)
         usr_local.chmod(0o755)
@@ -377,6 +375,24 @@ class NamespacesRuntime(Runtime):
         st = os.lstat(ws)
         if st.st_uid != uid:
             os.chown(ws, uid, uid, follow_symlinks=False)
+
+    def _seed_etc(self, etc: Path, root: int) -> None:
+        """A new sandbox's /etc: the generated files, and links to the host's shown parts."""
+        if etc.is_dir():
+            return  # kept from an earlier start: root inside may have changed it
+        seed = etc.with_name("etc.new")
+        if seed.exists():
+            shutil.rmtree(seed)
+        seed.mkdir()
+        for name, text in ETC_FILES.items():
+            (seed / name).write_text(text)
+        for name in dict.fromkeys(HOST_ETC):
+            if (Path("/etc") / name).exists():
+                (seed / name).symlink_to(f"{HOST_ETC_MOUNT}/{name}")
+        for path in [seed, *seed.iterdir()]:
+            os.chown(path, root, root, follow_symlinks=False)
+        seed.chmod(0o755)
+        seed.rename(etc)
 
     def _mount_disk(self, config: SandboxConfig, uid: int) -> None:
         """The sandbox's own ext4 file system of disk_mb MiB (sparse), loop-mounted."""
