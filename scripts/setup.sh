@@ -13,6 +13,7 @@ command -v nft >/dev/null || need+=(nftables)  # network policy for sandboxes
 command -v ps >/dev/null || need+=(procps)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)  # disk_mb: a file system per sandbox
 command -v curl >/dev/null || need+=(curl)
+command -v ssh >/dev/null || need+=(openssh-client)  # the tests of the SSH front
 [ -d /usr/lib/python3/dist-packages/pip ] || need+=(python3-pip)  # pip inside sandboxes
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -32,7 +32,10 @@ def make_data_dir(prefix: str) -> Path:
     return path
 
 
-_uid_blocks = iter(range(300_000, 1_000_000, 10_000))
+# Blocks of 10,000 host uids (two per sandbox), per test process: test runs side by side on one
+# machine must not share uids.
+_uid_first = 300_000 + (os.getpid() % 4000) * 200_000
+_uid_blocks = iter(range(_uid_first, _uid_first + 200_000, 10_000))
 
 
 class Server:
@@ -59,7 +62,7 @@ class Server:
             "CORRAL_ADMIN_KEY": self.admin_key,
             "CORRAL_CGROUP_ROOT": self.cgroup_name,
             "CORRAL_UID_BASE": str(self.uid_base),
-            "CORRAL_UID_COUNT": "9999",
+            "CORRAL_UID_COUNT": "4999",
             "CORRAL_LOG_LEVEL": "warning",
             **self.extra_env,
         }

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from corral.core.coderun import RunService, install_tools
 from corral.core.commands import CommandService
+from corral.core.files import FileService
 from corral.core.named_commands import NamedCommandService
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
@@ -31,6 +33,7 @@ def build_runtime(settings: Settings) -> Runtime:
         uid_base=settings.uid_base,
         cgroup_name=settings.cgroup_root,
         tools_dir=settings.effective_tools_dir,
+        templates_dir=settings.effective_templates_dir,
     )
 
 
@@ -42,6 +45,8 @@ class Services:
     tokens: TokenService
     sandboxes: SandboxService
     commands: CommandService
+    files: FileService
+    runs: RunService
     named: NamedCommandService
 
     @classmethod
@@ -58,7 +63,11 @@ class Services:
                 f"  {admin_key}",
                 flush=True,
             )
-        # 3. The local node: checks the host, removes what a previous run left behind.
+        # 3. The tools every sandbox sees at /opt/corral (file helpers, code-run launcher, Deno).
+        deno = False
+        if settings.runtime != "fake":
+            deno = install_tools(settings.effective_tools_dir)
+        # 4. The local node: checks the host, removes what a previous run left behind.
         node = LocalNode(
             node_id=settings.node_id,
             runtime=build_runtime(settings),
@@ -67,6 +76,8 @@ class Services:
         )
         for warning in await node.prepare():
             log.warning("%s", warning)
+        commands = CommandService(db, node, settings)
+        files = FileService(node, settings)
         services = cls(
             settings=settings,
             db=db,
@@ -84,15 +95,18 @@ class Services:
                     cpu=settings.default_cpu or None,
                     memory_mb=settings.default_memory_mb or None,
                     pids=settings.default_pids or None,
+                    disk_mb=settings.default_disk_mb or None,
                 ),
             ),
-            commands=CommandService(db, node, settings),
+            commands=commands,
+            files=files,
+            runs=RunService(commands, files, deno=deno),
             named=None,  # type: ignore[arg-type]  # set just below: it needs the others
         )
         services.named = NamedCommandService(
             db, services.sandboxes, services.commands, services.tokens
         )
-        # 4. Whatever ran when the server last stopped has an unknown result; sandboxes that
+        # 5. Whatever ran when the server last stopped has an unknown result; sandboxes that
         #    should run come back with their files.
         lost = await services.commands.mark_lost()
         if lost:

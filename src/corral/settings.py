@@ -30,10 +30,19 @@ class Settings(BaseSettings):
     uid_count: int = Field(default=60_000, ge=1)
     cgroup_root: str = Field(default="corral", description="cgroup directory name used by the node")
 
+    templates_dir: Path | None = Field(
+        default=None,
+        description="Root file system templates, one directory each holding usr/ (and "
+        "optionally etc/); default <data dir>/templates. 'host' (the host's /usr) is built in",
+    )
+
     # Sandbox limits applied when a sandbox's spec leaves them out (0: no limit).
     default_memory_mb: int = Field(default=4096, ge=0)
     default_pids: int = Field(default=4096, ge=0)
     default_cpu: float = Field(default=0.0, ge=0)
+    default_disk_mb: int = Field(
+        default=10_240, ge=0, description="A sparse file system per sandbox: bounds its writes"
+    )
 
     # Defaults and bounds for commands.
     default_timeout_ms: int = Field(default=300_000, ge=1)
@@ -76,6 +85,10 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @property
+    def effective_templates_dir(self) -> Path:
+        return self.templates_dir or self.data_dir / "templates"
 
     @property
     def effective_tools_dir(self) -> Path:

@@ -31,18 +31,23 @@ PROTECTED = [
     ("POST", "/v1/tokens"),
     ("GET", "/v1/tokens"),
     ("DELETE", "/v1/tokens/tok_x"),
+    ("GET", "/v1/templates"),
 ]
 
 
-def test_every_native_route_is_listed_here(server: Server) -> None:
+def test_every_documented_native_route_needs_a_token(server: Server) -> None:
     spec = httpx.get(server.url + "/openapi.json").json()
     documented = {
         (method.upper(), path.replace("{sandbox}", "sb_x").replace("{command_id}", "cmd_x")
          .replace("{token_id}", "tok_x"))
         for path, ops in spec["paths"].items() for method in ops
-        if path.startswith(("/v1/sandboxes", "/v1/tokens"))
+        if path.startswith(("/v1/sandboxes", "/v1/tokens", "/v1/templates"))
     }  # fmt: skip
-    assert documented <= set(PROTECTED), documented - set(PROTECTED)
+    assert set(PROTECTED) <= documented
+    for method, path in sorted(documented):
+        resp = httpx.request(method, server.url + path)
+        assert resp.status_code == 401, (method, path, resp.status_code)
+        assert resp.json()["error"]["code"] == "unauthenticated"
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED)

@@ -68,10 +68,15 @@ def test_kill9_and_restart() -> None:
             assert processes_matching("sleep 404") == []
             # Only the live sandboxes' cgroups exist: the dead command's is gone.
             assert sorted(cgroup_dirs(srv.cgroup_name)) == sorted(sandboxes)
-            assert sandbox_mounts() == []
+            # The only mounts are the live sandboxes' own file systems (disk_mb), once each.
+            mine = [m.split()[1] for m in sandbox_mounts() if str(srv.data_dir) in m]
+            assert sorted(mine) == sorted(
+                str(srv.data_dir / "sandboxes" / sid / "disk") for sid in sandboxes
+            )
     finally:
         srv.stop()
     # A clean stop leaves no process, cgroup or mount behind either.
     assert wait_for(lambda: server_processes(srv.uid_base) == [])
     assert cgroup_dirs(srv.cgroup_name) == []
+    assert [m for m in sandbox_mounts() if str(srv.data_dir) in m] == []
     shutil.rmtree(srv.data_dir, ignore_errors=True)

@@ -40,10 +40,20 @@ def test_sandbox_that_kills_its_supervisor(api: httpx.Client, sandbox_id: str) -
     assert again["stdout"] == "survived\n"
 
 
-def test_ttl_deletes_the_sandbox(api: httpx.Client) -> None:
+def test_ttl_stops_the_sandbox(api: httpx.Client) -> None:
     created = api.post("/v1/sandboxes", json={"ttl_seconds": 1}).json()
     assert created["expires_at"] is not None
-    assert wait_state(api, created["id"], "deleted", 5.0)["state"] == "deleted"
+    sid = created["id"]
+    try:
+        api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo kept > f"})
+        assert wait_state(api, sid, "stopped", 5.0)["state"] == "stopped"
+        # Started again, it gets a new lifetime and its files.
+        restarted = api.post(f"/v1/sandboxes/{sid}/start").json()
+        assert restarted["state"] == "running" and restarted["expires_at"] > created["expires_at"]
+        kept = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "cat f"}).json()
+        assert kept["stdout"] == "kept\n"
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
 
 
 def test_delete_kills_everything_and_keeps_history(api: httpx.Client, server: Server) -> None:

@@ -279,7 +279,7 @@ def test_a_crashed_sandbox_turns_error_and_can_start_again(tmp_path: Path) -> No
     run(main())
 
 
-def test_expired_sandboxes_are_reaped(tmp_path: Path) -> None:
+def test_expired_sandboxes_are_stopped(tmp_path: Path) -> None:
     async def main() -> None:
         async with corral(tmp_path) as services:
             sandbox = await services.sandboxes.create(SandboxCreate(ttl_seconds=3600))
@@ -294,7 +294,7 @@ def test_expired_sandboxes_are_reaped(tmp_path: Path) -> None:
                 )
 
             async def reaped() -> bool:
-                return (await services.sandboxes.get(sandbox.id)).state == SandboxState.deleted
+                return (await services.sandboxes.get(sandbox.id)).state == SandboxState.stopped
 
             await eventually(reaped, timeout=3)
             assert (await services.sandboxes.get(survivor.id)).state == SandboxState.running

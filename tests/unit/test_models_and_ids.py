@@ -179,15 +179,17 @@ def test_exec_request_accepts_absolute_cwd() -> None:
     assert ExecRequest(command="true", cwd="/tmp").cwd == "/tmp"
 
 
-@pytest.mark.parametrize("user", ["root", "0", "nobody", "User"])
-def test_exec_request_only_allows_the_sandbox_user(user: str) -> None:
+@pytest.mark.parametrize("user", ["nobody", "User", "1001", ""])
+def test_exec_request_only_allows_the_sandbox_users(user: str) -> None:
     with pytest.raises(ValidationError):
         ExecRequest(command="true", user=user)
 
 
-@pytest.mark.parametrize("user", ["user", "1000"])
-def test_exec_request_accepts_the_sandbox_user(user: str) -> None:
-    assert ExecRequest(command="true", user=user).user == user
+@pytest.mark.parametrize(
+    ("user", "normal"), [("user", "user"), ("1000", "user"), ("root", "root"), ("0", "root")]
+)
+def test_exec_request_accepts_the_sandbox_users(user: str, normal: str) -> None:
+    assert ExecRequest(command="true", user=user).user == normal
 
 
 @pytest.mark.parametrize(

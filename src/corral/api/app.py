@@ -30,9 +30,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await Services.start(settings)
         app.state.services = services
+        ssh = None
+        if settings.ssh_port:  # the cmd.io face's SSH front
+            from corral.ssh import start_ssh_server
+
+            ssh = await start_ssh_server(services)
         try:
             yield
         finally:
+            if ssh is not None:
+                ssh.close()
+                await ssh.wait_closed()
             await services.close()
 
     app = FastAPI(
@@ -48,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
     for module in (system, sandboxes, commands, streams, files, run, tokens):
         app.include_router(module.router)
+    app.include_router(sandboxes.templates_router)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel):
         app.include_router(face.router)
     return app

@@ -4,22 +4,45 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Routes that stream their bodies to a sandbox and enforce their own limits (uploads count the
+# bytes against `max_upload_bytes` as they arrive; stdin has no limit but back-pressure).
+STREAMING_BODY_ROUTES: tuple[re.Pattern[str], ...] = (
+    re.compile(r"/v1/sandboxes/[^/]+/(archive|files)"),
+    re.compile(r"/v1/sandboxes/[^/]+/commands/[^/]+/stdin"),
+    re.compile(r"/v1/vms/[^/]+/files/upload"),  # run-dat-sheesh face
+    re.compile(r"/v1/runtimes/[^/]+/files"),  # Runta face
+)
 
 
 class RequestContext:
     """Gives each request an id (echoed as X-Request-Id) and bounds its body.
 
-    Routes that stream large bodies (file uploads) register their path prefixes as exempt and
-    enforce their own limits.
+    Routes that stream large bodies (file uploads) are exempt, by path prefix (`exempt`) or by a
+    pattern matching the whole path (`exempt_patterns`), and enforce their own limits.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int, exempt: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        exempt: tuple[str, ...] = (),
+        exempt_patterns: tuple[re.Pattern[str], ...] = STREAMING_BODY_ROUTES,
+    ) -> None:
         self.app = app
         self.max_body = max_body
         self.exempt = exempt
+        self.exempt_patterns = exempt_patterns
+
+    def _exempt(self, path: str) -> bool:
+        if self.exempt and path.startswith(self.exempt):
+            return True
+        return any(pattern.fullmatch(path) for pattern in self.exempt_patterns)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,7 +58,7 @@ class RequestContext:
             await send(message)
 
         limit = self.max_body
-        if scope["path"].startswith(self.exempt):
+        if self._exempt(scope["path"]):
             await self.app(scope, receive, send_with_id)
             return
         for name, value in scope.get("headers", ()):

@@ -12,6 +12,7 @@ import pydantic
 
 from corral import __version__
 from corral.cli import _output as output
+from corral.cli import live
 from corral.client import Client, CorralError
 from corral.core.models import Command, CommandStatus, Sandbox, SandboxState, Scope
 
@@ -119,6 +120,9 @@ def main(ctx: click.Context, url: str | None, token: str | None) -> None:
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"], False),
     help="Log level [env: CORRAL_LOG_LEVEL; default info].",
+)
+@click.option(
+    "--ssh-port", type=int, help="SSH front for named commands [env: CORRAL_SSH_PORT; default off]."
 )
 def serve(**options: Any) -> None:
     """Run the server: API, store and local node. Every option also reads CORRAL_<OPTION>."""
@@ -280,6 +284,9 @@ def _print_state(found: Sandbox, as_json: bool) -> None:
 @click.option("--max-output-bytes", type=click.IntRange(min=0), help="Cap on each stream.")
 @click.option("-i", "--stdin", "send_stdin", is_flag=True, help="Send local stdin to the command.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@click.option(
+    "--stream", is_flag=True, help="Print the output as it comes (Ctrl-C detaches, not kills)."
+)
 @pass_connection
 def exec_command(
     connection: Connection,
@@ -291,11 +298,14 @@ def exec_command(
     max_output_bytes: int | None,
     send_stdin: bool,
     as_json: bool,
+    stream: bool,
 ) -> None:
     """Run a command in a sandbox and wait for it.
 
     One CMD is a shell string (`corral exec box -- 'ls | wc -l'`); several are a program and its
-    arguments, run without a shell. The command's stdout and stderr are copied to ours.
+    arguments, run without a shell. The command's stdout and stderr are copied to ours: at its
+    end, or as it runs with --stream (a dropped connection is resumed where it stopped; Ctrl-C
+    detaches and prints how to re-attach with `corral attach`).
 
     \b
     Exit status:
@@ -307,6 +317,21 @@ def exec_command(
     """
     stdin = _read_stdin() if send_stdin else None
     program, args = (command[0], None) if len(command) == 1 else (command[0], list(command[1:]))
+    if stream:
+        if as_json:
+            raise click.UsageError("--stream and --json do not go together")
+        with connection.client() as client:
+            events = client.exec_stream(
+                sandbox_ref,
+                program,
+                args=args,
+                cwd=cwd,
+                env=env or None,
+                stdin=stdin,
+                timeout_ms=None if timeout is None else max(1, round(timeout * 1000)),
+                max_output_bytes=max_output_bytes,
+            )
+            live.follow_and_exit(sandbox_ref, events)
     with connection.client() as client:
         result = client.exec(
             sandbox_ref,
@@ -449,6 +474,14 @@ def token_rm(connection: Connection, token_ids: tuple[str, ...]) -> None:
                 failed = True
     if failed:
         raise click.exceptions.Exit(EXIT_API_ERROR)
+
+
+main.add_command(__import__("corral.cli.named", fromlist=["user"]).user)  # cmd.io: users, commands
+
+# --- live output, terminals, files and code runs (corral.cli.live) -----------------------------
+
+for _command in live.COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

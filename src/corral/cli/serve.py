@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from corral.settings import Settings
 
+# On shutdown, requests still open after this long are cut: log streams and waits would
+# otherwise hold the server up until their commands end. Their clients resume elsewhere or
+# later; commands still running end as `lost` when the sandboxes stop.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
 
 def run_server(*, settings: Settings | None = None) -> None:
     """Serve the API with `settings` (default: read from `CORRAL_*` variables) until interrupted.
@@ -26,4 +31,5 @@ def run_server(*, settings: Settings | None = None) -> None:
         # Off: the server sees peers directly; a proxy's X-Forwarded-For must not be trusted.
         proxy_headers=False,
         log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )

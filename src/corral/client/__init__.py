@@ -5,6 +5,7 @@ from corral.client._base import DEFAULT_BASE_URL, DEFAULT_TIMEOUT
 from corral.client._client import Client
 from corral.client._exceptions import (
     APIError,
+    ArchiveError,
     AuthenticationError,
     BadRequestError,
     ClientClosedError,
@@ -30,14 +31,27 @@ from corral.client._exceptions import (
     WriteTimeout,
     raise_for_status,
 )
+from corral.client._streams import (
+    AsyncByteStream,
+    AsyncEventStream,
+    ByteStream,
+    EventStream,
+    StreamOutput,
+)
+from corral.client._ws import AsyncExecSession, ExecSession
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_TIMEOUT",
     "APIError",
+    "ArchiveError",
+    "AsyncByteStream",
     "AsyncClient",
+    "AsyncEventStream",
+    "AsyncExecSession",
     "AuthenticationError",
     "BadRequestError",
+    "ByteStream",
     "Client",
     "ClientClosedError",
     "CommandError",
@@ -47,6 +61,8 @@ __all__ = [
     "ConnectTimeout",
     "CorralError",
     "DecodingError",
+    "EventStream",
+    "ExecSession",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -55,6 +71,7 @@ __all__ = [
     "ReadTimeout",
     "SandboxNotRunningError",
     "ServerError",
+    "StreamOutput",
     "TransportError",
     "TransportTimeout",
     "UnavailableError",

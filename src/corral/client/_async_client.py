@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import httpx
 import pydantic
@@ -18,15 +21,39 @@ from corral.client._base import (
     Pager,
     SandboxRef,
     TimeoutValue,
+    _mode_header,
+    _ref,
+    _sandbox_path,
 )
-from corral.client._exceptions import ClientClosedError, map_httpx_errors
+from corral.client._exceptions import APIError, ClientClosedError, map_httpx_errors
+
+# The return annotations below are spelled as in `Client` (so that the two clients' signatures
+# match, see tests/unit/test_client_exports.py); here each names the asyncio counterpart.
+from corral.client._streams import AsyncByteStream as ByteStream
+from corral.client._streams import AsyncEventStream as EventStream
+from corral.client._transfer import (
+    CHUNK,
+    AtomicFile,
+    Source,
+    aextract_chunks,
+    alocal_file_chunks,
+    asource_chunks,
+    atar_chunks,
+)
+from corral.client._ws import AsyncExecSession as ExecSession
 from corral.core.models import (
+    ArchiveUploaded,
     Command,
     CommandStatus,
+    FileInfo,
+    FileList,
     Health,
+    RunResult,
     Sandbox,
     SandboxState,
     Scope,
+    StartedEvent,
+    StdinWritten,
     Token,
     TokenCreated,
 )
@@ -95,6 +122,8 @@ class AsyncClient(BaseClient):
                 call.path,
                 params=call.params,
                 json=call.json,
+                content=call.content,
+                headers=call.headers,
                 timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
         return self._parse(call, response)
@@ -103,6 +132,38 @@ class AsyncClient(BaseClient):
         while (call := pager.next_call()) is not None:
             pager.feed(await self._send(call))
         return pager.items
+
+    def _check_open(self) -> None:
+        if self._http.is_closed:
+            raise ClientClosedError("the client is closed")
+
+    async def _open_stream(self, path: str, params: Mapping[str, str | int]) -> httpx.Response:
+        """A GET whose body is read as a stream; error statuses raise as usual."""
+        self._check_open()
+        with map_httpx_errors():
+            request = self._http.build_request(
+                "GET", path, params=params, timeout=self._stream_timeout()
+            )
+            response = await self._http.send(request, stream=True)
+        if not response.is_success:
+            try:
+                with map_httpx_errors():
+                    await response.aread()
+            finally:
+                await response.aclose()
+            raise APIError.from_response(response)
+        return response
+
+    @contextlib.asynccontextmanager
+    async def _download(
+        self, sandbox: SandboxRef, kind: str, params: Mapping[str, str | int]
+    ) -> AsyncIterator[httpx.Response]:
+        response = await self._open_stream(_sandbox_path(sandbox, kind), params)
+        try:
+            with map_httpx_errors():
+                yield response
+        finally:
+            await response.aclose()
 
     # --- server --------------------------------------------------------------------------------
 
@@ -204,8 +265,14 @@ class AsyncClient(BaseClient):
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
+        interactive: bool = False,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> Command:
-        """Start a command without waiting; follow it with `get_command(..., wait=True)`."""
+        """Start a command without waiting; follow it with `get_command(..., wait=True)`, or its
+        output with `stream_logs`. With `interactive`, its standard input stays open for
+        `send_stdin`; with `tty` it runs on a terminal (`rows` x `cols`)."""
         call = self._exec_call(
             sandbox,
             command,
@@ -216,6 +283,10 @@ class AsyncClient(BaseClient):
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
             background=True,
+            interactive=interactive,
+            tty=tty,
+            rows=rows,
+            cols=cols,
         )
         return await self._send(call)
 
@@ -250,6 +321,330 @@ class AsyncClient(BaseClient):
     async def cancel_command(self, sandbox: SandboxRef, command_id: CommandRef) -> Command:
         """Ask a running command to stop; it ends in status `cancelled`."""
         return await self._send(self._cancel_command_call(sandbox, command_id))
+
+    # --- live output and input -----------------------------------------------------------------
+
+    async def stream_logs(
+        self,
+        sandbox: SandboxRef,
+        command_id: CommandRef,
+        *,
+        offset: int = 0,
+        stream: str = "both",
+        heartbeats: bool = False,
+        resume: bool = True,
+    ) -> EventStream:
+        """A command's output as events, from `offset`: replayed, then live until it ends.
+
+        Iterate the returned stream for `OutputEvent`s, then one `ExitEvent` or `ErrorEvent`
+        (`ErrorEvent` when the result is unknown). A dropped connection is resumed from the last
+        offset (with `resume`), so every byte comes exactly once. `stream` is "stdout",
+        "stderr" or "both"; `heartbeats` also yields the server's keep-alive events.
+        """
+        path = self._logs_path(sandbox, command_id)
+        params = {"format": "ndjson", "stream": stream}
+        stream_ = EventStream(
+            lambda at: self._open_stream(path, {**params, "offset": at}),
+            offset,
+            heartbeats=heartbeats,
+            resume=resume,
+        )
+        return await stream_._start()
+
+    async def read_logs(
+        self,
+        sandbox: SandboxRef,
+        command_id: CommandRef,
+        *,
+        offset: int = 0,
+        stream: str = "both",
+    ) -> ByteStream:
+        """A command's output as raw bytes (stdout and stderr as written, or one `stream`),
+        replayed then live until it ends; resumed exactly after a dropped connection."""
+        path = self._logs_path(sandbox, command_id)
+        params = {"format": "raw", "stream": stream, "offset": offset}
+        return await ByteStream(
+            lambda skip: self._open_stream(path, {**params, "skip": skip})
+        )._start()
+
+    async def exec_stream(
+        self,
+        sandbox: SandboxRef,
+        command: str,
+        *,
+        args: Iterable[str] | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | None = None,
+        timeout_ms: int | None = None,
+        max_output_bytes: int | None = None,
+        heartbeats: bool = False,
+    ) -> EventStream:
+        """Start a command and stream its events as they happen: first a `StartedEvent` (the
+        command's id), then its output, then one `ExitEvent` (or `ErrorEvent`)."""
+        started = await self.start_command(
+            sandbox,
+            command,
+            args=args,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            timeout_ms=timeout_ms,
+            max_output_bytes=max_output_bytes,
+        )
+        path = self._logs_path(started.sandbox_id, started.id)
+        first = [StartedEvent(command_id=started.id, sandbox_id=started.sandbox_id)]
+        events = EventStream(
+            lambda at: self._open_stream(path, {"format": "ndjson", "offset": at}),
+            0,
+            heartbeats=heartbeats,
+            first=first,
+        )
+        return await events._start()
+
+    async def send_stdin(
+        self, sandbox: SandboxRef, command_id: CommandRef, data: bytes | str, *, close: bool = False
+    ) -> StdinWritten:
+        """Write to a running interactive command's standard input (then close it, with
+        `close`)."""
+        return await self._send(self._stdin_call(sandbox, command_id, data, close=close))
+
+    async def close_stdin(self, sandbox: SandboxRef, command_id: CommandRef) -> StdinWritten:
+        """End a running interactive command's standard input (Ctrl-D on a terminal)."""
+        return await self._send(self._stdin_call(sandbox, command_id, b"", close=True))
+
+    async def signal_command(
+        self, sandbox: SandboxRef, command_id: CommandRef, signal: str | int
+    ) -> None:
+        """Send a signal ("INT", "TERM", 9, ...) to a running command's process group."""
+        await self._send(self._signal_call(sandbox, command_id, signal))
+
+    async def resize_command(
+        self, sandbox: SandboxRef, command_id: CommandRef, rows: int, cols: int
+    ) -> None:
+        """Set a running terminal command's window size."""
+        await self._send(self._resize_call(sandbox, command_id, rows, cols))
+
+    async def connect_exec(
+        self,
+        sandbox: SandboxRef,
+        command: str,
+        *,
+        args: Iterable[str] | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | None = None,
+        timeout_ms: int | None = None,
+        max_output_bytes: int | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        kill_on_disconnect: bool = False,
+    ) -> ExecSession:
+        """Start a command over a WebSocket: send it input (`send_stdin`, `close_stdin`,
+        `resize`, `signal`) while reading its events from the session. With `tty` it runs on
+        a terminal of `rows` x `cols`. The command runs on if the connection drops (re-attach
+        with `attach`), unless `kill_on_disconnect`."""
+        start = self._exec_start_frame(
+            command,
+            args=args,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            timeout_ms=timeout_ms,
+            max_output_bytes=max_output_bytes,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+            kill_on_disconnect=kill_on_disconnect,
+        )
+        url = self._ws_url(_sandbox_path(sandbox, "exec", "stream"))
+        self._check_open()
+        return await ExecSession.open(
+            url, self._ws_headers(), start=start, timeout=self.timeout.connect
+        )
+
+    async def attach(
+        self, sandbox: SandboxRef, command_id: CommandRef, *, offset: int = 0
+    ) -> ExecSession:
+        """Attach to a command over a WebSocket: its output from `offset` (replayed, then live)
+        and, while it runs and takes input, a way to send it."""
+        path = _sandbox_path(sandbox, "commands", _ref(command_id), "attach")
+        url = self._ws_url(path, {"offset": offset})
+        self._check_open()
+        return await ExecSession.open(
+            url, self._ws_headers(), start=None, timeout=self.timeout.connect
+        )
+
+    # --- files ---------------------------------------------------------------------------------
+
+    async def upload_dir(
+        self,
+        sandbox: SandboxRef,
+        local_dir: str | os.PathLike[str],
+        remote_dir: str,
+        *,
+        level: int = 1,
+    ) -> ArchiveUploaded:
+        """Copy a local directory's contents into `remote_dir` (created if missing), streamed as
+        a tar.gz archive made on the fly (gzip `level`, 0 to store only)."""
+        chunks = atar_chunks(local_dir, level)
+        try:
+            return await self._send(self._upload_archive_call(sandbox, remote_dir, chunks))
+        finally:
+            await chunks.aclose()
+
+    async def download_dir(
+        self,
+        sandbox: SandboxRef,
+        remote_dir: str,
+        local_dir: str | os.PathLike[str],
+        *,
+        level: int = 1,
+    ) -> int:
+        """Copy the contents of `remote_dir` into a local directory (created if missing),
+        streamed and extracted as they arrive; returns the number of entries. Entries that
+        would land outside `local_dir` (links out, `..`, devices) stop it with an error."""
+        params = {"path": remote_dir, "level": level}
+        async with self._download(sandbox, "archive", params) as response:
+            counts = await aextract_chunks(response.aiter_bytes(CHUNK), local_dir)
+        return counts["entries"]
+
+    async def upload_archive(
+        self, sandbox: SandboxRef, remote_dir: str, source: Source
+    ) -> ArchiveUploaded:
+        """Extract a tar archive (gzip, plain, bzip2 or xz), given as bytes, a binary file or
+        an iterable of bytes, into `remote_dir`."""
+        return await self._send(
+            self._upload_archive_call(sandbox, remote_dir, asource_chunks(source))
+        )
+
+    async def download_archive(
+        self, sandbox: SandboxRef, remote_dir: str, destination: IO[bytes], *, level: int = 1
+    ) -> int:
+        """Write `remote_dir` as a tar.gz archive to a binary file; returns its size."""
+        size = 0
+        params = {"path": remote_dir, "level": level}
+        async with self._download(sandbox, "archive", params) as response:
+            async for chunk in response.aiter_bytes(CHUNK):
+                await asyncio.to_thread(destination.write, chunk)
+                size += len(chunk)
+        return size
+
+    async def upload_file(
+        self,
+        sandbox: SandboxRef,
+        local_path: str | os.PathLike[str] | IO[bytes],
+        remote_path: str,
+        *,
+        mode: int | None = None,
+    ) -> FileInfo:
+        """Copy a local file (a path, or a binary file object) to `remote_path`, streamed; the
+        mode is the local file's unless given."""
+        if not isinstance(local_path, str | os.PathLike):
+            return await self.write_file(sandbox, remote_path, local_path, mode=mode)
+        if mode is None:
+            mode = os.stat(local_path).st_mode & 0o777
+        chunks = alocal_file_chunks(local_path)
+        return await self._send(self._write_file_call(sandbox, remote_path, chunks, mode=mode))
+
+    async def download_file(
+        self,
+        sandbox: SandboxRef,
+        remote_path: str,
+        local_path: str | os.PathLike[str] | IO[bytes],
+    ) -> int:
+        """Copy a file of the sandbox to `local_path` (written under a temporary name, then
+        renamed into place), or into a binary file object; returns its size."""
+        if not isinstance(local_path, str | os.PathLike):
+            size = 0
+            async with self._download(sandbox, "files", {"path": remote_path}) as response:
+                async for chunk in response.aiter_bytes(CHUNK):
+                    await asyncio.to_thread(local_path.write, chunk)
+                    size += len(chunk)
+            return size
+        async with self._download(sandbox, "files", {"path": remote_path}) as response:
+            target = AtomicFile(local_path, _mode_header(response))
+            try:
+                async for chunk in response.aiter_bytes(CHUNK):
+                    await asyncio.to_thread(target.write, chunk)
+            except BaseException:
+                target.discard()
+                raise
+        return target.commit()
+
+    async def write_file(
+        self, sandbox: SandboxRef, path: str, data: Source, *, mode: int | None = None
+    ) -> FileInfo:
+        """Write a file in the sandbox from bytes, text, a binary file or an iterable of bytes
+        (parents created; replaced atomically)."""
+        call = self._write_file_call(sandbox, path, asource_chunks(data), mode=mode)
+        return await self._send(call)
+
+    async def read_file(self, sandbox: SandboxRef, path: str) -> bytes:
+        """The contents of a file in the sandbox (whole: see `download_file` for large ones)."""
+        async with self._download(sandbox, "files", {"path": path}) as response:
+            return await response.aread()
+
+    async def stat_file(self, sandbox: SandboxRef, path: str, *, follow: bool = False) -> FileInfo:
+        """A file's type, size, mode and times (of a symlink itself, unless `follow`)."""
+        return await self._send(self._stat_call(sandbox, path, follow=follow))
+
+    async def list_files(
+        self, sandbox: SandboxRef, path: str, *, limit: int | None = None
+    ) -> FileList:
+        """A directory's entries, sorted by name."""
+        return await self._send(self._list_files_call(sandbox, path, limit=limit))
+
+    async def make_dir(
+        self, sandbox: SandboxRef, path: str, *, parents: bool = True, mode: int = 0o755
+    ) -> FileInfo:
+        """Create a directory (and its parents, with `parents`; then no error if it exists)."""
+        return await self._send(self._make_dir_call(sandbox, path, parents=parents, mode=mode))
+
+    async def move_file(
+        self, sandbox: SandboxRef, source: str, destination: str, *, overwrite: bool = False
+    ) -> FileInfo:
+        """Rename a file or directory (an existing destination only with `overwrite`)."""
+        call = self._move_file_call(sandbox, source, destination, overwrite=overwrite)
+        return await self._send(call)
+
+    async def delete_file(self, sandbox: SandboxRef, path: str, *, recursive: bool = False) -> None:
+        """Delete a file, a symlink, or a directory (with `recursive` if not empty)."""
+        await self._send(self._delete_file_call(sandbox, path, recursive=recursive))
+
+    # --- code runs -----------------------------------------------------------------------------
+
+    async def run_code(
+        self,
+        sandbox: SandboxRef,
+        code: str | None = None,
+        *,
+        language: str,
+        path: str | None = None,
+        args: Iterable[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+        timeout_ms: int | None = None,
+        max_output_bytes: int | None = None,
+    ) -> RunResult:
+        """Run a program (`code`, or the sandbox's file at `path`) in `language` ("typescript",
+        "javascript", "python" or "bash") and return its output and structured `result`, set
+        by the program with `result.set(value)` (or `result.error(err)`)."""
+        call = self._run_code_call(
+            sandbox,
+            code,
+            language=language,
+            path=path,
+            args=args,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            timeout_ms=timeout_ms,
+            max_output_bytes=max_output_bytes,
+        )
+        return await self._send(call)
 
     # --- tokens --------------------------------------------------------------------------------
 

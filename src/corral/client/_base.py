@@ -18,13 +18,18 @@ import pydantic
 
 from corral.client._exceptions import APIError, ConfigError, DecodingError
 from corral.core.models import (
+    ArchiveUploaded,
     Command,
     CommandStatus,
+    FileInfo,
+    FileList,
     Health,
     Page,
+    RunResult,
     Sandbox,
     SandboxState,
     Scope,
+    StdinWritten,
     Token,
     TokenCreated,
 )
@@ -38,6 +43,7 @@ DEFAULT_TIMEOUT = 30.0
 # the deadline the server was given, to cover queueing, the kill grace and the network.
 WAIT_MARGIN_SECONDS = 30.0
 PAGE_SIZE = 100
+STREAM_READ_TIMEOUT = 120.0  # seconds a stream may stay silent (the server sends heartbeats)
 
 SandboxRef = str | Sandbox
 CommandRef = str | Command
@@ -54,6 +60,8 @@ class Call(Generic[T]):
     params: Mapping[str, str | int] | None = None
     json: Any = None
     timeout: httpx.Timeout | None = None  # None: the client's own timeout
+    content: Any = None  # a raw body: bytes, or an iterator of bytes (streamed)
+    headers: Mapping[str, str] | None = None
 
 
 class Pager(Generic[M]):
@@ -207,6 +215,10 @@ class BaseClient:
         timeout_ms: int | None,
         max_output_bytes: int | None,
         background: bool,
+        interactive: bool = False,
+        tty: bool = False,
+        rows: int | None = None,
+        cols: int | None = None,
     ) -> Call[Command]:
         body = _without_none(
             command=command,
@@ -216,6 +228,10 @@ class BaseClient:
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
+            interactive=interactive or None,
+            tty=tty or None,
+            rows=rows,
+            cols=cols,
         )
         if background:
             return Call("POST", _sandbox_path(sandbox, "commands"), _model(Command), json=body)
@@ -264,6 +280,184 @@ class BaseClient:
     def _cancel_command_call(self, sandbox: SandboxRef, command: CommandRef) -> Call[Command]:
         path = _sandbox_path(sandbox, "commands", _ref(command), "cancel")
         return Call("POST", path, _model(Command))
+
+    # --- streams and input ---------------------------------------------------------------------
+
+    def _logs_path(self, sandbox: SandboxRef, command: CommandRef) -> str:
+        return _sandbox_path(sandbox, "commands", _ref(command), "logs")
+
+    def _stream_timeout(self) -> httpx.Timeout:
+        """Streams are kept alive by heartbeats: a read may wait longer than a request would."""
+        read = None if self.timeout.read is None else max(self.timeout.read, STREAM_READ_TIMEOUT)
+        return httpx.Timeout(
+            connect=self.timeout.connect,
+            read=read,
+            write=self.timeout.write,
+            pool=self.timeout.pool,
+        )
+
+    def _stdin_call(
+        self, sandbox: SandboxRef, command: CommandRef, data: bytes | str, *, close: bool
+    ) -> Call[StdinWritten]:
+        body = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        return Call(
+            "POST",
+            _sandbox_path(sandbox, "commands", _ref(command), "stdin"),
+            _model(StdinWritten),
+            params={"close": "true"} if close else None,
+            content=body,
+            headers={"content-type": "application/octet-stream"},
+        )
+
+    def _signal_call(
+        self, sandbox: SandboxRef, command: CommandRef, signal: str | int
+    ) -> Call[None]:
+        path = _sandbox_path(sandbox, "commands", _ref(command), "signal")
+        return Call("POST", path, _nothing, json={"signal": _signal_value(signal)})
+
+    def _resize_call(
+        self, sandbox: SandboxRef, command: CommandRef, rows: int, cols: int
+    ) -> Call[None]:
+        path = _sandbox_path(sandbox, "commands", _ref(command), "resize")
+        return Call("POST", path, _nothing, json={"rows": rows, "cols": cols})
+
+    def _ws_url(self, path: str, params: Mapping[str, str | int] | None = None) -> str:
+        url = httpx.URL(self.base_url + path, params=params or None)
+        return str(url.copy_with(scheme="wss" if url.scheme == "https" else "ws"))
+
+    def _ws_headers(self) -> dict[str, str]:
+        return {k: v for k, v in self._headers.items() if k.lower() not in ("accept",)}
+
+    def _exec_start_frame(
+        self,
+        command: str,
+        *,
+        args: Iterable[str] | None,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        stdin: str | None,
+        timeout_ms: int | None,
+        max_output_bytes: int | None,
+        tty: bool,
+        rows: int,
+        cols: int,
+        kill_on_disconnect: bool,
+    ) -> dict[str, Any]:
+        return {
+            "type": "start",
+            **_without_none(
+                command=command,
+                args=None if args is None else list(args),
+                cwd=cwd,
+                env=_dict_or_none(env),
+                stdin=stdin,
+                timeout_ms=timeout_ms,
+                max_output_bytes=max_output_bytes,
+            ),
+            "tty": tty,
+            "rows": rows,
+            "cols": cols,
+            "kill_on_disconnect": kill_on_disconnect,
+        }
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def _stat_call(self, sandbox: SandboxRef, path: str, *, follow: bool) -> Call[FileInfo]:
+        params = {"path": path, **({"follow": "true"} if follow else {})}
+        return Call("GET", _sandbox_path(sandbox, "files", "stat"), _model(FileInfo), params=params)
+
+    def _list_files_call(
+        self, sandbox: SandboxRef, path: str, *, limit: int | None
+    ) -> Call[FileList]:
+        params = _without_none(path=path, limit=limit)
+        return Call("GET", _sandbox_path(sandbox, "files", "list"), _model(FileList), params=params)
+
+    def _make_dir_call(
+        self, sandbox: SandboxRef, path: str, *, parents: bool, mode: int
+    ) -> Call[FileInfo]:
+        body = {"path": path, "parents": parents, "mode": mode}
+        return Call("POST", _sandbox_path(sandbox, "files", "mkdir"), _model(FileInfo), json=body)
+
+    def _move_file_call(
+        self, sandbox: SandboxRef, source: str, destination: str, *, overwrite: bool
+    ) -> Call[FileInfo]:
+        body = {"source": source, "destination": destination, "overwrite": overwrite}
+        return Call("POST", _sandbox_path(sandbox, "files", "move"), _model(FileInfo), json=body)
+
+    def _delete_file_call(self, sandbox: SandboxRef, path: str, *, recursive: bool) -> Call[None]:
+        params = {"path": path, **({"recursive": "true"} if recursive else {})}
+        return Call("DELETE", _sandbox_path(sandbox, "files"), _nothing, params=params)
+
+    def _write_file_call(
+        self, sandbox: SandboxRef, path: str, content: Any, *, mode: int | None
+    ) -> Call[FileInfo]:
+        params = {"path": path, **({"mode": format(mode, "04o")} if mode is not None else {})}
+        return Call(
+            "PUT",
+            _sandbox_path(sandbox, "files"),
+            _model(FileInfo),
+            params=params,
+            content=content,
+            headers={"content-type": "application/octet-stream"},
+            timeout=self._transfer_timeout(),
+        )
+
+    def _upload_archive_call(
+        self, sandbox: SandboxRef, path: str, content: Any
+    ) -> Call[ArchiveUploaded]:
+        return Call(
+            "PUT",
+            _sandbox_path(sandbox, "archive"),
+            _model(ArchiveUploaded),
+            params={"path": path},
+            content=content,
+            headers={"content-type": "application/gzip"},
+            timeout=self._transfer_timeout(),
+        )
+
+    def _transfer_timeout(self) -> httpx.Timeout:
+        """Uploads: the answer comes once the sandbox has written everything (no read limit)."""
+        return httpx.Timeout(
+            connect=self.timeout.connect,
+            read=None,
+            write=self.timeout.write,
+            pool=self.timeout.pool,
+        )
+
+    # --- code runs -----------------------------------------------------------------------------
+
+    def _run_code_call(
+        self,
+        sandbox: SandboxRef,
+        code: str | None,
+        *,
+        language: str,
+        path: str | None,
+        args: Iterable[str] | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        stdin: str | None,
+        timeout_ms: int | None,
+        max_output_bytes: int | None,
+    ) -> Call[RunResult]:
+        body = _without_none(
+            language=language,
+            code=code,
+            path=path,
+            args=None if args is None else list(args),
+            env=_dict_or_none(env),
+            cwd=cwd,
+            stdin=stdin,
+            timeout_ms=timeout_ms,
+            max_output_bytes=max_output_bytes,
+        )
+        return Call(
+            "POST",
+            _sandbox_path(sandbox, "run"),
+            _model(RunResult),
+            json=body,
+            timeout=self._waiting_timeout(timeout_ms),
+        )
 
     def _create_token_call(
         self,
@@ -349,3 +543,18 @@ def _dict_or_none(value: Mapping[str, str] | None) -> dict[str, str] | None:
 def _without_none(**fields: Any) -> dict[str, Any]:
     # Omitted rather than null, so the server's defaults apply.
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _signal_value(signal: str | int) -> str | int:
+    if isinstance(signal, int):
+        return int(signal)
+    return signal
+
+
+def _mode_header(response: httpx.Response) -> int | None:
+    """The file mode a download announces (X-Corral-Mode, octal)."""
+    value = response.headers.get("x-corral-mode")
+    try:
+        return int(value, 8) & 0o777 if value else None
+    except ValueError:
+        return None

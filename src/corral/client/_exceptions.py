@@ -27,6 +27,7 @@ Every exception derives from `CorralError`; each also derives from the builtin i
     - ServerError - 5xx
       . UnavailableError - 503
   + CommandError - raised by `raise_for_status` for a command that did not exit 0
+  + ArchiveError (ValueError) - an archive downloaded from a sandbox was refused or damaged
 
 A command that exits non-zero is a result, not an error: only `raise_for_status` turns it into one.
 """
@@ -44,6 +45,7 @@ from corral.core.models import Command, CommandStatus, ErrorResponse
 
 __all__ = [
     "APIError",
+    "ArchiveError",
     "AuthenticationError",
     "BadRequestError",
     "ClientClosedError",
@@ -325,6 +327,20 @@ def _retry_after(response: httpx.Response) -> float | None:
         return max(0.0, float(value))
     except ValueError:  # the HTTP-date form; the server sends seconds
         return None
+
+
+# --- local archives ----------------------------------------------------------------------------
+
+
+class ArchiveError(CorralError, ValueError):
+    """A directory downloaded from a sandbox could not be extracted here: an entry that would
+    land outside the destination (`code` "unsafe_archive"), over a limit ("too_large"), in the
+    way of what is there ("conflict"), or a damaged stream ("bad_archive"). Entries extracted
+    before it stay."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --- command results ---------------------------------------------------------------------------

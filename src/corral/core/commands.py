@@ -100,6 +100,7 @@ class CommandService:
         req: ExecRequest,
         *,
         source: str = "native",
+        stdin: bytes | None = None,
         interactive: bool = False,
         tty: bool = False,
         rows: int = 24,
@@ -129,7 +130,7 @@ class CommandService:
             command=req.command,
             args=req.args,
             cwd=req.cwd or DEFAULT_CWD,
-            user="user",
+            user=req.user or "user",
             env_keys=sorted(req.env),
             timeout_ms=timeout_ms,
             max_output_bytes=cap,
@@ -147,13 +148,16 @@ class CommandService:
             argv=argv,
             env=req.env,
             cwd=row.cwd,
-            stdin=req.stdin.encode() if req.stdin else None,
+            stdin=stdin if stdin is not None else (req.stdin.encode() if req.stdin else None),
             timeout_ms=timeout_ms,
             max_output_bytes=cap,
-            interactive=interactive or tty,
-            tty=tty,
-            rows=rows,
-            cols=cols,
+            # Interactive and terminal either from the request (the native API) or from the
+            # caller (faces that run their own sessions).
+            interactive=interactive or tty or req.interactive or req.tty,
+            tty=tty or req.tty,
+            rows=req.rows if req.tty and not tty else rows,
+            cols=req.cols if req.tty and not tty else cols,
+            user=row.user,
         )
         execution: Execution | None = None
         try:
@@ -218,10 +222,15 @@ class CommandService:
             )
 
     async def run(
-        self, sandbox: SandboxRow, req: ExecRequest, *, source: str = "native"
+        self,
+        sandbox: SandboxRow,
+        req: ExecRequest,
+        *,
+        source: str = "native",
+        stdin: bytes | None = None,
     ) -> Command:
         """Start a command and wait for its result, output included."""
-        row, execution = await self.start(sandbox, req, source=source)
+        row, execution = await self.start(sandbox, req, source=source, stdin=stdin)
         if execution is None:
             return to_model(row, (b"", b""))
         await self.wait_finished(row.id)
@@ -266,6 +275,29 @@ class CommandService:
             path = self.node.log_path(row.sandbox_id, row.id)
             output = await asyncio.to_thread(read_output, path)
         return to_model(row, output)
+
+    def execution(self, cid: str) -> Execution | None:
+        """The command's execution while it runs on this server's node."""
+        return self.node.execution(cid)
+
+    async def final_row(self, sandbox_id: str, cid: str) -> CommandRow:
+        """The command's row once its result is recorded, or as it stands if it can no longer
+        be (not running here any more, yet not finished: the caller reports it as unknown)."""
+        while True:
+            await self.wait_finished(cid)
+            row = await self.row(sandbox_id, cid)
+            if CommandStatus(row.status).finished:
+                return row
+            execution = self.node.execution(cid)
+            if execution is None:
+                # Possibly registered a moment from now (start() stores the row first).
+                await asyncio.sleep(0.05)
+                row = await self.row(sandbox_id, cid)
+                if CommandStatus(row.status).finished or cid in self._finished:
+                    continue
+                return row
+            await execution.outcome()
+            await asyncio.sleep(0)
 
     async def list(
         self,

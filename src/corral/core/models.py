@@ -5,11 +5,12 @@ Every request and response of the native API is one of these; faces translate to
 
 from __future__ import annotations
 
+import base64
 import enum
 import ipaddress
 import re
 from datetime import datetime
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -157,10 +158,23 @@ class ExecRequest(Strict):
     args: list[str] | None = Field(default=None, description="Program arguments: no shell")
     cwd: str | None = Field(default=None, description="Absolute path; default /workspace")
     env: dict[str, str] = Field(default_factory=dict)
-    user: str | None = Field(default=None, description="'user' (uid 1000, the default)")
+    user: str | None = Field(
+        default=None,
+        description="'user' (uid 1000, the default) or 'root': uid 0 of the sandbox's own user "
+        "namespace (sudo), never a host privilege",
+    )
     stdin: str | None = Field(default=None, description="Standard input as UTF-8 text")
     timeout_ms: int | None = Field(default=None, ge=1)
     max_output_bytes: int | None = Field(default=None, ge=0, description="Cap per stream")
+    interactive: bool = Field(
+        default=False,
+        description="Keep standard input open for `POST .../stdin` or a WebSocket (after `stdin`)",
+    )
+    tty: bool = Field(
+        default=False, description="Run on a terminal (one output stream, resize); interactive"
+    )
+    rows: int = Field(default=24, ge=1, le=1000, description="Terminal rows (with tty)")
+    cols: int = Field(default=80, ge=1, le=1000, description="Terminal columns (with tty)")
 
     @field_validator("env")
     @classmethod
@@ -191,9 +205,13 @@ class ExecRequest(Strict):
     @field_validator("user")
     @classmethod
     def _user(cls, value: str | None) -> str | None:
-        if value is not None and value not in ("user", "1000"):
-            raise ValueError("only 'user' (uid 1000) is available")
-        return value
+        if value is None:
+            return None
+        if value in ("user", "1000"):
+            return "user"
+        if value in ("root", "0"):
+            return "root"
+        raise ValueError("user must be 'user' (uid 1000) or 'root' (uid 0 inside the sandbox)")
 
 
 class Command(BaseModel):
@@ -303,3 +321,251 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
         if "\x00" in val:
             raise ValueError(f"environment variable {key} contains a NUL byte")
     return env
+
+
+# --- output events (streams of a command's output log) -----------------------------------------
+#
+# Every view of a command's output (ND-JSON, Server-Sent Events, WebSocket) carries these events.
+# Output events come in log order; offsets are opaque cursors: resume at an event's `next_offset`.
+# A stream ends with exactly one terminal event: `exit` (the result is known) or `error` (the
+# stream ended without a result: the command was lost, or the stream failed; re-attach to retry).
+
+
+class OutputEvent(BaseModel):
+    """A piece of the command's stdout or stderr (a terminal command has stdout only)."""
+
+    type: Literal["stdout", "stderr"]
+    offset: int = Field(description="Where this piece starts in the log")
+    next_offset: int = Field(description="Where the next piece starts: resume here")
+    data: str | None = Field(default=None, description="The bytes, when valid UTF-8")
+    data_base64: str | None = Field(default=None, description="The bytes otherwise (or asked)")
+
+    @property
+    def bytes(self) -> bytes:
+        if self.data_base64 is not None:
+            return base64.b64decode(self.data_base64)
+        return (self.data or "").encode("utf-8")
+
+
+class StartedEvent(BaseModel):
+    """First frame of the WebSocket exec protocol: the command runs, under this id."""
+
+    type: Literal["started"] = "started"
+    command_id: str
+    sandbox_id: str
+    tty: bool = False
+
+
+class HeartbeatEvent(BaseModel):
+    """Sent when nothing else was for a while, so that idle connections stay open."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    next_offset: int | None = None
+
+
+class ExitEvent(BaseModel):
+    """Terminal: the command ended and this is its result."""
+
+    type: Literal["exit"] = "exit"
+    command_id: str
+    status: CommandStatus
+    exit_code: int | None = None
+    signal: int | None = None
+    duration_ms: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    error: str | None = None
+    next_offset: int | None = None
+
+
+class ErrorEvent(BaseModel):
+    """Terminal: the stream ended without a result (`lost`: the result is unknown)."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    command_id: str | None = None
+    next_offset: int | None = None
+
+
+Event = Annotated[
+    OutputEvent | StartedEvent | HeartbeatEvent | ExitEvent | ErrorEvent,
+    Field(discriminator="type"),
+]
+TERMINAL_EVENTS = frozenset({"exit", "error"})
+
+
+# --- WebSocket exec protocol: frames from the client -------------------------------------------
+
+
+class ExecStartFrame(ExecRequest):
+    """First client frame of `WS /v1/sandboxes/{id}/exec/stream`: what to run."""
+
+    type: Literal["start"] = "start"
+    kill_on_disconnect: bool = Field(
+        default=False,
+        description="Cancel the command when the WebSocket closes before it ends "
+        "(by default it runs on; re-attach to it by id)",
+    )
+
+
+class StdinFrame(Strict):
+    type: Literal["stdin"] = "stdin"
+    data: str | None = None
+    data_base64: str | None = None
+
+
+class ResizeFrame(Strict):
+    type: Literal["resize"] = "resize"
+    rows: int = Field(ge=1, le=1000)
+    cols: int = Field(ge=1, le=1000)
+
+
+class SignalFrame(Strict):
+    type: Literal["signal"] = "signal"
+    signal: str | int = Field(description="A name (INT, SIGTERM, ...) or a number")
+
+
+class CloseStdinFrame(Strict):
+    type: Literal["close_stdin"] = "close_stdin"
+
+
+class ClientHeartbeatFrame(Strict):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+ClientFrame = Annotated[
+    StdinFrame | ResizeFrame | SignalFrame | CloseStdinFrame | ClientHeartbeatFrame,
+    Field(discriminator="type"),
+]
+
+
+class SignalRequest(Strict):
+    signal: str | int = Field(description="A name (INT, SIGTERM, ...) or a number")
+
+
+class ResizeRequest(Strict):
+    rows: int = Field(ge=1, le=1000)
+    cols: int = Field(ge=1, le=1000)
+
+
+class StdinWritten(BaseModel):
+    bytes: int = Field(description="Bytes written to the command's standard input")
+    closed: bool = Field(description="Whether standard input is now closed")
+
+
+# --- files -------------------------------------------------------------------------------------
+
+FileType = Literal[
+    "file", "directory", "symlink", "fifo", "socket", "char_device", "block_device", "other"
+]
+
+
+class FileInfo(BaseModel):
+    path: str
+    name: str
+    type: FileType
+    size: int
+    mode: int = Field(description="Permission bits (e.g. 420 = 0o644)")
+    uid: int
+    gid: int
+    modified_at: datetime
+    link_target: str | None = Field(default=None, description="For a symlink: where it points")
+
+
+class FileList(BaseModel):
+    path: str
+    entries: list[FileInfo]
+    truncated: bool = Field(default=False, description="More entries than `limit`")
+
+
+class MkdirRequest(Strict):
+    path: str = Field(min_length=1)
+    parents: bool = Field(default=True, description="Create missing parents; no error if it exists")
+    mode: int = Field(default=0o755, ge=0, le=0o7777)
+
+
+class MoveRequest(Strict):
+    source: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+    overwrite: bool = False
+
+
+class ArchiveUploaded(BaseModel):
+    path: str = Field(description="The directory the archive was extracted into")
+    entries: int
+    bytes: int = Field(description="Uncompressed bytes of the regular files written")
+    compressed_bytes: int = Field(description="Bytes received")
+
+
+# --- code runs ---------------------------------------------------------------------------------
+
+Language = Literal["typescript", "javascript", "python", "bash"]
+
+
+class RunRequest(Strict):
+    language: Language
+    code: str | None = Field(default=None, description="The program (exactly one of code, path)")
+    path: str | None = Field(default=None, description="A program file in the sandbox instead")
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment; for TypeScript and JavaScript also the only keys (with the "
+        "sandbox's own) that the program may read",
+    )
+    cwd: str | None = Field(default=None, description="Absolute path; default /workspace")
+    stdin: str | None = Field(default=None, description="Standard input as UTF-8 text")
+    timeout_ms: int | None = Field(default=None, ge=1)
+    max_output_bytes: int | None = Field(default=None, ge=0, description="Cap per stream")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value)
+
+    @field_validator("code", "path", "cwd", "stdin")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL bytes")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: list[str]) -> list[str]:
+        if any("\x00" in a for a in value):
+            raise ValueError("arguments must not contain NUL bytes")
+        return value
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class RunError(BaseModel):
+    name: str | None = None
+    message: str
+    stack: str | None = None
+
+
+class RunResult(BaseModel):
+    command_id: str
+    sandbox_id: str
+    language: Language
+    status: CommandStatus
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    result: Any = Field(default=None, description="The value given to result.set (JSON)")
+    error: RunError | None = Field(
+        default=None, description="From result.error, an uncaught error, a timeout, ..."
+    )
+    duration_ms: int | None = None

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 USER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}$"
 NAMED_COMMAND_ID = "nc"
 BUILTINS = ("cmd-tokens",)
+RUN_SANDBOX_MARGIN_SECONDS = 60  # a run's sandbox outlives its command's timeout by this much
 
 
 def utcnow() -> datetime:
@@ -476,14 +477,18 @@ class NamedCommandService:
             raise InvalidArgument("arguments must not contain NUL bytes")
         line = " ".join([command.command, *(shlex.quote(a) for a in args)])
         fresh: str | None = None
+        started: CommandRow | None = None
         try:
             if command.sandbox_id is not None:
                 sandbox = await self.sandboxes.running_row(command.sandbox_id)
             else:
+                # A lifetime, so that even a crash of the server cannot leave it behind.
+                timeout_ms = command.timeout_ms or self.commands.settings.default_timeout_ms
                 created = await self.sandboxes.create(
                     SandboxCreate(
                         template=command.template,
                         labels={"cmdio.owner": command.owner, "cmdio.command": command.name},
+                        ttl_seconds=timeout_ms // 1000 + RUN_SANDBOX_MARGIN_SECONDS,
                     )
                 )
                 fresh = created.id
@@ -492,34 +497,32 @@ class NamedCommandService:
                 sandbox,
                 ExecRequest(command=line, env=command.env, timeout_ms=command.timeout_ms),
                 source=source,
-                interactive=interactive or stdin is not None,
+                stdin=stdin,
+                interactive=interactive,
                 tty=tty,
                 rows=rows,
                 cols=cols,
             )
-            if execution is not None and stdin is not None and not interactive:
-                feeder = asyncio.ensure_future(_feed(execution, stdin))
-                self._cleanups.add(feeder)
-                feeder.add_done_callback(self._cleanups.discard)
+            started = row
             yield NamedRun(command, sandbox, row, execution)
         finally:
             if fresh is not None:
-                # Removing the sandbox ends whatever the command left running; its history
-                # stays.
-                task = asyncio.ensure_future(self._remove(fresh))
+                # A caller that went away (a closed stream) does not end the run: the command
+                # goes on to its end or its timeout. Then the sandbox is removed, which ends
+                # whatever the command left running; its history stays.
+                done = started is None or self.commands.node.execution(started.id) is None
+                task = asyncio.ensure_future(
+                    self._remove(fresh, None if done or started is None else started.id)
+                )
                 self._cleanups.add(task)
                 task.add_done_callback(self._cleanups.discard)
-                await asyncio.shield(task)
+                if done:
+                    await asyncio.shield(task)
 
-    async def _remove(self, sandbox_id: str) -> None:
+    async def _remove(self, sandbox_id: str, running: str | None = None) -> None:
+        if running is not None:
+            await self.commands.wait_finished(running)
         try:
             await self.sandboxes.delete(sandbox_id)
         except Exception:
             log.exception("could not remove the sandbox %s of a named command", sandbox_id)
-
-
-async def _feed(execution: Execution, data: bytes) -> None:
-    with contextlib.suppress(Exception):
-        if data:
-            await execution.write_stdin(data)
-        await execution.close_stdin()

@@ -83,6 +83,7 @@ class SandboxService:
             dir=self.data_dir / "sandboxes" / row.id,
             env=dict(row.spec.get("env", {})),
             limits=self.limits(row),
+            template=row.template,
             network=row.spec.get("network", "none"),
             allow=tuple(row.spec.get("allow", [])),
         )
@@ -169,8 +170,9 @@ class SandboxService:
             updated_at=now,
             expires_at=now + timedelta(seconds=req.ttl_seconds) if req.ttl_seconds else None,
         )
-        if req.template != "host":
-            raise Conflict(f"unknown template {req.template!r}; available: host")
+        available = self.node.templates()
+        if req.template not in available:
+            raise Conflict(f"unknown template {req.template!r}; available: {', '.join(available)}")
         if req.network != "none" and not self.node.enforceable().get("network"):
             raise Unavailable("this host cannot give sandboxes a network policy")
         async with self._alloc_lock:
@@ -228,7 +230,14 @@ class SandboxService:
             row = await self.row(row.id)
             if row.state == SandboxState.deleted.value:
                 return self.model(row)
-            await self.node.remove_sandbox(self.config(row))
+            try:
+                await self.node.remove_sandbox(self.config(row))
+            except OSError as exc:
+                log.warning("sandbox %s: removing its files failed: %s", row.id, exc)
+                raise Unavailable(
+                    f"the sandbox's files could not be removed ({exc}); "
+                    "its processes are stopped: try the delete again"
+                ) from None
             row = await self._set_state(row.id, SandboxState.deleted)
         self._locks.pop(row.id, None)
         return self.model(row)
@@ -315,6 +324,12 @@ class SandboxService:
                 return self.model(row)
             if row.state == SandboxState.deleted.value:
                 raise Conflict(f"sandbox {row.id} is deleted")
+            ttl = row.spec.get("ttl_seconds")
+            if ttl and row.expires_at is not None and row.expires_at <= utcnow():
+                async with self.db.transaction() as session:  # a new lifetime from now
+                    stored = await session.get(SandboxRow, row.id)
+                    assert stored is not None
+                    stored.expires_at = row.expires_at = utcnow() + timedelta(seconds=ttl)
             await self._set_state(row.id, SandboxState.creating)
             await self._boot(row)
         return await self.get(row.id)
@@ -373,13 +388,16 @@ class SandboxService:
                         await session.scalars(
                             select(SandboxRow.id).where(
                                 SandboxRow.node_id == self.node.id,
-                                SandboxRow.state != SandboxState.deleted.value,
+                                SandboxRow.state.in_(
+                                    [SandboxState.running.value, SandboxState.paused.value]
+                                ),
                                 SandboxRow.expires_at <= utcnow(),
                             )
                         )
                     )
                 for sandbox_id in expired:
-                    log.info("sandbox %s reached its ttl", sandbox_id)
-                    await self.delete(sandbox_id)
+                    # Stopped, not deleted: its files and history stay until someone deletes it.
+                    log.info("sandbox %s reached its ttl: stopping it", sandbox_id)
+                    await self.stop(sandbox_id)
             except Exception:
                 log.exception("expiring sandboxes failed")

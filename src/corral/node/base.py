@@ -28,7 +28,12 @@ class CommandSpec:
     tty: bool = False
     rows: int = 24
     cols: int = 80
+    # Standard output is not logged: the caller reads it with Execution.read_stdout() (file
+    # transfers: any size, at the pace of the reader, never through the capped log).
+    raw_stdout: bool = False
+    keep_log: bool = True  # False: the log file is removed once the command has ended
     rlimits: dict[str, int] = field(default_factory=dict)
+    user: str = "user"  # or "root": uid 0 inside the sandbox's user namespace (sudo)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,23 @@ class Execution(abc.ABC):
     @abc.abstractmethod
     def resize(self, rows: int, cols: int) -> None: ...
 
+    @property
+    @abc.abstractmethod
+    def finished(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def stdin_open(self) -> bool:
+        """Whether write_stdin() can still take input (interactive and not yet closed)."""
+
+    @abc.abstractmethod
+    async def read_stdout(self, n: int = 1 << 20) -> bytes:
+        """Up to n bytes of standard output, b"" at its end (raw_stdout commands only)."""
+
+    @abc.abstractmethod
+    def close_stdout(self) -> None:
+        """Stop reading standard output (raw_stdout commands); the writer gets EPIPE."""
+
 
 SandboxDiedCallback = Callable[[str], Awaitable[None]]
 
@@ -110,6 +132,9 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     async def resume_sandbox(self, sandbox_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def templates(self) -> list[str]: ...
 
     @abc.abstractmethod
     def enforceable(self) -> dict[str, str]:

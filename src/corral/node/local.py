@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DRAIN_AFTER_EXIT = 0.25  # how long output is still read once the command's process has exited
 EXIT_AFTER_KILL = 3.0  # how long to wait for the exit report after a kill
 STDIN_BUFFER = 1 << 20  # bytes of stdin buffered for a command before writers wait
+RAW_STDOUT_BUFFER = 1 << 20  # bytes of raw stdout buffered before the pipe stops being read
+RAW_STDOUT_ORPHAN = 300.0  # seconds after the end before an unread raw stdout is closed
 
 
 def utcnow() -> datetime:
@@ -52,6 +54,122 @@ class _PipeReader(asyncio.Protocol):
             self.eof.set_result(None)
 
 
+class _StdinProtocol(asyncio.Protocol):
+    """The write side of a command's stdin, with flow control (drain) for writers."""
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._closed = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def drain(self) -> None:
+        while self._paused and not self._closed:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+
+
+class _TerminalWriter:
+    """Input to a terminal's master side, written without an event-loop pipe transport.
+
+    uvloop's write-pipe transport also reads from its descriptor (to notice the reader going
+    away); on a terminal that read takes the command's output, which then never reaches the
+    log. This writer only writes: non-blocking, buffered, with the same flow control.
+    """
+
+    def __init__(self, fd: int, protocol: _StdinProtocol, high: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._protocol = protocol
+        self._high = high
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._watching = False
+        self._paused = False
+        self._closing = False
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if not self._buffer:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.abort()
+                return
+        if data:
+            self._buffer += data
+            if not self._watching:
+                self._loop.add_writer(self._fd, self._ready)
+                self._watching = True
+            if len(self._buffer) > self._high and not self._paused:
+                self._paused = True
+                self._protocol.pause_writing()
+
+    def _ready(self) -> None:
+        try:
+            del self._buffer[: os.write(self._fd, self._buffer)]
+        except BlockingIOError:
+            return
+        except OSError:
+            self.abort()
+            return
+        if self._paused and len(self._buffer) <= self._high // 4:
+            self._paused = False
+            self._protocol.resume_writing()
+        if not self._buffer:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+            if self._closing:
+                self._finish()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+        if not self._buffer:
+            self._finish()
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self._closing = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+        os.close(self._fd)
+        self._protocol.connection_lost(None)
+
+
 class LocalExecution(Execution):
     def __init__(
         self, node: LocalNode, spec: CommandSpec, process: ProcessHandle, log: OutputLog
@@ -64,8 +182,12 @@ class LocalExecution(Execution):
         self._reason: CommandStatus | None = None  # timed_out or cancelled, once decided
         self._killed = asyncio.Event()
         self._terminator: asyncio.Future[None] | None = None
-        self._stdin: asyncio.WriteTransport | None = None
+        self._stdin: asyncio.WriteTransport | _TerminalWriter | None = None
+        self._stdin_protocol: _StdinProtocol | None = None
         self._stdin_ready = asyncio.Event()
+        self._stdout: asyncio.StreamReader | None = None
+        self._stdout_transport: asyncio.BaseTransport | None = None
+        self._stdout_ready = asyncio.Event()
         self._done: asyncio.Future[CommandOutcome] = asyncio.get_running_loop().create_future()
         self._task = asyncio.ensure_future(self._supervise())
 
@@ -110,8 +232,11 @@ class LocalExecution(Execution):
             for fd, stream in pipes:
                 if fd is None:
                     continue
-                reader = _PipeReader(self.log, stream)
                 pipe = os.fdopen(fd, "rb", buffering=0)
+                if stream == STDOUT and self.spec.raw_stdout:
+                    await self._connect_raw_stdout(pipe)
+                    continue
+                reader = _PipeReader(self.log, stream)
                 transport, _ = await loop.connect_read_pipe(lambda r=reader: r, pipe)
                 readers.append((transport, reader))
             try:
@@ -126,6 +251,7 @@ class LocalExecution(Execution):
             error = f"internal error: {exc}"
         finally:
             self._stdin_ready.set()
+            self._stdout_ready.set()
             timer.cancel()
             eofs = [r.eof for _, r in readers]
             if eofs:
@@ -156,6 +282,14 @@ class LocalExecution(Execution):
             for fut in (wait, killed):
                 fut.cancel()
 
+    async def _connect_raw_stdout(self, pipe: object) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=RAW_STDOUT_BUFFER // 2, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.connect_read_pipe(lambda: protocol, pipe)
+        self._stdout, self._stdout_transport = reader, transport
+        self._stdout_ready.set()
+
     async def _feed_stdin(self) -> None:
         fd = self.process.stdin_fd
         if fd is None:
@@ -164,12 +298,25 @@ class LocalExecution(Execution):
             os.close(fd)
             return
         loop = asyncio.get_running_loop()
-        pipe = os.fdopen(fd, "wb", buffering=0)
-        self._stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+        protocol = _StdinProtocol()
+        transport: asyncio.WriteTransport | _TerminalWriter
+        if self.spec.tty:
+            transport = _TerminalWriter(fd, protocol, STDIN_BUFFER)
+        else:
+            pipe = os.fdopen(fd, "wb", buffering=0)
+            transport, _ = await loop.connect_write_pipe(lambda: protocol, pipe)
+            transport.set_write_buffer_limits(high=STDIN_BUFFER)
+        self._stdin, self._stdin_protocol = transport, protocol
         if self.spec.stdin:
-            self._stdin.write(self.spec.stdin)
+            transport.write(self.spec.stdin)
         if not self.spec.interactive:
-            self._stdin.close()  # flushes what is buffered, then closes: the command sees EOF
+            transport.close()  # flushes what is buffered, then closes: the command sees EOF
+
+    @property
+    def stdin_open(self) -> bool:
+        if not self.spec.interactive or self._done.done():
+            return False
+        return self._stdin is None or not self._stdin.is_closing()
 
     async def write_stdin(self, data: bytes) -> None:
         await self._stdin_ready.wait()
@@ -177,9 +324,20 @@ class LocalExecution(Execution):
             raise BrokenPipeError("standard input is closed")
         self._stdin.write(data)
         # Back-pressure: do not buffer without bound for a command that does not read.
-        stdin = self._stdin
-        while stdin.get_write_buffer_size() > STDIN_BUFFER and not stdin.is_closing():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)  # the transport has no drain event to wait on
+        if self._stdin_protocol is not None:
+            await self._stdin_protocol.drain()
+
+    async def read_stdout(self, n: int = 1 << 20) -> bytes:
+        if not self.spec.raw_stdout:
+            raise RuntimeError("standard output of this command goes to its log")
+        await self._stdout_ready.wait()
+        if self._stdout is None:
+            return b""
+        return await self._stdout.read(n)
+
+    def close_stdout(self) -> None:
+        if self._stdout_transport is not None and not self._stdout_transport.is_closing():
+            self._stdout_transport.close()
 
     async def close_stdin(self) -> None:
         await self._stdin_ready.wait()
@@ -310,6 +468,9 @@ class LocalNode(Node):
     def enforceable(self) -> dict[str, str]:
         return self.runtime.enforceable()
 
+    def templates(self) -> list[str]:
+        return self.runtime.templates()
+
     def sandbox_running(self, sandbox_id: str) -> bool:
         handle = self._sandboxes.get(sandbox_id)
         return handle is not None and handle.alive
@@ -334,12 +495,23 @@ class LocalNode(Node):
                 rows=spec.rows,
                 cols=spec.cols,
                 rlimits=spec.rlimits,
+                user=spec.user,
             )
         )
         output = OutputLog(self.log_path(spec.sandbox_id, spec.id), spec.max_output_bytes)
         execution = LocalExecution(self, spec, process, output)
         self._executions[spec.id] = execution
-        execution._done.add_done_callback(lambda _: self._executions.pop(spec.id, None))
+
+        def ended(_: object) -> None:
+            self._executions.pop(spec.id, None)
+            if not spec.keep_log:
+                with contextlib.suppress(OSError):
+                    output.path.unlink()
+            if spec.raw_stdout:
+                # The reader closes raw stdout when done with it; never keep a forgotten one.
+                asyncio.get_running_loop().call_later(RAW_STDOUT_ORPHAN, execution.close_stdout)
+
+        execution._done.add_done_callback(ended)
         return execution
 
     def execution(self, command_id: str) -> Execution | None:

@@ -37,6 +37,7 @@ class SandboxConfig:
     dir: Path  # host directory holding the sandbox's files (workspace, ...)
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    template: str = "host"  # root file system: the host's /usr, or a registered template
     network: str = "none"  # none | allow | outbound
     allow: tuple[str, ...] = ()  # CIDRs the sandbox may reach
 
@@ -162,6 +163,10 @@ class Runtime(abc.ABC):
     def enforceable(self) -> dict[str, str]:
         """Which sandbox limits this host enforces (limit -> mechanism; empty: not enforced)."""
         return {}
+
+    def templates(self) -> list[str]:
+        """Root file system templates sandboxes may start from."""
+        return ["host"]
 
     @abc.abstractmethod
     async def start(self, config: SandboxConfig) -> SandboxHandle: ...

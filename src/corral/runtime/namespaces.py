@@ -43,7 +43,10 @@ from corral.runtime.seccomp import build_filter
 log = logging.getLogger(__name__)
 
 SANDBOX_UID = 1000
-SUPERVISOR_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_FOWNER")
+SUPERVISOR_CAPS = (
+    "CAP_SETUID", "CAP_SETGID", "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_FOWNER",
+    "CAP_SETPCAP",  # only to empty the bounding set of ordinary commands
+)  # fmt: skip
 MAX_MESSAGE = 1 << 20  # the supervisor reads at most this much per message
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
@@ -111,8 +114,10 @@ class NamespacesRuntime(Runtime):
         uid_base: int,
         cgroup_name: str,
         tools_dir: Path | None = None,
+        templates_dir: Path | None = None,
         tmp_mb: int = 1024,
     ):
+        self.templates_dir = templates_dir
         self.data_dir = data_dir
         self.tools_dir = tools_dir  # shown read-only at /opt/corral (interpreters, helpers)
         self.uid_base = uid_base
@@ -196,6 +201,22 @@ class NamespacesRuntime(Runtime):
         """The host uid that uid 0 inside (sudo) maps to: unprivileged on the host too."""
         return self.uid_base + 2 * config.slot
 
+    def templates(self) -> list[str]:
+        found = ["host"]
+        if self.templates_dir is not None and self.templates_dir.is_dir():
+            found += sorted(
+                p.name for p in self.templates_dir.iterdir() if (p / "usr" / "bin").is_dir()
+            )
+        return found
+
+    def template_root(self, config: SandboxConfig) -> Path:
+        """The directory whose usr/ (and etc/) the sandbox's root is made of."""
+        if config.template == "host":
+            return Path("/")
+        if self.templates_dir is None or config.template not in self.templates():
+            raise RuntimeError(f"no template {config.template!r}")
+        return self.templates_dir / config.template
+
     def storage(self, config: SandboxConfig) -> Path:
         """Where the sandbox's writable directories live: its own file system when it has a
         disk limit, else its directory."""
@@ -218,7 +239,7 @@ class NamespacesRuntime(Runtime):
             "--cap-drop", "ALL", *[a for c in SUPERVISOR_CAPS for a in ("--cap-add", c)],
             "--clearenv", "--setenv", "PATH", DEFAULT_ENV["PATH"],
             "--hostname", "sandbox",
-            "--ro-bind", "/usr", "/usr",
+            "--ro-bind", str(self.template_root(config) / "usr"), "/usr",
             "--symlink", "usr/bin", "/bin",
             "--symlink", "usr/lib", "/lib",
             "--symlink", "usr/lib64", "/lib64",
@@ -358,12 +379,12 @@ class NamespacesRuntime(Runtime):
             self._mount_disk(config, uid)
             tmp = storage / "tmp"
             if tmp.exists():
-                shutil.rmtree(tmp)  # /tmp starts empty, as a tmpfs would
+                remove_tree(tmp)  # /tmp starts empty, as a tmpfs would
             tmp.mkdir()
             os.chown(tmp, uid, uid)
             tmp.chmod(0o1777)
         root = self.host_root_uid(config)
-        self._seed_etc(storage / "etc", root)
+        self._seed_etc(storage / "etc", root, self.template_root(config))
         usr_local = storage / "usr-local"
         usr_local.mkdir(exist_ok=True)
         if os.lstat(usr_local).st_uid != root:
@@ -376,18 +397,24 @@ class NamespacesRuntime(Runtime):
         if st.st_uid != uid:
             os.chown(ws, uid, uid, follow_symlinks=False)
 
-    def _seed_etc(self, etc: Path, root: int) -> None:
-        """A new sandbox's /etc: the generated files, and links to the host's shown parts."""
+    def _seed_etc(self, etc: Path, root: int, template: Path) -> None:
+        """A new sandbox's /etc: a template's own etc/ if it has one, the generated files, and
+        links to the host's shown parts."""
         if etc.is_dir():
             return  # kept from an earlier start: root inside may have changed it
         seed = etc.with_name("etc.new")
         if seed.exists():
             shutil.rmtree(seed)
-        seed.mkdir()
+        if template != Path("/") and (template / "etc").is_dir():
+            shutil.copytree(template / "etc", seed, symlinks=True)
+            for path in seed.rglob("*"):
+                os.chown(path, root, root, follow_symlinks=False)
+        else:
+            seed.mkdir()
         for name, text in ETC_FILES.items():
             (seed / name).write_text(text)
         for name in dict.fromkeys(HOST_ETC):
-            if (Path("/etc") / name).exists():
+            if (Path("/etc") / name).exists() and not (seed / name).exists():
                 (seed / name).symlink_to(f"{HOST_ETC_MOUNT}/{name}")
         for path in [seed, *seed.iterdir()]:
             os.chown(path, root, root, follow_symlinks=False)
@@ -425,7 +452,7 @@ class NamespacesRuntime(Runtime):
     async def remove_files(self, config: SandboxConfig) -> None:
         await asyncio.to_thread(self.unmount_disk, config)
         # rmtree on Linux walks with file descriptors and never follows symlinks.
-        await asyncio.to_thread(shutil.rmtree, config.dir, True)
+        await asyncio.to_thread(remove_tree, config.dir)
 
     async def close(self) -> None:
         await self.sweep()
@@ -451,6 +478,19 @@ class NamespacesRuntime(Runtime):
             target = line.split()[1]
             if target.startswith(prefix):
                 subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree the sandbox controlled. GNU rm walks it without recursion (a
+    tree thousands of levels deep is fine) and never follows symlinks or leaves the file
+    system."""
+    if not os.path.lexists(path):
+        return
+    done = subprocess.run(
+        ["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True, text=True
+    )
+    if done.returncode != 0 or os.path.lexists(path):
+        raise OSError(f"could not remove {path}: {done.stderr.strip()[-500:]}")
 
 
 def _pipe_with(data: bytes) -> int:

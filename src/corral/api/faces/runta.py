@@ -1,7 +1,485 @@
-"""The runta face."""
+"""The Runta runtimes API (seed 003), over Corral's core.
+
+A runtime is a Corral sandbox; `{id}` takes its id or its name. Answers are `{"data": ...}`;
+errors `{"error": {"code", "message"}, "request_id"}` with Runta's snake_case codes.
+
+Where Corral differs from Runta:
+- `command` is run by bash as a shell string when `args` is empty or absent, and as a program
+  with those arguments (no shell) when `args` has items.
+- A relative `cwd` is taken inside /workspace (the runtime's home); the default is /workspace.
+- `stdin` is UTF-8 text, written and then closed. `max_output_bytes` caps each stream; the
+  command's pipes keep being drained past the cap, and `*_truncated` tells that bytes were
+  dropped. `timeout_secs` kills every process of the command with SIGKILL: the answer is still a
+  200 with the output so far, `exit_code` 137 and `timed_out: true` (a field Runta lacks).
+  A command killed by signal N has exit code 128+N.
+- A command that cannot start (no such program, no such `cwd`) is a 422 `invalid_argument`.
+- Creating a runtime with a name in use is a 409 `already_exists`; running in a stopped runtime
+  is a 409 `failed_precondition`; a server-wide quota is a 429 `resource_exhausted`.
+- `resources.requests.disk_gib` is kept as the runtime's disk limit, in MiB.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import base64
+import contextlib
+import json
+import signal as signals
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
-router = APIRouter(tags=["runta"])
+from fastapi import Depends, Query, Request, Response, WebSocket
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.websockets import WebSocketDisconnect
+
+from corral.api.auth import get_services, token_from_request
+from corral.api.faces._common import (
+    Problem,
+    authenticate,
+    face_router,
+    shell_exit_code,
+    usable_sandbox,
+)
+from corral.core.errors import Conflict, InvalidArgument, PayloadTooLarge, PermissionDenied
+from corral.core.models import (
+    Command,
+    CommandStatus,
+    ExecRequest,
+    Sandbox,
+    SandboxCreate,
+    Scope,
+)
+from corral.core.sandboxes import to_model as sandbox_model
+from corral.core.tokens import Principal
+from corral.node.output_log import STDOUT, follow
+from corral.services import Services
+from corral.store.tables import SandboxRow
+
+TAG = "Runta (seed 003)"
+WORKSPACE = "/workspace"
+CODES = {
+    400: "invalid_argument",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "invalid_argument",
+    409: "failed_precondition",
+    413: "resource_exhausted",
+    422: "invalid_argument",
+    429: "resource_exhausted",
+    500: "internal",
+    502: "unavailable",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+
+def render(request: Request, problem: Problem) -> Response:
+    status = problem.status
+    code = CODES.get(status, "internal")
+    if status == 400:
+        status = 422  # Runta has no 400: malformed requests are validation errors
+    if problem.code == "already_exists":
+        code = "already_exists"
+    body = {
+        "error": {"code": code, "message": problem.message},
+        "request_id": getattr(request.state, "request_id", None),
+    }
+    return JSONResponse(body, status_code=status)
+
+
+router = face_router(TAG, render)
+
+
+class AlreadyExists(Conflict):
+    code = "already_exists"
+
+
+async def caller(request: Request) -> Principal:
+    return await authenticate(request)
+
+
+# --- wire shapes -------------------------------------------------------------------------------
+
+
+class Requests(BaseModel):
+    vcpus: float | None = Field(default=None, gt=0, le=256)
+    memory_mib: int | None = Field(default=None, ge=16)
+    disk_gib: float | None = Field(default=None, gt=0)
+
+
+class Resources(BaseModel):
+    requests: Requests = Field(default_factory=Requests)
+
+
+class CreateRuntime(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = Field(default=None, description="Display name, unique among runtimes")
+    resources: Resources = Field(default_factory=Resources)
+    env: dict[str, str] = Field(default_factory=dict, description="Env for every command")
+
+
+class ExecBody(BaseModel):
+    """Buffered command execution request."""
+
+    args: list[str] = Field(default_factory=list, description="Positional arguments.")
+    command: str = Field(min_length=1, description="Executable or shell command.")
+    cwd: str | None = Field(default=None, description="Working directory inside the runtime.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables.")
+    max_output_bytes: int | None = Field(
+        default=None, ge=0, description="Maximum bytes to retain per output stream."
+    )
+    stdin: str | None = Field(default=None, description="Standard input as UTF-8 text.")
+    timeout_secs: float | None = Field(default=None, gt=0, description="Timeout in seconds.")
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def runtime_json(found: SandboxRow | Sandbox) -> dict[str, Any]:
+    sandbox = sandbox_model(found) if isinstance(found, SandboxRow) else found
+    disk = sandbox.disk_mb
+    return {
+        "id": sandbox.id,
+        "name": sandbox.name,
+        "status": sandbox.state.value,
+        "resources": {
+            "requests": {
+                "vcpus": sandbox.cpu,
+                "memory_mib": sandbox.memory_mb,
+                "disk_gib": disk / 1024 if disk else None,
+            }
+        },
+        "created_at": iso(sandbox.created_at),
+        "updated_at": iso(sandbox.updated_at),
+    }
+
+
+def exec_json(command: Command) -> dict[str, Any]:
+    return {
+        "duration_ms": command.duration_ms or 0,
+        "exit_code": shell_exit_code(command),
+        "stderr": command.stderr or "",
+        "stderr_truncated": command.stderr_truncated,
+        "stdout": command.stdout or "",
+        "stdout_truncated": command.stdout_truncated,
+        "timed_out": command.status is CommandStatus.timed_out,
+    }
+
+
+def cwd_of(value: str | None) -> str | None:
+    if value is None or value.startswith("/"):
+        return value
+    return f"{WORKSPACE}/{value}"
+
+
+# --- runtimes ----------------------------------------------------------------------------------
+
+
+@router.post("/v1/runtimes", status_code=201, summary="Create a runtime")
+async def create_runtime(
+    body: CreateRuntime,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.sandboxes)
+    if principal.sandbox_ids is not None:
+        raise PermissionDenied("a token limited to certain sandboxes cannot create runtimes")
+    wanted = body.resources.requests
+    try:
+        created = await services.sandboxes.create(
+            SandboxCreate(
+                name=body.name,
+                env=body.env,
+                cpu=wanted.vcpus,
+                memory_mb=wanted.memory_mib,
+                disk_mb=max(1, round(wanted.disk_gib * 1024)) if wanted.disk_gib else None,
+                labels={"face": "runta"},
+            )
+        )
+    except Conflict as exc:
+        if "exists already" in exc.message:
+            raise AlreadyExists(exc.message) from None
+        raise
+    return {"data": runtime_json(await services.sandboxes.row(created.id))}
+
+
+@router.get("/v1/runtimes", summary="List runtimes")
+async def list_runtimes(
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.read)
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = await services.sandboxes.list(only=principal.sandbox_ids, cursor=cursor, limit=500)
+        for sandbox in page.items:
+            items.append(runtime_json(sandbox))
+        cursor = page.next_cursor
+        if cursor is None:
+            return {"data": items}
+
+
+@router.get("/v1/runtimes/{runtime}", summary="One runtime (by id or name)")
+async def get_runtime(
+    runtime: str,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.read)
+    return {"data": runtime_json(await usable_sandbox(services, principal, runtime))}
+
+
+@router.delete("/v1/runtimes/{runtime}", summary="Delete a runtime")
+async def delete_runtime(
+    runtime: str,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.sandboxes)
+    row = await usable_sandbox(services, principal, runtime)
+    await services.sandboxes.delete(row.id)
+    return {"data": runtime_json(await services.sandboxes.row(row.id))}
+
+
+@router.post("/v1/runtimes/{runtime}/exec", summary="Run a buffered command")
+async def exec_command(
+    runtime: str,
+    body: ExecBody,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.exec)
+    req = ExecRequest(
+        command=body.command,
+        args=body.args or None,
+        cwd=cwd_of(body.cwd),
+        env=body.env,
+        stdin=body.stdin,
+        timeout_ms=max(1, round(body.timeout_secs * 1000)) if body.timeout_secs else None,
+        max_output_bytes=body.max_output_bytes,
+    )
+    row = await usable_sandbox(services, principal, runtime)
+    row = await services.sandboxes.running_row(row.id)
+    command = await services.commands.run(row, req, source="runta")
+    if command.status is CommandStatus.failed:
+        raise InvalidArgument(command.error or "the command could not start")
+    return {"data": exec_json(command)}
+
+
+# --- single files -------------------------------------------------------------------------------
+
+
+async def _file_body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        yield chunk
+
+
+@router.get(
+    "/v1/runtimes/{runtime}/files",
+    summary="One file's raw bytes",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def read_file(
+    runtime: str,
+    path: str = Query(..., min_length=1, description="Absolute, or relative to /workspace"),
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> StreamingResponse:
+    principal.require(Scope.files)
+    row = await usable_sandbox(services, principal, runtime)
+    row = await services.sandboxes.running_row(row.id)
+    header, stream = await services.files.open_download(row.id, "read", {"path": path})
+    return StreamingResponse(
+        stream,
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(int(header["size"]))},
+    )
+
+
+@router.put(
+    "/v1/runtimes/{runtime}/files",
+    summary="Write one file (parents created, replaced atomically)",
+    openapi_extra={
+        "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}
+    },
+)
+async def write_file(
+    runtime: str,
+    request: Request,
+    path: str = Query(..., min_length=1, description="Absolute, or relative to /workspace"),
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.files)
+    row = await usable_sandbox(services, principal, runtime)
+    row = await services.sandboxes.running_row(row.id)
+    length = request.headers.get("content-length")
+    limit = services.settings.max_upload_bytes
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the file exceeds {limit} bytes")
+    info = await services.files.write_file(row.id, path, _file_body(request), mode=None)
+    return {"data": info.model_dump(mode="json")}
+
+
+# --- streaming exec: one command per WebSocket connection, JSON frames --------------------------
+
+SIGNALS = {"INT": signals.SIGINT, "TERM": signals.SIGTERM, "KILL": signals.SIGKILL,
+           "HUP": signals.SIGHUP, "QUIT": signals.SIGQUIT}  # fmt: skip
+
+
+async def _ws_error(ws: WebSocket, message: str, close_code: int = 1000) -> None:
+    with contextlib.suppress(Exception):
+        await ws.send_text(json.dumps({"type": "error", "message": message}))
+        await ws.close(close_code)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+async def deny(ws: WebSocket, response: Response) -> None:
+    """Refuse a WebSocket before it opens: the HTTP answer when the server can send one."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(response)
+    else:
+        await ws.close(1008)
+
+
+class StartFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    command: str = Field(min_length=1)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    tty: bool = False
+    rows: int = Field(default=24, ge=1, le=1000)
+    cols: int = Field(default=80, ge=1, le=1000)
+    timeout_secs: float | None = Field(default=None, gt=0, description="Corral addition")
+
+
+@router.websocket("/v2/runtimes/{runtime}/exec/stream")
+async def exec_stream(ws: WebSocket, runtime: str) -> None:
+    """One command per connection. Client frames: `start` (first), `stdin`, `resize`, `signal`,
+    `close_stdin`, `heartbeat`. Server frames: `stdout`/`stderr` (base64), `heartbeat`, then
+    exactly one `exit` or `error`, and a normal close."""
+    services: Services = ws.app.state.services
+    try:
+        principal = await services.tokens.authenticate(token_from_request(ws))  # type: ignore[arg-type]
+        principal.require(Scope.exec)
+        row = await usable_sandbox(services, principal, runtime)
+    except Exception as exc:
+        problem = Problem.of(exc)
+        if problem is None:
+            raise
+        ws.state.request_id = None
+        await deny(ws, render(ws, problem))  # type: ignore[arg-type]
+        return
+    await ws.accept()
+    try:
+        first = json.loads(await ws.receive_text())
+        if not isinstance(first, dict) or first.get("type") != "start":
+            await _ws_error(ws, 'the first frame must be {"type": "start", ...}')
+            return
+        start = StartFrame.model_validate(first)
+        req = ExecRequest(
+            command=start.command,
+            args=start.args or None,
+            cwd=cwd_of(start.cwd),
+            env=start.env,
+            timeout_ms=max(1, round(start.timeout_secs * 1000)) if start.timeout_secs else None,
+        )
+        row = await services.sandboxes.running_row(row.id)
+        command_row, execution = await services.commands.start(
+            row, req, source="runta", interactive=True, tty=start.tty,
+            rows=start.rows, cols=start.cols,
+        )  # fmt: skip
+    except WebSocketDisconnect:
+        return
+    except Exception as exc:
+        problem = Problem.of(exc) if not isinstance(exc, ValueError | KeyError) else None
+        message = problem.message if problem is not None else f"invalid start frame: {exc}"
+        await _ws_error(ws, message)
+        return
+    if execution is None:
+        await _ws_error(ws, command_row.error or "the command could not start")
+        return
+
+    send_lock = asyncio.Lock()
+
+    async def send(frame: dict[str, Any]) -> None:
+        async with send_lock:
+            await ws.send_text(json.dumps(frame))
+
+    async def pump_output() -> None:
+        path = services.node.log_path(row.id, command_row.id)
+        async for chunk in follow(path, 0, execution.log):
+            kind = "stdout" if chunk.stream == STDOUT else "stderr"
+            await send({"type": kind, "data_base64": _b64(chunk.data)})
+
+    async def read_client() -> None:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                frame = json.loads(message.get("text") or "")
+                kind = frame.get("type")
+            except (ValueError, AttributeError):
+                continue  # not a JSON object: ignored
+            if kind == "stdin":
+                with contextlib.suppress(BrokenPipeError, ValueError, TypeError):
+                    await execution.write_stdin(base64.b64decode(frame.get("data_base64", "")))
+            elif kind == "close_stdin":
+                await execution.close_stdin()
+            elif kind == "resize":
+                with contextlib.suppress(TypeError, ValueError):
+                    execution.resize(int(frame["rows"]), int(frame["cols"]))
+            elif kind == "signal":
+                number = SIGNALS.get(str(frame.get("signal", "")).upper().removeprefix("SIG"))
+                if number is not None:
+                    await execution.signal(number)
+            elif kind == "heartbeat":
+                await send({"type": "heartbeat"})
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(services.settings.heartbeat_seconds)
+            await send({"type": "heartbeat"})
+
+    reader = asyncio.ensure_future(read_client())
+    beater = asyncio.ensure_future(heartbeat())
+    try:
+        pump = asyncio.ensure_future(pump_output())
+        done, _ = await asyncio.wait({pump, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            # The client went away: end its input; the command runs on to its end or its
+            # timeout, and stays in the history.
+            pump.cancel()
+            with contextlib.suppress(Exception):
+                await execution.close_stdin()
+            return
+        await pump
+        await services.commands.wait_finished(command_row.id)
+        final = await services.commands.get(row.id, command_row.id)
+        if final.status in (CommandStatus.failed, CommandStatus.lost):
+            await send({"type": "error", "message": final.error or final.status.value})
+        else:
+            await send({"type": "exit", "code": shell_exit_code(final)})
+        await ws.close(1000)
+    except (WebSocketDisconnect, RuntimeError):
+        with contextlib.suppress(Exception):
+            await execution.close_stdin()
+    finally:
+        for task in (reader, beater):
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a client that went away is no error

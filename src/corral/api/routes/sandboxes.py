@@ -11,6 +11,7 @@ from corral.core.tokens import Principal
 from corral.services import Services
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+templates_router = APIRouter(tags=["sandboxes"])
 
 
 async def visible_sandbox(services: Services, caller: Principal, ref: str) -> Sandbox:
@@ -44,6 +45,14 @@ async def list_sandboxes(
         limit=limit,
         cursor=cursor,
     )
+
+
+@templates_router.get("/v1/templates", response_model=list[str])
+async def list_templates(services: ServicesDep, caller: Caller) -> list[str]:
+    """Root file system templates: 'host' (the host's /usr) and those the operator placed in
+    the templates directory."""
+    caller.require(Scope.read)
+    return services.node.templates()
 
 
 @router.get("/{sandbox}", response_model=Sandbox)

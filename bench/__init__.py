@@ -1,0 +1,1 @@
+"""Corral benchmarks, side by side with the bare machine: `python -m bench.run` (see README.md)."""

@@ -1,0 +1,272 @@
+"""WebSocket sessions on a command: the exec protocol and attach share this.
+
+Server frames are the output events of `corral.core.events` (JSON text frames): stdout, stderr,
+heartbeat, then exactly one terminal frame, `exit` or `error`, after which the server closes the
+socket (1000). The exec protocol sends a `started` frame first.
+
+Client frames (JSON text): stdin {data | data_base64}, resize {rows, cols}, signal {signal},
+close_stdin, heartbeat. A binary frame is stdin bytes as they are. Input goes to the command in
+order, with back-pressure: a command that does not read its input slows the client down, never
+the server's memory. A frame the protocol does not allow ends the session with an `error` frame
+(code `invalid_frame`) and close code 1008; the command runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import signal as signals
+from typing import Any
+
+import pydantic
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from corral.api.auth import token_from_request
+from corral.core.errors import CorralError, InvalidArgument, RateLimited
+from corral.core.events import Encoding, command_events
+from corral.core.models import (
+    ClientFrame,
+    ClientHeartbeatFrame,
+    CloseStdinFrame,
+    ResizeFrame,
+    SignalFrame,
+    StdinFrame,
+)
+from corral.core.tokens import Principal
+from corral.node.base import Execution
+from corral.services import Services
+from corral.store.tables import CommandRow
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+STDIN_QUEUE = 64  # frames of input waiting for the command
+START_TIMEOUT = 30.0  # seconds to wait for the exec protocol's start frame
+FRAMES = pydantic.TypeAdapter(ClientFrame)
+_CLOSE = object()
+
+
+def parse_signal(value: str | int) -> int:
+    """A signal by number or name (`INT`, `SIGINT`, `int`, `"2"`)."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        number = int(value)
+        if 1 <= number <= signals.SIGRTMAX:
+            return number
+    elif isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        with contextlib.suppress(KeyError):
+            return int(signals.Signals[name])
+    raise InvalidArgument(f"unknown signal {value!r}")
+
+
+async def authenticate(websocket: WebSocket, services: Services) -> Principal | None:
+    """The caller, by any token style the HTTP API takes; None once the handshake is refused."""
+    try:
+        return await services.tokens.authenticate(token_from_request(websocket))  # type: ignore[arg-type]
+    except CorralError as exc:
+        await refuse(websocket, exc)
+        return None
+
+
+async def refuse(websocket: WebSocket, exc: CorralError) -> None:
+    """Refuse a handshake: with the API's error answer when the server can send one (an HTTP
+    status the client sees), else by closing with 1008."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        body = {"error": {"code": exc.code, "message": exc.message, "details": exc.details}}
+        headers = None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        await websocket.send_denial_response(JSONResponse(body, exc.status, headers=headers))
+    else:
+        await websocket.close(code=CLOSE_POLICY, reason=exc.message[:120])
+
+
+async def send_error(websocket: WebSocket, exc: CorralError) -> None:
+    """After the handshake: one terminal `error` frame, then close."""
+    frame = {"type": "error", "code": exc.code, "message": exc.message}
+    code = CLOSE_INTERNAL if exc.status >= 500 else CLOSE_POLICY
+    if exc.status in (429, 503):
+        code = CLOSE_TRY_AGAIN
+    with contextlib.suppress(Exception):
+        await websocket.send_text(json.dumps(frame))
+        await websocket.close(code=code, reason=exc.message[:120])
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Session:
+    """A client attached to one command over a WebSocket (already accepted)."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        services: Services,
+        row: CommandRow,
+        execution: Execution | None,
+        *,
+        offset: int = 0,
+        encoding: Encoding = "auto",
+        kill_on_disconnect: bool = False,
+        may_send: bool = True,
+    ) -> None:
+        self.websocket = websocket
+        self.services = services
+        self.row = row
+        self.execution = execution
+        self.offset = offset
+        self.encoding = encoding
+        self.kill_on_disconnect = kill_on_disconnect
+        self.may_send = may_send  # input needs the exec scope; watching needs read
+        self._stdin: asyncio.Queue[object] = asyncio.Queue(STDIN_QUEUE)
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self.websocket.send_text(json.dumps(frame, separators=(",", ":")))
+
+    async def run(self) -> None:
+        output = asyncio.create_task(self._output())
+        inbound = asyncio.create_task(self._inbound())
+        writer = asyncio.create_task(self._write_stdin())
+        try:
+            done, _ = await asyncio.wait({output, inbound}, return_when=asyncio.FIRST_COMPLETED)
+            if output in done:
+                if output.exception() is None:
+                    with contextlib.suppress(Exception):
+                        await self.websocket.close(code=CLOSE_NORMAL)
+                return
+            outcome = inbound.exception() or inbound.result()
+            output.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await output
+            if isinstance(outcome, ProtocolError):
+                await self._close_with(
+                    {"type": "error", "code": "invalid_frame", "message": str(outcome)},
+                    CLOSE_POLICY,
+                )
+            elif isinstance(outcome, BaseException):
+                log.warning("websocket session on %s failed: %r", self.row.id, outcome)
+                await self._close_with(
+                    {"type": "error", "code": "internal", "message": "internal error"},
+                    CLOSE_INTERNAL,
+                )
+            elif self.kill_on_disconnect and self.execution is not None:
+                self.execution.cancel()
+        finally:
+            for task in (output, inbound, writer):
+                task.cancel()
+            await asyncio.gather(output, inbound, writer, return_exceptions=True)
+
+    async def _close_with(self, frame: dict[str, Any], code: int) -> None:
+        if self.websocket.application_state != WebSocketState.CONNECTED:
+            return
+        with contextlib.suppress(Exception):
+            await self.send(frame)
+            await self.websocket.close(code=code, reason=frame["message"][:120])
+
+    async def _output(self) -> None:
+        events = command_events(
+            self.services.commands,
+            self.row,
+            self.offset,
+            heartbeat=self.services.settings.heartbeat_seconds,
+            encoding=self.encoding,
+        )
+        async for event in events:
+            await self.send(event)
+
+    async def _inbound(self) -> ProtocolError | None:
+        """Client frames until the client goes away (None) or breaks the protocol."""
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message.get("bytes") is not None:
+                await self._input(message["bytes"])
+                continue
+            try:
+                frame = FRAMES.validate_json(message.get("text") or "")
+            except pydantic.ValidationError as exc:
+                problem = exc.errors()[0] if exc.errors() else {}
+                where = ".".join(str(p) for p in problem.get("loc", ()))
+                prefix = f"{where}: " if where else ""
+                return ProtocolError(f"invalid frame: {prefix}{problem.get('msg', 'unreadable')}")
+            try:
+                await self._handle(frame)
+            except (ProtocolError, InvalidArgument) as exc:
+                return ProtocolError(str(getattr(exc, "message", exc)))
+
+    async def _handle(self, frame: Any) -> None:
+        execution = self.execution
+        if not self.may_send and not isinstance(frame, ClientHeartbeatFrame):
+            raise ProtocolError("this token may only watch: input needs the 'exec' scope")
+        if isinstance(frame, StdinFrame):
+            if frame.data_base64 is not None:
+                try:
+                    data = base64.b64decode(frame.data_base64, validate=True)
+                except binascii.Error:
+                    raise ProtocolError("stdin: data_base64 is not base64") from None
+            else:
+                data = (frame.data or "").encode("utf-8")
+            await self._input(data)
+        elif isinstance(frame, CloseStdinFrame):
+            if execution is not None and execution.spec.interactive:
+                await self._stdin.put(_CLOSE)
+        elif isinstance(frame, SignalFrame):
+            signum = parse_signal(frame.signal)
+            if execution is not None and not execution.finished:
+                await execution.signal(signum)
+        elif isinstance(frame, ResizeFrame):
+            if execution is not None and execution.spec.tty:
+                execution.resize(frame.rows, frame.cols)
+        # heartbeat: nothing to do; it kept the connection busy
+
+    async def _input(self, data: bytes) -> None:
+        if not self.may_send:
+            raise ProtocolError("this token may only watch: input needs the 'exec' scope")
+        execution = self.execution
+        if execution is None or not data:
+            return  # the command has ended: input has nowhere to go
+        if not execution.spec.interactive:
+            raise ProtocolError("the command does not take input (start it interactive)")
+        await self._stdin.put(data)
+
+    async def _write_stdin(self) -> None:
+        execution = self.execution
+        if execution is None:
+            return
+        while True:
+            item = await self._stdin.get()
+            try:
+                if item is _CLOSE:
+                    await execution.close_stdin()
+                else:
+                    assert isinstance(item, bytes)
+                    await execution.write_stdin(item)
+            except BrokenPipeError:
+                pass  # closed, or the command exited: later input is dropped like a pipe's
+
+
+async def receive_json(websocket: WebSocket, timeout: float = START_TIMEOUT) -> Any:
+    try:
+        text = await asyncio.wait_for(websocket.receive_text(), timeout)
+    except TimeoutError:
+        raise InvalidArgument(f"no start frame within {timeout:g} seconds") from None
+    except (WebSocketDisconnect, RuntimeError, KeyError):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidArgument("the start frame is not JSON") from None

@@ -1,0 +1,207 @@
+"""The Vercel Sandbox API (seed 004): run a command in a session, with `wait`/`logs` ND-JSON,
+`timeout` (SIGKILL, 137), `sudo`, and the command endpoints; errors in Vercel's shape."""
+
+# ruff: noqa: E501  (the seeds' curl commands are kept as the seeds write them)
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+from tests.faces.conftest import FacesServer, admin_request, new_token, run_curl
+
+pytestmark = pytest.mark.sandbox
+
+COMMAND_KEYS = {"id", "name", "args", "cwd", "sessionId", "exitCode", "startedAt"}
+
+
+def error_of(resp: httpx.Response, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def ndjson(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def session(fapi: httpx.Client) -> Iterator[str]:
+    resp = fapi.post("/v2/sandboxes", json={"resources": {"vcpus": 1}, "runtime": "node22"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["sandbox"]["status"] == "running"
+    assert body["session"]["id"] == body["sandbox"]["id"]
+    yield body["session"]["id"]
+    fapi.delete(f"/v1/sandboxes/{body['sandbox']['id']}")
+
+
+def test_create_sandbox(fapi: httpx.Client) -> None:
+    resp = fapi.post("/v2/sandboxes", json={"resources": {"vcpus": 2}, "timeout": 600_000})
+    sandbox = resp.json()["sandbox"]
+    try:
+        assert {"id", "status", "vcpus", "timeout", "createdAt"} <= set(sandbox)
+        assert sandbox["vcpus"] == 2 and sandbox["timeout"] == 600_000
+        assert fapi.get(f"/v2/sandboxes/{sandbox['id']}").json()["sandbox"]["id"] == sandbox["id"]
+    finally:
+        fapi.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_wait_and_logs_stream_with_curl(faces_server: FacesServer, session: str) -> None:
+    """The seed's request: every body field, and the query parameters of its table."""
+    done = run_curl(
+        """curl -sS -N -X POST "{URL}/v2/sandboxes/sessions/{SESSION}/cmd?teamId=team_1&slug=acme" \\
+  -H "Authorization: Bearer {TOKEN}" \\
+  -H "Content-Type: application/json" \\
+  -d '{"command": "sh", "args": ["-c", "echo out; echo err >&2; sleep 0.2; echo $GREETING; pwd; exit 3"],
+       "cwd": "/tmp", "env": {"GREETING": "hello"}, "sudo": false, "wait": true, "logs": true,
+       "timeout": 10000}' -D /dev/stderr""",
+        URL=faces_server.url, TOKEN=faces_server.admin_key, SESSION=session,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "application/x-ndjson" in done.stderr.lower()
+    lines = ndjson(done.stdout)
+    first, last = lines[0], lines[-1]
+    assert COMMAND_KEYS <= set(first["command"]) and first["command"]["exitCode"] is None
+    assert first["command"]["sessionId"] == session and first["command"]["name"] == "sh"
+    logs = lines[1:-1]
+    assert all(set(line) == {"stream", "data"} for line in logs)
+    out = "".join(line["data"] for line in logs if line["stream"] == "stdout")
+    err = "".join(line["data"] for line in logs if line["stream"] == "stderr")
+    assert out == "out\nhello\n/tmp\n" and err == "err\n"
+    assert last["command"]["exitCode"] == 3 and last["command"]["id"] == first["command"]["id"]
+    assert isinstance(last["command"]["durationMs"], int)
+    assert last["command"]["startedAt"] > 1_600_000_000_000  # epoch milliseconds
+
+
+def test_wait_without_logs(fapi: httpx.Client, session: str) -> None:
+    resp = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "echo", "args": ["quiet"], "wait": True},
+    )
+    lines = ndjson(resp.text)
+    assert len(lines) == 2
+    assert lines[0]["command"]["exitCode"] is None and lines[1]["command"]["exitCode"] == 0
+
+
+def test_no_wait_then_get_logs_and_wait(fapi: httpx.Client, session: str) -> None:
+    resp = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "sh", "args": ["-c", "for i in 1 2 3; do echo $i; sleep 0.2; done"]},
+    )
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
+    command = resp.json()["command"]
+    assert COMMAND_KEYS <= set(command) and command["exitCode"] is None
+    cid = command["id"]
+    # The logs: a replay of what was written so far, then live until the end.
+    logs = fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/{cid}/logs")
+    assert logs.headers["content-type"].startswith("application/x-ndjson")
+    assert "".join(line["data"] for line in ndjson(logs.text)) == "1\n2\n3\n"
+    waited = fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/{cid}", params={"wait": "true"})
+    assert waited.json()["command"]["exitCode"] == 0
+    # Logs of a finished command replay in full.
+    again = fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/{cid}/logs")
+    assert [line["data"] for line in ndjson(again.text)] == ["1\n", "2\n", "3\n"]
+
+
+def test_timeout_is_sigkill_137(fapi: httpx.Client, session: str) -> None:
+    started = time.monotonic()
+    resp = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "sh", "args": ["-c", "trap '' TERM; echo before; sleep 30"],
+              "wait": True, "logs": True, "timeout": 500},
+    )  # fmt: skip
+    lines = ndjson(resp.text)
+    assert time.monotonic() - started < 5
+    assert lines[1] == {"stream": "stdout", "data": "before\n"}
+    assert lines[-1]["command"]["exitCode"] == 137
+    # Enforced without wait too.
+    cid = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "sleep", "args": ["30"], "timeout": 300},
+    ).json()["command"]["id"]
+    waited = fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/{cid}?wait=true").json()
+    assert waited["command"]["exitCode"] == 137
+
+
+def test_kill(fapi: httpx.Client, session: str) -> None:
+    cid = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd", json={"command": "sleep", "args": ["30"]}
+    ).json()["command"]["id"]
+    killed = fapi.post(f"/v2/sandboxes/sessions/{session}/cmd/{cid}/kill", json={"signal": 9})
+    assert killed.status_code == 200, killed.text
+    final = fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/{cid}?wait=true").json()["command"]
+    assert final["exitCode"] == 137
+    again = fapi.post(f"/v2/sandboxes/sessions/{session}/cmd/{cid}/kill", json={"signal": 15})
+    error_of(again, 409, "conflict")
+
+
+def test_sudo(fapi: httpx.Client, session: str) -> None:
+    resp = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "id", "args": ["-u"], "sudo": True, "wait": True, "logs": True},
+    )
+    if resp.status_code == 400:  # the runtime cannot run as root in a sandbox yet
+        error_of(resp, 400, "sudo_unavailable")
+        return
+    lines = ndjson(resp.text)
+    assert lines[1] == {"stream": "stdout", "data": "0\n"}
+
+
+def test_command_that_cannot_start(fapi: httpx.Client, session: str) -> None:
+    resp = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "no-such-program", "wait": True},
+    )
+    lines = ndjson(resp.text)
+    assert lines[-1]["stream"] == "error"
+    assert set(lines[-1]["data"]) == {"code", "message"}
+
+
+def test_errors(faces_server: FacesServer, fapi: httpx.Client, session: str) -> None:
+    url = faces_server.url
+    body = {"command": "true"}
+    error_of(httpx.post(f"{url}/v2/sandboxes/sessions/{session}/cmd", json=body), 401,
+             "unauthorized")  # fmt: skip
+    reader = new_token(faces_server, scopes=["read"])
+    error_of(
+        httpx.post(
+            f"{url}/v2/sandboxes/sessions/{session}/cmd",
+            json=body,
+            headers={"Authorization": f"Bearer {reader}"},
+        ),
+        403,
+        "forbidden",
+    )
+    error_of(fapi.post("/v2/sandboxes/sessions/sb_nope/cmd", json=body), 404, "not_found")
+    error_of(fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/cmd_nope"), 404, "not_found")
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/cmd", json={}), 400, "bad_request")
+    error_of(
+        fapi.post(f"/v2/sandboxes/sessions/{session}/cmd", json={"command": "x", "args": "y"}),
+        400,
+        "bad_request",
+    )
+    stopped = fapi.post(f"/v2/sandboxes/{session}/stop")
+    assert stopped.json()["sandbox"]["status"] == "stopped"
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/cmd", json=body), 410,
+             "sandbox_stopped")  # fmt: skip
+
+
+def test_rate_limit(limited_faces_server: Server) -> None:
+    token = new_token(limited_faces_server, scopes=["read", "exec", "sandboxes"])
+    resp = admin_request(limited_faces_server, "GET", "/v2/sandboxes/sb_nope")
+    error_of(resp, 404, "not_found")
+    with httpx.Client(
+        base_url=limited_faces_server.url, headers={"Authorization": f"Bearer {token}"}
+    ) as client:
+        statuses = [client.get("/v2/sandboxes/sb_nope") for _ in range(8)]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited
+    error_of(limited[0], 429, "too_many_requests")
