@@ -195,6 +195,7 @@ class Server:
         admin_key: str,
         env: dict[str, str] | None = None,
         tag: str = "bench",
+        src: Path | None = None,
     ) -> None:
         self.data_dir = make_data_dir(f"corral-{tag}-")
         self.port = free_port()
@@ -204,6 +205,7 @@ class Server:
         self.uid_base = uid_base
         self.uid_count = uid_count
         self.extra_env = env or {}
+        self.src = src or REPO / "src"  # a snapshot keeps one run on one version of the code
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "server.log"
 
@@ -222,7 +224,7 @@ class Server:
             "CORRAL_MAX_SANDBOXES": "2000",
             **self.extra_env,
         }
-        env["PYTHONPATH"] = str(REPO / "src")
+        env["PYTHONPATH"] = str(self.src)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "corral.cli.main", "serve", "--host", "127.0.0.1",
@@ -291,3 +293,47 @@ def pick_uid_base(preferred: int, span: int) -> int:
             return base
         base += span + 1000
     raise RuntimeError("no free uid block found")
+
+
+def snapshot_src() -> tuple[Path, dict[str, Any]]:
+    """A copy of src/ for this run (others edit the tree while it runs), with its digest."""
+    import hashlib
+
+    dest = Path(tempfile.mkdtemp(prefix="corral-bench-src-", dir="/tmp"))
+    dest.chmod(0o755)
+    shutil.copytree(
+        REPO / "src" / "corral", dest / "corral", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    digest = hashlib.sha256()
+    newest = 0.0
+    count = 0
+    for path in sorted((REPO / "src" / "corral").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(REPO)).encode())
+            digest.update(path.read_bytes())
+            newest = max(newest, path.stat().st_mtime)
+            count += 1
+    info = {
+        "src_sha256": digest.hexdigest()[:16],
+        "src_files": count,
+        "src_newest_mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
+    }
+    return dest, info
+
+
+def settings_defaults(src: Path) -> dict[str, Any]:
+    """The server's defaults that shape the figures (read from the snapshot)."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from corral.settings import Settings;"
+        "f = Settings.model_fields;"
+        "keys = [k for k in f if k.startswith('default_') or 'pool' in k or 'warm' in k];"
+        "print(json.dumps({k: f[k].default for k in keys}, default=str))"
+    )
+    try:
+        out = subprocess.run(
+            [PYTHON, "-c", code, str(src)], capture_output=True, text=True, timeout=60
+        )
+        return dict(__import__("json").loads(out.stdout))
+    except Exception as exc:  # pragma: no cover - informative only
+        return {"error": repr(exc)}

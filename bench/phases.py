@@ -52,25 +52,45 @@ def host_busy() -> tuple[float, float]:
     return total - idle, total
 
 
-class CpuMeter:
-    """CPU used by the server process, by this process (the load generator), and by the whole
-    host, over a phase; in cores."""
+def cgroup_cpu_seconds(cgroup_name: str) -> float | None:
+    """CPU used by everything in the server's cgroup tree (its sandboxes), from cgroup2's
+    cpu.stat (present without the cpu controller too)."""
+    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        path = Path(root) / cgroup_name / "cpu.stat"
+        try:
+            for line in path.read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) / 1e6
+        except OSError:
+            continue
+    return None
 
-    def __init__(self, server_pid: int) -> None:
+
+class CpuMeter:
+    """CPU used by the server process, its sandboxes, this process (the load generator), and
+    the whole host, over a phase; in cores."""
+
+    def __init__(self, server_pid: int, cgroup_name: str | None = None) -> None:
         self.pid = server_pid
+        self.cgroup = cgroup_name
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
         self.s0 = proc_cpu_seconds(self.pid)
         self.c0 = self_cpu_seconds()
         self.h0 = host_busy()
+        self.g0 = cgroup_cpu_seconds(self.cgroup) if self.cgroup else None
         return self
 
     def __exit__(self, *exc: object) -> None:
         dt = time.monotonic() - self.t0
         h1 = host_busy()
+        g1 = cgroup_cpu_seconds(self.cgroup) if self.cgroup else None
         self.result = {
             "server_cores": (proc_cpu_seconds(self.pid) - self.s0) / dt,
+            "sandbox_cores": (g1 - self.g0) / dt
+            if g1 is not None and self.g0 is not None
+            else None,
             "client_cores": (self_cpu_seconds() - self.c0) / dt,
             "host_busy_cores": (h1[0] - self.h0[0]) / max(h1[1] - self.h0[1], 1) * os.cpu_count(),
         }
@@ -361,7 +381,7 @@ class CorralBench:
                         else:
                             errors += 1
 
-                with CpuMeter(self.server.pid) as meter:
+                with CpuMeter(self.server.pid, self.server.cgroup_name) as meter:
                     await asyncio.gather(*(worker(sids[i % len(sids)]) for i in range(clients)))
                 return stamps, lats, errors, start, end, meter.result
 
@@ -507,7 +527,8 @@ class CorralBench:
     # --- density ---
 
     def density(self, target: int, *, floor_bytes: int, budget: float, batch: int = 8,
-                concurrency: int = 6) -> dict[str, Any]:  # fmt: skip
+                concurrency: int = 6, pair: Callable[[], Any] | None = None,
+                ) -> dict[str, Any]:  # fmt: skip
         """Create idle sandboxes in batches until `target`, a failure, the memory floor or the
         time budget; measure what they hold; delete them all."""
         srv = self.server
@@ -584,6 +605,12 @@ class CorralBench:
             avail1, rss1, cg1 = mem_available(), proc_rss(srv.pid), cg_bytes()
             pss1 = pss_of(pids_of_uids(lo, hi))
             procs = len(pids_of_uids(lo, hi))
+            # What a new sandbox costs while they are all there, beside a bare bwrap then.
+            peak = self.create_to_first(5, pair=pair)
+            if sids:
+                rtt = self.timed(lambda: self.exec_ok(sids[0]), 30, warmup=3)
+            else:
+                rtt = None
         finally:
             self.log(f"    density: deleting {len(sids)} sandboxes")
             delete_s = self.delete_all(sids, budget=240)
@@ -607,6 +634,8 @@ class CorralBench:
             "server_rss_mib": rss1 / 2**20,
             "processes_per_sandbox": procs / n,
             "mem_available_gib_at_peak": avail1 / 2**30,
+            "peak_create_first_exec": peak,
+            "peak_exec_rtt": rtt,
         }
 
 

@@ -30,7 +30,14 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import baselines as bare
-from bench.common import REPO, Sample, Server, host_summary, pick_uid_base
+from bench.common import (
+    Sample,
+    Server,
+    host_summary,
+    pick_uid_base,
+    settings_defaults,
+    snapshot_src,
+)
 from bench.phases import CorralBench, Missing, remove_tree, tree_for_files
 
 HERE = Path(__file__).resolve().parent
@@ -173,17 +180,11 @@ class Profiler:
         self.proc = None
 
 
-def warm_pool_setting() -> str | None:
+def warm_pool_setting(defaults: dict[str, Any]) -> str | None:
     """The name of a warm-pool setting of the server under test, if it has one."""
-    try:
-        sys.path.insert(0, str(REPO / "src"))
-        from corral.settings import Settings
-
-        for name, info in Settings.model_fields.items():
-            if any(h in name for h in WARM_POOL_HINTS) and info.annotation in (int, "int"):
-                return name
-    except Exception:
-        return None
+    for name, value in defaults.items():
+        if any(h in name for h in WARM_POOL_HINTS) and isinstance(value, int):
+            return name
     return None
 
 
@@ -229,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "spawn": 300 if q else 2000,
         "bwrap": 20 if q else 100,
         "healthz": 100 if q else 500,
-        "exec": 100 if q else 500,
-        "exec_shell": 50 if q else 300,
-        "face": 30 if q else 200,
+        "exec": 100 if q else 400,
+        "exec_shell": 50 if q else 200,
+        "face": 30 if q else 150,
         "create": 8 if q else 40,
         "pool": 8 if q else 30,
         "thr_s": 2.0 if q else 8.0,
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "tree": (16 if q else 64) << 20,
         "tar_reps": 2 if q else 4,
         "density": args.density_target or (100 if q else 1000),
-        "density_budget": args.density_budget or (30.0 if q else 200.0),
+        "density_budget": args.density_budget or (30.0 if q else 260.0),
         "idle_bare": 20 if q else 100,
     }
     if args.wait_quiet:
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     uid_base = pick_uid_base(args.uid_base, span)
     bare_uid = uid_base + 2 * uid_count + 100  # outside the server's block
     admin_key = "crl_bench_admin_" + os.urandom(8).hex()
-    server = Server(uid_base=uid_base, uid_count=uid_count, admin_key=admin_key)
+    src, src_info = snapshot_src()
+    server = Server(uid_base=uid_base, uid_count=uid_count, admin_key=admin_key, src=src)
     prof = Profiler(args.profile, args.profile_rate)
     rows: list[Row] = []
     failures: list[str] = []
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "host": host_summary(),
         "iterations": n,
         "uid_base": uid_base,
+        "source": src_info,
+        "server_defaults": settings_defaults(src),
     }
 
     plan: list[tuple[str, Callable[[], None]]] = []
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             metric = "create → first exec, warm pool"
             env_spec = args.warm_pool_env
             if env_spec is None:
-                name = warm_pool_setting()
+                name = warm_pool_setting(meta["server_defaults"])
                 if name is None:
                     rows.append(
                         Row(
@@ -421,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 admin_key=admin_key,
                 env={key: value},
                 tag="bench-pool",
+                src=src,
             )
             pool_server.start()
             try:
@@ -557,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
                 n["density"],
                 floor_bytes=int(args.memory_floor_gib * 2**30),
                 budget=n["density_budget"],
+                pair=bwrap_one,
             )
+            peak = result.pop("peak_create_first_exec")
+            peak_rtt = result.pop("peak_exec_rtt")
             log(f"  density: {json.dumps(result)}")
             rows.append(
                 Row(
@@ -602,6 +610,21 @@ def main(argv: list[str] | None = None) -> int:
                     Sample([idle["pss_per_sandbox_mib"]]), "idle `bwrap … sleep`",
                 )
             )  # fmt: skip
+            held = result["held"]
+            rows.append(
+                Row(
+                    "density_create_first_exec", f"create → first exec, {held} idle sandboxes up",
+                    "ms", peak, peak.extra.pop("pair", None), "fresh `bwrap … true`",
+                    extra=peak.extra,
+                )
+            )  # fmt: skip
+            if peak_rtt is not None:
+                rows.append(
+                    Row(
+                        "density_exec", f"exec `true`, {held} idle sandboxes up", "ms",
+                        peak_rtt, None, "",
+                    )
+                )  # fmt: skip
             rows.append(
                 Row(
                     "density_create_rate", "sandboxes created per second while filling",
@@ -622,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         prof.stop()
         tail = server.log_tail(4000)
         server.cleanup()
+        shutil.rmtree(src, ignore_errors=True)
 
     total = time.monotonic() - started
     meta["seconds"] = total

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import termios
+import warnings  # noqa: F401 - os.execvpe imports it lazily; here it costs nothing per command
 
 MAX_MESSAGE = 1 << 20
 PR_SET_DUMPABLE = 4
@@ -36,12 +37,13 @@ PR_SET_DUMPABLE = 4
 def _no_ptrace() -> None:
     # Commands run as the same uid: stop them from attaching to the supervisor.
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     except OSError:
         pass
 
 
 USER_ID = 1000
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once, not in every forked child
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -51,7 +53,7 @@ PR_CAPBSET_DROP = 24
 def _drop_capabilities() -> None:
     """Empty every capability set, the bounding set included: an ordinary command keeps none of
     the supervisor's and can never regain them."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = LIBC
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     for cap in range(64):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last capability: fine
