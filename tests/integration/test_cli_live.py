@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,18 @@ import pytest
 from tests.conftest import Server
 
 pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture(scope="module")
+def sandbox_id(server: Server) -> Iterator[str]:
+    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
+    number of sandboxes on the shared server low."""
+    with server.client() as api:
+        resp = api.post("/v1/sandboxes", json={})
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["id"]
+        yield sid
+        api.delete(f"/v1/sandboxes/{sid}")
 
 
 def corral(
@@ -41,6 +54,8 @@ def test_exec_stream(server: Server, sandbox_id: str) -> None:
     assert timed_out.returncode == 124 and b"timed out" in timed_out.stderr
     stdin = corral(server, "exec", "--stream", "-i", sandbox_id, "--", "wc -c", stdin=b"12345")
     assert stdin.stdout.strip() == b"5"
+    not_run = corral(server, "exec", "--stream", sandbox_id, "--", "/nonexistent/program", "x")
+    assert not_run.returncode == 125 and b"failed to start" in not_run.stderr
 
 
 def test_attach(server: Server, api: httpx.Client, sandbox_id: str) -> None:
@@ -132,3 +147,10 @@ def test_ctrl_c_detaches_and_attach_resumes(server: Server, sandbox_id: str) -> 
     command = hint.split("corral attach ", 1)[1].split()  # SANDBOX CMD_ID --offset N
     resumed = corral(server, "attach", *command)
     assert (resumed.returncode, resumed.stdout) == (0, b"second\n")
+
+
+def test_shell_with_piped_input(server: Server, sandbox_id: str) -> None:
+    result = corral(server, "shell", sandbox_id, "--", "sh", "-c", "read x; echo got:$x; exit 4",
+                    stdin=b"hello\n")  # fmt: skip
+    assert result.returncode == 4
+    assert b"got:hello" in result.stdout

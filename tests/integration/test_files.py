@@ -21,8 +21,22 @@ import pytest
 from corral import Client, ConflictError, NotFoundError, PermissionDeniedError
 from corral.client import ArchiveError
 from tests.conftest import Server, make_data_dir
+from tests.integration.helpers import processes_matching
 
 pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture(scope="module")
+def sandbox_id(server: Server) -> Iterator[str]:
+    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
+    number of sandboxes on the shared server low."""
+    with server.client() as api:
+        resp = api.post("/v1/sandboxes", json={})
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["id"]
+        yield sid
+        api.delete(f"/v1/sandboxes/{sid}")
+
 
 MiB = 1 << 20
 
@@ -349,9 +363,35 @@ def test_500_mb_round_trip_in_bounded_memory(server: Server, sandbox_id: str) ->
                 while block := f.read(4 * MiB):
                     h.update(block)
             assert h.hexdigest() == digest, relative
+        with Client(server.url, token=server.admin_key) as client:
+            client.delete_file(sandbox_id, "/workspace/big", recursive=True)
         growth = peak - baseline
         print(f"500 MiB up and down in {elapsed:.1f} s; server RSS {baseline >> 20} MiB, "
               f"peak +{growth >> 20} MiB")  # fmt: skip
         assert growth < 150 * MiB
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_abandoned_transfers_leave_no_helper_behind(
+    server: Server, api: httpx.Client, sandbox_id: str
+) -> None:
+    sh(api, sandbox_id, "mkdir -p bulk && head -c 60M /dev/urandom > bulk/data")
+    url = f"/v1/sandboxes/{sandbox_id}"
+    with api.stream("GET", f"{url}/archive", params={"path": "bulk", "level": 0}) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_raw())  # then go away mid-download
+    with api.stream("GET", f"{url}/files", params={"path": "bulk/data"}) as resp:
+        assert resp.headers["content-length"] == str(60 * MiB)
+        next(resp.iter_raw())
+
+    def upload() -> Iterator[bytes]:
+        yield targz(lambda tf: member(tf, "x", data=b"x"))[:100]
+        raise RuntimeError("the client gives up mid-upload")
+
+    with pytest.raises(RuntimeError):
+        api.put(f"{url}/archive", params={"path": "up"}, content=upload())
+    deadline = time.monotonic() + 10
+    while processes_matching("/opt/corral/files.py") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_matching("/opt/corral/files.py") == []

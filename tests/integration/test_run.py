@@ -16,6 +16,18 @@ from tests.conftest import Server
 pytestmark = pytest.mark.sandbox
 
 
+@pytest.fixture(scope="module")
+def sandbox_id(server: Server) -> Iterator[str]:
+    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
+    number of sandboxes on the shared server low."""
+    with server.client() as api:
+        resp = api.post("/v1/sandboxes", json={})
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["id"]
+        yield sid
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
 @pytest.fixture
 def client(server: Server) -> Iterator[Client]:
     with Client(server.url, token=server.admin_key) as sdk:

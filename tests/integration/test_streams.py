@@ -25,6 +25,19 @@ from tests.conftest import Server, make_data_dir
 
 pytestmark = pytest.mark.sandbox
 
+
+@pytest.fixture(scope="module")
+def sandbox_id(server: Server) -> Iterator[str]:
+    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
+    number of sandboxes on the shared server low."""
+    with server.client() as api:
+        resp = api.post("/v1/sandboxes", json={})
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["id"]
+        yield sid
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
 # 1 MiB on stdout in 64 pieces over about 1.3 s, with progress lines on stderr.
 GENERATOR = r"""
 import hashlib, os, time
@@ -335,8 +348,13 @@ def test_stdin_signal_and_resize_over_http(api: httpx.Client, sandbox_id: str) -
     assert done["signal"] == 2 and time.monotonic() - started < 5
     assert api.post(f"{base}/{plain}/signal", json={"signal": "BOGUS"}).status_code == 422
 
-    term = start(api, sandbox_id, command="stty size; read line; stty size", tty=True,
-                 rows=20, cols=70)  # fmt: skip
+    term = start(
+        api, sandbox_id, command="stty size; read line; stty size", tty=True, rows=20, cols=70
+    )
+    deadline = time.monotonic() + 10  # resize once the first `stty size` has answered
+    while "20 70" not in (api.get(f"{base}/{term}").json()["stdout"] or ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert api.post(f"{base}/{term}/resize", json={"rows": 33, "cols": 99}).status_code == 204
     api.post(f"{base}/{term}/stdin", content=b"\r")
     done = api.get(f"{base}/{term}", params={"wait": "true", "timeout_ms": 10_000}).json()

@@ -146,6 +146,8 @@ class Session:
                 if output.exception() is None:
                     with contextlib.suppress(Exception):
                         await self.websocket.close(code=CLOSE_NORMAL)
+                elif self.kill_on_disconnect and self.execution is not None:
+                    self.execution.cancel()  # the client went away while we were sending
                 return
             outcome = inbound.exception() or inbound.result()
             output.cancel()
@@ -193,18 +195,16 @@ class Session:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return None
-            if message.get("bytes") is not None:
-                await self._input(message["bytes"])
-                continue
             try:
-                frame = FRAMES.validate_json(message.get("text") or "")
+                if message.get("bytes") is not None:
+                    await self._input(message["bytes"])
+                else:
+                    await self._handle(FRAMES.validate_json(message.get("text") or ""))
             except pydantic.ValidationError as exc:
                 problem = exc.errors()[0] if exc.errors() else {}
                 where = ".".join(str(p) for p in problem.get("loc", ()))
                 prefix = f"{where}: " if where else ""
                 return ProtocolError(f"invalid frame: {prefix}{problem.get('msg', 'unreadable')}")
-            try:
-                await self._handle(frame)
             except (ProtocolError, InvalidArgument) as exc:
                 return ProtocolError(str(getattr(exc, "message", exc)))
 

@@ -22,6 +22,7 @@ import pydantic
 from corral.client._exceptions import (
     CorralError,
     DecodingError,
+    ReadTimeout,
     TransportError,
     map_httpx_errors,
 )
@@ -82,6 +83,7 @@ class _Cursor:
 
     offset: int
     resume: bool
+    silence_ok: bool = False  # raw streams: a read timeout is a quiet command, not a failure
     failures: int = 0
     result: Terminal | None = None
     received: int = 0  # raw streams: bytes since the first offset
@@ -100,6 +102,8 @@ class _Cursor:
 
     def retry_delay(self, exc: BaseException) -> float | None:
         """Seconds to wait before reconnecting, or None to give up."""
+        if self.silence_ok and isinstance(exc, httpx.ReadTimeout | ReadTimeout):
+            return 0.0 if self.resume else None  # a raw stream has no heartbeats: quiet is fine
         self.failures += 1
         if not self.resume or self.failures > MAX_RETRIES:
             return None
@@ -360,7 +364,7 @@ class ByteStream:
     def __init__(self, open_response: Callable[[int], httpx.Response], skip: int = 0) -> None:
         self._open = open_response
         self._skip = skip
-        self._cursor = _Cursor(0, True)
+        self._cursor = _Cursor(0, True, silence_ok=True)
         self._response: httpx.Response | None = open_response(skip)
         self._iterator: Iterator[bytes] | None = None
 
@@ -426,7 +430,7 @@ class AsyncByteStream:
     ) -> None:
         self._open = open_response
         self._skip = skip
-        self._cursor = _Cursor(0, True)
+        self._cursor = _Cursor(0, True, silence_ok=True)
         self._response: httpx.Response | None = None
         self._iterator: AsyncIterator[bytes] | None = None
 

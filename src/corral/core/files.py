@@ -308,11 +308,13 @@ class FileService:
 
     async def open_download(
         self, sandbox_id: str, op: str, args: dict[str, Any]
-    ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        """Start a download (`read` or `archive`): its header, then its bytes as a stream.
+    ) -> tuple[dict[str, Any], Download]:
+        """Start a download (`read` or `archive`): its header, and its bytes as a stream.
 
         Errors known before the first byte raise here (so they become proper API errors); a
-        failure later ends the stream with an exception, which aborts the response.
+        failure later ends the stream with an exception, which aborts the response. A caller
+        that does not read the stream to its end must call its `abort()` (e.g. as the
+        response's background task, which also runs when the client went away).
         """
         helper = await self._start(sandbox_id, op, args, timeout_ms=self.settings.max_timeout_ms)
         try:
@@ -323,9 +325,21 @@ class FileService:
         except BaseException:
             helper.abort()
             raise
-        return header, self._stream(helper)
+        return header, Download(header, helper)
 
-    async def _stream(self, helper: Helper) -> AsyncIterator[bytes]:
+
+class Download:
+    """A download in progress: its header, then its bytes (`async for`)."""
+
+    def __init__(self, header: dict[str, Any], helper: Helper) -> None:
+        self.header = header
+        self._helper = helper
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        helper = self._helper
         try:
             while data := await helper.read():
                 yield data
@@ -334,3 +348,7 @@ class FileService:
                 raise HelperFailed(f"the download broke off: {error.message}")
         finally:
             helper.abort()
+
+    def abort(self) -> None:
+        """Stop the helper (idempotent; nothing happens once it has ended)."""
+        self._helper.abort()

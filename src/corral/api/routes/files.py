@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from corral.api.auth import Caller, ServicesDep
@@ -97,15 +98,20 @@ async def download_archive(
     links. A failure after the first byte breaks the response off (the client sees an
     incomplete body, never a shorter archive)."""
     sandbox_id = await _sandbox_id(services, caller, sandbox)
-    header, stream = await services.files.open_download(
+    _, download = await services.files.open_download(
         sandbox_id, "archive", {"path": path, "level": level}
     )
-    name = (header.get("path") or "archive").rstrip("/").rsplit("/", 1)[-1] or "root"
-    return StreamingResponse(
-        stream,
-        media_type="application/gzip",
-        headers={"Content-Disposition": _disposition(f"{name}.tar.gz")},
-    )
+    try:
+        name = str(download.header.get("path") or "archive").rstrip("/").rsplit("/", 1)[-1]
+        return StreamingResponse(
+            download,
+            media_type="application/gzip",
+            headers={"Content-Disposition": _disposition(f"{name or 'root'}.tar.gz")},
+            background=BackgroundTask(download.abort),  # also when the client went away
+        )
+    except BaseException:
+        download.abort()
+        raise
 
 
 @router.put("/files", response_model=FileInfo, openapi_extra=BINARY_BODY)
@@ -139,17 +145,22 @@ async def download_file(
 ) -> StreamingResponse:
     """The bytes of the regular file `path` (symlinks followed), with its length."""
     sandbox_id = await _sandbox_id(services, caller, sandbox)
-    header, stream = await services.files.open_download(sandbox_id, "read", {"path": path})
-    info = header.get("info") or {}
-    return StreamingResponse(
-        stream,
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(int(header["size"])),
-            "Content-Disposition": _disposition(str(info.get("name") or "file")),
-            "X-Corral-Mode": format(int(info.get("mode", 0o644)), "04o"),
-        },
-    )
+    _, download = await services.files.open_download(sandbox_id, "read", {"path": path})
+    try:
+        info = download.header.get("info") or {}
+        return StreamingResponse(
+            download,
+            media_type="application/octet-stream",
+            headers={
+                "Content-Length": str(int(download.header["size"])),
+                "Content-Disposition": _disposition(str(info.get("name") or "file")),
+                "X-Corral-Mode": format(int(info.get("mode", 0o644)), "04o"),
+            },
+            background=BackgroundTask(download.abort),  # also when the client went away
+        )
+    except BaseException:
+        download.abort()
+        raise
 
 
 @router.delete("/files", status_code=204)
