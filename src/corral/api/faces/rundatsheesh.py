@@ -41,6 +41,7 @@ from fastapi import Depends, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from corral.api.auth import get_services, token_from_request
 from corral.api.faces._common import (
@@ -475,4 +476,7 @@ async def download(
     _, stream = await services.files.open_download(
         row.id, "archive", {"path": vm_path(path), "level": 6}
     )
-    return StreamingResponse(stream, media_type="application/gzip")
+    # The abort also runs when the client went away, so the helper never outlives it.
+    return StreamingResponse(
+        stream, media_type="application/gzip", background=BackgroundTask(stream.abort)
+    )

@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import Depends, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect
 
 from corral.api.auth import get_services, token_from_request
@@ -301,6 +302,7 @@ async def read_file(
         stream,
         media_type="application/octet-stream",
         headers={"Content-Length": str(int(header["size"]))},
+        background=BackgroundTask(stream.abort),  # also when the client went away
     )
 
 
