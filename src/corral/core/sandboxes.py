@@ -16,7 +16,7 @@ from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunnin
 from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, SandboxUpdate
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import Node
-from corral.runtime.base import NeedsRestart, SandboxConfig
+from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied
 from corral.runtime.limits import Limits
 from corral.store.db import Database
 from corral.store.tables import SandboxRow
@@ -277,6 +277,8 @@ class SandboxService:
             config = self.config(row)
             try:
                 await self.node.set_network(row.id, config.network, config.allow)
+            except SandboxDied as exc:
+                raise Unavailable(f"sandbox {row.id} is restarting: {exc}") from None
             except NeedsRestart:
                 if self.node.running_count(row.id):
                     raise Conflict(
@@ -298,7 +300,7 @@ class SandboxService:
                 raise SandboxNotRunning(f"sandbox {row.id} is {row.state}")
             try:
                 await self.node.pause_sandbox(row.id)
-            except RuntimeError as exc:
+            except (RuntimeError, SandboxDied) as exc:
                 raise Unavailable(str(exc)) from None
             return self.model(await self._set_state(row.id, SandboxState.paused))
 
@@ -312,7 +314,7 @@ class SandboxService:
                 raise Conflict(f"sandbox {row.id} is {row.state}, not paused")
             try:
                 await self.node.resume_sandbox(row.id)
-            except RuntimeError as exc:
+            except (RuntimeError, SandboxDied) as exc:
                 raise Unavailable(str(exc)) from None
             return self.model(await self._set_state(row.id, SandboxState.running))
 

@@ -448,28 +448,25 @@ class LocalNode(Node):
         await self.runtime.remove_files(config)
 
     async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
-        handle = self._sandboxes.get(sandbox_id)
-        if handle is None or not handle.alive:
-            raise SandboxDied("the sandbox is not running")
-        await handle.set_network(network, allow)
+        await self._live(sandbox_id).set_network(network, allow)
 
     async def pause_sandbox(self, sandbox_id: str) -> None:
-        handle = self._sandboxes.get(sandbox_id)
-        if handle is None or not handle.alive:
-            raise SandboxDied("the sandbox is not running")
-        await handle.pause()
+        await self._live(sandbox_id).pause()
 
     async def resume_sandbox(self, sandbox_id: str) -> None:
-        handle = self._sandboxes.get(sandbox_id)
-        if handle is None or not handle.alive:
-            raise SandboxDied("the sandbox is not running")
-        await handle.resume()
+        await self._live(sandbox_id).resume()
 
     def enforceable(self) -> dict[str, str]:
         return self.runtime.enforceable()
 
     def templates(self) -> list[str]:
         return self.runtime.templates()
+
+    def _live(self, sandbox_id: str) -> SandboxHandle:
+        handle = self._sandboxes.get(sandbox_id)
+        if handle is None or not handle.alive:
+            raise SandboxDied("the sandbox is not running")
+        return handle
 
     def sandbox_running(self, sandbox_id: str) -> bool:
         handle = self._sandboxes.get(sandbox_id)
@@ -482,10 +479,7 @@ class LocalNode(Node):
         return self.logs_dir / sandbox_id / f"{command_id}.log"
 
     async def run(self, spec: CommandSpec) -> Execution:
-        handle = self._sandboxes.get(spec.sandbox_id)
-        if handle is None or not handle.alive:
-            raise SandboxDied("the sandbox is not running")
-        process = await handle.spawn(
+        process = await self._live(spec.sandbox_id).spawn(
             ProcessSpec(
                 id=spec.id,
                 argv=spec.argv,

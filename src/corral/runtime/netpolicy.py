@@ -51,17 +51,6 @@ async def _run(*argv: str, stdin: bytes | None = None) -> str:
     return out.decode()
 
 
-def normalize(cidrs: list[str]) -> list[str]:
-    """IPv4 CIDRs (a bare address is a /32); raises ValueError on anything else."""
-    out = []
-    for cidr in cidrs:
-        net = ipaddress.ip_network(cidr.strip(), strict=False)
-        if net.version != 4:
-            raise ValueError(f"only IPv4 networks are supported: {cidr}")
-        out.append(str(net))
-    return sorted(set(out))
-
-
 class NetworkManager:
     def __init__(self, node_name: str) -> None:
         tag = hashlib.sha256(node_name.encode()).hexdigest()[:4]
