@@ -510,7 +510,8 @@ def test_mark_lost_ends_running_rows_of_this_node(tmp_path: Path) -> None:
             fresh = CommandService(services.db, services.node, services.settings)
             assert await fresh.mark_lost() == 1
 
-            lost = await services.commands.get(sandbox.id, running.id)
+            # Read through the fresh service too: the old one still runs the command.
+            lost = await fresh.get(sandbox.id, running.id)
             assert lost.status == CommandStatus.lost
             assert lost.finished_at is not None
             assert lost.error is not None and "unknown" in lost.error

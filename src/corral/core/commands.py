@@ -22,6 +22,7 @@ from corral.store.tables import CommandRow, SandboxRow
 
 log = logging.getLogger(__name__)
 SHELL = "/bin/bash"
+DEFER_STORE_SECONDS = 0.1
 DEFAULT_CWD = "/workspace"
 
 
@@ -64,13 +65,32 @@ def to_model(row: CommandRow, output: tuple[bytes, bytes] | None = None) -> Comm
     )
 
 
+def _apply(row: CommandRow, outcome: CommandOutcome) -> None:
+    row.status = outcome.status.value
+    row.exit_code = outcome.exit_code
+    row.signal = outcome.signal
+    row.stdout_bytes = outcome.stdout_bytes
+    row.stderr_bytes = outcome.stderr_bytes
+    row.stdout_truncated = outcome.stdout_truncated
+    row.stderr_truncated = outcome.stderr_truncated
+    row.finished_at = outcome.finished_at
+    row.duration_ms = outcome.duration_ms
+    row.error = outcome.error
+    row.cpu_ms = outcome.cpu_ms
+    row.peak_memory_bytes = outcome.peak_memory_bytes
+    row.oom_killed = outcome.oom_killed
+
+
 class CommandService:
     def __init__(self, db: Database, node: Node, settings: Settings) -> None:
         self.db = db
         self.node = node
         self.settings = settings
-        self._finished: dict[str, asyncio.Future[None]] = {}
+        self._finished: dict[str, asyncio.Future[bool]] = {}  # result: stored
         self._finishers: set[asyncio.Task[None]] = set()
+        # Rows of commands running here, served from memory: this server is their only writer
+        # until their result is stored.
+        self._live: dict[str, CommandRow] = {}
         self._accepting = True
 
     # --- starting ---
@@ -105,8 +125,10 @@ class CommandService:
         tty: bool = False,
         rows: int = 24,
         cols: int = 80,
+        defer_store: bool = False,
     ) -> tuple[CommandRow, Execution | None]:
-        """Start a command; the returned row is already stored (running, or failed to start).
+        """Start a command; the returned row is already stored (running, or failed to start),
+        unless `defer_store`: then it is stored by the time `wait_finished` returns.
 
         `interactive` keeps standard input open for `Execution.write_stdin`; `tty` runs the
         command on a terminal of `rows` x `cols` (one output stream).
@@ -174,30 +196,53 @@ class CommandService:
             row.finished_at = utcnow()
         except SandboxDied as exc:
             raise Unavailable(f"sandbox {sandbox.id} is not running: {exc}") from None
-        try:
-            async with self.db.transaction() as session:
-                session.add(row)
-        except BaseException:
-            if execution is not None:
+        if execution is None:
+            await self._insert(row)
+            return row, None
+        if not defer_store:
+            try:
+                await self._insert(row)
+            except BaseException:
                 execution.cancel()
-            raise
-        if execution is not None:
-            self._finished[cid] = asyncio.get_running_loop().create_future()
-            task = asyncio.ensure_future(self._finish(row, execution))
-            self._finishers.add(task)
-            task.add_done_callback(self._finishers.discard)
+                raise
+        self._live[cid] = row
+        self._finished[cid] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(self._finish(row, execution, stored=not defer_store))
+        self._finishers.add(task)
+        task.add_done_callback(self._finishers.discard)
         return row, execution
 
-    async def _finish(self, row: CommandRow, execution: Execution) -> None:
-        outcome = await execution.outcome()
+    async def _insert(self, row: CommandRow) -> None:
+        async with self.db.transaction() as session:
+            session.add(row)
+
+    async def _finish(self, row: CommandRow, execution: Execution, *, stored: bool) -> None:
+        recorded = False
         try:
-            await self._record(row.id, outcome)
+            if not stored:
+                # A sync command that ends within the grace is stored once, with its result;
+                # a longer one is stored as running first, for listings and `lost` recovery.
+                done = asyncio.ensure_future(execution.outcome())
+                await asyncio.wait({done}, timeout=DEFER_STORE_SECONDS)
+                if not done.done():
+                    await self._insert(row)
+                    stored = True
+                outcome = await done
+            else:
+                outcome = await execution.outcome()
+            _apply(row, outcome)
+            if stored:
+                await self._record(row.id, outcome)
+            else:
+                await self._insert(row)
+            recorded = True
         except Exception:
             log.exception("could not record the result of %s", row.id)
         finally:
-            done = self._finished.pop(row.id, None)
-            if done is not None and not done.done():
-                done.set_result(None)
+            self._live.pop(row.id, None)
+            done_future = self._finished.pop(row.id, None)
+            if done_future is not None and not done_future.done():
+                done_future.set_result(recorded)
 
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
         async with self.db.transaction() as session:
@@ -229,13 +274,21 @@ class CommandService:
         source: str = "native",
         stdin: bytes | None = None,
     ) -> Command:
-        """Start a command and wait for its result, output included."""
-        row, execution = await self.start(sandbox, req, source=source, stdin=stdin)
+        """Start a command and wait for its result, output included.
+
+        The reply is built from memory; it is sent only once the result is stored."""
+        row, execution = await self.start(
+            sandbox, req, source=source, stdin=stdin, defer_store=True
+        )
         if execution is None:
             return to_model(row, (b"", b""))
-        await self.wait_finished(row.id)
-        memory = execution.log.memory_output()
-        return await self.get(sandbox.id, row.id, output=memory)
+        if not await asyncio.shield(self._finished[row.id]):
+            raise Unavailable(f"command {row.id} ended but its result could not be stored")
+        output = execution.log.memory_output()
+        if output is None:
+            path = self.node.log_path(row.sandbox_id, row.id)
+            output = await asyncio.to_thread(read_output, path)
+        return to_model(row, output)
 
     async def wait_finished(self, cid: str, timeout: float | None = None) -> bool:
         done = self._finished.get(cid)
@@ -250,8 +303,10 @@ class CommandService:
     # --- queries ---
 
     async def row(self, sandbox_id: str, cid: str) -> CommandRow:
-        async with self.db.session() as session:
-            row = await session.get(CommandRow, cid)
+        row = self._live.get(cid)
+        if row is None:
+            async with self.db.session() as session:
+                row = await session.get(CommandRow, cid)
         if row is None or row.sandbox_id != sandbox_id:
             raise NotFound(f"no command {cid!r} in sandbox {sandbox_id}")
         return row

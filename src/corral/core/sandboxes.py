@@ -74,6 +74,13 @@ class SandboxService:
         self._alloc_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # Rows of live sandboxes, by id and by name: every exec looks its sandbox up, and this
+        # server is the only writer of its sandboxes' rows, so it can answer from memory. Each
+        # write replaces the cached row after its commit; `_writes` stops a read that started
+        # before a write from caching what it read.
+        self._rows: dict[str, SandboxRow] = {}
+        self._names: dict[str, str] = {}
+        self._writes: dict[str, int] = {}
         node.on_sandbox_died = self._on_died
 
     def config(self, row: SandboxRow) -> SandboxConfig:
@@ -105,8 +112,27 @@ class SandboxService:
 
     # --- queries ---
 
+    def _remember(self, row: SandboxRow) -> None:
+        """Cache a row just committed (or read with no write since)."""
+        old = self._rows.get(row.id)
+        if old is not None and old.name and self._names.get(old.name) == row.id:
+            del self._names[old.name]
+        if row.state == SandboxState.deleted.value:
+            self._rows.pop(row.id, None)
+            return
+        self._rows[row.id] = row
+        if row.name:
+            self._names[row.name] = row.id
+
+    def _written(self, sandbox_id: str) -> None:
+        self._writes[sandbox_id] = self._writes.get(sandbox_id, 0) + 1
+
     async def row(self, ref: str) -> SandboxRow:
         """A sandbox by id, or by name among those not deleted."""
+        cached = self._rows.get(ref) or self._rows.get(self._names.get(ref, ""))
+        if cached is not None:
+            return cached
+        writes = dict(self._writes)
         async with self.db.session() as session:
             row = await session.get(SandboxRow, ref)
             if row is None:
@@ -117,6 +143,8 @@ class SandboxService:
                 )
         if row is None:
             raise NotFound(f"no sandbox {ref!r}")
+        if writes.get(row.id) == self._writes.get(row.id):
+            self._remember(row)
         return row
 
     async def get(self, ref: str) -> Sandbox:
@@ -194,6 +222,8 @@ class SandboxService:
                     await session.flush()
                 except IntegrityError:
                     raise Conflict(f"a sandbox named {req.name!r} exists already") from None
+            self._written(row.id)
+            self._remember(row)
         await self._boot(row)
         return await self.get(row.id)
 
@@ -222,7 +252,9 @@ class SandboxService:
             row.state = state.value
             row.error = error
             row.updated_at = utcnow()
-            return row
+        self._written(sandbox_id)
+        self._remember(row)
+        return row
 
     async def delete(self, ref: str) -> Sandbox:
         row = await self.row(ref)
@@ -271,6 +303,8 @@ class SandboxService:
                 assert stored is not None
                 stored.spec = spec
                 stored.updated_at = utcnow()
+            self._written(row.id)
+            self._remember(stored)
             row = await self.row(row.id)
             if row.state != SandboxState.running.value or not self.node.sandbox_running(row.id):
                 return self.model(row)  # applies at the next start
@@ -331,7 +365,9 @@ class SandboxService:
                 async with self.db.transaction() as session:  # a new lifetime from now
                     stored = await session.get(SandboxRow, row.id)
                     assert stored is not None
-                    stored.expires_at = row.expires_at = utcnow() + timedelta(seconds=ttl)
+                    stored.expires_at = utcnow() + timedelta(seconds=ttl)
+                self._written(row.id)
+                self._remember(stored)
             await self._set_state(row.id, SandboxState.creating)
             await self._boot(row)
         return await self.get(row.id)
