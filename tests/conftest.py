@@ -64,6 +64,7 @@ class Server:
             "CORRAL_UID_BASE": str(self.uid_base),
             "CORRAL_UID_COUNT": "4999",
             "CORRAL_LOG_LEVEL": "warning",
+            "CORRAL_WARM_POOL": "0",  # tests that want a pool ask for one
             **self.extra_env,
         }
         log = self.log_path.open("ab")

@@ -97,6 +97,7 @@ class Services:
                     pids=settings.default_pids or None,
                     disk_mb=settings.default_disk_mb or None,
                 ),
+                warm_pool=settings.warm_pool,
             ),
             commands=commands,
             files=files,
@@ -113,12 +114,14 @@ class Services:
             log.warning("%d command(s) were running when the server stopped: marked lost", lost)
         await services.sandboxes.reconcile()
         services.sandboxes.start_reaper()
+        services.sandboxes.start_pool()
         return services
 
     async def close(self) -> None:
         # 1. No new commands.
         self.commands.stop_accepting()
         await self.sandboxes.stop_reaper()
+        await self.sandboxes.close_pool()
         # 2. Stop the sandboxes (their files stay; they come back at the next start). Commands
         #    still running end as lost.
         await self.node.shutdown()

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
         default=10_240, ge=0, description="A sparse file system per sandbox: bounds its writes"
     )
 
+    warm_pool: int = Field(
+        default=2,
+        ge=0,
+        le=256,
+        description="Sandboxes kept started with the default spec (template, limits, no "
+        "network), so that such a create answers at once; 0 turns the pool off",
+    )
+
     # Defaults and bounds for commands.
     default_timeout_ms: int = Field(default=300_000, ge=1)
     max_timeout_ms: int = Field(default=24 * 3600 * 1000, ge=1)

@@ -46,6 +46,7 @@ ADMIN_KEY = "crl_unit_admin_key_0123456789"
 
 @asynccontextmanager
 async def corral(tmp_path: Path, **overrides: Any) -> AsyncIterator[Services]:
+    overrides.setdefault("warm_pool", 0)
     settings = Settings(runtime="fake", data_dir=tmp_path, admin_key=ADMIN_KEY, **overrides)
     services = await Services.start(settings)
     try:

@@ -32,6 +32,7 @@ PUBLIC = KEY.export_public_key().decode().strip()
 
 @asynccontextmanager
 async def corral(tmp_path: Path, **overrides: Any) -> AsyncIterator[Services]:
+    overrides.setdefault("warm_pool", 0)
     settings = Settings(runtime="fake", data_dir=tmp_path, admin_key=ADMIN_KEY, **overrides)
     services = await Services.start(settings)
     try:

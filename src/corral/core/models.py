@@ -298,6 +298,7 @@ class Health(BaseModel):
     version: str
     node: str
     runtime: str
+    warm_sandboxes: int = Field(0, description="Started sandboxes waiting to be claimed")
 
 
 def check_cidrs(cidrs: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from corral import ids
 from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunning, Unavailable
 from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, SandboxUpdate
 from corral.core.paging import decode_cursor, encode_cursor
-from corral.node.base import Node
+from corral.node.base import CommandSpec, Node
 from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied
 from corral.runtime.limits import Limits
 from corral.store.db import Database
@@ -23,6 +24,16 @@ from corral.store.tables import SandboxRow
 
 log = logging.getLogger(__name__)
 RECONCILE_CONCURRENCY = 8
+POOL_RETRY_SECONDS = 5.0
+REFILL_DELAY_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class WarmSandbox:
+    """A sandbox started ahead of demand, with the default spec: no row until it is claimed."""
+
+    id: str
+    slot: int
 
 
 def utcnow() -> datetime:
@@ -54,6 +65,19 @@ def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox
     )
 
 
+def _poolable(req: SandboxCreate) -> bool:
+    """Whether a warm sandbox (default template, limits and network) can serve the request."""
+    return (
+        req.template == "host"
+        and req.network == "none"
+        and not req.allow
+        and req.cpu is None
+        and req.memory_mb is None
+        and req.pids is None
+        and req.disk_mb is None
+    )
+
+
 class SandboxService:
     def __init__(
         self,
@@ -64,6 +88,7 @@ class SandboxService:
         max_sandboxes: int,
         uid_count: int,
         default_limits: Limits | None = None,
+        warm_pool: int = 0,
     ) -> None:
         self.default_limits = default_limits or Limits()
         self.db = db
@@ -81,6 +106,13 @@ class SandboxService:
         self._rows: dict[str, SandboxRow] = {}
         self._names: dict[str, str] = {}
         self._writes: dict[str, int] = {}
+        # The warm pool: started sandboxes a create with the default spec claims at once.
+        self.warm_pool = warm_pool
+        self._warm: list[WarmSandbox] = []
+        self._reserved: set[int] = set()  # uid slots of warm sandboxes, started or starting
+        self._refill = asyncio.Event()
+        self._filler: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         node.on_sandbox_died = self._on_died
 
     def config(self, row: SandboxRow) -> SandboxConfig:
@@ -183,7 +215,16 @@ class SandboxService:
 
     # --- lifecycle ---
 
+    def _free_slot(self, used: set[int]) -> int:
+        """The lowest free uid slot; uid_count + 1 when there is none."""
+        taken = used | self._reserved
+        return next(i for i in range(1, self.uid_count + 2) if i not in taken)
+
     async def create(self, req: SandboxCreate) -> Sandbox:
+        if self._warm and _poolable(req):
+            claimed = await self._claim(req)
+            if claimed is not None:
+                return claimed
         now = utcnow()
         spec = req.model_dump(mode="json")
         row = SandboxRow(
@@ -214,7 +255,7 @@ class SandboxService:
                         select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
                     )
                 )
-                row.slot = next(i for i in range(1, self.uid_count + 2) if i not in used)
+                row.slot = self._free_slot(used)
                 if row.slot > self.uid_count:
                     raise RateLimited("no free host uid for another sandbox")
                 session.add(row)
@@ -378,6 +419,176 @@ class SandboxService:
                 sandbox_id, SandboxState.error, error="the sandbox's processes exited unexpectedly"
             )
 
+    # --- warm pool ---
+
+    @property
+    def warm_count(self) -> int:
+        return len(self._warm)
+
+    def _warm_config(self, warm: WarmSandbox, env: dict[str, str] | None = None) -> SandboxConfig:
+        return SandboxConfig(
+            id=warm.id,
+            slot=warm.slot,
+            dir=self.data_dir / "sandboxes" / warm.id,
+            env=dict(env or {}),
+            limits=self.default_limits,
+        )
+
+    async def _claim(self, req: SandboxCreate) -> Sandbox | None:
+        """Give a warm sandbox the request's name, env, labels and ttl; None if none is left."""
+        while self._warm:
+            warm = self._warm.pop(0)
+            self._refill.set()
+            if not self.node.sandbox_running(warm.id):
+                self._discard(warm)
+                continue
+            now = utcnow()
+            row = SandboxRow(
+                id=warm.id,
+                name=req.name,
+                node_id=self.node.id,
+                slot=warm.slot,
+                state=SandboxState.running.value,
+                template=req.template,
+                spec=req.model_dump(mode="json"),
+                created_at=now,
+                updated_at=now,
+                expires_at=now + timedelta(seconds=req.ttl_seconds) if req.ttl_seconds else None,
+            )
+            self.node.set_env(warm.id, req.env)
+            try:
+                async with self._alloc_lock:
+                    async with self.db.transaction() as session:
+                        live = SandboxRow.state != SandboxState.deleted.value
+                        count = await session.scalar(select(func.count()).where(live))
+                        if (count or 0) >= self.max_sandboxes:
+                            raise RateLimited(
+                                f"the limit of {self.max_sandboxes} sandboxes is reached"
+                            )
+                        session.add(row)
+                        await session.flush()
+                    self._reserved.discard(warm.slot)  # the row holds the slot now
+            except BaseException as exc:
+                self.node.set_env(warm.id, {})
+                self._warm.insert(0, warm)
+                if isinstance(exc, IntegrityError):
+                    raise Conflict(f"a sandbox named {req.name!r} exists already") from None
+                raise
+            self._written(row.id)
+            self._remember(row)
+            return self.model(row)
+        return None
+
+    def _discard(self, warm: WarmSandbox) -> None:
+        """Remove a warm sandbox in the background (it died, or the pool is closing)."""
+
+        async def remove() -> None:
+            try:
+                await self.node.remove_sandbox(self._warm_config(warm))
+            except Exception as exc:
+                log.warning("removing warm sandbox %s failed: %s", warm.id, exc)
+            finally:
+                self._reserved.discard(warm.slot)
+
+        task = asyncio.ensure_future(remove())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _warm_one(self) -> bool:
+        """Start one more warm sandbox; False when capacity is used up."""
+        async with self._alloc_lock:
+            async with self.db.session() as session:
+                live = SandboxRow.state != SandboxState.deleted.value
+                count = await session.scalar(select(func.count()).where(live))
+                used = set(
+                    await session.scalars(
+                        select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
+                    )
+                )
+            slot = self._free_slot(used)
+            # The pool never takes the last places: it must not turn a create away.
+            if slot >= self.uid_count or (count or 0) + len(self._reserved) + 1 >= (
+                self.max_sandboxes
+            ):
+                return False
+            self._reserved.add(slot)
+        warm = WarmSandbox(ids.new_id(ids.SANDBOX), slot)
+        try:
+            await self.node.start_sandbox(self._warm_config(warm))
+            # A supervisor's first command pays for its first fork; pay it here, not in the
+            # claimer's first exec.
+            execution = await self.node.run(
+                CommandSpec(
+                    id=ids.new_id(ids.COMMAND),
+                    sandbox_id=warm.id,
+                    argv=["/bin/true"],
+                    env={},
+                    cwd="/",
+                    stdin=None,
+                    timeout_ms=10_000,
+                    max_output_bytes=0,
+                    keep_log=False,
+                )
+            )
+            await execution.outcome()
+        except BaseException:
+            self._discard(warm)
+            raise
+        self._warm.append(warm)
+        return True
+
+    async def _keep_warm(self) -> None:
+        while True:
+            await self._refill.wait()
+            # Refill a moment after the claim: starting a sandbox takes most of a core for
+            # ~100 ms, which the claimer's first commands should not have to share.
+            await asyncio.sleep(REFILL_DELAY_SECONDS)
+            self._refill.clear()
+            try:
+                while len(self._warm) < self.warm_pool and await self._warm_one():
+                    pass
+            except Exception as exc:
+                log.warning("could not start a warm sandbox: %s", exc)
+                await asyncio.sleep(POOL_RETRY_SECONDS)
+                self._refill.set()
+
+    def start_pool(self) -> None:
+        if self.warm_pool > 0:
+            self._refill.set()
+            self._filler = asyncio.ensure_future(self._keep_warm())
+
+    async def close_pool(self) -> None:
+        """Stop refilling and remove the warm sandboxes: they have no rows to come back from."""
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filler
+        while self._warm:
+            self._discard(self._warm.pop())
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=30)
+
+    async def _remove_strays(self) -> None:
+        """Files of sandboxes with no row: warm sandboxes of a server that was killed."""
+        root = self.data_dir / "sandboxes"
+        if not root.is_dir():
+            return
+        names = [p.name for p in root.iterdir()]
+        if not names:
+            return
+        async with self.db.session() as session:
+            known = set(
+                await session.scalars(select(SandboxRow.id).where(SandboxRow.id.in_(names)))
+            )
+        for name in names:
+            if name in known or not name.startswith(ids.SANDBOX + "_"):
+                continue
+            stray = SandboxConfig(id=name, slot=0, dir=root / name)
+            try:
+                await self.node.remove_sandbox(stray)
+            except Exception as exc:
+                log.warning("could not remove the files of stray sandbox %s: %s", name, exc)
+
     async def reconcile(self) -> None:
         """After a restart: bring back every sandbox that should run on this node."""
         async with self.db.session() as session:
@@ -395,6 +606,7 @@ class SandboxService:
                     )
                 )
             )
+        await self._remove_strays()
         gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
 
         async def bring_back(row: SandboxRow) -> None:

@@ -128,6 +128,10 @@ class Node(abc.ABC):
         """Change a running sandbox's network policy; NeedsRestart if not possible live."""
 
     @abc.abstractmethod
+    def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
+        """The environment every later command of a running sandbox starts with."""
+
+    @abc.abstractmethod
     async def pause_sandbox(self, sandbox_id: str) -> None: ...
 
     @abc.abstractmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -446,6 +447,11 @@ class LocalNode(Node):
     async def remove_sandbox(self, config: SandboxConfig) -> None:
         await self.stop_sandbox(config.id)
         await self.runtime.remove_files(config)
+
+    def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
+        """The environment every later command of a running sandbox starts with."""
+        handle = self._live(sandbox_id)
+        handle.config = dataclasses.replace(handle.config, env=dict(env))
 
     async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
         await self._live(sandbox_id).set_network(network, allow)

@@ -16,7 +16,12 @@ STATIC = "/docs/static"
 
 @router.get("/healthz", response_model=Health)
 async def healthz(services: ServicesDep) -> Health:
-    return Health(version=__version__, node=services.node.id, runtime=services.node.runtime_name)
+    return Health(
+        version=__version__,
+        node=services.node.id,
+        runtime=services.node.runtime_name,
+        warm_sandboxes=services.sandboxes.warm_count,
+    )
 
 
 @router.get("/docs", include_in_schema=False)
