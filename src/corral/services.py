@@ -16,6 +16,7 @@ from corral.runtime.base import Runtime
 from corral.runtime.limits import Limits
 from corral.settings import Settings
 from corral.store.db import Database
+from corral.store.writer import BatchWriter
 
 log = logging.getLogger("corral")
 SHUTDOWN_DRAIN_SECONDS = 10.0
@@ -76,7 +77,9 @@ class Services:
         )
         for warning in await node.prepare():
             log.warning("%s", warning)
-        commands = CommandService(db, node, settings)
+        writer = BatchWriter(db)
+        writer.start()
+        commands = CommandService(db, node, settings, writer)
         files = FileService(node, settings)
         services = cls(
             settings=settings,
@@ -127,4 +130,5 @@ class Services:
         await self.node.shutdown()
         # 3. Record those results, then close the store.
         await self.commands.drain(SHUTDOWN_DRAIN_SECONDS)
+        await self.commands.writer.close()
         await self.db.close()

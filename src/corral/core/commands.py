@@ -19,10 +19,12 @@ from corral.runtime.base import SandboxDied, SpawnError, StartUnknown
 from corral.settings import Settings
 from corral.store.db import Database
 from corral.store.tables import CommandRow, SandboxRow
+from corral.store.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 SHELL = "/bin/bash"
 DEFER_STORE_SECONDS = 0.1
+COMMANDS = CommandRow.__table__
 DEFAULT_CWD = "/workspace"
 
 
@@ -82,8 +84,11 @@ def _apply(row: CommandRow, outcome: CommandOutcome) -> None:
 
 
 class CommandService:
-    def __init__(self, db: Database, node: Node, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, node: Node, settings: Settings, writer: BatchWriter | None = None
+    ) -> None:
         self.db = db
+        self.writer = writer or BatchWriter(db)
         self.node = node
         self.settings = settings
         self._finished: dict[str, asyncio.Future[bool]] = {}  # result: stored
@@ -213,8 +218,7 @@ class CommandService:
         return row, execution
 
     async def _insert(self, row: CommandRow) -> None:
-        async with self.db.transaction() as session:
-            session.add(row)
+        await self.writer.insert(COMMANDS, {c.key: getattr(row, c.key) for c in COMMANDS.columns})
 
     async def _finish(self, row: CommandRow, execution: Execution, *, stored: bool) -> None:
         recorded = False
@@ -245,26 +249,26 @@ class CommandService:
                 done_future.set_result(recorded)
 
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
-        async with self.db.transaction() as session:
-            await session.execute(
-                update(CommandRow)
-                .where(CommandRow.id == cid)
-                .values(
-                    status=outcome.status.value,
-                    exit_code=outcome.exit_code,
-                    signal=outcome.signal,
-                    stdout_bytes=outcome.stdout_bytes,
-                    stderr_bytes=outcome.stderr_bytes,
-                    stdout_truncated=outcome.stdout_truncated,
-                    stderr_truncated=outcome.stderr_truncated,
-                    finished_at=outcome.finished_at,
-                    duration_ms=outcome.duration_ms,
-                    error=outcome.error,
-                    cpu_ms=outcome.cpu_ms,
-                    peak_memory_bytes=outcome.peak_memory_bytes,
-                    oom_killed=outcome.oom_killed,
-                )
-            )
+        await self.writer.update(
+            COMMANDS,
+            "id",
+            {
+                "id": cid,
+                "status": outcome.status.value,
+                "exit_code": outcome.exit_code,
+                "signal": outcome.signal,
+                "stdout_bytes": outcome.stdout_bytes,
+                "stderr_bytes": outcome.stderr_bytes,
+                "stdout_truncated": outcome.stdout_truncated,
+                "stderr_truncated": outcome.stderr_truncated,
+                "finished_at": outcome.finished_at,
+                "duration_ms": outcome.duration_ms,
+                "error": outcome.error,
+                "cpu_ms": outcome.cpu_ms,
+                "peak_memory_bytes": outcome.peak_memory_bytes,
+                "oom_killed": outcome.oom_killed,
+            },
+        )
 
     async def run(
         self,

@@ -1,0 +1,124 @@
+"""Group commit for the hot path: rows written by many concurrent requests go to the store in
+one transaction per batch, as one executemany per statement shape.
+
+Every exec writes its command row (and, for a longer one, updates it at the end). Written one
+transaction each, concurrent execs queue on the store's single writer and pay a transaction and
+several thread hops apiece; batched, they share them. A caller's write is committed when its
+`await` returns, as with its own transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table, bindparam, insert, update
+
+from corral.store.db import Database
+
+MAX_BATCH = 500
+KEY = "pk_"  # bind name of the key in batched updates (it must not clash with a column)
+
+
+@dataclass
+class _Write:
+    table: Table
+    values: dict[str, Any]
+    key: str | None  # None: insert; else the primary-key column to update by
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def shape(self) -> tuple[str, str | None, tuple[str, ...]]:
+        return self.table.name, self.key, tuple(sorted(self.values))
+
+
+class BatchWriter:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._queue: list[_Write] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        """Write what is queued, then stop."""
+        if self._task is None:
+            return
+        while self._queue:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def insert(self, table: Table, values: dict[str, Any]) -> None:
+        await self._submit(_Write(table, values, None))
+
+    async def update(self, table: Table, key: str, values: dict[str, Any]) -> None:
+        """Update the row whose `key` column equals values[key] with the other values."""
+        await self._submit(_Write(table, values, key))
+
+    async def _submit(self, write: _Write) -> None:
+        if self._task is None or self._task.done():
+            await self._write([write])  # not started (or stopping): a transaction of its own
+        else:
+            self._queue.append(write)
+            self._wake.set()
+        await asyncio.shield(write.done)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await self._write(batch)
+
+    async def _write(self, batch: Sequence[_Write]) -> None:
+        try:
+            await self._transaction(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].done.done():
+                    batch[0].done.set_exception(exc)
+                return
+            # One bad row must not fail its neighbours: write them one by one.
+            for write in batch:
+                await self._write([write])
+            return
+        for write in batch:
+            if not write.done.done():
+                write.done.set_result(None)
+
+    async def _transaction(self, batch: Sequence[_Write]) -> None:
+        # In arrival order, grouping runs of one shape: a row's insert precedes its update.
+        groups: list[tuple[_Write, list[dict[str, Any]]]] = []
+        for write in batch:
+            if groups and groups[-1][0].shape == write.shape:
+                groups[-1][1].append(write.values)
+            else:
+                groups.append((write, [write.values]))
+        async with self.db.engine.begin() as conn:
+            for first, rows in groups:
+                if first.key is None:
+                    await conn.execute(insert(first.table), rows)
+                else:
+                    key = first.key
+                    values = {name: bindparam(name) for name in first.values if name != key}
+                    statement = (
+                        update(first.table)
+                        .where(first.table.c[key] == bindparam(KEY))
+                        .values(values)
+                    )
+                    params = [
+                        {**{n: v for n, v in r.items() if n != key}, KEY: r[key]} for r in rows
+                    ]
+                    await conn.execute(statement, params)

@@ -1,0 +1,106 @@
+"""Group commit: concurrent writes share transactions, each caller's write is stored when its
+await returns, and a bad row fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.exc import IntegrityError
+
+from corral.store.db import Database
+from corral.store.tables import CommandRow
+from corral.store.writer import BatchWriter
+
+from .helpers import run
+
+COMMANDS = CommandRow.__table__
+
+
+def command(cid: str) -> dict[str, Any]:
+    return {
+        "id": cid, "sandbox_id": "sb_x", "node_id": "local", "status": "running",
+        "command": "true", "args": [], "cwd": "/workspace", "user": "user", "env_keys": ["A"],
+        "timeout_ms": 1000, "max_output_bytes": 10, "exit_code": None, "signal": None,
+        "stdout_bytes": 0, "stderr_bytes": 0, "stdout_truncated": False,
+        "stderr_truncated": False, "created_at": datetime.now(UTC), "started_at": None,
+        "finished_at": None, "duration_ms": None, "error": None, "source": "native",
+        "cpu_ms": None, "peak_memory_bytes": None, "oom_killed": False,
+    }  # fmt: skip
+
+
+async def open_db(tmp_path: Path) -> Database:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'corral.db'}")
+    await db.migrate()
+    return db
+
+
+def test_concurrent_writes_are_stored_in_shared_transactions(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await open_db(tmp_path)
+        commits = []
+        event.listen(db.engine.sync_engine, "commit", lambda conn: commits.append(1))
+        writer = BatchWriter(db)
+        writer.start()
+        ids = [f"cmd_{i:04d}" for i in range(200)]
+        await asyncio.gather(*(writer.insert(COMMANDS, command(i)) for i in ids))
+        after_inserts = len(commits)
+        await asyncio.gather(
+            *(
+                writer.update(COMMANDS, "id", {"id": i, "status": "completed", "exit_code": n})
+                for n, i in enumerate(ids)
+            )
+        )
+        await writer.close()
+        async with db.session() as session:
+            rows = {r.id: r for r in await session.scalars(select(CommandRow))}
+        assert sorted(rows) == ids
+        assert all(rows[i].status == "completed" for i in ids)
+        assert [rows[i].exit_code for i in ids] == list(range(200))
+        assert rows[ids[0]].env_keys == ["A"] and rows[ids[0]].created_at.tzinfo is not None
+        # 400 writes, far fewer transactions.
+        assert after_inserts < 20 and len(commits) < 40
+        await db.close()
+
+    run(main())
+
+
+def test_a_bad_row_fails_alone(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await open_db(tmp_path)
+        writer = BatchWriter(db)
+        writer.start()
+        await writer.insert(COMMANDS, command("cmd_taken"))
+        results = await asyncio.gather(
+            writer.insert(COMMANDS, command("cmd_a")),
+            writer.insert(COMMANDS, command("cmd_taken")),  # the same key again
+            writer.insert(COMMANDS, command("cmd_b")),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], IntegrityError)
+        await writer.close()
+        async with db.session() as session:
+            stored = sorted(await session.scalars(select(CommandRow.id)))
+        assert stored == ["cmd_a", "cmd_b", "cmd_taken"]
+        await db.close()
+
+    run(main())
+
+
+def test_without_its_task_each_write_is_a_transaction_of_its_own(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await open_db(tmp_path)
+        writer = BatchWriter(db)  # never started
+        await writer.insert(COMMANDS, command("cmd_one"))
+        with pytest.raises(IntegrityError):
+            await writer.insert(COMMANDS, command("cmd_one"))
+        async with db.session() as session:
+            assert list(await session.scalars(select(CommandRow.id))) == ["cmd_one"]
+        await db.close()
+
+    run(main())
