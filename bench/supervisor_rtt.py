@@ -5,20 +5,21 @@
 Starts `src/corral/runtime/supervisor.py` on the host (as root, like bwrap's child, but outside
 any sandbox), sends it `spawn` messages for `true` over its socket with three pipes, and times
 the `started` reply and the `exit` event, beside a bare posix_spawn + wait. With `--variants` it
-also measures copies of the supervisor, written to a temp dir (src/ is never touched), changed as
-the README's recommendations say, to show what each change is worth.
+also times the fork path (Python between fork and exec, which sudo, terminal and rlimit
+commands still take) and the launcher with each command joining a cgroup2 and a v1 memory
+cgroup, as in a sandbox (the launcher moves itself there and back around the vfork).
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,10 +33,36 @@ SUPERVISOR = REPO / "src" / "corral" / "runtime" / "supervisor.py"
 PY = "/usr/bin/python3"
 
 
-def measure(path: Path, n: int, warmup: int = 20) -> tuple[Sample, Sample, Sample]:
-    """(started, exit event, paired posix_spawn) in ms."""
+def _cgroups(tag: str) -> tuple[list[Path], list[Path]]:
+    """A command cgroup and its parent (the 'sandbox'), in cgroup2 and the v1 memory tree when
+    they are there: (cgroup.procs to join, cgroup.procs to go back to)."""
+    joins, homes = [], []
+    for root in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/memory"),
+                 Path("/sys/fs/cgroup")):  # fmt: skip
+        if not (root / "cgroup.procs").exists() or any(h.is_relative_to(root) for h in homes):
+            continue
+        if root == Path("/sys/fs/cgroup") and homes:
+            continue
+        sandbox = root / f"corral-bench-sup-{os.getpid()}-{tag}"
+        (sandbox / "cmd").mkdir(parents=True, exist_ok=True)
+        joins.append(sandbox / "cmd" / "cgroup.procs")
+        homes.append(sandbox / "cgroup.procs")
+    return joins, homes
+
+
+def measure(path: Path, n: int, mode: str, warmup: int = 20) -> tuple[Sample, Sample, Sample]:
+    """(started, exit event, paired posix_spawn) in ms. mode: "fork" (no joins/homes: the
+    supervisor forks with Python in the child), "launcher", or "launcher+cgroups" (the command
+    joins a cgroup2 and a v1 memory cgroup, as in a sandbox)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([PY, "-I", "-S", str(path), str(child.fileno())],
+    joins: list[Path] = []
+    homes: list[Path] = []
+    if mode == "launcher+cgroups":
+        joins, homes = _cgroups(mode)
+    # The supervisor (and its launcher) start in the 'sandbox' cgroups, as bwrap's child does.
+    join_self = "".join(f'echo $$ > "{h}"; ' for h in homes)
+    proc = subprocess.Popen(["/bin/sh", "-c", join_self + 'exec "$@"', "sh",
+                             PY, "-I", "-S", str(path), str(child.fileno())],
                             pass_fds=[child.fileno()])  # fmt: skip
     child.close()
     try:
@@ -43,16 +70,21 @@ def measure(path: Path, n: int, warmup: int = 20) -> tuple[Sample, Sample, Sampl
         assert ready["ev"] == "ready", ready
         env = {"PATH": "/usr/bin:/bin"}
         started, ended, bare = [], [], []
+        home_fds = [os.open(h, os.O_WRONLY | os.O_CLOEXEC) for h in homes]
         for i in range(warmup + n):
             a, b, c = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
             msg = {"op": "spawn", "id": f"c{i}", "argv": ["true"], "env": env, "cwd": "/",
                    "tty": False, "rlimits": {"core": 0}, "user": "user"}  # fmt: skip
+            if mode != "fork":
+                msg.update(joins=len(joins), homes=len(homes), cgroup="cmd")
             t0 = time.perf_counter()
+            join_fds = [os.open(j, os.O_WRONLY | os.O_CLOEXEC) for j in joins]
+            fds = [a[0], b[1], c[1], *join_fds]
             parent.sendmsg(
                 [json.dumps(msg, separators=(",", ":")).encode()],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [a[0], b[1], c[1]]))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds + home_fds))],
             )
-            for fd in (a[0], b[1], c[1]):
+            for fd in fds:
                 os.close(fd)
             first = json.loads(parent.recv(65536))
             t1 = time.perf_counter()
@@ -70,53 +102,23 @@ def measure(path: Path, n: int, warmup: int = 20) -> tuple[Sample, Sample, Sampl
                 started.append((t1 - t0) * 1000)
                 ended.append((t2 - t0) * 1000)
                 bare.append((t4 - t3) * 1000)
+        for fd in home_fds:
+            os.close(fd)
         return Sample(started), Sample(ended), Sample(bare)
     finally:
         parent.close()
         proc.wait(10)
+        for h in homes:
+            for d in (h.parent / "cmd", h.parent):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
-def variants(tmp: Path) -> dict[str, Path]:
-    """Copies of the supervisor with the recommended changes."""
-    src = SUPERVISOR.read_text()
-    out = {"stock": SUPERVISOR}
-    # 1. os.execvpe -> os.get_exec_path imports `warnings` in every forked child (`-I -S` does
-    #    not preload it), and _drop_capabilities loads libc with ctypes in the child: do both
-    #    once, in the supervisor.
-    pre = src.replace(
-        "import termios\n",
-        "import termios\nimport warnings  # noqa: F401 (os.execvpe imports it in the child)\n\n"
-        "_LIBC = ctypes.CDLL(None, use_errno=True)\n",
-        1,
-    ).replace("    libc = ctypes.CDLL(None, use_errno=True)\n    libc.prctl(PR_CAP_AMBIENT",
-              "    libc = _LIBC\n    libc.prctl(PR_CAP_AMBIENT")  # fmt: skip
-    if pre != src:
-        path = tmp / "supervisor_preimport.py"
-        path.write_text(pre)
-        out["warnings pre-imported, libc cached"] = path
-    # 2. The lower bound of a spawn without Python in the child: subprocess's C fork_exec
-    #    (vfork + exec, no preexec_fn). It leaves out what the child does today besides
-    #    setsid/dup2/chdir/exec (cgroup join, setgid, capset, rlimits), so it is a bound, not a
-    #    drop-in: those would move to the supervisor's start (caps, gid) or to a tiny exec'd
-    #    helper / clone3(CLONE_INTO_CGROUP) (cgroups).
-    guard = 'if __name__ == "__main__":'
-    if guard in src:
-        vfork = src.replace(
-            guard,
-            "def _spawn(message, fds):\n"
-            "    import subprocess\n"
-            "    p = subprocess.Popen([str(a) for a in message['argv']], stdin=fds[0],\n"
-            "                         stdout=fds[1], stderr=fds[2], cwd=str(message['cwd']),\n"
-            "                         env={str(k): str(v) for k, v in message['env'].items()},\n"
-            "                         start_new_session=True, close_fds=True)\n"
-            "    p._child_created = False  # the supervisor reaps it, not subprocess\n"
-            "    return p.pid\n\n\n" + guard,
-            1,
-        )
-        path = tmp / "supervisor_vfork.py"
-        path.write_text(vfork)
-        out["lower bound: vfork+exec, no Python in child"] = path
-    return out
+VARIANTS = {
+    "fork + Python in the child": "fork",
+    "launcher: vfork, no Python in the child": "launcher",
+    "launcher + cgroup2/v1 memory join": "launcher+cgroups",
+}
 
 
 def main() -> int:
@@ -127,14 +129,13 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (the supervisor sets its children's gid)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="corral-bench-sup-") as tmp:
-        chosen = variants(Path(tmp)) if args.variants else {"stock": SUPERVISOR}
-        print(f"{'supervisor':40} {'started p50':>11} {'p99':>7} {'exit p50':>9} "
-              f"{'bare spawn p50':>14} {'ratio':>6}")  # fmt: skip
-        for name, path in chosen.items():
-            started, ended, bare = measure(path, args.n)
-            print(f"{name:40} {started.median:11.2f} {started.tail:7.2f} {ended.median:9.2f} "
-                  f"{bare.median:14.2f} {ended.median / bare.median:5.1f}x")  # fmt: skip
+    chosen = VARIANTS if args.variants else {"supervisor (launcher)": "launcher"}
+    print(f"{'supervisor':40} {'started p50':>11} {'p99':>7} {'exit p50':>9} "
+          f"{'bare spawn p50':>14} {'ratio':>6}")  # fmt: skip
+    for name, mode in chosen.items():
+        started, ended, bare = measure(SUPERVISOR, args.n, mode)
+        print(f"{name:40} {started.median:11.2f} {started.tail:7.2f} {ended.median:9.2f} "
+              f"{bare.median:14.2f} {ended.median / bare.median:5.1f}x")  # fmt: skip
     return 0
 
 

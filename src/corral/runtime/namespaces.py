@@ -526,6 +526,7 @@ class NamespacesSandbox(SandboxHandle):
         self._spawns: dict[str, asyncio.Future[int]] = {}
         self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
         self._stderr = b""
+        self._home_fds: list[int] | None = None  # the sandbox's own cgroup.procs, opened once
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
         self._watch = asyncio.ensure_future(self._watch_process())
@@ -642,6 +643,7 @@ class NamespacesSandbox(SandboxHandle):
         if runtime.resources is not None:
             joins += runtime.resources.command_procs(self.config.id, spec.id)
         cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in joins]
+        home_fds = self._homes() if joins else []
         if spec.tty:
             master, slave = open_pty(spec.rows, spec.cols)
             stdin_w, out_r, err_r = os.dup(master), master, None
@@ -668,9 +670,13 @@ class NamespacesSandbox(SandboxHandle):
         message = {
             "op": "spawn", "id": spec.id, "argv": spec.argv, "env": env, "cwd": spec.cwd,
             "tty": spec.tty, "rlimits": {"core": 0, **spec.rlimits}, "user": spec.user,
+            # The supervisor's launcher joins the command's cgroups to start it and goes back
+            # to the sandbox's own.
+            "joins": len(cgroup_fds), "homes": len(home_fds),
+            "cgroup": cgroup.name if cgroup is not None else "",
         }  # fmt: skip
         try:
-            await self._send(message, child_fds)
+            await self._send(message, child_fds + home_fds)
             try:
                 pid = await asyncio.wait_for(started, SPAWN_TIMEOUT)
             except SandboxDied as exc:
@@ -681,6 +687,8 @@ class NamespacesSandbox(SandboxHandle):
             for fd in host_fds:
                 os.close(fd)
             if cgroup is not None:
+                # A launcher killed mid-spawn may have started it after all.
+                runtime.cgroups.kill(cgroup)  # type: ignore[union-attr]
                 await asyncio.to_thread(runtime.cgroups.remove, cgroup)  # type: ignore[union-attr]
             if runtime.resources is not None:
                 runtime.resources.remove_command(self.config.id, spec.id)
@@ -691,6 +699,23 @@ class NamespacesSandbox(SandboxHandle):
         process = NamespacesProcess(self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroup)
         process.tty = spec.tty
         return process
+
+    def _homes(self) -> list[int]:
+        """Write-only fds of the sandbox's own cgroup.procs (cgroup2 and the v1 memory one)."""
+        if self._home_fds is None:
+            paths = []
+            if self.runtime.cgroups is not None and self.cgroup is not None:
+                paths.append(self.cgroup / "cgroup.procs")
+            resources = self.runtime.resources
+            if resources is not None and "memory" in resources.v1:
+                paths.append(resources.v1["memory"] / self.config.id / "cgroup.procs")
+            self._home_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in paths]
+        return self._home_fds
+
+    def _close_homes(self) -> None:
+        for fd in self._home_fds or []:
+            os.close(fd)
+        self._home_fds = None
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -711,6 +736,7 @@ class NamespacesSandbox(SandboxHandle):
             await self.runtime.net.detach(self.config.slot)
             self.network = "none"
         self._mark_dead()
+        self._close_homes()
         self.sock.close()
 
     async def set_network(self, network: str, allow: tuple[str, ...]) -> None:

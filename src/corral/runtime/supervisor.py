@@ -1,19 +1,37 @@
 """The supervisor that lives inside each sandbox and starts its commands.
 
-Runs under the sandbox's own uid with the distribution's python3 (`python3 -I -S`, stdlib only).
-The node talks to it over a SOCK_SEQPACKET socket (fd given as argv[1]): one JSON object per
-message, file descriptors for the command's stdio and cgroup passed alongside with SCM_RIGHTS.
-The command's output goes straight from its pipes to the node; the supervisor only reports
-start and exit. It trusts nothing it receives beyond the node's messages and sends only its own.
+Runs with the distribution's python3 (`python3 -I -S`, stdlib only), started by bwrap as uid 1000
+with the capabilities the node grants it. The node talks to it over a SOCK_SEQPACKET socket (fd
+given as argv[1]): one JSON object per message, file descriptors for the command's stdio and
+cgroups passed alongside with SCM_RIGHTS. The command's output goes straight from its pipes to
+the node; the supervisor only reports start and exit. It trusts nothing it receives beyond the
+node's messages and sends only its own.
+
+Two processes do the work:
+  - the supervisor switches to uid 0 of the sandbox's user namespace (still an unprivileged host
+    uid), so that ordinary commands, which run as uid 1000, cannot signal it (`kill -9 -1`). It
+    talks to the node, starts sudo, terminal and rlimit commands with fork + Python in the
+    child, reaps, and restarts the launcher whenever it dies.
+  - the launcher, forked once, is uid 1000 with every capability set (bounding set included)
+    empty, not dumpable and RLIMIT_CORE 0, i.e. exactly what an ordinary command must be. So an
+    ordinary command needs no Python in its child: the launcher moves itself into the command's
+    cgroups, vfork+execs it through _posixsubprocess (setsid, dup2, close, signals, chdir in C)
+    and moves itself back. The child is in the command's cgroups from its first instruction.
+    Commands can kill or stop the launcher (same uid): the supervisor, a child subreaper,
+    adopts the launcher's commands, fails the spawns it was in the middle of, and starts a new
+    one; it sends SIGCONT to a stopped one.
 
 Node -> supervisor:
-  {"op": "spawn", "id", "argv", "env", "cwd", "tty", "rlimits", "user" ("root" for sudo)}
-      + fds [stdin, stdout, stderr, cgroup.procs...]; with tty all three are the terminal
+  {"op": "spawn", "id", "argv", "env", "cwd", "tty", "rlimits", "user" ("root" for sudo),
+   "joins": J, "homes": H}
+      + fds [stdin, stdout, stderr, J cgroup.procs to join, H cgroup.procs of the sandbox];
+      "cgroup" names its cgroup2 directory (how a command whose launcher died is found);
+      with tty all three are the terminal
   {"op": "signal", "id", "sig"}                 signal the command's process group
 Supervisor -> node:
   {"ev": "ready"}
   {"ev": "started", "id", "pid"}
-  {"ev": "spawn_failed", "id", "error"}
+  {"ev": "spawn_failed", "id", "error", "errno"}
   {"ev": "exit", "id", "code", "signal"}
 """
 
@@ -28,39 +46,58 @@ import signal
 import socket
 import sys
 import termios
-import warnings  # noqa: F401 - os.execvpe imports it lazily; here it costs nothing per command
+import warnings  # noqa: F401 - os.execvpe/get_exec_path import it lazily; here it costs nothing
+
+try:
+    import _posixsubprocess
+except ImportError:  # pragma: no cover - every CPython on Linux has it
+    _posixsubprocess = None
 
 MAX_MESSAGE = 1 << 20
+MAX_FDS = 16
 PR_SET_DUMPABLE = 4
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+USER_ID = 1000
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once, not in every forked child
+# The fork_exec signature the launcher calls (CPython 3.11 to 3.13); other versions use fork.
+LAUNCHER_PYTHONS = ((3, 11), (3, 12), (3, 13))
+CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DEFAULTED = (*CAUGHT, signal.SIGPIPE, signal.SIGCHLD, signal.SIGXFSZ)
 
 
 def _no_ptrace() -> None:
-    # Commands run as the same uid: stop them from attaching to the supervisor.
-    try:
-        LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except OSError:
-        pass
+    # Commands run as uid 1000 (and sudo ones as uid 0): stop them attaching to us. Also needed
+    # after every uid change, which resets the flag.
+    LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-USER_ID = 1000
-LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once, not in every forked child
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-PR_CAPBSET_DROP = 24
+def _ignore(_signum, _frame) -> None:
+    pass
 
 
-def _drop_capabilities() -> None:
-    """Empty every capability set, the bounding set included: an ordinary command keeps none of
-    the supervisor's and can never regain them."""
+def _become_user() -> None:
+    """uid/gid 1000, no groups, and every capability set empty, the bounding set included: an
+    ordinary command keeps none of the supervisor's and can never regain them (a setuid-root
+    file made by sudo gives it nothing). Raises OSError if any of it did not hold."""
     libc = LIBC
-    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     for cap in range(64):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last capability: fine
+    os.setgroups([])
+    os.setresgid(USER_ID, USER_ID, USER_ID)
+    os.setresuid(USER_ID, USER_ID, USER_ID)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all zero
     if libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) == 1:
+            raise OSError(1, "the bounding set could not be emptied")
 
 
 def _send(sock, message):
@@ -69,17 +106,26 @@ def _send(sock, message):
 
 def _recv(sock):
     fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(16 * fds.itemsize))
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+    )
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
     return data, list(fds)
 
 
-def _spawn(message, fds):
-    """Fork and exec the command; returns its pid. Raises OSError with the child's errno."""
+def _exit_event(cid, info, **extra):
+    if info.si_code == os.CLD_EXITED:
+        return {"ev": "exit", "id": cid, "code": info.si_status, "signal": None, **extra}
+    return {"ev": "exit", "id": cid, "code": None, "signal": info.si_status, **extra}
+
+
+def _fork_spawn(message, fds):
+    """Fork and exec the command with Python in the child (sudo, terminals, rlimits); returns
+    its pid. Raises OSError with the child's errno."""
     stdin, stdout, stderr = fds[0], fds[1], fds[2]
-    cgroups = fds[3:8]
+    cgroups = fds[3 : 3 + int(message.get("joins", len(fds) - 3))]
     argv = [str(a) for a in message["argv"]]
     env = {str(k): str(v) for k, v in message["env"].items()}
     cwd = str(message["cwd"])
@@ -87,6 +133,9 @@ def _spawn(message, fds):
     pid = os.fork()
     if pid == 0:  # child
         try:
+            signal.set_wakeup_fd(-1)
+            for sig in DEFAULTED:
+                signal.signal(sig, signal.SIG_DFL)
             for cgroup in cgroups:
                 # Join the command's cgroups before anything can fork: the node kills the
                 # whole tree, and measures it, through them.
@@ -99,19 +148,15 @@ def _spawn(message, fds):
             os.dup2(stderr, 2)
             os.closerange(3, errpipe_w)
             os.closerange(errpipe_w + 1, 65536)
-            for sig in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             if message.get("user") == "root":
                 # sudo: uid 0 of the sandbox's user namespace, mapped to an unprivileged host
                 # uid; it keeps only the capabilities the supervisor holds.
                 os.setgroups([])
-                os.setgid(0)
-                os.setuid(0)
+                os.setresgid(0, 0, 0)
+                os.setresuid(0, 0, 0)
             else:
-                os.setgroups([])
-                os.setgid(USER_ID)
-                _drop_capabilities()
+                _become_user()
             for name, value in (message.get("rlimits") or {}).items():
                 limit = getattr(resource, "RLIMIT_" + str(name).upper())
                 resource.setrlimit(limit, (int(value), int(value)))
@@ -139,84 +184,491 @@ def _spawn(message, fds):
     return pid
 
 
+# --- the launcher ----------------------------------------------------------------------------
+
+
+def _fork_exec(argv, executables, cwd, env_list, stdin, stdout, stderr, errpipe_r, errpipe_w):
+    # vfork (no uid/gid change, no preexec_fn), close every fd but the error pipe, restore
+    # SIGPIPE/SIGXFSZ, reset caught handlers, setsid, chdir, execve over the executables: in C.
+    return _posixsubprocess.fork_exec(
+        argv, executables, True, (errpipe_w,), cwd, env_list,
+        stdin, -1, -1, stdout, -1, stderr, errpipe_r, errpipe_w,
+        True, True, -1, None, None, None, -1, None, True,
+    )  # fmt: skip
+
+
+def _exec_one(argv, executables, cwd, env_list, stdin, stdout, stderr):
+    """Start a command; returns (pid, None) or (None, (errno, text))."""
+    errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            pid = _fork_exec(
+                argv, executables, cwd, env_list, stdin, stdout, stderr, errpipe_r, errpipe_w
+            )
+        finally:
+            os.close(errpipe_w)
+        report = b""
+        while True:
+            chunk = os.read(errpipe_r, 50000)
+            if not chunk:
+                break
+            report += chunk
+    finally:
+        os.close(errpipe_r)
+    if not report:
+        return pid, None
+    os.waitpid(pid, 0)
+    _name, _, rest = report.partition(b":")
+    hex_errno, _, _msg = rest.partition(b":")
+    try:
+        errno = int(hex_errno, 16)
+    except ValueError:
+        errno = 0
+    return None, (errno, os.strerror(errno) if errno else report.decode(errors="replace"))
+
+
+def _launch(message, fds):
+    """One ordinary command: join its cgroups, vfork+exec, go home. Returns (event, pid);
+    raises SystemExit when the launcher could not get back out of the command's cgroups."""
+    cid = message.get("id")
+    joins, homes = int(message["joins"]), int(message["homes"])
+    stdin, stdout, stderr = fds[0], fds[1], fds[2]
+    join_fds = fds[3 : 3 + joins]
+    home_fds = fds[3 + joins : 3 + joins + homes]
+    try:
+        argv = [os.fsencode(str(a)) for a in message["argv"]]
+        env = {str(k): str(v) for k, v in message["env"].items()}
+        env_list = []
+        for key, value in env.items():
+            if "=" in key:
+                raise ValueError("illegal environment variable name")
+            env_list.append(os.fsencode(key) + b"=" + os.fsencode(value))
+        if any(b"\0" in item for item in (*argv, *env_list)):
+            raise ValueError("embedded null byte")
+        if os.path.dirname(argv[0]):
+            executables = (argv[0],)
+        else:
+            executables = tuple(
+                os.path.join(os.fsencode(d), argv[0]) for d in os.get_exec_path(env)
+            )
+        cwd = os.fsencode(str(message["cwd"]))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        return {"ev": "spawn_failed", "id": cid, "error": str(exc), "errno": 0}, None
+    pid = failure = None
+    stranded = False
+    try:
+        for fd in join_fds:
+            os.write(fd, b"0")
+        pid, failure = _exec_one(argv, executables, cwd, env_list, stdin, stdout, stderr)
+    except OSError as exc:
+        failure = (exc.errno, f"could not join the command's cgroups: {exc.strerror}")
+    finally:
+        try:
+            for fd in home_fds:
+                os.write(fd, b"0")
+        except OSError:
+            stranded = True
+    if pid is None:
+        event = {"ev": "spawn_failed", "id": cid, "error": failure[1], "errno": failure[0]}
+    else:
+        event = {"ev": "started", "id": cid, "pid": pid}
+    if stranded:
+        # Still inside a command's cgroups: it must not start anything else from there. The
+        # supervisor adopts what was started and starts a new launcher.
+        raise _Stranded(event)
+    return event, pid
+
+
+class _Stranded(Exception):
+    pass
+
+
+def _launcher_ready():
+    """Whether fork_exec takes the arguments _fork_exec passes: one throwaway vfork whose exec
+    must fail with ENOENT."""
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        pid, failure = _exec_one(
+            [b"corral-probe"], (b"/nonexistent/corral-probe",), b"/", [], null, null, null
+        )
+    except (TypeError, ValueError, OSError):
+        return False
+    finally:
+        os.close(null)
+    if pid is not None:
+        os.waitpid(pid, 0)
+        return False
+    return failure[0] == 2
+
+
+def _launcher_main(chan_fd, node_fd):
+    """The launcher process, forked from the supervisor; never returns. It answers the node
+    directly (one hop less) and tells the supervisor the same, which keeps the state."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        low, high = sorted((chan_fd, node_fd))
+        os.closerange(3, low)  # everything else of the supervisor's
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 65536)
+        chan = socket.socket(fileno=chan_fd)
+        chan.setblocking(True)
+        node = socket.socket(fileno=node_fd)
+        node.setblocking(True)
+
+        def tell(event):
+            data = json.dumps(event, separators=(",", ":")).encode()
+            node.send(data)
+            chan.send(data)
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # every command's default
+        _become_user()
+        _no_ptrace()
+        if not _launcher_ready():
+            _send(chan, {"ev": "launcher_unusable"})
+            os._exit(0)
+        _send(chan, {"ev": "launcher_ready"})
+        selector = selectors.DefaultSelector()
+        selector.register(chan, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in selector.select():
+                if key.data is None:
+                    data, fds = _recv(chan)
+                    if not data:
+                        os._exit(0)  # the supervisor is gone
+                    try:
+                        event, pid = _launch(json.loads(data), fds)
+                    except _Stranded as exc:
+                        tell(exc.args[0])
+                        os._exit(3)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                    tell(event)
+                    if pid is not None:
+                        pidfd = os.pidfd_open(pid)
+                        selector.register(pidfd, selectors.EVENT_READ, (pid, pidfd, event["id"]))
+                else:
+                    pid, pidfd, cid = key.data
+                    selector.unregister(pidfd)
+                    os.close(pidfd)
+                    # Report before reaping: if this process dies in between, the supervisor
+                    # reaps the adopted zombie and reports it instead.
+                    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+                    tell(_exit_event(cid, info, pid=pid))
+                    os.waitpid(pid, 0)
+    except BaseException:  # the supervisor notices and starts another
+        code = 2
+    os._exit(code)
+
+
+# --- the supervisor --------------------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, sock):
+        self.sock = sock
+        self.selector = selectors.DefaultSelector()
+        self.children = {}  # pid -> command id, reaped here (forked here, or adopted)
+        self.launched = {}  # pid -> command id, started and reaped by the launcher
+        self.groups = {}  # command id -> pid (its process group)
+        self.pending = {}  # command id -> its cgroup's name: handed to the launcher, no answer
+        self.launcher_pid = None
+        self.launcher_chan = None
+        self.launcher_up = False
+        self.launcher_usable = (
+            _posixsubprocess is not None and sys.version_info[:2] in LAUNCHER_PYTHONS
+        )
+        self.root = False
+
+    def setup(self):
+        try:
+            # Out of reach of `kill -1` from ordinary commands (uid 1000).
+            os.setresuid(0, 0, 0)
+            self.root = True
+        except OSError:
+            pass
+        _no_ptrace()
+        LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # adopt the launcher's orphans
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for sig in CAUGHT:
+            # Caught, not ignored: exec resets a caught signal, an ignored one stays ignored.
+            signal.signal(sig, _ignore)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, _ignore)
+        self.wake_r = wake_r
+        self.selector.register(self.sock, selectors.EVENT_READ, "node")
+        self.selector.register(wake_r, selectors.EVENT_READ, "wake")
+        self._start_launcher()
+
+    def run(self):
+        self.setup()
+        _send(self.sock, {"ev": "ready"})
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "node":
+                    try:
+                        data, fds = _recv(self.sock)
+                    except ConnectionError:
+                        return
+                    if not data:
+                        return  # the node closed the socket: the sandbox is being stopped
+                    try:
+                        self._handle(data, fds)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                elif key.data == "wake":
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self._reap()
+                else:
+                    self._from_launcher()
+
+    # launcher lifecycle
+
+    def _start_launcher(self):
+        if not self.launcher_usable:
+            return
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            _launcher_main(theirs.fileno(), self.sock.fileno())
+        theirs.close()
+        self.launcher_pid = pid
+        self.launcher_chan = mine
+        self.launcher_up = False
+        mine.settimeout(2.0)  # a stopped launcher must not hang the supervisor
+        self.selector.register(mine, selectors.EVENT_READ, "launcher")
+        # Wait for it (a millisecond or two), so that the next command already uses it.
+        try:
+            first = mine.recv(MAX_MESSAGE)
+        except OSError:  # stopped by a command meanwhile: try again at the next spawn
+            self._launcher_gone(restart=False)
+            return
+        if first == b'{"ev":"launcher_ready"}':
+            self.launcher_up = True
+            return
+        self.launcher_usable = False  # it could not drop its privileges, or vfork is missing
+        self._launcher_gone(restart=False)
+
+    def _launcher_gone(self, restart=True):
+        chan = self.launcher_chan
+        if chan is None:
+            return
+        self.selector.unregister(chan)
+        chan.setblocking(False)
+        try:
+            while True:
+                data = chan.recv(MAX_MESSAGE)
+                if not data:
+                    break
+                self._launcher_event(json.loads(data))
+        except (BlockingIOError, ConnectionError, ValueError):
+            pass
+        chan.close()
+        self.launcher_chan = None
+        self.launcher_up = False
+        pid, self.launcher_pid = self.launcher_pid, None
+        if pid is not None:  # wedged (or stranded) rather than dead: make sure
+            self._kill(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.children.update(self.launched)  # reparented to us: we are a subreaper
+        self.launched.clear()
+        self._reap()
+        if self.pending:
+            # Killed between exec and its answer (a command's `kill -9 -1` can be that
+            # quick): the command runs, now as our child, in its own cgroup.
+            me = os.getpid()
+            try:
+                with open(f"/proc/{me}/task/{me}/children") as f:
+                    pids = [int(p) for p in f.read().split()]
+            except OSError:
+                pids = []
+            for pid in pids:
+                if pid not in self.children:
+                    cid = self._ghost(pid)
+                    if cid is not None:
+                        self._adopt(cid, pid)
+        for cid in list(self.pending):
+            # Not started (or not found): the node also kills the command's cgroup.
+            _send(self.sock, {"ev": "spawn_failed", "id": cid, "errno": 0,
+                              "error": "the sandbox's command launcher was killed while "
+                                       "starting the command"})  # fmt: skip
+        self.pending.clear()
+        if restart:
+            self._start_launcher()
+
+    def _from_launcher(self):
+        try:
+            data = self.launcher_chan.recv(MAX_MESSAGE)
+        except (BlockingIOError, TimeoutError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._launcher_gone()
+            return
+        self._launcher_event(json.loads(data))
+
+    def _launcher_event(self, event):
+        """What the launcher told the node too. If it dies between the two sends, the node may
+        hear of a start or exit twice; it ignores the repeat."""
+        ev = event.get("ev")
+        cid = event.get("id")
+        if ev == "started":
+            self.pending.pop(cid, None)
+            self.launched[int(event["pid"])] = cid
+            self.groups[cid] = int(event["pid"])
+        elif ev == "spawn_failed":
+            self.pending.pop(cid, None)
+        elif ev == "exit" and self.launched.pop(int(event["pid"]), None) is not None:
+            self.groups.pop(cid, None)
+
+    def _ghost(self, pid):
+        """The pending command whose cgroup holds `pid`, if any."""
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if line.startswith("0::/"):
+                name = line[4:]
+                for cid, cgroup in self.pending.items():
+                    if cgroup and cgroup == name:
+                        return cid
+        return None
+
+    def _adopt(self, cid, pid):
+        del self.pending[cid]
+        self.children[pid] = cid
+        self.groups[cid] = pid
+        _send(self.sock, {"ev": "started", "id": cid, "pid": pid})
+
+    def _reap(self):
+        flags = os.WEXITED | os.WSTOPPED | os.WNOHANG
+        while True:
+            try:
+                # Look before reaping: an unknown child's cgroup tells whether it is a command
+                # whose launcher died before answering.
+                info = os.waitid(os.P_ALL, 0, flags | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            pid = info.si_pid
+            if info.si_code in (os.CLD_STOPPED, os.CLD_TRAPPED):
+                os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)
+                if pid == self.launcher_pid:
+                    # Stopped by a command (same uid): same session, so SIGCONT is allowed.
+                    self._kill(pid, signal.SIGCONT)
+                continue
+            if pid == self.launcher_pid:
+                os.waitpid(pid, 0)
+                self.launcher_pid = None
+                self._launcher_gone()
+                continue
+            cid = self.children.pop(pid, None)
+            if cid is None:
+                cid = self.launched.pop(pid, None)  # adopted before its launcher's EOF
+            if cid is None and self.pending:
+                cid = self._ghost(pid)
+                if cid is not None:
+                    self._adopt(cid, pid)
+                    del self.children[pid]
+            os.waitpid(pid, 0)
+            if cid is None:
+                continue  # an orphan left by a command, or reported already
+            self.groups.pop(cid, None)
+            _send(self.sock, _exit_event(cid, info))
+
+    # node messages
+
+    def _handle(self, data, fds):
+        message = json.loads(data)
+        op = message.get("op")
+        cid = message.get("id")
+        if op == "spawn":
+            if len(fds) < 3:
+                _send(self.sock, {"ev": "spawn_failed", "id": cid, "error": "missing descriptors"})
+                return
+            if self._forward(message, data, fds):
+                return
+            try:
+                pid = _fork_spawn(message, fds)
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+                _send(self.sock, {"ev": "spawn_failed", "id": cid, "error": error,
+                                  "errno": exc.errno})  # fmt: skip
+                return
+            self.children[pid] = cid
+            self.groups[cid] = pid
+            _send(self.sock, {"ev": "started", "id": cid, "pid": pid})
+        elif op == "signal":
+            pgid = self.groups.get(cid)
+            if pgid is not None:
+                self._killpg(pgid, int(message["sig"]))
+
+    def _forward(self, message, data, fds):
+        """Hand an ordinary command to the launcher; False if it must be forked here."""
+        if self.launcher_chan is None and self.launcher_usable:
+            self._start_launcher()
+        if not (self.launcher_up and self.launcher_chan is not None):
+            return False
+        if message.get("tty") or message.get("user") == "root":
+            return False
+        if any(str(k) != "core" or int(v) != 0 for k, v in (message.get("rlimits") or {}).items()):
+            return False
+        joins, homes = message.get("joins"), message.get("homes")
+        if not isinstance(joins, int) or not isinstance(homes, int):
+            return False
+        if (joins and not homes) or len(fds) != 3 + joins + homes:
+            return False  # the launcher could not get back out of the command's cgroups
+        try:
+            self.launcher_chan.sendmsg(
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
+        except OSError:
+            self._launcher_gone()
+            return False
+        self.pending[message.get("id")] = str(message.get("cgroup") or "")
+        return True
+
+    def _killpg(self, pgid, sig):
+        self._kill(-pgid, sig)
+
+    def _kill(self, pid, sig):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            if not self.root:
+                return
+            # A uid 1000 process: signal it as uid 1000 (we hold no CAP_KILL).
+            os.setresuid(-1, USER_ID, -1)
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+            finally:
+                os.setresuid(-1, 0, -1)
+                _no_ptrace()
+
+
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     sock.setblocking(True)
-    _no_ptrace()
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ, None)
-    running = {}  # pid -> command id
-    groups = {}  # command id -> pid (its process group)
-    _send(sock, {"ev": "ready"})
-
-    while True:
-        for key, _ in selector.select():
-            if key.data is None:
-                try:
-                    data, fds = _recv(sock)
-                except ConnectionError:
-                    return
-                if not data:
-                    return  # the node closed the socket: the sandbox is being stopped
-                try:
-                    _handle(sock, selector, running, groups, json.loads(data), fds)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-            else:
-                pid, pidfd = key.data
-                selector.unregister(pidfd)
-                os.close(pidfd)
-                _, status = os.waitpid(pid, 0)
-                cid = running.pop(pid)
-                groups.pop(cid, None)
-                if os.WIFSIGNALED(status):
-                    _send(
-                        sock, {"ev": "exit", "id": cid, "code": None, "signal": os.WTERMSIG(status)}
-                    )
-                else:
-                    _send(
-                        sock,
-                        {"ev": "exit", "id": cid, "code": os.WEXITSTATUS(status), "signal": None},
-                    )
-
-
-def _handle(sock, selector, running, groups, message, fds):
-    op = message.get("op")
-    cid = message.get("id")
-    if op == "spawn":
-        if len(fds) < 3:
-            _send(sock, {"ev": "spawn_failed", "id": cid, "error": "missing descriptors"})
-            return
-        try:
-            pid = _spawn(message, fds)
-        except OSError as exc:
-            _send(
-                sock,
-                {
-                    "ev": "spawn_failed",
-                    "id": cid,
-                    "error": exc.strerror or str(exc),
-                    "errno": exc.errno,
-                },
-            )
-            return
-        pidfd = os.pidfd_open(pid)
-        selector.register(pidfd, selectors.EVENT_READ, (pid, pidfd))
-        running[pid] = cid
-        groups[cid] = pid
-        _send(sock, {"ev": "started", "id": cid, "pid": pid})
-    elif op == "signal":
-        pgid = groups.get(cid)
-        if pgid is not None:
-            try:
-                os.killpg(pgid, int(message["sig"]))
-            except ProcessLookupError:
-                pass
+    Supervisor(sock).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""Ordinary commands start from the supervisor's launcher (vfork, no Python in the child). They
+run as uid 1000 like it, so they can kill or stop it: the sandbox carries on regardless."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.sandbox
+
+
+def run(api: httpx.Client, sid: str, command: str, **extra: object) -> dict:
+    resp = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": command, **extra})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_kill_all_and_stop_all_leave_the_sandbox_working(
+    api: httpx.Client, sandbox_id: str
+) -> None:
+    # `kill -9 -1` reaches every uid 1000 process: the launcher, never the supervisor (uid 0).
+    for _ in range(3):
+        killed = run(api, sandbox_id, "kill -9 -1; echo after")
+        assert killed["status"] == "completed" and killed["stdout"] == "after\n", killed
+        assert run(api, sandbox_id, "echo ok")["stdout"] == "ok\n"
+    stopped = run(api, sandbox_id, "kill -STOP -1; echo after")
+    assert stopped["status"] == "completed" and stopped["stdout"] == "after\n", stopped
+    assert run(api, sandbox_id, "echo ok")["stdout"] == "ok\n"
+    # A command whose launcher dies while it runs is still waited for and reported.
+    slow = run(api, sandbox_id, "sleep 0.3; exit 7")
+    assert slow["exit_code"] == 7
+    orphaned = run(api, sandbox_id, "kill -9 $PPID; sleep 0.2; exit 5")
+    assert orphaned["status"] == "completed" and orphaned["exit_code"] == 5, orphaned
+
+
+def test_commands_start_clean(api: httpx.Client, sandbox_id: str) -> None:
+    # No signal ignored or blocked, no capability, core rlimit 0, own session, own cgroup.
+    probe = (
+        "grep -E '^(SigIgn|SigBlk|CapInh|CapPrm|CapEff|CapBnd|CapAmb)' /proc/self/status"
+        " | awk '{print $2}' | sort -u; ulimit -c; ps -o sid= -p $$ | tr -d ' ';"
+        " echo $$; grep '^0::' /proc/self/cgroup; ls /proc/self/fd"
+    )
+    result = run(api, sandbox_id, probe)
+    lines = result["stdout"].split("\n")
+    assert lines[0] == "0000000000000000" and lines[1] == "0", result
+    assert lines[2] == lines[3], result  # session leader
+    assert lines[4] == f"0::/{result['id']}", result
+    root = run(api, sandbox_id, "grep -E '^SigIgn' /proc/self/status", user="root")
+    assert root["stdout"].split() == ["SigIgn:", "0000000000000000"], root
+
+
+def test_missing_program_and_cwd(api: httpx.Client, sandbox_id: str) -> None:
+    resp = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "nope-1", "args": []})
+    assert resp.json()["status"] == "failed" and "No such file" in resp.json()["error"]
+    resp = api.post(
+        f"/v1/sandboxes/{sandbox_id}/exec",
+        json={"command": "true", "args": [], "cwd": "/does/not/exist"},
+    )
+    assert resp.json()["status"] == "failed" and "No such file" in resp.json()["error"]
