@@ -14,6 +14,7 @@ from pathlib import Path
 from corral.core.models import CommandStatus
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
 from corral.node.output_log import STDERR, STDOUT, OutputLog
+from corral.pipes import pipe_end
 from corral.runtime.base import (
     ExitStatus,
     ProcessHandle,
@@ -233,7 +234,7 @@ class LocalExecution(Execution):
             for fd, stream in pipes:
                 if fd is None:
                     continue
-                pipe = os.fdopen(fd, "rb", buffering=0)
+                pipe = await pipe_end(fd)
                 if stream == STDOUT and self.spec.raw_stdout:
                     await self._connect_raw_stdout(pipe)
                     continue
@@ -304,7 +305,7 @@ class LocalExecution(Execution):
         if self.spec.tty:
             transport = _TerminalWriter(fd, protocol, STDIN_BUFFER)
         else:
-            pipe = os.fdopen(fd, "wb", buffering=0)
+            pipe = await pipe_end(fd)
             transport, _ = await loop.connect_write_pipe(lambda: protocol, pipe)
             transport.set_write_buffer_limits(high=STDIN_BUFFER)
         self._stdin, self._stdin_protocol = transport, protocol
