@@ -527,6 +527,9 @@ class NamespacesSandbox(SandboxHandle):
         self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
         self._stderr = b""
         self._home_fds: list[int] | None = None  # the sandbox's own cgroup.procs, opened once
+        # Command cgroups still populated when released (a zombie not yet reaped, or processes
+        # left in the background): removed once empty, a few per spawn.
+        self._retired: list[tuple[Path, str]] = []
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
         self._watch = asyncio.ensure_future(self._watch_process())
@@ -636,6 +639,8 @@ class NamespacesSandbox(SandboxHandle):
         cgroup = None
         runtime = self.runtime
         joins: list[Path] = []
+        if self._retired:
+            self._remove_retired(4)
         if runtime.cgroups is not None and self.cgroup is not None:
             cgroup = runtime.cgroups.command(self.config.id, spec.id)
             cgroup.mkdir()
@@ -699,6 +704,17 @@ class NamespacesSandbox(SandboxHandle):
         process = NamespacesProcess(self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroup)
         process.tty = spec.tty
         return process
+
+    def _remove_retired(self, count: int) -> None:
+        cgroups, resources = self.runtime.cgroups, self.runtime.resources
+        if cgroups is None:
+            return
+        for _ in range(min(count, len(self._retired))):
+            cgroup, command_id = self._retired.pop(0)
+            if cgroups.populated(cgroup) or not cgroups.remove(cgroup):
+                self._retired.append((cgroup, command_id))
+            elif resources is not None:
+                resources.remove_command(self.config.id, command_id)
 
     def _homes(self) -> list[int]:
         """Write-only fds of the sandbox's own cgroup.procs (cgroup2 and the v1 memory one)."""
@@ -815,9 +831,9 @@ class NamespacesProcess(ProcessHandle):
     async def release(self) -> None:
         self.sandbox._exits.pop(self.command_id, None)
         cgroups = self.sandbox.runtime.cgroups
-        if cgroups is not None and self.cgroup is not None and not cgroups.populated(self.cgroup):
-            cgroups.remove(self.cgroup)
-            if self.sandbox.runtime.resources is not None:
-                self.sandbox.runtime.resources.remove_command(
-                    self.sandbox.config.id, self.command_id
-                )
+        if cgroups is None or self.cgroup is None:
+            return
+        if cgroups.populated(self.cgroup) or not cgroups.remove(self.cgroup):
+            self.sandbox._retired.append((self.cgroup, self.command_id))
+        elif self.sandbox.runtime.resources is not None:
+            self.sandbox.runtime.resources.remove_command(self.sandbox.config.id, self.command_id)
