@@ -44,6 +44,9 @@ def _wrap(owner: Any, attr: str, label: str) -> bool:
     fn = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
     if fn is None:
         return False
+    wrapper: Any = None
+    if isinstance(fn, (staticmethod, classmethod)):
+        wrapper, fn = type(fn), fn.__func__  # wrap the function, then re-wrap as it was
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
@@ -54,7 +57,7 @@ def _wrap(owner: Any, attr: str, label: str) -> bool:
             finally:
                 DURATIONS[label].append(time.perf_counter() - t0)
 
-        setattr(owner, attr, timed_async)
+        setattr(owner, attr, wrapper(timed_async) if wrapper else timed_async)
     else:
 
         @functools.wraps(fn)
@@ -65,7 +68,7 @@ def _wrap(owner: Any, attr: str, label: str) -> bool:
             finally:
                 DURATIONS[label].append(time.perf_counter() - t0)
 
-        setattr(owner, attr, timed_sync)
+        setattr(owner, attr, wrapper(timed_sync) if wrapper else timed_sync)
     return True
 
 

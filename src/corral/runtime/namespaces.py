@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from corral.pipes import pipe_end
 from corral.runtime.base import (
     ExitStatus,
     NeedsRestart,
@@ -352,7 +353,7 @@ class NamespacesRuntime(Runtime):
         try:
             reader = asyncio.StreamReader()
             transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(info_fd, "rb", 0)
+                lambda: asyncio.StreamReaderProtocol(reader), await pipe_end(info_fd)
             )
             try:
                 data = await reader.readuntil(b"}")
