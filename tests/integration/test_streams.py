@@ -223,6 +223,78 @@ def test_every_view_resumes_exactly(server: Server, api: httpx.Client, sandbox_i
     assert EXPECTED_STDOUT.endswith(bytes(tail.out["stdout"])) and tail.out["stdout"]
 
 
+def test_raw_from_an_offset_in_the_middle_while_the_command_runs(
+    api: httpx.Client, sandbox_id: str
+) -> None:
+    cid = start_generator(api, sandbox_id)
+    seen = Collected()
+    middle = None
+    with api.stream("GET", logs_url(sandbox_id, cid)) as resp:
+        for line in resp.iter_lines():
+            seen.add(json.loads(line))
+            if len(seen.out["stdout"]) >= 300_000:
+                middle = seen.offset
+                break
+    assert middle is not None
+    before = len(seen.out["stdout"])
+    url = logs_url(sandbox_id, cid)
+    # Both still live: one from the middle (replay, then live), one from the start.
+    with ThreadPoolExecutor(2) as pool:
+        tail = pool.submit(
+            lambda: api.get(url, params={"format": "raw", "stream": "stdout", "offset": middle})
+        )
+        whole = pool.submit(lambda: api.get(url, params={"format": "raw"}))
+        tail_resp, whole_resp = tail.result(), whole.result()
+    assert tail_resp.headers["x-corral-offset"] == str(middle)
+    assert tail_resp.content == EXPECTED_STDOUT[before:]
+    both = whole_resp.content
+    for line in EXPECTED_STDERR.splitlines(keepends=True):  # frames interleave whole
+        assert line in both
+        both = both.replace(line, b"", 1)
+    assert both == EXPECTED_STDOUT
+
+
+FLOOD_LINES = 6_000_000  # `seq` output, about 47 MB: far more than a log holds in memory
+
+
+def server_rss(server: Server) -> int:
+    assert server.proc is not None
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_slow_raw_reader_gets_every_byte_and_the_server_does_not_buffer_it(
+    server: Server, api: httpx.Client, sandbox_id: str
+) -> None:
+    expected = hashlib.sha256()
+    size = 0
+    for start_at in range(1, FLOOD_LINES + 1, 100_000):
+        block = "".join(f"{i}\n" for i in range(start_at, start_at + 100_000)).encode()
+        expected.update(block)
+        size += len(block)
+    cid = start(api, sandbox_id, command=f"seq 1 {FLOOD_LINES}", max_output_bytes=64 << 20)
+    before = server_rss(server)
+    got = hashlib.sha256()
+    received = 0
+    peak = before
+    with api.stream(
+        "GET", logs_url(sandbox_id, cid), params={"format": "raw", "stream": "stdout"}
+    ) as resp:
+        assert resp.status_code == 200
+        for chunk in resp.iter_raw(1 << 16):
+            if received == 0:
+                # Stalled at the first bytes while the command writes all of its output.
+                for _ in range(15):
+                    time.sleep(0.1)
+                    peak = max(peak, server_rss(server))
+            got.update(chunk)
+            received += len(chunk)
+    assert received == size
+    assert got.hexdigest() == expected.hexdigest()
+    assert peak - before < 32 << 20, (before, peak)
+
+
 def test_bad_offsets_and_parameters(api: httpx.Client, sandbox_id: str) -> None:
     result = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "echo hello"}).json()
     url = logs_url(sandbox_id, result["id"])

@@ -1,4 +1,5 @@
-"""The per-command output log: frames, offsets, the per-stream cap, replay and live follow."""
+"""The per-command output log: frames, offsets, the per-stream cap, replay and live follow
+(from memory while followers keep up, from the file behind them), batched writes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import stat
 import struct
 from pathlib import Path
 
+import pytest
+
+from corral.node import output_log
 from corral.node.output_log import (
     MAX_FRAME,
     STDERR,
@@ -17,6 +21,8 @@ from corral.node.output_log import (
     Chunk,
     OutputLog,
     follow,
+    follow_idle,
+    follow_raw,
     read_frames,
     read_output,
 )
@@ -327,3 +333,257 @@ def test_follow_of_an_empty_log_ends_at_close(tmp_path: Path) -> None:
         assert await asyncio.wait_for(follower, 2) == []
 
     run(main())
+
+
+# --- followers served from memory, the file behind them ----------------------------------------
+
+
+def pieces_of(n: int, size: int, seed: int = 0) -> list[bytes]:
+    return [bytes([(seed + i) % 251]) * size for i in range(n)]
+
+
+async def raw_of(
+    path: Path, offset: int, live: OutputLog | None, streams: frozenset[int] | None = None
+) -> tuple[bytes, list[int]]:
+    """All the raw view's bytes from offset, and the next_offset of each piece."""
+    data, offsets = bytearray(), []
+    async for piece, nxt in follow_raw(path, offset, live, streams):
+        data += piece
+        offsets.append(nxt)
+    return bytes(data), offsets
+
+
+def test_a_follower_that_keeps_up_never_reads_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scans: list[int] = []
+    real_scan = output_log._scan_fd
+
+    def counted(*args: object) -> object:
+        scans.append(1)
+        return real_scan(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(output_log, "_scan_fd", counted)
+
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        follower = asyncio.create_task(raw_of(log.path, 0, log))
+        await asyncio.sleep(0)  # following before the first byte
+        chunks = pieces_of(50, 10_000)
+        for i, chunk in enumerate(chunks):
+            log.append(STDERR if i % 7 == 3 else STDOUT, chunk)
+            await asyncio.sleep(0)
+        log.close()
+        data, offsets = await asyncio.wait_for(follower, 5)
+        assert data == b"".join(chunks)
+        assert offsets[-1] == log.size
+        assert scans == []
+        assert log._ring == [] and log._ring_bytes == 0  # let go with the last follower
+
+    run(main())
+
+
+def test_replay_from_an_old_offset_while_live_crosses_into_memory_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(output_log, "RING_BYTES", 64 * 1024)
+
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        chunks = pieces_of(60, 5_000)
+        writes = [(STDERR if i % 5 == 4 else STDOUT, c) for i, c in enumerate(chunks)]
+        # A first follower keeps the ring filled; its older part has already gone to the file.
+        first = asyncio.create_task(collect(log.path, 0, log))
+        for stream, data in writes[:40]:
+            log.append(stream, data)
+            await asyncio.sleep(0)
+        assert log._ring_bytes <= 64 * 1024
+        ring_start = log._ring[log._head][0]  # type: ignore[index]
+        assert ring_start > 0
+
+        # Replays from offsets before, at and inside what memory holds, while output goes on.
+        log.flush()
+        frames = read_frames(log.path, 0, limit=1 << 30)
+        starts = [0, frames[3].offset, ring_start, frames[-2].offset]
+        replays = [asyncio.create_task(collect(log.path, s, log)) for s in starts]
+        raws = [asyncio.create_task(raw_of(log.path, s, log, frozenset({STDOUT}))) for s in starts]
+        for stream, data in writes[40:]:
+            log.append(stream, data)
+            await asyncio.sleep(0)
+        log.close()
+
+        everything = all_frames(log.path)
+        assert [(c.stream, c.data) for c in everything] == writes
+        assert await asyncio.wait_for(first, 5) == everything
+        for start, task, raw in zip(starts, replays, raws, strict=True):
+            rest = [c for c in everything if c.offset >= start]
+            assert await asyncio.wait_for(task, 5) == rest
+            data, offsets = await asyncio.wait_for(raw, 5)
+            assert data == joined(rest, STDOUT)
+            assert offsets == sorted(offsets) and offsets[-1] <= log.size
+
+    run(main())
+
+
+def test_a_follower_starting_mid_stream_gets_exactly_the_rest(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        early = asyncio.create_task(collect(log.path, 0, log))  # the ring is on from here
+        for data in pieces_of(10, 3_000):
+            log.append(STDOUT, data)
+            await asyncio.sleep(0)
+        middle = log.size
+        late = asyncio.create_task(collect(log.path, middle, log))
+        late_raw = asyncio.create_task(raw_of(log.path, middle, log))
+        await asyncio.sleep(0.01)
+        for data in pieces_of(10, 3_000, seed=100):
+            log.append(STDERR, data)
+            await asyncio.sleep(0)
+        log.close()
+        everything = await asyncio.wait_for(early, 5)
+        rest = [c for c in everything if c.offset >= middle]
+        assert await asyncio.wait_for(late, 5) == rest
+        assert (await asyncio.wait_for(late_raw, 5))[0] == joined(rest, STDERR)
+        assert everything == all_frames(log.path)
+
+    run(main())
+
+
+def test_a_slow_follower_bounds_memory_and_reads_the_rest_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(output_log, "RING_BYTES", 32 * 1024)
+    scans: list[int] = []
+    real_scan = output_log._scan_fd
+
+    def counted(*args: object) -> object:
+        scans.append(1)
+        return real_scan(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(output_log, "_scan_fd", counted)
+
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        received = bytearray()
+        held: list[int] = []
+
+        async def slow() -> None:
+            async for piece, _ in follow_raw(log.path, 0, log, limit=8 * 1024):
+                received.extend(piece)
+                held.append(log._ring_bytes)
+                await asyncio.sleep(0.002)
+
+        follower = asyncio.create_task(slow())
+        chunks = pieces_of(200, 4_000)
+        for data in chunks:
+            log.append(STDOUT, data)
+            assert log._ring_bytes <= 32 * 1024
+            await asyncio.sleep(0)
+        log.close()
+        await asyncio.wait_for(follower, 10)
+        assert bytes(received) == b"".join(chunks)
+        assert scans  # it fell behind what memory holds, and caught up from the file
+        assert max(held) <= 32 * 1024
+
+    run(main())
+
+
+def test_a_follower_keeps_reading_a_log_removed_under_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        for data in pieces_of(20, 50_000):
+            log.append(STDOUT, data)
+        log.close()
+        got = bytearray()
+        async for piece, _ in follow_raw(log.path, 0, log, limit=100_000):
+            got += piece
+            log.path.unlink(missing_ok=True)  # a log not kept, removed when the command ended
+        assert bytes(got) == b"".join(pieces_of(20, 50_000))
+
+    run(main())
+
+
+def test_streaming_output_goes_out_in_fewer_larger_pieces_but_a_lone_write_at_once(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        pieces: list[int] = []
+        arrived = asyncio.Event()
+
+        async def follower() -> None:
+            async for piece, _ in follow_raw(log.path, 0, log):
+                pieces.append(len(piece))
+                arrived.set()
+
+        task = asyncio.create_task(follower())
+        await asyncio.sleep(0.05)
+        log.append(STDOUT, b"prompt> ")  # after silence: no waiting for more
+        await asyncio.wait_for(arrived.wait(), 0.5)
+        assert pieces == [8]
+        await asyncio.sleep(0.05)
+        for _ in range(400):  # a burst of pipe-read-sized pieces
+            log.append(STDOUT, b"x" * 4096)
+            await asyncio.sleep(0)
+        log.close()
+        await asyncio.wait_for(task, 5)
+        assert sum(pieces) == 8 + 400 * 4096
+        assert len(pieces) < 100
+
+    run(main())
+
+
+def test_appends_are_written_in_batches_and_flushed_before_any_read(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        log.append(STDOUT, b"a" * 100)
+        log.append(STDERR, b"b" * 100)
+        assert log.size == 2 * (HEADER + 100)
+        assert log.path.stat().st_size == 0  # pending, for a moment
+        assert await collect(log.path, 0, None) == []  # the file alone: not there yet
+        # Whoever reads through the log flushes it first.
+        follower = follow_idle(log.path, 0, log)
+        first = await anext(follower)
+        assert first is not None and first.data == b"a" * 100
+        assert log.path.stat().st_size == log.size
+        await follower.aclose()
+        # Without readers, a timer writes it out soon.
+        log.append(STDOUT, b"c")
+        await asyncio.sleep(output_log.FLUSH_SECONDS * 10)
+        assert log.path.stat().st_size == log.size
+        # Large amounts go out at once, and close writes the rest.
+        log.append(STDOUT, b"d" * output_log.FLUSH_BYTES)
+        assert log.path.stat().st_size == log.size
+        log.append(STDERR, b"e")
+        log.close()
+        assert log.path.stat().st_size == log.size
+        assert read_output(log.path) == (
+            b"a" * 100 + b"c" + b"d" * output_log.FLUSH_BYTES,
+            b"b" * 100 + b"e",
+        )
+
+    run(main())
+
+
+def test_many_tiny_appends_stay_under_the_iovec_limit(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "cmd.log", cap=1 << 30)
+        for i in range(5000):
+            log.append(STDOUT if i % 2 else STDERR, b"z")
+        log.close()
+        assert read_output(log.path) == (b"z" * 2500, b"z" * 2500)
+        assert log.path.stat().st_size == log.size == 5000 * (HEADER + 1)
+
+    run(main())
+
+
+def test_an_append_of_more_frames_than_one_writev_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(output_log, "_IOV_MAX", 3)
+    data = os.urandom(3 * MAX_FRAME + 10)  # 4 frames: 8 pieces, written 3 at a time
+    log = OutputLog(tmp_path / "cmd.log", cap=len(data))
+    log.append(STDOUT, data)
+    log.close()
+    assert log.path.stat().st_size == log.size == len(data) + 4 * HEADER
+    assert read_output(log.path) == (data, b"")

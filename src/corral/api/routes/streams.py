@@ -4,6 +4,7 @@ and the WebSocket exec protocol."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -63,6 +64,9 @@ async def command_for(
 
 
 def _validated_offset(services: Services, row: CommandRow, offset: int) -> int:
+    execution = services.commands.execution(row.id)
+    if execution is not None:
+        execution.log.flush()  # the offset may come from output still being batched
     try:
         check_offset(services.node.log_path(row.sandbox_id, row.id), offset)
     except CorruptLog as exc:
@@ -131,16 +135,18 @@ async def command_logs(
         live = execution.log if execution is not None else None
         path = services.node.log_path(row.sandbox_id, row.id)
 
-        async def raw() -> AsyncIterator[bytes]:
+        async def raw() -> AsyncIterator[bytes | memoryview]:
             to_skip = skip
-            async for data, _ in follow_raw(path, start, live, streams):
-                if to_skip:
-                    if len(data) <= to_skip:
-                        to_skip -= len(data)
-                        continue
-                    data = data[to_skip:]
-                    to_skip = 0
-                yield data
+            # Closed with this generator, so the log's ring and file are let go at once.
+            async with contextlib.aclosing(follow_raw(path, start, live, streams)) as pieces:
+                async for data, _ in pieces:
+                    if to_skip:
+                        if len(data) <= to_skip:
+                            to_skip -= len(data)
+                            continue
+                        data = data[to_skip:]
+                        to_skip = 0
+                    yield data
 
         headers = {**STREAM_HEADERS, "X-Corral-Offset": str(start)}
         return StreamingResponse(raw(), media_type="application/octet-stream", headers=headers)
