@@ -264,9 +264,10 @@ class LocalExecution(Execution):
                 self._stdin.abort()
             self.log.close()
             usage = self.process.usage()
-            with contextlib.suppress(Exception):
-                await self.process.release()
         self._done.set_result(self._build_outcome(status, error, usage))
+        # After the result: removing the command's cgroups is not the caller's wait.
+        with contextlib.suppress(Exception):
+            await self.process.release()
 
     async def _wait_exit(self) -> ExitStatus | None:
         wait = asyncio.ensure_future(self.process.wait())

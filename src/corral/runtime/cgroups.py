@@ -94,8 +94,13 @@ class CgroupTree:
 
     def remove(self, path: Path) -> bool:
         """Remove a cgroup whose processes are gone, children first. False if still busy."""
-        if not path.exists():
+        try:
+            path.rmdir()  # the common case, a leaf: no walk over its files
             return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            pass
         ok = True
         for child in [p for p in path.iterdir() if p.is_dir()]:
             ok = self.remove(child) and ok

@@ -191,6 +191,13 @@ class ResourceControl:
     @staticmethod
     def _remove_v1(path: Path) -> None:
         """Remove a v1 cgroup whose processes are gone (the unified tree kills them)."""
+        try:
+            path.rmdir()  # the common case, a leaf: no walk over its files
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
         if not path.is_dir():
             return
         for child in [p for p in path.iterdir() if p.is_dir()]:
