@@ -18,6 +18,7 @@ import httpx
 
 from bench import baselines as bare
 from bench.common import (
+    LeanConnection,
     Sample,
     Server,
     mem_available,
@@ -362,28 +363,35 @@ class CorralBench:
             stamps: list[float] = []
             lats: list[float] = []
             errors = 0
-            async with self.server.async_client(connections=clients + 4) as client:
-                # Open the connections first.
-                await asyncio.gather(*(client.get("/healthz") for _ in range(clients)))
+            # One lean keep-alive connection per client (see LeanConnection).
+            conns = [LeanConnection("127.0.0.1", self.server.port, self.server.admin_key)
+                     for _ in range(clients)]  # fmt: skip
+            try:
+                await asyncio.gather(*(c.open() for c in conns))
                 start = time.monotonic() + 0.1
                 end = start + duration
 
-                async def worker(sid: str) -> None:
+                async def worker(conn: LeanConnection, sid: str) -> None:
                     nonlocal errors
+                    request = conn.request(f"/v1/sandboxes/{sid}/exec", TRUE_ARGS)
                     await asyncio.sleep(max(0.0, start - time.monotonic()))
                     while time.monotonic() < end:
                         t0 = time.monotonic()
-                        r = await client.post(f"/v1/sandboxes/{sid}/exec", json=TRUE_ARGS)
+                        status, body = await conn.send(request)
                         t1 = time.monotonic()
-                        if r.status_code == 200 and r.json().get("status") == "completed":
+                        if status == 200 and b'"status":"completed"' in body:
                             stamps.append(t1)
                             lats.append((t1 - t0) * 1000)
                         else:
                             errors += 1
 
                 with CpuMeter(self.server.pid, self.server.cgroup_name) as meter:
-                    await asyncio.gather(*(worker(sids[i % len(sids)]) for i in range(clients)))
+                    await asyncio.gather(
+                        *(worker(c, sids[i % len(sids)]) for i, c in enumerate(conns))
+                    )
                 return stamps, lats, errors, start, end, meter.result
+            finally:
+                await asyncio.gather(*(c.close() for c in conns))
 
         stamps, lats, errors, start, end, cpu = asyncio.run(go())
         sample = Sample(window_rates(stamps, start, end, window), kind="rate")
