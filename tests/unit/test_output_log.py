@@ -114,9 +114,27 @@ def test_missing_log_reads_as_empty(tmp_path: Path) -> None:
 
 
 def test_log_file_is_private(tmp_path: Path) -> None:
-    log = OutputLog(tmp_path / "cmd.log", cap=10)
+    log = OutputLog(tmp_path / "sb" / "cmd.log", cap=10)
+    log.append(STDOUT, b"secret")
     log.close()
     assert stat.S_IMODE(log.path.stat().st_mode) & 0o077 == 0
+
+
+def test_no_output_makes_no_file_and_reads_as_empty(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "sb" / "cmd.log", cap=10)
+    log.close()
+    assert not log.path.exists()
+    assert read_output(log.path) == (b"", b"")
+    # The directory can vanish between commands (its sandbox deleted): the next log remakes it.
+    first = OutputLog(tmp_path / "sb2" / "a.log", cap=10)
+    first.append(STDOUT, b"1")
+    first.close()
+    first.path.unlink()
+    first.path.parent.rmdir()
+    second = OutputLog(tmp_path / "sb2" / "b.log", cap=10)
+    second.append(STDOUT, b"2")
+    second.close()
+    assert read_output(second.path) == (b"2", b"")
 
 
 def test_close_is_idempotent_and_wakes_waiters(tmp_path: Path) -> None:
@@ -186,7 +204,7 @@ def test_zero_cap_stores_nothing(tmp_path: Path) -> None:
     log.append(STDOUT, b"hello")
     log.append(STDERR, b"oops")
     log.close()
-    assert log.path.stat().st_size == 0
+    assert not log.path.exists()  # nothing kept: no file at all
     assert log.truncated(STDOUT) and log.truncated(STDERR)
     assert log.seen == {STDOUT: 5, STDERR: 4}
     assert read_output(log.path) == (b"", b"")
@@ -539,7 +557,7 @@ def test_appends_are_written_in_batches_and_flushed_before_any_read(tmp_path: Pa
         log.append(STDOUT, b"a" * 100)
         log.append(STDERR, b"b" * 100)
         assert log.size == 2 * (HEADER + 100)
-        assert log.path.stat().st_size == 0  # pending, for a moment
+        assert not log.path.exists()  # pending, for a moment (the file comes with its first write)
         assert await collect(log.path, 0, None) == []  # the file alone: not there yet
         # Whoever reads through the log flushes it first.
         follower = follow_idle(log.path, 0, log)

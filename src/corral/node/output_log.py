@@ -73,8 +73,9 @@ class OutputLog:
     def __init__(self, path: Path, cap: int) -> None:
         self.path = path
         self.cap = cap  # bytes kept per stream
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # The file is made at the first write: a command with no output costs no file (its
+        # readers see an empty log either way).
+        self._fd: int | None = None
         self.size = 0
         self.kept = {STDOUT: 0, STDERR: 0}
         self.seen = {STDOUT: 0, STDERR: 0}
@@ -195,6 +196,8 @@ class OutputLog:
             return
         # Taken first, so that a failed write (disk full) cannot make pending output pile up.
         pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if self._fd is None:
+            self._fd = _create(self.path)
         _writev_all(self._fd, pending)
 
     def close(self) -> None:
@@ -203,7 +206,8 @@ class OutputLog:
             try:
                 self.flush()
             finally:
-                os.close(self._fd)
+                if self._fd is not None:
+                    os.close(self._fd)
                 self._wake()
 
     def _wake(self) -> None:
@@ -248,6 +252,23 @@ class OutputLog:
         if self._memory is None:
             return None
         return bytes(self._memory[STDOUT]), bytes(self._memory[STDERR])
+
+
+_made_dirs: set[Path] = set()  # log directories known to exist: one mkdir per sandbox
+
+
+def _create(path: Path) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    if path.parent not in _made_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(_made_dirs) > 10_000:
+            _made_dirs.clear()
+        _made_dirs.add(path.parent)
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:  # the directory went away since (its sandbox was deleted)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o600)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
