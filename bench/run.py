@@ -150,9 +150,10 @@ def table(rows: list[Row]) -> str:
 class Profiler:
     """py-spy record against the server while a phase runs (raw collapsed stacks)."""
 
-    def __init__(self, out_dir: Path | None, rate: int) -> None:
+    def __init__(self, out_dir: Path | None, rate: int, *, gil: bool = False) -> None:
         self.out_dir = out_dir
         self.rate = rate
+        self.gil = gil
         self.pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,8 @@ class Profiler:
             return
         self.proc = subprocess.Popen(
             [self.pyspy, "record", "--pid", str(pid), "--rate", str(self.rate),
-             "--format", "raw", "--output", str(self.out_dir / f"{name}.txt"), "--nonblocking"],
+             "--format", "raw", "--output", str(self.out_dir / f"{name}.txt"), "--nonblocking",
+             *(["--gil"] if self.gil else [])],
             stdout=subprocess.DEVNULL, stderr=(self.out_dir / f"{name}.log").open("wb"),
         )  # fmt: skip
         time.sleep(0.5)  # attached before the load starts
@@ -201,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy the server during the exec, create and 32-client phases",
     )
     ap.add_argument("--profile-rate", type=int, default=250)
+    ap.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="sample only the thread holding the GIL (what bounds a GIL-bound server)",
+    )
     ap.add_argument("--density-target", type=int, default=None)
     ap.add_argument("--density-budget", type=float, default=None, help="seconds")
     ap.add_argument("--memory-floor-gib", type=float, default=4.0)
@@ -264,8 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     bare_uid = uid_base + 2 * uid_count + 100  # outside the server's block
     admin_key = "crl_bench_admin_" + os.urandom(8).hex()
     src, src_info = snapshot_src()
-    server = Server(uid_base=uid_base, uid_count=uid_count, admin_key=admin_key, src=src)
-    prof = Profiler(args.profile, args.profile_rate)
+    defaults = settings_defaults(src)
+    # The main server runs without a warm pool, so that "create" is a cold start; the pool
+    # phase measures a server with one.
+    pool_name = warm_pool_setting(defaults)
+    server = Server(
+        uid_base=uid_base, uid_count=uid_count, admin_key=admin_key, src=src,
+        env={f"CORRAL_{pool_name.upper()}": "0"} if pool_name else None,
+    )  # fmt: skip
+    prof = Profiler(args.profile, args.profile_rate, gil=args.profile_gil)
     rows: list[Row] = []
     failures: list[str] = []
     meta: dict[str, Any] = {
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": n,
         "uid_base": uid_base,
         "source": src_info,
-        "server_defaults": settings_defaults(src),
+        "server_defaults": defaults,
     }
 
     plan: list[tuple[str, Callable[[], None]]] = []
@@ -397,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                 prof.stop()
             rows.append(
                 Row(
-                    "create_first_exec", "create sandbox → first exec result", "ms", sample,
-                    sample.extra.pop("pair"), "fresh `bwrap … true`", target="p50 < 50 ms",
+                    "create_first_exec", "create sandbox → first exec result (no pool)", "ms",
+                    sample, sample.extra.pop("pair"), "fresh `bwrap … true`", target="p50 < 50 ms",
                     check=lambda r: r.corral.median < 50, extra=sample.extra,
                 )
             )  # fmt: skip
