@@ -332,6 +332,43 @@ class LeanConnection:
                 await self.writer.wait_closed()
 
 
+class LeanSyncConnection:
+    """The blocking twin of LeanConnection, for timing one request at a time."""
+
+    def __init__(self, host: str, port: int, token: str) -> None:
+        self.lean = LeanConnection(host, port, token)
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def request(self, path: str, body: dict[str, Any]) -> bytes:
+        return self.lean.request(path, body)
+
+    def send(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(head[9:12]), body
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def pick_uid_base(preferred: int, span: int) -> int:
     """A uid block no running process uses (other engineers' servers take their own)."""
     base = preferred

@@ -19,6 +19,7 @@ import httpx
 from bench import baselines as bare
 from bench.common import (
     LeanConnection,
+    LeanSyncConnection,
     Sample,
     Server,
     mem_available,
@@ -195,6 +196,23 @@ class CorralBench:
             if values:
                 sample.extra[f"server_{key}_median"] = percentile(values, 50)
         return sample
+
+    def exec_lean(self, n: int, body: dict[str, Any],
+                  pair: Callable[[], Any] | None = None) -> Sample:  # fmt: skip
+        """As exec_native, from a minimal keep-alive HTTP/1.1 client (no httpx)."""
+        sid = self.warm_sandbox()
+        conn = LeanSyncConnection("127.0.0.1", self.server.port, self.server.admin_key)
+        request = conn.request(f"/v1/sandboxes/{sid}/exec", body)
+
+        def call() -> None:
+            status, data = conn.send(request)
+            if status != 200 or b'"status":"completed"' not in data:
+                raise RuntimeError(f"exec: {status} {data[:300]!r}")
+
+        try:
+            return self.timed(call, n, pair=pair)
+        finally:
+            conn.close()
 
     def face_calls(self) -> dict[str, Callable[[], None] | str]:
         """One `true` round trip per face, or why it cannot be measured."""

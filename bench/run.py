@@ -360,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 prof.stop()
             rtt_row("exec_native", "exec `true`, native (args, no shell)", native, target=True)
+            lean = cb.exec_lean(n["exec"], {"command": "true", "args": []}, pair=spawn_one)
+            rtt_row(
+                "exec_native_lean", "exec `true`, native, minimal keep-alive client (no httpx)",
+                lean, target=True,
+            )  # fmt: skip
             shell = cb.exec_native(n["exec_shell"], {"command": "true"}, pair=spawn_one)
             rtt_row("exec_native_shell", "exec `true`, native (shell string)", shell)
             vs_bwrap = cb.exec_native(n["bwrap"], {"command": "true", "args": []}, pair=bwrap_one)
