@@ -5,19 +5,23 @@ Every exec writes its command row (and, for a longer one, updates it at the end)
 transaction each, concurrent execs queue on the store's single writer and pay a transaction and
 several thread hops apiece; batched, they share them. A caller's write is committed when its
 `await` returns, as with its own transaction.
+
+With SQLite, a batch is one hop to a thread of its own, which runs the whole transaction on its
+own connection (the async driver would hop once per call). Other databases use the async engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import Executable, Table, bindparam, create_engine, event, insert, make_url, update
+from sqlalchemy.engine import Engine
 
-from corral.store.db import Database
+from corral.store.db import Database, sqlite_pragmas
 
 MAX_BATCH = 500
 KEY = "pk_"  # bind name of the key in batched updates (it must not clash with a column)
@@ -43,21 +47,29 @@ class BatchWriter:
         self._queue: list[_Write] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._engine: Engine | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        if db.is_sqlite:
+            url = make_url(db.url).set(drivername="sqlite")
+            self._engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(self._engine, "connect", sqlite_pragmas)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="corral-writer")
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
         """Write what is queued, then stop."""
-        if self._task is None:
-            return
-        while self._queue:
+        if self._task is not None:
+            self._closing = True
             self._wake.set()
-            await asyncio.sleep(0.01)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        self._task = None
+            self._task = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self._engine is not None:
+            self._engine.dispose()
 
     async def insert(self, table: Table, values: dict[str, Any]) -> None:
         await self._submit(_Write(table, values, None))
@@ -68,14 +80,14 @@ class BatchWriter:
 
     async def _submit(self, write: _Write) -> None:
         if self._task is None or self._task.done():
-            await self._write([write])  # not started (or stopping): a transaction of its own
+            await self._write([write])  # not started (or stopped): a transaction of its own
         else:
             self._queue.append(write)
             self._wake.set()
         await asyncio.shield(write.done)
 
     async def _run(self) -> None:
-        while True:
+        while not (self._closing and not self._queue):
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
@@ -84,7 +96,11 @@ class BatchWriter:
 
     async def _write(self, batch: Sequence[_Write]) -> None:
         try:
-            await self._transaction(batch)
+            if self._thread is not None:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._thread, self._transaction_in_thread, batch)
+            else:
+                await self._transaction(batch)
         except Exception as exc:
             if len(batch) == 1:
                 if not batch[0].done.done():
@@ -98,27 +114,32 @@ class BatchWriter:
             if not write.done.done():
                 write.done.set_result(None)
 
+    def _transaction_in_thread(self, batch: Sequence[_Write]) -> None:
+        assert self._engine is not None
+        with self._engine.begin() as conn:
+            for statement, params in _statements(batch):
+                conn.execute(statement, params)
+
     async def _transaction(self, batch: Sequence[_Write]) -> None:
-        # In arrival order, grouping runs of one shape: a row's insert precedes its update.
-        groups: list[tuple[_Write, list[dict[str, Any]]]] = []
-        for write in batch:
-            if groups and groups[-1][0].shape == write.shape:
-                groups[-1][1].append(write.values)
-            else:
-                groups.append((write, [write.values]))
         async with self.db.engine.begin() as conn:
-            for first, rows in groups:
-                if first.key is None:
-                    await conn.execute(insert(first.table), rows)
-                else:
-                    key = first.key
-                    values = {name: bindparam(name) for name in first.values if name != key}
-                    statement = (
-                        update(first.table)
-                        .where(first.table.c[key] == bindparam(KEY))
-                        .values(values)
-                    )
-                    params = [
-                        {**{n: v for n, v in r.items() if n != key}, KEY: r[key]} for r in rows
-                    ]
-                    await conn.execute(statement, params)
+            for statement, params in _statements(batch):
+                await conn.execute(statement, params)
+
+
+def _statements(batch: Sequence[_Write]) -> Iterator[tuple[Executable, list[dict[str, Any]]]]:
+    """One executemany per run of writes of one shape, in arrival order (a row's insert
+    precedes its update)."""
+    groups: list[tuple[_Write, list[dict[str, Any]]]] = []
+    for write in batch:
+        if groups and groups[-1][0].shape == write.shape:
+            groups[-1][1].append(write.values)
+        else:
+            groups.append((write, [write.values]))
+    for first, rows in groups:
+        if first.key is None:
+            yield insert(first.table), rows
+            continue
+        key = first.key
+        values = {name: bindparam(name) for name in first.values if name != key}
+        statement = update(first.table).where(first.table.c[key] == bindparam(KEY)).values(values)
+        yield statement, [{**{n: v for n, v in r.items() if n != key}, KEY: r[key]} for r in rows]
