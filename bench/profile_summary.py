@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.profile_summary bench/profiles/throughput_32.txt [--top 25]
 
 Prints the share of samples per category (inclusive: a stack counts for every category it
-touches), the top functions by inclusive and by self samples, and the top corral frames.
+touches), an exclusive split by exec stage (each stack counts once, for the first stage it
+matches), the top functions by inclusive and by self samples, and the top corral frames.
 """
 
 from __future__ import annotations
@@ -92,6 +93,47 @@ def parse(path: Path) -> list[tuple[list[tuple[str, str]], int]]:
     return stacks
 
 
+# (label, pattern on the joined stack); first match wins, so each sample counts once. Asyncio
+# tasks resume with only their own frames on the stack: a resumed FastAPI pipeline matches
+# "fastapi/", not the middleware that started it.
+STAGES: list[tuple[str, str]] = [
+    ("spawn, node side (cgroups, fds, message, wait for 'started')", "NamespacesSandbox.spawn"),
+    ("exec endpoint, other (lookups, command row, reply)", "exec_command"),
+    ("command supervision task (pipes, exit, usage, outcome)", "LocalExecution._supervise"),
+    ("supervisor socket reader", "NamespacesSandbox._on_readable"),
+    ("result recording (_finish, _insert)", "CommandService._finish"),
+    ("result recording (_finish, _insert)", "CommandService._insert"),
+    ("group commit (task and thread)", "BatchWriter"),
+    ("cgroup removal (thread)", "_remove_cgroups"),
+    ("HTTP + ASGI + FastAPI outside the endpoint", "RequestContext.__call__"),
+    ("HTTP + ASGI + FastAPI outside the endpoint", "fastapi/"),
+    ("HTTP + ASGI + FastAPI outside the endpoint", "starlette/"),
+    ("HTTP parse/write (uvicorn protocol)", "uvicorn/protocols"),
+    ("database, other (SQLAlchemy, aiosqlite)", "sqlalchemy/"),
+    ("database, other (SQLAlchemy, aiosqlite)", "aiosqlite/"),
+    ("thread pools (hand-off)", "concurrent/futures"),
+]
+
+
+def stages(path: Path) -> str:
+    stacks = parse(path)
+    total = sum(c for _, c in stacks) or 1
+    split: Counter[str] = Counter()
+    for frames, count in stacks:
+        text = ";".join(f"{f} ({file})" for f, file in frames)
+        for label, pattern in STAGES:
+            if pattern in text:
+                split[label] += count
+                break
+        else:
+            leaf = frames[-1][0] if frames else ""
+            split["event loop itself" if leaf == "Runner.run" else "other"] += count
+    out = ["exclusive split by stage (each sample once):"]
+    for label, c in split.most_common():
+        out.append(f"  {c / total * 100:5.1f}%  {label}")
+    return "\n".join(out)
+
+
 def summarise(path: Path, top: int = 25) -> str:
     stacks = parse(path)
     total = sum(c for _, c in stacks) or 1
@@ -115,6 +157,7 @@ def summarise(path: Path, top: int = 25) -> str:
     for label, _ in CATEGORIES:
         if cats[label]:
             out.append(f"  {cats[label] / total * 100:5.1f}%  {label}")
+    out += ["", stages(path)]
     out += ["", f"top {top} functions, inclusive:"]
     for k, c in incl.most_common(top):
         out.append(f"  {c / total * 100:5.1f}%  {k}")
