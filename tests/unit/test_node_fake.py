@@ -368,3 +368,18 @@ def test_fake_process_killed_at_once_closes_its_pipes(tmp_path: Path) -> None:
                     os.close(fd)
 
     run(main())
+
+
+def test_a_log_that_cannot_be_written_still_ends_the_command(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with local_node(tmp_path) as node:
+            # Where the sandbox's log directory belongs there is a file: every write fails.
+            (tmp_path / "logs" / SANDBOX).write_text("not a directory")
+            execution = await node.run(spec("echo hello"))
+            outcome = await asyncio.wait_for(execution.outcome(), 5)
+            assert outcome.status == CommandStatus.completed
+            assert outcome.error is not None and "output log could not be written" in outcome.error
+            assert outcome.stdout_truncated  # what it printed is not kept
+            assert node.execution("cmd_1") is None
+
+    run(main())

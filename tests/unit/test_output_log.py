@@ -605,3 +605,18 @@ def test_an_append_of_more_frames_than_one_writev_takes(
     log.close()
     assert log.path.stat().st_size == log.size == len(data) + 4 * HEADER
     assert read_output(log.path) == (data, b"")
+
+
+def test_a_failed_write_keeps_the_log_consistent_and_never_raises(tmp_path: Path) -> None:
+    blocker = tmp_path / "sb"
+    blocker.write_text("a file where the log directory belongs")
+    log = OutputLog(blocker / "cmd.log", cap=1 << 20)
+    log.append(STDOUT, b"x" * 1000)
+    log.flush()  # fails inside: reported on the log, not raised
+    assert log.error is not None and "could not be written" in log.error
+    assert log.size == 0 and log.kept == {STDOUT: 0, STDERR: 0}
+    log.append(STDERR, b"later")  # dropped, as over a cap
+    assert log.truncated(STDOUT) and log.truncated(STDERR)
+    assert log.memory_output() is None
+    log.close()
+    log.close()

@@ -262,8 +262,13 @@ class LocalExecution(Execution):
                 transport.close()
             if self._stdin is not None and not self._stdin.is_closing():
                 self._stdin.abort()
-            self.log.close()
+            try:
+                self.log.close()
+            except Exception:  # the result must be reported whatever happened to the log
+                log.exception("command %s: closing its output log failed", self.spec.id)
             usage = self.process.usage()
+        if error is None and self.log.error is not None:
+            error = self.log.error
         self._done.set_result(self._build_outcome(status, error, usage))
         # After the result: removing the command's cgroups is not the caller's wait.
         with contextlib.suppress(Exception):

@@ -76,6 +76,7 @@ class OutputLog:
         # The file is made at the first write: a command with no output costs no file (its
         # readers see an empty log either way).
         self._fd: int | None = None
+        self.error: str | None = None  # set when the file could not be written
         self.size = 0
         self.kept = {STDOUT: 0, STDERR: 0}
         self.seen = {STDOUT: 0, STDERR: 0}
@@ -196,9 +197,33 @@ class OutputLog:
             return
         # Taken first, so that a failed write (disk full) cannot make pending output pile up.
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        if self._fd is None:
-            self._fd = _create(self.path)
-        _writev_all(self._fd, pending)
+        if self.error is not None:
+            return
+        written = self.size - sum(len(p) for p in pending)  # where the file ends
+        try:
+            if self._fd is None:
+                self._fd = _create(self.path)
+            _writev_all(self._fd, pending)
+        except OSError as exc:
+            self._failed(exc, written, pending)
+
+    def _failed(self, exc: OSError, written: int, pending: list[bytes | memoryview]) -> None:
+        """The file could not take more (disk full, ...): keep what it holds and nothing more,
+        so that the offsets handed out and the file agree, and never raise to the writer."""
+        self.error = f"the output log could not be written: {exc.strerror or exc}"
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, written)  # no partial frame at the end
+        for i in range(0, len(pending), 2):
+            stream, _length = _HEADER.unpack(bytes(pending[i]))
+            self.kept[stream] -= len(pending[i + 1])
+        self.size = written
+        self.cap = 0  # later output is dropped, as over a cap (its `truncated` flag says so)
+        self._memory = None  # the reply reads what the log holds
+        self._ring = [f for f in self._ring if f is not None and f[0] < written]
+        self._head = 0
+        self._ring_bytes = sum(len(f[3]) for f in self._ring if f is not None)
+        self._wake()
 
     def close(self) -> None:
         if not self.closed:
