@@ -743,3 +743,30 @@ def test_token_rows_survive_in_the_sqlite_file(tmp_path: Path) -> None:
             assert names == ["kept"]
 
     run(main())
+
+
+def test_a_result_is_shown_only_once_stored(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with corral(tmp_path) as services:
+            sandbox = await services.sandboxes.create(SandboxCreate())
+            row = await services.sandboxes.running_row(sandbox.id)
+            commands = services.commands
+            real_insert = commands.writer.insert
+            gate = asyncio.Event()
+
+            async def slow_insert(table: Any, values: dict[str, Any]) -> None:
+                await gate.wait()
+                await real_insert(table, values)
+
+            commands.writer.insert = slow_insert  # type: ignore[method-assign]
+            reply = asyncio.ensure_future(commands.run(row, exec_req("echo hi")))
+            await eventually(lambda: bool(commands._live))
+            cid = next(iter(commands._live))
+            await eventually(lambda: commands.execution(cid) is None)  # ended, not yet stored
+            assert (await commands.get(sandbox.id, cid)).status == CommandStatus.running
+            gate.set()
+            result = await reply
+            assert result.status == CommandStatus.completed and result.stdout == "hi\n"
+            assert (await commands.get(sandbox.id, cid)).status == CommandStatus.completed
+
+    run(main())

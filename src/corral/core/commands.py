@@ -91,7 +91,8 @@ class CommandService:
         self.writer = writer or BatchWriter(db)
         self.node = node
         self.settings = settings
-        self._finished: dict[str, asyncio.Future[bool]] = {}  # result: stored
+        # Per running command: its final row once stored (None if it could not be).
+        self._finished: dict[str, asyncio.Future[CommandRow | None]] = {}
         self._finishers: set[asyncio.Task[None]] = set()
         # Rows of commands running here, served from memory: this server is their only writer
         # until their result is stored.
@@ -221,7 +222,7 @@ class CommandService:
         await self.writer.insert(COMMANDS, {c.key: getattr(row, c.key) for c in COMMANDS.columns})
 
     async def _finish(self, row: CommandRow, execution: Execution, *, stored: bool) -> None:
-        recorded = False
+        recorded: CommandRow | None = None
         try:
             if not stored:
                 # A sync command that ends within the grace is stored once, with its result;
@@ -234,12 +235,14 @@ class CommandService:
                 outcome = await done
             else:
                 outcome = await execution.outcome()
-            _apply(row, outcome)
+            # The result goes on a copy: readers keep seeing the running row until it is stored.
+            final = CommandRow(**{c.key: getattr(row, c.key) for c in COMMANDS.columns})
+            _apply(final, outcome)
             if stored:
                 await self._record(row.id, outcome)
             else:
-                await self._insert(row)
-            recorded = True
+                await self._insert(final)
+            recorded = final
         except Exception:
             log.exception("could not record the result of %s", row.id)
         finally:
@@ -286,13 +289,14 @@ class CommandService:
         )
         if execution is None:
             return to_model(row, (b"", b""))
-        if not await asyncio.shield(self._finished[row.id]):
+        final = await asyncio.shield(self._finished[row.id])
+        if final is None:
             raise Unavailable(f"command {row.id} ended but its result could not be stored")
         output = execution.log.memory_output()
         if output is None:
             path = self.node.log_path(row.sandbox_id, row.id)
             output = await asyncio.to_thread(read_output, path)
-        return to_model(row, output)
+        return to_model(final, output)
 
     async def wait_finished(self, cid: str, timeout: float | None = None) -> bool:
         done = self._finished.get(cid)
@@ -328,9 +332,10 @@ class CommandService:
         if wait and not CommandStatus(row.status).finished:
             await self.wait_finished(cid, timeout)
             row = await self.row(sandbox_id, cid)
-        if output is None and (
-            CommandStatus(row.status).finished or self.node.execution(cid) is not None
-        ):
+        execution = self.node.execution(cid)
+        if output is None and (CommandStatus(row.status).finished or execution is not None):
+            if execution is not None:
+                execution.log.flush()  # what it printed so far, not what the last batch held
             path = self.node.log_path(row.sandbox_id, row.id)
             output = await asyncio.to_thread(read_output, path)
         return to_model(row, output)
