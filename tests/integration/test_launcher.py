@@ -57,3 +57,26 @@ def test_missing_program_and_cwd(api: httpx.Client, sandbox_id: str) -> None:
         json={"command": "true", "args": [], "cwd": "/does/not/exist"},
     )
     assert resp.json()["status"] == "failed" and "No such file" in resp.json()["error"]
+
+
+def test_a_spawn_too_big_for_the_launcher_is_forked_and_spares_others(
+    api: httpx.Client, sandbox_id: str
+) -> None:
+    # 300 KB of environment (one string may be at most 128 KiB): more than the launcher's
+    # socketpair takes in one message.
+    started = api.post(
+        f"/v1/sandboxes/{sandbox_id}/commands", json={"command": "sleep 0.5; echo neighbour"}
+    ).json()
+    launcher = "pgrep -u 1000 -x python3"  # uid 0 runs the supervisor, uid 1000 its launcher
+    before = run(api, sandbox_id, launcher)["stdout"].split()
+    assert len(before) == 1, before
+    env = {f"BIG{i}": "x" * 100_000 for i in range(3)}
+    big = run(api, sandbox_id, 'echo "$((${#BIG0} + ${#BIG1} + ${#BIG2}))"', env=env)
+    assert big["status"] == "completed" and big["stdout"] == "300000\n", big
+    # The neighbour, started through the launcher, was not failed with it.
+    done = api.get(
+        f"/v1/sandboxes/{sandbox_id}/commands/{started['id']}", params={"wait": "true"}
+    ).json()
+    assert done["status"] == "completed" and done["stdout"] == "neighbour\n", done
+    # The launcher was not taken for broken and replaced.
+    assert run(api, sandbox_id, launcher)["stdout"].split() == before

@@ -37,6 +37,7 @@ Supervisor -> node:
 
 import array
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -54,6 +55,9 @@ except ImportError:  # pragma: no cover - every CPython on Linux has it
     _posixsubprocess = None
 
 MAX_MESSAGE = 1 << 20
+# A spawn the launcher gets in one message over its socketpair, whose buffer an unprivileged
+# process cannot raise past net.core.wmem_max (~208 KiB); larger ones (huge env or argv) fork.
+LAUNCHER_MAX_MESSAGE = 64 << 10
 MAX_FDS = 16
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_READ = 23
@@ -633,11 +637,15 @@ class Supervisor:
             return False
         if (joins and not homes) or len(fds) != 3 + joins + homes:
             return False  # the launcher could not get back out of the command's cgroups
+        if len(data) > LAUNCHER_MAX_MESSAGE:
+            return False  # more than the pair's buffer takes in one message: fork it here
         try:
             self.launcher_chan.sendmsg(
                 [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
             )
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                return False  # not sent: the launcher is fine
             self._launcher_gone()
             return False
         self.pending[message.get("id")] = str(message.get("cgroup") or "")
