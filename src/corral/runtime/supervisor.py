@@ -323,8 +323,14 @@ def _launcher_main(chan_fd, node_fd):
 
         def tell(event):
             data = json.dumps(event, separators=(",", ":")).encode()
-            node.send(data)
-            chan.send(data)
+            if event["ev"] == "started":
+                # The supervisor first: once the node knows of a start it may ask for a
+                # signal, and the supervisor must be able to find the command by then.
+                chan.send(data)
+                node.send(data)
+            else:
+                node.send(data)
+                chan.send(data)
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # every command's default
         _become_user()
@@ -485,6 +491,10 @@ class Supervisor:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+        for pid, cid in self.launched.items():
+            # The launcher tells us before the node: if it died in between, the node has not
+            # heard of this start (it ignores a repeat).
+            _send(self.sock, {"ev": "started", "id": cid, "pid": pid})
         self.children.update(self.launched)  # reparented to us: we are a subreaper
         self.launched.clear()
         self._reap()
@@ -524,8 +534,8 @@ class Supervisor:
         self._launcher_event(json.loads(data))
 
     def _launcher_event(self, event):
-        """What the launcher told the node too. If it dies between the two sends, the node may
-        hear of a start or exit twice; it ignores the repeat."""
+        """What the launcher tells the node too: a start just after us (if it dies in between,
+        _launcher_gone repeats it), anything else just before. The node ignores repeats."""
         ev = event.get("ev")
         cid = event.get("id")
         if ev == "started":
@@ -618,9 +628,26 @@ class Supervisor:
             self.groups[cid] = pid
             _send(self.sock, {"ev": "started", "id": cid, "pid": pid})
         elif op == "signal":
+            if cid not in self.groups and cid in self.pending:
+                self._drain_launcher()  # its "started" may be waiting on the channel
             pgid = self.groups.get(cid)
             if pgid is not None:
                 self._killpg(pgid, int(message["sig"]))
+
+    def _drain_launcher(self):
+        """Take the launcher's events already sent (it tells us before the node)."""
+        chan = self.launcher_chan
+        while chan is not None and chan is self.launcher_chan:
+            try:
+                data = chan.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._launcher_gone()
+                return
+            self._launcher_event(json.loads(data))
 
     def _forward(self, message, data, fds):
         """Hand an ordinary command to the launcher; False if it must be forked here."""
