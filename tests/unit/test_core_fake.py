@@ -770,3 +770,44 @@ def test_a_result_is_shown_only_once_stored(tmp_path: Path) -> None:
             assert (await commands.get(sandbox.id, cid)).status == CommandStatus.completed
 
     run(main())
+
+
+def test_a_create_takes_a_warm_sandboxs_uid_slot_when_none_is_free(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with corral(tmp_path, warm_pool=2, uid_count=3) as services:
+            sandboxes = services.sandboxes
+            await eventually(lambda: sandboxes.warm_count == 2)  # slots 1 and 2; 3 stays free
+            # Specs the pool cannot serve: they need slots of their own.
+            first = await sandboxes.create(SandboxCreate(memory_mb=64))
+            second = await sandboxes.create(SandboxCreate(memory_mb=64))
+            assert {await slot_of(services, first.id), await slot_of(services, second.id)} <= {
+                1,
+                2,
+                3,
+            }
+            assert sandboxes.warm_count == 1
+            assert (await sandboxes.get(second.id)).state == SandboxState.running
+
+    run(main())
+
+
+def test_only_marked_warm_sandboxes_without_a_row_are_removed_at_start(tmp_path: Path) -> None:
+    async def main() -> None:
+        root = tmp_path / "sandboxes"
+        (root / "sb_lostrow").mkdir(parents=True)  # a workspace whose row the store lost
+        (root / "sb_lostrow" / "workspace").mkdir()
+        (root / "sb_warmleft").mkdir()
+        (root / "sb_warmleft" / ".warm").touch()
+        async with corral(tmp_path) as services:
+            removed: list[str] = []
+            real = services.node.remove_sandbox
+
+            async def spy(config: Any) -> None:
+                removed.append(config.id)
+                await real(config)
+
+            services.node.remove_sandbox = spy  # type: ignore[method-assign]
+            await services.sandboxes.reconcile()
+            assert removed == ["sb_warmleft"]
+
+    run(main())

@@ -14,7 +14,14 @@ from sqlalchemy.exc import IntegrityError
 
 from corral import ids
 from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunning, Unavailable
-from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, SandboxUpdate
+from corral.core.models import (
+    CommandStatus,
+    Page,
+    Sandbox,
+    SandboxCreate,
+    SandboxState,
+    SandboxUpdate,
+)
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import CommandSpec, Node
 from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied
@@ -26,6 +33,7 @@ log = logging.getLogger(__name__)
 RECONCILE_CONCURRENCY = 8
 POOL_RETRY_SECONDS = 5.0
 REFILL_DELAY_SECONDS = 0.25
+WARM_MARKER = ".warm"  # in a warm sandbox's directory until it is claimed
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,11 @@ class SandboxService:
         self._reaper: asyncio.Task[None] | None = None
         # Rows of live sandboxes, by id and by name: every exec looks its sandbox up, and this
         # server is the only writer of its sandboxes' rows, so it can answer from memory. Each
-        # write replaces the cached row after its commit; `_writes` stops a read that started
-        # before a write from caching what it read.
+        # write replaces the cached row after its commit; `_generation` stops a read that
+        # started before a write from caching what it read.
         self._rows: dict[str, SandboxRow] = {}
         self._names: dict[str, str] = {}
-        self._writes: dict[str, int] = {}
+        self._generation = 0  # of writes to sandbox rows
         # The warm pool: started sandboxes a create with the default spec claims at once.
         self.warm_pool = warm_pool
         self._warm: list[WarmSandbox] = []
@@ -113,6 +121,7 @@ class SandboxService:
         self._refill = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._pool_closed = False
         node.on_sandbox_died = self._on_died
 
     def config(self, row: SandboxRow) -> SandboxConfig:
@@ -157,14 +166,14 @@ class SandboxService:
             self._names[row.name] = row.id
 
     def _written(self, sandbox_id: str) -> None:
-        self._writes[sandbox_id] = self._writes.get(sandbox_id, 0) + 1
+        self._generation += 1
 
     async def row(self, ref: str) -> SandboxRow:
         """A sandbox by id, or by name among those not deleted."""
         cached = self._rows.get(ref) or self._rows.get(self._names.get(ref, ""))
         if cached is not None:
             return cached
-        writes = dict(self._writes)
+        generation = self._generation
         async with self.db.session() as session:
             row = await session.get(SandboxRow, ref)
             if row is None:
@@ -175,7 +184,9 @@ class SandboxService:
                 )
         if row is None:
             raise NotFound(f"no sandbox {ref!r}")
-        if writes.get(row.id) == self._writes.get(row.id):
+        # Only this node's rows: their only writer is this server (another node's sandboxes
+        # change through their own).
+        if generation == self._generation and row.node_id == self.node.id:
             self._remember(row)
         return row
 
@@ -256,6 +267,9 @@ class SandboxService:
                     )
                 )
                 row.slot = self._free_slot(used)
+                if row.slot > self.uid_count and self._warm:
+                    await self._remove_warm(self._warm.pop())  # a create goes before the pool
+                    row.slot = self._free_slot(used)
                 if row.slot > self.uid_count:
                     raise RateLimited("no free host uid for another sandbox")
                 session.add(row)
@@ -470,27 +484,35 @@ class SandboxService:
                     self._reserved.discard(warm.slot)  # the row holds the slot now
             except BaseException as exc:
                 self.node.set_env(warm.id, {})
-                self._warm.insert(0, warm)
+                if self._pool_closed:
+                    self._discard(warm)
+                else:
+                    self._warm.insert(0, warm)
                 if isinstance(exc, IntegrityError):
                     raise Conflict(f"a sandbox named {req.name!r} exists already") from None
                 raise
             self._written(row.id)
             self._remember(row)
+            with contextlib.suppress(OSError):
+                (self._warm_config(warm).dir / WARM_MARKER).unlink()
+            if not self.node.sandbox_running(warm.id):
+                # It died during the claim, before its row existed for _on_died to mark.
+                await self._on_died(warm.id)
+                return await self.get(warm.id)
             return self.model(row)
         return None
 
+    async def _remove_warm(self, warm: WarmSandbox) -> None:
+        try:
+            await self.node.remove_sandbox(self._warm_config(warm))
+        except Exception as exc:
+            log.warning("removing warm sandbox %s failed: %s", warm.id, exc)
+        finally:
+            self._reserved.discard(warm.slot)
+
     def _discard(self, warm: WarmSandbox) -> None:
         """Remove a warm sandbox in the background (it died, or the pool is closing)."""
-
-        async def remove() -> None:
-            try:
-                await self.node.remove_sandbox(self._warm_config(warm))
-            except Exception as exc:
-                log.warning("removing warm sandbox %s failed: %s", warm.id, exc)
-            finally:
-                self._reserved.discard(warm.slot)
-
-        task = asyncio.ensure_future(remove())
+        task = asyncio.ensure_future(self._remove_warm(warm))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -513,8 +535,13 @@ class SandboxService:
                 return False
             self._reserved.add(slot)
         warm = WarmSandbox(ids.new_id(ids.SANDBOX), slot)
+        config = self._warm_config(warm)
         try:
-            await self.node.start_sandbox(self._warm_config(warm))
+            # Marked as warm until claimed: after a crash, only marked files without a row are
+            # removed as strays (never a workspace whose row the store lost).
+            config.dir.mkdir(parents=True, exist_ok=True)
+            (config.dir / WARM_MARKER).touch()
+            await self.node.start_sandbox(config)
             # A supervisor's first command pays for its first fork; pay it here, not in the
             # claimer's first exec.
             execution = await self.node.run(
@@ -530,10 +557,15 @@ class SandboxService:
                     keep_log=False,
                 )
             )
-            await execution.outcome()
+            checked = await execution.outcome()
+            if checked.status != CommandStatus.completed or checked.exit_code != 0:
+                raise RuntimeError(f"its check command ended {checked.status.value}")
         except BaseException:
             self._discard(warm)
             raise
+        if self._pool_closed:
+            self._discard(warm)
+            return False
         self._warm.append(warm)
         return True
 
@@ -559,6 +591,7 @@ class SandboxService:
 
     async def close_pool(self) -> None:
         """Stop refilling and remove the warm sandboxes: they have no rows to come back from."""
+        self._pool_closed = True
         if self._filler is not None:
             self._filler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -569,7 +602,7 @@ class SandboxService:
             await asyncio.wait(set(self._background), timeout=30)
 
     async def _remove_strays(self) -> None:
-        """Files of sandboxes with no row: warm sandboxes of a server that was killed."""
+        """Files of warm sandboxes of a server that was killed (marked, and with no row)."""
         root = self.data_dir / "sandboxes"
         if not root.is_dir():
             return
@@ -581,7 +614,7 @@ class SandboxService:
                 await session.scalars(select(SandboxRow.id).where(SandboxRow.id.in_(names)))
             )
         for name in names:
-            if name in known or not name.startswith(ids.SANDBOX + "_"):
+            if name in known or not (root / name / WARM_MARKER).exists():
                 continue
             stray = SandboxConfig(id=name, slot=0, dir=root / name)
             try:

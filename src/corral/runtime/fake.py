@@ -2,7 +2,7 @@
 
 Its "sandbox" understands a handful of shell-like commands, enough to exercise output, stdin,
 exit codes, timeouts and cancellation: `echo TEXT`, `echoerr TEXT`, `cat`, `exit N`,
-`sleep SECONDS`, `yes` (writes until killed), joined with `;`.
+`sleep SECONDS`, `yes` (writes until killed), `true`, joined with `;`.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ class FakeProcess(ProcessHandle):
                 elif word == "cat":
                     while data := await loop.run_in_executor(None, os.read, stdin_r, 65536):
                         await loop.run_in_executor(None, os.write, out_w, data)
+                elif word in ("true", "/bin/true"):
+                    pass
                 elif word == "exit":
                     code = int(rest or 0)
                     break
