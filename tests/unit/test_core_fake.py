@@ -811,3 +811,20 @@ def test_only_marked_warm_sandboxes_without_a_row_are_removed_at_start(tmp_path:
             assert removed == ["sb_warmleft"]
 
     run(main())
+
+
+def test_warm_sandboxes_count_towards_the_sandbox_limit(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with corral(tmp_path, warm_pool=2, max_sandboxes=4) as services:
+            sandboxes = services.sandboxes
+            await eventually(lambda: sandboxes.warm_count == 2)
+            # Specs the pool cannot serve: each makes room by removing a warm sandbox when
+            # rows and warm sandboxes together are at the limit.
+            made = [await sandboxes.create(SandboxCreate(memory_mb=64)) for _ in range(4)]
+            assert sandboxes.warm_count == 0
+            assert len(services.node._sandboxes) == 4  # running: exactly the limit
+            with pytest.raises(RateLimited):
+                await sandboxes.create(SandboxCreate(memory_mb=64))
+            assert len(made) == 4
+
+    run(main())

@@ -261,6 +261,9 @@ class SandboxService:
                 count = await session.scalar(select(func.count()).where(live))
                 if (count or 0) >= self.max_sandboxes:
                     raise RateLimited(f"the limit of {self.max_sandboxes} sandboxes is reached")
+                # Warm sandboxes count towards the limit too: one makes room for a create.
+                while self._warm and (count or 0) + len(self._reserved) >= self.max_sandboxes:
+                    await self._remove_warm(self._warm.pop())
                 used = set(
                     await session.scalars(
                         select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
