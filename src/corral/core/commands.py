@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -67,20 +68,23 @@ def to_model(row: CommandRow, output: tuple[bytes, bytes] | None = None) -> Comm
     )
 
 
-def _apply(row: CommandRow, outcome: CommandOutcome) -> None:
-    row.status = outcome.status.value
-    row.exit_code = outcome.exit_code
-    row.signal = outcome.signal
-    row.stdout_bytes = outcome.stdout_bytes
-    row.stderr_bytes = outcome.stderr_bytes
-    row.stdout_truncated = outcome.stdout_truncated
-    row.stderr_truncated = outcome.stderr_truncated
-    row.finished_at = outcome.finished_at
-    row.duration_ms = outcome.duration_ms
-    row.error = outcome.error
-    row.cpu_ms = outcome.cpu_ms
-    row.peak_memory_bytes = outcome.peak_memory_bytes
-    row.oom_killed = outcome.oom_killed
+def _outcome_values(outcome: CommandOutcome) -> dict[str, Any]:
+    """The columns of a command's row that its result fills in."""
+    return {
+        "status": outcome.status.value,
+        "exit_code": outcome.exit_code,
+        "signal": outcome.signal,
+        "stdout_bytes": outcome.stdout_bytes,
+        "stderr_bytes": outcome.stderr_bytes,
+        "stdout_truncated": outcome.stdout_truncated,
+        "stderr_truncated": outcome.stderr_truncated,
+        "finished_at": outcome.finished_at,
+        "duration_ms": outcome.duration_ms,
+        "error": outcome.error,
+        "cpu_ms": outcome.cpu_ms,
+        "peak_memory_bytes": outcome.peak_memory_bytes,
+        "oom_killed": outcome.oom_killed,
+    }
 
 
 class CommandService:
@@ -236,8 +240,8 @@ class CommandService:
             else:
                 outcome = await execution.outcome()
             # The result goes on a copy: readers keep seeing the running row until it is stored.
-            final = CommandRow(**{c.key: getattr(row, c.key) for c in COMMANDS.columns})
-            _apply(final, outcome)
+            values = {c.key: getattr(row, c.key) for c in COMMANDS.columns}
+            final = CommandRow(**{**values, **_outcome_values(outcome)})
             if stored:
                 await self._record(row.id, outcome)
             else:
@@ -252,26 +256,7 @@ class CommandService:
                 done_future.set_result(recorded)
 
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
-        await self.writer.update(
-            COMMANDS,
-            "id",
-            {
-                "id": cid,
-                "status": outcome.status.value,
-                "exit_code": outcome.exit_code,
-                "signal": outcome.signal,
-                "stdout_bytes": outcome.stdout_bytes,
-                "stderr_bytes": outcome.stderr_bytes,
-                "stdout_truncated": outcome.stdout_truncated,
-                "stderr_truncated": outcome.stderr_truncated,
-                "finished_at": outcome.finished_at,
-                "duration_ms": outcome.duration_ms,
-                "error": outcome.error,
-                "cpu_ms": outcome.cpu_ms,
-                "peak_memory_bytes": outcome.peak_memory_bytes,
-                "oom_killed": outcome.oom_killed,
-            },
-        )
+        await self.writer.update(COMMANDS, "id", {"id": cid, **_outcome_values(outcome)})
 
     async def run(
         self,

@@ -125,6 +125,14 @@ def _exit_event(cid, info, **extra):
     return {"ev": "exit", "id": cid, "code": None, "signal": info.si_status, **extra}
 
 
+def _read_to_end(fd):
+    """What a child's error pipe holds once the child has exec'd or failed (EOF)."""
+    report = b""
+    while chunk := os.read(fd, 50000):
+        report += chunk
+    return report
+
+
 def _fork_spawn(message, fds):
     """Fork and exec the command with Python in the child (sudo, terminals, rlimits); returns
     its pid. Raises OSError with the child's errno."""
@@ -173,12 +181,7 @@ def _fork_spawn(message, fds):
         os._exit(127)
     os.close(errpipe_w)
     try:
-        report = b""
-        while True:
-            chunk = os.read(errpipe_r, 1024)
-            if not chunk:
-                break
-            report += chunk
+        report = _read_to_end(errpipe_r)
     finally:
         os.close(errpipe_r)
     if report:
@@ -211,12 +214,7 @@ def _exec_one(argv, executables, cwd, env_list, stdin, stdout, stderr):
             )
         finally:
             os.close(errpipe_w)
-        report = b""
-        while True:
-            chunk = os.read(errpipe_r, 50000)
-            if not chunk:
-                break
-            report += chunk
+        report = _read_to_end(errpipe_r)
     finally:
         os.close(errpipe_r)
     if not report:
