@@ -519,17 +519,22 @@ class Supervisor:
         if restart:
             self._start_launcher()
 
-    def _from_launcher(self):
+    def _from_launcher(self, flags=0):
+        """Take one event from the launcher; False if there was none (or it is gone)."""
+        chan = self.launcher_chan
+        if chan is None:
+            return False
         try:
-            data = self.launcher_chan.recv(MAX_MESSAGE)
+            data = chan.recv(MAX_MESSAGE, flags)
         except (BlockingIOError, TimeoutError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._launcher_gone()
-            return
+            return False
         self._launcher_event(json.loads(data))
+        return True
 
     def _launcher_event(self, event):
         """What the launcher tells the node too: a start just after us (if it dies in between,
@@ -634,18 +639,8 @@ class Supervisor:
 
     def _drain_launcher(self):
         """Take the launcher's events already sent (it tells us before the node)."""
-        chan = self.launcher_chan
-        while chan is not None and chan is self.launcher_chan:
-            try:
-                data = chan.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._launcher_gone()
-                return
-            self._launcher_event(json.loads(data))
+        while self._from_launcher(socket.MSG_DONTWAIT):
+            pass
 
     def _forward(self, message, data, fds):
         """Hand an ordinary command to the launcher; False if it must be forked here."""
