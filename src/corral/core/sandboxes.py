@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import ids
 from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunning, Unavailable
@@ -226,6 +227,24 @@ class SandboxService:
 
     # --- lifecycle ---
 
+    @staticmethod
+    async def _live_count(session: AsyncSession) -> int:
+        live = SandboxRow.state != SandboxState.deleted.value
+        return await session.scalar(select(func.count()).where(live)) or 0
+
+    async def _admit(self, session: AsyncSession) -> int:
+        """The number of live sandboxes, or RateLimited when one more would pass the limit."""
+        count = await self._live_count(session)
+        if count >= self.max_sandboxes:
+            raise RateLimited(f"the limit of {self.max_sandboxes} sandboxes is reached")
+        return count
+
+    async def _used_slots(self, session: AsyncSession) -> set[int]:
+        """The uid slots held by this node's live sandboxes."""
+        live = SandboxRow.state != SandboxState.deleted.value
+        query = select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
+        return set(await session.scalars(query))
+
     def _free_slot(self, used: set[int]) -> int:
         """The lowest free uid slot; uid_count + 1 when there is none."""
         taken = used | self._reserved
@@ -257,18 +276,11 @@ class SandboxService:
             raise Unavailable("this host cannot give sandboxes a network policy")
         async with self._alloc_lock:
             async with self.db.transaction() as session:
-                live = SandboxRow.state != SandboxState.deleted.value
-                count = await session.scalar(select(func.count()).where(live))
-                if (count or 0) >= self.max_sandboxes:
-                    raise RateLimited(f"the limit of {self.max_sandboxes} sandboxes is reached")
+                count = await self._admit(session)
                 # Warm sandboxes count towards the limit too: one makes room for a create.
-                while self._warm and (count or 0) + len(self._reserved) >= self.max_sandboxes:
+                while self._warm and count + len(self._reserved) >= self.max_sandboxes:
                     await self._remove_warm(self._warm.pop())
-                used = set(
-                    await session.scalars(
-                        select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
-                    )
-                )
+                used = await self._used_slots(session)
                 row.slot = self._free_slot(used)
                 if row.slot > self.uid_count and self._warm:
                     await self._remove_warm(self._warm.pop())  # a create goes before the pool
@@ -476,12 +488,7 @@ class SandboxService:
             try:
                 async with self._alloc_lock:
                     async with self.db.transaction() as session:
-                        live = SandboxRow.state != SandboxState.deleted.value
-                        count = await session.scalar(select(func.count()).where(live))
-                        if (count or 0) >= self.max_sandboxes:
-                            raise RateLimited(
-                                f"the limit of {self.max_sandboxes} sandboxes is reached"
-                            )
+                        await self._admit(session)
                         session.add(row)
                         await session.flush()
                     self._reserved.discard(warm.slot)  # the row holds the slot now
@@ -523,18 +530,10 @@ class SandboxService:
         """Start one more warm sandbox; False when capacity is used up."""
         async with self._alloc_lock:
             async with self.db.session() as session:
-                live = SandboxRow.state != SandboxState.deleted.value
-                count = await session.scalar(select(func.count()).where(live))
-                used = set(
-                    await session.scalars(
-                        select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
-                    )
-                )
-            slot = self._free_slot(used)
+                count = await self._live_count(session)
+                slot = self._free_slot(await self._used_slots(session))
             # The pool never takes the last places: it must not turn a create away.
-            if slot >= self.uid_count or (count or 0) + len(self._reserved) + 1 >= (
-                self.max_sandboxes
-            ):
+            if slot >= self.uid_count or count + len(self._reserved) + 1 >= self.max_sandboxes:
                 return False
             self._reserved.add(slot)
         warm = WarmSandbox(ids.new_id(ids.SANDBOX), slot)
