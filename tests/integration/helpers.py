@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 UID_BASE = 200_000  # the lowest uid any test server gives its sandboxes
@@ -52,3 +54,13 @@ def sandbox_mounts() -> list[str]:
     """Mounts in the host's namespace that point into sandbox data dirs (there should be none)."""
     mounts = Path("/proc/self/mounts").read_text().splitlines()
     return [line for line in mounts if "corral-test" in line]
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Poll until `predicate` holds or `seconds` pass; its last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

@@ -4,7 +4,6 @@ is intact, the running command is `lost`, and nothing is left behind on the host
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
@@ -14,18 +13,10 @@ from tests.integration.helpers import (
     processes_matching,
     sandbox_mounts,
     server_processes,
+    wait_for,
 )
 
 pytestmark = pytest.mark.sandbox
-
-
-def wait_for(predicate, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_kill9_and_restart() -> None:

@@ -4,7 +4,6 @@ and requests the pool cannot serve start a sandbox of their own."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -12,17 +11,14 @@ import pytest
 
 from tests.conftest import Server, make_data_dir
 from tests.integration.helpers import cgroup_dirs, sandbox_mounts, server_processes
+from tests.integration.helpers import wait_for as poll
 
 pytestmark = pytest.mark.sandbox
 
 
-def wait_for(predicate, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def wait_for(predicate) -> bool:
+    """Longer than the default: the pool fills in the background, a sandbox at a time."""
+    return poll(predicate, 20.0)
 
 
 def warm(api: httpx.Client) -> int:
