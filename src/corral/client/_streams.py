@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pydantic
@@ -75,6 +75,27 @@ class StreamOutput:
     @property
     def exit_code(self) -> int | None:
         return self.result.exit_code if isinstance(self.result, ExitEvent) else None
+
+
+class OutputGatherer:
+    """Builds a StreamOutput from a stream's events, for every stream's `collect()`."""
+
+    def __init__(self) -> None:
+        self._streams = {"stdout": bytearray(), "stderr": bytearray()}
+        self._events = 0
+
+    def add(self, event: Any) -> None:
+        self._events += 1
+        if isinstance(event, OutputEvent):
+            self._streams[event.type].extend(event.bytes)
+
+    def done(self, result: Terminal | None) -> StreamOutput:
+        return StreamOutput(
+            stdout=bytes(self._streams["stdout"]),
+            stderr=bytes(self._streams["stderr"]),
+            result=result,
+            events=self._events,
+        )
 
 
 @dataclass
@@ -150,7 +171,64 @@ async def _aiter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 # --- events ------------------------------------------------------------------------------------
 
 
-class EventStream:
+class _ResponseStream:
+    """What EventStream and ByteStream share: the open response and the iterator over it,
+    closed together (`close()`, or a `with` block)."""
+
+    _response: httpx.Response | None
+    _iterator: Iterator[Any] | None
+
+    def _drop(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+    def close(self) -> None:
+        self._drop()
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _AsyncResponseStream:
+    """`_ResponseStream` for asyncio (`aclose()`, or an `async with` block)."""
+
+    _response: httpx.Response | None
+    _iterator: AsyncIterator[Any] | None
+
+    async def _drop(self) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+            self._response = None
+
+    async def aclose(self) -> None:
+        await self._drop()
+        if self._iterator is not None and hasattr(self._iterator, "aclose"):
+            await self._iterator.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class EventStream(_ResponseStream):
     """A command's output events: iterate it (`for event in stream`).
 
     Yields `OutputEvent`s (stdout/stderr), `HeartbeatEvent`s (if asked for), and last one
@@ -222,38 +300,13 @@ class EventStream:
 
     def collect(self) -> StreamOutput:
         """Read the stream to its end: the output of each stream, and the terminal event."""
-        out = StreamOutput()
-        stdout, stderr = bytearray(), bytearray()
+        gatherer = OutputGatherer()
         for event in self:
-            out.events += 1
-            if isinstance(event, OutputEvent):
-                (stdout if event.type == "stdout" else stderr).extend(event.bytes)
-        out.stdout, out.stderr, out.result = bytes(stdout), bytes(stderr), self.result
-        return out
-
-    def _drop(self) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
-
-    def close(self) -> None:
-        self._drop()
-        if self._iterator is not None and hasattr(self._iterator, "close"):
-            self._iterator.close()  # type: ignore[attr-defined]
-
-    def __enter__(self) -> EventStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+            gatherer.add(event)
+        return gatherer.done(self.result)
 
 
-class AsyncEventStream:
+class AsyncEventStream(_AsyncResponseStream):
     """`EventStream` for asyncio: `async for event in stream`."""
 
     def __init__(
@@ -323,41 +376,16 @@ class AsyncEventStream:
         await self._drop()
 
     async def collect(self) -> StreamOutput:
-        out = StreamOutput()
-        stdout, stderr = bytearray(), bytearray()
+        gatherer = OutputGatherer()
         async for event in self:
-            out.events += 1
-            if isinstance(event, OutputEvent):
-                (stdout if event.type == "stdout" else stderr).extend(event.bytes)
-        out.stdout, out.stderr, out.result = bytes(stdout), bytes(stderr), self.result
-        return out
-
-    async def _drop(self) -> None:
-        if self._response is not None:
-            await self._response.aclose()
-            self._response = None
-
-    async def aclose(self) -> None:
-        await self._drop()
-        if self._iterator is not None and hasattr(self._iterator, "aclose"):
-            await self._iterator.aclose()  # type: ignore[attr-defined]
-
-    async def __aenter__(self) -> AsyncEventStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+            gatherer.add(event)
+        return gatherer.done(self.result)
 
 
 # --- raw bytes ---------------------------------------------------------------------------------
 
 
-class ByteStream:
+class ByteStream(_ResponseStream):
     """A command's output as raw bytes (`for chunk in stream`), resumed after a dropped
     connection without losing or repeating a byte. Ends when the command does."""
 
@@ -400,29 +428,8 @@ class ByteStream:
         """Everything, to the end (mind the size)."""
         return b"".join(self)
 
-    def _drop(self) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
 
-    def close(self) -> None:
-        self._drop()
-        if self._iterator is not None and hasattr(self._iterator, "close"):
-            self._iterator.close()  # type: ignore[attr-defined]
-
-    def __enter__(self) -> ByteStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class AsyncByteStream:
+class AsyncByteStream(_AsyncResponseStream):
     """`ByteStream` for asyncio: `async for chunk in stream`."""
 
     def __init__(
@@ -468,24 +475,3 @@ class AsyncByteStream:
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self])
-
-    async def _drop(self) -> None:
-        if self._response is not None:
-            await self._response.aclose()
-            self._response = None
-
-    async def aclose(self) -> None:
-        await self._drop()
-        if self._iterator is not None and hasattr(self._iterator, "aclose"):
-            await self._iterator.aclose()  # type: ignore[attr-defined]
-
-    async def __aenter__(self) -> AsyncByteStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()

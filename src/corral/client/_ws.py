@@ -30,8 +30,8 @@ from corral.client._exceptions import (
     TransportError,
     _class_for_status,
 )
-from corral.client._streams import StreamOutput, Terminal, parse_event
-from corral.core.models import ErrorEvent, ExitEvent, OutputEvent, StartedEvent
+from corral.client._streams import OutputGatherer, StreamOutput, Terminal, parse_event
+from corral.core.models import ErrorEvent, ExitEvent, StartedEvent
 
 MAX_FRAME = 64 << 20  # bytes of one server frame (1 MiB of output is 1.4 MiB as base64)
 _STATUS_BY_CODE = {code: status for status, code in _CODE_BY_STATUS.items()}
@@ -159,14 +159,10 @@ class ExecSession:
 
     def collect(self) -> StreamOutput:
         """Read the session to its end: the output of each stream and the terminal event."""
-        out = StreamOutput()
-        stdout, stderr = bytearray(), bytearray()
+        gatherer = OutputGatherer()
         for event in self:
-            out.events += 1
-            if isinstance(event, OutputEvent):
-                (stdout if event.type == "stdout" else stderr).extend(event.bytes)
-        out.stdout, out.stderr, out.result = bytes(stdout), bytes(stderr), self.result
-        return out
+            gatherer.add(event)
+        return gatherer.done(self.result)
 
     def close(self) -> None:
         self._connection.close()
@@ -268,14 +264,10 @@ class AsyncExecSession:
             yield event
 
     async def collect(self) -> StreamOutput:
-        out = StreamOutput()
-        stdout, stderr = bytearray(), bytearray()
+        gatherer = OutputGatherer()
         async for event in self:
-            out.events += 1
-            if isinstance(event, OutputEvent):
-                (stdout if event.type == "stdout" else stderr).extend(event.bytes)
-        out.stdout, out.stderr, out.result = bytes(stdout), bytes(stderr), self.result
-        return out
+            gatherer.add(event)
+        return gatherer.done(self.result)
 
     async def close(self) -> None:
         await self._connection.close()
