@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from corral.core.tokens import Principal
 from corral.services import Services
+from corral.store.tables import SandboxRow
 
 
 def token_from_request(request: Request) -> str | None:
@@ -43,3 +44,16 @@ async def get_principal(request: Request) -> Principal:
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 Caller = Annotated[Principal, Depends(get_principal)]
+
+
+async def usable_sandbox(services: Services, caller: Principal, ref: str) -> SandboxRow:
+    """The sandbox `ref` names (id or name), if the caller's token may use it."""
+    row = await services.sandboxes.row(ref)
+    caller.require_sandbox(row.id, row.name)
+    return row
+
+
+async def running_sandbox(services: Services, caller: Principal, ref: str) -> SandboxRow:
+    """As usable_sandbox, and running (409 otherwise, 503 while it restarts)."""
+    row = await usable_sandbox(services, caller, ref)
+    return await services.sandboxes.running_row(row.id)

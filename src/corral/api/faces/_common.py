@@ -30,7 +30,7 @@ from corral.core.errors import CorralError, NotFound, RateLimited
 from corral.core.models import Command, CommandStatus
 from corral.core.tokens import Principal, RateInfo, TokenRateLimited
 from corral.services import Services
-from corral.store.tables import CommandRow, SandboxRow
+from corral.store.tables import CommandRow
 
 SIGKILL = 9
 
@@ -139,12 +139,6 @@ async def command_sandbox(services: Services, command_id: str) -> str:
     if sandbox_id is None:
         raise NotFound(f"no command {command_id!r}")
     return sandbox_id
-
-
-async def usable_sandbox(services: Services, caller: Principal, ref: str) -> SandboxRow:
-    row = await services.sandboxes.row(ref)
-    caller.require_sandbox(row.id, row.name)
-    return row
 
 
 async def history(

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, or_, select
 
-from corral.api.auth import get_services
+from corral.api.auth import get_services, running_sandbox, usable_sandbox
 from corral.api.faces._common import (
     Problem,
     authenticate,
@@ -44,7 +44,6 @@ from corral.api.faces._common import (
     history,
     host_arch,
     rate_headers,
-    usable_sandbox,
 )
 from corral.core.commands import to_model as command_model
 from corral.core.errors import Conflict, CorralError, InvalidArgument, Unavailable
@@ -186,8 +185,7 @@ async def execute(
 ) -> dict[str, Any]:
     principal.require(Scope.exec)
     req = exec_request(body)
-    row = await usable_sandbox(services, principal, body.machine_id)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, body.machine_id)
     return {"data": result(await services.commands.run(row, req, source="cmdop"))}
 
 
@@ -199,8 +197,7 @@ async def execute_async(
 ) -> dict[str, Any]:
     principal.require(Scope.exec)
     req = exec_request(body)
-    row = await usable_sandbox(services, principal, body.machine_id)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, body.machine_id)
     command_row, _ = await services.commands.start(row, req, source="cmdop")
     command = command_model(command_row)
     return {"data": {"id": command.id, "status": status_of(command)}}
@@ -246,8 +243,7 @@ async def batch(
 
     async def one(machine_id: str) -> dict[str, Any]:
         try:
-            row = await usable_sandbox(services, principal, machine_id)
-            row = await services.sandboxes.running_row(row.id)
+            row = await running_sandbox(services, principal, machine_id)
             command = await services.commands.run(row, req, source="cmdop")
             if command.status in (CommandStatus.cancelled, CommandStatus.lost):
                 # Ended by its machine going away (stopped or deleted) or by a DELETE.

@@ -43,12 +43,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from corral.api.auth import get_services, token_from_request
+from corral.api.auth import get_services, running_sandbox, token_from_request, usable_sandbox
 from corral.api.faces._common import (
     Problem,
     authenticate,
     face_router,
-    usable_sandbox,
 )
 from corral.core.errors import BadRequest, PayloadTooLarge, PermissionDenied, Unauthenticated
 from corral.core.models import (
@@ -354,8 +353,7 @@ async def exec_vm(
     req = ExecRequest(
         command=body.cmd, cwd=vm_path(body.cwd), env=body.env, timeout_ms=body.timeoutMs
     )
-    row = await usable_sandbox(services, principal, vm_id)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, vm_id)
     command = await services.commands.run(row, req, source="rundatsheesh")
     stdout, stderr = command.stdout or "", command.stderr or ""
     if command.status is CommandStatus.timed_out:
@@ -408,8 +406,7 @@ async def run_ts(
         env=env,
         timeout_ms=body.timeoutMs,
     )
-    row = await usable_sandbox(services, principal, vm_id)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, vm_id)
     run = await services.runs.run(row, req)
     out: dict[str, Any] = {"exitCode": run.exit_code, "stdout": run.stdout, "stderr": run.stderr}
     if run.status is CommandStatus.timed_out:
@@ -451,8 +448,7 @@ async def upload(
     principal: Principal = Depends(caller),
 ) -> Response:
     principal.require(Scope.files)
-    row = await usable_sandbox(services, principal, vm_id)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, vm_id)
     _check_length(request, services.settings.max_upload_bytes)
     await services.files.upload_archive(row.id, vm_path(dest), _body(request))
     return Response(status_code=204)
@@ -471,8 +467,7 @@ async def download(
     principal: Principal = Depends(caller),
 ) -> StreamingResponse:
     principal.require(Scope.files)
-    row = await usable_sandbox(services, principal, vm_id)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, vm_id)
     _, stream = await services.files.open_download(
         row.id, "archive", {"path": vm_path(path), "level": 6}
     )

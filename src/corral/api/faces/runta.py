@@ -35,13 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect
 
-from corral.api.auth import get_services, token_from_request
+from corral.api.auth import get_services, running_sandbox, token_from_request, usable_sandbox
 from corral.api.faces._common import (
     Problem,
     authenticate,
     face_router,
     shell_exit_code,
-    usable_sandbox,
 )
 from corral.core.errors import Conflict, InvalidArgument, PayloadTooLarge, PermissionDenied
 from corral.core.models import (
@@ -266,8 +265,7 @@ async def exec_command(
         timeout_ms=max(1, round(body.timeout_secs * 1000)) if body.timeout_secs else None,
         max_output_bytes=body.max_output_bytes,
     )
-    row = await usable_sandbox(services, principal, runtime)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, runtime)
     command = await services.commands.run(row, req, source="runta")
     if command.status is CommandStatus.failed:
         raise InvalidArgument(command.error or "the command could not start")
@@ -295,8 +293,7 @@ async def read_file(
     principal: Principal = Depends(caller),
 ) -> StreamingResponse:
     principal.require(Scope.files)
-    row = await usable_sandbox(services, principal, runtime)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, runtime)
     header, stream = await services.files.open_download(row.id, "read", {"path": path})
     return StreamingResponse(
         stream,
@@ -321,8 +318,7 @@ async def write_file(
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.files)
-    row = await usable_sandbox(services, principal, runtime)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, principal, runtime)
     length = request.headers.get("content-length")
     limit = services.settings.max_upload_bytes
     if length and length.isdigit() and int(length) > limit:

@@ -42,7 +42,7 @@ from fastapi import Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from corral.api.auth import get_services
+from corral.api.auth import get_services, usable_sandbox
 from corral.api.faces._common import (
     Problem,
     TextDecoder,
@@ -50,7 +50,6 @@ from corral.api.faces._common import (
     command_sandbox,
     face_router,
     shell_exit_code,
-    usable_sandbox,
 )
 from corral.core.commands import to_model as command_model
 from corral.core.errors import BadRequest, Conflict, NotFound, PermissionDenied

@@ -6,20 +6,11 @@ from datetime import datetime
 
 from fastapi import APIRouter, Query
 
-from corral.api.auth import Caller, ServicesDep
+from corral.api.auth import Caller, ServicesDep, running_sandbox, usable_sandbox
 from corral.core.commands import to_model
 from corral.core.models import Command, CommandStatus, ExecRequest, Page, Scope
-from corral.core.tokens import Principal
-from corral.services import Services
-from corral.store.tables import SandboxRow
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox}", tags=["commands"])
-
-
-async def usable_row(services: Services, caller: Principal, ref: str) -> SandboxRow:
-    row = await services.sandboxes.row(ref)
-    caller.require_sandbox(row.id, row.name)
-    return row
 
 
 @router.post("/exec", response_model=Command)
@@ -28,8 +19,7 @@ async def exec_command(
 ) -> Command:
     """Run a command and answer with its result once it ends."""
     caller.require(Scope.exec)
-    row = await usable_row(services, caller, sandbox)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, caller, sandbox)
     return await services.commands.run(row, body)
 
 
@@ -39,8 +29,7 @@ async def start_command(
 ) -> Command:
     """Start a command and answer at once; poll it, or wait on it, by its id."""
     caller.require(Scope.exec)
-    row = await usable_row(services, caller, sandbox)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, caller, sandbox)
     command_row, _ = await services.commands.start(row, body)
     return to_model(command_row)
 
@@ -58,7 +47,7 @@ async def list_commands(
 ) -> Page[Command]:
     """The sandbox's command history, newest first (output left out: fetch one command)."""
     caller.require(Scope.read)
-    row = await usable_row(services, caller, sandbox)
+    row = await usable_sandbox(services, caller, sandbox)
     return await services.commands.list(
         row.id, status=status, since=since, until=until, limit=limit, cursor=cursor
     )
@@ -75,7 +64,7 @@ async def get_command(
 ) -> Command:
     """A command's status and output; with `wait`, block until it ends or `timeout_ms`."""
     caller.require(Scope.read)
-    row = await usable_row(services, caller, sandbox)
+    row = await usable_sandbox(services, caller, sandbox)
     return await services.commands.get(row.id, command_id, wait=wait, timeout=timeout_ms / 1000)
 
 
@@ -85,5 +74,5 @@ async def cancel_command(
 ) -> Command:
     """SIGTERM to every process of the command, SIGKILL after the grace period."""
     caller.require(Scope.exec)
-    row = await usable_row(services, caller, sandbox)
+    row = await usable_sandbox(services, caller, sandbox)
     return await services.commands.cancel(row.id, command_id)

@@ -12,8 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
-from corral.api.auth import Caller, ServicesDep
-from corral.api.routes.commands import usable_row
+from corral.api.auth import Caller, ServicesDep, running_sandbox
 from corral.core.errors import PayloadTooLarge
 from corral.core.models import (
     ArchiveUploaded,
@@ -37,8 +36,7 @@ BINARY_BODY = {
 
 async def _sandbox_id(services: Services, caller: Principal, sandbox: str) -> str:
     caller.require(Scope.files)
-    row = await usable_row(services, caller, sandbox)
-    return (await services.sandboxes.running_row(row.id)).id
+    return (await running_sandbox(services, caller, sandbox)).id
 
 
 def _check_length(request: Request, limit: int) -> None:

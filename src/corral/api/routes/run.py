@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from corral.api.auth import Caller, ServicesDep
-from corral.api.routes.commands import usable_row
+from corral.api.auth import Caller, ServicesDep, running_sandbox
 from corral.core.models import RunRequest, RunResult, Scope
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox}", tags=["run"])
@@ -27,6 +26,5 @@ async def run_code(
     the history under `command_id`.
     """
     caller.require(Scope.exec)
-    row = await usable_row(services, caller, sandbox)
-    row = await services.sandboxes.running_row(row.id)
+    row = await running_sandbox(services, caller, sandbox)
     return await services.runs.run(row, body)

@@ -15,8 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
 from corral.api import ws
-from corral.api.auth import Caller, ServicesDep
-from corral.api.routes.commands import usable_row
+from corral.api.auth import Caller, ServicesDep, running_sandbox, usable_sandbox
 from corral.core.errors import BadRequest, Conflict, CorralError, InvalidArgument
 from corral.core.events import STREAM_SETS, Encoding, StreamChoice, command_events
 from corral.core.models import (
@@ -59,7 +58,7 @@ Resume any stream at the `next_offset` of the last event received."""
 async def command_for(
     services: Services, caller: Principal, sandbox: str, command_id: str
 ) -> CommandRow:
-    row = await usable_row(services, caller, sandbox)
+    row = await usable_sandbox(services, caller, sandbox)
     return await services.commands.row(row.id, command_id)
 
 
@@ -290,8 +289,7 @@ async def exec_stream(websocket: WebSocket, sandbox: str, encoding: Encoding = "
         return
     try:
         caller.require(Scope.exec)
-        sandbox_row = await usable_row(services, caller, sandbox)
-        await services.sandboxes.running_row(sandbox_row.id)
+        sandbox_row = await running_sandbox(services, caller, sandbox)
     except CorralError as exc:
         await ws.refuse(websocket, exc)
         return
