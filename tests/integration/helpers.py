@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.conftest import Server
 
 UID_BASE = 200_000  # the lowest uid any test server gives its sandboxes
 
@@ -64,3 +70,15 @@ def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+@pytest.fixture(scope="module", name="sandbox_id")
+def module_sandbox_id(server: Server) -> Iterator[str]:
+    """One sandbox for a whole module's tests, for modules whose tests use distinct paths and
+    commands (import it there): keeps the number of sandboxes on the shared server low."""
+    with server.client() as api:
+        resp = api.post("/v1/sandboxes", json={})
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["id"]
+        yield sid
+        api.delete(f"/v1/sandboxes/{sid}")

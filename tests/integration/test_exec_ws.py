@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,20 +18,9 @@ from websockets.sync.client import connect as ws_connect
 from corral import AsyncClient, AuthenticationError, Client, PermissionDeniedError
 from corral.core.models import ExitEvent, OutputEvent
 from tests.conftest import Server
+from tests.integration.helpers import module_sandbox_id  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture(scope="module")
-def sandbox_id(server: Server) -> Iterator[str]:
-    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
-    number of sandboxes on the shared server low."""
-    with server.client() as api:
-        resp = api.post("/v1/sandboxes", json={})
-        assert resp.status_code == 201, resp.text
-        sid = resp.json()["id"]
-        yield sid
-        api.delete(f"/v1/sandboxes/{sid}")
 
 
 TERMINAL = ("exit", "error")

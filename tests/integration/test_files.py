@@ -21,21 +21,12 @@ import pytest
 from corral import Client, ConflictError, NotFoundError, PermissionDeniedError
 from corral.client import ArchiveError
 from tests.conftest import Server, make_data_dir
-from tests.integration.helpers import processes_matching
+from tests.integration.helpers import (
+    module_sandbox_id,  # noqa: F401 - a fixture
+    processes_matching,
+)
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture(scope="module")
-def sandbox_id(server: Server) -> Iterator[str]:
-    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
-    number of sandboxes on the shared server low."""
-    with server.client() as api:
-        resp = api.post("/v1/sandboxes", json={})
-        assert resp.status_code == 201, resp.text
-        sid = resp.json()["id"]
-        yield sid
-        api.delete(f"/v1/sandboxes/{sid}")
 
 
 MiB = 1 << 20

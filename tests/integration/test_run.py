@@ -12,20 +12,9 @@ import pytest
 
 from corral import Client, ValidationError
 from tests.conftest import Server
+from tests.integration.helpers import module_sandbox_id  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture(scope="module")
-def sandbox_id(server: Server) -> Iterator[str]:
-    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
-    number of sandboxes on the shared server low."""
-    with server.client() as api:
-        resp = api.post("/v1/sandboxes", json={})
-        assert resp.status_code == 201, resp.text
-        sid = resp.json()["id"]
-        yield sid
-        api.delete(f"/v1/sandboxes/{sid}")
 
 
 @pytest.fixture

@@ -22,20 +22,9 @@ from websockets.sync.client import connect as ws_connect
 
 from corral import Client, ConflictError
 from tests.conftest import Server, make_data_dir
+from tests.integration.helpers import module_sandbox_id  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.sandbox
-
-
-@pytest.fixture(scope="module")
-def sandbox_id(server: Server) -> Iterator[str]:
-    """One sandbox for this module's tests (they use distinct paths and commands): keeps the
-    number of sandboxes on the shared server low."""
-    with server.client() as api:
-        resp = api.post("/v1/sandboxes", json={})
-        assert resp.status_code == 201, resp.text
-        sid = resp.json()["id"]
-        yield sid
-        api.delete(f"/v1/sandboxes/{sid}")
 
 
 # 1 MiB on stdout in 64 pieces over about 1.3 s, with progress lines on stderr.
