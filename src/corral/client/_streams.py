@@ -131,6 +131,20 @@ class _Cursor:
         return min(BACKOFF_MAX, BACKOFF_START * 2 ** (self.failures - 1))
 
 
+def _take_line(cursor: _Cursor, line: bytes, heartbeats: bool) -> Any | None:
+    """The event a line of an event stream carries, once the cursor has taken it; None for a
+    blank or unknown line, and for a heartbeat nobody asked for."""
+    if not line.strip():
+        return None
+    event = parse_event(line)
+    if event is None:
+        return None
+    cursor.took(event)
+    if isinstance(event, HeartbeatEvent) and not heartbeats:
+        return None
+    return event
+
+
 class StreamCut(Exception):
     """The response ended without the terminal event: the connection was cut."""
 
@@ -277,13 +291,8 @@ class EventStream(_ResponseStream):
                 if self._response is None:
                     self._response = self._open(cursor.offset)
                 for line in _iter_lines(self._response.iter_bytes()):
-                    if not line.strip():
-                        continue
-                    event = parse_event(line)
+                    event = _take_line(cursor, line, self._heartbeats)
                     if event is None:
-                        continue
-                    cursor.took(event)
-                    if isinstance(event, HeartbeatEvent) and not self._heartbeats:
                         continue
                     yield event
                     if cursor.result is not None:
@@ -354,13 +363,8 @@ class AsyncEventStream(_AsyncResponseStream):
                 if self._response is None:
                     self._response = await self._open(cursor.offset)
                 async for line in _aiter_lines(self._response.aiter_bytes()):
-                    if not line.strip():
-                        continue
-                    event = parse_event(line)
+                    event = _take_line(cursor, line, self._heartbeats)
                     if event is None:
-                        continue
-                    cursor.took(event)
-                    if isinstance(event, HeartbeatEvent) and not self._heartbeats:
                         continue
                     yield event
                     if cursor.result is not None:
