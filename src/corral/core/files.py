@@ -89,6 +89,17 @@ def helper_error(stderr: bytes, outcome: CommandOutcome | None) -> CorralError:
     return HelperFailed(f"the file operation failed: {text or 'no reason given'}")
 
 
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object the file helper sent (its header or its answer), or HelperFailed."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise HelperFailed(f"the file helper sent an invalid {what}") from None
+    if not isinstance(value, dict):
+        raise HelperFailed(f"the file helper sent an invalid {what}")
+    return value
+
+
 def to_info(raw: dict[str, Any]) -> FileInfo:
     return FileInfo(
         **{**raw, "modified_at": datetime.fromtimestamp(float(raw["modified_at"]), UTC)}
@@ -114,13 +125,7 @@ class Helper:
                 raise HelperFailed("the file helper sent an invalid header")
         line, _, rest = bytes(buffer).partition(b"\n")
         self._pending = rest
-        try:
-            header = json.loads(line)
-        except ValueError:
-            raise HelperFailed("the file helper sent an invalid header") from None
-        if not isinstance(header, dict):
-            raise HelperFailed("the file helper sent an invalid header")
-        return header
+        return _json_object(line, "header")
 
     async def read(self) -> bytes:
         if self._pending:
@@ -201,13 +206,7 @@ class FileService:
         helper.close()
         if not ok:
             raise await helper.failure()
-        try:
-            answer = json.loads(reply)
-        except ValueError:
-            raise HelperFailed("the file helper sent an invalid answer") from None
-        if not isinstance(answer, dict):
-            raise HelperFailed("the file helper sent an invalid answer")
-        return answer
+        return _json_object(reply, "answer")
 
     # --- metadata ---
 
