@@ -15,6 +15,7 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)  # disk_mb: a file system p
 command -v curl >/dev/null || need+=(curl)
 command -v ssh >/dev/null || need+=(openssh-client)  # the tests of the SSH front
 [ -d /usr/lib/python3/dist-packages/pip ] || need+=(python3-pip)  # pip inside sandboxes
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # fleet-mode tests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing system packages (${need[*]}); run as root or install them" >&2

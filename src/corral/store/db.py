@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -19,6 +19,9 @@ from sqlalchemy.ext.asyncio import (
 )
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# One key for every replica: a PostgreSQL advisory lock held while migrating, so that replicas
+# starting together run each migration once (the others wait, then find the schema current).
+MIGRATION_LOCK_KEY = 0x636F7272616C  # "corral"
 
 
 class Database:
@@ -38,6 +41,11 @@ class Database:
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Transaction-scoped: released with the commit that ends the migration.
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
             await conn.run_sync(_upgrade)
 
     @asynccontextmanager

