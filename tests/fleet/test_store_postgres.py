@@ -30,7 +30,7 @@ def test_replicas_starting_together_migrate_once(postgres: PostgresCluster) -> N
             # Without the lock, concurrent upgrades collide on CREATE TABLE and one fails.
             await asyncio.gather(*(db.migrate() for db in replicas))
             async with replicas[0].session() as session:
-                versions = (await session.execute(text("SELECT version_num FROM alembic_version")))
+                versions = await session.execute(text("SELECT version_num FROM alembic_version"))
                 tables = await session.execute(
                     text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
                 )
