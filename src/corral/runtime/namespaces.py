@@ -128,7 +128,10 @@ class NamespacesRuntime(Runtime):
         self.supervisor_path = data_dir / "runtime" / "supervisor.py"
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
-        self.net = NetworkManager(cgroup_name, network_open)
+        # Two uids per slot: disjoint uid blocks give disjoint links (modulo the subnet size).
+        self.net = NetworkManager(
+            cgroup_name, first_link=uid_base // 2, open_to_sandboxes=network_open
+        )
         self.seccomp_bpf = b""
 
     async def prepare(self) -> list[str]:

@@ -40,7 +40,8 @@ ALWAYS_DENIED = (
     "192.168.0.0/16",
     "224.0.0.0/3",
 )
-SUBNET = ipaddress.ip_network("10.200.0.0/14")  # /30 per sandbox slot
+SUBNET = ipaddress.ip_network("10.200.0.0/14")  # /30 per sandbox link
+LINKS = SUBNET.num_addresses // 4
 METADATA = ipaddress.ip_network("169.254.0.0/16")
 # Never reachable from a sandbox unless opened: every node's sandbox links (two nodes on one host
 # share the subnet) and link-local, where clouds serve instance metadata and credentials.
@@ -109,10 +110,19 @@ async def _run(*argv: str, stdin: bytes | None = None) -> str:
 
 
 class NetworkManager:
-    def __init__(self, node_name: str, open_to_sandboxes: tuple[OpenDestination, ...] = ()) -> None:
+    def __init__(
+        self,
+        node_name: str,
+        *,
+        first_link: int = 0,
+        open_to_sandboxes: tuple[OpenDestination, ...] = (),
+    ) -> None:
         tag = hashlib.sha256(node_name.encode()).hexdigest()[:4]
         self.table = f"corral_{tag}"
         self.prefix = f"crl{tag}"  # netns names and host-side veth names
+        # Nodes on one host share SUBNET; each numbers its links from its own start (derived
+        # from its uid block), so that their sandboxes' addresses do not collide.
+        self.first_link = first_link
         self.open = open_to_sandboxes
         self.available = False
 
@@ -127,9 +137,9 @@ class NetworkManager:
     def veth(self, slot: int) -> str:
         return f"{self.prefix}h{slot}"  # at most 15 characters (IFNAMSIZ)
 
-    @staticmethod
-    def addresses(slot: int) -> tuple[str, str]:
-        base = SUBNET.network_address + slot * 4
+    def addresses(self, slot: int) -> tuple[str, str]:
+        """The host end's and the sandbox's address of a slot's link."""
+        base = SUBNET.network_address + (self.first_link + slot) % LINKS * 4
         return str(base + 1), str(base + 2)
 
     # --- node lifetime ---
