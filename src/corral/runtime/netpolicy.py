@@ -3,7 +3,7 @@ a veth pair to the host, and one nftables table for the node that decides what m
 
 Modes: `none` needs none of this (bubblewrap gives the sandbox an empty network namespace).
 `allow` lets the sandbox reach only the listed CIDRs. `outbound` lets it reach public addresses:
-private ranges (RFC 1918, 100.64.0.0/10), link-local and SMTP stay denied unless listed. Nothing
+private ranges (RFC 1918, 100.64.0.0/10), multicast and SMTP stay denied unless listed. Nothing
 may connect into a sandbox. The lists are nft sets, so changing them takes effect at once in a
 running sandbox.
 
@@ -139,6 +139,8 @@ class NetworkManager:
 
     def addresses(self, slot: int) -> tuple[str, str]:
         """The host end's and the sandbox's address of a slot's link."""
+        if slot >= LINKS:
+            raise NetworkError(f"a node can give at most {LINKS} sandboxes a network")
         base = SUBNET.network_address + (self.first_link + slot) % LINKS * 4
         return str(base + 1), str(base + 2)
 
