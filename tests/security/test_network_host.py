@@ -376,6 +376,48 @@ def test_run_dat_sheesh_allow_ips_do_not_open_the_host(
             face.delete(f"/v1/vms/{vm}")
 
 
+def test_host_nat_rules_do_not_open_the_host(server: Server, lab: Lab) -> None:
+    """A port the host publishes by DNAT (as container engines do) and a transparent redirect
+    to a host port: neither takes a sandbox to the host."""
+    table = f"crltestnat{_TAG}"
+    with server.client() as api:
+        created = api.post("/v1/sandboxes", json={"network": "allow", "allow": ["0.0.0.0/0"]})
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        try:
+
+            def run(command: str) -> str:
+                return native_exec(api, sid, command)
+
+            veth = host_link(probe(run, []).gateway)
+            subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+            subprocess.run(
+                ["nft", "-f", "-"],
+                check=True,
+                input=f"""
+table ip {table} {{
+    chain prerouting {{
+        type nat hook prerouting priority -100; policy accept;
+        iifname "{veth}" ip daddr {lab.main_address} tcp dport 7001 dnat to {REMOTE}:{REMOTE_PORT}
+        iifname "{veth}" ip daddr {REMOTE} tcp dport 7000 redirect to :{lab.port}
+    }}
+}}
+""".encode(),
+            )
+            found = probe(
+                run,
+                [
+                    ("published host port", lab.main_address, 7001),
+                    ("redirected to the host", REMOTE, 7000),
+                    ("remote host", REMOTE, REMOTE_PORT),
+                ],
+            )
+            check_closed(found, reachable={"remote host"})
+        finally:
+            subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+            api.delete(f"/v1/sandboxes/{sid}")
+
+
 def test_operator_opens_exactly_what_the_setting_names(lab: Lab) -> None:
     data_dir = make_data_dir("corral-test-netopen-")
     opened = f"{lab.main_address}:{lab.port}, {METADATA}:{METADATA_PORT}"
