@@ -28,6 +28,7 @@ def build_runtime(settings: Settings) -> Runtime:
 
         return FakeRuntime()
     from corral.runtime.namespaces import NamespacesRuntime
+    from corral.runtime.netpolicy import parse_open
 
     return NamespacesRuntime(
         data_dir=settings.data_dir,
@@ -35,6 +36,7 @@ def build_runtime(settings: Settings) -> Runtime:
         cgroup_name=settings.cgroup_root,
         tools_dir=settings.effective_tools_dir,
         templates_dir=settings.effective_templates_dir,
+        network_open=parse_open(settings.network_open),
     )
 
 

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from corral.runtime.netpolicy import parse_open
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
@@ -42,6 +44,13 @@ class Settings(BaseSettings):
     default_cpu: float = Field(default=0.0, ge=0)
     default_disk_mb: int = Field(
         default=10_240, ge=0, description="A sparse file system per sandbox: bounds its writes"
+    )
+
+    network_open: str = Field(
+        default="",
+        description="Protected destinations (host addresses, 169.254.0.0/16) that sandboxes may "
+        "reach when their own allow list includes them: comma-separated ADDRESS:PORT (TCP and "
+        "UDP) or ADDRESS (every port), e.g. 169.254.169.254:80,10.0.0.5:5432",
     )
 
     warm_pool: int = Field(
@@ -93,6 +102,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("network_open")
+    @classmethod
+    def _open_destinations(cls, value: str) -> str:
+        return ",".join(str(entry) for entry in parse_open(value))
 
     @property
     def effective_templates_dir(self) -> Path:

@@ -14,6 +14,7 @@ from typing import IO
 import httpx
 import pytest
 
+from corral.runtime.netpolicy import NetworkManager
 from tests.conftest import Server
 
 pytestmark = pytest.mark.sandbox
@@ -125,7 +126,7 @@ def test_none_reaches_nothing(api: httpx.Client, server: Server, test_hosts: dic
         api.delete(f"/v1/sandboxes/{sid}")
 
 
-def test_allow_list_and_live_change(api: httpx.Client, test_hosts: dict) -> None:
+def test_allow_list_and_live_change(api: httpx.Client, server: Server, test_hosts: dict) -> None:
     created = api.post("/v1/sandboxes", json={"network": "allow", "allow": [f"{HOSTS['a']}.0/24"]})
     assert created.status_code == 201, created.text
     sandbox = created.json()
@@ -159,9 +160,16 @@ def test_allow_list_and_live_change(api: httpx.Client, test_hosts: dict) -> None
         assert reach(api, sid, test_hosts["a"]) and not reach(api, sid, test_hosts["b"])
     finally:
         api.delete(f"/v1/sandboxes/{sid}")
-    # Nothing is left: no namespace, veth or rule for it.
+    # Nothing is left: no namespace, veth or rule for it (of this server: others may be running).
+    net = NetworkManager(server.cgroup_name)
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not [n for n in namespaces.split() if n.startswith("crl")]
+    assert not [n for n in namespaces.split() if n.startswith(net.prefix + "-")]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert f" {net.prefix}h" not in links
+    table = subprocess.run(
+        ["nft", "list", "table", "inet", net.table], capture_output=True, text=True, check=True
+    ).stdout
+    assert "chain sb" not in table and "set allow" not in table and f"{net.prefix}h" in table
 
 
 def test_switching_to_none_restarts_and_removes_the_network(

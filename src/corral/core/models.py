@@ -97,7 +97,8 @@ class SandboxCreate(Strict):
     network: NetworkMode = Field(
         default="none",
         description="none: no network; allow: only the `allow` CIDRs; outbound: public "
-        "addresses (private ranges, link-local and the host stay denied unless in `allow`)",
+        "addresses (private ranges only if in `allow`). Never the host, other sandboxes or "
+        "169.254.0.0/16, whatever `allow` says, unless the operator opened them",
     )
     allow: list[str] = Field(default_factory=list, description="IPv4 CIDRs the sandbox may reach")
 

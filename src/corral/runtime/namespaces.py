@@ -38,7 +38,7 @@ from corral.runtime.base import (
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
 from corral.runtime.limits import ResourceControl, Usage
-from corral.runtime.netpolicy import NetworkManager
+from corral.runtime.netpolicy import NetworkManager, OpenDestination
 from corral.runtime.seccomp import build_filter
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class NamespacesRuntime(Runtime):
         tools_dir: Path | None = None,
         templates_dir: Path | None = None,
         tmp_mb: int = 1024,
+        network_open: tuple[OpenDestination, ...] = (),
     ):
         self.templates_dir = templates_dir
         self.data_dir = data_dir
@@ -127,7 +128,10 @@ class NamespacesRuntime(Runtime):
         self.supervisor_path = data_dir / "runtime" / "supervisor.py"
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
-        self.net = NetworkManager(cgroup_name)
+        # Two uids per slot: disjoint uid blocks give disjoint links (modulo the subnet size).
+        self.net = NetworkManager(
+            cgroup_name, first_link=uid_base // 2, open_to_sandboxes=network_open
+        )
         self.seccomp_bpf = b""
 
     async def prepare(self) -> list[str]:

@@ -3,9 +3,18 @@ a veth pair to the host, and one nftables table for the node that decides what m
 
 Modes: `none` needs none of this (bubblewrap gives the sandbox an empty network namespace).
 `allow` lets the sandbox reach only the listed CIDRs. `outbound` lets it reach public addresses:
-private ranges (RFC 1918, 100.64.0.0/10), link-local and cloud metadata (169.254.0.0/16), the host
-itself and SMTP stay denied unless listed. Nothing may connect into a sandbox. The lists are nft
-sets, so changing them takes effect at once in a running sandbox.
+private ranges (RFC 1918, 100.64.0.0/10), multicast and SMTP stay denied unless listed. Nothing
+may connect into a sandbox. The lists are nft sets, so changing them takes effect at once in a
+running sandbox.
+
+Whatever a sandbox's list says, it never reaches the host (every address of every host interface,
+looked up per packet so that addresses added later are covered too, the host ends of all sandbox
+links), another sandbox, or 169.254.0.0/16 (cloud metadata): the `protect` chain drops those before
+any allow rule is looked at, in prerouting (ahead of DNAT, so a port a host rule redirects stays
+the host's), in forward (after DNAT) and in input, which takes nothing at all from a sandbox link.
+The only exceptions are the destinations the operator opens (`OpenDestination`), and a sandbox
+reaches one of them only when its own list includes it too. IPv6 has no path: the veth ends get no
+addresses, and the table drops every IPv6 packet from a sandbox link.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import hashlib
 import ipaddress
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -30,12 +40,60 @@ ALWAYS_DENIED = (
     "192.168.0.0/16",
     "224.0.0.0/3",
 )
-SUBNET = ipaddress.ip_network("10.200.0.0/14")  # /30 per sandbox slot
+SUBNET = ipaddress.ip_network("10.200.0.0/14")  # /30 per sandbox link
+LINKS = SUBNET.num_addresses // 4
+METADATA = ipaddress.ip_network("169.254.0.0/16")
+# Never reachable from a sandbox unless opened: every node's sandbox links (two nodes on one host
+# share the subnet) and link-local, where clouds serve instance metadata and credentials.
+PROTECTED = (str(SUBNET), str(METADATA))
 NETNS_DIR = Path("/run/netns")
+IPV6_CONF = Path("/proc/sys/net/ipv6")
+# Ahead of DNAT (-100) in prerouting, and of the usual filter chains (0) of any other table.
+GUARD_PRIORITY = -150
+OPEN_PORT = "ip daddr . th dport @open_ports"
 
 
 class NetworkError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class OpenDestination:
+    """A protected destination the operator lets sandboxes reach: one IPv4 address, and one
+    port of it (TCP and UDP) or, without a port, all of it."""
+
+    address: ipaddress.IPv4Address
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}" if self.port is not None else str(self.address)
+
+
+def parse_open(text: str) -> tuple[OpenDestination, ...]:
+    """`ADDRESS` or `ADDRESS:PORT` entries, comma-separated (e.g.
+    "169.254.169.254:80,10.0.0.5:5432"); raises ValueError naming the entry it cannot take."""
+    found: dict[str, OpenDestination] = {}
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        host, sep, port_text = entry.partition(":")
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is not ADDRESS or ADDRESS:PORT with one IPv4 address"
+            ) from None
+        port = None
+        if sep:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+            port = int(port_text)
+        if address in SUBNET:
+            raise ValueError(f"{entry!r}: sandbox link addresses ({SUBNET}) cannot be opened")
+        destination = OpenDestination(address, port)
+        found[str(destination)] = destination
+    return tuple(found.values())
 
 
 async def _run(*argv: str, stdin: bytes | None = None) -> str:
@@ -52,10 +110,20 @@ async def _run(*argv: str, stdin: bytes | None = None) -> str:
 
 
 class NetworkManager:
-    def __init__(self, node_name: str) -> None:
+    def __init__(
+        self,
+        node_name: str,
+        *,
+        first_link: int = 0,
+        open_to_sandboxes: tuple[OpenDestination, ...] = (),
+    ) -> None:
         tag = hashlib.sha256(node_name.encode()).hexdigest()[:4]
         self.table = f"corral_{tag}"
         self.prefix = f"crl{tag}"  # netns names and host-side veth names
+        # Nodes on one host share SUBNET; each numbers its links from its own start (derived
+        # from its uid block), so that their sandboxes' addresses do not collide.
+        self.first_link = first_link
+        self.open = open_to_sandboxes
         self.available = False
 
     # --- naming ---
@@ -69,9 +137,11 @@ class NetworkManager:
     def veth(self, slot: int) -> str:
         return f"{self.prefix}h{slot}"  # at most 15 characters (IFNAMSIZ)
 
-    @staticmethod
-    def addresses(slot: int) -> tuple[str, str]:
-        base = SUBNET.network_address + slot * 4
+    def addresses(self, slot: int) -> tuple[str, str]:
+        """The host end's and the sandbox's address of a slot's link."""
+        if slot >= LINKS:
+            raise NetworkError(f"a node can give at most {LINKS} sandboxes a network")
+        base = SUBNET.network_address + (self.first_link + slot) % LINKS * 4
         return str(base + 1), str(base + 2)
 
     # --- node lifetime ---
@@ -84,33 +154,52 @@ class NetworkManager:
         try:
             await self.sweep()
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1")  # noqa: ASYNC240 - procfs
-            denied = ", ".join(ALWAYS_DENIED)
-            await _run(
-                "nft",
-                "-f",
-                "-",
-                stdin=f"""
-table inet {self.table} {{
-    set denied {{ type ipv4_addr; flags interval; elements = {{ {denied} }} }}
-    chain forward {{
-        type filter hook forward priority 0; policy accept;
-        oifname "{self.prefix}h*" ct state established,related accept
-        oifname "{self.prefix}h*" drop
-    }}
-    chain input {{
-        type filter hook input priority 0; policy accept;
-    }}
-    chain postrouting {{
-        type nat hook postrouting priority 100; policy accept;
-        iifname "{self.prefix}h*" oifname != "{self.prefix}h*" masquerade
-    }}
-}}
-""".encode(),
-            )
+            await _run("nft", "-f", "-", stdin=self._table_script().encode())
         except (NetworkError, OSError) as exc:
             return f"network policy unavailable: {exc}"
         self.available = True
         return None
+
+    def _table_script(self) -> str:
+        links = f'"{self.prefix}h*"'
+        hosts = ", ".join(str(o.address) for o in self.open if o.port is None)
+        ports = ", ".join(f"{o.address} . {o.port}" for o in self.open if o.port is not None)
+        hosts = f"elements = {{ {hosts} }}" if hosts else ""
+        ports = f"elements = {{ {ports} }}" if ports else ""
+        return f"""
+table inet {self.table} {{
+    set denied {{ type ipv4_addr; flags interval; elements = {{ {", ".join(ALWAYS_DENIED)} }} }}
+    set protected {{ type ipv4_addr; flags interval; elements = {{ {", ".join(PROTECTED)} }} }}
+    set open_hosts {{ type ipv4_addr; {hosts} }}
+    set open_ports {{ type ipv4_addr . inet_service; {ports} }}
+    chain protect {{
+        ip daddr @open_hosts return
+        meta l4proto {{ tcp, udp }} {OPEN_PORT} return
+        fib daddr type {{ local, broadcast, multicast }} drop
+        ip daddr @protected drop
+    }}
+    chain guard {{
+        type filter hook prerouting priority {GUARD_PRIORITY}; policy accept;
+        iifname {links} meta nfproto != ipv4 drop
+        iifname {links} jump protect
+    }}
+    chain forward {{
+        type filter hook forward priority {GUARD_PRIORITY}; policy accept;
+        oifname {links} ct state established,related accept
+        oifname {links} drop
+        iifname {links} meta nfproto != ipv4 drop
+        iifname {links} jump protect
+    }}
+    chain input {{
+        type filter hook input priority {GUARD_PRIORITY}; policy accept;
+        iifname {links} drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100; policy accept;
+        iifname {links} oifname != {links} masquerade
+    }}
+}}
+"""
 
     async def sweep(self) -> None:
         """Remove the node's table, namespaces and veths left by an earlier run."""
@@ -142,6 +231,10 @@ table inet {self.table} {{
         host_ip, sandbox_ip = self.addresses(slot)
         await _run("ip", "netns", "add", ns)
         await _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        if IPV6_CONF.is_dir():  # noqa: ASYNC240 - procfs
+            # No link-local address on either end: no IPv6 path to the host at all.
+            await _run("ip", "link", "set", veth, "addrgenmode", "none")
+            await _run("ip", "-n", ns, "link", "set", "eth0", "addrgenmode", "none")
         await _run("ip", "addr", "add", f"{host_ip}/30", "dev", veth)
         await _run("ip", "link", "set", veth, "up")
         for args in (
@@ -151,7 +244,9 @@ table inet {self.table} {{
             ("route", "add", "default", "via", host_ip),
         ):
             await _run("ip", "-n", ns, *args)
-        chain = f"sb{slot}"
+        chain, allowed = f"sb{slot}", f'iifname "{veth}" ip daddr @allow{slot}'
+        # Input takes only what the operator opened on the host, and only when the sandbox's
+        # own list includes it; the general drop after these takes the rest.
         await _run(
             "nft",
             "-f",
@@ -160,8 +255,8 @@ table inet {self.table} {{
 add set inet {self.table} allow{slot} {{ type ipv4_addr; flags interval; }}
 add chain inet {self.table} {chain}
 add rule inet {self.table} forward iifname "{veth}" jump {chain}
-add rule inet {self.table} input iifname "{veth}" ip daddr @allow{slot} accept
-add rule inet {self.table} input iifname "{veth}" drop
+insert rule inet {self.table} input {allowed} ip daddr @open_hosts accept
+insert rule inet {self.table} input {allowed} meta l4proto {{ tcp, udp }} {OPEN_PORT} accept
 """.encode(),
         )
         await self.update(slot, mode, allow)

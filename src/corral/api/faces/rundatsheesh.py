@@ -10,7 +10,7 @@ Where Corral differs from run-dat-sheesh:
   makes a Corral token with every scope (named `rds-login:<email>`, valid 24 hours) and sets it
   as the `rds_session` cookie (HttpOnly, SameSite=Lax); logout revokes it.
 - `outboundInternet: true` is Corral's `outbound` network (public addresses; private ranges,
-  link-local and the host stay denied unless listed in `allowIps`); `allowIps` alone is the
+  denied unless listed in `allowIps`, the host and link-local always); `allowIps` alone is the
   `allow` network (only those IPv4 CIDRs); neither is no network at all.
 - States: CREATED is never seen (a VM is RUNNING when the create answers); a paused sandbox is
   STOPPED. `exec` runs bash with `cmd` in /workspace as uid 1000; its default timeout is 30 s,
