@@ -39,6 +39,7 @@ EXPIRED = "the token has expired"
 CHECK_SECONDS = 1.0  # how often the store is asked about the watched tokens
 QUERY_BATCH = 500  # token ids per query (SQLite takes at most 32766 bound values)
 UNKNOWN = object()  # an expiry not known yet: the next check of the store reads it
+GONE_KEPT = 10_000  # ended tokens remembered, so that a session opened late ends at once
 
 
 class TokenEnded(Unauthenticated):
@@ -122,12 +123,17 @@ class TokenWatcher:
         self._on_gone = on_gone  # told of each token found revoked (to drop cached lookups)
         self._leases: dict[str, set[TokenLease]] = {}
         self._expiry: dict[str, float | None] = {}  # epoch seconds; None: never
+        self._gone: dict[str, str] = {}  # token id: why it ended (ids are never reused)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
     def lease(self, token_id: str, expires_at: datetime | Any | None = UNKNOWN) -> TokenLease:
         lease = TokenLease(token_id, self)
+        if token_id in self._gone:
+            lease.end(self._gone[token_id])
+            lease._watcher = None
+            return lease
         self._leases.setdefault(token_id, set()).add(lease)
         if expires_at is not UNKNOWN:
             when = None if expires_at is None else expires_at.timestamp()
@@ -141,6 +147,9 @@ class TokenWatcher:
 
     def end(self, token_id: str, reason: str) -> None:
         """End every session of a token now (it was revoked or has expired)."""
+        if len(self._gone) >= GONE_KEPT:
+            self._gone.clear()
+        self._gone[token_id] = reason
         for lease in self._leases.pop(token_id, ()):
             lease.end(reason)
             lease._watcher = None
