@@ -154,9 +154,7 @@ def test_exec_websocket_ends_and_refuses_input(srv: Server, admin: httpx.Client,
 
 
 def test_attach_websocket_ends(srv: Server, admin: httpx.Client, sid: str) -> None:
-    resp = admin.post(
-        f"/v1/sandboxes/{sid}/commands", json={"command": TICKS, "interactive": True}
-    )
+    resp = admin.post(f"/v1/sandboxes/{sid}/commands", json={"command": TICKS, "interactive": True})
     assert resp.status_code == 202, resp.text
     cid = resp.json()["id"]
     token = new_token(admin)
