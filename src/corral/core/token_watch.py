@@ -185,10 +185,10 @@ class TokenWatcher:
         loop = asyncio.get_running_loop()
         next_check = loop.time()
         while True:
+            self._wake.clear()  # before reading the expiries: a lease added later wakes us
             soonest = min((e for e in self._expiry.values() if e is not None), default=math.inf)
             delay = min(next_check - loop.time(), soonest - time.time())
             if delay > 0:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
             self.expire_due()
