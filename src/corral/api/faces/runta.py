@@ -490,9 +490,10 @@ async def exec_stream(ws: WebSocket, runtime: str) -> None:
                     await execution.close_stdin()
                 if ended in done:
                     await _ws_error(ws, ended.result(), CLOSE_TOKEN_ENDED)
-                elif reader.done() and not reader.cancelled() and reader.result() is not None:
+                elif reader.done() and not reader.cancelled() and reader.exception() is None:
                     problem = reader.result()
-                    await _ws_error(ws, problem.message, problem.close_code)
+                    if problem is not None:
+                        await _ws_error(ws, problem.message, problem.close_code)
                 return
             await pump
             await lease.run(services.commands.wait_finished(command_row.id))
