@@ -24,6 +24,7 @@ from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import Server, free_port, make_data_dir
 from tests.faces.conftest import SSH_OPTIONS
+from tests.security import conftest as security_conftest
 
 pytestmark = pytest.mark.sandbox
 
@@ -70,10 +71,12 @@ def new_token(admin: httpx.Client, **body: Any) -> dict[str, Any]:
 
 
 def revoke(admin: httpx.Client, token: dict[str, Any]) -> float:
-    """DELETE the token; the moment it is gone."""
+    """DELETE the token; the moment the request was sent (what is measured from it includes the
+    request's own round trip)."""
+    sent = time.monotonic()
     resp = admin.delete(f"/v1/tokens/{token['id']}")
     assert resp.status_code == 204, resp.text
-    return time.monotonic()
+    return sent
 
 
 def revoke_elsewhere(srv: Server, token: dict[str, Any]) -> float:
@@ -81,12 +84,18 @@ def revoke_elsewhere(srv: Server, token: dict[str, Any]) -> float:
     hears nothing of it but what the store tells."""
     with sqlite3.connect(srv.data_dir / "corral.db", timeout=10) as db:
         assert db.execute("DELETE FROM tokens WHERE id = ?", (token["id"],)).rowcount == 1
-    return time.monotonic()
+    return time.monotonic()  # committed
 
 
 def connect(srv: Server, path: str, secret: str) -> ClientConnection:
     url = srv.url.replace("http://", "ws://") + path
     return ws_connect(url, additional_headers={"Authorization": f"Bearer {secret}"})
+
+
+def note(session: str, took: float) -> None:
+    """For the summary shown after the run: how long each kind of session outlived its token."""
+    lines = security_conftest.SUMMARY.setdefault("sessions after their token ended", [])
+    lines.append(f"{session}: ended {took:.2f} s after")
 
 
 def until_closed(ws: ClientConnection, since: float, limit: float = 10) -> tuple[list[Any], float]:
@@ -139,6 +148,7 @@ def test_exec_websocket_ends_and_refuses_input(srv: Server, admin: httpx.Client,
         started = started_exec(ws, command="sleep 30")
         frames, took = until_closed(ws, revoke(admin, token))
     assert took < DEADLINE, took
+    note("exec WebSocket (revoked)", took)
     assert_token_ended(ws, frames, REVOKED)
     cid = started["command_id"]
     try:
@@ -163,6 +173,7 @@ def test_attach_websocket_ends(srv: Server, admin: httpx.Client, sid: str) -> No
             assert json.loads(ws.recv(timeout=30))["type"] == "stdout"
             frames, took = until_closed(ws, revoke(admin, token))
         assert took < DEADLINE, took
+        note("attach WebSocket (revoked)", took)
         assert_token_ended(ws, frames, REVOKED)
     finally:
         cancel(admin, sid, cid)
@@ -182,6 +193,7 @@ def test_terminal_ends_and_its_shell_with_it(srv: Server, admin: httpx.Client, s
                 seen += frame.get("data") or base64.b64decode(frame["data_base64"]).decode()
         frames, took = until_closed(ws, revoke(admin, token))
     assert took < DEADLINE, took
+    note("terminal (revoked)", took)
     assert_token_ended(ws, frames, REVOKED)
     cid = started["command_id"]
     deadline = time.monotonic() + 10
@@ -244,6 +256,7 @@ def test_ndjson_sse_and_raw_streams_end(srv: Server, admin: httpx.Client, sid: s
     for kind, follower in followers.items():
         assert follower.error is None, (kind, follower.error)
         assert follower.ended_at is not None and follower.ended_at - revoked < DEADLINE, kind
+        note(f"{kind} log stream (revoked)", follower.ended_at - revoked)
     last_line = followers["ndjson"].body.decode().splitlines()[-1]
     assert json.loads(last_line) == {"type": "error", "code": "unauthenticated", "message": REVOKED}
     last_event = followers["sse"].body.decode().strip().split("\n\n")[-1].splitlines()
@@ -263,6 +276,7 @@ def test_runta_stream_ends(srv: Server, admin: httpx.Client, sid: str) -> None:
         assert base64.b64decode(json.loads(ws.recv(timeout=30))["data_base64"]) == b"up\n"
         frames, took = until_closed(ws, revoke(admin, token))
     assert took < DEADLINE, took
+    note("Runta stream (revoked)", took)
     assert frames[-1] == {"type": "error", "message": REVOKED}  # Runta's error frame
     assert ws.close_code == 4001 and ws.close_reason == REVOKED
 
@@ -294,6 +308,7 @@ def test_cmdio_stream_ends(srv: Server, admin: httpx.Client, cmdio_user: str) ->
         assert ws.recv(timeout=60) == "up\n"
         frames, took = until_closed(ws, revoke(admin, token))
     assert took < DEADLINE, took
+    note("cmd.io stream (revoked)", took)
     assert frames[-1] == f"error: {REVOKED}"  # cmd.io's frames are plain text
     assert ws.close_code == 4001 and ws.close_reason == REVOKED
 
@@ -319,6 +334,7 @@ def test_ssh_session_ends(srv: SSHServer, admin: httpx.Client, cmdio_user: str) 
         proc.kill()
         proc.wait()
     assert took < DEADLINE, took
+    note("SSH session (revoked)", took)
     assert f"error: {REVOKED}" in stderr and status == 129, (status, stderr)
 
 
@@ -334,6 +350,7 @@ def test_sessions_end_when_their_token_expires(srv: Server, admin: httpx.Client,
         closed = time.time()
     cancel(admin, sid, started["command_id"])
     assert expires - 0.1 <= closed < expires + DEADLINE, (closed, expires)
+    note("exec WebSocket (expired)", closed - expires)
     assert_token_ended(ws, frames, EXPIRED)
 
 
@@ -358,5 +375,6 @@ def test_a_revocation_through_the_store_ends_sessions(
     finally:
         cancel(admin, sid, cid)
     assert took < DEADLINE, took
+    note("exec WebSocket (revoked through the store)", took)
     assert_token_ended(ws, frames, REVOKED)
     assert follower.ended_at is not None and b"event: error" in follower.body
