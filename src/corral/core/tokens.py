@@ -225,4 +225,5 @@ class TokenService:
             raise NotFound(f"no token {token_id}")
         self._cache.clear()
         self._expiry.pop(token_id, None)
-        self.watcher.end(token_id, REVOKED)  # this server's sessions; other replicas' check
+        # Its sessions here end now; other replicas see the row gone at their next check.
+        self.watcher.end(token_id, REVOKED)
