@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
+from corral import Client
 from tests.conftest import Server, make_data_dir
 
 pytestmark = pytest.mark.sandbox
@@ -229,3 +230,16 @@ def test_frames_that_are_not_json_get_an_error_frame(srv: Server, sid: str) -> N
         ws.send("[1, 2]")
         frames = until_closed(ws)
     assert runta_error(frames) == "a frame must be a JSON object" and ws.close_code == 1008
+
+
+def test_the_sdk_sends_large_input_in_frames_the_server_takes(srv: Server, sid: str) -> None:
+    data = b"z" * (3 * MAX_FRAME + 5)
+    text = "é" * (2 * MAX_FRAME)  # 4 MiB as UTF-8, more as JSON escapes
+    with Client(srv.url, token=srv.admin_key) as client:
+        with client.connect_exec(sid, "wc -c") as session:
+            session.send_stdin(data)
+            session.send_stdin(text)
+            session.close_stdin()
+            out = session.collect()
+    assert out.result is not None and out.result.exit_code == 0, out.result
+    assert out.stdout.strip() == str(len(data) + len(text.encode())).encode()
