@@ -120,11 +120,13 @@ class Services:
         await services.sandboxes.reconcile()
         services.sandboxes.start_reaper()
         services.sandboxes.start_pool()
+        services.tokens.start_watcher()
         return services
 
     async def close(self) -> None:
         # 1. No new commands.
         self.commands.stop_accepting()
+        await self.tokens.stop_watcher()
         await self.sandboxes.stop_reaper()
         await self.sandboxes.close_pool()
         # 2. Stop the sandboxes (their files stay; they come back at the next start). Commands

@@ -81,6 +81,15 @@ class Settings(BaseSettings):
 
     # Streams and files.
     heartbeat_seconds: float = Field(default=15.0, gt=0, description="Idle stream keep-alive")
+    ws_start_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="WebSocket: time from the upgrade to the first frame",
+    )
+    ws_max_frame_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="WebSocket: largest client frame (else 1009)"
+    )
     max_upload_bytes: int = Field(default=4 * 1024**3, ge=1, description="Compressed upload")
     max_upload_expanded_bytes: int = Field(default=8 * 1024**3, ge=1, description="Unpacked")
     max_upload_entries: int = Field(default=1_000_000, ge=1)

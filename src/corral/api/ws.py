@@ -8,7 +8,12 @@ Client frames (JSON text): stdin {data | data_base64}, resize {rows, cols}, sign
 close_stdin, heartbeat. A binary frame is stdin bytes as they are. Input goes to the command in
 order, with back-pressure: a command that does not read its input slows the client down, never
 the server's memory. A frame the protocol does not allow ends the session with an `error` frame
-(code `invalid_frame`) and close code 1008; the command runs on.
+(code `invalid_frame`) and close code 1008 (1009 for a frame over the size limit); the command
+runs on.
+
+A session ends with its token: once the token is revoked or expires, the server sends an `error`
+frame (code `unauthenticated`) and closes with 4001 and the reason; input is refused from then
+on, and the command runs on (unless it was started with `kill_on_disconnect`).
 """
 
 from __future__ import annotations
@@ -25,9 +30,20 @@ from typing import Any
 import pydantic
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketState
 
+from corral.api import ws_frames
 from corral.api.auth import token_from_request
+from corral.api.ws_frames import (
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_TOKEN_ENDED,
+    CLOSE_TRY_AGAIN,
+    FrameError,
+    FrameLimits,
+    close_reason,
+)
 from corral.core.errors import CorralError, InvalidArgument, RateLimited
 from corral.core.events import Encoding, command_events
 from corral.core.models import (
@@ -38,6 +54,7 @@ from corral.core.models import (
     SignalFrame,
     StdinFrame,
 )
+from corral.core.token_watch import TokenEnded, TokenLease
 from corral.core.tokens import Principal
 from corral.node.base import Execution
 from corral.services import Services
@@ -45,12 +62,7 @@ from corral.store.tables import CommandRow
 
 log = logging.getLogger(__name__)
 
-CLOSE_NORMAL = 1000
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL = 1011
-CLOSE_TRY_AGAIN = 1013
 STDIN_QUEUE = 64  # frames of input waiting for the command
-START_TIMEOUT = 30.0  # seconds to wait for the exec protocol's start frame
 FRAMES = pydantic.TypeAdapter(ClientFrame)
 _CLOSE = object()
 
@@ -88,22 +100,32 @@ async def refuse(websocket: WebSocket, exc: CorralError) -> None:
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         await websocket.send_denial_response(JSONResponse(body, exc.status, headers=headers))
     else:
-        await websocket.close(code=CLOSE_POLICY, reason=exc.message[:120])
+        await websocket.close(code=CLOSE_POLICY, reason=close_reason(exc.message))
 
 
-async def send_error(websocket: WebSocket, exc: CorralError) -> None:
+async def send_error(websocket: WebSocket, exc: CorralError | FrameError) -> None:
     """After the handshake: one terminal `error` frame, then close."""
-    frame = {"type": "error", "code": exc.code, "message": exc.message}
-    code = CLOSE_INTERNAL if exc.status >= 500 else CLOSE_POLICY
-    if exc.status in (429, 503):
-        code = CLOSE_TRY_AGAIN
+    if isinstance(exc, FrameError):
+        frame = {"type": "error", "code": "invalid_frame", "message": exc.message}
+        code = exc.close_code
+    else:
+        frame = {"type": "error", "code": exc.code, "message": exc.message}
+        code = CLOSE_INTERNAL if exc.status >= 500 else CLOSE_POLICY
+        if exc.status in (429, 503):
+            code = CLOSE_TRY_AGAIN
+        if isinstance(exc, TokenEnded):
+            code = CLOSE_TOKEN_ENDED
+    if websocket.application_state != WebSocketState.CONNECTED:
+        return
     with contextlib.suppress(Exception):
         await websocket.send_text(json.dumps(frame))
-        await websocket.close(code=code, reason=exc.message[:120])
+        await websocket.close(code=code, reason=close_reason(exc.message))
 
 
 class ProtocolError(Exception):
-    pass
+    def __init__(self, message: str, close_code: int = CLOSE_POLICY) -> None:
+        super().__init__(message)
+        self.close_code = close_code
 
 
 class Session:
@@ -115,6 +137,7 @@ class Session:
         services: Services,
         row: CommandRow,
         execution: Execution | None,
+        lease: TokenLease,
         *,
         offset: int = 0,
         encoding: Encoding = "auto",
@@ -129,6 +152,8 @@ class Session:
         self.encoding = encoding
         self.kill_on_disconnect = kill_on_disconnect
         self.may_send = may_send  # input needs the exec scope; watching needs read
+        self.lease = lease  # the session ends when the caller's token does
+        self.limits = FrameLimits.of(websocket)
         self._stdin: asyncio.Queue[object] = asyncio.Queue(STDIN_QUEUE)
         self._send_lock = asyncio.Lock()
 
@@ -140,8 +165,24 @@ class Session:
         output = asyncio.create_task(self._output())
         inbound = asyncio.create_task(self._inbound())
         writer = asyncio.create_task(self._write_stdin())
+        ended = asyncio.create_task(self.lease.wait())
         try:
-            done, _ = await asyncio.wait({output, inbound}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {output, inbound, ended}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ended in done and output not in done:
+                # Nothing more in or out: the token no longer allows this session.
+                for task in (inbound, writer, output):
+                    task.cancel()
+                await asyncio.gather(output, inbound, writer, return_exceptions=True)
+                if self.kill_on_disconnect and self.execution is not None:
+                    self.execution.cancel()
+                reason = ended.result()
+                await self._close_with(
+                    {"type": "error", "code": TokenEnded.code, "message": reason},
+                    CLOSE_TOKEN_ENDED,
+                )
+                return
             if output in done:
                 if output.exception() is None:
                     with contextlib.suppress(Exception):
@@ -156,7 +197,7 @@ class Session:
             if isinstance(outcome, ProtocolError):
                 await self._close_with(
                     {"type": "error", "code": "invalid_frame", "message": str(outcome)},
-                    CLOSE_POLICY,
+                    outcome.close_code,
                 )
             elif isinstance(outcome, BaseException):
                 log.warning("websocket session on %s failed: %r", self.row.id, outcome)
@@ -167,16 +208,17 @@ class Session:
             elif self.kill_on_disconnect and self.execution is not None:
                 self.execution.cancel()
         finally:
-            for task in (output, inbound, writer):
+            for task in (output, inbound, writer, ended):
                 task.cancel()
-            await asyncio.gather(output, inbound, writer, return_exceptions=True)
+            await asyncio.gather(output, inbound, writer, ended, return_exceptions=True)
+            self.lease.release()
 
     async def _close_with(self, frame: dict[str, Any], code: int) -> None:
         if self.websocket.application_state != WebSocketState.CONNECTED:
             return
         with contextlib.suppress(Exception):
             await self.send(frame)
-            await self.websocket.close(code=code, reason=frame["message"][:120])
+            await self.websocket.close(code=code, reason=close_reason(frame["message"]))
 
     async def _output(self) -> None:
         events = command_events(
@@ -192,14 +234,17 @@ class Session:
     async def _inbound(self) -> ProtocolError | None:
         """Client frames until the client goes away (None) or breaks the protocol."""
         while True:
-            message = await self.websocket.receive()
-            if message["type"] == "websocket.disconnect":
+            try:
+                data = await ws_frames.receive(self.websocket, self.limits)
+            except FrameError as exc:
+                return ProtocolError(exc.message, exc.close_code)
+            if data is None:
                 return None
             try:
-                if message.get("bytes") is not None:
-                    await self._input(message["bytes"])
+                if isinstance(data, bytes):
+                    await self._input(data)
                 else:
-                    await self._handle(FRAMES.validate_json(message.get("text") or ""))
+                    await self._handle(FRAMES.validate_json(data))
             except pydantic.ValidationError as exc:
                 problem = exc.errors()[0] if exc.errors() else {}
                 where = ".".join(str(p) for p in problem.get("loc", ()))
@@ -259,14 +304,11 @@ class Session:
                 pass  # closed, or the command exited: later input is dropped like a pipe's
 
 
-async def receive_json(websocket: WebSocket, timeout: float = START_TIMEOUT) -> Any:
-    try:
-        text = await asyncio.wait_for(websocket.receive_text(), timeout)
-    except TimeoutError:
-        raise InvalidArgument(f"no start frame within {timeout:g} seconds") from None
-    except (WebSocketDisconnect, RuntimeError, KeyError):
+async def receive_start(websocket: WebSocket) -> Any:
+    """The exec protocol's start frame, parsed; None when the client went away first."""
+    data = await ws_frames.receive_start(websocket, FrameLimits.of(websocket))
+    if data is None:
         return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise InvalidArgument("the start frame is not JSON") from None
+    if isinstance(data, bytes):
+        raise FrameError("the start frame must be a text frame")
+    return ws_frames.parse_json(data)

@@ -62,10 +62,18 @@ def _handshake_error(exc: BaseException, url: str) -> Exception:
     return TransportError(f"WebSocket handshake with {url} failed: {exc}", url=url)
 
 
-def _stdin_frame(data: bytes | str) -> str | bytes:
+STDIN_PIECE = 128 << 10  # bytes (or characters) of input per frame: far below the server's limit
+
+
+def _stdin_frames(data: bytes | str) -> list[str | bytes]:
+    """Input as frames the server takes (it refuses a frame over 1 MiB by default)."""
     if isinstance(data, str):
-        return json.dumps({"type": "stdin", "data": data})
-    return bytes(data)  # a binary frame is stdin as it is
+        return [
+            json.dumps({"type": "stdin", "data": data[i : i + STDIN_PIECE]})
+            for i in range(0, len(data), STDIN_PIECE)
+        ]
+    data = bytes(data)  # a binary frame is stdin as it is
+    return [data[i : i + STDIN_PIECE] for i in range(0, len(data), STDIN_PIECE)]
 
 
 class ExecSession:
@@ -116,7 +124,8 @@ class ExecSession:
     # --- input ---
 
     def send_stdin(self, data: bytes | str) -> None:
-        self._send(_stdin_frame(data))
+        for frame in _stdin_frames(data):
+            self._send(frame)
 
     def close_stdin(self) -> None:
         self._send(json.dumps({"type": "close_stdin"}))
@@ -225,7 +234,8 @@ class AsyncExecSession:
         return cls(connection, started)
 
     async def send_stdin(self, data: bytes | str) -> None:
-        await self._send(_stdin_frame(data))
+        for frame in _stdin_frames(data):
+            await self._send(frame)
 
     async def close_stdin(self) -> None:
         await self._send(json.dumps({"type": "close_stdin"}))

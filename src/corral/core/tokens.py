@@ -18,10 +18,12 @@ from sqlalchemy import delete, select, update
 from corral import ids
 from corral.core.errors import NotFound, PermissionDenied, RateLimited, Unauthenticated
 from corral.core.models import Scope, Token, TokenCreate, TokenCreated
+from corral.core.token_watch import REVOKED, UNKNOWN, TokenLease, TokenWatcher
 from corral.store.db import Database
 from corral.store.tables import TokenRow
 
 SECRET_PREFIX = "crl_"
+ADMIN_TOKEN_ID = "admin"  # the admin key's Principal.token_id: it is not in the store
 CACHE_SECONDS = 5.0  # a revoked token stops working on other replicas within this time
 LAST_USED_EVERY = 60.0  # last_used_at is written at most this often per token
 
@@ -118,19 +120,24 @@ class TokenService:
         self._cache: dict[str, tuple[float, TokenRow | None]] = {}
         self._last_used: dict[str, float] = {}
         self._bucket = TokenBucket(rate, burst) if rate > 0 else None
+        self._expiry: dict[str, datetime | None] = {}  # by token id, as last read from the store
+        self.watcher = TokenWatcher(db, on_gone=self._forget)
 
     async def authenticate(self, secret: str | None) -> Principal:
         if not secret:
             raise Unauthenticated("a token is required")
         digest = hash_secret(secret)
         if hmac.compare_digest(digest, self._admin_hash):
-            principal = Principal("admin", frozenset(Scope))
+            principal = Principal(ADMIN_TOKEN_ID, frozenset(Scope))
         else:
             row = await self._lookup(digest)
             now = datetime.now(UTC)
             if row is None or (row.expires_at is not None and row.expires_at <= now):
                 raise Unauthenticated("invalid or expired token")
             await self._touch(row.id, now)
+            if len(self._expiry) > 10_000:
+                self._expiry.clear()
+            self._expiry[row.id] = row.expires_at
             principal = Principal(
                 row.id,
                 frozenset(Scope(s) for s in row.scopes),
@@ -139,6 +146,27 @@ class TokenService:
         if self._bucket is not None:
             self._bucket.take(principal.token_id)
         return principal
+
+    def lease(self, principal: Principal) -> TokenLease:
+        """A hold on the caller's token for a long-lived session: it ends when the token is
+        revoked or expires (the admin key never does). Release it when the session ends."""
+        if principal.token_id == ADMIN_TOKEN_ID:
+            return TokenLease(ADMIN_TOKEN_ID, None)
+        return self.watcher.lease(principal.token_id, self._expiry.get(principal.token_id, UNKNOWN))
+
+    def start_watcher(self) -> None:
+        self.watcher.start()
+
+    async def stop_watcher(self) -> None:
+        await self.watcher.stop()
+
+    def _forget(self, token_id: str) -> None:
+        """Drop what is cached of a token found revoked elsewhere, so that it is refused here at
+        once rather than when the cache would have expired."""
+        for digest, (_, row) in list(self._cache.items()):
+            if row is not None and row.id == token_id:
+                del self._cache[digest]
+        self._expiry.pop(token_id, None)
 
     def rate_info(self, token_id: str) -> RateInfo | None:
         """The budget left to a token; None when no rate limit is configured."""
@@ -196,3 +224,6 @@ class TokenService:
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound(f"no token {token_id}")
         self._cache.clear()
+        self._expiry.pop(token_id, None)
+        # Its sessions here end now; other replicas see the row gone at their next check.
+        self.watcher.end(token_id, REVOKED)

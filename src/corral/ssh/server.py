@@ -11,6 +11,10 @@ A command runs in a fresh sandbox, removed when it ends. Its stdout and stderr g
 client's, the client's input to its stdin, and its exit status (128+N when killed by signal N)
 back to the client, which cmd.io itself did not do. When the client asks for a terminal
 (`ssh -t`) the command runs on one, with window size changes passed on.
+
+A session signed in with a token ends with it: once the token is revoked or expires, the client
+gets `error: <reason>` on its stderr and exit status 129 (a hang-up), the channel and the
+connection close, and the command runs on to its end, as when a client goes away.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import asyncssh
 
 from corral.core.errors import CorralError, NotFound
 from corral.core.named_commands import NamedCommandRow
+from corral.core.token_watch import TokenEnded
 from corral.core.tokens import Principal
 from corral.node.output_log import STDOUT, follow
 from corral.services import Services
@@ -48,6 +53,7 @@ ACCESS_USAGE = "Usage: <command>:access add|rm|ls [TOKEN]\n"
 EXIT_USAGE = 2
 EXIT_REFUSED = 1
 EXIT_NOT_RUN = 125
+EXIT_TOKEN_ENDED = 129  # 128 + SIGHUP: the session was hung up on
 
 
 def host_key(services: Services) -> asyncssh.SSHKey:
@@ -107,10 +113,21 @@ async def start_ssh_server(services: Services) -> asyncssh.SSHAcceptor:
     key = host_key(services)
 
     async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
-        server = process.get_extra_info("connection").get_owner()
-        session = Session(services, server.identity, process)
+        connection = process.get_extra_info("connection")
+        identity = connection.get_owner().identity
+        session = Session(services, identity, process)
+        principal = identity.principal
+        hang_up = False
         try:
-            status = await session.run()
+            if principal is None:  # a user signed in by key: no token to end with
+                status = await session.run()
+            else:
+                with services.tokens.lease(principal) as lease:
+                    status = await lease.run(session.run())
+        except TokenEnded as ended:
+            status, hang_up = EXIT_TOKEN_ENDED, True
+            with contextlib.suppress(Exception):
+                session.err(f"error: {ended.message}\n")
         except Exception:
             log.exception("ssh session failed")
             status = EXIT_NOT_RUN
@@ -118,6 +135,10 @@ async def start_ssh_server(services: Services) -> asyncssh.SSHAcceptor:
                 process.stderr.write(b"internal error\n")
         with contextlib.suppress(Exception):
             process.exit(status)
+        if hang_up:  # the connection was signed in with that token: no more channels on it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(process.channel.wait_closed(), 2)
+            connection.close()
 
     return await asyncssh.create_server(
         lambda: CorralSSHServer(services),

@@ -32,6 +32,7 @@ Where Corral differs from cmd.io:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,8 +41,10 @@ from fastapi import APIRouter, Query, Request, Response, WebSocket
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
+from corral.api import ws_frames
 from corral.api.auth import Caller, get_services, token_from_request
 from corral.api.faces._common import Problem, TextDecoder, face_router, shell_exit_code
+from corral.api.ws_frames import CLOSE_TOKEN_ENDED, FrameError, FrameLimits
 from corral.core.errors import NotFound, PermissionDenied, Unauthenticated
 from corral.core.models import Command, CommandStatus, Scope, Token, TokenCreated
 from corral.core.named_commands import (
@@ -98,12 +101,15 @@ def trailer(command: Command, ends_with_newline: bool) -> bytes:
     return (text if ends_with_newline else "\n" + text).encode()
 
 
-async def authorize(services: Services, secret: str | None, user: str, name: str) -> Any:
+async def authorize(
+    services: Services, secret: str | None, user: str, name: str
+) -> tuple[Principal, Any]:
+    """The caller and the named command, when the caller may run it."""
     principal = await services.tokens.authenticate(secret)
     command = await services.named.command_row(user, name)
     if not await services.named.may_run(principal, command):
         raise Unauthenticated("unauthorized token")
-    return command
+    return principal, command
 
 
 def parse_args(args: str | None) -> list[str]:
@@ -132,7 +138,7 @@ async def run_command(
     access_token: str | None = Query(None, description="The token (or Basic-Auth username)"),
 ) -> Response:
     services = get_services(request)
-    named = await authorize(services, token_from_request(request), user, command)
+    _, named = await authorize(services, token_from_request(request), user, command)
     body = await request.body()
     stack = contextlib.AsyncExitStack()
     run = await stack.enter_async_context(
@@ -193,29 +199,53 @@ async def deny(ws: WebSocket, status: int, text: str) -> None:
 @run_router.websocket("/run/{user}/{command}")
 async def run_command_ws(ws: WebSocket, user: str, command: str) -> None:
     """The same run over a WebSocket: one text frame per output write, a last `exit status: N`
-    frame on a non-zero exit, then a normal close (1000)."""
+    frame on a non-zero exit, then a normal close (1000). Client frames are ignored (a frame
+    over the size limit closes with 1009). When the caller's token is revoked or expires, a
+    last frame `error: <reason>` and close 4001; the run goes on, as when a client goes away."""
     services: Services = ws.app.state.services
     try:
-        named = await authorize(services, token_from_request(ws), user, command)  # type: ignore[arg-type]
+        principal, named = await authorize(services, token_from_request(ws), user, command)  # type: ignore[arg-type]
     except NotFound:
         await deny(ws, 404, "not found\n")
         return
     except (Unauthenticated, PermissionDenied):
         await deny(ws, 401, "unauthorized token\n")
         return
-    await ws.accept()
-    args = parse_args(ws.query_params.get("args"))
-    try:
+    limits = FrameLimits.of(ws)
+    with services.tokens.lease(principal) as lease:
+        await ws.accept()
+        args = parse_args(ws.query_params.get("args"))
         async with services.named.run(named, args, source="cmdio", stdin=b"") as run:
-            text = TextDecoder()
-            async for data in _output(services, run):
-                piece = text.decode(1, data)
-                if piece:
-                    await ws.send_text(piece)
-            rest = text.flush().get(1)
-            if rest:
-                await ws.send_text(rest)
-            result = await _finish(services, run)
+            sending = asyncio.ensure_future(_send_run(ws, services, run))
+            reading = asyncio.ensure_future(_ignore_input(ws, limits))
+            ending = asyncio.ensure_future(lease.wait())
+            tasks = (sending, reading, ending)
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if sending.done() and not sending.cancelled():
+            sending.result()  # the run was sent whole (or the client went away)
+        elif ending.done() and not ending.cancelled():
+            await _close_with(ws, ending.result(), CLOSE_TOKEN_ENDED)
+        elif reading.done() and not reading.cancelled() and reading.result() is not None:
+            problem = reading.result()
+            await _close_with(ws, problem.message, problem.close_code)
+
+
+async def _send_run(ws: WebSocket, services: Services, run: NamedRun) -> None:
+    try:
+        text = TextDecoder()
+        async for data in _output(services, run):
+            piece = text.decode(1, data)
+            if piece:
+                await ws.send_text(piece)
+        rest = text.flush().get(1)
+        if rest:
+            await ws.send_text(rest)
+        result = await _finish(services, run)
         if result.status in (CommandStatus.failed, CommandStatus.lost) and result.error:
             await ws.send_text(f"error: {result.error}")
         status = exit_status(result)
@@ -224,6 +254,23 @@ async def run_command_ws(ws: WebSocket, user: str, command: str) -> None:
         await ws.close(1000)
     except WebSocketDisconnect:
         return
+
+
+async def _ignore_input(ws: WebSocket, limits: FrameLimits) -> FrameError | None:
+    """Read (and drop) client frames, so that a client going away or sending a frame over the
+    limit is seen; None once it has gone."""
+    try:
+        while await ws_frames.receive(ws, limits) is not None:
+            pass
+    except FrameError as exc:
+        return exc
+    return None
+
+
+async def _close_with(ws: WebSocket, message: str, code: int) -> None:
+    with contextlib.suppress(Exception):
+        await ws.send_text(f"error: {message}")
+        await ws.close(code, ws_frames.close_reason(message))
 
 
 # --- management (Corral's addition; admin key) -------------------------------------------------

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect
 
+from corral.api import ws_frames
 from corral.api.auth import get_services, running_sandbox, token_from_request, usable_sandbox
 from corral.api.faces._common import (
     Problem,
@@ -42,6 +43,7 @@ from corral.api.faces._common import (
     face_router,
     shell_exit_code,
 )
+from corral.api.ws_frames import CLOSE_TOKEN_ENDED, FrameError, FrameLimits
 from corral.core.errors import Conflict, InvalidArgument, PayloadTooLarge, PermissionDenied
 from corral.core.models import (
     Command,
@@ -52,6 +54,7 @@ from corral.core.models import (
     Scope,
 )
 from corral.core.sandboxes import to_model as sandbox_model
+from corral.core.token_watch import TokenEnded
 from corral.core.tokens import Principal
 from corral.node.output_log import STDOUT, follow
 from corral.services import Services
@@ -336,7 +339,7 @@ SIGNALS = {"INT": signals.SIGINT, "TERM": signals.SIGTERM, "KILL": signals.SIGKI
 async def _ws_error(ws: WebSocket, message: str, close_code: int = 1000) -> None:
     with contextlib.suppress(Exception):
         await ws.send_text(json.dumps({"type": "error", "message": message}))
-        await ws.close(close_code)
+        await ws.close(close_code, ws_frames.close_reason(message))
 
 
 def _b64(data: bytes) -> str:
@@ -368,7 +371,9 @@ class StartFrame(BaseModel):
 async def exec_stream(ws: WebSocket, runtime: str) -> None:
     """One command per connection. Client frames: `start` (first), `stdin`, `resize`, `signal`,
     `close_stdin`, `heartbeat`. Server frames: `stdout`/`stderr` (base64), `heartbeat`, then
-    exactly one `exit` or `error`, and a normal close."""
+    exactly one `exit` or `error`, and a normal close. A frame that is late (the start frame),
+    too large or not a JSON object gets an `error` frame and close 1008 (1009 when too large);
+    a session whose token is revoked or expires, an `error` frame and close 4001."""
     services: Services = ws.app.state.services
     try:
         principal = await services.tokens.authenticate(token_from_request(ws))  # type: ignore[arg-type]
@@ -381,103 +386,130 @@ async def exec_stream(ws: WebSocket, runtime: str) -> None:
         ws.state.request_id = None
         await deny(ws, render(ws, problem))  # type: ignore[arg-type]
         return
-    await ws.accept()
-    try:
-        first = json.loads(await ws.receive_text())
-        if not isinstance(first, dict) or first.get("type") != "start":
-            await _ws_error(ws, 'the first frame must be {"type": "start", ...}')
-            return
-        start = StartFrame.model_validate(first)
-        req = ExecRequest(
-            command=start.command,
-            args=start.args or None,
-            cwd=cwd_of(start.cwd),
-            env=start.env,
-            timeout_ms=max(1, round(start.timeout_secs * 1000)) if start.timeout_secs else None,
-        )
-        row = await services.sandboxes.running_row(row.id)
-        command_row, execution = await services.commands.start(
-            row, req, source="runta", interactive=True, tty=start.tty,
-            rows=start.rows, cols=start.cols,
-        )  # fmt: skip
-    except WebSocketDisconnect:
-        return
-    except Exception as exc:
-        problem = Problem.of(exc) if not isinstance(exc, ValueError | KeyError) else None
-        message = problem.message if problem is not None else f"invalid start frame: {exc}"
-        await _ws_error(ws, message)
-        return
-    if execution is None:
-        await _ws_error(ws, command_row.error or "the command could not start")
-        return
-
-    send_lock = asyncio.Lock()
-
-    async def send(frame: dict[str, Any]) -> None:
-        async with send_lock:
-            await ws.send_text(json.dumps(frame))
-
-    async def pump_output() -> None:
-        path = services.node.log_path(row.id, command_row.id)
-        async for chunk in follow(path, 0, execution.log):
-            kind = "stdout" if chunk.stream == STDOUT else "stderr"
-            await send({"type": kind, "data_base64": _b64(chunk.data)})
-
-    async def read_client() -> None:
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
+    limits = FrameLimits.of(ws)
+    with services.tokens.lease(principal) as lease:
+        await ws.accept()
+        try:
+            data = await lease.run(ws_frames.receive_start(ws, limits))
+            if data is None:
                 return
-            try:
-                frame = json.loads(message.get("text") or "")
+            first = ws_frames.parse_json(data)
+            if not isinstance(first, dict) or first.get("type") != "start":
+                await _ws_error(ws, 'the first frame must be {"type": "start", ...}')
+                return
+            start = StartFrame.model_validate(first)
+            req = ExecRequest(
+                command=start.command,
+                args=start.args or None,
+                cwd=cwd_of(start.cwd),
+                env=start.env,
+                timeout_ms=max(1, round(start.timeout_secs * 1000)) if start.timeout_secs else None,
+            )
+            row = await services.sandboxes.running_row(row.id)
+            if lease.ended:
+                raise TokenEnded(lease.reason or "the token has ended")
+            command_row, execution = await services.commands.start(
+                row, req, source="runta", interactive=True, tty=start.tty,
+                rows=start.rows, cols=start.cols,
+            )  # fmt: skip
+        except WebSocketDisconnect:
+            return
+        except TokenEnded as exc:
+            await _ws_error(ws, exc.message, CLOSE_TOKEN_ENDED)
+            return
+        except FrameError as exc:
+            await _ws_error(ws, exc.message, exc.close_code)
+            return
+        except Exception as exc:
+            problem = Problem.of(exc) if not isinstance(exc, ValueError | KeyError) else None
+            message = problem.message if problem is not None else f"invalid start frame: {exc}"
+            await _ws_error(ws, message)
+            return
+        if execution is None:
+            await _ws_error(ws, command_row.error or "the command could not start")
+            return
+
+        send_lock = asyncio.Lock()
+
+        async def send(frame: dict[str, Any]) -> None:
+            async with send_lock:
+                await ws.send_text(json.dumps(frame))
+
+        async def pump_output() -> None:
+            path = services.node.log_path(row.id, command_row.id)
+            async for chunk in follow(path, 0, execution.log):
+                kind = "stdout" if chunk.stream == STDOUT else "stderr"
+                await send({"type": kind, "data_base64": _b64(chunk.data)})
+
+        async def read_client() -> FrameError | None:
+            """Client frames until the client goes (None) or sends one it cannot send."""
+            while True:
+                try:
+                    data = await ws_frames.receive(ws, limits)
+                    if data is None:
+                        return None
+                    frame = ws_frames.parse_json(data)
+                    if not isinstance(frame, dict):
+                        raise FrameError("a frame must be a JSON object")
+                except FrameError as exc:
+                    return exc
                 kind = frame.get("type")
-            except (ValueError, AttributeError):
-                continue  # not a JSON object: ignored
-            if kind == "stdin":
-                with contextlib.suppress(BrokenPipeError, ValueError, TypeError):
-                    await execution.write_stdin(base64.b64decode(frame.get("data_base64", "")))
-            elif kind == "close_stdin":
-                await execution.close_stdin()
-            elif kind == "resize":
-                with contextlib.suppress(TypeError, ValueError):
-                    execution.resize(int(frame["rows"]), int(frame["cols"]))
-            elif kind == "signal":
-                number = SIGNALS.get(str(frame.get("signal", "")).upper().removeprefix("SIG"))
-                if number is not None:
-                    await execution.signal(number)
-            elif kind == "heartbeat":
+                if kind == "stdin":
+                    with contextlib.suppress(BrokenPipeError, ValueError, TypeError):
+                        await execution.write_stdin(base64.b64decode(frame.get("data_base64", "")))
+                elif kind == "close_stdin":
+                    await execution.close_stdin()
+                elif kind == "resize":
+                    with contextlib.suppress(TypeError, ValueError, KeyError):
+                        execution.resize(int(frame["rows"]), int(frame["cols"]))
+                elif kind == "signal":
+                    number = SIGNALS.get(str(frame.get("signal", "")).upper().removeprefix("SIG"))
+                    if number is not None:
+                        await execution.signal(number)
+                elif kind == "heartbeat":
+                    await send({"type": "heartbeat"})
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(services.settings.heartbeat_seconds)
                 await send({"type": "heartbeat"})
 
-    async def heartbeat() -> None:
-        while True:
-            await asyncio.sleep(services.settings.heartbeat_seconds)
-            await send({"type": "heartbeat"})
-
-    reader = asyncio.ensure_future(read_client())
-    beater = asyncio.ensure_future(heartbeat())
-    try:
+        reader = asyncio.ensure_future(read_client())
+        beater = asyncio.ensure_future(heartbeat())
+        ended = asyncio.ensure_future(lease.wait())
         pump = asyncio.ensure_future(pump_output())
-        done, _ = await asyncio.wait({pump, reader}, return_when=asyncio.FIRST_COMPLETED)
-        if reader in done:
-            # The client went away: end its input; the command runs on to its end or its
-            # timeout, and stays in the history.
-            pump.cancel()
+        try:
+            done, _ = await asyncio.wait({pump, reader, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if pump not in done:
+                # The client went away, broke the protocol, or its token ended: end its input;
+                # the command runs on to its end or its timeout, and stays in the history.
+                for task in (pump, reader, beater):
+                    task.cancel()
+                await asyncio.gather(pump, reader, beater, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await execution.close_stdin()
+                if ended in done:
+                    await _ws_error(ws, ended.result(), CLOSE_TOKEN_ENDED)
+                elif reader.done() and not reader.cancelled() and reader.exception() is None:
+                    problem = reader.result()
+                    if problem is not None:
+                        await _ws_error(ws, problem.message, problem.close_code)
+                return
+            await pump
+            await lease.run(services.commands.wait_finished(command_row.id))
+            final = await services.commands.get(row.id, command_row.id)
+            if final.status in (CommandStatus.failed, CommandStatus.lost):
+                await send({"type": "error", "message": final.error or final.status.value})
+            else:
+                await send({"type": "exit", "code": shell_exit_code(final)})
+            await ws.close(1000)
+        except TokenEnded as exc:
+            await _ws_error(ws, exc.message, CLOSE_TOKEN_ENDED)
+        except (WebSocketDisconnect, RuntimeError):
             with contextlib.suppress(Exception):
                 await execution.close_stdin()
-            return
-        await pump
-        await services.commands.wait_finished(command_row.id)
-        final = await services.commands.get(row.id, command_row.id)
-        if final.status in (CommandStatus.failed, CommandStatus.lost):
-            await send({"type": "error", "message": final.error or final.status.value})
-        else:
-            await send({"type": "exit", "code": shell_exit_code(final)})
-        await ws.close(1000)
-    except (WebSocketDisconnect, RuntimeError):
-        with contextlib.suppress(Exception):
-            await execution.close_stdin()
-    finally:
-        for task in (reader, beater):
-            task.cancel()
-            if task.done() and not task.cancelled():
-                task.exception()  # retrieved: a client that went away is no error
+        finally:
+            for task in (reader, beater, ended, pump):
+                task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a client that went away is no error

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket
-from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
 from corral.api import ws
 from corral.api.auth import Caller, ServicesDep, running_sandbox, usable_sandbox
+from corral.api.token_bound import TokenBoundStream
+from corral.api.ws_frames import FrameError
 from corral.core.errors import BadRequest, Conflict, CorralError, InvalidArgument
 from corral.core.events import STREAM_SETS, Encoding, StreamChoice, command_events
 from corral.core.models import (
@@ -27,6 +28,7 @@ from corral.core.models import (
     SignalRequest,
     StdinWritten,
 )
+from corral.core.token_watch import TokenEnded, TokenLease
 from corral.core.tokens import Principal
 from corral.node.base import Execution
 from corral.node.output_log import CorruptLog, check_offset, follow_raw
@@ -52,7 +54,10 @@ until the command ends. The same log in three shapes:
   heartbeats. `X-Corral-Offset` gives the start; resume with the same `offset` and `skip` = bytes
   already received.
 
-Resume any stream at the `next_offset` of the last event received."""
+Resume any stream at the `next_offset` of the last event received.
+
+A stream ends with the caller's token: once it is revoked or expires, `ndjson` and `sse` send a
+last `error` event (code `unauthenticated`) and end; `raw` ends."""
 
 
 async def command_for(
@@ -148,7 +153,12 @@ async def command_logs(
                     yield data
 
         headers = {**STREAM_HEADERS, "X-Corral-Offset": str(start)}
-        return StreamingResponse(raw(), media_type="application/octet-stream", headers=headers)
+        return TokenBoundStream(
+            raw(),
+            services.tokens.lease(caller),
+            media_type="application/octet-stream",
+            headers=headers,
+        )
 
     events = command_events(
         services.commands, row, start, heartbeat=heartbeat, encoding=encoding, streams=streams
@@ -160,13 +170,34 @@ async def command_logs(
             async for event in events:
                 yield sse_frame(event)
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=STREAM_HEADERS)
+        return TokenBoundStream(
+            sse(),
+            services.tokens.lease(caller),
+            ending=lambda reason: sse_frame(token_ended_event(reason)),
+            media_type="text/event-stream",
+            headers=STREAM_HEADERS,
+        )
 
     async def ndjson() -> AsyncIterator[bytes]:
         async for event in events:
-            yield (json.dumps(event, separators=(",", ":")) + "\n").encode()
+            yield ndjson_line(event)
 
-    return StreamingResponse(ndjson(), media_type="application/x-ndjson", headers=STREAM_HEADERS)
+    return TokenBoundStream(
+        ndjson(),
+        services.tokens.lease(caller),
+        ending=lambda reason: ndjson_line(token_ended_event(reason)),
+        media_type="application/x-ndjson",
+        headers=STREAM_HEADERS,
+    )
+
+
+def ndjson_line(event: dict[str, Any]) -> bytes:
+    return (json.dumps(event, separators=(",", ":")) + "\n").encode()
+
+
+def token_ended_event(reason: str) -> dict[str, Any]:
+    """The terminal event of a stream whose token was revoked or expired."""
+    return {"type": "error", "code": TokenEnded.code, "message": reason}
 
 
 async def running_execution(services: Services, row: CommandRow) -> Execution:
@@ -271,11 +302,19 @@ async def attach(
         await ws.refuse(websocket, exc)
         return
     may_send = caller.is_admin or Scope.exec in caller.scopes
-    await websocket.accept()
-    session = ws.Session(
-        websocket, services, row, execution, offset=offset, encoding=encoding, may_send=may_send
-    )
-    await session.run()
+    with services.tokens.lease(caller) as lease:
+        await websocket.accept()
+        session = ws.Session(
+            websocket,
+            services,
+            row,
+            execution,
+            lease,
+            offset=offset,
+            encoding=encoding,
+            may_send=may_send,
+        )
+        await session.run()
 
 
 @router.websocket("/exec/stream")
@@ -293,50 +332,62 @@ async def exec_stream(websocket: WebSocket, sandbox: str, encoding: Encoding = "
     except CorralError as exc:
         await ws.refuse(websocket, exc)
         return
-    await websocket.accept()
-    try:
-        raw = await ws.receive_json(websocket)
-        if raw is None:
-            return  # gone before it started anything
+    with services.tokens.lease(caller) as lease:
+        await websocket.accept()
         try:
-            start = ExecStartFrame.model_validate(raw)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid start frame: {_first_error(exc)}") from None
-        sandbox_row = await services.sandboxes.running_row(sandbox_row.id)
-        request = ExecRequest(
-            **start.model_dump(exclude={"type", "kill_on_disconnect", "interactive"}),
-            interactive=True,
-        )
-        row, execution = await services.commands.start(sandbox_row, request)
-    except CorralError as exc:
-        await ws.send_error(websocket, exc)
-        return
-    except WebSocketDisconnect:
-        return
-    try:
-        await websocket.send_text(
-            json.dumps(
-                {
-                    "type": "started",
-                    "command_id": row.id,
-                    "sandbox_id": row.sandbox_id,
-                    "tty": start.tty,
-                }
+            raw = await lease.run(ws.receive_start(websocket))
+            if raw is None:
+                return  # gone before it started anything
+            start, row, execution = await _start(services, sandbox_row.id, raw, lease)
+        except (CorralError, FrameError) as exc:
+            await ws.send_error(websocket, exc)
+            return
+        except WebSocketDisconnect:
+            return
+        try:
+            await websocket.send_text(
+                json.dumps(
+                    {
+                        "type": "started",
+                        "command_id": row.id,
+                        "sandbox_id": row.sandbox_id,
+                        "tty": start.tty,
+                    }
+                )
             )
+        except Exception:
+            if start.kill_on_disconnect and execution is not None:
+                execution.cancel()
+            return
+        session = ws.Session(
+            websocket,
+            services,
+            row,
+            execution,
+            lease,
+            encoding=encoding,
+            kill_on_disconnect=start.kill_on_disconnect,
         )
-    except Exception:
-        if start.kill_on_disconnect and execution is not None:
-            execution.cancel()
-        return
-    session = ws.Session(
-        websocket,
-        services,
-        row,
-        execution,
-        encoding=encoding,
-        kill_on_disconnect=start.kill_on_disconnect,
+        await session.run()
+
+
+async def _start(
+    services: Services, sandbox_id: str, raw: Any, lease: TokenLease
+) -> tuple[ExecStartFrame, CommandRow, Execution | None]:
+    """The command a start frame asks for, started."""
+    try:
+        start = ExecStartFrame.model_validate(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid start frame: {_first_error(exc)}") from None
+    sandbox_row = await services.sandboxes.running_row(sandbox_id)
+    request = ExecRequest(
+        **start.model_dump(exclude={"type", "kill_on_disconnect", "interactive"}),
+        interactive=True,
     )
-    await session.run()
+    if lease.ended:  # the token went while the start frame was read: nothing is started
+        raise TokenEnded(lease.reason or "the token has ended")
+    row, execution = await services.commands.start(sandbox_row, request)
+    return start, row, execution
 
 
 def _first_error(exc: Exception) -> str:
