@@ -163,7 +163,7 @@ SANDBOX_PROBES: dict[str, Probe] = {
     "native history": lambda c, s: c.get(f"/v1/sandboxes/{s}/commands"),
     "native stop": lambda c, s: c.post(f"/v1/sandboxes/{s}/stop"),
     "native delete": lambda c, s: c.delete(f"/v1/sandboxes/{s}"),
-    "native files": lambda c, s: c.get(f"/v1/sandboxes/{s}/files", params={"path": "/tmp"}),
+    "native files": lambda c, s: c.get(f"/v1/sandboxes/{s}/archive", params={"path": "/tmp"}),
     "native exec stream": lambda c, s: c.get(f"/v1/sandboxes/{s}/exec/stream", headers=WS_HEADERS),
     "cmdop exec": lambda c, s: c.post("/v1/commands", json={"machine_id": s, "command": "true"}),
     "cmdop async": lambda c, s: c.post(
@@ -188,6 +188,9 @@ SANDBOX_PROBES: dict[str, Probe] = {
 }
 
 
+CHANGES_STATE = {"native stop", "native delete", "rds stop", "runta delete", "vercel stop"}
+
+
 def test_another_sandbox_answers_as_a_missing_one(
     server: Server, api: httpx.Client, two_sandboxes: tuple[str, str]
 ) -> None:
@@ -195,6 +198,9 @@ def test_another_sandbox_answers_as_a_missing_one(
     token = new_token(api, scopes=["read", "exec", "files", "sandboxes"], sandbox_ids=[mine])
     with server.client(token) as limited:
         for what, probe in SANDBOX_PROBES.items():
+            if what not in CHANGES_STATE and "stream" not in what:
+                own = probe(limited, mine)  # the route is real: the token's own sandbox passes
+                assert own.status_code < 400, (what, own.status_code, own.text)
             denied = shape(probe(limited, other), other)
             missing = shape(probe(limited, MISSING_SANDBOX), MISSING_SANDBOX)
             assert denied[0] == 404, (what, denied)
@@ -223,7 +229,11 @@ def test_another_sandbox_answers_as_a_missing_one(
             "vercel logs": lambda c, i: c.get(f"/v2/sandboxes/sessions/{mine}/cmd/{i}/logs"),
             "native get": lambda c, i: c.get(f"/v1/sandboxes/{mine}/commands/{i}"),
         }
+        own_cid = run_native(api, mine, "echo mine")
         for what, probe in command_probes.items():
+            if what != "cmdop cancel":
+                own = probe(limited, own_cid)
+                assert own.status_code == 200, (what, own.status_code, own.text)
             denied = shape(probe(limited, cid), cid)
             missing = shape(probe(limited, MISSING_COMMAND), MISSING_COMMAND)
             assert denied[0] == 404, (what, denied)
