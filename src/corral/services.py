@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from corral.core.coderun import RunService, install_tools
 from corral.core.commands import CommandService
 from corral.core.files import FileService
+from corral.core.logins import LoginThrottle
 from corral.core.named_commands import NamedCommandService
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
@@ -51,6 +52,7 @@ class Services:
     files: FileService
     runs: RunService
     named: NamedCommandService
+    logins: LoginThrottle
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -108,6 +110,7 @@ class Services:
             files=files,
             runs=RunService(commands, files, deno=deno),
             named=None,  # type: ignore[arg-type]  # set just below: it needs the others
+            logins=LoginThrottle(db),
         )
         services.named = NamedCommandService(
             db, services.sandboxes, services.commands, services.tokens

@@ -222,7 +222,8 @@ def test_errors(faces_server: FacesServer, fapi: httpx.Client, sandbox: str) -> 
     error_of(httpx.post(f"{url}/v1/commands", json={}), 401, "unauthorized")
     bad = httpx.get(f"{url}/v1/machines", headers={"Authorization": "Bearer crl_nope"})
     error_of(bad, 401, "unauthorized")
-    # 403: a token without the exec scope; a token limited to another sandbox.
+    # 403: a token without the exec scope. A token limited to another sandbox gets 404, as
+    # for a missing machine.
     reader = new_token(faces_server, scopes=["read"])
     denied = httpx.post(
         f"{url}/v1/commands",
@@ -233,8 +234,8 @@ def test_errors(faces_server: FacesServer, fapi: httpx.Client, sandbox: str) -> 
     elsewhere = new_token(faces_server, scopes=["read", "exec"], sandbox_ids=["sb_other"])
     error_of(
         httpx.get(f"{url}/v1/machines/{sandbox}", headers={"Authorization": f"Bearer {elsewhere}"}),
-        403,
-        "forbidden",
+        404,
+        "not_found",
     )
     # 404: no such machine, no such command.
     error_of(

@@ -136,7 +136,7 @@ def test_admin_session_cookie(faces_server: FacesServer, vm: str) -> None:
         login = browser.post("/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
         assert login.status_code == 200, login.text
         cookie = login.headers["set-cookie"].lower()
-        assert "httponly" in cookie and "samesite=lax" in cookie
+        assert "httponly" in cookie and "samesite=strict" in cookie
         assert browser.get("/auth/me").json()["email"] == ADMIN_EMAIL
         assert browser.get(f"/v1/vms/{vm}").json()["id"] == vm
         assert browser.post(f"/v1/vms/{vm}/exec", json={"cmd": "true"}).json()["exitCode"] == 0

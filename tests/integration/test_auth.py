@@ -102,11 +102,12 @@ def test_sandbox_limited_token(api: httpx.Client, server: Server, sandbox_id: st
         with server.client(token["secret"]) as limited:
             ok = limited.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "echo hi"})
             assert ok.status_code == 200 and ok.json()["stdout"] == "hi\n"
+            # Another sandbox is as missing: 404, so that its existence cannot be probed.
             denied = limited.post(f"/v1/sandboxes/{other}/exec", json={"command": "echo hi"})
-            assert denied.status_code == 403
-            assert denied.json()["error"]["code"] == "permission_denied"
-            assert limited.get(f"/v1/sandboxes/{other}").status_code == 403
-            assert limited.get(f"/v1/sandboxes/{other}/commands").status_code == 403
+            assert denied.status_code == 404
+            assert denied.json()["error"]["code"] == "not_found"
+            assert limited.get(f"/v1/sandboxes/{other}").status_code == 404
+            assert limited.get(f"/v1/sandboxes/{other}/commands").status_code == 404
             listed = [s["id"] for s in limited.get("/v1/sandboxes").json()["items"]]
             assert listed == [sandbox_id]
             assert limited.post("/v1/sandboxes", json={}).status_code == 403

@@ -659,7 +659,7 @@ def test_admin_key_has_every_scope(tmp_path: Path) -> None:
             assert admin.scopes == frozenset(Scope)
             for scope in Scope:
                 admin.require(scope)
-            admin.require_sandbox("sb_anything")
+            assert admin.may_use("sb_anything", live=False)
             with pytest.raises(Unauthenticated):
                 await services.tokens.authenticate(ADMIN_KEY + "x")
 
@@ -679,19 +679,20 @@ def test_token_limited_to_sandboxes_and_scopes(tmp_path: Path) -> None:
             principal.require(Scope.read)
             with pytest.raises(PermissionDenied):
                 principal.require(Scope.exec)
-            principal.require_sandbox("sb_a")
-            principal.require_sandbox("sb_other", name="build")  # allowed by its name
-            with pytest.raises(PermissionDenied):
-                principal.require_sandbox("sb_b")
-            with pytest.raises(PermissionDenied):
-                principal.require_sandbox("sb_b", name="other")
+            assert principal.may_use("sb_a", live=True)
+            assert principal.may_use("sb_a", live=False)  # by id, deleted or not
+            assert principal.may_use("sb_other", "build", live=True)  # by its name
+            # A deleted sandbox is not covered by a name it bore: the name may be reused.
+            assert not principal.may_use("sb_other", "build", live=False)
+            assert not principal.may_use("sb_b", live=True)
+            assert not principal.may_use("sb_b", "other", live=True)
 
     run(main())
 
 
 def test_principal_without_limits() -> None:
     principal = Principal("tok_x", frozenset({Scope.exec}))
-    assert principal.may_use("sb_any")
+    assert principal.may_use("sb_any", live=True)
     with pytest.raises(PermissionDenied):
         principal.require(Scope.admin)
     assert Principal("tok_y", frozenset({Scope.admin})).is_admin

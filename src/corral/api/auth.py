@@ -8,6 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from corral.core.models import SandboxState
+from corral.core.sandboxes import no_sandbox
 from corral.core.tokens import Principal
 from corral.services import Services
 from corral.store.tables import SandboxRow
@@ -46,10 +48,18 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 Caller = Annotated[Principal, Depends(get_principal)]
 
 
+def may_use(caller: Principal, row: SandboxRow) -> bool:
+    live = row.state != SandboxState.deleted.value
+    return caller.may_use(row.id, row.name, live=live)
+
+
 async def usable_sandbox(services: Services, caller: Principal, ref: str) -> SandboxRow:
-    """The sandbox `ref` names (id or name), if the caller's token may use it."""
+    """The sandbox `ref` names (an id, or the name of a live sandbox), if the caller's token may
+    use it. One it may not use answers exactly as a missing one (404), so that a token limited
+    to some sandboxes cannot probe for the others."""
     row = await services.sandboxes.row(ref)
-    caller.require_sandbox(row.id, row.name)
+    if not may_use(caller, row):
+        raise no_sandbox(ref)
     return row
 
 

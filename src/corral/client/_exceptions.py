@@ -233,7 +233,8 @@ class AuthenticationError(APIError):
 
 
 class PermissionDeniedError(APIError, PermissionError):
-    """403: the token lacks the scope, or is limited to other sandboxes."""
+    """403: the token lacks the scope (a sandbox it is not limited to is a 404, as a missing
+    one)."""
 
 
 class NotFoundError(APIError, LookupError):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -47,6 +47,19 @@ class WarmSandbox:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def no_sandbox(ref: str) -> NotFound:
+    """The error for a sandbox that is missing, or that the caller may not use: one message for
+    both, so that a token limited to some sandboxes cannot tell which others exist."""
+    return NotFound(f"no sandbox {ref!r}")
+
+
+def covered_by(only: frozenset[str]) -> ColumnElement[bool]:
+    """The sandboxes a token limited to `only` (ids and names) may use: by id, or by name while
+    live (a deleted sandbox's name may already belong to a new one)."""
+    live = SandboxRow.state != SandboxState.deleted.value
+    return or_(SandboxRow.id.in_(only), and_(live, SandboxRow.name.in_(only)))
 
 
 def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox:
@@ -184,7 +197,7 @@ class SandboxService:
                     )
                 )
         if row is None:
-            raise NotFound(f"no sandbox {ref!r}")
+            raise no_sandbox(ref)
         # Only this node's rows: their only writer is this server (another node's sandboxes
         # change through their own).
         if generation == self._generation and row.node_id == self.node.id:
@@ -217,7 +230,7 @@ class SandboxService:
         elif not include_deleted:
             query = query.where(SandboxRow.state != SandboxState.deleted.value)
         if only is not None:
-            query = query.where(or_(SandboxRow.id.in_(only), SandboxRow.name.in_(only)))
+            query = query.where(covered_by(only))
         if cursor:
             query = query.where(SandboxRow.id > decode_cursor(cursor))
         async with self.db.session() as session:

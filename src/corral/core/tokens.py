@@ -42,14 +42,18 @@ class Principal:
         if not self.is_admin and scope not in self.scopes:
             raise PermissionDenied(f"this token lacks the '{scope.value}' scope")
 
-    def may_use(self, sandbox_id: str, name: str | None = None) -> bool:
+    def may_use(self, sandbox_id: str, name: str | None = None, *, live: bool) -> bool:
+        """Whether the token's limit covers the sandbox `sandbox_id` (named `name`).
+
+        A name in the limit covers a sandbox only while it is live: once it is deleted the
+        name may go to a new sandbox, and the old one's history must not go with it. A
+        deleted sandbox is covered by its id alone.
+        """
         if self.sandbox_ids is None:
             return True
-        return sandbox_id in self.sandbox_ids or (name is not None and name in self.sandbox_ids)
-
-    def require_sandbox(self, sandbox_id: str, name: str | None = None) -> None:
-        if not self.may_use(sandbox_id, name):
-            raise PermissionDenied("this token is limited to other sandboxes")
+        if sandbox_id in self.sandbox_ids:
+            return True
+        return live and name is not None and name in self.sandbox_ids
 
 
 def hash_secret(secret: str) -> str:

@@ -157,3 +157,17 @@ class NamedCommandAccessRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_named_command_access_token", "token_id"),)
+
+
+# --- the login throttle (migration 0004) ---------------------------------------------------------
+
+
+class LoginFailureRow(Base):
+    """Recent failed logins for one key: a client address or an account."""
+
+    __tablename__ = "login_failures"
+
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    blocked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

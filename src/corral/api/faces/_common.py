@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import func, select
 from starlette.exceptions import HTTPException
 
-from corral.api.auth import get_services, token_from_request
+from corral.api.auth import get_services, may_use, token_from_request
 from corral.api.errors import HTTP_CODES
 from corral.core.errors import CorralError, NotFound, RateLimited
 from corral.core.models import Command, CommandStatus
@@ -137,6 +137,15 @@ async def command_sandbox(services: Services, command_id: str) -> str:
             select(CommandRow.sandbox_id).where(CommandRow.id == command_id)
         )
     if sandbox_id is None:
+        raise NotFound(f"no command {command_id!r}")
+    return sandbox_id
+
+
+async def usable_command_sandbox(services: Services, caller: Principal, command_id: str) -> str:
+    """The sandbox a command ran in, if the caller's token may use it; a command in a sandbox
+    it may not use (a deleted one it had by name, included) answers as a missing command."""
+    sandbox_id = await command_sandbox(services, command_id)
+    if not may_use(caller, await services.sandboxes.row(sandbox_id)):
         raise NotFound(f"no command {command_id!r}")
     return sandbox_id
 

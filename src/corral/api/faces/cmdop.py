@@ -16,7 +16,8 @@ Where Corral differs from CMDOP:
 - `POST /v1/commands/batch` takes the fields of `POST /v1/commands` besides `machine_ids` and
   answers a map keyed by the machine ids as given (duplicates run once). Each entry is the
   command's result (including `timed_out` ones), or `{"error": {"code", "message"}}` for a
-  machine where it could not start (not found, not running, 403), was cancelled, or whose
+  machine where it could not start (not found, which a machine the token may not use also
+  answers, or not running), was cancelled, or whose
   sandbox went away while it ran (`service_unavailable`). `meta` is `{total, succeeded, failed}`.
 - `POST /v1/commands/async` answers 202.
 - `X-RateLimit-Limit/Remaining/Reset` are sent when the server has a per-token rate limit
@@ -33,21 +34,22 @@ from typing import Any
 from fastapi import Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 
 from corral.api.auth import get_services, running_sandbox, usable_sandbox
 from corral.api.faces._common import (
     Problem,
     authenticate,
-    command_sandbox,
     face_router,
     history,
     host_arch,
     rate_headers,
+    usable_command_sandbox,
 )
 from corral.core.commands import to_model as command_model
 from corral.core.errors import Conflict, CorralError, InvalidArgument, Unavailable
 from corral.core.models import Command, CommandStatus, ExecRequest, SandboxState, Scope
+from corral.core.sandboxes import covered_by
 from corral.core.sandboxes import to_model as sandbox_model
 from corral.core.tokens import Principal
 from corral.services import Services
@@ -203,12 +205,6 @@ async def execute_async(
     return {"data": {"id": command.id, "status": status_of(command)}}
 
 
-async def _find(services: Services, principal: Principal, command_id: str) -> str:
-    sandbox_id = await command_sandbox(services, command_id)
-    await usable_sandbox(services, principal, sandbox_id)
-    return sandbox_id
-
-
 @router.get("/v1/commands/{command_id}", summary="A command's status and output")
 async def get_command(
     command_id: str,
@@ -216,7 +212,7 @@ async def get_command(
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.read)
-    sandbox_id = await _find(services, principal, command_id)
+    sandbox_id = await usable_command_sandbox(services, principal, command_id)
     return {"data": result(await services.commands.get(sandbox_id, command_id))}
 
 
@@ -227,7 +223,7 @@ async def cancel_command(
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.exec)
-    sandbox_id = await _find(services, principal, command_id)
+    sandbox_id = await usable_command_sandbox(services, principal, command_id)
     command = await services.commands.cancel(sandbox_id, command_id)
     return {"data": {"cancelled": True, "id": command.id, "status": status_of(command)}}
 
@@ -309,8 +305,7 @@ async def machines(
     principal.require(Scope.read)
     where = [SandboxRow.state != SandboxState.deleted.value]
     if principal.sandbox_ids is not None:
-        only = principal.sandbox_ids
-        where.append(or_(SandboxRow.id.in_(only), SandboxRow.name.in_(only)))
+        where.append(covered_by(principal.sandbox_ids))
     async with services.db.session() as session:
         total = await session.scalar(select(func.count()).select_from(SandboxRow).where(*where))
         rows = list(

@@ -8,7 +8,16 @@ token; every other style Corral accepts works too) or the admin session cookie f
 Where Corral differs from run-dat-sheesh:
 - The admin login is the operator's `CORRAL_ADMIN_EMAIL` and `CORRAL_ADMIN_PASSWORD`; a login
   makes a Corral token with every scope (named `rds-login:<email>`, valid 24 hours) and sets it
-  as the `rds_session` cookie (HttpOnly, SameSite=Lax); logout revokes it.
+  as the `rds_session` cookie (HttpOnly, SameSite=Strict, Secure when the server is reached
+  over TLS); logout revokes it. Failed logins are throttled per client address and per account
+  (`corral.core.logins`: 5 free, then a wait from 1 s doubling to 5 minutes; 429 with
+  `Retry-After`).
+- A request the cookie authenticates that changes something (any method but GET, HEAD and
+  OPTIONS), and login and logout, must come from this server's own pages: `Sec-Fetch-Site`
+  same-origin or none, else an `Origin` naming this host, else neither header (no browser);
+  otherwise 403 (`corral.api.origin`). Key-authenticated requests need no such check.
+- `GET /auth/me` reports the caller (cookie, or key): `role` `admin` for a token with every
+  scope, else `user`, with its `scopes` and `sandboxIds` (null: every sandbox).
 - `outboundInternet: true` is Corral's `outbound` network (public addresses; private ranges,
   denied unless listed in `allowIps`, the host and link-local always); `allowIps` alone is the
   `allow` network (only those IPv4 CIDRs); neither is no network at all.
@@ -49,7 +58,9 @@ from corral.api.faces._common import (
     authenticate,
     face_router,
 )
+from corral.api.origin import SAFE_METHODS, check_same_origin
 from corral.core.errors import BadRequest, PayloadTooLarge, PermissionDenied, Unauthenticated
+from corral.core.logins import login_keys
 from corral.core.models import (
     Command,
     CommandStatus,
@@ -93,10 +104,29 @@ router = face_router(TAG, render)
 
 
 async def caller(request: Request) -> Principal:
-    """`X-API-Key` (or any token style), else the admin session cookie."""
+    """`X-API-Key` (or any token style), else the admin session cookie: with the cookie, a
+    request that changes something must come from this server's own pages."""
     if token_from_request(request) is None and request.cookies.get(COOKIE):
+        if request.method not in SAFE_METHODS:
+            check_same_origin(request)
         return await authenticate(request, request.cookies[COOKIE])
     return await authenticate(request)
+
+
+def set_session_cookie(request: Request, response: Response, secret: str | None) -> None:
+    """The session cookie, or its removal: never sent cross-site, out of reach of scripts, and
+    over TLS only when served over TLS (the scheme the server itself sees: a proxy's
+    X-Forwarded-Proto is not trusted)."""
+    attributes: dict[str, Any] = {
+        "path": "/",
+        "httponly": True,
+        "samesite": "strict",
+        "secure": request.scope.get("scheme") == "https",
+    }
+    if secret is None:
+        response.delete_cookie(COOKIE, **attributes)
+    else:
+        response.set_cookie(COOKIE, secret, max_age=SESSION_SECONDS, **attributes)
 
 
 # --- wire shapes -------------------------------------------------------------------------------
@@ -184,31 +214,28 @@ def exec_log_json(command: Command) -> dict[str, Any]:
 
 @router.post("/auth/login", summary="Admin login: sets the session cookie")
 async def login(body: Login, request: Request) -> Response:
-    settings = get_services(request).settings
-    email, password = settings.admin_email, settings.admin_password
-    ok = (
-        email is not None
-        and password is not None
-        and hmac.compare_digest(body.email.strip().lower().encode(), email.lower().encode())
-        and hmac.compare_digest(body.password.encode(), password.encode())
-    )
-    if not ok:
+    check_same_origin(request)
+    services = get_services(request)
+    email, password = services.settings.admin_email, services.settings.admin_password
+
+    def verify() -> bool:
+        return (
+            email is not None
+            and password is not None
+            and hmac.compare_digest(body.email.strip().lower().encode(), email.lower().encode())
+            and hmac.compare_digest(body.password.encode(), password.encode())
+        )
+
+    address = request.client.host if request.client else None
+    if not await services.logins.attempt(login_keys(address, body.email), verify):
         raise Unauthenticated("invalid email or password")
-    token = await get_services(request).tokens.create(
+    token = await services.tokens.create(
         TokenCreate(
             name=f"rds-login:{email}", scopes=[Scope.admin], expires_in_seconds=SESSION_SECONDS
         )
     )
     response = JSONResponse({"ok": True, "email": email})
-    response.set_cookie(
-        COOKIE,
-        token.secret,
-        max_age=SESSION_SECONDS,
-        httponly=True,
-        samesite="lax",
-        secure=request.url.scheme == "https",
-        path="/",
-    )
+    set_session_cookie(request, response, token.secret)
     return response
 
 
@@ -217,6 +244,7 @@ async def logout(request: Request) -> Response:
     services = get_services(request)
     secret = request.cookies.get(COOKIE)
     if secret:
+        check_same_origin(request)
         try:
             principal = await services.tokens.authenticate(secret)
         except Unauthenticated:
@@ -224,18 +252,20 @@ async def logout(request: Request) -> Response:
         if principal is not None and principal.token_id != "admin":
             await services.tokens.delete(principal.token_id)
     response = JSONResponse({"ok": True})
-    response.delete_cookie(COOKIE, path="/")
+    set_session_cookie(request, response, None)
     return response
 
 
-@router.get("/auth/me", summary="Who the session cookie belongs to")
+@router.get("/auth/me", summary="Who the caller is: the session cookie's (or key's) scopes")
 async def me(request: Request) -> dict[str, Any]:
-    services = get_services(request)
-    secret = request.cookies.get(COOKIE)
-    if not secret:
-        raise Unauthenticated("not logged in")
-    await services.tokens.authenticate(secret)
-    return {"email": services.settings.admin_email, "role": "admin"}
+    principal = await caller(request)
+    admin = principal.is_admin
+    return {
+        "email": get_services(request).settings.admin_email if admin else None,
+        "role": "admin" if admin else "user",
+        "scopes": sorted(scope.value for scope in principal.scopes),
+        "sandboxIds": sorted(principal.sandbox_ids) if principal.sandbox_ids is not None else None,
+    }
 
 
 @router.get("/swagger", include_in_schema=False)

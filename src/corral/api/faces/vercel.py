@@ -47,12 +47,11 @@ from corral.api.faces._common import (
     Problem,
     TextDecoder,
     authenticate,
-    command_sandbox,
     face_router,
     shell_exit_code,
 )
 from corral.core.commands import to_model as command_model
-from corral.core.errors import BadRequest, Conflict, NotFound, PermissionDenied
+from corral.core.errors import BadRequest, Conflict, PermissionDenied
 from corral.core.models import Command, CommandStatus, ExecRequest, SandboxCreate, Scope
 from corral.core.tokens import Principal
 from corral.node.base import Execution
@@ -339,8 +338,7 @@ async def _command(
     services: Services, principal: Principal, session_id: str, command_id: str
 ) -> SandboxRow:
     row = await usable_sandbox(services, principal, session_id)
-    if await command_sandbox(services, command_id) != row.id:
-        raise NotFound(f"no command {command_id!r} in session {row.id}")
+    await services.commands.row(row.id, command_id)  # 404 for a command of another sandbox
     return row
 
 

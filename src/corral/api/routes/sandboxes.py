@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from corral.api.auth import Caller, ServicesDep
+from corral.api.auth import Caller, ServicesDep, usable_sandbox
 from corral.core.errors import PermissionDenied
 from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, SandboxUpdate, Scope
 from corral.core.tokens import Principal
@@ -15,9 +15,7 @@ templates_router = APIRouter(tags=["sandboxes"])
 
 
 async def visible_sandbox(services: Services, caller: Principal, ref: str) -> Sandbox:
-    sandbox = await services.sandboxes.get(ref)
-    caller.require_sandbox(sandbox.id, sandbox.name)
-    return sandbox
+    return services.sandboxes.model(await usable_sandbox(services, caller, ref))
 
 
 @router.post("", status_code=201, response_model=Sandbox)
