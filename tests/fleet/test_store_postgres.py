@@ -42,3 +42,32 @@ def test_replicas_starting_together_migrate_once(postgres: PostgresCluster) -> N
     versions, tables = asyncio.run(main())
     assert len(versions) == 1
     assert tables >= 6  # sandboxes, commands, tokens, users, named commands, alembic_version
+
+
+def test_one_lease_holder_among_racing_replicas(postgres: PostgresCluster) -> None:
+    from corral.core.leases import Lease
+
+    async def main() -> tuple[int, bool, bool]:
+        url = await _fresh_database(postgres)
+        dbs = [Database(url) for _ in range(5)]
+        await dbs[0].migrate()
+        try:
+            leases = [Lease(db, "sweep", f"replica-{i}", ttl=0.5) for i, db in enumerate(dbs)]
+            rounds = [
+                await asyncio.gather(*(lease.acquire() for lease in leases)) for _ in range(3)
+            ]
+            winners = {tuple(r).index(True) for r in rounds if sum(r) == 1}
+            await asyncio.sleep(0.6)
+            # The holder lapsed: another may take it now, and then the first may not.
+            holder = winners.pop() if len(winners) == 1 else -1
+            other = (holder + 1) % len(leases)
+            took = await leases[other].acquire()
+            refused = not await leases[holder].acquire()
+            return sum(sum(r) for r in rounds), took, refused
+        finally:
+            for db in dbs:
+                await db.close()
+
+    total, took, refused = asyncio.run(main())
+    assert total == 3  # one winner per round, the same one renewing
+    assert took and refused

@@ -571,3 +571,47 @@ class RunResult(BaseModel):
         default=None, description="From result.error, an uncaught error, a timeout, ..."
     )
     duration_ms: int | None = None
+
+
+# --- the fleet's nodes ------------------------------------------------------------------------
+
+
+class NodeState(enum.StrEnum):
+    online = "online"
+    offline = "offline"  # silent for longer than CORRAL_NODE_LOST_AFTER_S
+    draining = "draining"  # online, takes no new sandboxes
+
+
+class NodeCapacity(BaseModel):
+    sandboxes: int = Field(ge=0, description="Sandboxes it holds at once")
+    memory_mb: int = Field(ge=0, description="Host memory")
+    cpus: float = Field(ge=0)
+
+
+class NodeInfo(BaseModel):
+    """What a node registers with (and what the built-in node says of itself)."""
+
+    id: str
+    version: str
+    protocol: int
+    runtime: str
+    capacity: NodeCapacity
+    templates: list[str]
+    enforceable: dict[str, str] = Field(description="limit -> how this node enforces it")
+    host_exec: bool = Field(default=False, description="Opened for commands on the host itself")
+
+
+class Node(BaseModel):
+    id: str
+    state: NodeState
+    version: str
+    runtime: str
+    capacity: NodeCapacity
+    sandboxes: int = Field(description="Live sandboxes placed on it")
+    running_commands: int
+    templates: list[str]
+    enforceable: dict[str, str]
+    host_exec: bool
+    epoch: int = Field(description="Grows at each registration of the node")
+    registered_at: datetime
+    last_heartbeat: datetime

@@ -171,3 +171,36 @@ class LoginFailureRow(Base):
     failures: Mapped[int] = mapped_column(Integer)
     last_failure_at: Mapped[datetime] = mapped_column(UTCDateTime())
     blocked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+# --- the fleet: nodes and leader leases (migration 0005) -----------------------------------------
+
+
+class NodeRow(Base):
+    """A node as the control plane knows it. `epoch` grows at each registration, so that what
+    an earlier run of the node still sends is told apart and refused."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # online, offline, draining
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[str] = mapped_column(String(32))
+    protocol: Mapped[int] = mapped_column(Integer)
+    # What it registered with: capacity, templates, enforceable limits, host execution.
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # What its last heartbeat said: sandboxes and commands running there.
+    load: Mapped[dict[str, Any]] = mapped_column(JSON)
+    draining: Mapped[bool] = mapped_column(default=False)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LeaseRow(Base):
+    """A named lease one process holds until `expires_at`: singleton loops run under one."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(80))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,0 +1,241 @@
+"""The fleet's nodes as the store knows them: registration with an epoch, heartbeats, drain,
+placement of new sandboxes, and the sweep that declares silent nodes lost.
+
+Every fact lives in the store, so any replica answers for any node. A node's `epoch` grows at
+each registration; a heartbeat or a result that carries an older epoch comes from an earlier
+run of the node (or from before a partition healed) and is refused.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select, update
+
+from corral.core.errors import InvalidArgument, NotFound, Unavailable
+from corral.core.models import (
+    CommandStatus,
+    Node,
+    NodeCapacity,
+    NodeInfo,
+    NodeState,
+    SandboxState,
+)
+from corral.store.db import Database
+from corral.store.tables import CommandRow, NodeRow, SandboxRow
+
+LIVE_SANDBOX = SandboxRow.state.notin_([SandboxState.deleted.value])
+RUNNING = CommandRow.status.in_([CommandStatus.queued.value, CommandStatus.running.value])
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class NodeRegistry:
+    def __init__(self, db: Database, *, lost_after: float = 15.0) -> None:
+        self.db = db
+        self.lost_after = lost_after
+
+    # --- what nodes say ---
+
+    async def register(self, info: NodeInfo) -> int:
+        """Record a node's (re)registration; its new epoch."""
+        now = utcnow()
+        async with self.db.transaction() as session:
+            row = await session.get(NodeRow, info.id, with_for_update=True)
+            if row is None:
+                row = NodeRow(
+                    id=info.id,
+                    epoch=0,
+                    draining=False,
+                    registered_at=now,
+                    load={},
+                )
+                session.add(row)
+            row.epoch = (row.epoch or 0) + 1
+            row.state = NodeState.draining.value if row.draining else NodeState.online.value
+            row.version = info.version
+            row.protocol = info.protocol
+            row.info = info.model_dump(mode="json")
+            row.registered_at = now
+            row.last_seen_at = now
+            epoch = row.epoch
+        return epoch
+
+    async def heartbeat(self, node_id: str, epoch: int, load: dict[str, int]) -> bool:
+        """Whether the heartbeat was taken: False for an unknown node or an older epoch (the
+        node must register again, and reconcile)."""
+        now = utcnow()
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                update(NodeRow)
+                .where(NodeRow.id == node_id, NodeRow.epoch == epoch)
+                .values(last_seen_at=now, load=load)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    # --- what operators see and do ---
+
+    def _state(self, row: NodeRow, now: datetime) -> NodeState:
+        if row.state == NodeState.offline.value or now - row.last_seen_at > timedelta(
+            seconds=self.lost_after
+        ):
+            return NodeState.offline
+        return NodeState.draining if row.draining else NodeState.online
+
+    async def _counts(self, node_ids: list[str] | None = None) -> tuple[dict[str, int], ...]:
+        sandboxes = select(SandboxRow.node_id, func.count()).where(LIVE_SANDBOX)
+        commands = select(CommandRow.node_id, func.count()).where(RUNNING)
+        if node_ids is not None:
+            sandboxes = sandboxes.where(SandboxRow.node_id.in_(node_ids))
+            commands = commands.where(CommandRow.node_id.in_(node_ids))
+        async with self.db.session() as session:
+            boxes = dict((await session.execute(sandboxes.group_by(SandboxRow.node_id))).all())
+            running = dict((await session.execute(commands.group_by(CommandRow.node_id))).all())
+        return boxes, running
+
+    def _model(self, row: NodeRow, boxes: int, running: int, now: datetime) -> Node:
+        info = NodeInfo.model_validate(row.info)
+        return Node(
+            id=row.id,
+            state=self._state(row, now),
+            version=row.version,
+            runtime=info.runtime,
+            capacity=info.capacity,
+            sandboxes=boxes,
+            running_commands=running,
+            templates=info.templates,
+            enforceable=info.enforceable,
+            host_exec=info.host_exec,
+            epoch=row.epoch,
+            registered_at=row.registered_at,
+            last_heartbeat=row.last_seen_at,
+        )
+
+    async def list(self) -> list[Node]:
+        async with self.db.session() as session:
+            rows = list(await session.scalars(select(NodeRow).order_by(NodeRow.id)))
+        boxes, running = await self._counts()
+        now = utcnow()
+        return [self._model(r, boxes.get(r.id, 0), running.get(r.id, 0), now) for r in rows]
+
+    async def row(self, node_id: str) -> NodeRow:
+        async with self.db.session() as session:
+            row = await session.get(NodeRow, node_id)
+        if row is None:
+            raise NotFound(f"no node {node_id!r}")
+        return row
+
+    async def get(self, node_id: str) -> Node:
+        row = await self.row(node_id)
+        boxes, running = await self._counts([node_id])
+        return self._model(row, boxes.get(node_id, 0), running.get(node_id, 0), utcnow())
+
+    async def set_draining(self, node_id: str, draining: bool = True) -> Node:
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                update(NodeRow).where(NodeRow.id == node_id).values(draining=draining)
+            )
+            if not result.rowcount:  # type: ignore[attr-defined]
+                raise NotFound(f"no node {node_id!r}")
+        return await self.get(node_id)
+
+    async def usable(self, node_id: str) -> NodeRow:
+        """The node `node_id` if it is online now (503 with the reason otherwise)."""
+        row = await self.row(node_id)
+        if self._state(row, utcnow()) == NodeState.offline:
+            raise Unavailable(
+                f"node {node_id} has not been heard from for over {self.lost_after:g} s"
+            )
+        return row
+
+    # --- placement ---
+
+    async def place(self, *, wanted: str | None = None, template: str = "host") -> str:
+        """The node for a new sandbox: `wanted` if it can take it, else the least loaded online
+        node with room that has the template."""
+        async with self.db.session() as session:
+            rows = list(await session.scalars(select(NodeRow)))
+        boxes, _ = await self._counts()
+        now = utcnow()
+
+        def fits(row: NodeRow) -> str | None:
+            """Why `row` cannot take the sandbox, or None."""
+            state = self._state(row, now)
+            if state != NodeState.online:
+                return f"node {row.id} is {state.value}"
+            info = NodeInfo.model_validate(row.info)
+            if template not in info.templates:
+                return f"node {row.id} has no template {template!r}"
+            if boxes.get(row.id, 0) >= info.capacity.sandboxes:
+                return f"node {row.id} is full ({info.capacity.sandboxes} sandboxes)"
+            return None
+
+        if wanted is not None:
+            row = next((r for r in rows if r.id == wanted), None)
+            if row is None:
+                raise InvalidArgument(
+                    f"no node {wanted!r}",
+                    details=[{"loc": ["body", "node"], "msg": "unknown node"}],
+                )
+            reason = fits(row)
+            if reason is not None:
+                raise Unavailable(reason)
+            return row.id
+        candidates = [r for r in rows if fits(r) is None]
+        if not candidates:
+            raise Unavailable("no online node has room for the sandbox")
+
+        def load(row: NodeRow) -> tuple[float, str]:
+            capacity = NodeInfo.model_validate(row.info).capacity.sandboxes or 1
+            return boxes.get(row.id, 0) / capacity, row.id
+
+        return min(candidates, key=load).id
+
+    # --- liveness ---
+
+    async def sweep(self) -> list[tuple[str, int]]:
+        """Declare the nodes silent for longer than the grace lost: state offline, their
+        running commands `lost`. Returns (node, commands lost) for each node declared now."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.lost_after)
+        declared: list[tuple[str, int]] = []
+        async with self.db.transaction() as session:
+            silent = list(
+                await session.scalars(
+                    select(NodeRow.id).where(
+                        NodeRow.state != NodeState.offline.value, NodeRow.last_seen_at < cutoff
+                    )
+                )
+            )
+            for node_id in silent:
+                # Conditional: a heartbeat that came in meanwhile keeps the node.
+                taken = await session.execute(
+                    update(NodeRow)
+                    .where(NodeRow.id == node_id, NodeRow.last_seen_at < cutoff)
+                    .values(state=NodeState.offline.value)
+                )
+                if not taken.rowcount:  # type: ignore[attr-defined]
+                    continue
+                lost = await session.execute(
+                    update(CommandRow)
+                    .where(CommandRow.node_id == node_id, RUNNING)
+                    .values(
+                        status=CommandStatus.lost.value,
+                        finished_at=now,
+                        error=f"node {node_id} stopped answering; the result is unknown",
+                    )
+                )
+                declared.append((node_id, int(lost.rowcount or 0)))  # type: ignore[attr-defined]
+        return declared
+
+
+def local_capacity(sandboxes: int) -> NodeCapacity:
+    """The host this process runs on, as a node's capacity."""
+    import os
+
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return NodeCapacity(
+        sandboxes=sandboxes, memory_mb=pages // (1024 * 1024), cpus=float(os.cpu_count() or 1)
+    )
