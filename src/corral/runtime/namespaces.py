@@ -38,6 +38,7 @@ from corral.runtime.base import (
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
 from corral.runtime.limits import ResourceControl, Usage
+from corral.runtime.loader import clear_mount_point, trusted_python
 from corral.runtime.netpolicy import NetworkManager
 from corral.runtime.seccomp import build_filter
 
@@ -57,6 +58,11 @@ PYTHON = "/usr/bin/python3"
 TOOLS_MOUNT = "/opt/corral"
 HOST_ETC_MOUNT = "/.corral/host-etc"
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
+SUPERVISOR_INSIDE = "/.corral/supervisor.py"
+# glibc's loader reads /etc/ld.so.preload in every process, whatever its flags: inside, that file
+# is an empty read-only mount (the sandbox's root cannot unmount it), so nothing it writes runs
+# in the supervisor. Commands started later get the same empty file.
+LD_PRELOAD_FILE = "ld.so.preload"
 
 # Host paths bound read-only when present: what programs need from /etc, nothing secret.
 HOST_ETC = (
@@ -226,9 +232,10 @@ class NamespacesRuntime(Runtime):
     def workspace(self, config: SandboxConfig) -> Path:
         return self.storage(config) / "workspace"
 
-    def _bwrap_options(self, config: SandboxConfig) -> list[str]:
+    def _bwrap_options(self, config: SandboxConfig, preload_fd: int) -> list[str]:
         """bwrap's options; passed through a pipe (`--args FD`), since /proc/1/cmdline shows
-        whatever bwrap got on its command line to the sandbox."""
+        whatever bwrap got on its command line to the sandbox. `preload_fd` reads the (empty)
+        /etc/ld.so.preload the sandbox gets."""
         share_net = ["--share-net"] if config.network != "none" else []
         args = [
             # No --disable-userns (bwrap refuses it with --userns-block-fd): the seccomp filter
@@ -260,8 +267,9 @@ class NamespacesRuntime(Runtime):
         for name in dict.fromkeys(HOST_ETC):
             args += ["--ro-bind-try", f"/etc/{name}", f"{HOST_ETC_MOUNT}/{name}"]
         args += ["--bind", str(self.storage(config) / "etc"), "/etc"]
+        args += ["--ro-bind-data", str(preload_fd), f"/etc/{LD_PRELOAD_FILE}"]
         args += [
-            "--ro-bind", str(self.supervisor_path), "/.corral/supervisor.py",
+            "--ro-bind", str(self.supervisor_path), SUPERVISOR_INSIDE,
             *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
             # The sandbox's own /usr/local, writable by its root (sudo pip install, make
             # install); the host's /usr/local is not shown.
@@ -282,18 +290,26 @@ class NamespacesRuntime(Runtime):
             "bwrap", "--args", str(args_fd),
             # bwrap waits while the node writes the user namespace's two-uid map.
             "--info-fd", str(info_fd), "--userns-block-fd", str(block_fd),
-            "--", PYTHON, "-I", "-S", "/.corral/supervisor.py", str(sock_fd),
+            # Nothing the sandbox's root may write (its /etc, /usr/local) changes the code the
+            # supervisor and its launcher (a fork, no exec) run.
+            "--", *trusted_python(self.template_root(config), PYTHON, SUPERVISOR_INSIDE,
+                                  str(sock_fd)),
         ]  # fmt: skip
 
     async def start(self, config: SandboxConfig) -> SandboxHandle:
         uid = self.host_uid(config)
         await asyncio.to_thread(self._make_dirs, config, uid)
+        await asyncio.to_thread(
+            clear_mount_point, self.storage(config) / "etc", LD_PRELOAD_FILE,
+            self.host_root_uid(config),
+        )  # fmt: skip
         cgroup: Path | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with contextlib.suppress(OSError):
             parent.setsockopt(socket.SOL_SOCKET, 32, 2 * MAX_MESSAGE)  # SO_SNDBUFFORCE
         seccomp_fd = _pipe_with(self.seccomp_bpf)
-        options = [*self._bwrap_options(config), "--add-seccomp-fd", str(seccomp_fd)]
+        preload_fd = _pipe_with(b"")
+        options = [*self._bwrap_options(config, preload_fd), "--add-seccomp-fd", str(seccomp_fd)]
         args_r = _pipe_with(("\0".join(options) + "\0").encode())
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
@@ -322,7 +338,7 @@ class NamespacesRuntime(Runtime):
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=[args_r, seccomp_fd, child.fileno(), info_w, block_r],  # same numbers
+                pass_fds=[args_r, seccomp_fd, preload_fd, child.fileno(), info_w, block_r],
                 start_new_session=True,
                 # bwrap stays the sandbox's pid 1, readable in /proc/1/environ: give it nothing
                 # of the server's environment.
@@ -334,7 +350,7 @@ class NamespacesRuntime(Runtime):
             os.close(block_w)
             raise
         finally:
-            for fd in (args_r, seccomp_fd, info_w, block_r):
+            for fd in (args_r, seccomp_fd, preload_fd, info_w, block_r):
                 os.close(fd)
             child.close()
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)

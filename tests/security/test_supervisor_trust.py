@@ -1,0 +1,156 @@
+"""The supervisor is out of reach of the sandbox's root.
+
+A `"user": "root"` command owns the sandbox's /etc and /usr/local. Whatever it plants there (a
+preloaded library, a rebuilt loader cache pointing at its own libz, .pth files, sitecustomize)
+must not run in the supervisor or its launcher after the sandbox restarts: exit codes stay true
+and the planted code leaves no mark of them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+
+pytestmark = pytest.mark.sandbox
+
+MARKS = "/workspace/.marks"
+
+# A library whose constructor appends "<tag> <its process's command line>" to MARKS.
+EVIL_C = r"""
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void corral_mark(void) {
+    char line[4096] = TAG " ";
+    size_t at = strlen(line);
+    int fd = open("/proc/self/cmdline", O_RDONLY);
+    if (fd >= 0) {
+        ssize_t n = read(fd, line + at, sizeof line - at - 2);
+        close(fd);
+        for (ssize_t i = 0; i < n; i++) if (!line[at + i]) line[at + i] = ' ';
+        if (n > 0) at += n;
+    }
+    line[at++] = '\n';
+    int out = open("/workspace/.marks", O_WRONLY | O_APPEND | O_CREAT, 0666);
+    if (out >= 0) { write(out, line, at); close(out); }
+}
+"""
+
+# Python that appends "<tag> <command line>" to MARKS.
+MARK_PY = (
+    "import os; open('/workspace/.marks', 'a').write('{tag} ' + "
+    "open('/proc/self/cmdline').read().replace(chr(0), ' ') + chr(10))"
+)
+
+SITE = "/usr/local/lib/python3.11/dist-packages"
+LIBZ = "/usr/lib/x86_64-linux-gnu/libz.so.1"
+
+BUILD = f"""set -e
+cd /workspace
+touch .marks && chmod 666 .marks  # writable by every uid the marks come from
+gcc -shared -fPIC -O2 -DTAG='"preload"' -o evil-preload.so evil.c
+gcc -shared -fPIC -O2 -DTAG='"env"' -o evil-env.so evil.c
+# A drop-in libz: its constructor runs, then every symbol is the real libz's (a DT_FILTER).
+gcc -shared -fPIC -O2 -DTAG='"cache"' -Wl,-soname,libz.so.1 -Wl,--filter={LIBZ} \
+    -o libz.so.1 evil.c
+mkdir -p evilpy
+printf '%s\\n' "{MARK_PY.format(tag="pythonpath")}" > evilpy/sitecustomize.py
+"""
+
+PLANT = f"""set -e
+cd /workspace
+mkdir -p /usr/local/lib
+cp evil-preload.so evil-env.so libz.so.1 /usr/local/lib/
+# The loader cache, rebuilt by the sandbox's root: libz.so.1 now resolves to /usr/local/lib.
+ldconfig
+mkdir -p {SITE}
+printf '%s\\n' "{MARK_PY.format(tag="pth")}" > {SITE}/corral-evil.pth
+printf '%s\\n' "{MARK_PY.format(tag="sitecustomize")}" > {SITE}/sitecustomize.py
+printf '%s\\n' "{MARK_PY.format(tag="usercustomize")}" > {SITE}/usercustomize.py
+# Debian's sitecustomize lives in /etc/python3.11, which the sandbox's root may replace.
+rm -f /etc/python3.11 && mkdir -p /etc/python3.11
+printf '%s\\n' "{MARK_PY.format(tag="etc-sitecustomize")}" > /etc/python3.11/sitecustomize.py
+# Last: from here on every dynamically linked program would load it, if the write held.
+echo /usr/local/lib/evil-preload.so > /etc/ld.so.preload || true
+"""
+
+
+def run(api: httpx.Client, sid: str, command: str, **extra: object) -> dict:
+    resp = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": command, **extra})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def trusted_processes(server: Server, sid: str) -> dict[int, str]:
+    """Host pid -> /proc/PID/maps of the sandbox's supervisor and launcher."""
+    found = {}
+    for mount in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        procs = Path(mount) / server.cgroup_name / sid / "cgroup.procs"
+        if procs.exists():
+            for pid in procs.read_text().split():
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if b"/.corral/supervisor.py" in argv and not argv[0].endswith(b"bwrap"):
+                        found[int(pid)] = Path(f"/proc/{pid}/maps").read_text()
+                except OSError:
+                    continue
+            break
+    return found
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the planted code")
+def test_what_sandbox_root_plants_never_runs_in_the_supervisor(
+    server: Server, api: httpx.Client
+) -> None:
+    # Variables of the sandbox's spec reach its commands, never its supervisor.
+    env = {"LD_PRELOAD": "/usr/local/lib/evil-env.so", "PYTHONPATH": "/workspace/evilpy"}
+    resp = api.post("/v1/sandboxes", json={"env": env})
+    assert resp.status_code == 201, resp.text
+    sid = resp.json()["id"]
+    try:
+        assert run(api, sid, "cat > /workspace/evil.c", stdin=EVIL_C)["exit_code"] == 0
+        built = run(api, sid, BUILD)
+        assert built["exit_code"] == 0, built["stderr"]
+        planted = run(api, sid, PLANT, user="root")
+        assert planted["exit_code"] == 0, planted["stderr"]
+
+        # Each planted piece works: ordinary python3 commands run them (one sitecustomize is
+        # imported, the first on sys.path: PYTHONPATH's, else Debian's in /etc/python3.11).
+        run(api, sid, "python3 -c pass; env -u PYTHONPATH python3 -c pass")
+        marks = run(api, sid, f"cat {MARKS}")["stdout"]
+        for tag in ("env", "cache", "pth", "pythonpath", "usercustomize", "etc-sitecustomize"):
+            assert f"{tag} python3 -c pass" in marks, (tag, marks)
+        assert "/usr/local/lib/libz.so.1" in run(api, sid, "ldconfig -p")["stdout"]
+
+        assert run(api, sid, f": > {MARKS}")["exit_code"] == 0
+        for step in ("stop", "start"):
+            resp = api.post(f"/v1/sandboxes/{sid}/{step}")
+            assert resp.status_code == 200, resp.text
+        assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
+
+        # The supervisor reports exits truly, through the launcher and the forked path alike.
+        assert run(api, sid, "exit 7")["exit_code"] == 7
+        assert run(api, sid, "exit 7", user="root")["exit_code"] == 7
+        assert run(api, sid, "kill -9 $$")["exit_code"] == 137
+        assert run(api, sid, "echo ok")["stdout"] == "ok\n"
+        assert run(api, sid, "echo ok", tty=True)["exit_code"] == 0
+
+        # Nothing planted ran in the supervisor or its launcher (their command line names
+        # supervisor.py), nor is any of it mapped in them.
+        marks = run(api, sid, f"cat {MARKS} 2>/dev/null; true")["stdout"]
+        assert [line for line in marks.splitlines() if "supervisor.py" in line] == []
+        trusted = trusted_processes(server, sid)
+        assert len(trusted) == 2, trusted  # the supervisor and its launcher
+        for pid, maps in trusted.items():
+            files = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+            assert files and all(f.startswith("/usr/") for f in files), (pid, sorted(files))
+        # Commands keep the sandbox's own loader cache (ldconfig is theirs to use).
+        after = run(api, sid, f"python3 -c pass; cat {MARKS}")["stdout"]
+        assert "cache python3 -c pass" in after
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
