@@ -8,7 +8,14 @@ and the planted code leaves no mark of them.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -152,5 +159,167 @@ def test_what_sandbox_root_plants_never_runs_in_the_supervisor(
         # Commands keep the sandbox's own loader cache (ldconfig is theirs to use).
         after = run(api, sid, f"python3 -c pass; cat {MARKS}")["stdout"]
         assert "cache python3 -c pass" in after
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+# --- a supervisor that breaks the protocol ------------------------------------------------------
+# The sandbox's root can no longer replace its supervisor, so the hostile peer is the test: as
+# host root it takes a copy of the supervisor's end of the node's socket (pidfd_getfd) and
+# speaks through it to the real server.
+
+SYS_PIDFD_GETFD = 438  # x86_64, aarch64 and the rest of the generic table alike
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def supervisor_socket(server: Server, sid: str) -> socket.socket:
+    """A duplicate of the sandbox supervisor's end of its socket to the node."""
+    trusted = trusted_processes(server, sid)
+    parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+               for pid in trusted}  # fmt: skip
+    (supervisor,) = [pid for pid, ppid in parents.items() if ppid not in trusted]
+    fd_inside = int(Path(f"/proc/{supervisor}/cmdline").read_bytes().split(b"\0")[-2])
+    pidfd = os.pidfd_open(supervisor)
+    try:
+        fd = LIBC.syscall(SYS_PIDFD_GETFD, pidfd, fd_inside, 0)
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(pidfd)
+    sock = socket.socket(fileno=fd)
+    assert sock.type == socket.SOCK_SEQPACKET
+    sock.settimeout(1.0)
+    return sock
+
+
+def new_sandbox(api: httpx.Client) -> str:
+    resp = api.post("/v1/sandboxes", json={})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def wait_for_error(api: httpx.Client, sid: str, seconds: float) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        body = api.get(f"/v1/sandboxes/{sid}").json()
+        if body["state"] == "error" or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+OVERSIZED = b'{"ev":"exit","id":"x","code":0,"signal":null,"pad":"' + b"x" * 100_000 + b'"}'
+UNASKED = b'{"ev":"exit","id":"cmd_never_asked","code":0,"signal":null}'
+
+
+def log_lines_about(server: Server, sid: str) -> int:
+    return sum(sid in line for line in server.log_path.read_text(errors="replace").splitlines())
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        pytest.param([b"not json {"] * 20_000, "not JSON", id="malformed"),
+        pytest.param([b"[" * 3000], "not JSON", id="deeply-nested"),
+        pytest.param([OVERSIZED], "more than 4096 bytes", id="oversized"),
+        pytest.param([UNASKED], "not asked to run", id="unasked-command"),
+        pytest.param([b'{"ev":"exit","id":"cmd_x","code":"7"}'], "exit", id="bad-exit"),
+    ],
+)
+def test_a_supervisor_breaking_the_protocol_stops_its_sandbox(
+    server: Server, api: httpx.Client, frames: list[bytes], reason: str
+) -> None:
+    sid = new_sandbox(api)
+    try:
+        lines_before = log_lines_about(server, sid)
+        with supervisor_socket(server, sid) as peer:
+            with contextlib.suppress(OSError):  # the node may close it half-way: it should
+                for frame in frames:
+                    peer.send(frame)
+        body = wait_for_error(api, sid, 5)
+        assert body["state"] == "error", body
+        assert "supervisor broke its protocol" in body["error"] and reason in body["error"], body
+        # One line for the stop, however many bad frames were sent.
+        assert log_lines_about(server, sid) - lines_before <= 3
+        resp = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "true"})
+        assert resp.status_code in (409, 503), resp.text
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+# Sends harmless messages (alone) as fast as it can until the node closes the socket; prints
+# how many. A process of its own, so that the test's measurements do not share its GIL.
+FLOOD = """
+import socket, sys
+peer = socket.socket(fileno=int(sys.argv[1]))
+peer.setblocking(True)
+sent = 0
+try:
+    while True:
+        peer.send(b'{"ev":"ready"}')
+        sent += 1
+except OSError:
+    pass
+print(sent, flush=True)
+"""
+
+
+def healthz_latency(server: Server) -> float:
+    began = time.monotonic()
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    return time.monotonic() - began
+
+
+def test_a_flooding_supervisor_is_stopped_and_the_node_stays_responsive(
+    server: Server, api: httpx.Client
+) -> None:
+    sid, bystander = new_sandbox(api), new_sandbox(api)
+    try:
+        calm = sorted(healthz_latency(server) for _ in range(11))
+        lines_before = log_lines_about(server, sid)
+        with supervisor_socket(server, sid) as peer:
+            flooder = subprocess.Popen(
+                [sys.executable, "-c", FLOOD, str(peer.fileno())],
+                pass_fds=[peer.fileno()], stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        try:
+            flooded = []
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                flooded.append(healthz_latency(server))
+                if api.get(f"/v1/sandboxes/{sid}").json()["state"] == "error":
+                    break
+                time.sleep(0.05)
+            other = api.post(f"/v1/sandboxes/{bystander}/exec", json={"command": "echo ok"})
+        finally:
+            flooder.kill()
+            sent, _ = flooder.communicate(timeout=10)
+        body = api.get(f"/v1/sandboxes/{sid}").json()
+        flooded.sort()
+        median, worst = flooded[len(flooded) // 2], flooded[-1]
+        print(
+            f"\nflood: {sent.strip() or '?'} messages sent; /healthz median {median * 1000:.0f} "
+            f"ms, worst {worst * 1000:.0f} ms (before it: median {calm[5] * 1000:.0f} ms, worst "
+            f"{calm[-1] * 1000:.0f} ms); error: {body['error']}"
+        )
+        assert body["state"] == "error", body
+        assert "supervisor broke its protocol" in body["error"] and "a second" in body["error"]
+        # The machine's own load shows in both; the flood must add little to it.
+        assert median < max(0.1, 2 * calm[5]) and worst < 1.0, (flooded, calm)
+        assert other.status_code == 200 and other.json()["stdout"] == "ok\n", other.text
+        assert log_lines_about(server, sid) - lines_before <= 5
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+        api.delete(f"/v1/sandboxes/{bystander}")
+
+
+def test_a_burst_within_the_budget_is_not_a_violation(server: Server, api: httpx.Client) -> None:
+    sid = new_sandbox(api)
+    try:
+        with supervisor_socket(server, sid) as peer:
+            for _ in range(3000):
+                peer.send(b'{"ev":"ready"}')
+        time.sleep(0.5)
+        result = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "exit 7"}).json()
+        assert result["exit_code"] == 7
+        assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
     finally:
         api.delete(f"/v1/sandboxes/{sid}")

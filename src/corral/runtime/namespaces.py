@@ -37,6 +37,15 @@ from corral.runtime.base import (
     open_pty,
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
+from corral.runtime.frames import (
+    FRAMES_PER_WAKE,
+    MAX_FRAME,
+    OVER_BUDGET_GRACE,
+    FrameBudget,
+    ProtocolError,
+    WarningLog,
+    parse_event,
+)
 from corral.runtime.limits import ResourceControl, Usage
 from corral.runtime.loader import clear_mount_point, trusted_python
 from corral.runtime.netpolicy import NetworkManager
@@ -547,6 +556,12 @@ class NamespacesSandbox(SandboxHandle):
         # Command cgroups still populated when released (a zombie not yet reaped, or processes
         # left in the background): removed once empty, a few per spawn.
         self._retired: list[tuple[Path, str]] = []
+        # What the supervisor says is hostile input (frames.py): a budget, rate-limited
+        # warnings, and the ids of commands it may speak of (asked, or recently done).
+        self._budget = FrameBudget()
+        self._warnings = WarningLog(log)
+        self._done_ids: dict[str, None] = {}
+        self._resume_reading: asyncio.TimerHandle | None = None
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
         self._watch = asyncio.ensure_future(self._watch_process())
@@ -576,18 +591,23 @@ class NamespacesSandbox(SandboxHandle):
         if self._dead.is_set():
             return
         self._dead.set()
-        with contextlib.suppress(ValueError, OSError):
-            self.loop.remove_reader(self.sock.fileno())
-        error = SandboxDied("the sandbox stopped")
+        self._stop_reading()
+        error = SandboxDied(self.failure or "the sandbox stopped")
         for fut in [self.ready, *self._spawns.values(), *self._exits.values()]:
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # mark retrieved: nobody may be waiting any more
 
     def _on_readable(self) -> None:
-        while True:
+        # A few messages per wake-up (the loop calls again while more wait), within the
+        # sandbox's budget: a flooding supervisor slows itself down, not the node.
+        for _ in range(FRAMES_PER_WAKE):
+            delay = self._budget.wait()
+            if delay:
+                self._over_budget(delay)
+                return
             try:
-                data = self.sock.recv(65536)
+                data = self.sock.recv(MAX_FRAME + 1)  # SCM_RIGHTS sent along are discarded
             except BlockingIOError:
                 return
             except OSError:
@@ -595,39 +615,84 @@ class NamespacesSandbox(SandboxHandle):
             if not data:
                 self._mark_dead()
                 return
+            self._budget.spend(len(data))
             try:
-                message = json.loads(data)
-                self._dispatch(message)
-            except (ValueError, TypeError, KeyError) as exc:
-                # The supervisor runs as the sandbox's user: treat what it says as untrusted.
-                log.warning("sandbox %s sent a bad message: %s", self.config.id, exc)
+                self._dispatch(parse_event(data))
+            except ProtocolError as exc:
+                self._broke_protocol(str(exc))
+                return
+
+    def _over_budget(self, delay: float) -> None:
+        over = self._budget.over_for()
+        if over > OVER_BUDGET_GRACE:
+            self._broke_protocol(
+                f"more than {self._budget.rate:.0f} messages or {self._budget.byte_rate:.0f} "
+                f"bytes a second for {over:.0f} s"
+            )
+            return
+        if over == 0:
+            self._warnings.warning(
+                "sandbox %s: its supervisor sends past its message budget; reading slowed down",
+                self.config.id,
+            )
+        self._stop_reading()
+        self._resume_reading = self.loop.call_later(delay, self._start_reading)
+
+    def _start_reading(self) -> None:
+        self._resume_reading = None
+        if self.alive and self.failure is None:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _stop_reading(self) -> None:
+        if self._resume_reading is not None:
+            self._resume_reading.cancel()
+            self._resume_reading = None
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _broke_protocol(self, reason: str) -> None:
+        """Stop the sandbox: its supervisor is not the one the node started (or is broken)."""
+        if self.failure is not None:
+            return
+        self.failure = f"the sandbox's supervisor broke its protocol ({reason}): sandbox stopped"
+        self._warnings.warning("sandbox %s: %s", self.config.id, self.failure)
+        self._stop_reading()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # its pid 1 (--die-with-parent) and the rest go with it
+
+    def _forget(self, command_id: str) -> None:
+        """The node is done with a command: late repeats about it are ignored, not errors."""
+        self._spawns.pop(command_id, None)
+        self._exits.pop(command_id, None)
+        self._done_ids[command_id] = None
+        if len(self._done_ids) > 1024:
+            del self._done_ids[next(iter(self._done_ids))]
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        """One event checked by parse_event."""
         ev = message["ev"]
         if ev == "ready":
             if not self.ready.done():
                 self.ready.set_result(None)
             return
-        cid = str(message["id"])
+        cid = message["id"]
+        if cid not in self._spawns and cid not in self._exits:
+            if cid in self._done_ids:
+                return
+            raise ProtocolError(f"a {ev!r} event about a command it was not asked to run")
         if ev == "started":
             fut = self._spawns.pop(cid, None)
             if fut and not fut.done():
-                fut.set_result(int(message["pid"]))
+                fut.set_result(message["pid"])
         elif ev == "spawn_failed":
             fut = self._spawns.pop(cid, None)
             if fut and not fut.done():
-                fut.set_exception(SpawnError(str(message.get("error", "could not start"))[:500]))
+                fut.set_exception(SpawnError(message["error"]))
         elif ev == "exit":
             efut = self._exits.get(cid)
             if efut and not efut.done():
-                code = message.get("code")
-                sig = message.get("signal")
-                efut.set_result(
-                    ExitStatus(
-                        exit_code=int(code) if code is not None else None,
-                        signal=int(sig) if sig is not None else None,
-                    )
-                )
+                efut.set_result(ExitStatus(exit_code=message["code"], signal=message["signal"]))
 
     async def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()
@@ -704,8 +769,7 @@ class NamespacesSandbox(SandboxHandle):
             except SandboxDied as exc:
                 raise StartUnknown(str(exc)) from None
         except BaseException:
-            self._spawns.pop(spec.id, None)
-            self._exits.pop(spec.id, None)
+            self._forget(spec.id)
             for fd in host_fds:
                 os.close(fd)
             if cgroup is not None:
@@ -846,7 +910,7 @@ class NamespacesProcess(ProcessHandle):
         return resources.command_usage(self.sandbox.config.id, self.command_id, self.cgroup)
 
     async def release(self) -> None:
-        self.sandbox._exits.pop(self.command_id, None)
+        self.sandbox._forget(self.command_id)
         cgroups = self.sandbox.runtime.cgroups
         if cgroups is None or self.cgroup is None:
             return
