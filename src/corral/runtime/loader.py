@@ -10,9 +10,9 @@ usercustomize from /usr/local unless started with -S, and PYTHON* variables unle
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import struct
+import subprocess
 from pathlib import Path
 
 PT_INTERP = 3
@@ -82,7 +82,8 @@ def clear_mount_point(etc: Path, name: str, owner: int) -> None:
         st = None
     if st is not None and not (stat.S_ISREG(st.st_mode) and st.st_size == 0):
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)  # walks with descriptors, never follows symlinks
+            # GNU rm: no recursion limit, never follows symlinks or leaves the file system.
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)
         else:
             os.unlink(path)
         st = None
