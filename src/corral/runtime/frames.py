@@ -27,6 +27,7 @@ BYTE_RATE = float(1 << 20)  # bytes a second, sustained
 BYTE_BURST = float(2 << 20)
 OVER_BUDGET_GRACE = 3.0  # seconds a supervisor may stay over its budget
 FRAMES_PER_WAKE = 64  # messages read at one wake-up, so other sandboxes and requests get turns
+PAUSE = 0.05  # shortest pause of an over-budget reader: a few wake-ups a second, not thousands
 WARNINGS_PER_WINDOW = 5
 WARNING_WINDOW = 60.0
 

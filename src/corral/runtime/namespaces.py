@@ -41,6 +41,7 @@ from corral.runtime.frames import (
     FRAMES_PER_WAKE,
     MAX_FRAME,
     OVER_BUDGET_GRACE,
+    PAUSE,
     FrameBudget,
     ProtocolError,
     WarningLog,
@@ -636,7 +637,7 @@ class NamespacesSandbox(SandboxHandle):
                 self.config.id,
             )
         self._stop_reading()
-        self._resume_reading = self.loop.call_later(delay, self._start_reading)
+        self._resume_reading = self.loop.call_later(max(delay, PAUSE), self._start_reading)
 
     def _start_reading(self) -> None:
         self._resume_reading = None
