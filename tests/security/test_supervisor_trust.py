@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from corral.runtime.loader import trusted_python
 from tests.conftest import Server
 
 pytestmark = pytest.mark.sandbox
@@ -155,7 +157,28 @@ def test_what_sandbox_root_plants_never_runs_in_the_supervisor(
         assert len(trusted) == 2, trusted  # the supervisor and its launcher
         for pid, maps in trusted.items():
             files = {line.split()[-1] for line in maps.splitlines() if "/" in line}
-            assert files and all(f.startswith("/usr/") for f in files), (pid, sorted(files))
+            # Paths as the sandbox sees them: the read-only /usr, never its own /usr/local.
+            trusted_files = all(
+                f.startswith("/usr/") and not f.startswith("/usr/local/") for f in files
+            )
+            assert files and trusted_files, (pid, sorted(files))
+        # The same start, run as a command in the planted sandbox with the supervisor's
+        # environment (bwrap's, plus PYTHON* variables -I must ignore): sys.path is the
+        # read-only stdlib only, and nothing planted runs in it.
+        probe = "import sys; print(sys.executable, sys.prefix, sys.path)"
+        start = trusted_python(Path("/"), "/usr/bin/python3", "-c", probe)
+        same_start = shlex.join(start)
+        inside = run(
+            api, sid, f": > {MARKS}; env -i PATH=/usr/bin:/bin PYTHONPATH=/workspace/evilpy "
+            f"PYTHONHOME=/usr/local PYTHONUSERBASE=/usr/local {same_start}; cat {MARKS}",
+        )  # fmt: skip
+        printed, _, marks = inside["stdout"].partition("\n")
+        assert printed == (
+            "/usr/bin/python3 /usr ['/usr/lib/python311.zip', '/usr/lib/python3.11', "
+            "'/usr/lib/python3.11/lib-dynload']"
+        ), inside
+        # (`env` itself, an ordinary command, gets the sandbox's LD_PRELOAD: its mark is fine.)
+        assert [m for m in marks.splitlines() if m.split(" ", 1)[1].startswith(start[0])] == []
         # Commands keep the sandbox's own loader cache (ldconfig is theirs to use).
         after = run(api, sid, f"python3 -c pass; cat {MARKS}")["stdout"]
         assert "cache python3 -c pass" in after
