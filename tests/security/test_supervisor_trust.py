@@ -135,6 +135,17 @@ def test_what_sandbox_root_plants_never_runs_in_the_supervisor(
         for tag in ("env", "cache", "pth", "pythonpath", "usercustomize", "etc-sitecustomize"):
             assert f"{tag} python3 -c pass" in marks, (tag, marks)
         assert "/usr/local/lib/libz.so.1" in run(api, sid, "ldconfig -p")["stdout"]
+        # The one file no flag of the loader ignores is an empty read-only mount.
+        preload = run(
+            api, sid, "echo x > /etc/ld.so.preload; wc -c < /etc/ld.so.preload", user="root"
+        )
+        assert "Read-only file system" in preload["stderr"] and preload["stdout"] == "0\n", preload
+        for change in (
+            "rm -f /etc/ld.so.preload",
+            "mv /etc/ld.so.preload /etc/old",
+            "umount /etc/ld.so.preload",
+        ):
+            assert run(api, sid, change, user="root")["exit_code"] != 0, change
 
         assert run(api, sid, f": > {MARKS}")["exit_code"] == 0
         for step in ("stop", "start"):
