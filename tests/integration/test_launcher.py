@@ -67,7 +67,8 @@ def test_a_spawn_too_big_for_the_launcher_is_forked_and_spares_others(
     started = api.post(
         f"/v1/sandboxes/{sandbox_id}/commands", json={"command": "sleep 0.5; echo neighbour"}
     ).json()
-    launcher = "pgrep -u 1000 -x python3"  # uid 0 runs the supervisor, uid 1000 its launcher
+    # uid 0 runs the supervisor, uid 1000 its launcher (a fork of it)
+    launcher = "pgrep -u 1000 -f '^/.* /.corral/supervisor.py'"  # not bwrap, whose argv names it
     before = run(api, sandbox_id, launcher)["stdout"].split()
     assert len(before) == 1, before
     env = {f"BIG{i}": "x" * 100_000 for i in range(3)}

@@ -152,7 +152,7 @@ def supervisor_pid():
             try:
                 with open("/proc/%s/cmdline" % name, "rb") as f:
                     argv = f.read().split(b"\0")
-                if argv[0].endswith(b"python3") and b"/.corral/supervisor.py" in argv:
+                if b"/.corral/supervisor.py" in argv and not argv[0].endswith(b"bwrap"):
                     return int(name)
             except OSError:
                 pass

@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import pytest
 
+from corral.runtime.loader import elf_interpreter
 from tests.conftest import Server
 from tests.integration.helpers import server_processes
 from tests.security import conftest as security_conftest
@@ -68,6 +69,9 @@ NETWORK = "network"
 CROSS = "cross-sandbox"
 RESOURCES = "resources"
 HOSTFILES = "host-side file handling"
+
+# glibc's loader, by which the supervisor (and its launcher) start: argv[0] in their cmdline.
+TRUSTED_LOADER = elf_interpreter(Path("/usr/bin/python3"))
 CATEGORIES = (
     PRIVILEGE,
     FILESYSTEM,
@@ -1178,7 +1182,10 @@ PROBES: list[Probe] = [
         lambda v, _e: (
             len(v) <= 6
             and v.get("1", [""])[0] == "bwrap"
-            and all(a and a[0] in ("bwrap", "/usr/bin/python3", "python3") for a in v.values())
+            and all(
+                a and a[0] in ("bwrap", "/usr/bin/python3", "python3", TRUSTED_LOADER)
+                for a in v.values()
+            )
         ),
         py=(
             "result = {}\n"

@@ -245,7 +245,7 @@ def test_sandbox_crash_loses_running_commands(tmp_path: Path) -> None:
         async with local_node(tmp_path) as node:
             died: list[str] = []
 
-            async def on_died(sandbox_id: str) -> None:
+            async def on_died(sandbox_id: str, failure: str | None) -> None:
                 died.append(sandbox_id)
 
             node.on_sandbox_died = on_died
@@ -272,7 +272,7 @@ def test_stop_sandbox_cancels_running_commands(tmp_path: Path) -> None:
         async with local_node(tmp_path) as node:
             died: list[str] = []
 
-            async def on_died(sandbox_id: str) -> None:
+            async def on_died(sandbox_id: str, failure: str | None) -> None:
                 died.append(sandbox_id)
 
             node.on_sandbox_died = on_died
@@ -315,7 +315,7 @@ def test_restarting_a_sandbox_replaces_its_handle(tmp_path: Path) -> None:
         async with local_node(tmp_path) as node:
             died: list[str] = []
 
-            async def on_died(sandbox_id: str) -> None:
+            async def on_died(sandbox_id: str, failure: str | None) -> None:
                 died.append(sandbox_id)
 
             node.on_sandbox_died = on_died

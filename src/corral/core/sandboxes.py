@@ -455,10 +455,12 @@ class SandboxService:
             await self._boot(row)
         return await self.get(row.id)
 
-    async def _on_died(self, sandbox_id: str) -> None:
+    async def _on_died(self, sandbox_id: str, failure: str | None = None) -> None:
         with contextlib.suppress(Exception):
             await self._set_state(
-                sandbox_id, SandboxState.error, error="the sandbox's processes exited unexpectedly"
+                sandbox_id,
+                SandboxState.error,
+                error=failure or "the sandbox's processes exited unexpectedly",
             )
 
     # --- warm pool ---

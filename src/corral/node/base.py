@@ -104,7 +104,7 @@ class Execution(abc.ABC):
         """Stop reading standard output (raw_stdout commands); the writer gets EPIPE."""
 
 
-SandboxDiedCallback = Callable[[str], Awaitable[None]]
+SandboxDiedCallback = Callable[[str, str | None], Awaitable[None]]  # id, failure
 
 
 class Node(abc.ABC):

@@ -430,10 +430,11 @@ class LocalNode(Node):
         await handle.wait_dead()
         if self._sandboxes.get(sandbox_id) is handle and sandbox_id not in self._stopping:
             del self._sandboxes[sandbox_id]
-            log.warning("sandbox %s stopped unexpectedly", sandbox_id)
+            if handle.failure is None:
+                log.warning("sandbox %s stopped unexpectedly", sandbox_id)
             await handle.stop()  # clean up what is left of it (cgroups)
             if self.on_sandbox_died is not None:
-                await self.on_sandbox_died(sandbox_id)
+                await self.on_sandbox_died(sandbox_id, handle.failure)
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
         for execution in list(self._executions.values()):

@@ -125,6 +125,9 @@ class ProcessHandle(abc.ABC):
 
 class SandboxHandle(abc.ABC):
     config: SandboxConfig
+    # Why the backend stopped the sandbox itself (e.g. its supervisor broke the protocol);
+    # None when it died on its own or was stopped.
+    failure: str | None = None
 
     @property
     @abc.abstractmethod

@@ -37,7 +37,18 @@ from corral.runtime.base import (
     open_pty,
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
+from corral.runtime.frames import (
+    FRAMES_PER_WAKE,
+    MAX_FRAME,
+    OVER_BUDGET_GRACE,
+    PAUSE,
+    FrameBudget,
+    ProtocolError,
+    WarningLog,
+    parse_event,
+)
 from corral.runtime.limits import ResourceControl, Usage
+from corral.runtime.loader import clear_mount_point, trusted_python
 from corral.runtime.netpolicy import NetworkManager, OpenDestination
 from corral.runtime.seccomp import build_filter
 
@@ -57,6 +68,11 @@ PYTHON = "/usr/bin/python3"
 TOOLS_MOUNT = "/opt/corral"
 HOST_ETC_MOUNT = "/.corral/host-etc"
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
+SUPERVISOR_INSIDE = "/.corral/supervisor.py"
+# glibc's loader reads /etc/ld.so.preload in every process, whatever its flags: inside, that file
+# is an empty read-only mount (the sandbox's root cannot unmount it), so nothing it writes runs
+# in the supervisor. Commands started later get the same empty file.
+LD_PRELOAD_FILE = "ld.so.preload"
 
 # Host paths bound read-only when present: what programs need from /etc, nothing secret.
 HOST_ETC = (
@@ -230,9 +246,10 @@ class NamespacesRuntime(Runtime):
     def workspace(self, config: SandboxConfig) -> Path:
         return self.storage(config) / "workspace"
 
-    def _bwrap_options(self, config: SandboxConfig) -> list[str]:
+    def _bwrap_options(self, config: SandboxConfig, preload_fd: int) -> list[str]:
         """bwrap's options; passed through a pipe (`--args FD`), since /proc/1/cmdline shows
-        whatever bwrap got on its command line to the sandbox."""
+        whatever bwrap got on its command line to the sandbox. `preload_fd` reads the (empty)
+        /etc/ld.so.preload the sandbox gets."""
         share_net = ["--share-net"] if config.network != "none" else []
         args = [
             # No --disable-userns (bwrap refuses it with --userns-block-fd): the seccomp filter
@@ -264,8 +281,9 @@ class NamespacesRuntime(Runtime):
         for name in dict.fromkeys(HOST_ETC):
             args += ["--ro-bind-try", f"/etc/{name}", f"{HOST_ETC_MOUNT}/{name}"]
         args += ["--bind", str(self.storage(config) / "etc"), "/etc"]
+        args += ["--ro-bind-data", str(preload_fd), f"/etc/{LD_PRELOAD_FILE}"]
         args += [
-            "--ro-bind", str(self.supervisor_path), "/.corral/supervisor.py",
+            "--ro-bind", str(self.supervisor_path), SUPERVISOR_INSIDE,
             *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
             # The sandbox's own /usr/local, writable by its root (sudo pip install, make
             # install); the host's /usr/local is not shown.
@@ -286,18 +304,26 @@ class NamespacesRuntime(Runtime):
             "bwrap", "--args", str(args_fd),
             # bwrap waits while the node writes the user namespace's two-uid map.
             "--info-fd", str(info_fd), "--userns-block-fd", str(block_fd),
-            "--", PYTHON, "-I", "-S", "/.corral/supervisor.py", str(sock_fd),
+            # Nothing the sandbox's root may write (its /etc, /usr/local) changes the code the
+            # supervisor and its launcher (a fork, no exec) run.
+            "--", *trusted_python(self.template_root(config), PYTHON, SUPERVISOR_INSIDE,
+                                  str(sock_fd)),
         ]  # fmt: skip
 
     async def start(self, config: SandboxConfig) -> SandboxHandle:
         uid = self.host_uid(config)
         await asyncio.to_thread(self._make_dirs, config, uid)
+        await asyncio.to_thread(
+            clear_mount_point, self.storage(config) / "etc", LD_PRELOAD_FILE,
+            self.host_root_uid(config),
+        )  # fmt: skip
         cgroup: Path | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with contextlib.suppress(OSError):
             parent.setsockopt(socket.SOL_SOCKET, 32, 2 * MAX_MESSAGE)  # SO_SNDBUFFORCE
         seccomp_fd = _pipe_with(self.seccomp_bpf)
-        options = [*self._bwrap_options(config), "--add-seccomp-fd", str(seccomp_fd)]
+        preload_fd = _pipe_with(b"")
+        options = [*self._bwrap_options(config, preload_fd), "--add-seccomp-fd", str(seccomp_fd)]
         args_r = _pipe_with(("\0".join(options) + "\0").encode())
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
@@ -326,7 +352,7 @@ class NamespacesRuntime(Runtime):
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=[args_r, seccomp_fd, child.fileno(), info_w, block_r],  # same numbers
+                pass_fds=[args_r, seccomp_fd, preload_fd, child.fileno(), info_w, block_r],
                 start_new_session=True,
                 # bwrap stays the sandbox's pid 1, readable in /proc/1/environ: give it nothing
                 # of the server's environment.
@@ -338,7 +364,7 @@ class NamespacesRuntime(Runtime):
             os.close(block_w)
             raise
         finally:
-            for fd in (args_r, seccomp_fd, info_w, block_r):
+            for fd in (args_r, seccomp_fd, preload_fd, info_w, block_r):
                 os.close(fd)
             child.close()
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
@@ -535,6 +561,12 @@ class NamespacesSandbox(SandboxHandle):
         # Command cgroups still populated when released (a zombie not yet reaped, or processes
         # left in the background): removed once empty, a few per spawn.
         self._retired: list[tuple[Path, str]] = []
+        # What the supervisor says is hostile input (frames.py): a budget, rate-limited
+        # warnings, and the ids of commands it may speak of (asked, or recently done).
+        self._budget = FrameBudget()
+        self._warnings = WarningLog(log)
+        self._done_ids: dict[str, None] = {}
+        self._resume_reading: asyncio.TimerHandle | None = None
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
         self._watch = asyncio.ensure_future(self._watch_process())
@@ -564,18 +596,23 @@ class NamespacesSandbox(SandboxHandle):
         if self._dead.is_set():
             return
         self._dead.set()
-        with contextlib.suppress(ValueError, OSError):
-            self.loop.remove_reader(self.sock.fileno())
-        error = SandboxDied("the sandbox stopped")
+        self._stop_reading()
+        error = SandboxDied(self.failure or "the sandbox stopped")
         for fut in [self.ready, *self._spawns.values(), *self._exits.values()]:
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # mark retrieved: nobody may be waiting any more
 
     def _on_readable(self) -> None:
-        while True:
+        # A few messages per wake-up (the loop calls again while more wait), within the
+        # sandbox's budget: a flooding supervisor slows itself down, not the node.
+        for _ in range(FRAMES_PER_WAKE):
+            delay = self._budget.wait()
+            if delay:
+                self._over_budget(delay)
+                return
             try:
-                data = self.sock.recv(65536)
+                data = self.sock.recv(MAX_FRAME + 1)  # SCM_RIGHTS sent along are discarded
             except BlockingIOError:
                 return
             except OSError:
@@ -583,39 +620,84 @@ class NamespacesSandbox(SandboxHandle):
             if not data:
                 self._mark_dead()
                 return
+            self._budget.spend(len(data))
             try:
-                message = json.loads(data)
-                self._dispatch(message)
-            except (ValueError, TypeError, KeyError) as exc:
-                # The supervisor runs as the sandbox's user: treat what it says as untrusted.
-                log.warning("sandbox %s sent a bad message: %s", self.config.id, exc)
+                self._dispatch(parse_event(data))
+            except ProtocolError as exc:
+                self._broke_protocol(str(exc))
+                return
+
+    def _over_budget(self, delay: float) -> None:
+        over = self._budget.over_for()
+        if over > OVER_BUDGET_GRACE:
+            self._broke_protocol(
+                f"more than {self._budget.rate:.0f} messages or {self._budget.byte_rate:.0f} "
+                f"bytes a second for {over:.0f} s"
+            )
+            return
+        if over == 0:
+            self._warnings.warning(
+                "sandbox %s: its supervisor sends past its message budget; reading slowed down",
+                self.config.id,
+            )
+        self._stop_reading()
+        self._resume_reading = self.loop.call_later(max(delay, PAUSE), self._start_reading)
+
+    def _start_reading(self) -> None:
+        self._resume_reading = None
+        if self.alive and self.failure is None:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _stop_reading(self) -> None:
+        if self._resume_reading is not None:
+            self._resume_reading.cancel()
+            self._resume_reading = None
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _broke_protocol(self, reason: str) -> None:
+        """Stop the sandbox: its supervisor is not the one the node started (or is broken)."""
+        if self.failure is not None:
+            return
+        self.failure = f"the sandbox's supervisor broke its protocol ({reason}): sandbox stopped"
+        self._warnings.warning("sandbox %s: %s", self.config.id, self.failure)
+        self._stop_reading()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # its pid 1 (--die-with-parent) and the rest go with it
+
+    def _forget(self, command_id: str) -> None:
+        """The node is done with a command: late repeats about it are ignored, not errors."""
+        self._spawns.pop(command_id, None)
+        self._exits.pop(command_id, None)
+        self._done_ids[command_id] = None
+        if len(self._done_ids) > 1024:
+            del self._done_ids[next(iter(self._done_ids))]
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        """One event checked by parse_event."""
         ev = message["ev"]
         if ev == "ready":
             if not self.ready.done():
                 self.ready.set_result(None)
             return
-        cid = str(message["id"])
+        cid = message["id"]
+        if cid not in self._spawns and cid not in self._exits:
+            if cid in self._done_ids:
+                return
+            raise ProtocolError(f"a {ev!r} event about a command it was not asked to run")
         if ev == "started":
             fut = self._spawns.pop(cid, None)
             if fut and not fut.done():
-                fut.set_result(int(message["pid"]))
+                fut.set_result(message["pid"])
         elif ev == "spawn_failed":
             fut = self._spawns.pop(cid, None)
             if fut and not fut.done():
-                fut.set_exception(SpawnError(str(message.get("error", "could not start"))[:500]))
+                fut.set_exception(SpawnError(message["error"]))
         elif ev == "exit":
             efut = self._exits.get(cid)
             if efut and not efut.done():
-                code = message.get("code")
-                sig = message.get("signal")
-                efut.set_result(
-                    ExitStatus(
-                        exit_code=int(code) if code is not None else None,
-                        signal=int(sig) if sig is not None else None,
-                    )
-                )
+                efut.set_result(ExitStatus(exit_code=message["code"], signal=message["signal"]))
 
     async def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()
@@ -692,8 +774,7 @@ class NamespacesSandbox(SandboxHandle):
             except SandboxDied as exc:
                 raise StartUnknown(str(exc)) from None
         except BaseException:
-            self._spawns.pop(spec.id, None)
-            self._exits.pop(spec.id, None)
+            self._forget(spec.id)
             for fd in host_fds:
                 os.close(fd)
             if cgroup is not None:
@@ -834,7 +915,7 @@ class NamespacesProcess(ProcessHandle):
         return resources.command_usage(self.sandbox.config.id, self.command_id, self.cgroup)
 
     async def release(self) -> None:
-        self.sandbox._exits.pop(self.command_id, None)
+        self.sandbox._forget(self.command_id)
         cgroups = self.sandbox.runtime.cgroups
         if cgroups is None or self.cgroup is None:
             return

@@ -1,11 +1,23 @@
 """The supervisor that lives inside each sandbox and starts its commands.
 
-Runs with the distribution's python3 (`python3 -I -S`, stdlib only), started by bwrap as uid 1000
-with the capabilities the node grants it. The node talks to it over a SOCK_SEQPACKET socket (fd
-given as argv[1]): one JSON object per message, file descriptors for the command's stdio and
-cgroups passed alongside with SCM_RIGHTS. The command's output goes straight from its pipes to
-the node; the supervisor only reports start and exit. It trusts nothing it receives beyond the
-node's messages and sends only its own.
+Runs with the distribution's python3 (stdlib only), started by bwrap as uid 1000 with the
+capabilities the node grants it. The node talks to it over a SOCK_SEQPACKET socket (fd given as
+argv[1]): one JSON object per message, file descriptors for the command's stdio and cgroups
+passed alongside with SCM_RIGHTS. The command's output goes straight from its pipes to the node;
+the supervisor only reports start and exit. It trusts nothing it receives beyond the node's
+messages and sends only its own.
+
+The sandbox's root (sudo) owns the sandbox's /etc and /usr/local, so nothing there may decide
+the code this file runs (loader.py): it starts through glibc's loader with --inhibit-cache (no
+/etc/ld.so.cache of the sandbox's making), /etc/ld.so.preload is an empty read-only mount, and
+python runs with -I -S (no PYTHON* variables, site, .pth files or sitecustomize); sys.path is
+/usr/lib/python3.X only. The launcher is a fork of it, never an exec. It imports nothing beyond
+the standard library.
+
+The node, for its part, trusts none of this (frames.py): it reads these events within a budget
+per sandbox, checks each against the list below, and stops the sandbox of a supervisor that
+sends anything else (more than 4096 bytes, not JSON, an event about a command it was not asked
+to run, a flood). Keep every event small and listed here.
 
 Two processes do the work:
   - the supervisor switches to uid 0 of the sandbox's user namespace (still an unprivileged host
