@@ -15,7 +15,6 @@ from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited,
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
-from corral.node.output_log import read_output
 from corral.runtime.base import SandboxDied, SpawnError, StartUnknown
 from corral.settings import Settings
 from corral.store.db import Database
@@ -277,11 +276,7 @@ class CommandService:
         final = await asyncio.shield(self._finished[row.id])
         if final is None:
             raise Unavailable(f"command {row.id} ended but its result could not be stored")
-        output = execution.log.memory_output()
-        if output is None:
-            path = self.node.log_path(row.sandbox_id, row.id)
-            output = await asyncio.to_thread(read_output, path)
-        return to_model(final, output)
+        return to_model(final, await self.node.output(row.sandbox_id, row.id))
 
     async def wait_finished(self, cid: str, timeout: float | None = None) -> bool:
         done = self._finished.get(cid)
@@ -317,12 +312,9 @@ class CommandService:
         if wait and not CommandStatus(row.status).finished:
             await self.wait_finished(cid, timeout)
             row = await self.row(sandbox_id, cid)
-        execution = self.node.execution(cid)
-        if output is None and (CommandStatus(row.status).finished or execution is not None):
-            if execution is not None:
-                execution.log.flush()  # what it printed so far, not what the last batch held
-            path = self.node.log_path(row.sandbox_id, row.id)
-            output = await asyncio.to_thread(read_output, path)
+        running_here = self.node.execution(cid) is not None
+        if output is None and (CommandStatus(row.status).finished or running_here):
+            output = await self.node.output(row.sandbox_id, row.id)
         return to_model(row, output)
 
     def execution(self, cid: str) -> Execution | None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from corral.core.commands import CommandService
 from corral.core.models import CommandStatus
-from corral.node.output_log import STDERR, STDOUT, STREAM_NAMES, Chunk, CorruptLog, follow_idle
+from corral.node.output_log import STDERR, STDOUT, STREAM_NAMES, Chunk, CorruptLog
 from corral.store.tables import CommandRow
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,9 @@ async def command_events(
     Heartbeats (`{"type": "heartbeat"}`) come whenever `heartbeat` seconds pass in silence.
     """
     sandbox_id, cid = row.sandbox_id, row.id
-    path = commands.node.log_path(sandbox_id, cid)
-    execution = commands.execution(cid)
-    live = execution.log if execution is not None else None
     position = offset
     try:
-        async for chunk in follow_idle(path, offset, live, heartbeat):
+        async for chunk in commands.node.follow_output(sandbox_id, cid, offset, idle=heartbeat):
             if chunk is None:
                 yield {"type": "heartbeat", "next_offset": position}
                 continue

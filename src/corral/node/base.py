@@ -4,13 +4,13 @@ implement the same calls over its connection to the server."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from corral.core.models import CommandStatus
-from corral.node.output_log import OutputLog
+from corral.node.output_log import Chunk, OutputLog
 from corral.runtime.base import SandboxConfig
 
 
@@ -159,6 +159,33 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     def log_path(self, sandbox_id: str, command_id: str) -> Path: ...
+
+    # --- a command's output, read through the node that holds its log ---
+
+    @abc.abstractmethod
+    def follow_output(
+        self, sandbox_id: str, command_id: str, offset: int = 0, *, idle: float | None = None
+    ) -> AsyncIterator[Chunk | None]:
+        """The log from `offset`: replayed, then followed until the command ends; None whenever
+        `idle` seconds pass in silence. CorruptLog for an offset that is not a frame's."""
+
+    @abc.abstractmethod
+    def follow_raw(
+        self,
+        sandbox_id: str,
+        command_id: str,
+        offset: int = 0,
+        streams: frozenset[int] | None = None,
+    ) -> AsyncIterator[tuple[bytes | memoryview, int]]:
+        """The raw view: (data, next_offset) pieces of `streams`, replayed then followed."""
+
+    @abc.abstractmethod
+    async def check_offset(self, sandbox_id: str, command_id: str, offset: int) -> None:
+        """CorruptLog unless a frame of the log starts at `offset` (or it is the log's end)."""
+
+    @abc.abstractmethod
+    async def output(self, sandbox_id: str, command_id: str) -> tuple[bytes, bytes]:
+        """All the kept stdout and stderr of a command, what it printed so far if it runs."""
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...

@@ -8,12 +8,22 @@ import dataclasses
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from corral.core.models import CommandStatus
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
-from corral.node.output_log import STDERR, STDOUT, OutputLog
+from corral.node.output_log import (
+    STDERR,
+    STDOUT,
+    Chunk,
+    OutputLog,
+    check_offset,
+    follow_idle,
+    follow_raw,
+    read_output,
+)
 from corral.pipes import pipe_end
 from corral.runtime.base import (
     ExitStatus,
@@ -33,6 +43,7 @@ EXIT_AFTER_KILL = 3.0  # how long to wait for the exit report after a kill
 STDIN_BUFFER = 1 << 20  # bytes of stdin buffered for a command before writers wait
 RAW_STDOUT_BUFFER = 1 << 20  # bytes of raw stdout buffered before the pipe stops being read
 RAW_STDOUT_ORPHAN = 300.0  # seconds after the end before an unread raw stdout is closed
+ENDED_LOG_SECONDS = 5.0  # how long an ended command's log stays in memory for its reply
 
 
 def utcnow() -> datetime:
@@ -405,6 +416,7 @@ class LocalNode(Node):
         self._sandboxes: dict[str, SandboxHandle] = {}
         self._stopping: set[str] = set()
         self._executions: dict[str, LocalExecution] = {}
+        self._ended_logs: dict[str, OutputLog] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
     async def prepare(self) -> list[str]:
@@ -492,6 +504,44 @@ class LocalNode(Node):
     def log_path(self, sandbox_id: str, command_id: str) -> Path:
         return self.logs_dir / sandbox_id / f"{command_id}.log"
 
+    def _log(self, command_id: str) -> OutputLog | None:
+        """The in-memory log of a command running here (or that ended a moment ago)."""
+        execution = self._executions.get(command_id)
+        if execution is not None:
+            return execution.log
+        return self._ended_logs.get(command_id)
+
+    def follow_output(
+        self, sandbox_id: str, command_id: str, offset: int = 0, *, idle: float | None = None
+    ) -> AsyncIterator[Chunk | None]:
+        live = self._log(command_id)
+        return follow_idle(self.log_path(sandbox_id, command_id), offset, live, idle)
+
+    def follow_raw(
+        self,
+        sandbox_id: str,
+        command_id: str,
+        offset: int = 0,
+        streams: frozenset[int] | None = None,
+    ) -> AsyncIterator[tuple[bytes | memoryview, int]]:
+        live = self._log(command_id)
+        return follow_raw(self.log_path(sandbox_id, command_id), offset, live, streams)
+
+    async def check_offset(self, sandbox_id: str, command_id: str, offset: int) -> None:
+        live = self._log(command_id)
+        if live is not None:
+            live.flush()  # the offset may come from output still being batched
+        check_offset(self.log_path(sandbox_id, command_id), offset)  # one pread: no thread
+
+    async def output(self, sandbox_id: str, command_id: str) -> tuple[bytes, bytes]:
+        live = self._log(command_id)
+        if live is not None:
+            memory = live.memory_output()
+            if memory is not None:
+                return memory
+            live.flush()  # what it printed so far, not what the last batch held
+        return await asyncio.to_thread(read_output, self.log_path(sandbox_id, command_id))
+
     async def run(self, spec: CommandSpec) -> Execution:
         process = await self._live(spec.sandbox_id).spawn(
             ProcessSpec(
@@ -512,6 +562,11 @@ class LocalNode(Node):
 
         def ended(_: object) -> None:
             self._executions.pop(spec.id, None)
+            # Kept a moment, so that the result's reply is built from memory, not the file.
+            self._ended_logs[spec.id] = output
+            asyncio.get_running_loop().call_later(
+                ENDED_LOG_SECONDS, self._ended_logs.pop, spec.id, None
+            )
             if not spec.keep_log:
                 with contextlib.suppress(OSError):
                     output.path.unlink()

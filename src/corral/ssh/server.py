@@ -32,7 +32,7 @@ from corral.core.errors import CorralError, NotFound
 from corral.core.named_commands import NamedCommandRow
 from corral.core.token_watch import TokenEnded
 from corral.core.tokens import Principal
-from corral.node.output_log import STDOUT, follow
+from corral.node.output_log import STDOUT
 from corral.services import Services
 
 log = logging.getLogger(__name__)
@@ -307,8 +307,9 @@ class Session:
                 return EXIT_NOT_RUN
             feeder = asyncio.ensure_future(self._feed(execution))
             try:
-                path = self.services.node.log_path(run.sandbox.id, run.row.id)
-                async for chunk in follow(path, 0, execution.log):
+                async for chunk in self.services.node.follow_output(run.sandbox.id, run.row.id):
+                    if chunk is None:
+                        continue
                     target = self.process.stdout if chunk.stream == STDOUT else self.process.stderr
                     target.write(chunk.data)
                     await target.drain()

@@ -31,7 +31,7 @@ from corral.core.models import (
 from corral.core.token_watch import TokenEnded, TokenLease
 from corral.core.tokens import Principal
 from corral.node.base import Execution
-from corral.node.output_log import CorruptLog, check_offset, follow_raw
+from corral.node.output_log import CorruptLog
 from corral.services import Services
 from corral.store.tables import CommandRow
 
@@ -67,12 +67,9 @@ async def command_for(
     return await services.commands.row(row.id, command_id)
 
 
-def _validated_offset(services: Services, row: CommandRow, offset: int) -> int:
-    execution = services.commands.execution(row.id)
-    if execution is not None:
-        execution.log.flush()  # the offset may come from output still being batched
+async def _validated_offset(services: Services, row: CommandRow, offset: int) -> int:
     try:
-        check_offset(services.node.log_path(row.sandbox_id, row.id), offset)
+        await services.node.check_offset(row.sandbox_id, row.id, offset)
     except CorruptLog as exc:
         raise BadRequest(str(exc)) from None
     return offset
@@ -130,19 +127,17 @@ async def command_logs(
         if not last_event_id.isdigit():
             raise BadRequest("Last-Event-ID is not an offset of this stream")
         start = int(last_event_id)
-    start = _validated_offset(services, row, start or 0)
+    start = await _validated_offset(services, row, start or 0)
     streams = STREAM_SETS[stream]
     heartbeat = services.settings.heartbeat_seconds
 
     if kind == "raw":
-        execution = services.commands.execution(row.id)
-        live = execution.log if execution is not None else None
-        path = services.node.log_path(row.sandbox_id, row.id)
+        pieces_from = services.node.follow_raw(row.sandbox_id, row.id, start, streams)
 
         async def raw() -> AsyncIterator[bytes | memoryview]:
             to_skip = skip
             # Closed with this generator, so the log's ring and file are let go at once.
-            async with contextlib.aclosing(follow_raw(path, start, live, streams)) as pieces:
+            async with contextlib.aclosing(pieces_from) as pieces:
                 async for data, _ in pieces:
                     if to_skip:
                         if len(data) <= to_skip:
@@ -296,7 +291,7 @@ async def attach(
         row = await command_for(services, caller, sandbox, command_id)
         if offset < 0:
             raise InvalidArgument("offset must not be negative")
-        _validated_offset(services, row, offset)
+        await _validated_offset(services, row, offset)
         execution = services.commands.execution(row.id)
     except CorralError as exc:
         await ws.refuse(websocket, exc)
