@@ -12,6 +12,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -117,6 +118,7 @@ class NamespacesRuntime(Runtime):
         tools_dir: Path | None = None,
         templates_dir: Path | None = None,
         tmp_mb: int = 1024,
+        link_subnet: ipaddress.IPv4Network | None = None,
     ):
         self.templates_dir = templates_dir
         self.data_dir = data_dir
@@ -127,7 +129,7 @@ class NamespacesRuntime(Runtime):
         self.supervisor_path = data_dir / "runtime" / "supervisor.py"
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
-        self.net = NetworkManager(cgroup_name)
+        self.net = NetworkManager(cgroup_name, link_subnet)
         self.seccomp_bpf = b""
 
     async def prepare(self) -> list[str]:

@@ -30,7 +30,9 @@ ALWAYS_DENIED = (
     "192.168.0.0/16",
     "224.0.0.0/3",
 )
-SUBNET = ipaddress.ip_network("10.200.0.0/14")  # /30 per sandbox slot
+# Every node's sandbox links: each live node gets a block of it (runtime/hostlock.py), a /30
+# per sandbox slot.
+SUBNET = ipaddress.ip_network("10.200.0.0/13")
 NETNS_DIR = Path("/run/netns")
 
 
@@ -52,7 +54,8 @@ async def _run(*argv: str, stdin: bytes | None = None) -> str:
 
 
 class NetworkManager:
-    def __init__(self, node_name: str) -> None:
+    def __init__(self, node_name: str, subnet: ipaddress.IPv4Network | None = None) -> None:
+        self.subnet = subnet or next(SUBNET.subnets(new_prefix=14))  # this node's links
         tag = hashlib.sha256(node_name.encode()).hexdigest()[:4]
         self.table = f"corral_{tag}"
         self.prefix = f"crl{tag}"  # netns names and host-side veth names
@@ -69,9 +72,8 @@ class NetworkManager:
     def veth(self, slot: int) -> str:
         return f"{self.prefix}h{slot}"  # at most 15 characters (IFNAMSIZ)
 
-    @staticmethod
-    def addresses(slot: int) -> tuple[str, str]:
-        base = SUBNET.network_address + slot * 4
+    def addresses(self, slot: int) -> tuple[str, str]:
+        base = self.subnet.network_address + slot * 4
         return str(base + 1), str(base + 2)
 
     # --- node lifetime ---
