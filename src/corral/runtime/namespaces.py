@@ -161,7 +161,7 @@ class NamespacesRuntime(Runtime):
         sandboxes = self.data_dir / "sandboxes"
         sandboxes.mkdir(exist_ok=True)
         sandboxes.chmod(0o711)
-        await asyncio.to_thread(self.views.setup)
+        await asyncio.to_thread(self._show_shared_dirs)
         if not self.views.available:
             warnings.append(
                 "overlay mounts are unavailable: sandboxes see the host paths of the tools, "
@@ -172,9 +172,6 @@ class NamespacesRuntime(Runtime):
                 "the data dir's file system cannot hold an overlay's upper layer: sandboxes "
                 "without a disk limit see their directory's host path in /proc/self/mountinfo"
             )
-        self.supervisor_path = self.views.view(self.supervisor_source) / SUPERVISOR.name
-        if self.tools_source is not None:
-            self.tools_dir = self.views.view(self.tools_source)
 
         self.seccomp_bpf = build_filter()
         mount = find_cgroup2()
@@ -199,6 +196,13 @@ class NamespacesRuntime(Runtime):
             if not how:
                 warnings.append(f"this host cannot enforce the sandbox limit {limit!r}")
         return warnings
+
+    def _show_shared_dirs(self) -> None:
+        """The read-only views that every sandbox binds: the supervisor's and the tools'."""
+        self.views.setup()
+        self.supervisor_path = self.views.view(self.supervisor_source) / SUPERVISOR.name
+        if self.tools_source is not None:
+            self.tools_dir = self.views.view(self.tools_source)
 
     def enforceable(self) -> dict[str, str]:
         found = self.resources.enforceable() if self.resources else {}
