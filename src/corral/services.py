@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ class Services:
     async def start(cls, settings: Settings) -> Services:
         # 0. What this node holds alone on the host, before anything is cleaned up or reused:
         #    another live node with the same settings refuses to start, naming them.
-        host_lock = lock_host(settings)
+        host_lock = await asyncio.to_thread(lock_host, settings)
         try:
             return await cls._start(settings, host_lock)
         except BaseException:

@@ -60,8 +60,8 @@ def public_reason(exc: BaseException) -> str:
     if isinstance(exc, subprocess.CalledProcessError):
         program = os.path.basename(str(exc.cmd[0])) if isinstance(exc.cmd, list) else "a tool"
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        last = err.strip().splitlines()[-1:] or [f"exit status {exc.returncode}"]
-        return f"{program} failed: {without_host_paths(last[0])[:500]}"
+        first = err.strip().splitlines()[:1] or [f"exit status {exc.returncode}"]
+        return f"{program} failed: {without_host_paths(first[0])[:500]}"
     if isinstance(exc, OSError) and exc.strerror:
         return without_host_paths(exc.strerror)  # without the file it names: the host's
     return without_host_paths(str(exc))

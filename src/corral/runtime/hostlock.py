@@ -31,6 +31,7 @@ from corral.runtime.netpolicy import SUBNET, NetworkManager
 
 LOCK_DIR = Path("/run/corral/locks")
 REGISTRY = ".registry"
+REGISTRY_WAIT = 10.0  # seconds
 LINK_ADDRESSES = 4  # a /30 per sandbox slot: network, host end, sandbox end, broadcast
 
 
@@ -129,7 +130,20 @@ def acquire(
 def _registry(lock_dir: Path) -> Iterator[None]:
     fd = os.open(lock_dir / REGISTRY, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held only while lock files are examined or changed
+        # Held only while lock files are examined or changed: a moment, unless its holder
+        # is stopped.
+        deadline = time.monotonic() + REGISTRY_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HostConflict(
+                        f"{lock_dir / REGISTRY} stayed locked for {REGISTRY_WAIT:.0f} s: another "
+                        "Corral node is stuck starting or stopping"
+                    ) from None
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)
