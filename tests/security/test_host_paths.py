@@ -121,3 +121,52 @@ def test_a_bad_template_names_no_host_path(server: Server, api: httpx.Client) ->
     assert resp.status_code in (404, 409, 422), resp.text
     assert server.data_dir.name not in resp.text
     subprocess.run(["rm", "-rf", str(templates / "broken")], check=False)
+
+
+def test_a_replaced_directory_gets_a_fresh_view(tmp_path: Path) -> None:
+    """A template renamed into place is what later sandboxes see; the views show "/" and
+    neutral layer names in mountinfo, and are gone once closed."""
+    from corral.runtime.mounts import SharedViews, mounted_under
+
+    views = SharedViews(tmp_path / "views")
+    views.setup()
+    assert views.available and views.writable
+    source = tmp_path / "templates" / "t"
+    source.mkdir(parents=True)
+    (source / "f").write_text("old")
+    try:
+        first = views.view(source)
+        assert (first / "f").read_text() == "old"
+        assert views.view(source) == first  # unchanged: the same view
+        new = tmp_path / "templates" / "t.new"
+        new.mkdir()
+        (new / "f").write_text("new")
+        source.rename(tmp_path / "templates" / "t.old")
+        new.rename(source)
+        second = views.view(source)
+        assert second != first and (second / "f").read_text() == "new"
+        line = next(
+            m for m in Path("/proc/self/mountinfo").read_text().splitlines()
+            if m.split()[4] == str(second)
+        )  # fmt: skip
+        assert line.split()[3] == "/" and str(tmp_path) not in line.split(" - ")[1]
+    finally:
+        views.close()
+    assert mounted_under(tmp_path) == []
+
+
+def test_without_overlays_the_directories_themselves_are_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where overlay mounts fail (no overlay support, or an upper layer on an overlay), views
+    fall back to the directories, and the runtime says so at start."""
+    from corral.runtime import mounts
+
+    def no_overlay(*_args: object) -> None:
+        raise subprocess.CalledProcessError(32, ["mount"], stderr=b"unknown filesystem type")
+
+    monkeypatch.setattr(mounts, "_mount_overlay", no_overlay)
+    views = mounts.SharedViews(tmp_path / "views")
+    views.setup()
+    assert not views.available and not views.writable
+    assert views.view(tmp_path) == tmp_path
