@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from corral.core.named_commands import NamedCommandService
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
 from corral.node.local import LocalNode
+from corral.runtime import hostlock
 from corral.runtime.base import Runtime
 from corral.runtime.limits import Limits
 from corral.settings import Settings
@@ -23,7 +25,7 @@ log = logging.getLogger("corral")
 SHUTDOWN_DRAIN_SECONDS = 10.0
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, host_lock: hostlock.NodeLock | None = None) -> Runtime:
     if settings.runtime == "fake":
         from corral.runtime.fake import FakeRuntime
 
@@ -38,6 +40,22 @@ def build_runtime(settings: Settings) -> Runtime:
         tools_dir=settings.effective_tools_dir,
         templates_dir=settings.effective_templates_dir,
         network_open=parse_open(settings.network_open),
+        link_subnet=host_lock.link_subnet if host_lock else None,
+    )
+
+
+def lock_host(settings: Settings) -> hostlock.NodeLock | None:
+    """Hold this node's cgroup root, uids, network table and data dir against other live nodes
+    of this host (the fake runtime uses none of them)."""
+    if settings.runtime == "fake":
+        return None
+    return hostlock.acquire(
+        hostlock.node_claim(
+            data_dir=settings.data_dir,
+            cgroup_root=settings.cgroup_root,
+            uid_base=settings.uid_base,
+            uid_count=settings.uid_count,
+        )
     )
 
 
@@ -53,9 +71,22 @@ class Services:
     runs: RunService
     named: NamedCommandService
     logins: LoginThrottle
+    host_lock: hostlock.NodeLock | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
+        # 0. What this node holds alone on the host, before anything is cleaned up or reused:
+        #    another live node with the same settings refuses to start, naming them.
+        host_lock = await asyncio.to_thread(lock_host, settings)
+        try:
+            return await cls._start(settings, host_lock)
+        except BaseException:
+            if host_lock is not None:
+                host_lock.release()
+            raise
+
+    @classmethod
+    async def _start(cls, settings: Settings, host_lock: hostlock.NodeLock | None) -> Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # 1. The store, migrated to the current schema.
         db = Database(settings.effective_database_url)
@@ -75,7 +106,7 @@ class Services:
         # 4. The local node: checks the host, removes what a previous run left behind.
         node = LocalNode(
             node_id=settings.node_id,
-            runtime=build_runtime(settings),
+            runtime=build_runtime(settings, host_lock),
             data_dir=settings.data_dir,
             kill_grace_ms=settings.kill_grace_ms,
         )
@@ -111,6 +142,7 @@ class Services:
             runs=RunService(commands, files, deno=deno),
             named=None,  # type: ignore[arg-type]  # set just below: it needs the others
             logins=LoginThrottle(db),
+            host_lock=host_lock,
         )
         services.named = NamedCommandService(
             db, services.sandboxes, services.commands, services.tokens
@@ -139,3 +171,6 @@ class Services:
         await self.commands.drain(SHUTDOWN_DRAIN_SECONDS)
         await self.commands.writer.close()
         await self.db.close()
+        # 4. Free this node's hold on the host's resources, now that nothing uses them.
+        if self.host_lock is not None:
+            self.host_lock.release()

@@ -1017,25 +1017,19 @@ PROBES: list[Probe] = [
     Probe(
         "fs.mountinfo_host_paths",
         FILESYSTEM,
-        "/proc/self/mountinfo shows no host data-dir path beyond the accepted bind sources "
-        "(runtime/supervisor.py -> /.corral/supervisor.py, tools -> /opt/corral); the "
-        "sandbox's own disk shows as a loop device, not as a host path",
-        lambda v, e: (
-            set(v)
-            <= {
-                f"{e.ctx['data_dir']}/runtime/supervisor.py -> /.corral/supervisor.py",
-                f"{e.ctx['data_dir']}/tools -> /opt/corral",
-            }
-        ),
+        "/proc/self/mountinfo names no host path: nothing of the data dir (nor its temp dir's "
+        "name), and the binds from the host's root file system are of /usr and /etc only",
+        is_([]),
         py=(
-            "result = [l.split()[3] + ' -> ' + l.split()[4] for l in open('/proc/self/mountinfo')\n"
-            "          if CTX['data_dir'] in l.split()[3] or CTX['data_dir'] in l.split(' - ')[1]]"
-        ),
-        accepted=(
-            "accepted (information disclosure): bind mounts show their host source paths in "
-            "/proc/self/mountinfo, so the sandbox learns where the server's data dir is (the "
-            "binds of runtime/supervisor.py and tools); nothing there is readable or writable "
-            "beyond what the binds show anyway"
+            "import os\n"
+            "name = os.path.basename(CTX['data_dir'])\n"
+            "host = '%d:%d' % (os.major(CTX['host_root_dev']), os.minor(CTX['host_root_dev']))\n"
+            "result = []\n"
+            "for l in open('/proc/self/mountinfo'):\n"
+            "    f = l.split()\n"
+            "    if name in l or (f[2] == host and f[3] != '/' and\n"
+            "                     f[3].split('/')[1] not in ('usr', 'etc')):\n"
+            "        result.append(l.strip())"
         ),
     ),
     # kernel surface
@@ -2019,6 +2013,7 @@ class Env:
             "server_port": server.port,
             "abstract": f"corral-probe-{os.getpid()}-{os.urandom(4).hex()}",
             "host_ip": host_address(),
+            "host_root_dev": os.stat("/").st_dev,  # binds from it must be system paths
         }
         self.ctx["tcp_port"] = self._listen(socket.AF_INET, "127.0.0.1")
         try:

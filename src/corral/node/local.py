@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,8 +48,34 @@ RAW_STDOUT_ORPHAN = 300.0  # seconds after the end before an unread raw stdout i
 ENDED_LOG_SECONDS = 5.0  # how long an ended command's log stays in memory for its reply
 
 
+# An absolute path where a message names one: not inside a word, a number (10.0.0.0/8) or a URL.
+_HOST_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"`,;:()\[\]{}<>]*")
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class HostFailure(RuntimeError):
+    """Something on the host failed for a sandbox; the message says why without a host path
+    (the server's log has the whole error)."""
+
+
+def without_host_paths(text: str) -> str:
+    return _HOST_PATH.sub("<host path>", text)
+
+
+def public_reason(exc: BaseException) -> str:
+    """Why a host-side operation failed, fit for a client: clients and sandboxes learn nothing
+    of the host's layout (data dir, cgroups, mount points) from it."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        program = os.path.basename(str(exc.cmd[0])) if isinstance(exc.cmd, list) else "a tool"
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        first = err.strip().splitlines()[:1] or [f"exit status {exc.returncode}"]
+        return f"{program} failed: {without_host_paths(first[0])[:500]}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return without_host_paths(exc.strerror)  # without the file it names: the host's
+    return without_host_paths(str(exc))
 
 
 class _PipeReader(asyncio.Protocol):
@@ -258,10 +286,13 @@ class LocalExecution(Execution):
                 self._stdin_ready.set()
             status = await self._wait_exit()
         except SandboxDied as exc:
-            error = f"the sandbox stopped while the command ran ({exc}); its result is unknown"
+            error = (
+                f"the sandbox stopped while the command ran ({public_reason(exc)}); "
+                "its result is unknown"
+            )
         except Exception as exc:  # a bug here must still end the command, never hang it
             log.exception("command %s supervision failed", self.spec.id)
-            error = f"internal error: {exc}"
+            error = f"internal error: {public_reason(exc)}"
         finally:
             self._stdin_ready.set()
             self._stdout_ready.set()
@@ -432,7 +463,11 @@ class LocalNode(Node):
             self._stopping.add(config.id)
             await old.stop()
             self._stopping.discard(config.id)
-        handle = await self.runtime.start(config)
+        try:
+            handle = await self.runtime.start(config)
+        except Exception as exc:
+            log.warning("sandbox %s did not start: %r", config.id, exc)
+            raise HostFailure(public_reason(exc)) from None
         self._sandboxes[config.id] = handle
         task = asyncio.ensure_future(self._watch(config.id, handle))
         self._watchers.add(task)
@@ -466,7 +501,11 @@ class LocalNode(Node):
 
     async def remove_sandbox(self, config: SandboxConfig) -> None:
         await self.stop_sandbox(config.id)
-        await self.runtime.remove_files(config)
+        try:
+            await self.runtime.remove_files(config)
+        except OSError as exc:
+            log.warning("sandbox %s: removing its files failed: %r", config.id, exc)
+            raise OSError(exc.errno, public_reason(exc)) from None
 
     def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
         """The environment every later command of a running sandbox starts with."""
@@ -477,10 +516,18 @@ class LocalNode(Node):
         await self._live(sandbox_id).set_network(network, allow)
 
     async def pause_sandbox(self, sandbox_id: str) -> None:
-        await self._live(sandbox_id).pause()
+        try:
+            await self._live(sandbox_id).pause()
+        except OSError as exc:
+            log.warning("sandbox %s: pausing failed: %r", sandbox_id, exc)
+            raise HostFailure(f"the sandbox could not be paused: {public_reason(exc)}") from None
 
     async def resume_sandbox(self, sandbox_id: str) -> None:
-        await self._live(sandbox_id).resume()
+        try:
+            await self._live(sandbox_id).resume()
+        except OSError as exc:
+            log.warning("sandbox %s: resuming failed: %r", sandbox_id, exc)
+            raise HostFailure(f"the sandbox could not be resumed: {public_reason(exc)}") from None
 
     def enforceable(self) -> dict[str, str]:
         return self.runtime.enforceable()

@@ -12,6 +12,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from corral.runtime.frames import (
 )
 from corral.runtime.limits import ResourceControl, Usage
 from corral.runtime.loader import clear_mount_point, trusted_python
+from corral.runtime.mounts import SharedViews, mount_private_overlay
 from corral.runtime.netpolicy import NetworkManager, OpenDestination
 from corral.runtime.seccomp import build_filter
 
@@ -134,19 +136,24 @@ class NamespacesRuntime(Runtime):
         templates_dir: Path | None = None,
         tmp_mb: int = 1024,
         network_open: tuple[OpenDestination, ...] = (),
+        link_subnet: ipaddress.IPv4Network | None = None,
     ):
         self.templates_dir = templates_dir
         self.data_dir = data_dir
-        self.tools_dir = tools_dir  # shown read-only at /opt/corral (interpreters, helpers)
+        self.tools_source = tools_dir  # shown read-only at /opt/corral (interpreters, helpers)
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
         self.tmp_bytes = tmp_mb * 1024 * 1024
-        self.supervisor_path = data_dir / "runtime" / "supervisor.py"
+        # What sandboxes are shown of the host's directories comes from views of them
+        # (mounts.py), so that their mountinfo says nothing of where the data dir is.
+        self.views = SharedViews(data_dir / "runtime" / "views")
+        self.supervisor_source = data_dir / "runtime" / "supervisor"
+        self.supervisor_path = self.supervisor_source / "supervisor.py"  # bound; set by prepare
+        self.tools_dir = tools_dir  # bound at /opt/corral; set by prepare
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
-        # Two uids per slot: disjoint uid blocks give disjoint links (modulo the subnet size).
         self.net = NetworkManager(
-            cgroup_name, first_link=uid_base // 2, open_to_sandboxes=network_open
+            cgroup_name, subnet=link_subnet, open_to_sandboxes=network_open
         )
         self.seccomp_bpf = b""
 
@@ -160,19 +167,30 @@ class NamespacesRuntime(Runtime):
         if os.geteuid() != 0:
             raise RuntimeError("the namespaces runtime needs root to drop to per-sandbox uids")
         self._check_traversable(self.data_dir)
-        if self.tools_dir is not None:
-            self.tools_dir.mkdir(parents=True, exist_ok=True)
-            self.tools_dir.chmod(0o755)
-            self._check_traversable(self.tools_dir)
+        if self.tools_source is not None:
+            self.tools_source.mkdir(parents=True, exist_ok=True)
+            self.tools_source.chmod(0o755)
+            self._check_traversable(self.tools_source)
         runtime_dir = self.data_dir / "runtime"
-        runtime_dir.mkdir(parents=True, exist_ok=True)
-        for d in (self.data_dir, runtime_dir):
+        self.supervisor_source.mkdir(parents=True, exist_ok=True)
+        for d in (self.data_dir, runtime_dir, self.supervisor_source):
             d.chmod(0o755)
-        shutil.copyfile(SUPERVISOR, self.supervisor_path)
-        self.supervisor_path.chmod(0o644)
+        shutil.copyfile(SUPERVISOR, self.supervisor_source / SUPERVISOR.name)
+        (self.supervisor_source / SUPERVISOR.name).chmod(0o644)
         sandboxes = self.data_dir / "sandboxes"
         sandboxes.mkdir(exist_ok=True)
         sandboxes.chmod(0o711)
+        await asyncio.to_thread(self._show_shared_dirs)
+        if not self.views.available:
+            warnings.append(
+                "overlay mounts are unavailable: sandboxes see the host paths of the tools, "
+                "the supervisor and templates in /proc/self/mountinfo"
+            )
+        elif not self.views.writable:
+            warnings.append(
+                "the data dir's file system cannot hold an overlay's upper layer: sandboxes "
+                "without a disk limit see their directory's host path in /proc/self/mountinfo"
+            )
 
         self.seccomp_bpf = build_filter()
         mount = find_cgroup2()
@@ -197,6 +215,13 @@ class NamespacesRuntime(Runtime):
             if not how:
                 warnings.append(f"this host cannot enforce the sandbox limit {limit!r}")
         return warnings
+
+    def _show_shared_dirs(self) -> None:
+        """The read-only views that every sandbox binds: the supervisor's and the tools'."""
+        self.views.setup()
+        self.supervisor_path = self.views.view(self.supervisor_source) / SUPERVISOR.name
+        if self.tools_source is not None:
+            self.tools_dir = self.views.view(self.tools_source)
 
     def enforceable(self) -> dict[str, str]:
         found = self.resources.enforceable() if self.resources else {}
@@ -236,12 +261,15 @@ class NamespacesRuntime(Runtime):
             return Path("/")
         if self.templates_dir is None or config.template not in self.templates():
             raise RuntimeError(f"no template {config.template!r}")
-        return self.templates_dir / config.template
+        return self.views.view(self.templates_dir / config.template)
 
     def storage(self, config: SandboxConfig) -> Path:
-        """Where the sandbox's writable directories live: its own file system when it has a
-        disk limit, else its directory."""
-        return config.dir / "disk" if config.limits.disk_mb else config.dir
+        """Where the sandbox's writable directories are: its own file system, mounted at
+        disk/ (its ext4 image when it has a disk limit, else an overlay of files/), or files/
+        itself where overlays are unavailable."""
+        if config.limits.disk_mb or self.views.writable:
+            return config.dir / "disk"
+        return config.dir / "files"
 
     def workspace(self, config: SandboxConfig) -> Path:
         return self.storage(config) / "workspace"
@@ -414,6 +442,11 @@ class NamespacesRuntime(Runtime):
             tmp.mkdir()
             os.chown(tmp, uid, uid)
             tmp.chmod(0o1777)
+        else:
+            self._adopt_flat_layout(config)
+            (config.dir / "files").mkdir(exist_ok=True)
+            if self.views.writable and not os.path.ismount(storage):
+                mount_private_overlay(config.dir, storage)
         root = self.host_root_uid(config)
         self._seed_etc(storage / "etc", root, self.template_root(config))
         usr_local = storage / "usr-local"
@@ -427,6 +460,18 @@ class NamespacesRuntime(Runtime):
         st = os.lstat(ws)
         if st.st_uid != uid:
             os.chown(ws, uid, uid, follow_symlinks=False)
+
+    @staticmethod
+    def _adopt_flat_layout(config: SandboxConfig) -> None:
+        """Move the directories of a sandbox without a disk limit made by an earlier version
+        (directly in its directory) to files/."""
+        files = config.dir / "files"
+        if files.exists() or not (config.dir / "workspace").is_dir():
+            return
+        files.mkdir()
+        for name in ("etc", "etc.new", "usr-local", "workspace"):
+            if os.path.lexists(config.dir / name):
+                (config.dir / name).rename(files / name)
 
     def _seed_etc(self, etc: Path, root: int, template: Path) -> None:
         """A new sandbox's /etc: a template's own etc/ if it has one, the generated files, and
@@ -487,6 +532,7 @@ class NamespacesRuntime(Runtime):
 
     async def close(self) -> None:
         await self.sweep()
+        await asyncio.to_thread(self.views.close)
         if self.cgroups is not None:
             self.cgroups.remove(self.cgroups.base)
         if self.resources is not None:

@@ -40,11 +40,12 @@ ALWAYS_DENIED = (
     "192.168.0.0/16",
     "224.0.0.0/3",
 )
-SUBNET = ipaddress.ip_network("10.200.0.0/14")  # /30 per sandbox link
-LINKS = SUBNET.num_addresses // 4
+# Every node's sandbox links: each live node of a host gets a block of it (runtime/hostlock.py),
+# a /30 per sandbox slot.
+SUBNET = ipaddress.ip_network("10.200.0.0/13")
 METADATA = ipaddress.ip_network("169.254.0.0/16")
-# Never reachable from a sandbox unless opened: every node's sandbox links (two nodes on one host
-# share the subnet) and link-local, where clouds serve instance metadata and credentials.
+# Never reachable from a sandbox unless opened: every node's sandbox links and link-local, where
+# clouds serve instance metadata and credentials.
 PROTECTED = (str(SUBNET), str(METADATA))
 NETNS_DIR = Path("/run/netns")
 IPV6_CONF = Path("/proc/sys/net/ipv6")
@@ -114,15 +115,13 @@ class NetworkManager:
         self,
         node_name: str,
         *,
-        first_link: int = 0,
+        subnet: ipaddress.IPv4Network | None = None,
         open_to_sandboxes: tuple[OpenDestination, ...] = (),
     ) -> None:
+        self.subnet = subnet or next(SUBNET.subnets(new_prefix=14))  # this node's links
         tag = hashlib.sha256(node_name.encode()).hexdigest()[:4]
         self.table = f"corral_{tag}"
         self.prefix = f"crl{tag}"  # netns names and host-side veth names
-        # Nodes on one host share SUBNET; each numbers its links from its own start (derived
-        # from its uid block), so that their sandboxes' addresses do not collide.
-        self.first_link = first_link
         self.open = open_to_sandboxes
         self.available = False
 
@@ -139,9 +138,10 @@ class NetworkManager:
 
     def addresses(self, slot: int) -> tuple[str, str]:
         """The host end's and the sandbox's address of a slot's link."""
-        if slot >= LINKS:
-            raise NetworkError(f"a node can give at most {LINKS} sandboxes a network")
-        base = SUBNET.network_address + (self.first_link + slot) % LINKS * 4
+        links = self.subnet.num_addresses // 4
+        if slot >= links:
+            raise NetworkError(f"a node can give at most {links} sandboxes a network")
+        base = self.subnet.network_address + slot * 4
         return str(base + 1), str(base + 2)
 
     # --- node lifetime ---
