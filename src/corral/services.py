@@ -11,6 +11,7 @@ from corral.core.commands import CommandService
 from corral.core.files import FileService
 from corral.core.logins import LoginThrottle
 from corral.core.named_commands import NamedCommandService
+from corral.core.nodes import NodeRegistry, Presence, host_capacity
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
 from corral.node.local import LocalNode
@@ -71,6 +72,8 @@ class Services:
     runs: RunService
     named: NamedCommandService
     logins: LoginThrottle
+    nodes: NodeRegistry
+    presence: Presence
     host_lock: hostlock.NodeLock | None = None
 
     @classmethod
@@ -112,6 +115,16 @@ class Services:
         )
         for warning in await node.prepare():
             log.warning("%s", warning)
+        # 5. The node in the store, online while this process runs.
+        nodes = NodeRegistry(db, lost_after=settings.node_lost_after_s)
+        capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
+        presence = Presence(
+            nodes,
+            lambda: node.info(capacity),
+            node.load,
+            interval=settings.node_lost_after_s / 3,
+        )
+        await presence.start()
         writer = BatchWriter(db)
         writer.start()
         commands = CommandService(db, node, settings, writer)
@@ -136,18 +149,21 @@ class Services:
                     disk_mb=settings.default_disk_mb or None,
                 ),
                 warm_pool=settings.warm_pool,
+                nodes=nodes,
             ),
             commands=commands,
             files=files,
             runs=RunService(commands, files, deno=deno),
             named=None,  # type: ignore[arg-type]  # set just below: it needs the others
             logins=LoginThrottle(db),
+            nodes=nodes,
+            presence=presence,
             host_lock=host_lock,
         )
         services.named = NamedCommandService(
             db, services.sandboxes, services.commands, services.tokens
         )
-        # 5. Whatever ran when the server last stopped has an unknown result; sandboxes that
+        # 6. Whatever ran when the server last stopped has an unknown result; sandboxes that
         #    should run come back with their files.
         lost = await services.commands.mark_lost()
         if lost:
@@ -167,6 +183,7 @@ class Services:
         # 2. Stop the sandboxes (their files stay; they come back at the next start). Commands
         #    still running end as lost.
         await self.node.shutdown()
+        await self.presence.stop()
         # 3. Record those results, then close the store.
         await self.commands.drain(SHUTDOWN_DRAIN_SECONDS)
         await self.commands.writer.close()

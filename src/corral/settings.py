@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from corral.core.models import NODE_ID_PATTERN
 from corral.runtime.netpolicy import parse_open
 
 
@@ -27,7 +28,12 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     runtime: Literal["namespaces", "fake"] = "namespaces"
-    node_id: str = "local"
+    node_id: str = Field(default="local", pattern=NODE_ID_PATTERN)
+    node_lost_after_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A node silent this long is offline: its running commands become lost",
+    )
     uid_base: int = Field(default=200_000, description="First host uid of the per-sandbox pool")
     uid_count: int = Field(default=60_000, ge=1)
     cgroup_root: str = Field(default="corral", description="cgroup directory name used by the node")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.core.errors import InvalidArgument, Unavailable
+from corral.core.errors import InvalidArgument, RateLimited, Unavailable
 from corral.core.models import NodeCapacity, NodeInfo, NodeState
 from corral.core.nodes import NodeRegistry
 from corral.store.db import Database
@@ -33,10 +33,10 @@ async def _db(tmp_path: Path) -> Database:
     return db
 
 
-async def _sandboxes(db: Database, node_id: str, n: int) -> None:
+async def _sandboxes(db: Database, node_id: str, n: int, first: int = 0) -> None:
     now = datetime.now(UTC)
     async with db.transaction() as session:
-        for i in range(n):
+        for i in range(first, first + n):
             session.add(
                 SandboxRow(
                     id=f"sb_{node_id}_{i}", name=None, node_id=node_id, slot=i, state="running",
@@ -77,7 +77,7 @@ def test_placement_least_loaded_with_room_and_template(tmp_path: Path) -> None:
         await nodes.set_draining("b")
         assert (await nodes.get("b")).state == NodeState.draining
         assert await nodes.place() == "a"
-        with pytest.raises(Unavailable, match="full"):
+        with pytest.raises(RateLimited, match="full"):
             await nodes.place(wanted="c")
         with pytest.raises(Unavailable, match="draining"):
             await nodes.place(wanted="b")
@@ -85,6 +85,11 @@ def test_placement_least_loaded_with_room_and_template(tmp_path: Path) -> None:
             await nodes.place(wanted="zzz")
         with pytest.raises(Unavailable, match="no online node"):
             await nodes.place(template="gpu")
+        await _sandboxes(db, "a", 7, first=3)  # a full too: only b, draining, has room
+        with pytest.raises(RateLimited, match="full"):
+            await nodes.place()
+        await nodes.set_draining("b", False)
+        assert await nodes.place() == "b"
         await db.close()
 
     asyncio.run(main())

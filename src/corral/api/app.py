@@ -13,7 +13,7 @@ from corral import __version__
 from corral.api import errors
 from corral.api.faces import cmdio, cmdop, rundatsheesh, runta, vercel
 from corral.api.middleware import RequestContext
-from corral.api.routes import commands, files, run, sandboxes, streams, system, tokens
+from corral.api.routes import commands, files, nodes, run, sandboxes, streams, system, tokens
 from corral.services import Services
 from corral.settings import Settings
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
-    for module in (system, sandboxes, commands, streams, files, run, tokens):
+    for module in (system, sandboxes, commands, streams, files, run, tokens, nodes):
         app.include_router(module.router)
     app.include_router(sandboxes.templates_router)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel):

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.client import APIError, CorralError
-from corral.core.models import Sandbox, Token
+from corral.core.models import Node, Sandbox, Token
 
 
 def print_table(table: Table) -> None:
@@ -139,6 +139,22 @@ def token_table(tokens: Iterable[Token]) -> Table:
             when(token.created_at),
             when(token.expires_at),
             when(token.last_used_at),
+        )
+    return table
+
+
+def node_table(nodes: Iterable[Node]) -> Table:
+    table = _table("ID", "STATE", "SANDBOXES", "COMMANDS", "CPUS", "MEMORY", "VERSION", "SEEN")
+    for node in nodes:
+        table.add_row(
+            node.id,
+            node.state.value,
+            f"{node.sandboxes}/{node.capacity.sandboxes}",
+            str(node.running_commands),
+            f"{node.capacity.cpus:g}",
+            f"{node.capacity.memory_mb // 1024} GiB",
+            node.version,
+            when(node.last_heartbeat),
         )
     return table
 

@@ -157,6 +157,7 @@ def sandbox() -> None:
 @click.option("--memory-mb", type=int, help="Memory limit (MiB).")
 @click.option("--pids", type=int, help="Process limit.")
 @click.option("--disk-mb", type=int, help="Disk limit (MiB).")
+@click.option("--node", metavar="ID", help="Place it on this node [default: least loaded].")
 @json_option
 @pass_connection
 def sandbox_create(
@@ -170,11 +171,13 @@ def sandbox_create(
     memory_mb: int | None,
     pids: int | None,
     disk_mb: int | None,
+    node: str | None,
     as_json: bool,
 ) -> None:
     """Create a sandbox and print its id."""
     with connection.client() as client:
         created = client.create_sandbox(
+            node=node,
             name=name,
             template=template,
             env=env,
@@ -395,6 +398,42 @@ def _read_stdin() -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise click.UsageError("--stdin sends text: standard input is not valid UTF-8") from exc
+
+
+# --- nodes -------------------------------------------------------------------------------------
+
+
+@main.group()
+def node() -> None:
+    """List the hosts that run sandboxes; drain one before maintenance."""
+
+
+@node.command("ls")
+@json_option
+@pass_connection
+def node_ls(connection: Connection, as_json: bool) -> None:
+    """List nodes with their state, load and last heartbeat."""
+    with connection.client() as client:
+        nodes = client.list_nodes()
+    if as_json:
+        output.print_json(nodes)
+    else:
+        output.print_table(output.node_table(nodes))
+
+
+@node.command("drain")
+@click.argument("node_id", metavar="ID")
+@click.option("--undo", is_flag=True, help="Take new sandboxes again.")
+@json_option
+@pass_connection
+def node_drain(connection: Connection, node_id: str, undo: bool, as_json: bool) -> None:
+    """Stop placing new sandboxes on a node (its sandboxes keep running)."""
+    with connection.client() as client:
+        found = client.undrain_node(node_id) if undo else client.drain_node(node_id)
+    if as_json:
+        output.print_json(found)
+    else:
+        click.echo(f"{found.id} {found.state.value}")
 
 
 # --- tokens ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from corral.core.models import (
     FileInfo,
     FileList,
     Health,
+    Node,
     Page,
     RunResult,
     Sandbox,
@@ -168,8 +169,10 @@ class BaseClient:
         pids: int | None,
         disk_mb: int | None,
         ttl_seconds: int | None,
+        node: str | None = None,
     ) -> Call[Sandbox]:
         body = _without_none(
+            node=node,
             name=name,
             template=template,
             env=_dict_or_none(env),
@@ -485,6 +488,16 @@ class BaseClient:
     def _delete_token_call(self, token: str | Token) -> Call[None]:
         return Call("DELETE", f"/v1/tokens/{_segment(_ref(token))}", _nothing)
 
+    def _list_nodes_call(self) -> Call[Page[Node]]:
+        return Call("GET", "/v1/nodes", _model(Page[Node]))
+
+    def _get_node_call(self, node: str | Node) -> Call[Node]:
+        return Call("GET", f"/v1/nodes/{_segment(_node_id(node))}", _model(Node))
+
+    def _drain_node_call(self, node: str | Node, drain: bool) -> Call[Node]:
+        action = "drain" if drain else "undrain"
+        return Call("POST", f"/v1/nodes/{_segment(_node_id(node))}/{action}", _model(Node))
+
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -508,6 +521,10 @@ def _check_base_url(url: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"invalid base URL {url!r}: expected http(s)://host[:port][/prefix]")
     return url.rstrip("/")
+
+
+def _node_id(value: str | Node) -> str:
+    return value if isinstance(value, str) else value.id
 
 
 def _ref(value: str | Sandbox | Command | Token) -> str:

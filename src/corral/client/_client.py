@@ -43,6 +43,7 @@ from corral.core.models import (
     FileInfo,
     FileList,
     Health,
+    Node,
     RunResult,
     Sandbox,
     SandboxState,
@@ -180,9 +181,12 @@ class Client(BaseClient):
         pids: int | None = None,
         disk_mb: int | None = None,
         ttl_seconds: int | None = None,
+        node: str | None = None,
     ) -> Sandbox:
-        """Create a sandbox; options left out take the server's defaults."""
+        """Create a sandbox; options left out take the server's defaults (`node`: the node to
+        place it on; default: the least loaded online node with room)."""
         call = self._create_sandbox_call(
+            node=node,
             name=name,
             template=template,
             env=env,
@@ -652,3 +656,20 @@ class Client(BaseClient):
     def delete_token(self, token_id: str | Token) -> None:
         """Revoke a token at once."""
         self._send(self._delete_token_call(token_id))
+
+    # --- nodes ---------------------------------------------------------------------------------
+
+    def list_nodes(self) -> list[Node]:
+        """The hosts that run sandboxes, with their state, capacity and load."""
+        return (self._send(self._list_nodes_call())).items
+
+    def get_node(self, node: str | Node) -> Node:
+        return self._send(self._get_node_call(node))
+
+    def drain_node(self, node: str | Node) -> Node:
+        """No new sandboxes go to the node; those it holds keep running."""
+        return self._send(self._drain_node_call(node, True))
+
+    def undrain_node(self, node: str | Node) -> Node:
+        """The node takes new sandboxes again."""
+        return self._send(self._drain_node_call(node, False))

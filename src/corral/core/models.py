@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # one NATS subject token
 
 
 class SandboxState(enum.StrEnum):
@@ -101,6 +102,10 @@ class SandboxCreate(Strict):
         "169.254.0.0/16, whatever `allow` says, unless the operator opened them",
     )
     allow: list[str] = Field(default_factory=list, description="IPv4 CIDRs the sandbox may reach")
+    node: Annotated[str, Field(pattern=NODE_ID_PATTERN)] | None = Field(
+        default=None,
+        description="The node to place it on; default: the least loaded online node with room",
+    )
 
     @field_validator("env")
     @classmethod

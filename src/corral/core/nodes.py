@@ -8,11 +8,16 @@ run of the node (or from before a partition healed) and is refused.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
 
-from corral.core.errors import InvalidArgument, NotFound, Unavailable
+from corral.core.errors import CorralError, InvalidArgument, NotFound, RateLimited, Unavailable
 from corral.core.models import (
     CommandStatus,
     Node,
@@ -24,6 +29,7 @@ from corral.core.models import (
 from corral.store.db import Database
 from corral.store.tables import CommandRow, NodeRow, SandboxRow
 
+log = logging.getLogger(__name__)
 LIVE_SANDBOX = SandboxRow.state.notin_([SandboxState.deleted.value])
 RUNNING = CommandRow.status.in_([CommandStatus.queued.value, CommandStatus.running.value])
 
@@ -152,24 +158,25 @@ class NodeRegistry:
 
     # --- placement ---
 
-    async def place(self, *, wanted: str | None = None, template: str = "host") -> str:
+    async def place(self, *, wanted: str | None = None, template: str | None = None) -> str:
         """The node for a new sandbox: `wanted` if it can take it, else the least loaded online
-        node with room that has the template."""
+        node with room that has the template (any node, when `template` is None)."""
         async with self.db.session() as session:
             rows = list(await session.scalars(select(NodeRow)))
         boxes, _ = await self._counts()
         now = utcnow()
 
-        def fits(row: NodeRow) -> str | None:
+        def fits(row: NodeRow) -> CorralError | None:
             """Why `row` cannot take the sandbox, or None."""
             state = self._state(row, now)
             if state != NodeState.online:
-                return f"node {row.id} is {state.value}"
+                return Unavailable(f"node {row.id} is {state.value}")
             info = NodeInfo.model_validate(row.info)
-            if template not in info.templates:
-                return f"node {row.id} has no template {template!r}"
+            if template is not None and template not in info.templates:
+                return Unavailable(f"node {row.id} has no template {template!r}")
             if boxes.get(row.id, 0) >= info.capacity.sandboxes:
-                return f"node {row.id} is full ({info.capacity.sandboxes} sandboxes)"
+                # Full, like a server at its sandbox limit: retry once one is deleted.
+                return RateLimited(f"node {row.id} is full ({info.capacity.sandboxes} sandboxes)")
             return None
 
         if wanted is not None:
@@ -179,13 +186,16 @@ class NodeRegistry:
                     f"no node {wanted!r}",
                     details=[{"loc": ["body", "node"], "msg": "unknown node"}],
                 )
-            reason = fits(row)
-            if reason is not None:
-                raise Unavailable(reason)
+            refusal = fits(row)
+            if refusal is not None:
+                raise refusal
             return row.id
-        candidates = [r for r in rows if fits(r) is None]
+        refusals = {r.id: fits(r) for r in rows}
+        candidates = [r for r in rows if refusals[r.id] is None]
         if not candidates:
-            raise Unavailable("no online node has room for the sandbox")
+            if any(isinstance(e, RateLimited) for e in refusals.values()):
+                raise RateLimited("every online node that could take the sandbox is full")
+            raise Unavailable("no online node can take the sandbox")
 
         def load(row: NodeRow) -> tuple[float, str]:
             capacity = NodeInfo.model_validate(row.info).capacity.sandboxes or 1
@@ -231,11 +241,58 @@ class NodeRegistry:
         return declared
 
 
-def local_capacity(sandboxes: int) -> NodeCapacity:
+def host_capacity(sandboxes: int) -> NodeCapacity:
     """The host this process runs on, as a node's capacity."""
-    import os
-
-    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return NodeCapacity(
-        sandboxes=sandboxes, memory_mb=pages // (1024 * 1024), cpus=float(os.cpu_count() or 1)
+        sandboxes=sandboxes, memory_mb=memory // (1024 * 1024), cpus=float(os.cpu_count() or 1)
     )
+
+
+class Presence:
+    """Keeps a node that runs in this process registered and online: a heartbeat every
+    `interval`, and a new registration when one is refused (the store lost the node, or another
+    process registered the same node id since: that is logged, as two processes must never
+    serve one node)."""
+
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        info: Callable[[], NodeInfo],
+        load: Callable[[], dict[str, int]],
+        *,
+        interval: float,
+    ) -> None:
+        self.registry = registry
+        self.info = info
+        self.load = load
+        self.interval = interval
+        self.epoch = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.epoch = await self.registry.register(self.info())
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                info = self.info()
+                if not await self.registry.heartbeat(info.id, self.epoch, self.load()):
+                    log.error(
+                        "node %s was registered again elsewhere (epoch past %d): is another "
+                        "server running with the same CORRAL_NODE_ID on this store?",
+                        info.id,
+                        self.epoch,
+                    )
+                    self.epoch = await self.registry.register(info)
+            except Exception:
+                log.exception("node heartbeat failed; trying again")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

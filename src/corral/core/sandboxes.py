@@ -23,6 +23,7 @@ from corral.core.models import (
     SandboxState,
     SandboxUpdate,
 )
+from corral.core.nodes import NodeRegistry
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import CommandSpec, Node
 from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied
@@ -91,6 +92,7 @@ def _poolable(req: SandboxCreate) -> bool:
     """Whether a warm sandbox (default template, limits and network) can serve the request."""
     return (
         req.template == "host"
+        and req.node is None
         and req.network == "none"
         and not req.allow
         and req.cpu is None
@@ -111,8 +113,10 @@ class SandboxService:
         uid_count: int,
         default_limits: Limits | None = None,
         warm_pool: int = 0,
+        nodes: NodeRegistry | None = None,
     ) -> None:
         self.default_limits = default_limits or Limits()
+        self.nodes = nodes
         self.db = db
         self.node = node
         self.data_dir = data_dir
@@ -263,7 +267,17 @@ class SandboxService:
         taken = used | self._reserved
         return next(i for i in range(1, self.uid_count + 2) if i not in taken)
 
+    async def _place(self, req: SandboxCreate) -> None:
+        """Check that the node this server runs can take the sandbox (it may be draining)."""
+        if self.nodes is None:
+            return
+        # The template is checked against the node itself (its templates may have changed).
+        node_id = await self.nodes.place(wanted=req.node or self.node.id)
+        if node_id != self.node.id:
+            raise Unavailable(f"node {node_id} cannot be reached from this server")
+
     async def create(self, req: SandboxCreate) -> Sandbox:
+        await self._place(req)
         if self._warm and _poolable(req):
             claimed = await self._claim(req)
             if claimed is not None:

@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from corral.core.models import CommandStatus
+from corral import __version__
+from corral.core.models import CommandStatus, NodeCapacity, NodeInfo
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
+from corral.node.bus import PROTOCOL_VERSION
 from corral.node.output_log import (
     STDERR,
     STDOUT,
@@ -528,6 +530,21 @@ class LocalNode(Node):
         except OSError as exc:
             log.warning("sandbox %s: resuming failed: %r", sandbox_id, exc)
             raise HostFailure(f"the sandbox could not be resumed: {public_reason(exc)}") from None
+
+    def info(self, capacity: NodeCapacity) -> NodeInfo:
+        return NodeInfo(
+            id=self.id,
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            runtime=self.runtime_name,
+            capacity=capacity,
+            templates=self.templates(),
+            enforceable=self.enforceable(),
+        )
+
+    def load(self) -> dict[str, int]:
+        """What heartbeats report: sandboxes running here and commands running in them."""
+        return {"sandboxes": len(self._sandboxes), "running_commands": len(self._executions)}
 
     def enforceable(self) -> dict[str, str]:
         return self.runtime.enforceable()

@@ -152,9 +152,7 @@ class NamespacesRuntime(Runtime):
         self.tools_dir = tools_dir  # bound at /opt/corral; set by prepare
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
-        self.net = NetworkManager(
-            cgroup_name, subnet=link_subnet, open_to_sandboxes=network_open
-        )
+        self.net = NetworkManager(cgroup_name, subnet=link_subnet, open_to_sandboxes=network_open)
         self.seccomp_bpf = b""
 
     async def prepare(self) -> list[str]:
