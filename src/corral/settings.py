@@ -72,8 +72,9 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(
         default=None,
         ge=1,
-        description="Open HTTP and WebSocket connections; past it new ones get 503. Default: "
-        "nine tenths of half the descriptor limit (the rest is kept for sandboxes and logs)",
+        description="Open HTTP and WebSocket connections; past it new ones get 503 (an eighth "
+        "more are read to answer so). Default: the bound and its eighth take half the "
+        "descriptor limit; the other half is kept for sandboxes, logs and the store",
     )
     request_head_timeout_seconds: float = Field(
         default=5.0, gt=0, description="A request head must be complete this soon after it began"

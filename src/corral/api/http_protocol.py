@@ -91,13 +91,12 @@ def raise_descriptor_limit() -> int:
 def connection_limits(
     descriptors: int, *, head_timeout: float, max_connections: int | None
 ) -> ConnectionLimits:
-    """The bound for `descriptors` open files: half of them are kept for sandboxes, output logs
-    and the store; of the other half, nine tenths serve connections and the rest answer 503."""
-    for_connections = max(descriptors // 2, 32)
+    """The bound for a process allowed `descriptors` open files. By default half of them are
+    kept for sandboxes, output logs and the store, and connections take the other half: the
+    bound, and an eighth more to answer 503."""
     if max_connections is None:
-        max_connections = max(for_connections * 9 // 10, 16)
-    overflow = max(for_connections - max_connections, 16)
-    return ConnectionLimits(head_timeout, max_connections, overflow)
+        max_connections = max(descriptors // 2 * 8 // 9, 16)
+    return ConnectionLimits(head_timeout, max_connections, max(max_connections // 8, 16))
 
 
 def error_response(

@@ -15,6 +15,8 @@ from corral.settings import Settings
 # later; commands still running end as `lost` when the sandboxes stop.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
+LISTEN_BACKLOG = 4096
+
 
 def run_server(*, settings: Settings | None = None) -> None:
     """Serve the API with `settings` (default: read from `CORRAL_*` variables) until interrupted.
@@ -48,6 +50,9 @@ def run_server(*, settings: Settings | None = None) -> None:
         loop="uvloop",
         http=BoundedHttpToolsProtocol.configured(limits),
         lifespan="on",
+        # Room for a burst of connections (a flood reconnecting at once) beside real clients:
+        # a full accept queue drops SYNs, which cost a client a 1 s retransmit.
+        backlog=LISTEN_BACKLOG,
         # Off: the server sees peers directly; a proxy's X-Forwarded-For must not be trusted.
         proxy_headers=False,
         log_config=log_config(settings.log_level, redactor),
