@@ -146,7 +146,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The deadline's timer is armed once per deadline, not once per request: when it fires
+        # it looks at the head in progress (if any) and re-arms for what is left of its time.
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_began: float | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         # True while a request head (or a chunked body's trailers) is being read: the bytes
         # fed meanwhile are counted against MAX_HEAD_BYTES.
@@ -172,7 +175,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 transport.close()
                 return
             self._over_bound = True
-        self._arm_head_timer()
+        self._head_began = self.loop.time()
+        self._arm_head_timer(self.limits.head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -189,8 +193,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
             return
         self._unset_keepalive_if_required()
-        if self._in_head and self._head_timer is None:
-            self._arm_head_timer()
+        if self._in_head and self._head_began is None:
+            self._head_began = self.loop.time()
+            if self._head_timer is None:
+                self._arm_head_timer(self.limits.head_timeout)
         cap = MAX_HEAD_BYTES
         try:
             # While a head is open, feed at most one byte past the cap at a time: if the head
@@ -228,12 +234,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
+        self.url += url
         if len(self.url) > MAX_URL_BYTES:
             self._refuse(414, f"the request target exceeds {MAX_URL_BYTES} bytes")
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's on_header, inlined (it runs for every header line), with the line caps.
         self._header_count += 1
         if len(name) + len(value) > MAX_HEADER_LINE_BYTES:
             self._refuse(431, f"a header line exceeds {MAX_HEADER_LINE_BYTES} bytes")
@@ -241,10 +248,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_count > MAX_HEADERS:
             self._refuse(431, f"the request has more than {MAX_HEADERS} header lines")
             raise _Refused
-        super().on_header(name, value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
+        self._head_began = None
         self._in_head = self._metered = False
         if self._over_bound:
             self._refused = True
@@ -268,8 +278,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     # --- deadlines and refusals ----------------------------------------------------------------
 
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+    def _arm_head_timer(self, delay: float) -> None:
+        self._head_timer = self.loop.call_later(delay, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -278,7 +288,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing():
+        if self._head_began is None or self.transport.is_closing():
+            return  # no head in progress: the next one arms the timer again
+        left = self._head_began + self.limits.head_timeout - self.loop.time()
+        if left > 0:
+            self._arm_head_timer(left)
             return
         if self._metered_bytes == 0:
             self.transport.close()  # nothing sent: nobody to answer
