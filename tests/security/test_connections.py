@@ -238,8 +238,16 @@ def test_keep_alive_requests_each_get_a_fresh_head_deadline(srv: Server) -> None
             "uri_too_long",
         ),
         (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request"),
+        (b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
     ],
-    ids=["head-over-64k", "header-line-over-16k", "too-many-headers", "url-over-16k", "garbage"],
+    ids=[
+        "head-over-64k",
+        "header-line-over-16k",
+        "too-many-headers",
+        "url-over-16k",
+        "garbage",
+        "non-ascii-target",
+    ],
 )
 def test_oversized_heads_are_refused_in_the_native_shape(
     srv: Server, request_bytes: bytes, status: int, code: str

@@ -122,9 +122,10 @@ def error_response(
     return b"".join([*lines, b"\r\n", body])
 
 
-_BUSY = error_response(
-    503, "the server has too many open connections; retry later", ((b"retry-after", b"1"),)
-)
+def busy_response() -> bytes:
+    return error_response(
+        503, "the server has too many open connections; retry later", ((b"retry-after", b"1"),)
+    )
 
 
 class _Refused(Exception):
@@ -171,7 +172,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._warn_bound(open_now)
             if open_now >= self.limits.hard_ceiling:
                 self._refused = True
-                transport.write(_BUSY)
+                transport.write(busy_response())
                 transport.close()
                 return
             self._over_bound = True
@@ -212,12 +213,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if self._metered:
                 self._metered_bytes += len(data)
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            if not self._refused:
-                raise
         except httptools.HttpParserError:
-            self.logger.debug("invalid HTTP request received")
-            self._refuse(400, "invalid HTTP request")
+            # Also a callback's error: one of ours (answered already) or uvicorn's on a
+            # malformed request, which gets a 400 as uvicorn would give it.
+            if not self._refused:
+                self.logger.debug("invalid HTTP request received")
+                self._refuse(400, "invalid HTTP request")
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
@@ -258,7 +259,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = self._metered = False
         if self._over_bound:
             self._refused = True
-            self._answer_and_linger(_BUSY)
+            self._answer_and_linger(busy_response())
             raise _Refused
         super().on_headers_complete()
 
