@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from corral.api.http_protocol import connection_limits
 from tests.conftest import Server
 from tests.security.conftest import SUMMARY
 from tests.security.helpers import dedicated_server, exec_, sandbox
@@ -328,6 +329,13 @@ def test_the_descriptor_limit_is_raised_to_the_hard_limit(srv: Server) -> None:
         row = next(line for line in limits if line.startswith("Max open files"))
     soft, hard = row.split()[3:5]
     assert soft == hard == str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]), row
+
+
+def test_the_default_bound_leaves_half_the_descriptors_to_the_rest_of_the_server() -> None:
+    limits = connection_limits(20_000, head_timeout=5, max_connections=None)
+    assert limits.max_connections == 8_888
+    assert limits.hard_ceiling <= 10_000
+    assert connection_limits(20_000, head_timeout=5, max_connections=100).hard_ceiling == 116
 
 
 def test_past_the_connection_bound_new_connections_get_503() -> None:
