@@ -38,9 +38,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         ),
         rf"\g<1>\g<2>{MASK}",
     ),
-    # A credential after its scheme.
-    # (it must look like one: a digit or a symbol in it, so that prose such as "basic checks"
-    # is left alone).
+    # A credential after its scheme, when it looks like one (a digit or a symbol in it), so
+    # that prose such as "basic checks" is left alone; header values are masked above anyway.
     (
         re.compile(
             r"(?i)\b(bearer|basic|digest)(\s+)"
