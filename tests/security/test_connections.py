@@ -27,6 +27,9 @@ from tests.conftest import Server
 from tests.security.conftest import SUMMARY
 from tests.security.helpers import dedicated_server, exec_, sandbox
 
+# The shared server runs real sandboxes (the flood test execs in one).
+pytestmark = pytest.mark.sandbox
+
 HEAD_TIMEOUT = 2.0
 KEEP_ALIVE = 2.0
 IDLE_CONNECTIONS = 2_000
@@ -472,7 +475,6 @@ class HealthProbe:
             self._stop.wait(0.05)
 
 
-@pytest.mark.sandbox
 def test_2000_idle_connections_and_a_slowloris_leave_execs_and_healthz_working(
     srv: Server,
 ) -> None:
