@@ -84,6 +84,19 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="Requests per second per token; 0 disables"
     )
     rate_limit_burst: int = Field(default=200, ge=1)
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Open HTTP and WebSocket connections; past it new ones get 503 (an eighth "
+        "more are read to answer so). Default: the bound and its eighth take half the "
+        "descriptor limit; the other half is kept for sandboxes, logs and the store",
+    )
+    request_head_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="A request head must be complete this soon after it began"
+    )
+    keep_alive_seconds: float = Field(
+        default=5.0, gt=0, description="An idle connection between requests is closed after this"
+    )
 
     # Streams and files.
     heartbeat_seconds: float = Field(default=15.0, gt=0, description="Idle stream keep-alive")

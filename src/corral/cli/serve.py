@@ -1,4 +1,10 @@
-"""Running the server: what `corral serve` does, callable from Python too."""
+"""Running the server: what `corral serve` does, callable from Python too.
+
+The server is uvicorn on uvloop with the httptools parser, through `BoundedHttpToolsProtocol`
+(api/http_protocol.py): uvicorn's own protocol plus a request head deadline, head size caps and
+a bound on open connections, which uvicorn's options do not give. Every log handler goes
+through the redacting filter (redaction.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from corral.settings import Settings
 # otherwise hold the server up until their commands end. Their clients resume elsewhere or
 # later; commands still running end as `lost` when the sandboxes stop.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+
+LISTEN_BACKLOG = 4096
 
 
 def run_server(*, settings: Settings | None = None) -> None:
@@ -19,17 +27,45 @@ def run_server(*, settings: Settings | None = None) -> None:
     import uvicorn
 
     from corral.api.app import create_app
+    from corral.api.http_protocol import (
+        BoundedHttpToolsProtocol,
+        connection_limits,
+        raise_descriptor_limit,
+    )
+    from corral.redaction import Redactor, log_config
 
     settings = settings or Settings()
+    # Idle clients must meet the connection bound, never the descriptor limit.
+    limits = connection_limits(
+        raise_descriptor_limit(),
+        head_timeout=settings.request_head_timeout_seconds,
+        max_connections=settings.max_connections,
+    )
+    redactor = Redactor([settings.admin_key, _kept_admin_key(settings), settings.admin_password])
+    app = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=BoundedHttpToolsProtocol.configured(limits),
         lifespan="on",
+        # Room for a burst of connections (a flood reconnecting at once) beside real clients:
+        # a full accept queue drops SYNs, which cost a client a 1 s retransmit.
+        backlog=LISTEN_BACKLOG,
         # Off: the server sees peers directly; a proxy's X-Forwarded-For must not be trusted.
         proxy_headers=False,
+        log_config=log_config(settings.log_level, redactor),
         log_level=settings.log_level.lower(),
+        timeout_keep_alive=settings.keep_alive_seconds,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+
+
+def _kept_admin_key(settings: Settings) -> str | None:
+    """The admin key kept in the data dir by an earlier start (a new one is a `crl_` token,
+    which the redactor knows by its form)."""
+    try:
+        return (settings.data_dir / "admin.key").read_text().strip() or None
+    except OSError:
+        return None
