@@ -25,7 +25,7 @@ pytestmark = pytest.mark.sandbox
 
 START_TIMEOUT = 2  # CORRAL_WS_START_TIMEOUT_SECONDS for this server
 MAX_FRAME = 1 << 20  # the default CORRAL_WS_MAX_FRAME_BYTES
-TOO_BIG = "x" * (2 * MAX_FRAME)  # over the limit, under uvicorn's own 16 MiB
+TOO_BIG = "x" * (2 * MAX_FRAME)  # over the limit, under what the server lets reach a route
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
@@ -180,6 +180,16 @@ def test_the_size_limit_is_the_same_on_every_route(
             assert runta_error(frames) == ws.close_reason
         else:
             assert frames[-1] == f"error: {ws.close_reason}", frames[-3:]
+
+
+def test_a_giant_frame_is_dropped_by_the_server_itself(srv: Server, sid: str) -> None:
+    """Past four times the limit the frame is not even buffered for the route: 1009 at once."""
+    with native_exec(srv, sid, {"command": "cat"}) as ws:
+        ws.send(b"z" * (5 * MAX_FRAME))
+        until_closed(ws)
+    assert ws.close_code == 1009
+    # The server's own refusal, not the route's (which read the frame to refuse it).
+    assert "exceeds limit" in ws.close_reason, ws.close_reason
 
 
 def test_a_frame_within_the_limit_is_taken(srv: Server, sid: str) -> None:

@@ -14,6 +14,8 @@ from corral.settings import Settings
 # otherwise hold the server up until their commands end. Their clients resume elsewhere or
 # later; commands still running end as `lost` when the sandboxes stop.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+WS_MAX_QUEUE = 4  # frames received and not yet read, per WebSocket
+WS_OVERSIZE_SEEN = 4  # frames up to this many times the limit reach the route, to be refused
 
 LISTEN_BACKLOG = 4096
 
@@ -58,6 +60,11 @@ def run_server(*, settings: Settings | None = None) -> None:
         log_config=log_config(settings.log_level, redactor),
         log_level=settings.log_level.lower(),
         timeout_keep_alive=settings.keep_alive_seconds,
+        # The routes refuse a frame over CORRAL_WS_MAX_FRAME_BYTES in their face's shape; the
+        # server drops anything larger still (1009) and queues few frames per connection, so
+        # that one WebSocket cannot hold much more than a frame or two in memory.
+        ws_max_size=settings.ws_max_frame_bytes * WS_OVERSIZE_SEEN,
+        ws_max_queue=WS_MAX_QUEUE,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
