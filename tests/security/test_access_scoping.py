@@ -138,10 +138,24 @@ def test_reused_name_does_not_reach_the_deleted_sandbox(server: Server, api: htt
                 logs = allowed.get(f"/v1/vms/{old}/exec-logs")
                 assert logs.status_code == 200, logs.text
                 assert {native_cid, cmdop_cid} <= {e["id"] for e in logs.json()}
-                listed = allowed.get("/v1/sandboxes", params={"include_deleted": "true"})
-                assert old in {s["id"] for s in listed.json()["items"]}
+                assert old in _all_sandbox_ids(allowed, include_deleted="true")
     finally:
         api.delete(f"/v1/sandboxes/{new}")
+
+
+def _all_sandbox_ids(client: httpx.Client, **params: str) -> set[str]:
+    """Every page: a shared server holds the sandboxes of other tests too."""
+    found: set[str] = set()
+    cursor: str | None = None
+    while True:
+        page = client.get(
+            "/v1/sandboxes",
+            params={**params, "limit": "1000", **({"cursor": cursor} if cursor else {})},
+        ).json()
+        found |= {s["id"] for s in page["items"]}
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return found
 
 
 # --- another sandbox answers as a missing one ---------------------------------------------------
