@@ -32,10 +32,11 @@ def make_data_dir(prefix: str) -> Path:
     return path
 
 
-# Blocks of 10,000 host uids (two per sandbox), per test process: test runs side by side on one
-# machine must not share uids.
-_uid_first = 300_000 + (os.getpid() % 4000) * 200_000
-_uid_blocks = iter(range(_uid_first, _uid_first + 200_000, 10_000))
+# Blocks of 10,000 host uids (two per sandbox), 200 per test process (the suite starts well over
+# a hundred servers): test runs side by side on one machine must not share uids. Below the range
+# tests/security/helpers.py draws dedicated servers' blocks from.
+_uid_first = 300_000 + (os.getpid() % 400) * 2_000_000
+_uid_blocks = iter(range(_uid_first, _uid_first + 2_000_000, 10_000))
 
 
 class Server:
