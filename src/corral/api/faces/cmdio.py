@@ -41,6 +41,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
 from corral.api.auth import Caller, get_services, token_from_request
+from corral.api.errors import error_responses
 from corral.api.faces._common import Problem, TextDecoder, face_router, shell_exit_code
 from corral.core.errors import NotFound, PermissionDenied, Unauthenticated
 from corral.core.models import Command, CommandStatus, Scope, Token, TokenCreated
@@ -71,8 +72,8 @@ def render(request: Request, problem: Problem) -> Response:
     )
 
 
-run_router = face_router(TAG, render)
-manage = APIRouter(tags=[TAG], prefix="/v1/users")
+run_router = face_router(TAG, render, error_media_type="text/plain")
+manage = APIRouter(tags=[TAG], prefix="/v1/users", responses=error_responses())
 
 
 # --- running -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -47,7 +47,15 @@ from corral.api.faces._common import (
 )
 from corral.core.commands import to_model as command_model
 from corral.core.errors import Conflict, CorralError, InvalidArgument, Unavailable
-from corral.core.models import Command, CommandStatus, ExecRequest, SandboxState, Scope
+from corral.core.models import (
+    Command,
+    CommandStatus,
+    Count,
+    ExecRequest,
+    Milliseconds,
+    SandboxState,
+    Scope,
+)
 from corral.core.sandboxes import to_model as sandbox_model
 from corral.core.tokens import Principal
 from corral.services import Services
@@ -69,6 +77,18 @@ CODES = {
 }
 
 
+class CmdopErrorBody(BaseModel):
+    code: str = Field(description="validation_error, not_found, conflict, ...")
+    message: str
+    details: Any = Field(default=None, description="For validation errors: the failing fields")
+
+
+class CmdopError(BaseModel):
+    """CMDOP's error body."""
+
+    error: CmdopErrorBody
+
+
 def render(request: Request, problem: Problem) -> Response:
     code = CODES.get(problem.status, problem.code)
     body = {"error": {"code": code, "message": problem.message, "details": problem.details}}
@@ -84,7 +104,7 @@ def add_rate_headers(request: Request, response: Response) -> None:
         response.headers.update(rate_headers(info))
 
 
-router = face_router(TAG, render, after=add_rate_headers)
+router = face_router(TAG, render, after=add_rate_headers, error_model=CmdopError)
 
 
 async def caller(request: Request) -> Principal:
@@ -99,7 +119,7 @@ class CommandBody(BaseModel):
     command: str = Field(min_length=1, description="Command to execute (a shell string)")
     cwd: str | None = Field(default=None, description="Working directory (default /workspace)")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables")
-    timeout: int | None = Field(default=None, ge=1, description="Timeout in milliseconds")
+    timeout: Milliseconds | None = Field(default=None, description="Timeout in milliseconds")
     user: str | None = Field(default=None, description="Run as user (only `user`)")
 
 
@@ -108,7 +128,7 @@ class BatchBody(BaseModel):
     command: str = Field(min_length=1)
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    timeout: int | None = Field(default=None, ge=1)
+    timeout: Milliseconds | None = None
     user: str | None = None
 
 
@@ -274,8 +294,8 @@ async def batch(
 async def machine_commands(
     machine_id: str,
     since: datetime | None = Query(None, description="ISO timestamp"),
-    limit: int = Query(20, ge=1, le=1000, description="Results per page"),
-    offset: int = Query(0, ge=0, description="Pagination offset"),
+    limit: Annotated[int, Query(ge=1, le=1000, description="Results per page")] = 20,
+    offset: Annotated[Count, Query(description="Pagination offset")] = 0,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
@@ -301,8 +321,8 @@ async def machine_commands(
 
 @router.get("/v1/machines", summary="Machines (sandboxes) this token may use")
 async def machines(
-    limit: int = Query(20, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[Count, Query()] = 0,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
