@@ -94,7 +94,7 @@ class Strict(BaseModel):
 INT64_MAX = 2**63 - 1
 MAX_SECONDS = 10 * 366 * 24 * 3600  # ten years: the longest lifetime, expiry or timeout
 MAX_MILLISECONDS = MAX_SECONDS * 1000
-MAX_CPUS = 256
+MIN_CPUS, MAX_CPUS = 0.01, 256  # the smallest CFS quota: 1 ms per 100 ms period
 MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 1024 * 1024
 # The smallest disk that holds a sandbox. Its ext4 file system has one inode per 64 KiB (16 per
 # MiB, `-i 65536` in runtime/namespaces.py); 11 are reserved by ext4, and the sandbox's layout
@@ -109,7 +109,7 @@ Count = Annotated[int, Interval(ge=0, le=INT64_MAX)]
 Seconds = Annotated[int, Interval(ge=1, le=MAX_SECONDS)]
 SecondsFloat = Annotated[float, Interval(gt=0, le=MAX_SECONDS), AllowInfNan(False)]
 Milliseconds = Annotated[int, Interval(ge=1, le=MAX_MILLISECONDS)]
-Cpus = Annotated[float, Interval(gt=0, le=MAX_CPUS), AllowInfNan(False)]
+Cpus = Annotated[float, Interval(ge=MIN_CPUS, le=MAX_CPUS), AllowInfNan(False)]
 MemoryMb = Annotated[int, Interval(ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)]
 DiskMb = Annotated[int, Interval(ge=MIN_DISK_MB, le=MAX_DISK_MB)]
 Pids = Annotated[int, Interval(ge=8, le=1_000_000)]
