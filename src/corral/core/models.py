@@ -9,11 +9,19 @@ import base64
 import enum
 import ipaddress
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from annotated_types import Interval
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -91,7 +99,7 @@ class Strict(BaseModel):
 # query strings ("nan", "inf"). Constraints are annotated-types markers rather than pydantic
 # `Field`s, so that the same types serve as query parameters (`Annotated[Count, Query(...)]`).
 
-INT64_MAX = 2**63 - 1
+COUNT_MAX = 2**62  # within SQLite's 64-bit integers with room for a sum (LIMIT + OFFSET)
 MAX_SECONDS = 10 * 366 * 24 * 3600  # ten years: the longest lifetime, expiry or timeout
 MAX_MILLISECONDS = MAX_SECONDS * 1000
 MIN_CPUS, MAX_CPUS = 0.01, 256  # the smallest CFS quota: 1 ms per 100 ms period
@@ -104,7 +112,7 @@ MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 1024 * 1024
 MIN_DISK_MB, MAX_DISK_MB = 3, 1024 * 1024
 
 FiniteFloat = Annotated[float, AllowInfNan(False)]
-Count = Annotated[int, Interval(ge=0, le=INT64_MAX)]
+Count = Annotated[int, Interval(ge=0, le=COUNT_MAX)]
 """Offsets, byte counts: anything from 0 that the store keeps as a 64-bit integer."""
 Seconds = Annotated[int, Interval(ge=1, le=MAX_SECONDS)]
 SecondsFloat = Annotated[float, Interval(gt=0, le=MAX_SECONDS), AllowInfNan(False)]
@@ -114,6 +122,19 @@ MemoryMb = Annotated[int, Interval(ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)]
 DiskMb = Annotated[int, Interval(ge=MIN_DISK_MB, le=MAX_DISK_MB)]
 Pids = Annotated[int, Interval(ge=8, le=1_000_000)]
 TerminalSize = Annotated[int, Interval(ge=1, le=1000)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # a naive time is taken as UTC
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59-14:00 is past the last UTC datetime
+        raise ValueError("the time is out of range in UTC") from None
+
+
+Timestamp = Annotated[datetime, AfterValidator(_in_utc)]
+"""A point in time, in UTC (naive times are taken as UTC)."""
 
 # A path inside a sandbox: at most PATH_MAX (4096 bytes with its NUL; the file helper checks the
 # bytes, this bounds the characters so that a path always fits the helper's command line).

@@ -55,6 +55,7 @@ from corral.core.models import (
     Milliseconds,
     SandboxState,
     Scope,
+    Timestamp,
 )
 from corral.core.sandboxes import to_model as sandbox_model
 from corral.core.tokens import Principal
@@ -293,7 +294,7 @@ async def batch(
 @router.get("/v1/machines/{machine_id}/commands", summary="A machine's history, newest first")
 async def machine_commands(
     machine_id: str,
-    since: datetime | None = Query(None, description="ISO timestamp"),
+    since: Annotated[Timestamp | None, Query(description="ISO timestamp")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="Results per page")] = 20,
     offset: Annotated[Count, Query(description="Pagination offset")] = 0,
     services: Services = Depends(get_services),
@@ -301,8 +302,6 @@ async def machine_commands(
 ) -> dict[str, Any]:
     principal.require(Scope.read)
     row = await usable_sandbox(services, principal, machine_id)
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
     commands, total = await history(services, row.id, since=since, limit=limit, offset=offset)
     items = [
         {
