@@ -12,8 +12,10 @@ would harm the run itself is bounded:
   session would turn every later case into a 404 or 401;
 - `POST /auth/logout` and `POST /auth/login` are left out: they manage the cookie session, not
   anything a generated request can reach, and a login makes a token per call;
-- commands are bounded by the server's settings (`CORRAL_MAX_TIMEOUT_MS`), so that no
-  generated command (or `?wait=true` on one) waits longer than a few seconds;
+- commands are bounded by the server's settings: 3 s unless a case asks for more, at most 30 s
+  (run-dat-sheesh's own default), so that no generated command (or `?wait=true` on one) makes
+  the run wait long; a CPU share under 1 is raised to 1 (a sandbox of 0.01 CPU takes seconds to
+  start);
 - sandboxes created by a case are deleted right after it.
 The number of examples per operation is bounded (`EXAMPLES`) so that the run fits the suite.
 """
