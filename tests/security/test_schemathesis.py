@@ -3,8 +3,9 @@ server with real sandboxes: no server error, no status the document does not lis
 that does not match its schema, and each response's content type one the document gives.
 
 Path parameters are steered to real things most of the time so that operations get past 404: a
-running sandbox (`TARGET`), a finished command in it, a cmd.io user with a named command. What
-would harm the run itself is bounded:
+running sandbox (`TARGET`), a finished command in it, a cmd.io user with a named command; file
+paths (`path`, `dest`) to a file and a directory of TARGET, and CMDOP's `machine_id(s)` to
+TARGET. What would harm the run itself is bounded:
 - operations that stop, pause, restart or change the network of a sandbox act on a second
   sandbox of their own (`VICTIM`), never on `TARGET`;
 - deletions (sandboxes, runtimes, VMs, tokens, cmd.io users, commands, access entries) only get
@@ -16,7 +17,8 @@ would harm the run itself is bounded:
   (run-dat-sheesh's own default), so that no generated command (or `?wait=true` on one) makes
   the run wait long; a CPU share under 1 is raised to 1 (a sandbox of 0.01 CPU takes seconds to
   start);
-- sandboxes created by a case are deleted right after it.
+- sandboxes created by a case are deleted right after it, and the create operations' boundary
+  cases are the invalid ones only (each valid one would start a sandbox).
 The number of examples per operation is bounded (`EXAMPLES`) so that the run fits the suite.
 """
 
