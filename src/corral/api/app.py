@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
@@ -17,6 +20,7 @@ from corral.api.routes import commands, files, nodes, run, sandboxes, streams, s
 from corral.services import Services
 from corral.settings import Settings
 
+FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 DESCRIPTION = (
     "Corral creates isolated sandboxes and runs commands and code in them. "
     "Authenticate with `Authorization: Bearer <token>` (or `X-API-Key`)."
@@ -54,9 +58,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
-    for module in (system, sandboxes, commands, streams, files, run, tokens, nodes):
-        app.include_router(module.router)
-    app.include_router(sandboxes.templates_router)
+    app.include_router(system.router)
+    # Every native operation documents the errors it may answer (the faces document their own).
+    native_errors = errors.error_responses()
+    for module in (sandboxes, commands, streams, files, run, tokens, nodes):
+        app.include_router(module.router, responses=native_errors)
+    app.include_router(sandboxes.templates_router, responses=native_errors)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel):
         app.include_router(face.router)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, without the validation-error body it adds to operations on its own:
+    every operation documents its real 422 (or, on a face that answers validation errors with
+    another status, none)."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                invalid = operation.get("responses", {}).get("422", {})
+                if FASTAPI_422 in json.dumps(invalid):
+                    del operation["responses"]["422"]
+        schemas = document.get("components", {}).get("schemas", {})
+        if FASTAPI_422 not in json.dumps(document.get("paths", {})):
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+        app.openapi_schema = document
+    return app.openapi_schema

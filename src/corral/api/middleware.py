@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from corral.api.errors import Problem, problem_response
 
 # Routes that stream their bodies to a sandbox and enforce their own limits (uploads count the
 # bytes against `max_upload_bytes` as they arrive; stdin has no limit but back-pressure).
@@ -68,7 +70,7 @@ class RequestContext:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await _reject(send_with_id, request_id, limit)
+                    await _reject(scope, receive, send_with_id, limit)
                     return
         seen = 0
 
@@ -84,26 +86,9 @@ class RequestContext:
         await self.app(scope, bounded_receive, send_with_id)
 
 
-async def _reject(send: Send, request_id: str, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "code": "payload_too_large",
-                "message": f"the request body exceeds {limit} bytes",
-                "details": None,
-            },
-            "request_id": request_id,
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _reject(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    """413 before the body is read, in the shape of the API the path belongs to."""
+    problem = Problem(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+    response = problem_response(Request(scope, receive), problem)
+    response.headers["connection"] = "close"  # the unread body would follow on this connection
+    await response(scope, receive, send)

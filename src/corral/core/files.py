@@ -23,9 +23,10 @@ from corral.core.errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    SandboxNotRunning,
     Unavailable,
 )
-from corral.core.models import ArchiveUploaded, FileInfo, FileList
+from corral.core.models import ArchiveUploaded, CommandStatus, FileInfo, FileList
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
 from corral.runtime.base import SandboxDied, SpawnError
 from corral.settings import Settings
@@ -65,12 +66,17 @@ _ERRORS: dict[str, type[CorralError]] = {
     "changed": Conflict,
     "forbidden_path": PermissionDenied,
     "too_large": PayloadTooLarge,
+    "too_deep": BadRequest,
+    "busy": Conflict,
     "no_space": InsufficientStorage,
 }
 
 
-def helper_error(stderr: bytes, outcome: CommandOutcome | None) -> CorralError:
-    """The API error for a failed helper run, from the last line of its stderr."""
+def helper_error(
+    stderr: bytes, outcome: CommandOutcome | None, *, sandbox_running: bool = True
+) -> CorralError:
+    """The API error for a failed helper run: the report on the last line of its stderr, else
+    what ended it (its sandbox stopping, a timeout, a signal)."""
     for line in reversed(stderr.decode("utf-8", "replace").strip().splitlines()):
         try:
             body = json.loads(line)["error"]
@@ -80,10 +86,19 @@ def helper_error(stderr: bytes, outcome: CommandOutcome | None) -> CorralError:
         error = _ERRORS.get(code, HelperFailed)(message)
         error.code = code
         return error
-    if outcome is not None and outcome.status.value == "timed_out":
+    status = outcome.status if outcome is not None else None
+    # Stopping (or deleting) a sandbox cancels what runs in it; nothing else cancels a helper
+    # whose caller is still waiting for its answer.
+    if not sandbox_running or status is CommandStatus.cancelled:
+        return SandboxNotRunning("the sandbox was stopped during the file operation")
+    if status is CommandStatus.timed_out:
         return Unavailable("the file operation timed out")
-    if outcome is not None and outcome.status.value == "lost":
+    if status is CommandStatus.lost:
         return Unavailable(f"the sandbox stopped during the file operation: {outcome.error}")
+    if outcome is not None and outcome.oom_killed:
+        return Unavailable("the file operation ran out of the sandbox's memory")
+    if outcome is not None and outcome.signal is not None:
+        return Unavailable(f"the file operation was killed by signal {outcome.signal}")
     text = stderr.decode("utf-8", "replace").strip()[-500:]
     log.warning("file helper failed (%s): %s", outcome and outcome.status, text)
     return HelperFailed(f"the file operation failed: {text or 'no reason given'}")
@@ -109,8 +124,9 @@ def to_info(raw: dict[str, Any]) -> FileInfo:
 class Helper:
     """One run of the helper in a sandbox."""
 
-    def __init__(self, execution: Execution) -> None:
+    def __init__(self, execution: Execution, node: Node) -> None:
         self.execution = execution
+        self.node = node
         self._pending = b""
 
     async def read_header(self) -> dict[str, Any] | None:
@@ -144,7 +160,8 @@ class Helper:
     async def failure(self) -> CorralError:
         outcome = await self.execution.outcome()
         memory = self.execution.log.memory_output()
-        return helper_error(memory[1] if memory else b"", outcome)
+        running = self.node.sandbox_running(self.execution.spec.sandbox_id)
+        return helper_error(memory[1] if memory else b"", outcome, sandbox_running=running)
 
     async def succeeded(self) -> bool:
         outcome = await self.execution.outcome()
@@ -188,7 +205,7 @@ class FileService:
             keep_log=False,
         )
         try:
-            return Helper(await self.node.run(spec))
+            return Helper(await self.node.run(spec), self.node)
         except SandboxDied as exc:
             raise Unavailable(f"sandbox {sandbox_id} is not running: {exc}") from None
         except SpawnError as exc:

@@ -9,10 +9,19 @@ import base64
 import enum
 import ipaddress
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from annotated_types import Interval
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -79,7 +88,59 @@ NetworkMode = Literal["none", "allow", "outbound"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# --- bounded numbers ---------------------------------------------------------------------------
+#
+# Every number a request takes (in a body or a query string, on any face) is one of these, so
+# that what the server does with it afterwards holds: a lifetime added to now stays a datetime,
+# an offset fits SQLite's 64-bit integers, seconds turned into milliseconds stay finite. Floats
+# are finite: JSON bodies may carry NaN and Infinity (Python's parser accepts them), and so may
+# query strings ("nan", "inf"). Constraints are annotated-types markers rather than pydantic
+# `Field`s, so that the same types serve as query parameters (`Annotated[Count, Query(...)]`).
+
+COUNT_MAX = 2**62  # within SQLite's 64-bit integers with room for a sum (LIMIT + OFFSET)
+MAX_SECONDS = 10 * 366 * 24 * 3600  # ten years: the longest lifetime, expiry or timeout
+MAX_MILLISECONDS = MAX_SECONDS * 1000
+MIN_CPUS, MAX_CPUS = 0.01, 256  # the smallest CFS quota: 1 ms per 100 ms period
+MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 1024 * 1024
+# The smallest disk that holds a sandbox. Its ext4 file system has one inode per 64 KiB (16 per
+# MiB, `-i 65536` in runtime/namespaces.py); 11 are reserved by ext4, and the sandbox's layout
+# takes up to 30 more before any command runs (/tmp, /usr/local, /workspace, /etc and its 6
+# generated files and up to 20 links to the host's shown /etc entries). 2 MiB (32 inodes) cannot
+# start; 3 MiB (48) starts with a few inodes to spare. mkfs.ext4 itself needs 1 MiB.
+MIN_DISK_MB, MAX_DISK_MB = 3, 1024 * 1024
+
+FiniteFloat = Annotated[float, AllowInfNan(False)]
+Count = Annotated[int, Interval(ge=0, le=COUNT_MAX)]
+"""Offsets, byte counts: anything from 0 that the store keeps as a 64-bit integer."""
+Seconds = Annotated[int, Interval(ge=1, le=MAX_SECONDS)]
+SecondsFloat = Annotated[float, Interval(gt=0, le=MAX_SECONDS), AllowInfNan(False)]
+Milliseconds = Annotated[int, Interval(ge=1, le=MAX_MILLISECONDS)]
+Cpus = Annotated[float, Interval(ge=MIN_CPUS, le=MAX_CPUS), AllowInfNan(False)]
+MemoryMb = Annotated[int, Interval(ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)]
+DiskMb = Annotated[int, Interval(ge=MIN_DISK_MB, le=MAX_DISK_MB)]
+Pids = Annotated[int, Interval(ge=8, le=1_000_000)]
+TerminalSize = Annotated[int, Interval(ge=1, le=1000)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # a naive time is taken as UTC
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59-14:00 is past the last UTC datetime
+        raise ValueError("the time is out of range in UTC") from None
+
+
+Timestamp = Annotated[datetime, AfterValidator(_in_utc)]
+"""A point in time, in UTC (naive times are taken as UTC)."""
+
+# A path inside a sandbox: at most PATH_MAX (4096 bytes with its NUL; the file helper checks the
+# bytes, this bounds the characters so that a path always fits the helper's command line).
+MAX_PATH = 4095
+SandboxPath = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH)]
 
 
 # --- sandboxes ---------------------------------------------------------------------------------
@@ -90,11 +151,16 @@ class SandboxCreate(Strict):
     template: str = Field(default="host", description="Root filesystem template")
     env: dict[str, str] = Field(default_factory=dict, description="Environment for every command")
     labels: dict[str, str] = Field(default_factory=dict)
-    cpu: float | None = Field(default=None, gt=0, le=256, description="CPUs (quota)")
-    memory_mb: int | None = Field(default=None, ge=16, le=1024 * 1024)
-    pids: int | None = Field(default=None, ge=8, le=1_000_000)
-    disk_mb: int | None = Field(default=None, ge=1, le=1024 * 1024)
-    ttl_seconds: int | None = Field(default=None, ge=1, description="Stopped and deleted after")
+    cpu: Cpus | None = Field(default=None, description="CPUs (quota)")
+    memory_mb: MemoryMb | None = None
+    pids: Pids | None = None
+    disk_mb: DiskMb | None = Field(
+        default=None,
+        description=f"MiB, at least {MIN_DISK_MB}: the smallest file system a sandbox fits in",
+    )
+    ttl_seconds: Seconds | None = Field(
+        default=None, description="Stopped after this many seconds (its files stay)"
+    )
     network: NetworkMode = Field(
         default="none",
         description="none: no network; allow: only the `allow` CIDRs; outbound: public "
@@ -170,8 +236,8 @@ class ExecRequest(Strict):
         "namespace (sudo), never a host privilege",
     )
     stdin: str | None = Field(default=None, description="Standard input as UTF-8 text")
-    timeout_ms: int | None = Field(default=None, ge=1)
-    max_output_bytes: int | None = Field(default=None, ge=0, description="Cap per stream")
+    timeout_ms: Milliseconds | None = None
+    max_output_bytes: Count | None = Field(default=None, description="Cap per stream")
     interactive: bool = Field(
         default=False,
         description="Keep standard input open for `POST .../stdin` or a WebSocket (after `stdin`)",
@@ -179,8 +245,8 @@ class ExecRequest(Strict):
     tty: bool = Field(
         default=False, description="Run on a terminal (one output stream, resize); interactive"
     )
-    rows: int = Field(default=24, ge=1, le=1000, description="Terminal rows (with tty)")
-    cols: int = Field(default=80, ge=1, le=1000, description="Terminal columns (with tty)")
+    rows: TerminalSize = Field(default=24, description="Terminal rows (with tty)")
+    cols: TerminalSize = Field(default=80, description="Terminal columns (with tty)")
 
     @field_validator("env")
     @classmethod
@@ -260,7 +326,7 @@ class TokenCreate(Strict):
     sandbox_ids: list[str] | None = Field(
         default=None, description="Limit the token to these sandboxes (ids or names)"
     )
-    expires_in_seconds: int | None = Field(default=None, ge=1)
+    expires_in_seconds: Seconds | None = None
 
 
 class Token(BaseModel):
@@ -426,8 +492,8 @@ class StdinFrame(Strict):
 
 class ResizeFrame(Strict):
     type: Literal["resize"] = "resize"
-    rows: int = Field(ge=1, le=1000)
-    cols: int = Field(ge=1, le=1000)
+    rows: TerminalSize
+    cols: TerminalSize
 
 
 class SignalFrame(Strict):
@@ -454,8 +520,8 @@ class SignalRequest(Strict):
 
 
 class ResizeRequest(Strict):
-    rows: int = Field(ge=1, le=1000)
-    cols: int = Field(ge=1, le=1000)
+    rows: TerminalSize
+    cols: TerminalSize
 
 
 class StdinWritten(BaseModel):
@@ -489,14 +555,14 @@ class FileList(BaseModel):
 
 
 class MkdirRequest(Strict):
-    path: str = Field(min_length=1)
+    path: SandboxPath
     parents: bool = Field(default=True, description="Create missing parents; no error if it exists")
-    mode: int = Field(default=0o755, ge=0, le=0o7777)
+    mode: Annotated[int, Interval(ge=0, le=0o7777)] = 0o755
 
 
 class MoveRequest(Strict):
-    source: str = Field(min_length=1)
-    destination: str = Field(min_length=1)
+    source: SandboxPath
+    destination: SandboxPath
     overwrite: bool = False
 
 
@@ -524,8 +590,8 @@ class RunRequest(Strict):
     )
     cwd: str | None = Field(default=None, description="Absolute path; default /workspace")
     stdin: str | None = Field(default=None, description="Standard input as UTF-8 text")
-    timeout_ms: int | None = Field(default=None, ge=1)
-    max_output_bytes: int | None = Field(default=None, ge=0, description="Cap per stream")
+    timeout_ms: Milliseconds | None = None
+    max_output_bytes: Count | None = Field(default=None, description="Cap per stream")
 
     @field_validator("env")
     @classmethod

@@ -27,6 +27,7 @@ from corral.core.errors import Conflict, InvalidArgument, NotFound, PermissionDe
 from corral.core.models import (
     NAME_PATTERN,
     ExecRequest,
+    Milliseconds,
     SandboxCreate,
     Strict,
     Token,
@@ -90,7 +91,7 @@ class NamedCommandCreate(Strict):
     )
     env: dict[str, str] = Field(default_factory=dict)
     template: str = Field(default="host", description="Root filesystem of the sandbox")
-    timeout_ms: int | None = Field(default=None, ge=1, description="Default: the server's")
+    timeout_ms: Milliseconds | None = Field(default=None, description="Default: the server's")
     sandbox: str | None = Field(
         default=None,
         description="Run in this existing sandbox (id or name), kept between runs, instead of "

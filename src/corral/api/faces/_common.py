@@ -1,10 +1,12 @@
 """What the faces share: each face's own error shape, applied to its routes only, and small
 lookups over the core that more than one face needs.
 
-A face router is built with `face_router(tag, render)`: every error raised while serving one of
-its routes (a core error, a validation error, an HTTP error, an auth failure) is turned into a
-`Problem` and rendered by the face. The native error handlers stay as they are for every other
-route.
+A face router is built with `face_router(tag, render, error_model=...)`: every error raised while
+serving one of its routes (a core error, a validation error, an HTTP error, an auth failure) is
+turned into a `Problem` and rendered by the face, and errors raised around its routes (the body
+limit, 405) find the face's renderer through the route (`api/errors.py`). The OpenAPI document
+lists, for each of its operations, the statuses the face answers with `error_model` as the body.
+Every other route keeps the native shape.
 """
 
 from __future__ import annotations
@@ -13,77 +15,75 @@ import asyncio
 import codecs
 import platform
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import pydantic
 from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from sqlalchemy import func, select
-from starlette.exceptions import HTTPException
 
 from corral.api.auth import get_services, may_use, token_from_request
-from corral.api.errors import HTTP_CODES
-from corral.core.errors import CorralError, NotFound, RateLimited
+from corral.api.errors import (
+    ERROR_STATUSES,
+    HTTP_CODES,
+    Problem,
+    Renderer,
+    error_responses,
+)
+from corral.api.errors import rate_headers as rate_headers  # the faces' own import
+from corral.core.errors import NotFound
 from corral.core.models import Command, CommandStatus
-from corral.core.tokens import Principal, RateInfo, TokenRateLimited
+from corral.core.tokens import Principal
 from corral.services import Services
 from corral.store.tables import CommandRow
 
 SIGKILL = 9
 
-
-@dataclass
-class Problem:
-    """An error, before a face gives it its shape."""
-
-    status: int
-    code: str  # the native code
-    message: str
-    details: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, exc: Exception) -> Problem | None:
-        if isinstance(exc, CorralError):
-            problem = cls(exc.status, exc.code, exc.message, exc.details)
-            if isinstance(exc, RateLimited):
-                problem.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-            if isinstance(exc, TokenRateLimited):
-                problem.headers.update(rate_headers(exc.info))
-            return problem
-        if isinstance(exc, RequestValidationError | pydantic.ValidationError):
-            errors = exc.errors()
-            if any(e.get("type") == "json_invalid" for e in errors):
-                return cls(400, "invalid_json", "the body is not valid JSON")
-            details = [
-                {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                for e in errors
-            ]
-            first = details[0] if details else {"loc": [], "msg": "invalid"}
-            where = ".".join(str(p) for p in first["loc"] if p != "body")
-            message = f"{where}: {first['msg']}" if where else str(first["msg"])
-            return cls(422, "invalid_argument", message, details)
-        if isinstance(exc, HTTPException):
-            code = HTTP_CODES.get(exc.status_code, "error")
-            message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-            return cls(exc.status_code, code, message, headers=dict(exc.headers or {}))
-        return None
-
-
-Renderer = Callable[[Request, Problem], Response]
 AfterHook = Callable[[Request, Response], None]
 
 
+def face_errors(
+    render: Renderer,
+    model: type[BaseModel] | None,
+    *,
+    statuses: dict[int, str] = ERROR_STATUSES,
+    media_type: str = "application/json",
+) -> dict[int | str, dict[str, Any]]:
+    """The error statuses a face answers and its error body, for the OpenAPI document: found by
+    rendering one problem of each of `statuses` (a face may answer some under another status,
+    e.g. Vercel's 400 for validation errors)."""
+    probe = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "state": {}})
+    answered_as: dict[int, list[str]] = {}
+    for status, description in statuses.items():
+        code = HTTP_CODES.get(status, "error")
+        answered = render(probe, Problem(status, code, description)).status_code
+        answered_as.setdefault(answered, []).append(description)
+    return error_responses(
+        model,
+        statuses={s: "; ".join(d) for s, d in sorted(answered_as.items())},
+        media_type=media_type,
+    )
+
+
 def face_router(
-    tag: str, render: Renderer, *, after: AfterHook | None = None, **kwargs: Any
+    tag: str,
+    render: Renderer,
+    *,
+    after: AfterHook | None = None,
+    error_model: type[BaseModel] | None = None,
+    error_media_type: str = "application/json",
+    extra_errors: dict[int, str] | None = None,
+    **kwargs: Any,
 ) -> APIRouter:
     """An APIRouter whose routes render their errors with `render` (and pass every response
-    through `after`, e.g. to add headers)."""
+    through `after`, e.g. to add headers), and document them as `error_model` bodies (None:
+    plain text)."""
 
     class FaceRoute(APIRoute):
+        # Found by errors raised before the route's own handler runs (api/errors.py).
+        render_problem = staticmethod(render)
+
         def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
             original = super().get_route_handler()
 
@@ -103,7 +103,14 @@ def face_router(
 
             return handler
 
-    return APIRouter(tags=[tag], route_class=FaceRoute, **kwargs)
+    statuses = {**ERROR_STATUSES, **(extra_errors or {})}
+    responses = face_errors(render, error_model, statuses=statuses, media_type=error_media_type)
+    return APIRouter(
+        tags=[tag],
+        route_class=FaceRoute,
+        responses={**responses, **kwargs.pop("responses", {})},
+        **kwargs,
+    )
 
 
 # --- auth --------------------------------------------------------------------------------------
@@ -117,14 +124,6 @@ async def authenticate(request: Request, secret: str | None = None) -> Principal
     )
     request.state.principal = principal
     return principal
-
-
-def rate_headers(info: RateInfo) -> dict[str, str]:
-    return {
-        "X-RateLimit-Limit": str(info.limit),
-        "X-RateLimit-Remaining": str(info.remaining),
-        "X-RateLimit-Reset": str(info.reset),
-    }
 
 
 # --- lookups -----------------------------------------------------------------------------------

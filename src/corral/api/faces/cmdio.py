@@ -43,6 +43,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from corral.api import ws_frames
 from corral.api.auth import Caller, get_services, token_from_request
+from corral.api.errors import error_responses
 from corral.api.faces._common import Problem, TextDecoder, face_router, shell_exit_code
 from corral.api.ws_frames import CLOSE_TOKEN_ENDED, FrameError, FrameLimits
 from corral.core.errors import NotFound, PermissionDenied, Unauthenticated
@@ -74,8 +75,8 @@ def render(request: Request, problem: Problem) -> Response:
     )
 
 
-run_router = face_router(TAG, render)
-manage = APIRouter(tags=[TAG], prefix="/v1/users")
+run_router = face_router(TAG, render, error_media_type="text/plain")
+manage = APIRouter(tags=[TAG], prefix="/v1/users", responses=error_responses())
 
 
 # --- running -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -48,7 +48,16 @@ from corral.api.faces._common import (
 )
 from corral.core.commands import to_model as command_model
 from corral.core.errors import Conflict, CorralError, InvalidArgument, Unavailable
-from corral.core.models import Command, CommandStatus, ExecRequest, SandboxState, Scope
+from corral.core.models import (
+    Command,
+    CommandStatus,
+    Count,
+    ExecRequest,
+    Milliseconds,
+    SandboxState,
+    Scope,
+    Timestamp,
+)
 from corral.core.sandboxes import covered_by
 from corral.core.sandboxes import to_model as sandbox_model
 from corral.core.tokens import Principal
@@ -71,6 +80,18 @@ CODES = {
 }
 
 
+class CmdopErrorBody(BaseModel):
+    code: str = Field(description="validation_error, not_found, conflict, ...")
+    message: str
+    details: Any = Field(default=None, description="For validation errors: the failing fields")
+
+
+class CmdopError(BaseModel):
+    """CMDOP's error body."""
+
+    error: CmdopErrorBody
+
+
 def render(request: Request, problem: Problem) -> Response:
     code = CODES.get(problem.status, problem.code)
     body = {"error": {"code": code, "message": problem.message, "details": problem.details}}
@@ -86,7 +107,7 @@ def add_rate_headers(request: Request, response: Response) -> None:
         response.headers.update(rate_headers(info))
 
 
-router = face_router(TAG, render, after=add_rate_headers)
+router = face_router(TAG, render, after=add_rate_headers, error_model=CmdopError)
 
 
 async def caller(request: Request) -> Principal:
@@ -101,7 +122,7 @@ class CommandBody(BaseModel):
     command: str = Field(min_length=1, description="Command to execute (a shell string)")
     cwd: str | None = Field(default=None, description="Working directory (default /workspace)")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables")
-    timeout: int | None = Field(default=None, ge=1, description="Timeout in milliseconds")
+    timeout: Milliseconds | None = Field(default=None, description="Timeout in milliseconds")
     user: str | None = Field(default=None, description="Run as user (only `user`)")
 
 
@@ -110,7 +131,7 @@ class BatchBody(BaseModel):
     command: str = Field(min_length=1)
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    timeout: int | None = Field(default=None, ge=1)
+    timeout: Milliseconds | None = None
     user: str | None = None
 
 
@@ -269,16 +290,14 @@ async def batch(
 @router.get("/v1/machines/{machine_id}/commands", summary="A machine's history, newest first")
 async def machine_commands(
     machine_id: str,
-    since: datetime | None = Query(None, description="ISO timestamp"),
-    limit: int = Query(20, ge=1, le=1000, description="Results per page"),
-    offset: int = Query(0, ge=0, description="Pagination offset"),
+    since: Annotated[Timestamp | None, Query(description="ISO timestamp")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Results per page")] = 20,
+    offset: Annotated[Count, Query(description="Pagination offset")] = 0,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.read)
     row = await usable_sandbox(services, principal, machine_id)
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
     commands, total = await history(services, row.id, since=since, limit=limit, offset=offset)
     items = [
         {
@@ -297,8 +316,8 @@ async def machine_commands(
 
 @router.get("/v1/machines", summary="Machines (sandboxes) this token may use")
 async def machines(
-    limit: int = Query(20, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[Count, Query()] = 0,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -53,21 +53,29 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from corral.api.auth import get_services, running_sandbox, token_from_request, usable_sandbox
+from corral.api.errors import STORAGE_FULL
 from corral.api.faces._common import (
     Problem,
     authenticate,
+    face_errors,
     face_router,
 )
 from corral.api.origin import SAFE_METHODS, check_same_origin
 from corral.core.errors import BadRequest, PayloadTooLarge, PermissionDenied, Unauthenticated
 from corral.core.logins import login_keys
 from corral.core.models import (
+    MIN_DISK_MB,
     Command,
     CommandStatus,
+    Cpus,
+    DiskMb,
     ExecRequest,
+    MemoryMb,
+    Milliseconds,
     RunRequest,
     Sandbox,
     SandboxCreate,
+    SandboxPath,
     SandboxState,
     Scope,
     TokenCreate,
@@ -93,6 +101,12 @@ STATES = {
 HOME = "/home/user"
 
 
+class RdsError(BaseModel):
+    """run-dat-sheesh's error body."""
+
+    message: str
+
+
 def render(request: Request, problem: Problem) -> Response:
     message = problem.message
     if problem.status == 401:
@@ -100,7 +114,8 @@ def render(request: Request, problem: Problem) -> Response:
     return JSONResponse({"message": message}, status_code=problem.status)
 
 
-router = face_router(TAG, render)
+router = face_router(TAG, render, error_model=RdsError)
+STORAGE_ERRORS = face_errors(render, RdsError, statuses=STORAGE_FULL)
 
 
 async def caller(request: Request) -> Principal:
@@ -139,11 +154,11 @@ class Login(BaseModel):
 
 class CreateVM(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    cpu: float | None = Field(default=None, gt=0, le=256)
-    memMb: int | None = Field(default=None, ge=16)
+    cpu: Cpus | None = None
+    memMb: MemoryMb | None = None
     allowIps: list[str] = Field(default_factory=list)
     outboundInternet: bool = False
-    diskSizeMb: int | None = Field(default=None, ge=1)
+    diskSizeMb: DiskMb | None = Field(default=None, description=f"At least {MIN_DISK_MB}")
 
 
 class ExecBody(BaseModel):
@@ -151,7 +166,7 @@ class ExecBody(BaseModel):
     cmd: str = Field(min_length=1)
     cwd: str = "/workspace"
     env: dict[str, str] = Field(default_factory=dict)
-    timeoutMs: int = Field(default=DEFAULT_TIMEOUT_MS, ge=1)
+    timeoutMs: Milliseconds = DEFAULT_TIMEOUT_MS
 
 
 class RunTs(BaseModel):
@@ -160,7 +175,7 @@ class RunTs(BaseModel):
     path: str | None = None
     args: list[str] = Field(default_factory=list)
     env: list[str] = Field(default_factory=list, description='"KEY=value" items')
-    timeoutMs: int = Field(default=DEFAULT_TIMEOUT_MS, ge=1)
+    timeoutMs: Milliseconds = DEFAULT_TIMEOUT_MS
 
 
 def vm_path(path: str) -> str:
@@ -399,7 +414,7 @@ async def exec_vm(
 @router.get("/v1/vms/{vm_id}/exec-logs", summary="Past commands of the VM, newest first")
 async def exec_logs(
     vm_id: str,
-    limit: int = Query(50, ge=1, le=1000),
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> list[dict[str, Any]]:
@@ -466,6 +481,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
     "/v1/vms/{vm_id}/files/upload",
     status_code=204,
     summary="Extract a tar.gz body into `dest`",
+    responses=STORAGE_ERRORS,
     openapi_extra={
         "requestBody": {"content": {"application/gzip": {"schema": {"type": "string"}}}}
     },
@@ -473,7 +489,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
 async def upload(
     vm_id: str,
     request: Request,
-    dest: str = Query(..., min_length=1, description="Directory to extract into"),
+    dest: Annotated[SandboxPath, Query(description="Directory to extract into")],
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> Response:
@@ -492,7 +508,7 @@ async def upload(
 )
 async def download(
     vm_id: str,
-    path: str = Query(..., min_length=1, description="Directory to archive"),
+    path: Annotated[SandboxPath, Query(description="Directory to archive")],
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> StreamingResponse:

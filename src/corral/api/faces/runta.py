@@ -24,10 +24,11 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import signal as signals
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,21 +38,31 @@ from starlette.websockets import WebSocketDisconnect
 
 from corral.api import ws_frames
 from corral.api.auth import get_services, running_sandbox, token_from_request, usable_sandbox
+from corral.api.errors import STORAGE_FULL
 from corral.api.faces._common import (
     Problem,
     authenticate,
+    face_errors,
     face_router,
     shell_exit_code,
 )
 from corral.api.ws_frames import CLOSE_TOKEN_ENDED, FrameError, FrameLimits
 from corral.core.errors import Conflict, InvalidArgument, PayloadTooLarge, PermissionDenied
 from corral.core.models import (
+    MAX_DISK_MB,
+    MIN_DISK_MB,
     Command,
     CommandStatus,
+    Count,
+    Cpus,
     ExecRequest,
+    MemoryMb,
     Sandbox,
     SandboxCreate,
+    SandboxPath,
     Scope,
+    SecondsFloat,
+    TerminalSize,
 )
 from corral.core.sandboxes import to_model as sandbox_model
 from corral.core.token_watch import TokenEnded
@@ -61,6 +72,8 @@ from corral.services import Services
 from corral.store.tables import SandboxRow
 
 TAG = "Runta (seed 003)"
+MIN_DISK_GIB = MIN_DISK_MB / 1024
+DiskGib = Annotated[float, Field(ge=MIN_DISK_GIB, le=MAX_DISK_MB / 1024, allow_inf_nan=False)]
 WORKSPACE = "/workspace"
 CODES = {
     400: "invalid_argument",
@@ -76,7 +89,20 @@ CODES = {
     502: "unavailable",
     503: "unavailable",
     504: "deadline_exceeded",
+    507: "resource_exhausted",
 }
+
+
+class RuntaErrorBody(BaseModel):
+    code: str = Field(description="invalid_argument, not_found, failed_precondition, ...")
+    message: str
+
+
+class RuntaError(BaseModel):
+    """Runta's error body."""
+
+    error: RuntaErrorBody
+    request_id: str | None = None
 
 
 def render(request: Request, problem: Problem) -> Response:
@@ -93,7 +119,8 @@ def render(request: Request, problem: Problem) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-router = face_router(TAG, render)
+router = face_router(TAG, render, error_model=RuntaError)
+STORAGE_ERRORS = face_errors(render, RuntaError, statuses=STORAGE_FULL)
 
 
 class AlreadyExists(Conflict):
@@ -108,9 +135,16 @@ async def caller(request: Request) -> Principal:
 
 
 class Requests(BaseModel):
-    vcpus: float | None = Field(default=None, gt=0, le=256)
-    memory_mib: int | None = Field(default=None, ge=16)
-    disk_gib: float | None = Field(default=None, gt=0)
+    vcpus: Cpus | None = None
+    memory_mib: MemoryMb | None = None
+    disk_gib: DiskGib | None = Field(
+        default=None, description=f"At least {MIN_DISK_GIB} ({MIN_DISK_MB} MiB)"
+    )
+
+    @property
+    def disk_mb(self) -> int | None:
+        # Rounded up: a disk is never smaller than asked.
+        return math.ceil(self.disk_gib * 1024) if self.disk_gib is not None else None
 
 
 class Resources(BaseModel):
@@ -131,11 +165,11 @@ class ExecBody(BaseModel):
     command: str = Field(min_length=1, description="Executable or shell command.")
     cwd: str | None = Field(default=None, description="Working directory inside the runtime.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables.")
-    max_output_bytes: int | None = Field(
-        default=None, ge=0, description="Maximum bytes to retain per output stream."
+    max_output_bytes: Count | None = Field(
+        default=None, description="Maximum bytes to retain per output stream."
     )
     stdin: str | None = Field(default=None, description="Standard input as UTF-8 text.")
-    timeout_secs: float | None = Field(default=None, gt=0, description="Timeout in seconds.")
+    timeout_secs: SecondsFloat | None = Field(default=None, description="Timeout in seconds.")
 
 
 def iso(value: datetime | None) -> str | None:
@@ -175,6 +209,10 @@ def exec_json(command: Command) -> dict[str, Any]:
     }
 
 
+def milliseconds(seconds: float | None) -> int | None:
+    return max(1, math.ceil(seconds * 1000)) if seconds is not None else None
+
+
 def cwd_of(value: str | None) -> str | None:
     if value is None or value.startswith("/"):
         return value
@@ -201,7 +239,7 @@ async def create_runtime(
                 env=body.env,
                 cpu=wanted.vcpus,
                 memory_mb=wanted.memory_mib,
-                disk_mb=max(1, round(wanted.disk_gib * 1024)) if wanted.disk_gib else None,
+                disk_mb=wanted.disk_mb,
                 labels={"face": "runta"},
             )
         )
@@ -265,7 +303,7 @@ async def exec_command(
         cwd=cwd_of(body.cwd),
         env=body.env,
         stdin=body.stdin,
-        timeout_ms=max(1, round(body.timeout_secs * 1000)) if body.timeout_secs else None,
+        timeout_ms=milliseconds(body.timeout_secs),
         max_output_bytes=body.max_output_bytes,
     )
     row = await running_sandbox(services, principal, runtime)
@@ -291,7 +329,7 @@ async def _file_body(request: Request) -> AsyncIterator[bytes]:
 )
 async def read_file(
     runtime: str,
-    path: str = Query(..., min_length=1, description="Absolute, or relative to /workspace"),
+    path: Annotated[SandboxPath, Query(description="Absolute, or relative to /workspace")],
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> StreamingResponse:
@@ -309,6 +347,7 @@ async def read_file(
 @router.put(
     "/v1/runtimes/{runtime}/files",
     summary="Write one file (parents created, replaced atomically)",
+    responses=STORAGE_ERRORS,
     openapi_extra={
         "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}
     },
@@ -316,7 +355,7 @@ async def read_file(
 async def write_file(
     runtime: str,
     request: Request,
-    path: str = Query(..., min_length=1, description="Absolute, or relative to /workspace"),
+    path: Annotated[SandboxPath, Query(description="Absolute, or relative to /workspace")],
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
@@ -362,9 +401,9 @@ class StartFrame(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     tty: bool = False
-    rows: int = Field(default=24, ge=1, le=1000)
-    cols: int = Field(default=80, ge=1, le=1000)
-    timeout_secs: float | None = Field(default=None, gt=0, description="Corral addition")
+    rows: TerminalSize = 24
+    cols: TerminalSize = 80
+    timeout_secs: SecondsFloat | None = Field(default=None, description="Corral addition")
 
 
 @router.websocket("/v2/runtimes/{runtime}/exec/stream")
@@ -403,7 +442,7 @@ async def exec_stream(ws: WebSocket, runtime: str) -> None:
                 args=start.args or None,
                 cwd=cwd_of(start.cwd),
                 env=start.env,
-                timeout_ms=max(1, round(start.timeout_secs * 1000)) if start.timeout_secs else None,
+                timeout_ms=milliseconds(start.timeout_secs),
             )
             row = await services.sandboxes.running_row(row.id)
             if lease.ended:

@@ -36,7 +36,7 @@ import json
 import signal as signals
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -52,7 +52,16 @@ from corral.api.faces._common import (
 )
 from corral.core.commands import to_model as command_model
 from corral.core.errors import BadRequest, Conflict, PermissionDenied
-from corral.core.models import Command, CommandStatus, ExecRequest, SandboxCreate, Scope
+from corral.core.models import (
+    Command,
+    CommandStatus,
+    Cpus,
+    ExecRequest,
+    MemoryMb,
+    Milliseconds,
+    SandboxCreate,
+    Scope,
+)
 from corral.core.tokens import Principal
 from corral.node.base import Execution
 from corral.node.output_log import STREAM_NAMES, follow
@@ -76,6 +85,17 @@ CODES = {
 }
 
 
+class VercelErrorBody(BaseModel):
+    code: str = Field(description="bad_request, not_found, sandbox_stopped, ...")
+    message: str
+
+
+class VercelError(BaseModel):
+    """Vercel's error body."""
+
+    error: VercelErrorBody
+
+
 class SandboxGone(Conflict):
     status, code = 410, "sandbox_stopped"
 
@@ -93,7 +113,13 @@ def render(request: Request, problem: Problem) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-router = face_router(TAG, render, prefix="/v2/sandboxes")
+router = face_router(
+    TAG,
+    render,
+    error_model=VercelError,
+    extra_errors={410: "The sandbox is stopped or deleted"},
+    prefix="/v2/sandboxes",
+)
 
 
 async def caller(request: Request) -> Principal:
@@ -104,14 +130,16 @@ async def caller(request: Request) -> Principal:
 
 
 class Resources(BaseModel):
-    vcpus: float | None = Field(default=None, gt=0, le=256)
-    memory: int | None = Field(default=None, ge=16, description="MiB (Corral addition)")
+    vcpus: Cpus | None = None
+    memory: MemoryMb | None = Field(default=None, description="MiB (Corral addition)")
 
 
 class CreateSandbox(BaseModel):
     model_config = ConfigDict(extra="ignore")
     resources: Resources | None = None
-    timeout: int | None = Field(default=None, ge=1000, description="Lifetime in milliseconds")
+    timeout: Annotated[Milliseconds, Field(ge=1000)] | None = Field(
+        default=None, description="Lifetime in milliseconds"
+    )
     name: str | None = Field(default=None, description="Corral: a unique sandbox name")
     env: dict[str, str] = Field(default_factory=dict, description="Corral: env for every command")
     network: Literal["none", "allow", "outbound"] = Field(
@@ -129,7 +157,7 @@ class RunCommand(BaseModel):
     sudo: bool = False
     wait: bool = False
     logs: bool = False
-    timeout: int | None = Field(default=None, ge=1, description="Milliseconds, then SIGKILL")
+    timeout: Milliseconds | None = Field(default=None, description="Milliseconds, then SIGKILL")
 
 
 class KillCommand(BaseModel):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter, Query
 
 from corral.api.auth import Caller, ServicesDep, running_sandbox, usable_sandbox
 from corral.core.commands import to_model
-from corral.core.models import Command, CommandStatus, ExecRequest, Page, Scope
+from corral.core.models import Command, CommandStatus, ExecRequest, Page, Scope, Timestamp
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox}", tags=["commands"])
 
@@ -40,8 +38,8 @@ async def list_commands(
     services: ServicesDep,
     caller: Caller,
     status: CommandStatus | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Timestamp | None = None,
+    until: Timestamp | None = None,
     limit: int = Query(50, ge=1, le=1000),
     cursor: str | None = None,
 ) -> Page[Command]:

@@ -13,8 +13,10 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from corral.api.auth import Caller, ServicesDep, running_sandbox
+from corral.api.errors import STORAGE_FULL, error_responses
 from corral.core.errors import PayloadTooLarge
 from corral.core.models import (
+    MAX_PATH,
     ArchiveUploaded,
     FileInfo,
     FileList,
@@ -28,7 +30,11 @@ from corral.services import Services
 router = APIRouter(prefix="/v1/sandboxes/{sandbox}", tags=["files"])
 
 CLIENT_CLOSED = 499  # the client went away mid-upload (for the access log only)
-PATH = Query(..., min_length=1, description="Absolute, or relative to /workspace")
+PATH = Query(
+    ..., min_length=1, max_length=MAX_PATH, description="Absolute, or relative to /workspace"
+)
+# Answered besides the native errors by the routes that write.
+WRITES = error_responses(statuses=STORAGE_FULL)
 BINARY_BODY = {
     "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}
 }
@@ -60,6 +66,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
 @router.put(
     "/archive",
     response_model=ArchiveUploaded,
+    responses=WRITES,
     openapi_extra={
         "requestBody": {"content": {"application/gzip": {"schema": {"type": "string"}}}}
     },
@@ -112,7 +119,7 @@ async def download_archive(
         raise
 
 
-@router.put("/files", response_model=FileInfo, openapi_extra=BINARY_BODY)
+@router.put("/files", response_model=FileInfo, responses=WRITES, openapi_extra=BINARY_BODY)
 async def upload_file(
     request: Request,
     sandbox: str,
@@ -201,7 +208,7 @@ async def list_files(
     return await services.files.list(sandbox_id, path, limit=limit)
 
 
-@router.post("/files/mkdir", response_model=FileInfo)
+@router.post("/files/mkdir", response_model=FileInfo, responses=WRITES)
 async def make_directory(
     sandbox: str, body: MkdirRequest, services: ServicesDep, caller: Caller
 ) -> FileInfo:
@@ -209,7 +216,7 @@ async def make_directory(
     return await services.files.mkdir(sandbox_id, body.path, parents=body.parents, mode=body.mode)
 
 
-@router.post("/files/move", response_model=FileInfo)
+@router.post("/files/move", response_model=FileInfo, responses=WRITES)
 async def move_file(
     sandbox: str, body: MoveRequest, services: ServicesDep, caller: Caller
 ) -> FileInfo:

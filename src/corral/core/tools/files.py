@@ -25,6 +25,7 @@ import archive
 
 BUFFER = 1 << 20
 LIST_LIMIT = 10_000
+PATH_MAX = 4095  # bytes, without the NUL
 MEMORY_LIMIT = 512 << 20  # address space of the extractor: bounds what a hostile header costs
 
 
@@ -52,6 +53,11 @@ ERRNO_CODES = {
     errno.EXDEV: "invalid_path",
     errno.EINVAL: "invalid_path",
     errno.EBUSY: "forbidden_path",
+    errno.ENXIO: "not_a_file",  # a device with nothing behind it (/dev/tty without a terminal)
+    errno.ENODEV: "not_a_file",
+    errno.ETXTBSY: "busy",
+    errno.EMLINK: "no_space",
+    errno.EOVERFLOW: "too_large",
 }
 
 
@@ -93,7 +99,29 @@ def info(path: str, st: os.stat_result | None = None) -> dict:
 def absolute(path: str) -> str:
     if not isinstance(path, str) or not path or "\x00" in path:
         raise Fail("invalid_path", "a path is required")
-    return os.path.normpath(os.path.join("/workspace", path))
+    full = os.path.normpath(os.path.join("/workspace", path))
+    if len(full.encode("utf-8", "surrogateescape")) > PATH_MAX:
+        raise Fail("invalid_path", f"the path is longer than {PATH_MAX} bytes")
+    return full
+
+
+def make_dirs(path: str, mode: int = 0o777) -> None:
+    """`os.makedirs(path, mode, exist_ok=True)` without recursion: the depth of a path costs
+    no stack."""
+    missing = []
+    head = path
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
 
 
 def _emit(obj: object) -> None:
@@ -146,7 +174,7 @@ def op_mkdir(args: dict) -> None:
     path = absolute(args["path"])
     mode = int(args.get("mode", 0o755)) & 0o7777
     if args.get("parents", True):
-        os.makedirs(path, mode=mode, exist_ok=True)
+        make_dirs(path, mode)
         if not os.path.isdir(path):
             raise Fail("exists", f"{path} exists and is not a directory")
     else:
@@ -184,15 +212,22 @@ def op_delete(args: dict) -> None:
 # --- contents ----------------------------------------------------------------------------------
 
 
+def _regular(path: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise Fail("is_a_directory", f"{path} is a directory (download it as an archive)")
+    if not stat.S_ISREG(st.st_mode):
+        raise Fail("not_a_file", f"{path} is not a regular file")
+
+
 def op_read(args: dict) -> None:
     path = absolute(args["path"])
+    # A device or FIFO is never opened (opening one can block, fail or act); fstat below
+    # covers a swap between the two.
+    _regular(path, os.stat(path))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise Fail("is_a_directory", f"{path} is a directory (download it as an archive)")
-        if not stat.S_ISREG(st.st_mode):
-            raise Fail("not_a_file", f"{path} is not a regular file")
+        _regular(path, st)
         os.set_blocking(fd, True)
         size = st.st_size
         _header({"size": size, "info": info(path, st)})
@@ -213,7 +248,7 @@ def op_write(args: dict) -> None:
     if not name:
         raise Fail("invalid_path", "a file name is required")
     if args.get("parents", True):
-        os.makedirs(parent, exist_ok=True)
+        make_dirs(parent)
     if os.path.isdir(path) and not os.path.islink(path):
         raise Fail("is_a_directory", f"{path} is a directory")
     dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -346,6 +381,8 @@ def main() -> int:
         return _fail(ERRNO_CODES.get(exc.errno or 0, "io_error"), text)
     except MemoryError:
         return _fail("bad_archive", "out of memory: an entry's header is too large")
+    except RecursionError:
+        return _fail("too_deep", "the directory tree is nested too deeply")
     return 0
 
 
