@@ -159,9 +159,10 @@ class Helper:
 
     async def failure(self) -> CorralError:
         outcome = await self.execution.outcome()
-        memory = self.execution.log.memory_output()
-        running = self.node.sandbox_running(self.execution.spec.sandbox_id)
-        return helper_error(memory[1] if memory else b"", outcome, sandbox_running=running)
+        spec = self.execution.spec
+        _, stderr = await self.node.output(spec.sandbox_id, spec.id)
+        running = self.node.sandbox_running(spec.sandbox_id)
+        return helper_error(stderr, outcome, sandbox_running=running)
 
     async def succeeded(self) -> bool:
         outcome = await self.execution.outcome()

@@ -58,7 +58,6 @@ from corral.core.named_commands import (
     UserCreate,
 )
 from corral.core.tokens import Principal
-from corral.node.output_log import follow
 from corral.services import Services
 
 TAG = "cmd.io (seed 000)"
@@ -119,10 +118,9 @@ def parse_args(args: str | None) -> list[str]:
 
 async def _output(services: Services, run: NamedRun) -> AsyncIterator[bytes]:
     """The command's output in the order written, as it comes."""
-    live = run.execution.log if run.execution is not None else None
-    path = services.node.log_path(run.sandbox.id, run.row.id)
-    async for chunk in follow(path, 0, live):
-        yield chunk.data
+    async for chunk in services.node.follow_output(run.sandbox.id, run.row.id):
+        if chunk is not None:
+            yield chunk.data
 
 
 async def _finish(services: Services, run: NamedRun) -> Command:

@@ -67,7 +67,7 @@ from corral.core.models import (
 from corral.core.sandboxes import to_model as sandbox_model
 from corral.core.token_watch import TokenEnded
 from corral.core.tokens import Principal
-from corral.node.output_log import STDOUT, follow
+from corral.node.output_log import STDOUT
 from corral.services import Services
 from corral.store.tables import SandboxRow
 
@@ -475,8 +475,9 @@ async def exec_stream(ws: WebSocket, runtime: str) -> None:
                 await ws.send_text(json.dumps(frame))
 
         async def pump_output() -> None:
-            path = services.node.log_path(row.id, command_row.id)
-            async for chunk in follow(path, 0, execution.log):
+            async for chunk in services.node.follow_output(row.id, command_row.id):
+                if chunk is None:
+                    continue
                 kind = "stdout" if chunk.stream == STDOUT else "stderr"
                 await send({"type": kind, "data_base64": _b64(chunk.data)})
 

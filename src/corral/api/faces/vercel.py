@@ -64,7 +64,7 @@ from corral.core.models import (
 )
 from corral.core.tokens import Principal
 from corral.node.base import Execution
-from corral.node.output_log import STREAM_NAMES, follow
+from corral.node.output_log import STREAM_NAMES
 from corral.services import Services
 from corral.store.tables import SandboxRow
 
@@ -334,10 +334,10 @@ async def run_command(
 async def _log_lines(
     services: Services, sandbox_id: str, command_id: str, execution: Execution | None
 ) -> AsyncIterator[bytes]:
-    path = services.node.log_path(sandbox_id, command_id)
-    live = execution.log if execution is not None else None
     text = TextDecoder()
-    async for chunk in follow(path, 0, live):
+    async for chunk in services.node.follow_output(sandbox_id, command_id):
+        if chunk is None:
+            continue
         data = text.decode(chunk.stream, chunk.data)
         if data:
             yield line({"stream": STREAM_NAMES[chunk.stream], "data": data})
