@@ -17,10 +17,16 @@ from corral.api import errors
 from corral.api.faces import cmdio, cmdop, rundatsheesh, runta, vercel
 from corral.api.middleware import RequestContext
 from corral.api.routes import commands, files, nodes, run, sandboxes, streams, system, tokens
+from corral.core.models import ErrorResponse
 from corral.services import Services
 from corral.settings import Settings
 
 FASTAPI_422 = "#/components/schemas/HTTPValidationError"
+# What api/http_protocol.py answers for any path, before a route (and so a face) is known.
+PROTOCOL_REFUSALS = {
+    414: "The request target exceeds 16 KiB",
+    431: "The request head exceeds 64 KiB, or a header line 16 KiB",
+}
 DESCRIPTION = (
     "Corral creates isolated sandboxes and runs commands and code in them. "
     "Authenticate with `Authorization: Bearer <token>` (or `X-API-Key`)."
@@ -81,12 +87,30 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             description=app.description,
             routes=app.routes,
         )
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        if "ErrorResponse" not in schemas:  # the native routes' error body, referenced below
+            native = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(native.pop("$defs", {}))
+            schemas["ErrorResponse"] = native
         for operations in document.get("paths", {}).values():
             for operation in operations.values():
-                invalid = operation.get("responses", {}).get("422", {})
+                responses = operation.setdefault("responses", {})
+                invalid = responses.get("422", {})
                 if FASTAPI_422 in json.dumps(invalid):
-                    del operation["responses"]["422"]
-        schemas = document.get("components", {}).get("schemas", {})
+                    del responses["422"]
+                # Refused by the HTTP server before any route runs: the native shape everywhere.
+                for status, description in PROTOCOL_REFUSALS.items():
+                    responses.setdefault(
+                        str(status),
+                        {
+                            "description": description + " (refused before routing; native shape)",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+                                }
+                            },
+                        },
+                    )
         if FASTAPI_422 not in json.dumps(document.get("paths", {})):
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
