@@ -209,9 +209,18 @@ class Follower(threading.Thread):
     """Reads one streamed response to its end, in a thread; notes when the first bytes came and
     when it ended."""
 
-    def __init__(self, url: str, secret: str, params: dict[str, str]) -> None:
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        params: dict[str, str],
+        *,
+        body: dict[str, Any] | None = None,
+        marker: bytes = b"tick",
+    ) -> None:
         super().__init__(daemon=True)
         self.url, self.secret, self.params = url, secret, params
+        self.json, self.marker = body, marker  # a body: POST it
         self.first = threading.Event()
         self.body = b""
         self.ended_at: float | None = None
@@ -220,13 +229,14 @@ class Follower(threading.Thread):
     def run(self) -> None:
         try:
             headers = {"Authorization": f"Bearer {self.secret}"}
+            method = "GET" if self.json is None else "POST"
             with httpx.stream(
-                "GET", self.url, params=self.params, headers=headers, timeout=60
+                method, self.url, params=self.params, json=self.json, headers=headers, timeout=60
             ) as resp:
                 assert resp.status_code == 200, resp.read()
                 for chunk in resp.iter_raw():
                     self.body += chunk
-                    if b"tick" in self.body:
+                    if self.marker in self.body:
                         self.first.set()
             self.ended_at = time.monotonic()
         except BaseException as exc:
@@ -311,6 +321,46 @@ def test_cmdio_stream_ends(srv: Server, admin: httpx.Client, cmdio_user: str) ->
     note("cmd.io stream (revoked)", took)
     assert frames[-1] == f"error: {REVOKED}"  # cmd.io's frames are plain text
     assert ws.close_code == 4001 and ws.close_reason == REVOKED
+
+
+def test_face_http_streams_end(srv: Server, admin: httpx.Client, sid: str, cmdio_user: str) -> None:
+    """Vercel's command logs and `wait` streams and cmd.io's `?stream=1` end like the native
+    log streams, each with its own last line."""
+    resp = admin.post(f"/v1/sandboxes/{sid}/commands", json={"command": TICKS})
+    assert resp.status_code == 202, resp.text
+    cid = resp.json()["id"]
+    token = new_token(admin)
+    vercel = f"{srv.url}/v2/sandboxes/sessions/{sid}/cmd"
+    run = {"command": "sh", "args": ["-c", TICKS], "wait": True, "logs": True}
+    followers = {
+        "Vercel logs stream": Follower(f"{vercel}/{cid}/logs", token["secret"], {}),
+        "Vercel wait stream": Follower(vercel, token["secret"], {}, body=run),
+    }
+    cmdio = cmdio_token(admin, cmdio_user)
+    streamed = Follower(
+        f"{srv.url}/run/{cmdio_user}/slow", cmdio["secret"], {"stream": "1"}, marker=b"up"
+    )
+    try:
+        for follower in [*followers.values(), streamed]:
+            follower.start()
+        for follower in [*followers.values(), streamed]:
+            assert follower.first.wait(30) and follower.error is None, follower.error
+        revoked = revoke(admin, token)
+        cmdio_revoked = revoke(admin, cmdio)
+        for follower in [*followers.values(), streamed]:
+            follower.join(10)
+    finally:
+        cancel(admin, sid, cid)
+    for kind, follower in followers.items():
+        assert follower.error is None, (kind, follower.error)
+        assert follower.ended_at is not None and follower.ended_at - revoked < DEADLINE, kind
+        note(f"{kind} (revoked)", follower.ended_at - revoked)
+        last = json.loads(follower.body.decode().splitlines()[-1])
+        assert last == {"stream": "error", "data": {"code": "unauthenticated", "message": REVOKED}}
+    assert streamed.error is None, streamed.error
+    assert streamed.ended_at is not None and streamed.ended_at - cmdio_revoked < DEADLINE
+    note("cmd.io ?stream=1 (revoked)", streamed.ended_at - cmdio_revoked)
+    assert streamed.body.decode().endswith(f"error: {REVOKED}\n"), streamed.body[-80:]
 
 
 # --- SSH ----------------------------------------------------------------------------------------

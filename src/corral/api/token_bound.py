@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterable, Callable, Mapping
 
+from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
@@ -27,8 +28,9 @@ class TokenBoundStream(StreamingResponse):
         ending: Callable[[str], bytes] | None = None,
         media_type: str | None = None,
         headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None,
     ) -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
+        super().__init__(content, media_type=media_type, headers=headers, background=background)
         self.lease = lease
         self.ending = ending
 

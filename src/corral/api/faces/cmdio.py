@@ -38,13 +38,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response, WebSocket
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse
+from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect
 
 from corral.api import ws_frames
 from corral.api.auth import Caller, get_services, token_from_request
 from corral.api.errors import error_responses
 from corral.api.faces._common import Problem, TextDecoder, face_router, shell_exit_code
+from corral.api.token_bound import TokenBoundStream
 from corral.api.ws_frames import CLOSE_TOKEN_ENDED, FrameError, FrameLimits
 from corral.core.errors import NotFound, PermissionDenied, Unauthenticated
 from corral.core.models import Command, CommandStatus, Scope, Token, TokenCreated
@@ -137,15 +139,20 @@ async def run_command(
     access_token: str | None = Query(None, description="The token (or Basic-Auth username)"),
 ) -> Response:
     services = get_services(request)
-    _, named = await authorize(services, token_from_request(request), user, command)
+    principal, named = await authorize(services, token_from_request(request), user, command)
     body = await request.body()
     stack = contextlib.AsyncExitStack()
     run = await stack.enter_async_context(
         services.named.run(named, parse_args(args), source="cmdio", stdin=body)
     )
     if stream in ("1", "true", "yes"):
-        return StreamingResponse(
-            _streamed(services, run, stack), media_type="text/plain; charset=utf-8"
+        return TokenBoundStream(
+            _streamed(services, run, stack),
+            services.tokens.lease(principal),
+            ending=lambda reason: f"\nerror: {reason}\n".encode(),
+            media_type="text/plain; charset=utf-8",
+            # The run is let go even if the stream ended before its first byte.
+            background=BackgroundTask(stack.aclose),
         )
     async with stack:
         out = bytearray()

@@ -50,6 +50,7 @@ from corral.api.faces._common import (
     face_router,
     shell_exit_code,
 )
+from corral.api.token_bound import TokenBoundStream
 from corral.core.commands import to_model as command_model
 from corral.core.errors import BadRequest, Conflict, PermissionDenied
 from corral.core.models import (
@@ -216,6 +217,11 @@ def command_json(command: Command) -> dict[str, Any]:
     return out
 
 
+def token_ended_line(reason: str) -> bytes:
+    """The last line of a stream whose token was revoked or expired."""
+    return line({"stream": "error", "data": {"code": "unauthenticated", "message": reason}})
+
+
 def line(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
@@ -326,8 +332,11 @@ async def run_command(
     started = command_model(command_row)
     if not body.wait:
         return JSONResponse({"command": command_json(started)})
-    return StreamingResponse(
-        _wait_stream(services, started, execution, body.logs), media_type=NDJSON
+    return TokenBoundStream(
+        _wait_stream(services, started, execution, body.logs),
+        services.tokens.lease(principal),
+        ending=token_ended_line,
+        media_type=NDJSON,
     )
 
 
@@ -400,7 +409,12 @@ async def command_logs(
     row = await _command(services, principal, session_id, command_id)
     await services.commands.row(row.id, command_id)
     execution = services.node.execution(command_id)
-    return StreamingResponse(_log_lines(services, row.id, command_id, execution), media_type=NDJSON)
+    return TokenBoundStream(
+        _log_lines(services, row.id, command_id, execution),
+        services.tokens.lease(principal),
+        ending=token_ended_line,
+        media_type=NDJSON,
+    )
 
 
 def _signal_number(value: int | str) -> int:
