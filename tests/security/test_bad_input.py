@@ -393,12 +393,17 @@ def test_every_operation_documents_its_errors_in_its_face_shape(api: httpx.Clien
             if path.startswith("/run/"):
                 wanted = {"text/plain": {"schema": {"type": "string"}}}
                 assert responses["401"]["content"] == wanted, where
+                native = responses["414"]["content"]["application/json"]["schema"]["$ref"]
+                assert native == "#/components/schemas/ErrorResponse", where
                 continue
             model = ERROR_MODELS.get(tag, "ErrorResponse")
             for status, response in responses.items():
                 if status.startswith(("4", "5")):
                     ref = response["content"]["application/json"]["schema"]["$ref"]
-                    assert ref == f"#/components/schemas/{model}", (where, status, ref)
+                    # The HTTP server refuses an over-long target or head before any route (or
+                    # face) is known: those two are in the native shape everywhere.
+                    shape = "ErrorResponse" if status in ("414", "431") else model
+                    assert ref == f"#/components/schemas/{shape}", (where, status, ref)
             checked += 1
     assert checked > 70
     assert "HTTPValidationError" not in json.dumps(document)
