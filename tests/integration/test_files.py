@@ -386,3 +386,36 @@ def test_abandoned_transfers_leave_no_helper_behind(
     while processes_matching("/opt/corral/files.py") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_matching("/opt/corral/files.py") == []
+
+
+def test_a_tree_with_entries_the_user_cannot_read_downloads_without_them(
+    server: Server, api: httpx.Client, sandbox_id: str
+) -> None:
+    """As tar does: what the sandbox user may not read is left out, the rest arrives whole
+    (natively and through run-dat-sheesh), rather than a stream that breaks off half-way."""
+    made = api.post(
+        f"/v1/sandboxes/{sandbox_id}/exec",
+        json={
+            "user": "root",
+            "command": "mkdir -p /workspace/mixed/open /workspace/mixed/shut && "
+            "echo visible > /workspace/mixed/open/a && echo hidden > /workspace/mixed/secret && "
+            "echo inside > /workspace/mixed/shut/b && "
+            "chmod 000 /workspace/mixed/secret && chmod 700 /workspace/mixed/shut && "
+            "chown root /workspace/mixed/secret /workspace/mixed/shut",
+        },
+    ).json()
+    assert made["exit_code"] == 0, made
+    urls = {
+        "native": (f"/v1/sandboxes/{sandbox_id}/archive", {"path": "/workspace/mixed"}),
+        "run-dat-sheesh": (f"/v1/vms/{sandbox_id}/files/download", {"path": "/workspace/mixed"}),
+    }
+    for face, (url, params) in urls.items():
+        with api.stream("GET", url, params=params) as resp:
+            assert resp.status_code == 200, (face, resp.read())
+            body = resp.read()  # raises if the stream broke off
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as archive:
+            names = {m.name.rstrip("/").split("mixed/")[-1] for m in archive.getmembers()}
+            opened = archive.extractfile(next(m for m in archive if m.name.endswith("open/a")))
+            assert opened is not None and opened.read() == b"visible\n", face
+        assert "open/a" in names, (face, names)
+        assert not any(n.endswith(("secret", "shut/b")) for n in names), (face, names)

@@ -22,6 +22,7 @@ import collections
 import errno
 import os
 import stat
+import sys
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -485,29 +486,40 @@ def write_archive(
 
     With `root` a directory, entries are its contents, relative to it (prefixed with `name/`
     when given); with a file, the one entry `name` (default: its base name). Symlinks are stored
-    as symlinks, never followed below `root`; hardlinks as hardlinks; sockets are skipped.
+    as symlinks, never followed below `root`; hardlinks as hardlinks; sockets are skipped. As
+    tar does, what the sandbox user may not read (or what vanishes while the tree is walked) is
+    left out, and counted as `skipped`, rather than breaking the stream half-way.
     """
     sink: GzipWriter | _Sink = GzipWriter(write, level) if level is not None else _Sink(write)
     archive = tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=BUFFER)  # type: ignore[call-overload]
     archive.copybufsize = BUFFER
-    counts = {"entries": 0, "bytes": 0}
+    counts = {"entries": 0, "bytes": 0, "skipped": 0}
 
     def add(path: str, arcname: str) -> None:
-        info = archive.gettarinfo(path, arcname)
-        if info is None:
-            return  # a socket: nothing to store
+        try:
+            info = archive.gettarinfo(path, arcname)
+            if info is None:
+                return  # a socket: nothing to store
+            if info.isreg():
+                with open(path, "rb") as f:
+                    archive.addfile(info, f)
+                counts["bytes"] += info.size
+            else:
+                archive.addfile(info)
+        except (PermissionError, FileNotFoundError) as exc:
+            # Nothing was written for it yet (the open comes before the header).
+            counts["skipped"] += 1
+            print(f"skipped {arcname}: {exc.strerror}", file=sys.stderr)
+            return
         counts["entries"] += 1
-        if info.isreg():
-            with open(path, "rb") as f:
-                archive.addfile(info, f)
-            counts["bytes"] += info.size
-        else:
-            archive.addfile(info)
 
     if os.path.isdir(root):
         prefix = name.strip("/")
 
         def fail(exc: OSError) -> None:
+            if isinstance(exc, PermissionError | FileNotFoundError):
+                counts["skipped"] += 1  # a directory it may not list: left out with its contents
+                return
             raise exc
 
         for top, dirs, files in os.walk(root, onerror=fail):
