@@ -30,7 +30,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import resource
 import time
 from dataclasses import dataclass
@@ -45,9 +44,6 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_URL_BYTES = 16 * 1024
 MAX_HEADER_LINE_BYTES = 16 * 1024
 MAX_HEADERS = 128
-
-# Head deadlines fall anywhere in the last tenth before the configured timeout.
-HEAD_DEADLINE_SPREAD = 0.1
 
 # After a refusal: how long, and how many bytes, the rest of a request is read and dropped.
 LINGER_SECONDS = 2.0
@@ -155,9 +151,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # it looks at the head in progress (if any) and re-arms for what is left of its time.
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_began: float | None = None
-        # A little shorter for some connections: a burst of them (a flood) does not expire,
-        # and get reopened, all in one instant, which would stall everyone else meanwhile.
-        self._head_timeout = self.limits.head_timeout * (1 - random.random() * HEAD_DEADLINE_SPREAD)
         self._linger_timer: asyncio.TimerHandle | None = None
         # True while a request head (or a chunked body's trailers) is being read: the bytes
         # fed meanwhile are counted against MAX_HEAD_BYTES.
@@ -184,7 +177,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 return
             self._over_bound = True
         self._head_began = self.loop.time()
-        self._arm_head_timer(self._head_timeout)
+        self._arm_head_timer(self.limits.head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -204,7 +197,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and self._head_began is None:
             self._head_began = self.loop.time()
             if self._head_timer is None:
-                self._arm_head_timer(self._head_timeout)
+                self._arm_head_timer(self.limits.head_timeout)
         cap = MAX_HEAD_BYTES
         try:
             # While a head is open, feed at most one byte past the cap at a time: if the head
@@ -298,7 +291,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self._head_began is None or self.transport.is_closing():
             return  # no head in progress: the next one arms the timer again
-        left = self._head_began + self._head_timeout - self.loop.time()
+        left = self._head_began + self.limits.head_timeout - self.loop.time()
         if left > 0:
             self._arm_head_timer(left)
             return
