@@ -7,10 +7,9 @@ import abc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 from corral.core.models import CommandStatus
-from corral.node.output_log import Chunk, OutputLog
+from corral.node.output_log import Chunk
 from corral.runtime.base import SandboxConfig
 
 
@@ -62,7 +61,6 @@ class Execution(abc.ABC):
 
     spec: CommandSpec
     started_at: datetime
-    log: OutputLog
 
     @abc.abstractmethod
     async def outcome(self) -> CommandOutcome: ...
@@ -156,9 +154,6 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     def execution(self, command_id: str) -> Execution | None: ...
-
-    @abc.abstractmethod
-    def log_path(self, sandbox_id: str, command_id: str) -> Path: ...
 
     # --- a command's output, read through the node that holds its log ---
 
