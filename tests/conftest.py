@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,13 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.engines import free_port
+
 ADMIN_KEY = "crl_test_admin_" + os.urandom(8).hex()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_data_dir(prefix: str) -> Path:

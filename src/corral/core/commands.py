@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 
 from corral import ids
+from corral.clock import utcnow
 from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited, Unavailable
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.paging import decode_cursor, encode_cursor
@@ -26,10 +27,6 @@ SHELL = "/bin/bash"
 DEFER_STORE_SECONDS = 0.1
 COMMANDS = CommandRow.__table__
 DEFAULT_CWD = "/workspace"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _decode(data: bytes) -> str:

@@ -14,7 +14,7 @@ import logging
 import shlex
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator
@@ -22,6 +22,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from corral import ids
+from corral.clock import utcnow
 from corral.core.commands import CommandService
 from corral.core.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from corral.core.models import (
@@ -56,10 +57,6 @@ USER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}$"
 NAMED_COMMAND_ID = "nc"
 BUILTINS = ("cmd-tokens",)
 RUN_SANDBOX_MARGIN_SECONDS = 60  # a run's sandbox outlives its command's timeout by this much
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- wire models -------------------------------------------------------------------------------

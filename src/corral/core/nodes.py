@@ -13,10 +13,11 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 
+from corral.clock import utcnow
 from corral.core.errors import CorralError, InvalidArgument, NotFound, RateLimited, Unavailable
 from corral.core.models import (
     CommandStatus,
@@ -32,10 +33,6 @@ from corral.store.tables import CommandRow, NodeRow, SandboxRow
 log = logging.getLogger(__name__)
 LIVE_SANDBOX = SandboxRow.state.notin_([SandboxState.deleted.value])
 RUNNING = CommandRow.status.in_([CommandStatus.queued.value, CommandStatus.running.value])
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class NodeRegistry:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import ids
+from corral.clock import utcnow
 from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunning, Unavailable
 from corral.core.models import (
     CommandStatus,
@@ -44,10 +45,6 @@ class WarmSandbox:
 
     id: str
     slot: int
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def no_sandbox(ref: str) -> NotFound:

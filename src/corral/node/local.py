@@ -11,10 +11,10 @@ import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 from corral import __version__
+from corral.clock import utcnow
 from corral.core.models import CommandStatus, NodeCapacity, NodeInfo
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
 from corral.node.bus import PROTOCOL_VERSION
@@ -52,10 +52,6 @@ ENDED_LOG_SECONDS = 5.0  # how long an ended command's log stays in memory for i
 
 # An absolute path where a message names one: not inside a word, a number (10.0.0.0/8) or a URL.
 _HOST_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"`,;:()\[\]{}<>]*")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class HostFailure(RuntimeError):
