@@ -34,6 +34,11 @@ _uid_first = 300_000 + (os.getpid() % 400) * 2_000_000
 _uid_blocks = iter(range(_uid_first, _uid_first + 2_000_000, 10_000))
 
 
+def next_uid_block() -> int:
+    """The first uid of a block no other server or node of this test run uses."""
+    return next(_uid_blocks)
+
+
 class Server:
     """`corral serve` in a subprocess, as an operator would run it.
 

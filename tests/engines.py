@@ -116,7 +116,21 @@ class PostgresCluster:
 
     @property
     def url(self) -> str:
-        return f"postgresql+asyncpg://corral:{self.password}@127.0.0.1:{self.port}/corral"
+        return self.database_url("corral")
+
+    def database_url(self, name: str) -> str:
+        return f"postgresql+asyncpg://corral:{self.password}@127.0.0.1:{self.port}/{name}"
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database of the cluster (one per fleet under test); its URL."""
+        subprocess.run(
+            self._as_postgres(
+                self.bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "corral",
+                name,
+            ),
+            check=True, capture_output=True, env={**os.environ, "PGPASSWORD": self.password},
+        )  # fmt: skip
+        return self.database_url(name)
 
     def stop(self) -> None:
         if self.started:

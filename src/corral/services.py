@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from corral.core.coderun import RunService, install_tools
 from corral.core.commands import CommandService
 from corral.core.files import FileService
+from corral.core.leases import LeaderLoop, process_identity
 from corral.core.logins import LoginThrottle
 from corral.core.named_commands import NamedCommandService
+from corral.core.node_events import NodeEvents
 from corral.core.nodes import NodeRegistry, Presence, host_capacity
+from corral.core.results import CommandResults
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
+from corral.node.bus import Bus
+from corral.node.directory import NodeDirectory
 from corral.node.local import LocalNode
 from corral.runtime import hostlock
 from corral.runtime.base import Runtime
@@ -64,7 +69,8 @@ def lock_host(settings: Settings) -> hostlock.NodeLock | None:
 class Services:
     settings: Settings
     db: Database
-    node: LocalNode
+    node: LocalNode | None  # the built-in node (none in a replica run with --no-local-node)
+    directory: NodeDirectory
     tokens: TokenService
     sandboxes: SandboxService
     commands: CommandService
@@ -73,14 +79,18 @@ class Services:
     named: NamedCommandService
     logins: LoginThrottle
     nodes: NodeRegistry
-    presence: Presence
+    presence: Presence | None
     host_lock: hostlock.NodeLock | None = None
+    bus: Bus | None = None
+    results: CommandResults | None = None
+    node_events: NodeEvents | None = None
+    leaders: list[LeaderLoop] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
         # 0. What this node holds alone on the host, before anything is cleaned up or reused:
         #    another live node with the same settings refuses to start, naming them.
-        host_lock = await asyncio.to_thread(lock_host, settings)
+        host_lock = await asyncio.to_thread(lock_host, settings) if settings.local_node else None
         try:
             return await cls._start(settings, host_lock)
         except BaseException:
@@ -91,7 +101,7 @@ class Services:
     @classmethod
     async def _start(cls, settings: Settings, host_lock: hostlock.NodeLock | None) -> Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # 1. The store, migrated to the current schema.
+        # 1. The store, migrated to the current schema (once, whichever replica comes first).
         db = Database(settings.effective_database_url)
         await db.migrate()
         # 2. The admin key (printed once when generated).
@@ -102,43 +112,58 @@ class Services:
                 f"  {admin_key}",
                 flush=True,
             )
-        # 3. The tools every sandbox sees at /opt/corral (file helpers, code-run launcher, Deno).
+        # 3. The built-in node, unless this is a replica without one: the tools every sandbox
+        #    sees at /opt/corral, a check of the host, and removal of what a last run left.
         deno = False
-        if settings.runtime != "fake":
-            deno = install_tools(settings.effective_tools_dir)
-        # 4. The local node: checks the host, removes what a previous run left behind.
-        node = LocalNode(
-            node_id=settings.node_id,
-            runtime=build_runtime(settings, host_lock),
-            data_dir=settings.data_dir,
-            kill_grace_ms=settings.kill_grace_ms,
-        )
-        for warning in await node.prepare():
-            log.warning("%s", warning)
-        # 5. The node in the store, online while this process runs.
+        node: LocalNode | None = None
+        if settings.local_node:
+            node, deno = await start_local_node(settings, host_lock)
+        # 4. The node in the store, online while this process runs.
         nodes = NodeRegistry(db, lost_after=settings.node_lost_after_s)
-        capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
-        presence = Presence(
-            nodes,
-            lambda: node.info(capacity),
-            node.load,
-            interval=settings.node_lost_after_s / 3,
+        presence: Presence | None = None
+        if node is not None:
+            capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
+            local = node
+            presence = Presence(
+                nodes,
+                lambda: local.info(capacity),
+                local.load,
+                interval=settings.node_lost_after_s / 3,
+            )
+            await presence.start()
+        # 5. In a fleet: NATS, to every other node and replica.
+        bus: Bus | None = None
+        results: CommandResults | None = None
+        if settings.nats_url:
+            bus = await Bus.connect(
+                settings.nats_url,
+                name=f"corral-replica-{process_identity()}",
+                creds=settings.nats_creds,
+            )
+            results = CommandResults(db, bus)
+            await results.start()
+        directory = NodeDirectory(
+            db,
+            node,
+            bus=bus,
+            wait_result=results.wait_outcome if results is not None else None,
+            lost_after=settings.node_lost_after_s,
         )
-        await presence.start()
         writer = BatchWriter(db)
         writer.start()
-        commands = CommandService(db, node, settings, writer)
-        files = FileService(node, settings)
+        commands = CommandService(db, directory, settings, writer, results)
+        files = FileService(directory, settings)
         services = cls(
             settings=settings,
             db=db,
             node=node,
+            directory=directory,
             tokens=TokenService(
                 db, admin_key, settings.rate_limit_per_second, settings.rate_limit_burst
             ),
             sandboxes=SandboxService(
                 db,
-                node,
+                directory,
                 settings.data_dir,
                 max_sandboxes=settings.max_sandboxes,
                 uid_count=settings.uid_count,
@@ -159,35 +184,90 @@ class Services:
             nodes=nodes,
             presence=presence,
             host_lock=host_lock,
+            bus=bus,
+            results=results,
         )
         services.named = NamedCommandService(
             db, services.sandboxes, services.commands, services.tokens
         )
-        # 6. Whatever ran when the server last stopped has an unknown result; sandboxes that
-        #    should run come back with their files.
-        lost = await services.commands.mark_lost()
-        if lost:
-            log.warning("%d command(s) were running when the server stopped: marked lost", lost)
-        await services.sandboxes.reconcile()
-        services.sandboxes.start_reaper()
+        # 6. Whatever ran on the built-in node when the server last stopped has an unknown
+        #    result; sandboxes that should run come back with their files.
+        if node is not None:
+            lost = await services.commands.mark_lost(node.id)
+            if lost:
+                log.warning("%d command(s) were running when the server stopped: marked lost", lost)
+            await services.sandboxes.reconcile(node.id)
+        # 7. What nodes report, and the loops one replica of a fleet runs for all.
+        if bus is not None and results is not None:
+            services.node_events = NodeEvents(db, bus, nodes, results, services.sandboxes)
+            await services.node_events.start()
+            holder = process_identity()
+            services.leaders = [
+                LeaderLoop(db, "ttl-reaper", holder, services.sandboxes.reap_expired, interval=1.0),
+                LeaderLoop(
+                    db,
+                    "node-sweep",
+                    holder,
+                    services.sweep_nodes,
+                    interval=max(0.2, settings.node_lost_after_s / 5),
+                ),
+            ]
+            for loop in services.leaders:
+                loop.start()
+        else:
+            services.sandboxes.start_reaper()
         services.sandboxes.start_pool()
         services.tokens.start_watcher()
         return services
 
+    async def sweep_nodes(self) -> None:
+        for node_id, lost in await self.nodes.sweep():
+            log.warning("node %s stopped answering: offline, %d command(s) lost", node_id, lost)
+
     async def close(self) -> None:
-        # 1. No new commands.
+        # 1. No new commands; node events go to the other replicas from now on.
         self.commands.stop_accepting()
+        if self.node_events is not None:
+            await self.node_events.close()
+        for loop in self.leaders:
+            await loop.stop()
         await self.tokens.stop_watcher()
         await self.sandboxes.stop_reaper()
         await self.sandboxes.close_pool()
         # 2. Stop the sandboxes (their files stay; they come back at the next start). Commands
         #    still running end as lost.
-        await self.node.shutdown()
-        await self.presence.stop()
+        if self.node is not None:
+            await self.node.shutdown()
+        if self.presence is not None:
+            await self.presence.stop()
         # 3. Record those results, then close the store.
         await self.commands.drain(SHUTDOWN_DRAIN_SECONDS)
         await self.commands.writer.close()
+        if self.results is not None:
+            await self.results.close()
+        if self.bus is not None:
+            await self.bus.close()
         await self.db.close()
         # 4. Free this node's hold on the host's resources, now that nothing uses them.
         if self.host_lock is not None:
             self.host_lock.release()
+
+
+async def start_local_node(
+    settings: Settings, host_lock: hostlock.NodeLock | None
+) -> tuple[LocalNode, bool]:
+    """The built-in node of this host (a server's, or an agent's), prepared: the tools every
+    sandbox sees at /opt/corral installed (whether Deno is among them), the host checked, and
+    what a previous run left behind removed."""
+    deno = False
+    if settings.runtime != "fake":
+        deno = install_tools(settings.effective_tools_dir)
+    node = LocalNode(
+        node_id=settings.node_id,
+        runtime=build_runtime(settings, host_lock),
+        data_dir=settings.data_dir,
+        kill_grace_ms=settings.kill_grace_ms,
+    )
+    for warning in await node.prepare():
+        log.warning("%s", warning)
+    return node, deno

@@ -28,6 +28,16 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     runtime: Literal["namespaces", "fake"] = "namespaces"
+    nats_url: str | None = Field(
+        default=None, description="NATS server of a fleet (nats://host:4222); none: one process"
+    )
+    # A user and password go in the URL (nats://user:password@host:4222), best through the
+    # environment: arguments are visible to other users.
+    nats_creds: str | None = Field(default=None, description="NATS credentials file")
+    local_node: bool = Field(default=True, description="Run the built-in node in this process")
+    host_exec_user: str | None = Field(
+        default=None, description="Agent: the host user CMDOP host commands run as (off: none)"
+    )
     node_id: str = Field(default="local", pattern=NODE_ID_PATTERN)
     node_lost_after_s: float = Field(
         default=15.0,

@@ -44,7 +44,7 @@ def test_request_answer_and_errors(nats: NatsServer, replica_user: NatsUser) -> 
         node, replica = await _bus(nats, replica_user), await _bus(nats, replica_user)
         subject = node_subject("n1", "in", "rpc")
 
-        async def handler(op: str, args: dict[str, Any]) -> Any:
+        async def handler(op: str, args: dict[str, Any], data: bytes) -> Any:
             if op == "add":
                 return args["a"] + args["b"]
             if op == "missing":
@@ -198,7 +198,7 @@ def test_a_node_cannot_use_another_nodes_subjects() -> None:
         api = await _bus(nats, replica)
 
         # Its own subjects work: it serves its rpc and its answer reaches the replica.
-        async def echo(op: str, args: dict[str, Any]) -> Any:
+        async def echo(op: str, args: dict[str, Any], data: bytes) -> Any:
             return {"node": "a", "op": op}
 
         await node_a.serve(node_subject("a", "in", "rpc"), echo)
@@ -229,7 +229,7 @@ def test_a_node_cannot_use_another_nodes_subjects() -> None:
         await node_a.nc.publish(node_subject("b", "in", "rpc"), b"forged")
         await node_a.nc.flush()
 
-        async def b_echo(op: str, args: dict[str, Any]) -> Any:
+        async def b_echo(op: str, args: dict[str, Any], data: bytes) -> Any:
             return "b"
 
         await node_b.serve(node_subject("b", "in", "rpc"), b_echo)

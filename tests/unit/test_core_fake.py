@@ -111,7 +111,7 @@ def test_create_sandbox_is_running(tmp_path: Path) -> None:
             assert sandbox.node_id == "local"
             assert sandbox.env_keys == ["A", "B"]  # names only, never values
             assert sandbox.labels == {"team": "x"}
-            assert services.node.sandbox_running(sandbox.id)
+            assert await services.node.sandbox_running(sandbox.id)
             assert fake_runtime(services).started == [sandbox.id]
             assert (tmp_path / "corral.db").is_file()
 
@@ -192,14 +192,14 @@ def test_stop_and_start(tmp_path: Path) -> None:
             sandbox = await services.sandboxes.create(SandboxCreate(name="box"))
             stopped = await services.sandboxes.stop("box")
             assert stopped.state == SandboxState.stopped
-            assert not services.node.sandbox_running(sandbox.id)
+            assert not await services.node.sandbox_running(sandbox.id)
             with pytest.raises(SandboxNotRunning):
                 await services.sandboxes.running_row(sandbox.id)
             assert (await services.sandboxes.stop("box")).state == SandboxState.stopped
 
             started = await services.sandboxes.start("box")
             assert started.state == SandboxState.running
-            assert services.node.sandbox_running(sandbox.id)
+            assert await services.node.sandbox_running(sandbox.id)
             assert (await services.sandboxes.running_row("box")).id == sandbox.id
             # Starting a running sandbox starts nothing new.
             await services.sandboxes.start("box")
@@ -215,7 +215,7 @@ def test_delete(tmp_path: Path) -> None:
             gone = await services.sandboxes.create(SandboxCreate(name="gone"))
             deleted = await services.sandboxes.delete("gone")
             assert deleted.state == SandboxState.deleted
-            assert not services.node.sandbox_running(gone.id)
+            assert not await services.node.sandbox_running(gone.id)
 
             with pytest.raises(NotFound):
                 await services.sandboxes.get("gone")  # names only find live sandboxes
@@ -275,7 +275,7 @@ def test_a_crashed_sandbox_turns_error_and_can_start_again(tmp_path: Path) -> No
             again = await services.sandboxes.start(sandbox.id)
             assert again.state == SandboxState.running
             assert again.error is None
-            assert services.node.sandbox_running(sandbox.id)
+            assert await services.node.sandbox_running(sandbox.id)
 
     run(main())
 
@@ -316,8 +316,8 @@ def test_restart_brings_sandboxes_back_and_loses_running_commands(tmp_path: Path
                 session.add(running_record("cmd_orphan", running.id))
 
         async with corral(tmp_path) as services:
-            assert services.node.sandbox_running(running.id)
-            assert not services.node.sandbox_running(stopped.id)
+            assert await services.node.sandbox_running(running.id)
+            assert not await services.node.sandbox_running(stopped.id)
             assert (await services.sandboxes.get("up")).state == SandboxState.running
             assert (await services.sandboxes.get("down")).state == SandboxState.stopped
             lost = await services.commands.get(running.id, cmd.id)
@@ -508,8 +508,8 @@ def test_mark_lost_ends_running_rows_of_this_node(tmp_path: Path) -> None:
                 session.add(foreign)
 
             # As at a server start, from a service that knows nothing of running commands.
-            fresh = CommandService(services.db, services.node, services.settings)
-            assert await fresh.mark_lost() == 1
+            fresh = CommandService(services.db, services.directory, services.settings)
+            assert await fresh.mark_lost("local") == 1
 
             # Read through the fresh service too: the old one still runs the command.
             lost = await fresh.get(sandbox.id, running.id)
@@ -518,7 +518,7 @@ def test_mark_lost_ends_running_rows_of_this_node(tmp_path: Path) -> None:
             assert lost.error is not None and "unknown" in lost.error
             assert (await services.commands.get(sandbox.id, finished.id)).status == "completed"
             assert (await services.commands.get(sandbox.id, "cmd_foreign")).status == "running"
-            assert await fresh.mark_lost() == 0
+            assert await fresh.mark_lost("local") == 0
 
     run(main())
 
@@ -763,7 +763,11 @@ def test_a_result_is_shown_only_once_stored(tmp_path: Path) -> None:
             reply = asyncio.ensure_future(commands.run(row, exec_req("echo hi")))
             await eventually(lambda: bool(commands._live))
             cid = next(iter(commands._live))
-            await eventually(lambda: commands.execution(cid) is None)  # ended, not yet stored
+
+            async def ended() -> bool:  # ended, not yet stored
+                return await services.node.execution(cid) is None
+
+            await eventually(ended)
             assert (await commands.get(sandbox.id, cid)).status == CommandStatus.running
             gate.set()
             result = await reply
@@ -808,7 +812,7 @@ def test_only_marked_warm_sandboxes_without_a_row_are_removed_at_start(tmp_path:
                 await real(config)
 
             services.node.remove_sandbox = spy  # type: ignore[method-assign]
-            await services.sandboxes.reconcile()
+            await services.sandboxes.reconcile("local")
             assert removed == ["sb_warmleft"]
 
     run(main())

@@ -73,8 +73,8 @@ def test_prepare_creates_a_private_logs_dir(tmp_path: Path) -> None:
         async with local_node(tmp_path) as node:
             assert node.logs_dir.is_dir()
             assert node.logs_dir.stat().st_mode & 0o077 == 0
-            assert node.sandbox_running(SANDBOX)
-            assert not node.sandbox_running("sb_other")
+            assert await node.sandbox_running(SANDBOX)
+            assert not await node.sandbox_running("sb_other")
 
     run(main())
 
@@ -174,15 +174,15 @@ def test_cancel_ends_a_running_command(tmp_path: Path) -> None:
     async def main() -> None:
         async with local_node(tmp_path) as node:
             execution = await node.run(spec("sleep 10"))
-            assert node.execution("cmd_1") is execution
+            assert await node.execution("cmd_1") is execution
             started = time.monotonic()
-            execution.cancel()
-            execution.cancel()  # a second cancel changes nothing
+            await execution.cancel()
+            await execution.cancel()  # a second cancel changes nothing
             outcome = await execution.outcome()
             assert time.monotonic() - started < 2
             assert outcome.status == CommandStatus.cancelled
             assert outcome.signal == signal.SIGTERM  # asked politely first
-            assert node.execution("cmd_1") is None
+            assert await node.execution("cmd_1") is None
 
     run(main())
 
@@ -192,7 +192,7 @@ def test_cancel_after_the_end_keeps_the_result(tmp_path: Path) -> None:
         async with local_node(tmp_path) as node:
             execution = await node.run(spec("exit 4"))
             first = await execution.outcome()
-            execution.cancel()
+            await execution.cancel()
             again = await execution.outcome()
             assert first == again
             assert again.status == CommandStatus.completed
@@ -224,8 +224,8 @@ def test_spawn_error_for_a_missing_program(tmp_path: Path) -> None:
         async with local_node(tmp_path) as node:
             with pytest.raises(SpawnError):
                 await node.run(spec("/nonexistent/program"))
-            assert node.running_count(SANDBOX) == 0
-            assert node.execution("cmd_1") is None
+            assert await node.running_count(SANDBOX) == 0
+            assert await node.execution("cmd_1") is None
 
     run(main())
 
@@ -260,7 +260,7 @@ def test_sandbox_crash_loses_running_commands(tmp_path: Path) -> None:
             assert outcome.stdout_bytes == len(b"partial\n")
 
             await eventually(lambda: died == [SANDBOX])
-            assert not node.sandbox_running(SANDBOX)
+            assert not await node.sandbox_running(SANDBOX)
             with pytest.raises(SandboxDied):
                 await node.run(spec("echo hi", cid="cmd_2"))
 
@@ -278,15 +278,15 @@ def test_stop_sandbox_cancels_running_commands(tmp_path: Path) -> None:
             node.on_sandbox_died = on_died
             first = await node.run(spec("sleep 10", cid="cmd_1"))
             second = await node.run(spec("sleep 10", cid="cmd_2"))
-            assert node.running_count(SANDBOX) == 2
+            assert await node.running_count(SANDBOX) == 2
 
             started = time.monotonic()
             await node.stop_sandbox(SANDBOX)
             assert time.monotonic() - started < 2
             for execution in (first, second):
                 assert (await execution.outcome()).status == CommandStatus.cancelled
-            assert node.running_count(SANDBOX) == 0
-            assert not node.sandbox_running(SANDBOX)
+            assert await node.running_count(SANDBOX) == 0
+            assert not await node.sandbox_running(SANDBOX)
             await eventually(lambda: not node._watchers)
             assert died == []  # a requested stop is no crash
 
@@ -296,16 +296,16 @@ def test_stop_sandbox_cancels_running_commands(tmp_path: Path) -> None:
 def test_running_count_follows_commands(tmp_path: Path) -> None:
     async def main() -> None:
         async with local_node(tmp_path) as node:
-            assert node.running_count(SANDBOX) == 0
+            assert await node.running_count(SANDBOX) == 0
             slow = await node.run(spec("sleep 10", cid="cmd_slow"))
             quick = await node.run(spec("echo hi", cid="cmd_quick"))
-            assert node.running_count(SANDBOX) == 2
-            assert node.running_count("sb_other") == 0
+            assert await node.running_count(SANDBOX) == 2
+            assert await node.running_count("sb_other") == 0
             await quick.outcome()
-            assert node.running_count(SANDBOX) == 1
-            slow.cancel()
+            assert await node.running_count(SANDBOX) == 1
+            await slow.cancel()
             await slow.outcome()
-            assert node.running_count(SANDBOX) == 0
+            assert await node.running_count(SANDBOX) == 0
 
     run(main())
 
@@ -323,7 +323,7 @@ def test_restarting_a_sandbox_replaces_its_handle(tmp_path: Path) -> None:
             await node.start_sandbox(SandboxConfig(id=SANDBOX, slot=1, dir=tmp_path / "sb"))
             assert fake_sandbox(node) is not old
             assert not old.alive
-            assert node.sandbox_running(SANDBOX)
+            assert await node.sandbox_running(SANDBOX)
             await eventually(lambda: len(node._watchers) == 1)
             assert died == []
             outcome, out, _ = await run_to_end(node, spec("echo again"))
@@ -343,7 +343,7 @@ def test_shutdown_loses_running_commands(tmp_path: Path) -> None:
         await node.shutdown()
         outcome = await execution.outcome()
         assert outcome.status == CommandStatus.lost
-        assert not node.sandbox_running(SANDBOX)
+        assert not await node.sandbox_running(SANDBOX)
 
     run(main())
 
@@ -380,6 +380,6 @@ def test_a_log_that_cannot_be_written_still_ends_the_command(tmp_path: Path) -> 
             assert outcome.status == CommandStatus.completed
             assert outcome.error is not None and "output log could not be written" in outcome.error
             assert outcome.stdout_truncated  # what it printed is not kept
-            assert node.execution("cmd_1") is None
+            assert await node.execution("cmd_1") is None
 
     run(main())

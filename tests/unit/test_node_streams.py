@@ -35,7 +35,7 @@ def test_raw_stdout_streams_any_amount_at_the_readers_pace(tmp_path: Path) -> No
                 await asyncio.sleep(0)  # a slow reader
             await writer
             outcome = await execution.outcome()
-            execution.close_stdout()
+            await execution.close_stdout()
             # Raw stdout never reaches the log.
             out, _ = read_output(node.log_path(command.sandbox_id, command.id))
             assert out == b""
@@ -53,7 +53,7 @@ def test_stdin_writers_wait_for_a_command_that_does_not_read(tmp_path: Path) -> 
             blocked = asyncio.ensure_future(execution.write_stdin(b"x" * (4 * STDIN_BUFFER)))
             await asyncio.sleep(0.3)
             waiting = not blocked.done()  # back-pressure: the writer waits, memory stays bounded
-            execution.cancel()
+            await execution.cancel()
             await execution.outcome()
             await asyncio.wait_for(blocked, 5)  # released when the command ends
             return waiting

@@ -176,7 +176,7 @@ class Session:
                     task.cancel()
                 await asyncio.gather(output, inbound, writer, return_exceptions=True)
                 if self.kill_on_disconnect and self.execution is not None:
-                    self.execution.cancel()
+                    await self.execution.cancel()
                 reason = ended.result()
                 await self._close_with(
                     {"type": "error", "code": TokenEnded.code, "message": reason},
@@ -188,7 +188,7 @@ class Session:
                     with contextlib.suppress(Exception):
                         await self.websocket.close(code=CLOSE_NORMAL)
                 elif self.kill_on_disconnect and self.execution is not None:
-                    self.execution.cancel()  # the client went away while we were sending
+                    await self.execution.cancel()  # the client went away while we were sending
                 return
             outcome = inbound.exception() or inbound.result()
             output.cancel()
@@ -206,7 +206,7 @@ class Session:
                     CLOSE_INTERNAL,
                 )
             elif self.kill_on_disconnect and self.execution is not None:
-                self.execution.cancel()
+                await self.execution.cancel()
         finally:
             for task in (output, inbound, writer, ended):
                 task.cancel()
@@ -275,7 +275,7 @@ class Session:
                 await execution.signal(signum)
         elif isinstance(frame, ResizeFrame):
             if execution is not None and execution.spec.tty:
-                execution.resize(frame.rows, frame.cols)
+                await execution.resize(frame.rows, frame.cols)
         # heartbeat: nothing to do; it kept the connection busy
 
     async def _input(self, data: bytes) -> None:

@@ -124,17 +124,87 @@ def main(ctx: click.Context, url: str | None, token: str | None) -> None:
 @click.option(
     "--ssh-port", type=int, help="SSH front for named commands [env: CORRAL_SSH_PORT; default off]."
 )
+@click.option(
+    "--nats-url",
+    help="NATS of a fleet: this server is one API replica [env: CORRAL_NATS_URL; default none].",
+)
+@click.option("--nats-creds", help="NATS credentials file [env: CORRAL_NATS_CREDS].")
+@click.option(
+    "--no-local-node",
+    "local_node",
+    flag_value=False,
+    default=None,
+    help="Run no sandboxes here: an API replica of a fleet only [env: CORRAL_LOCAL_NODE=false].",
+)
+@click.option("--node-id", help="This server's node id [env: CORRAL_NODE_ID; default local].")
 def serve(**options: Any) -> None:
     """Run the server: API, store and local node. Every option also reads CORRAL_<OPTION>."""
     from corral.cli.serve import run_server
+
+    run_server(settings=_settings(options))
+
+
+def _settings(options: dict[str, Any]) -> Any:
     from corral.settings import Settings
 
     overrides = {key: value for key, value in options.items() if value is not None}
     try:
-        settings = Settings(**overrides)
+        return Settings(**overrides)
     except pydantic.ValidationError as exc:
         raise click.UsageError(f"invalid settings: {exc}") from exc
-    run_server(settings=settings)
+
+
+@main.command()
+@click.option("--nats-url", help="The fleet's NATS [env: CORRAL_NATS_URL].")
+@click.option("--node-id", help="This node's id, unique in the fleet [env: CORRAL_NODE_ID].")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Sandboxes and logs of this node [env: CORRAL_DATA_DIR; default ./data].",
+)
+@click.option("--nats-creds", help="This node's NATS credentials file [env: CORRAL_NATS_CREDS].")
+@click.option(
+    "--host-exec",
+    "host_exec_user",
+    metavar="USER",
+    help="Also run CMDOP host commands, as this unprivileged host user [default: refused].",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["namespaces", "fake"]),
+    help="Sandbox backend [env: CORRAL_RUNTIME; default namespaces].",
+)
+@click.option("--uid-base", type=int, help="First host uid of this node's sandboxes.")
+@click.option("--cgroup-root", help="cgroup directory of this node's sandboxes.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"], False),
+    help="Log level [env: CORRAL_LOG_LEVEL; default info].",
+)
+def agent(**options: Any) -> None:
+    """Run a node of a fleet on this host: it dials out to NATS (no inbound port) and runs the
+    sandboxes the API replicas place on it."""
+    import asyncio
+    import logging.config
+    import signal
+
+    import uvloop
+
+    from corral.node.agent import serve_node
+    from corral.redaction import Redactor, log_config
+
+    settings = _settings(options)
+    # Through the redacting filter, as the server's: a NATS URL may hold a password.
+    logging.config.dictConfig(log_config(settings.log_level, Redactor([settings.nats_url])))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_node(settings, stop)
+
+    uvloop.run(run())
 
 
 # --- sandboxes ---------------------------------------------------------------------------------

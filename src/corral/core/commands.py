@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +16,10 @@ from corral.clock import utcnow
 from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited, Unavailable
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.paging import decode_cursor, encode_cursor
-from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
+from corral.core.results import CommandResults
+from corral.node.base import CommandOutcome, CommandSpec, Execution, Node, NodeUnavailable
+from corral.node.directory import NodeDirectory
+from corral.node.output_log import Chunk
 from corral.runtime.base import SandboxDied, SpawnError, StartUnknown
 from corral.settings import Settings
 from corral.store.db import Database
@@ -85,18 +89,25 @@ def _outcome_values(outcome: CommandOutcome) -> dict[str, Any]:
 
 class CommandService:
     def __init__(
-        self, db: Database, node: Node, settings: Settings, writer: BatchWriter | None = None
+        self,
+        db: Database,
+        directory: NodeDirectory,
+        settings: Settings,
+        writer: BatchWriter | None = None,
+        results: CommandResults | None = None,
     ) -> None:
         self.db = db
         self.writer = writer or BatchWriter(db)
-        self.node = node
+        self.directory = directory
+        self.results = results
         self.settings = settings
         # Per running command: its final row once stored (None if it could not be).
         self._finished: dict[str, asyncio.Future[CommandRow | None]] = {}
         self._finishers: set[asyncio.Task[None]] = set()
         # Rows of commands running here, served from memory: this server is their only writer
-        # until their result is stored.
+        # until their result is stored. Not in fleet mode: any replica may store the result.
         self._live: dict[str, CommandRow] = {}
+        self._cache_rows = not directory.fleet
         self._accepting = True
 
     # --- starting ---
@@ -142,7 +153,8 @@ class CommandService:
         if not self._accepting:
             raise Unavailable("the server is shutting down")
         timeout_ms, cap = self._check(req)
-        if self.node.running_count(sandbox.id) >= self.settings.max_running_commands_per_sandbox:
+        node = await self.directory.get(sandbox.node_id)
+        if await node.running_count(sandbox.id) >= self.settings.max_running_commands_per_sandbox:
             raise RateLimited(
                 f"sandbox {sandbox.id} already runs "
                 f"{self.settings.max_running_commands_per_sandbox} commands"
@@ -188,8 +200,14 @@ class CommandService:
             user=row.user,
         )
         execution: Execution | None = None
+        if node.remote:
+            # The node's `ended` event may come before run() returns here: the row is there
+            # first, for whichever replica takes the event.
+            defer_store = False
+            row.started_at = now
+            await self._insert(row)
         try:
-            execution = await self.node.run(spec)
+            execution = await node.run(spec)
             row.started_at = execution.started_at
         except SpawnError as exc:
             row.status = CommandStatus.failed.value
@@ -201,19 +219,34 @@ class CommandService:
             row.error = f"the sandbox stopped as the command started; its result is unknown: {exc}"
             row.finished_at = utcnow()
         except SandboxDied as exc:
+            if node.remote:
+                await self._delete(row.id)
             raise Unavailable(f"sandbox {sandbox.id} is not running: {exc}") from None
+        except BaseException:
+            if node.remote:
+                with contextlib.suppress(Exception):
+                    await self._record_failure(row.id, "the node did not answer as it started")
+            raise
         if execution is None:
-            await self._insert(row)
+            if node.remote:
+                await self._record_failure(row.id, row.error, row.status)
+            else:
+                await self._insert(row)
             return row, None
-        if not defer_store:
+        if node.remote:
+            pass  # stored above
+        elif not defer_store:
             try:
                 await self._insert(row)
             except BaseException:
-                execution.cancel()
+                await execution.cancel()
                 raise
-        self._live[cid] = row
+        if self._cache_rows:
+            self._live[cid] = row
         self._finished[cid] = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(self._finish(row, execution, stored=not defer_store))
+        task = asyncio.ensure_future(
+            self._finish(row, execution, stored=not defer_store, remote=node.remote)
+        )
         self._finishers.add(task)
         task.add_done_callback(self._finishers.discard)
         return row, execution
@@ -221,9 +254,33 @@ class CommandService:
     async def _insert(self, row: CommandRow) -> None:
         await self.writer.insert(COMMANDS, {c.key: getattr(row, c.key) for c in COMMANDS.columns})
 
-    async def _finish(self, row: CommandRow, execution: Execution, *, stored: bool) -> None:
+    async def _delete(self, cid: str) -> None:
+        async with self.db.transaction() as session:
+            stored = await session.get(CommandRow, cid)
+            if stored is not None:
+                await session.delete(stored)
+
+    async def _record_failure(
+        self, cid: str, error: str | None, status: str = CommandStatus.lost.value
+    ) -> None:
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(CommandRow)
+                .where(CommandRow.id == cid)
+                .values(status=status, error=error, finished_at=utcnow(), duration_ms=0)
+            )
+
+    async def _finish(
+        self, row: CommandRow, execution: Execution, *, stored: bool, remote: bool = False
+    ) -> None:
         recorded: CommandRow | None = None
         try:
+            if remote:
+                # Stored by the replica that took the node's event; read back as stored.
+                await execution.outcome()
+                async with self.db.session() as session:
+                    recorded = await session.get(CommandRow, row.id)
+                return
             if not stored:
                 # A sync command that ends within the grace is stored once, with its result;
                 # a longer one is stored as running first, for listings and `lost` recovery.
@@ -273,12 +330,15 @@ class CommandService:
         final = await asyncio.shield(self._finished[row.id])
         if final is None:
             raise Unavailable(f"command {row.id} ended but its result could not be stored")
-        return to_model(final, await self.node.output(row.sandbox_id, row.id))
+        return to_model(final, await self.output(row.sandbox_id, row.id))
 
     async def wait_finished(self, cid: str, timeout: float | None = None) -> bool:
         done = self._finished.get(cid)
         if done is None:
-            return True
+            if self.results is None:
+                return True
+            row = await self.results.wait_row(cid, timeout)
+            return row is None or CommandStatus(row.status).finished
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout)
         except TimeoutError:
@@ -288,7 +348,7 @@ class CommandService:
     # --- queries ---
 
     async def row(self, sandbox_id: str, cid: str) -> CommandRow:
-        row = self._live.get(cid)
+        row = self._live.get(cid) if self._cache_rows else None
         if row is None:
             async with self.db.session() as session:
                 row = await session.get(CommandRow, cid)
@@ -309,14 +369,52 @@ class CommandService:
         if wait and not CommandStatus(row.status).finished:
             await self.wait_finished(cid, timeout)
             row = await self.row(sandbox_id, cid)
-        running_here = self.node.execution(cid) is not None
-        if output is None and (CommandStatus(row.status).finished or running_here):
-            output = await self.node.output(row.sandbox_id, row.id)
+        if output is None:
+            try:
+                output = await self.output(row.sandbox_id, row.id)
+            except NodeUnavailable:
+                if CommandStatus(row.status).finished:
+                    raise
+                output = None  # running on a node that does not answer: the row alone
         return to_model(row, output)
 
-    def execution(self, cid: str) -> Execution | None:
-        """The command's execution while it runs on this server's node."""
-        return self.node.execution(cid)
+    async def node_of(self, row: CommandRow) -> Node:
+        return await self.directory.get(row.node_id)
+
+    async def execution(self, row: CommandRow) -> Execution | None:
+        """The command's execution while it runs, on whichever node (from any replica)."""
+        if CommandStatus(row.status).finished:
+            return None
+        node = await self.directory.get(row.node_id)
+        return await node.execution(row.id)
+
+    # --- output, read through the node that holds it ---
+
+    async def follow_output(
+        self, sandbox_id: str, cid: str, offset: int = 0, *, idle: float | None = None
+    ) -> AsyncIterator[Chunk | None]:
+        node = await self.directory.for_sandbox(sandbox_id)
+        source = node.follow_output(sandbox_id, cid, offset, idle=idle)
+        async with contextlib.aclosing(source):  # type: ignore[type-var]
+            async for chunk in source:
+                yield chunk
+
+    async def follow_raw(
+        self, sandbox_id: str, cid: str, offset: int = 0, streams: frozenset[int] | None = None
+    ) -> AsyncIterator[tuple[bytes | memoryview, int]]:
+        node = await self.directory.for_sandbox(sandbox_id)
+        source = node.follow_raw(sandbox_id, cid, offset, streams)
+        async with contextlib.aclosing(source):  # type: ignore[type-var]
+            async for piece in source:
+                yield piece
+
+    async def check_offset(self, sandbox_id: str, cid: str, offset: int) -> None:
+        node = await self.directory.for_sandbox(sandbox_id)
+        await node.check_offset(sandbox_id, cid, offset)
+
+    async def output(self, sandbox_id: str, cid: str) -> tuple[bytes, bytes]:
+        node = await self.directory.for_sandbox(sandbox_id)
+        return await node.output(sandbox_id, cid)
 
     async def final_row(self, sandbox_id: str, cid: str) -> CommandRow:
         """The command's row once its result is recorded, or as it stands if it can no longer
@@ -326,7 +424,11 @@ class CommandService:
             row = await self.row(sandbox_id, cid)
             if CommandStatus(row.status).finished:
                 return row
-            execution = self.node.execution(cid)
+            if self.results is not None:
+                # Fleet mode: the result is stored by whoever takes the node's event.
+                stored = await self.results.wait_row(cid)
+                return stored if stored is not None else row
+            execution = await self.execution(row)
             if execution is None:
                 # Possibly registered a moment from now (start() stores the row first).
                 await asyncio.sleep(0.05)
@@ -369,22 +471,23 @@ class CommandService:
 
     async def cancel(self, sandbox_id: str, cid: str) -> Command:
         row = await self.row(sandbox_id, cid)
-        execution = self.node.execution(cid)
+        execution = await self.execution(row)
         if CommandStatus(row.status).finished or execution is None:
             raise Conflict(f"command {cid} has already finished ({row.status})")
-        execution.cancel()
+        await execution.cancel()
         await self.wait_finished(cid)
         return await self.get(sandbox_id, cid)
 
     # --- lifecycle ---
 
-    async def mark_lost(self) -> int:
-        """At start-up: whatever was running when the server died has an unknown result."""
+    async def mark_lost(self, node_id: str) -> int:
+        """At start-up: whatever was running on the built-in node when the server died has an
+        unknown result."""
         async with self.db.transaction() as session:
             result = await session.execute(
                 update(CommandRow)
                 .where(
-                    CommandRow.node_id == self.node.id,
+                    CommandRow.node_id == node_id,
                     CommandRow.status.in_(
                         [CommandStatus.queued.value, CommandStatus.running.value]
                     ),

@@ -88,7 +88,7 @@ async def command_events(
     sandbox_id, cid = row.sandbox_id, row.id
     position = offset
     try:
-        async for chunk in commands.node.follow_output(sandbox_id, cid, offset, idle=heartbeat):
+        async for chunk in commands.follow_output(sandbox_id, cid, offset, idle=heartbeat):
             if chunk is None:
                 yield {"type": "heartbeat", "next_offset": position}
                 continue

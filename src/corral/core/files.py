@@ -28,6 +28,7 @@ from corral.core.errors import (
 )
 from corral.core.models import ArchiveUploaded, CommandStatus, FileInfo, FileList
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
+from corral.node.directory import NodeDirectory
 from corral.runtime.base import SandboxDied, SpawnError
 from corral.settings import Settings
 
@@ -161,26 +162,26 @@ class Helper:
         outcome = await self.execution.outcome()
         spec = self.execution.spec
         _, stderr = await self.node.output(spec.sandbox_id, spec.id)
-        running = self.node.sandbox_running(spec.sandbox_id)
+        running = await self.node.sandbox_running(spec.sandbox_id)
         return helper_error(stderr, outcome, sandbox_running=running)
 
     async def succeeded(self) -> bool:
         outcome = await self.execution.outcome()
         return outcome.status.value == "completed" and outcome.exit_code == 0
 
-    def close(self) -> None:
-        self.execution.close_stdout()
+    async def close(self) -> None:
+        await self.execution.close_stdout()
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Stop the helper (the request failed or went away)."""
-        self.execution.close_stdout()
+        await self.execution.close_stdout()
         if not self.execution.finished:
-            self.execution.cancel()
+            await self.execution.cancel()
 
 
 class FileService:
-    def __init__(self, node: Node, settings: Settings) -> None:
-        self.node = node
+    def __init__(self, directory: NodeDirectory, settings: Settings) -> None:
+        self.directory = directory
         self.settings = settings
 
     async def _start(
@@ -204,9 +205,11 @@ class FileService:
             interactive=interactive,
             raw_stdout=True,
             keep_log=False,
+            report=False,
         )
+        node = await self.directory.for_sandbox(sandbox_id)
         try:
-            return Helper(await self.node.run(spec), self.node)
+            return Helper(await node.run(spec), node)
         except SandboxDied as exc:
             raise Unavailable(f"sandbox {sandbox_id} is not running: {exc}") from None
         except SpawnError as exc:
@@ -219,9 +222,9 @@ class FileService:
             reply = await helper.read_all(MAX_REPLY)
             ok = await helper.succeeded()
         except BaseException:
-            helper.abort()
+            await helper.abort()
             raise
-        helper.close()
+        await helper.close()
         if not ok:
             raise await helper.failure()
         return _json_object(reply, "answer")
@@ -263,7 +266,7 @@ class FileService:
                 continue
             received += len(chunk)
             if received > limit:
-                helper.abort()
+                await helper.abort()
                 raise PayloadTooLarge(f"the upload exceeds {limit} bytes")
             try:
                 await execution.write_stdin(chunk)
@@ -291,9 +294,9 @@ class FileService:
             if not await helper.succeeded():
                 raise await helper.failure()
         except BaseException:
-            helper.abort()
+            await helper.abort()
             raise
-        helper.close()
+        await helper.close()
         answer = json.loads(reply)
         return ArchiveUploaded(
             path=answer["path"],
@@ -318,9 +321,9 @@ class FileService:
             if not await helper.succeeded():
                 raise await helper.failure()
         except BaseException:
-            helper.abort()
+            await helper.abort()
             raise
-        helper.close()
+        await helper.close()
         return to_info(json.loads(reply))
 
     async def open_download(
@@ -337,10 +340,10 @@ class FileService:
         try:
             header = await helper.read_header()
             if header is None:
-                helper.close()
+                await helper.close()
                 raise await helper.failure()
         except BaseException:
-            helper.abort()
+            await helper.abort()
             raise
         return header, Download(header, helper)
 
@@ -364,8 +367,8 @@ class Download:
                 error = await helper.failure()
                 raise HelperFailed(f"the download broke off: {error.message}")
         finally:
-            helper.abort()
+            await helper.abort()
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Stop the helper (idempotent; nothing happens once it has ended)."""
-        self._helper.abort()
+        await self._helper.abort()

@@ -508,7 +508,7 @@ class NamedCommandService:
                 # A caller that went away (a closed stream) does not end the run: the command
                 # goes on to its end or its timeout. Then the sandbox is removed, which ends
                 # whatever the command left running; its history stays.
-                done = started is None or self.commands.node.execution(started.id) is None
+                done = started is None or await self.commands.execution(started) is None
                 task = asyncio.ensure_future(
                     self._remove(fresh, None if done or started is None else started.id)
                 )

@@ -73,7 +73,12 @@ class NodeRegistry:
         async with self.db.transaction() as session:
             result = await session.execute(
                 update(NodeRow)
-                .where(NodeRow.id == node_id, NodeRow.epoch == epoch)
+                # Not once declared offline: the node registers again (and reconciles).
+                .where(
+                    NodeRow.id == node_id,
+                    NodeRow.epoch == epoch,
+                    NodeRow.state != NodeState.offline.value,
+                )
                 .values(last_seen_at=now, load=load)
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -27,9 +27,10 @@ from corral.core.models import (
 from corral.core.nodes import NodeRegistry
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import CommandSpec, Node
+from corral.node.directory import NodeDirectory
 from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied
 from corral.runtime.limits import Limits
-from corral.store.db import Database
+from corral.store.db import PLACEMENT_LOCK_KEY, Database
 from corral.store.tables import SandboxRow
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class SandboxService:
     def __init__(
         self,
         db: Database,
-        node: Node,
+        directory: NodeDirectory,
         data_dir: Path,
         *,
         max_sandboxes: int,
@@ -115,7 +116,8 @@ class SandboxService:
         self.default_limits = default_limits or Limits()
         self.nodes = nodes
         self.db = db
-        self.node = node
+        self.directory = directory
+        self.local = directory.local  # the built-in node, if this server runs one
         self.data_dir = data_dir
         self.max_sandboxes = max_sandboxes
         self.uid_count = uid_count
@@ -125,19 +127,23 @@ class SandboxService:
         # Rows of live sandboxes, by id and by name: every exec looks its sandbox up, and this
         # server is the only writer of its sandboxes' rows, so it can answer from memory. Each
         # write replaces the cached row after its commit; `_generation` stops a read that
-        # started before a write from caching what it read.
+        # started before a write from caching what it read. Not in fleet mode: every replica
+        # writes rows there.
+        self._cache_rows = not directory.fleet
         self._rows: dict[str, SandboxRow] = {}
         self._names: dict[str, str] = {}
         self._generation = 0  # of writes to sandbox rows
-        # The warm pool: started sandboxes a create with the default spec claims at once.
-        self.warm_pool = warm_pool
+        # The warm pool: started sandboxes a create with the default spec claims at once. It
+        # belongs to the built-in node (a replica of a fleet keeps none).
+        self.warm_pool = warm_pool if self.local is not None and not directory.fleet else 0
         self._warm: list[WarmSandbox] = []
         self._reserved: set[int] = set()  # uid slots of warm sandboxes, started or starting
         self._refill = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._pool_closed = False
-        node.on_sandbox_died = self._on_died
+        if self.local is not None:
+            self.local.on_sandbox_died = self.died
 
     def config(self, row: SandboxRow) -> SandboxConfig:
         return SandboxConfig(
@@ -161,7 +167,28 @@ class SandboxService:
         )
 
     def model(self, row: SandboxRow) -> Sandbox:
-        return to_model(row, self.node.enforceable())
+        return to_model(row, self.directory.enforced(row.node_id))
+
+    async def node_of(self, row: SandboxRow) -> Node:
+        return await self.directory.get(row.node_id)
+
+    async def is_running(self, row: SandboxRow) -> bool:
+        """Whether the sandbox's processes run on its node now (False if it does not answer)."""
+        try:
+            return await (await self.node_of(row)).sandbox_running(row.id)
+        except Unavailable:
+            return False
+
+    async def templates(self) -> list[str]:
+        """The templates of the built-in node, or in a fleet those of any online node."""
+        if not self.directory.fleet and self.local is not None:
+            return await self.local.templates()
+        found: set[str] = set()
+        if self.nodes is not None:
+            for node in await self.nodes.list():
+                if node.state.value == "online":
+                    found.update(node.templates)
+        return sorted(found)
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -170,6 +197,9 @@ class SandboxService:
 
     def _remember(self, row: SandboxRow) -> None:
         """Cache a row just committed (or read with no write since)."""
+        self.directory.remember(row.id, row.node_id)
+        if not self._cache_rows:
+            return
         old = self._rows.get(row.id)
         if old is not None and old.name and self._names.get(old.name) == row.id:
             del self._names[old.name]
@@ -199,10 +229,11 @@ class SandboxService:
                 )
         if row is None:
             raise no_sandbox(ref)
-        # Only this node's rows: their only writer is this server (another node's sandboxes
-        # change through their own).
-        if generation == self._generation and row.node_id == self.node.id:
+        # Only the built-in node's rows: their only writer is this server.
+        if generation == self._generation and self.local and row.node_id == self.local.id:
             self._remember(row)
+        else:
+            self.directory.remember(row.id, row.node_id)
         return row
 
     async def get(self, ref: str) -> Sandbox:
@@ -212,7 +243,12 @@ class SandboxService:
         row = await self.row(ref)
         if row.state != SandboxState.running.value:
             raise SandboxNotRunning(f"sandbox {row.id} is {row.state}")
-        if not self.node.sandbox_running(row.id):
+        node = await self.node_of(row)
+        if node.remote:
+            # A node declared offline answers at once with why, rather than after a timeout.
+            if self.nodes is not None:
+                await self.nodes.usable(row.node_id)
+        elif not await node.sandbox_running(row.id):
             raise Unavailable(f"sandbox {row.id} is restarting; try again")
         return row
 
@@ -253,10 +289,10 @@ class SandboxService:
             raise RateLimited(f"the limit of {self.max_sandboxes} sandboxes is reached")
         return count
 
-    async def _used_slots(self, session: AsyncSession) -> set[int]:
-        """The uid slots held by this node's live sandboxes."""
+    async def _used_slots(self, session: AsyncSession, node_id: str) -> set[int]:
+        """The uid slots held by a node's live sandboxes."""
         live = SandboxRow.state != SandboxState.deleted.value
-        query = select(SandboxRow.slot).where(live, SandboxRow.node_id == self.node.id)
+        query = select(SandboxRow.slot).where(live, SandboxRow.node_id == node_id)
         return set(await session.scalars(query))
 
     def _free_slot(self, used: set[int]) -> int:
@@ -264,17 +300,25 @@ class SandboxService:
         taken = used | self._reserved
         return next(i for i in range(1, self.uid_count + 2) if i not in taken)
 
-    async def _place(self, req: SandboxCreate) -> None:
-        """Check that the node this server runs can take the sandbox (it may be draining)."""
-        if self.nodes is None:
-            return
-        # The template is checked against the node itself (its templates may have changed).
-        node_id = await self.nodes.place(wanted=req.node or self.node.id)
-        if node_id != self.node.id:
-            raise Unavailable(f"node {node_id} cannot be reached from this server")
+    async def _place(self, req: SandboxCreate) -> Node:
+        """The node for a new sandbox: the built-in one (which may be draining), or in a fleet
+        the least loaded online node with room, or the one asked for."""
+        if not self.directory.fleet:
+            if self.local is None:
+                raise Unavailable("this server runs no node")
+            if self.nodes is not None:
+                # The template is checked against the node itself (it may have new ones).
+                node_id = await self.nodes.place(wanted=req.node or self.local.id)
+                if node_id != self.local.id:
+                    raise Unavailable(f"node {node_id} cannot be reached from this server")
+            return self.local
+        assert self.nodes is not None
+        return await self.directory.get(
+            await self.nodes.place(wanted=req.node, template=req.template)
+        )
 
     async def create(self, req: SandboxCreate) -> Sandbox:
-        await self._place(req)
+        node = await self._place(req)
         if self._warm and _poolable(req):
             claimed = await self._claim(req)
             if claimed is not None:
@@ -284,7 +328,7 @@ class SandboxService:
         row = SandboxRow(
             id=ids.new_id(ids.SANDBOX),
             name=req.name,
-            node_id=self.node.id,
+            node_id=node.id,
             slot=0,
             state=SandboxState.creating.value,
             template=req.template,
@@ -293,18 +337,19 @@ class SandboxService:
             updated_at=now,
             expires_at=now + timedelta(seconds=req.ttl_seconds) if req.ttl_seconds else None,
         )
-        available = self.node.templates()
+        available = await node.templates()
         if req.template not in available:
             raise Conflict(f"unknown template {req.template!r}; available: {', '.join(available)}")
-        if req.network != "none" and not self.node.enforceable().get("network"):
+        if req.network != "none" and not (await node.enforceable()).get("network"):
             raise Unavailable("this host cannot give sandboxes a network policy")
         async with self._alloc_lock:
             async with self.db.transaction() as session:
+                await self.db.serialize(session, PLACEMENT_LOCK_KEY)  # against other replicas
                 count = await self._admit(session)
                 # Warm sandboxes count towards the limit too: one makes room for a create.
                 while self._warm and count + len(self._reserved) >= self.max_sandboxes:
                     await self._remove_warm(self._warm.pop())
-                used = await self._used_slots(session)
+                used = await self._used_slots(session, node.id)
                 row.slot = self._free_slot(used)
                 if row.slot > self.uid_count and self._warm:
                     await self._remove_warm(self._warm.pop())  # a create goes before the pool
@@ -324,7 +369,7 @@ class SandboxService:
     async def _boot(self, row: SandboxRow) -> None:
         """Start the sandbox's processes and record the outcome."""
         try:
-            await self.node.start_sandbox(self.config(row))
+            await (await self.node_of(row)).start_sandbox(self.config(row))
         except Exception as exc:
             log.warning("sandbox %s failed to start: %s", row.id, exc)
             await self._set_state(row.id, SandboxState.error, error=str(exc)[:2000])
@@ -357,7 +402,7 @@ class SandboxService:
             if row.state == SandboxState.deleted.value:
                 return self.model(row)
             try:
-                await self.node.remove_sandbox(self.config(row))
+                await (await self.node_of(row)).remove_sandbox(self.config(row))
             except OSError as exc:
                 log.warning("sandbox %s: removing its files failed: %s", row.id, exc)
                 raise Unavailable(
@@ -376,7 +421,7 @@ class SandboxService:
                 return self.model(row)
             if not SandboxState(row.state).can_become(SandboxState.stopped):
                 raise Conflict(f"sandbox {row.id} is {row.state}")
-            await self.node.stop_sandbox(row.id)
+            await (await self.node_of(row)).stop_sandbox(row.id)
             return self.model(await self._set_state(row.id, SandboxState.stopped))
 
     async def update(self, ref: str, change: SandboxUpdate) -> Sandbox:
@@ -390,7 +435,10 @@ class SandboxService:
                 spec["network"] = change.network
             if change.allow is not None:
                 spec["allow"] = change.allow
-            if spec.get("network", "none") != "none" and not self.node.enforceable().get("network"):
+            node = await self.node_of(row)
+            if spec.get("network", "none") != "none" and not (await node.enforceable()).get(
+                "network"
+            ):
                 raise Unavailable("this host cannot give sandboxes a network policy")
             async with self.db.transaction() as session:
                 stored = await session.get(SandboxRow, row.id)
@@ -400,15 +448,15 @@ class SandboxService:
             self._written(row.id)
             self._remember(stored)
             row = await self.row(row.id)
-            if row.state != SandboxState.running.value or not self.node.sandbox_running(row.id):
+            if row.state != SandboxState.running.value or not await node.sandbox_running(row.id):
                 return self.model(row)  # applies at the next start
             config = self.config(row)
             try:
-                await self.node.set_network(row.id, config.network, config.allow)
+                await node.set_network(row.id, config.network, config.allow)
             except SandboxDied as exc:
                 raise Unavailable(f"sandbox {row.id} is restarting: {exc}") from None
             except NeedsRestart:
-                if self.node.running_count(row.id):
+                if await node.running_count(row.id):
                     raise Conflict(
                         "switching to or from network 'none' restarts the sandbox; "
                         "wait for its commands to end, or cancel them"
@@ -427,7 +475,7 @@ class SandboxService:
             if row.state != SandboxState.running.value:
                 raise SandboxNotRunning(f"sandbox {row.id} is {row.state}")
             try:
-                await self.node.pause_sandbox(row.id)
+                await (await self.node_of(row)).pause_sandbox(row.id)
             except (RuntimeError, SandboxDied) as exc:
                 raise Unavailable(str(exc)) from None
             return self.model(await self._set_state(row.id, SandboxState.paused))
@@ -441,7 +489,7 @@ class SandboxService:
             if row.state != SandboxState.paused.value:
                 raise Conflict(f"sandbox {row.id} is {row.state}, not paused")
             try:
-                await self.node.resume_sandbox(row.id)
+                await (await self.node_of(row)).resume_sandbox(row.id)
             except (RuntimeError, SandboxDied) as exc:
                 raise Unavailable(str(exc)) from None
             return self.model(await self._set_state(row.id, SandboxState.running))
@@ -450,7 +498,7 @@ class SandboxService:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
-            if row.state == SandboxState.running.value and self.node.sandbox_running(row.id):
+            if row.state == SandboxState.running.value and await self.is_running(row):
                 return self.model(row)
             if row.state == SandboxState.deleted.value:
                 raise Conflict(f"sandbox {row.id} is deleted")
@@ -466,7 +514,8 @@ class SandboxService:
             await self._boot(row)
         return await self.get(row.id)
 
-    async def _on_died(self, sandbox_id: str, failure: str | None = None) -> None:
+    async def died(self, sandbox_id: str, failure: str | None = None) -> None:
+        """A node reports that a sandbox's processes ended on their own."""
         with contextlib.suppress(Exception):
             await self._set_state(
                 sandbox_id,
@@ -489,19 +538,25 @@ class SandboxService:
             limits=self.default_limits,
         )
 
+    def _local(self) -> Node:
+        if self.local is None:
+            raise Unavailable("this server runs no node")
+        return self.local
+
     async def _claim(self, req: SandboxCreate) -> Sandbox | None:
         """Give a warm sandbox the request's name, env, labels and ttl; None if none is left."""
+        local = self._local()
         while self._warm:
             warm = self._warm.pop(0)
             self._refill.set()
-            if not self.node.sandbox_running(warm.id):
+            if not await local.sandbox_running(warm.id):
                 self._discard(warm)
                 continue
             now = utcnow()
             row = SandboxRow(
                 id=warm.id,
                 name=req.name,
-                node_id=self.node.id,
+                node_id=local.id,
                 slot=warm.slot,
                 state=SandboxState.running.value,
                 template=req.template,
@@ -510,7 +565,7 @@ class SandboxService:
                 updated_at=now,
                 expires_at=now + timedelta(seconds=req.ttl_seconds) if req.ttl_seconds else None,
             )
-            self.node.set_env(warm.id, req.env)
+            await local.set_env(warm.id, req.env)
             try:
                 async with self._alloc_lock:
                     async with self.db.transaction() as session:
@@ -519,7 +574,7 @@ class SandboxService:
                         await session.flush()
                     self._reserved.discard(warm.slot)  # the row holds the slot now
             except BaseException as exc:
-                self.node.set_env(warm.id, {})
+                await local.set_env(warm.id, {})
                 if self._pool_closed:
                     self._discard(warm)
                 else:
@@ -531,16 +586,16 @@ class SandboxService:
             self._remember(row)
             with contextlib.suppress(OSError):
                 (self._warm_config(warm).dir / WARM_MARKER).unlink()
-            if not self.node.sandbox_running(warm.id):
-                # It died during the claim, before its row existed for _on_died to mark.
-                await self._on_died(warm.id)
+            if not await local.sandbox_running(warm.id):
+                # It died during the claim, before its row existed for died() to mark.
+                await self.died(warm.id)
                 return await self.get(warm.id)
             return self.model(row)
         return None
 
     async def _remove_warm(self, warm: WarmSandbox) -> None:
         try:
-            await self.node.remove_sandbox(self._warm_config(warm))
+            await self._local().remove_sandbox(self._warm_config(warm))
         except Exception as exc:
             log.warning("removing warm sandbox %s failed: %s", warm.id, exc)
         finally:
@@ -557,11 +612,12 @@ class SandboxService:
         async with self._alloc_lock:
             async with self.db.session() as session:
                 count = await self._live_count(session)
-                slot = self._free_slot(await self._used_slots(session))
+                slot = self._free_slot(await self._used_slots(session, self._local().id))
             # The pool never takes the last places: it must not turn a create away.
             if slot >= self.uid_count or count + len(self._reserved) + 1 >= self.max_sandboxes:
                 return False
             self._reserved.add(slot)
+        local = self._local()
         warm = WarmSandbox(ids.new_id(ids.SANDBOX), slot)
         config = self._warm_config(warm)
         try:
@@ -569,10 +625,10 @@ class SandboxService:
             # removed as strays (never a workspace whose row the store lost).
             config.dir.mkdir(parents=True, exist_ok=True)
             (config.dir / WARM_MARKER).touch()
-            await self.node.start_sandbox(config)
+            await local.start_sandbox(config)
             # A supervisor's first command pays for its first fork; pay it here, not in the
             # claimer's first exec.
-            execution = await self.node.run(
+            execution = await local.run(
                 CommandSpec(
                     id=ids.new_id(ids.COMMAND),
                     sandbox_id=warm.id,
@@ -583,6 +639,7 @@ class SandboxService:
                     timeout_ms=10_000,
                     max_output_bytes=0,
                     keep_log=False,
+                    report=False,
                 )
             )
             checked = await execution.outcome()
@@ -646,17 +703,19 @@ class SandboxService:
                 continue
             stray = SandboxConfig(id=name, slot=0, dir=root / name)
             try:
-                await self.node.remove_sandbox(stray)
+                await self._local().remove_sandbox(stray)
             except Exception as exc:
                 log.warning("could not remove the files of stray sandbox %s: %s", name, exc)
 
-    async def reconcile(self) -> None:
-        """After a restart: bring back every sandbox that should run on this node."""
+    async def reconcile(self, node_id: str) -> None:
+        """After a node's restart: bring back every sandbox that should run on it. One that
+        runs there already (the node was cut off, not restarted) is kept as it is."""
+        node = await self.directory.get(node_id)
         async with self.db.session() as session:
             rows = list(
                 await session.scalars(
                     select(SandboxRow).where(
-                        SandboxRow.node_id == self.node.id,
+                        SandboxRow.node_id == node_id,
                         SandboxRow.state.in_(
                             [
                                 SandboxState.creating.value,
@@ -667,12 +726,15 @@ class SandboxService:
                     )
                 )
             )
-        await self._remove_strays()
+        if node is self.local:
+            await self._remove_strays()
         gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
 
         async def bring_back(row: SandboxRow) -> None:
             async with gate:
                 with contextlib.suppress(Exception):
+                    if node.remote and await node.sandbox_running(row.id):
+                        return
                     if row.state != SandboxState.creating.value:
                         await self._set_state(row.id, SandboxState.creating)
                     await self._boot(row)
@@ -682,6 +744,7 @@ class SandboxService:
     # --- lifetime ---
 
     def start_reaper(self) -> None:
+        """The ttl reaper of one server (in a fleet, the leader's loop calls reap_expired)."""
         self._reaper = asyncio.ensure_future(self._reap_expired())
 
     async def stop_reaper(self) -> None:
@@ -694,21 +757,24 @@ class SandboxService:
         while True:
             await asyncio.sleep(1.0)
             try:
-                async with self.db.session() as session:
-                    expired = list(
-                        await session.scalars(
-                            select(SandboxRow.id).where(
-                                SandboxRow.node_id == self.node.id,
-                                SandboxRow.state.in_(
-                                    [SandboxState.running.value, SandboxState.paused.value]
-                                ),
-                                SandboxRow.expires_at <= utcnow(),
-                            )
-                        )
-                    )
-                for sandbox_id in expired:
-                    # Stopped, not deleted: its files and history stay until someone deletes it.
-                    log.info("sandbox %s reached its ttl: stopping it", sandbox_id)
-                    await self.stop(sandbox_id)
+                await self.reap_expired()
             except Exception:
                 log.exception("expiring sandboxes failed")
+
+    async def reap_expired(self) -> None:
+        """Stop the sandboxes past their ttl (on the built-in node; in a fleet, on any)."""
+        query = select(SandboxRow.id).where(
+            SandboxRow.state.in_([SandboxState.running.value, SandboxState.paused.value]),
+            SandboxRow.expires_at <= utcnow(),
+        )
+        if not self.directory.fleet and self.local is not None:
+            query = query.where(SandboxRow.node_id == self.local.id)
+        async with self.db.session() as session:
+            expired = list(await session.scalars(query))
+        for sandbox_id in expired:
+            # Stopped, not deleted: its files and history stay until someone deletes it.
+            log.info("sandbox %s reached its ttl: stopping it", sandbox_id)
+            try:
+                await self.stop(sandbox_id)
+            except Exception as exc:
+                log.warning("stopping expired sandbox %s failed: %s", sandbox_id, exc)

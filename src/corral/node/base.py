@@ -8,9 +8,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from corral.core.errors import Unavailable
 from corral.core.models import CommandStatus
 from corral.node.output_log import Chunk
 from corral.runtime.base import SandboxConfig
+
+
+class NodeUnavailable(Unavailable):
+    """The node does not answer (or speaks another protocol version): 503 with the reason."""
+
+
+class HostFailure(RuntimeError):
+    """Something on the host failed for a sandbox; the message says why without a host path
+    (the node's log has the whole error)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,9 @@ class CommandSpec:
     # transfers: any size, at the pace of the reader, never through the capped log).
     raw_stdout: bool = False
     keep_log: bool = True  # False: the log file is removed once the command has ended
+    # A command of the store's history: a remote node reports its result as an event. Helpers
+    # (file transfers, checks) report only to their caller.
+    report: bool = True
     rlimits: dict[str, int] = field(default_factory=dict)
     user: str = "user"  # or "root": uid 0 inside the sandbox's user namespace (sudo)
 
@@ -66,7 +79,7 @@ class Execution(abc.ABC):
     async def outcome(self) -> CommandOutcome: ...
 
     @abc.abstractmethod
-    def cancel(self) -> None:
+    async def cancel(self) -> None:
         """SIGTERM to every process of the command, SIGKILL after the grace period."""
 
     @abc.abstractmethod
@@ -82,7 +95,7 @@ class Execution(abc.ABC):
         """Signal the command's process group, as a terminal's Ctrl-C would."""
 
     @abc.abstractmethod
-    def resize(self, rows: int, cols: int) -> None: ...
+    async def resize(self, rows: int, cols: int) -> None: ...
 
     @property
     @abc.abstractmethod
@@ -98,7 +111,7 @@ class Execution(abc.ABC):
         """Up to n bytes of standard output, b"" at its end (raw_stdout commands only)."""
 
     @abc.abstractmethod
-    def close_stdout(self) -> None:
+    async def close_stdout(self) -> None:
         """Stop reading standard output (raw_stdout commands); the writer gets EPIPE."""
 
 
@@ -108,6 +121,9 @@ SandboxDiedCallback = Callable[[str, str | None], Awaitable[None]]  # id, failur
 class Node(abc.ABC):
     id: str
     runtime_name: str
+    # Results of reported commands reach the store through the node's events (a remote node),
+    # not through the caller of run().
+    remote: bool = False
 
     @abc.abstractmethod
     async def prepare(self) -> list[str]: ...
@@ -126,7 +142,7 @@ class Node(abc.ABC):
         """Change a running sandbox's network policy; NeedsRestart if not possible live."""
 
     @abc.abstractmethod
-    def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
+    async def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
         """The environment every later command of a running sandbox starts with."""
 
     @abc.abstractmethod
@@ -136,24 +152,25 @@ class Node(abc.ABC):
     async def resume_sandbox(self, sandbox_id: str) -> None: ...
 
     @abc.abstractmethod
-    def templates(self) -> list[str]: ...
+    async def templates(self) -> list[str]: ...
 
     @abc.abstractmethod
-    def enforceable(self) -> dict[str, str]:
+    async def enforceable(self) -> dict[str, str]:
         """Which sandbox limits this node enforces (limit -> mechanism; empty: not enforced)."""
 
     @abc.abstractmethod
-    def sandbox_running(self, sandbox_id: str) -> bool: ...
+    async def sandbox_running(self, sandbox_id: str) -> bool: ...
 
     @abc.abstractmethod
-    def running_count(self, sandbox_id: str) -> int: ...
+    async def running_count(self, sandbox_id: str) -> int: ...
 
     @abc.abstractmethod
     async def run(self, spec: CommandSpec) -> Execution:
         """Start a command; raises SpawnError or SandboxDied when it cannot start."""
 
     @abc.abstractmethod
-    def execution(self, command_id: str) -> Execution | None: ...
+    async def execution(self, command_id: str) -> Execution | None:
+        """The command's execution while it runs on this node (from any replica)."""
 
     # --- a command's output, read through the node that holds its log ---
 

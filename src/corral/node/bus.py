@@ -15,8 +15,9 @@ user can be limited to it and one host can never act as another:
 A node's user may publish on `corral.node.<id>.out.>`, subscribe on `corral.node.<id>.in.>` and
 on its own inbox prefix `_INBOX_<id>.>`, and answer the requests it receives (allow_responses).
 
-Messages are JSON: a request `{"v", "op", "args"}`, an answer `{"v", "result"}` or
-`{"v", "error": {"type", "message"}}`. A peer of another protocol version is refused.
+A message is one line of JSON, then optionally binary data after its newline: a request
+`{"v", "op", "args"}`, an answer `{"v", "result"}` or `{"v", "error": {"type", "message"}}`.
+A peer of another protocol version is refused.
 
 Streams. NATS delivers at most once, so a stream numbers its chunks; the receiver grants credit
 as a cumulative limit ("send up to chunk N"), which a lost or repeated grant cannot corrupt.
@@ -107,15 +108,29 @@ class StreamBroken(BusError):
     """Chunks were lost, or the other end went silent: reopen the stream where it stopped."""
 
 
-def encode(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
+def encode(payload: dict[str, Any], data: bytes = b"") -> bytes:
+    # Compact JSON never holds a raw newline: the first one ends it.
+    return json.dumps(payload, separators=(",", ":")).encode() + b"\n" + data
 
 
-def decode(data: bytes) -> dict[str, Any]:
-    value = json.loads(data)
+def decode(body: bytes) -> dict[str, Any]:
+    return decode_with_data(body)[0]
+
+
+def decode_with_data(body: bytes) -> tuple[dict[str, Any], bytes]:
+    head, _, data = body.partition(b"\n")
+    value = json.loads(head)
     if not isinstance(value, dict):
         raise ValueError("a message must be a JSON object")
-    return value
+    return value, data
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A handler's answer with binary data beside its JSON result."""
+
+    result: Any
+    data: bytes = b""
 
 
 def check_version(message: dict[str, Any]) -> None:
@@ -127,7 +142,8 @@ def check_version(message: dict[str, Any]) -> None:
         )
 
 
-Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[str, dict[str, Any], bytes], Awaitable[Any]]  # op, args, data -> result
+SubjectHandler = Callable[[str, str, dict[str, Any], bytes], Awaitable[Any]]
 
 
 class Bus:
@@ -190,7 +206,19 @@ class Bus:
         self, subject: str, op: str, args: dict[str, Any] | None = None, *, timeout: float = 10.0
     ) -> Any:
         """Send a request and return its result; RemoteError for an error answer."""
-        body = encode({"v": PROTOCOL_VERSION, "op": op, "args": args or {}})
+        return (await self.request_data(subject, op, args, timeout=timeout))[0]
+
+    async def request_data(
+        self,
+        subject: str,
+        op: str,
+        args: dict[str, Any] | None = None,
+        data: bytes = b"",
+        *,
+        timeout: float = 10.0,
+    ) -> tuple[Any, bytes]:
+        """A request with binary data; the answer's result and data."""
+        body = encode({"v": PROTOCOL_VERSION, "op": op, "args": args or {}}, data)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -206,29 +234,46 @@ class Bus:
                 await asyncio.sleep(NO_RESPONDERS_RETRY)
             except NatsTimeout as exc:
                 raise NodeUnreachable(f"no answer on {subject} within {timeout} s") from exc
-        answer = decode(msg.data)
+        answer, payload = decode_with_data(msg.data)
         check_version(answer)
         error = answer.get("error")
         if error is not None:
             if error.get("type") == "version":
                 raise VersionMismatch(str(error.get("message")))
             raise RemoteError(str(error.get("type")), str(error.get("message")))
-        return answer.get("result")
+        return answer.get("result"), payload
 
     async def serve(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
-        """Answer requests on `subject` with `handler(op, args)`; each request runs in its own
-        task, so a slow one never holds up the others."""
+        """Answer requests on `subject` with `handler(op, args, data)`; each request runs in its
+        own task, so a slow one never holds up the others."""
 
         async def on_message(msg: Msg) -> None:
             asyncio.get_running_loop().create_task(self._answer(msg, handler))
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_message)
 
+    async def serve_from(
+        self, subject: str, handler: SubjectHandler, *, queue: str = ""
+    ) -> Subscription:
+        """`serve` for a wildcard subject: the handler also gets the subject a request came on
+        (which names its sender: a node may publish only under its own prefix)."""
+
+        async def on_message(msg: Msg) -> None:
+            async def bound(op: str, args: dict[str, Any], data: bytes) -> Any:
+                return await handler(msg.subject, op, args, data)
+
+            asyncio.get_running_loop().create_task(self._answer(msg, bound))
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+
     async def _answer(self, msg: Msg, handler: Handler) -> None:
+        data = b""
         try:
-            request = decode(msg.data)
+            request, payload = decode_with_data(msg.data)
             check_version(request)
-            result = await handler(str(request.get("op")), request.get("args") or {})
+            result = await handler(str(request.get("op")), request.get("args") or {}, payload)
+            if isinstance(result, Reply):
+                result, data = result.result, result.data
             answer: dict[str, Any] = {"v": PROTOCOL_VERSION, "result": result}
         except RemoteError as exc:
             answer = {"v": PROTOCOL_VERSION, "error": {"type": exc.type, "message": exc.message}}
@@ -242,7 +287,7 @@ class Bus:
             }
         if msg.reply:
             with contextlib.suppress(Exception):
-                await msg.respond(encode(answer))
+                await msg.respond(encode(answer, data))
 
     # --- streams ---
 

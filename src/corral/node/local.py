@@ -16,7 +16,7 @@ from pathlib import Path
 from corral import __version__
 from corral.clock import utcnow
 from corral.core.models import CommandStatus, NodeCapacity, NodeInfo
-from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
+from corral.node.base import CommandOutcome, CommandSpec, Execution, HostFailure, Node
 from corral.node.bus import PROTOCOL_VERSION
 from corral.node.output_log import (
     STDERR,
@@ -52,11 +52,6 @@ ENDED_LOG_SECONDS = 5.0  # how long an ended command's log stays in memory for i
 
 # An absolute path where a message names one: not inside a word, a number (10.0.0.0/8) or a URL.
 _HOST_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"`,;:()\[\]{}<>]*")
-
-
-class HostFailure(RuntimeError):
-    """Something on the host failed for a sandbox; the message says why without a host path
-    (the server's log has the whole error)."""
 
 
 def without_host_paths(text: str) -> str:
@@ -237,7 +232,10 @@ class LocalExecution(Execution):
     def finished(self) -> bool:
         return self._done.done()
 
-    def cancel(self) -> None:
+    async def cancel(self) -> None:
+        self.cancel_now()
+
+    def cancel_now(self) -> None:
         if self._reason is None and not self._done.done():
             self._reason = CommandStatus.cancelled
             self._terminator = asyncio.ensure_future(self._terminate(self.node.kill_grace))
@@ -383,7 +381,10 @@ class LocalExecution(Execution):
             return b""
         return await self._stdout.read(n)
 
-    def close_stdout(self) -> None:
+    async def close_stdout(self) -> None:
+        self.close_stdout_now()
+
+    def close_stdout_now(self) -> None:
         if self._stdout_transport is not None and not self._stdout_transport.is_closing():
             self._stdout_transport.close()
 
@@ -400,7 +401,7 @@ class LocalExecution(Execution):
         if not self._done.done():
             await self.process.signal_group(signum)
 
-    def resize(self, rows: int, cols: int) -> None:
+    async def resize(self, rows: int, cols: int) -> None:
         if not self._done.done():
             with contextlib.suppress(OSError):
                 self.process.resize(rows, cols)
@@ -484,7 +485,7 @@ class LocalNode(Node):
     async def stop_sandbox(self, sandbox_id: str) -> None:
         for execution in list(self._executions.values()):
             if execution.spec.sandbox_id == sandbox_id:
-                execution.cancel()
+                execution.cancel_now()
         handle = self._sandboxes.pop(sandbox_id, None)
         if handle is not None:
             self._stopping.add(sandbox_id)
@@ -505,7 +506,7 @@ class LocalNode(Node):
             log.warning("sandbox %s: removing its files failed: %r", config.id, exc)
             raise OSError(exc.errno, public_reason(exc)) from None
 
-    def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
+    async def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
         """The environment every later command of a running sandbox starts with."""
         handle = self._live(sandbox_id)
         handle.config = dataclasses.replace(handle.config, env=dict(env))
@@ -534,18 +535,18 @@ class LocalNode(Node):
             protocol=PROTOCOL_VERSION,
             runtime=self.runtime_name,
             capacity=capacity,
-            templates=self.templates(),
-            enforceable=self.enforceable(),
+            templates=self.runtime.templates(),
+            enforceable=self.runtime.enforceable(),
         )
 
     def load(self) -> dict[str, int]:
         """What heartbeats report: sandboxes running here and commands running in them."""
         return {"sandboxes": len(self._sandboxes), "running_commands": len(self._executions)}
 
-    def enforceable(self) -> dict[str, str]:
+    async def enforceable(self) -> dict[str, str]:
         return self.runtime.enforceable()
 
-    def templates(self) -> list[str]:
+    async def templates(self) -> list[str]:
         return self.runtime.templates()
 
     def _live(self, sandbox_id: str) -> SandboxHandle:
@@ -554,11 +555,11 @@ class LocalNode(Node):
             raise SandboxDied("the sandbox is not running")
         return handle
 
-    def sandbox_running(self, sandbox_id: str) -> bool:
+    async def sandbox_running(self, sandbox_id: str) -> bool:
         handle = self._sandboxes.get(sandbox_id)
         return handle is not None and handle.alive
 
-    def running_count(self, sandbox_id: str) -> int:
+    async def running_count(self, sandbox_id: str) -> int:
         return sum(1 for e in self._executions.values() if e.spec.sandbox_id == sandbox_id)
 
     def log_path(self, sandbox_id: str, command_id: str) -> Path:
@@ -632,12 +633,12 @@ class LocalNode(Node):
                     output.path.unlink()
             if spec.raw_stdout:
                 # The reader closes raw stdout when done with it; never keep a forgotten one.
-                asyncio.get_running_loop().call_later(RAW_STDOUT_ORPHAN, execution.close_stdout)
+                asyncio.get_running_loop().call_later(RAW_STDOUT_ORPHAN, execution.close_stdout_now)
 
         execution._done.add_done_callback(ended)
         return execution
 
-    def execution(self, command_id: str) -> Execution | None:
+    async def execution(self, command_id: str) -> Execution | None:
         return self._executions.get(command_id)
 
     async def shutdown(self) -> None:

@@ -307,7 +307,7 @@ class Session:
                 return EXIT_NOT_RUN
             feeder = asyncio.ensure_future(self._feed(execution))
             try:
-                async for chunk in self.services.node.follow_output(run.sandbox.id, run.row.id):
+                async for chunk in self.services.commands.follow_output(run.sandbox.id, run.row.id):
                     if chunk is None:
                         continue
                     target = self.process.stdout if chunk.stream == STDOUT else self.process.stderr
@@ -333,7 +333,7 @@ class Session:
             try:
                 data = await stdin.read(65536)
             except asyncssh.TerminalSizeChanged as change:
-                execution.resize(change.height or 24, change.width or 80)
+                await execution.resize(change.height or 24, change.width or 80)
                 continue
             except asyncssh.SignalReceived as sig:
                 number = getattr(__import__("signal"), f"SIG{sig.signal}", None)

@@ -22,6 +22,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # One key for every replica: a PostgreSQL advisory lock held while migrating, so that replicas
 # starting together run each migration once (the others wait, then find the schema current).
 MIGRATION_LOCK_KEY = 0x636F7272616C  # "corral"
+PLACEMENT_LOCK_KEY = MIGRATION_LOCK_KEY + 1  # admission and uid slots of new sandboxes
 
 
 class Database:
@@ -57,6 +58,12 @@ class Database:
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session, session.begin():
             yield session
+
+    async def serialize(self, session: AsyncSession, key: int) -> None:
+        """Hold `key` until the session's transaction ends, against every replica (SQLite has
+        one writer at a time already)."""
+        if not self.is_sqlite:
+            await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     async def close(self) -> None:
         await self.engine.dispose()

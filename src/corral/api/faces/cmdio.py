@@ -120,7 +120,7 @@ def parse_args(args: str | None) -> list[str]:
 
 async def _output(services: Services, run: NamedRun) -> AsyncIterator[bytes]:
     """The command's output in the order written, as it comes."""
-    async for chunk in services.node.follow_output(run.sandbox.id, run.row.id):
+    async for chunk in services.commands.follow_output(run.sandbox.id, run.row.id):
         if chunk is not None:
             yield chunk.data
 

@@ -264,7 +264,7 @@ async def batch(
             command = await services.commands.run(row, req, source="cmdop")
             if command.status in (CommandStatus.cancelled, CommandStatus.lost):
                 # Ended by its machine going away (stopped or deleted) or by a DELETE.
-                if not services.node.sandbox_running(row.id):
+                if not await services.sandboxes.is_running(row):
                     raise Unavailable(f"machine {machine_id} went away while the command ran")
                 raise Conflict(f"the command was {command.status.value}")
             if command.status is CommandStatus.failed:

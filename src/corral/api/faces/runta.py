@@ -475,7 +475,7 @@ async def exec_stream(ws: WebSocket, runtime: str) -> None:
                 await ws.send_text(json.dumps(frame))
 
         async def pump_output() -> None:
-            async for chunk in services.node.follow_output(row.id, command_row.id):
+            async for chunk in services.commands.follow_output(row.id, command_row.id):
                 if chunk is None:
                     continue
                 kind = "stdout" if chunk.stream == STDOUT else "stderr"
@@ -501,7 +501,7 @@ async def exec_stream(ws: WebSocket, runtime: str) -> None:
                     await execution.close_stdin()
                 elif kind == "resize":
                     with contextlib.suppress(TypeError, ValueError, KeyError):
-                        execution.resize(int(frame["rows"]), int(frame["cols"]))
+                        await execution.resize(int(frame["rows"]), int(frame["cols"]))
                 elif kind == "signal":
                     number = SIGNALS.get(str(frame.get("signal", "")).upper().removeprefix("SIG"))
                     if number is not None:

@@ -344,7 +344,7 @@ async def _log_lines(
     services: Services, sandbox_id: str, command_id: str, execution: Execution | None
 ) -> AsyncIterator[bytes]:
     text = TextDecoder()
-    async for chunk in services.node.follow_output(sandbox_id, command_id):
+    async for chunk in services.commands.follow_output(sandbox_id, command_id):
         if chunk is None:
             continue
         data = text.decode(chunk.stream, chunk.data)
@@ -407,8 +407,8 @@ async def command_logs(
 ) -> StreamingResponse:
     principal.require(Scope.read)
     row = await _command(services, principal, session_id, command_id)
-    await services.commands.row(row.id, command_id)
-    execution = services.node.execution(command_id)
+    command_row = await services.commands.row(row.id, command_id)
+    execution = await services.commands.execution(command_row)
     return TokenBoundStream(
         _log_lines(services, row.id, command_id, execution),
         services.tokens.lease(principal),
@@ -446,7 +446,7 @@ async def kill_command(
     number = _signal_number((body or KillCommand()).signal)
     row = await _command(services, principal, session_id, command_id)
     command_row = await services.commands.row(row.id, command_id)
-    execution = services.node.execution(command_id)
+    execution = await services.commands.execution(command_row)
     if execution is None or CommandStatus(command_row.status).finished:
         raise Conflict(f"command {command_id} has already finished")
     await execution.signal(number)

@@ -115,7 +115,7 @@ async def download_archive(
             background=BackgroundTask(download.abort),  # also when the client went away
         )
     except BaseException:
-        download.abort()
+        await download.abort()
         raise
 
 
@@ -164,7 +164,7 @@ async def download_file(
             background=BackgroundTask(download.abort),  # also when the client went away
         )
     except BaseException:
-        download.abort()
+        await download.abort()
         raise
 
 

@@ -50,7 +50,7 @@ async def list_templates(services: ServicesDep, caller: Caller) -> list[str]:
     """Root file system templates: 'host' (the host's /usr) and those the operator placed in
     the templates directory."""
     caller.require(Scope.read)
-    return services.node.templates()
+    return await services.sandboxes.templates()
 
 
 @router.get("/{sandbox}", response_model=Sandbox)

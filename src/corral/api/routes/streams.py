@@ -69,7 +69,7 @@ async def command_for(
 
 async def _validated_offset(services: Services, row: CommandRow, offset: int) -> int:
     try:
-        await services.node.check_offset(row.sandbox_id, row.id, offset)
+        await services.commands.check_offset(row.sandbox_id, row.id, offset)
     except CorruptLog as exc:
         raise BadRequest(str(exc)) from None
     return offset
@@ -132,7 +132,7 @@ async def command_logs(
     heartbeat = services.settings.heartbeat_seconds
 
     if kind == "raw":
-        pieces_from = services.node.follow_raw(row.sandbox_id, row.id, start, streams)
+        pieces_from = services.commands.follow_raw(row.sandbox_id, row.id, start, streams)
 
         async def raw() -> AsyncIterator[bytes | memoryview]:
             to_skip = skip
@@ -196,7 +196,7 @@ def token_ended_event(reason: str) -> dict[str, Any]:
 
 
 async def running_execution(services: Services, row: CommandRow) -> Execution:
-    execution = services.commands.execution(row.id)
+    execution = await services.commands.execution(row)
     if execution is None or execution.finished or CommandStatus(row.status).finished:
         raise Conflict(f"command {row.id} has finished ({row.status})")
     return execution
@@ -265,7 +265,7 @@ async def resize_command(
     execution = await running_execution(services, row)
     if not execution.spec.tty:
         raise Conflict("the command does not run on a terminal")
-    execution.resize(body.rows, body.cols)
+    await execution.resize(body.rows, body.cols)
     return Response(status_code=204)
 
 
@@ -292,7 +292,7 @@ async def attach(
         if offset < 0:
             raise InvalidArgument("offset must not be negative")
         await _validated_offset(services, row, offset)
-        execution = services.commands.execution(row.id)
+        execution = await services.commands.execution(row)
     except CorralError as exc:
         await ws.refuse(websocket, exc)
         return
@@ -352,7 +352,7 @@ async def exec_stream(websocket: WebSocket, sandbox: str, encoding: Encoding = "
             )
         except Exception:
             if start.kill_on_disconnect and execution is not None:
-                execution.cancel()
+                await execution.cancel()
             return
         session = ws.Session(
             websocket,

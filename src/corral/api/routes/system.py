@@ -18,8 +18,8 @@ STATIC = "/docs/static"
 async def healthz(services: ServicesDep) -> Health:
     return Health(
         version=__version__,
-        node=services.node.id,
-        runtime=services.node.runtime_name,
+        node=services.settings.node_id,
+        runtime=services.settings.runtime,
         warm_sandboxes=services.sandboxes.warm_count,
     )
 

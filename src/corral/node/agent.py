@@ -1,0 +1,460 @@
+"""A node on any host: the built-in node's sandboxes, served to the API replicas over NATS.
+
+The agent dials out to NATS only (no inbound port). It registers through the replicas (which
+keep the store; the agent never touches it), beats its heartbeat, answers every node call on
+`corral.node.<id>.in.rpc`, and reports results and deaths as events that a replica must
+acknowledge: an event stays in the outbox, retried, until one has applied it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from corral.core.models import NodeInfo
+from corral.node import protocol as p
+from corral.node.base import Execution
+from corral.node.bus import Bus, BusError, RemoteError, Reply, node_subject
+from corral.node.local import LocalNode, public_reason
+from corral.node.output_log import Chunk
+
+log = logging.getLogger(__name__)
+
+KEEP_ENDED_SECONDS = 60.0  # an ended execution stays known for late calls (reads, outcome)
+RAW_STDOUT_ORPHAN = 300.0  # as the local node: an unread raw stdout is dropped after this
+RETRY_MIN, RETRY_MAX = 0.2, 5.0
+MAX_FRAMES = 4096  # per read: keeps the JSON part of an answer small
+EVENT_TIMEOUT = 5.0
+OUTPUT_PAGE = 768 * 1024
+
+Op = Callable[[dict[str, Any], bytes], Awaitable[Any]]
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        node: LocalNode,
+        bus: Bus,
+        info: Callable[[], NodeInfo],
+        *,
+        sandboxes_dir: Any,
+    ) -> None:
+        self.node = node
+        self.bus = bus
+        self.info = info
+        self.sandboxes_dir = sandboxes_dir
+        self.epoch = 0
+        self.lost_after = 15.0
+        self._executions: dict[str, Execution] = {}
+        self._epochs: dict[str, int] = {}  # command id -> the epoch it started in
+        self._outbox: dict[str, dict[str, Any]] = {}
+        self._outbox_changed = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._event_seq = 0
+        self._ops: dict[str, Op] = {
+            name.removeprefix("op_"): getattr(self, name)
+            for name in dir(self)
+            if name.startswith("op_")
+        }
+        node.on_sandbox_died = self._died
+
+    # --- life ---
+
+    async def start(self) -> None:
+        await self.bus.serve(node_subject(self.node.id, "in", "rpc"), self._handle)
+        await self.bus.nc.flush()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._keep_registered()), loop.create_task(self._send())]
+        await self._registered.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Results of what ends while the node stops: one last try to report them.
+        if self._outbox:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_outbox(), EVENT_TIMEOUT)
+
+    async def _event(self, kind: str, args: dict[str, Any], timeout: float = EVENT_TIMEOUT) -> Any:
+        subject = node_subject(self.node.id, "out", "event")
+        return await self.bus.request(subject, kind, args, timeout=timeout)
+
+    async def _register(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            try:
+                answer = await self._event(
+                    p.EVENT_REGISTER, {"info": self.info().model_dump(mode="json")}
+                )
+                break
+            except (BusError, RemoteError) as exc:
+                log.warning("registering node %s: %s; trying again", self.node.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX, delay * 2)
+        old, self.epoch = self.epoch, int(answer["epoch"])
+        self.lost_after = float(answer.get("lost_after", self.lost_after))
+        log.info("node %s registered (epoch %d)", self.node.id, self.epoch)
+        if old:
+            # The fleet declared this node lost (a partition, a long pause): what ran under the
+            # old epoch is already `lost` there, so it is stopped here too.
+            for cid, epoch in list(self._epochs.items()):
+                execution = self._executions.get(cid)
+                if epoch < self.epoch and execution is not None and not execution.finished:
+                    log.warning("command %s was declared lost: cancelling it", cid)
+                    await execution.cancel()
+        self._registered.set()
+
+    async def _keep_registered(self) -> None:
+        await self._register()
+        while True:
+            await asyncio.sleep(self.lost_after / 3)
+            try:
+                answer = await self._event(
+                    p.EVENT_HEARTBEAT, {"epoch": self.epoch, "load": self.node.load()}
+                )
+            except (BusError, RemoteError) as exc:
+                log.warning("heartbeat of node %s: %s", self.node.id, exc)
+                continue
+            if not answer.get("ok"):
+                log.warning("node %s: heartbeat refused; registering again", self.node.id)
+                await self._register()
+
+    # --- events ---
+
+    def _post(self, kind: str, args: dict[str, Any]) -> None:
+        self._event_seq += 1
+        self._outbox[f"{kind}-{self._event_seq}"] = {"kind": kind, "args": args}
+        self._outbox_changed.set()
+
+    async def _died(self, sandbox_id: str, failure: str | None) -> None:
+        self._post(
+            p.EVENT_DIED, {"epoch": self.epoch, "sandbox_id": sandbox_id, "failure": failure}
+        )
+
+    async def _deliver(self, key: str, event: dict[str, Any]) -> None:
+        try:
+            answer = await self._event(event["kind"], event["args"])
+        except (BusError, RemoteError) as exc:
+            log.info("event %s not delivered yet: %s", key, exc)
+            return
+        if answer.get("retry"):
+            return
+        self._outbox.pop(key, None)
+
+    async def _flush_outbox(self) -> None:
+        pending = list(self._outbox.items())
+        if pending:
+            await asyncio.gather(*(self._deliver(k, e) for k, e in pending))
+
+    async def _send(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            await self._outbox_changed.wait()
+            self._outbox_changed.clear()
+            await self._flush_outbox()
+            if self._outbox:
+                await asyncio.sleep(delay)  # not taken yet: try again, backing off
+                delay = min(RETRY_MAX, delay * 2)
+                self._outbox_changed.set()
+            else:
+                delay = RETRY_MIN
+
+    def _ended(self, execution: Execution, epoch: int) -> None:
+        async def report() -> None:
+            outcome = await execution.outcome()
+            spec = execution.spec
+            if spec.report:
+                self._post(
+                    p.EVENT_ENDED,
+                    {
+                        "epoch": epoch,
+                        "command_id": spec.id,
+                        "sandbox_id": spec.sandbox_id,
+                        "outcome": p.outcome_to_wire(outcome),
+                    },
+                )
+            keep = RAW_STDOUT_ORPHAN if spec.raw_stdout else KEEP_ENDED_SECONDS
+            asyncio.get_running_loop().call_later(keep, self._forget, spec.id)
+
+        self._spawn(report())
+
+    def _forget(self, cid: str) -> None:
+        self._executions.pop(cid, None)
+        self._epochs.pop(cid, None)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- requests ---
+
+    async def _handle(self, op: str, args: dict[str, Any], data: bytes) -> Any:
+        method = self._ops.get(op)
+        if method is None:
+            raise ValueError(f"unknown node call {op!r}")
+        try:
+            return await method(args, data)
+        except RemoteError:
+            raise
+        except Exception as exc:
+            name = p.error_name(exc)
+            if name is None:
+                if isinstance(exc, (KeyError, TypeError, ValueError)):
+                    raise ValueError(f"bad arguments for {op}: {exc!r}") from None
+                raise
+            raise RemoteError(name, public_reason(exc)) from None
+
+    def _execution(self, args: dict[str, Any]) -> Execution:
+        execution = self._executions.get(str(args["command_id"]))
+        if execution is None:
+            raise RemoteError("unknown_command", f"no command {args['command_id']!r} on this node")
+        return execution
+
+    def _config(self, args: dict[str, Any]) -> Any:
+        return p.config_from_wire(args["config"], self.sandboxes_dir)
+
+    async def op_ping(self, args: dict[str, Any], data: bytes) -> Any:
+        return {"node": self.node.id, "epoch": self.epoch}
+
+    async def op_start_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.start_sandbox(self._config(args))
+
+    async def op_stop_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.stop_sandbox(str(args["sandbox_id"]))
+
+    async def op_remove_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.remove_sandbox(self._config(args))
+
+    async def op_set_network(self, args: dict[str, Any], data: bytes) -> Any:
+        allow = tuple(str(a) for a in args["allow"])
+        await self.node.set_network(str(args["sandbox_id"]), str(args["network"]), allow)
+
+    async def op_set_env(self, args: dict[str, Any], data: bytes) -> Any:
+        env = {str(k): str(v) for k, v in args["env"].items()}
+        await self.node.set_env(str(args["sandbox_id"]), env)
+
+    async def op_pause_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.pause_sandbox(str(args["sandbox_id"]))
+
+    async def op_resume_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.resume_sandbox(str(args["sandbox_id"]))
+
+    async def op_templates(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.node.templates()
+
+    async def op_enforceable(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.node.enforceable()
+
+    async def op_sandbox_running(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.node.sandbox_running(str(args["sandbox_id"]))
+
+    async def op_running_count(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.node.running_count(str(args["sandbox_id"]))
+
+    async def op_run(self, args: dict[str, Any], data: bytes) -> Any:
+        spec = p.spec_from_wire(args["spec"], data)
+        if spec.id in self._executions:
+            raise ValueError(f"command {spec.id} runs here already")
+        execution = await self.node.run(spec)
+        self._executions[spec.id] = execution
+        self._epochs[spec.id] = self.epoch
+        self._ended(execution, self.epoch)
+        return {"started_at": execution.started_at.isoformat(), "epoch": self.epoch}
+
+    async def op_execution(self, args: dict[str, Any], data: bytes) -> Any:
+        execution = self._executions.get(str(args["command_id"]))
+        if execution is None or execution.finished:
+            return None
+        return {
+            "spec": p.spec_to_wire(execution.spec),
+            "started_at": execution.started_at.isoformat(),
+            "stdin_open": execution.stdin_open,
+        }
+
+    async def op_outcome(self, args: dict[str, Any], data: bytes) -> Any:
+        execution = self._execution(args)
+        wait = min(float(args.get("wait", p.FOLLOW_WAIT)), 10.0)
+        with contextlib.suppress(TimeoutError):
+            outcome = await asyncio.wait_for(execution.outcome(), wait)
+            return p.outcome_to_wire(outcome)
+        return None
+
+    async def op_cancel(self, args: dict[str, Any], data: bytes) -> Any:
+        await self._execution(args).cancel()
+
+    async def op_write_stdin(self, args: dict[str, Any], data: bytes) -> Any:
+        await self._execution(args).write_stdin(data)
+
+    async def op_close_stdin(self, args: dict[str, Any], data: bytes) -> Any:
+        await self._execution(args).close_stdin()
+
+    async def op_signal(self, args: dict[str, Any], data: bytes) -> Any:
+        await self._execution(args).signal(int(args["signum"]))
+
+    async def op_resize(self, args: dict[str, Any], data: bytes) -> Any:
+        await self._execution(args).resize(int(args["rows"]), int(args["cols"]))
+
+    async def op_read_stdout(self, args: dict[str, Any], data: bytes) -> Any:
+        n = max(1, min(int(args.get("n", p.READ_BYTES)), p.READ_BYTES))
+        chunk = await self._execution(args).read_stdout(n)
+        return Reply({"eof": not chunk}, chunk)
+
+    async def op_close_stdout(self, args: dict[str, Any], data: bytes) -> Any:
+        execution = self._executions.get(str(args["command_id"]))
+        if execution is not None:
+            await execution.close_stdout()
+            if execution.finished:
+                self._forget(execution.spec.id)
+
+    async def op_check_offset(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.check_offset(
+            str(args["sandbox_id"]), str(args["command_id"]), int(args["offset"])
+        )
+
+    async def op_output(self, args: dict[str, Any], data: bytes) -> Any:
+        """A command's kept stdout and stderr, one page of OUTPUT_PAGE bytes of the two joined
+        from `from` (an answer must stay under NATS's message size). Later pages name the
+        lengths the first one gave, so a command still printing cannot shift them."""
+        stdout, stderr = await self.node.output(str(args["sandbox_id"]), str(args["command_id"]))
+        if args.get("lengths"):
+            out_len, err_len = (int(n) for n in args["lengths"])
+            stdout, stderr = stdout[:out_len], stderr[:err_len]
+        start = max(0, int(args.get("from", 0)))
+        joined = stdout + stderr
+        return Reply(
+            {"stdout": len(stdout), "stderr": len(stderr)}, joined[start : start + OUTPUT_PAGE]
+        )
+
+    async def op_log_read(self, args: dict[str, Any], data: bytes) -> Any:
+        """Frames of a log from `offset`: what is there now, or waiting up to `wait` seconds
+        for the first; `end` once the command has ended and nothing is left."""
+        source = self.node.follow_output(
+            str(args["sandbox_id"]), str(args["command_id"]), int(args["offset"])
+        )
+        frames: list[list[int]] = []
+        parts: list[bytes] = []
+        end = await _collect(source, float(args.get("wait", 0)), frames, parts, _frame_of)
+        return Reply({"frames": frames, "end": end}, b"".join(parts))
+
+    async def op_raw_read(self, args: dict[str, Any], data: bytes) -> Any:
+        streams = args.get("streams")
+        source = self.node.follow_raw(
+            str(args["sandbox_id"]),
+            str(args["command_id"]),
+            int(args["offset"]),
+            frozenset(int(s) for s in streams) if streams is not None else None,
+        )
+        pieces: list[list[int]] = []
+        parts: list[bytes] = []
+        end = await _collect(source, float(args.get("wait", 0)), pieces, parts, _piece_of)
+        return Reply({"pieces": pieces, "end": end}, b"".join(parts))
+
+
+def _frame_of(chunk: Chunk) -> tuple[list[int], bytes]:
+    return [chunk.offset, chunk.next_offset, chunk.stream, len(chunk.data)], chunk.data
+
+
+def _piece_of(piece: tuple[bytes | memoryview, int]) -> tuple[list[int], bytes]:
+    data, nxt = piece
+    return [len(data), nxt], bytes(data)
+
+
+async def _collect(
+    source: AsyncIterator[Any],
+    wait: float,
+    index: list[list[int]],
+    parts: list[bytes],
+    split: Callable[[Any], tuple[list[int], bytes]],
+) -> bool:
+    """Take items from `source` while they come at once (the first may take up to `wait`),
+    up to READ_BYTES; whether the source ended."""
+    size = 0
+    try:
+        while size < p.READ_BYTES and len(index) < MAX_FRAMES:
+            timeout = max(0.0, wait) if not index else 0.0
+            try:
+                if timeout:
+                    item = await asyncio.wait_for(anext(source), timeout)
+                else:
+                    item = await _now(source)
+            except StopAsyncIteration:
+                return True
+            except TimeoutError:
+                return False
+            if item is _PENDING:
+                return False
+            meta, data = split(item)
+            index.append(meta)
+            parts.append(data)
+            size += len(data)
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await source.aclose()  # type: ignore[attr-defined]
+
+
+_PENDING = object()
+
+
+async def _now(source: AsyncIterator[Any]) -> Any:
+    """The next item if the source has it without waiting, else _PENDING."""
+    step = asyncio.ensure_future(anext(source))
+    # One pass of the loop lets an item that is ready (in memory, or a file read) arrive.
+    for _ in range(3):
+        if step.done():
+            break
+        await asyncio.sleep(0)
+    if step.done():
+        return step.result()
+    step.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        await step
+    return _PENDING
+
+
+async def serve_node(settings: Any, stop: asyncio.Event) -> None:
+    """What `corral agent` runs: the built-in node of this host, served over NATS until `stop`."""
+    from corral.core.nodes import host_capacity
+    from corral.node.bus import node_inbox_prefix
+    from corral.services import lock_host, start_local_node
+
+    if not settings.nats_url:
+        raise SystemExit("corral agent: --nats-url (or CORRAL_NATS_URL) is required")
+    host_lock = await asyncio.to_thread(lock_host, settings)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        node, _ = await start_local_node(settings, host_lock)
+        capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
+        bus = await Bus.connect(
+            settings.nats_url,
+            name=f"corral-node-{node.id}",
+            creds=settings.nats_creds,
+            inbox_prefix=node_inbox_prefix(node.id),
+        )
+
+        def info() -> NodeInfo:
+            described = node.info(capacity)
+            described.host_exec = settings.host_exec_user is not None
+            return described
+
+        agent = NodeAgent(node, bus, info, sandboxes_dir=settings.data_dir / "sandboxes")
+        try:
+            await agent.start()
+            log.info("node %s serving over NATS", node.id)
+            await stop.wait()
+        finally:
+            # Sandboxes stop with the agent (their files stay; the fleet brings them back when
+            # it registers again); what still runs ends as lost.
+            await node.shutdown()
+            await agent.close()
+            await bus.close()
+    finally:
+        if host_lock is not None:
+            host_lock.release()

@@ -1,0 +1,196 @@
+"""The node protocol's messages: what replicas and agents say to each other over the bus.
+
+Requests go to `corral.node.<id>.in.rpc` as `{"v", "op", "args"}` (see node/bus.py for the
+framing); the ops and their arguments are the `Node` and `Execution` calls of node/base.py,
+named here. Events from a node go to `corral.node.<id>.out.event` as requests that one replica
+(of the queue group `replicas`) answers once it has applied them: the node keeps an event until
+it is acknowledged, so nothing a node reports is lost while replicas restart.
+
+Every value crosses as JSON; output and file data travel as the binary part of a message.
+Errors the core handles cross by name (`ERRORS`) and are raised again on the caller's side as
+the same node-level types.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from corral.core.models import CommandStatus
+from corral.node.base import CommandOutcome, CommandSpec, HostFailure
+from corral.node.bus import RemoteError
+from corral.node.output_log import CorruptLog
+from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, SpawnError, StartUnknown
+from corral.runtime.limits import Limits
+
+REPLICAS_QUEUE = "replicas"  # the queue group of replicas taking node events
+COMMAND_DONE = "corral.command.{}.done"  # replicas -> replicas: a command's result is stored
+READ_BYTES = 256 * 1024  # the most one output or file read carries
+FOLLOW_WAIT = 2.0  # how long a read of a live log waits for more before answering
+
+# Node events (`out.event` requests), answered `{"ok": true}` once applied.
+EVENT_REGISTER = "register"  # {"info"} -> {"epoch", "sandboxes": [config...]}
+EVENT_HEARTBEAT = "heartbeat"  # {"epoch", "load"} -> {"ok"} ({"ok": false}: register again)
+EVENT_ENDED = "ended"  # {"epoch", "command_id", "outcome"}
+EVENT_DIED = "died"  # {"epoch", "sandbox_id", "failure"}
+
+
+class InternalFailure(RuntimeError):
+    """The node hit a bug; its log has the whole error."""
+
+
+class UnknownCommand(LookupError):
+    """The node has no such command (it ended long ago, or the node restarted since)."""
+
+
+ERRORS: dict[str, type[BaseException]] = {
+    "sandbox_died": SandboxDied,
+    "spawn_error": SpawnError,
+    "start_unknown": StartUnknown,
+    "needs_restart": NeedsRestart,
+    "corrupt_log": CorruptLog,
+    "broken_pipe": BrokenPipeError,
+    "host_failure": HostFailure,
+    "os_error": OSError,
+    "unknown_command": UnknownCommand,
+}
+_NAMES = {cls: name for name, cls in ERRORS.items()}
+
+
+def error_name(exc: BaseException) -> str | None:
+    """The protocol name of a node-level error (its nearest known class), or None."""
+    for cls in type(exc).__mro__:
+        if cls in _NAMES:
+            return _NAMES[cls]
+    return None
+
+
+def raise_remote(exc: RemoteError) -> None:
+    """Raise a node's error again as its node-level type (unknown ones as InternalFailure)."""
+    cls = ERRORS.get(exc.type)
+    if cls is None:
+        raise InternalFailure(exc.message) from None
+    raise cls(exc.message) from None
+
+
+# --- values ---
+
+
+def config_to_wire(config: SandboxConfig) -> dict[str, Any]:
+    # Without `dir`: where the files live is the node's own business.
+    return {
+        "id": config.id,
+        "slot": config.slot,
+        "env": config.env,
+        "limits": {
+            "cpu": config.limits.cpu,
+            "memory_mb": config.limits.memory_mb,
+            "pids": config.limits.pids,
+            "disk_mb": config.limits.disk_mb,
+        },
+        "template": config.template,
+        "network": config.network,
+        "allow": list(config.allow),
+    }
+
+
+def config_from_wire(data: dict[str, Any], sandboxes_dir: Path) -> SandboxConfig:
+    sandbox_id = str(data["id"])
+    if "/" in sandbox_id or sandbox_id in ("", ".", ".."):
+        raise ValueError(f"not a sandbox id: {sandbox_id!r}")
+    limits = data.get("limits") or {}
+    return SandboxConfig(
+        id=sandbox_id,
+        slot=int(data["slot"]),
+        dir=sandboxes_dir / sandbox_id,
+        env={str(k): str(v) for k, v in (data.get("env") or {}).items()},
+        limits=Limits(
+            cpu=limits.get("cpu"),
+            memory_mb=limits.get("memory_mb"),
+            pids=limits.get("pids"),
+            disk_mb=limits.get("disk_mb"),
+        ),
+        template=str(data.get("template", "host")),
+        network=str(data.get("network", "none")),
+        allow=tuple(str(a) for a in data.get("allow") or ()),
+    )
+
+
+def spec_to_wire(spec: CommandSpec) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "sandbox_id": spec.sandbox_id,
+        "argv": spec.argv,
+        "env": spec.env,
+        "cwd": spec.cwd,
+        "timeout_ms": spec.timeout_ms,
+        "max_output_bytes": spec.max_output_bytes,
+        "interactive": spec.interactive,
+        "tty": spec.tty,
+        "rows": spec.rows,
+        "cols": spec.cols,
+        "raw_stdout": spec.raw_stdout,
+        "keep_log": spec.keep_log,
+        "report": spec.report,
+        "rlimits": spec.rlimits,
+        "user": spec.user,
+    }
+
+
+def spec_from_wire(data: dict[str, Any], stdin: bytes) -> CommandSpec:
+    return CommandSpec(
+        id=str(data["id"]),
+        sandbox_id=str(data["sandbox_id"]),
+        argv=[str(a) for a in data["argv"]],
+        env={str(k): str(v) for k, v in (data.get("env") or {}).items()},
+        cwd=str(data["cwd"]),
+        stdin=stdin or None,
+        timeout_ms=int(data["timeout_ms"]),
+        max_output_bytes=int(data["max_output_bytes"]),
+        interactive=bool(data.get("interactive")),
+        tty=bool(data.get("tty")),
+        rows=int(data.get("rows", 24)),
+        cols=int(data.get("cols", 80)),
+        raw_stdout=bool(data.get("raw_stdout")),
+        keep_log=bool(data.get("keep_log", True)),
+        report=bool(data.get("report", True)),
+        rlimits={str(k): int(v) for k, v in (data.get("rlimits") or {}).items()},
+        user=str(data.get("user", "user")),
+    )
+
+
+def outcome_to_wire(outcome: CommandOutcome) -> dict[str, Any]:
+    return {
+        "status": outcome.status.value,
+        "exit_code": outcome.exit_code,
+        "signal": outcome.signal,
+        "stdout_bytes": outcome.stdout_bytes,
+        "stderr_bytes": outcome.stderr_bytes,
+        "stdout_truncated": outcome.stdout_truncated,
+        "stderr_truncated": outcome.stderr_truncated,
+        "started_at": outcome.started_at.isoformat(),
+        "finished_at": outcome.finished_at.isoformat(),
+        "error": outcome.error,
+        "cpu_ms": outcome.cpu_ms,
+        "peak_memory_bytes": outcome.peak_memory_bytes,
+        "oom_killed": outcome.oom_killed,
+    }
+
+
+def outcome_from_wire(data: dict[str, Any]) -> CommandOutcome:
+    return CommandOutcome(
+        status=CommandStatus(data["status"]),
+        exit_code=data.get("exit_code"),
+        signal=data.get("signal"),
+        stdout_bytes=int(data.get("stdout_bytes", 0)),
+        stderr_bytes=int(data.get("stderr_bytes", 0)),
+        stdout_truncated=bool(data.get("stdout_truncated")),
+        stderr_truncated=bool(data.get("stderr_truncated")),
+        started_at=datetime.fromisoformat(data["started_at"]),
+        finished_at=datetime.fromisoformat(data["finished_at"]),
+        error=data.get("error"),
+        cpu_ms=data.get("cpu_ms"),
+        peak_memory_bytes=data.get("peak_memory_bytes"),
+        oom_killed=bool(data.get("oom_killed")),
+    )

@@ -1,0 +1,160 @@
+"""A whole fleet for tests: API replicas on one PostgreSQL database and one NATS server, and
+agents (`corral agent`), each with its own data dir, cgroup root and uid block."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from corral.node.bus import node_permissions
+from tests.conftest import Server, make_data_dir, next_uid_block
+from tests.engines import NatsServer, NatsUser, PostgresCluster
+
+_fleets = itertools.count(1)
+
+
+class Agent:
+    """`corral agent` in a subprocess, as an operator would run it on a host."""
+
+    def __init__(self, node_id: str, nats_url: str, *, lost_after: float) -> None:
+        self.node_id = node_id
+        self.nats_url = nats_url
+        self.lost_after = lost_after
+        self.data_dir = make_data_dir(f"corral-agent-{node_id}-")
+        self.cgroup_name = "corral-test-" + self.data_dir.name
+        self.uid_base = next_uid_block()
+        self.log_path = self.data_dir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []  # e.g. nsenter into a network namespace
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "CORRAL_CGROUP_ROOT": self.cgroup_name,
+            "CORRAL_UID_BASE": str(self.uid_base),
+            "CORRAL_UID_COUNT": "4999",
+            "CORRAL_LOG_LEVEL": "info",
+            "CORRAL_NODE_LOST_AFTER_S": str(self.lost_after),
+        }
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "corral", "agent", "--nats-url", self.nats_url,
+             "--node-id", self.node_id, "--data-dir", str(self.data_dir)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            with_children = self.proc.pid
+            self.proc.kill()
+            self.proc.wait()
+            # The agent's own sandboxes die with it as they would with a host's crash.
+            subprocess.run(["pkill", "-9", "-s", str(with_children)], capture_output=True)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+class Fleet:
+    def __init__(
+        self,
+        postgres: PostgresCluster,
+        *,
+        nodes: tuple[str, ...] = ("n1", "n2", "n3"),
+        replicas: int = 2,
+        lost_after: float = 3.0,
+    ) -> None:
+        self.postgres = postgres
+        self.node_ids = nodes
+        self.lost_after = lost_after
+        self.replica_user = NatsUser("replica")
+        self.node_users = {n: NatsUser(f"node-{n}", permissions=node_permissions(n)) for n in nodes}
+        self.nats = NatsServer([self.replica_user, *self.node_users.values()])
+        self.replica_count = replicas
+        self.replicas: list[Server] = []
+        self.agents: dict[str, Agent] = {}
+        self.database_url = ""
+
+    def start(self) -> Fleet:
+        self.database_url = self.postgres.create_database(f"fleet_{os.getpid()}_{next(_fleets)}")
+        self.nats.start()
+        for _ in range(self.replica_count):
+            self.replicas.append(self._replica())
+        for replica in self.replicas:
+            replica.start()
+        for node_id in self.node_ids:
+            agent = Agent(
+                node_id, self.nats.url(self.node_users[node_id]), lost_after=self.lost_after
+            )
+            self.agents[node_id] = agent
+            agent.start()
+        self.wait_online(*self.node_ids)
+        return self
+
+    def _replica(self) -> Server:
+        return Server(
+            make_data_dir("corral-replica-"),
+            env={
+                "CORRAL_DATABASE_URL": self.database_url,
+                "CORRAL_NATS_URL": self.nats.url(self.replica_user),
+                "CORRAL_LOCAL_NODE": "false",
+                "CORRAL_NODE_LOST_AFTER_S": str(self.lost_after),
+            },
+        )
+
+    def client(self, i: int) -> httpx.Client:
+        return self.replicas[i % len(self.replicas)].client()
+
+    def node_states(self) -> dict[str, str]:
+        with self.client(0) as api:
+            resp = api.get("/v1/nodes")
+            resp.raise_for_status()
+            return {n["id"]: n["state"] for n in resp.json()["items"]}
+
+    def wait_online(self, *node_ids: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            states = self.node_states()
+            if all(states.get(n) == "online" for n in node_ids):
+                return
+            for n in node_ids:
+                agent = self.agents.get(n)
+                if agent is not None and agent.proc is not None and agent.proc.poll() is not None:
+                    raise RuntimeError(f"agent {n} exited: {agent.log()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"nodes not online: {states}")
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        for replica in self.replicas:
+            replica.stop()
+        self.nats.remove()
+        for path in [a.data_dir for a in self.agents.values()] + [
+            r.data_dir for r in self.replicas
+        ]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def data_dirs(fleet: Fleet) -> list[Path]:
+    return [a.data_dir for a in fleet.agents.values()]
