@@ -3,6 +3,7 @@ sandbox on any node."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -40,3 +41,57 @@ def test_creates_through_alternating_replicas_spread_over_every_node(fleet: Flee
     with fleet.client(0) as api:
         for sid in placed:
             assert api.delete(f"/v1/sandboxes/{sid}").status_code == 200
+
+
+def _sandbox(fleet: Fleet, node: str, **spec: object) -> str:
+    with fleet.client(0) as api:
+        resp = api.post("/v1/sandboxes", json={"node": node, **spec})
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["node_id"] == node
+        return str(resp.json()["id"])
+
+
+def _events(lines: Iterator[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.mark.parametrize("node", ["n1", "n2", "n3"])
+def test_start_wait_stream_cancel_and_input_through_either_replica(fleet: Fleet, node: str) -> None:
+    sid = _sandbox(fleet, node)
+    a, b = fleet.client(0), fleet.client(1)
+    with a, b:
+        script = "for i in 1 2 3 4 5; do echo line$i; sleep 0.2; done; echo bye >&2; exit 3"
+        started = a.post(f"/v1/sandboxes/{sid}/commands", json={"command": script})
+        assert started.status_code == 202, started.text
+        cid = started.json()["id"]
+        # Followed live through the other replica, to its one terminal event.
+        with b.stream("GET", f"/v1/sandboxes/{sid}/commands/{cid}/logs") as logs:
+            events = _events(logs.iter_lines())
+        out = "".join(str(e["data"]) for e in events if e["type"] == "stdout")
+        assert out == "".join(f"line{i}\n" for i in range(1, 6))
+        assert [e["type"] for e in events][-1] == "exit"
+        assert events[-1]["status"] == "completed" and events[-1]["exit_code"] == 3
+        for api in (a, b):
+            done = api.get(f"/v1/sandboxes/{sid}/commands/{cid}", params={"wait": "true"})
+            assert done.json()["status"] == "completed" and done.json()["stderr"] == "bye\n"
+        # A wait through one replica ends when a cancel through the other ends the command.
+        slow = a.post(f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 60"}).json()["id"]
+        cancelled = b.post(f"/v1/sandboxes/{sid}/commands/{slow}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        waited = a.get(
+            f"/v1/sandboxes/{sid}/commands/{slow}", params={"wait": "true", "timeout_ms": 10000}
+        )
+        assert waited.json()["status"] == "cancelled"
+        # Input written through one replica to a command started through the other.
+        cat = a.post(
+            f"/v1/sandboxes/{sid}/commands", json={"command": "cat", "interactive": True}
+        ).json()["id"]
+        wrote = b.post(
+            f"/v1/sandboxes/{sid}/commands/{cat}/stdin",
+            content=b"hello from b\n",
+            params={"close": "true"},
+        )
+        assert wrote.status_code == 200, wrote.text
+        echoed = a.get(f"/v1/sandboxes/{sid}/commands/{cat}", params={"wait": "true"}).json()
+        assert echoed["status"] == "completed" and echoed["stdout"] == "hello from b\n"
+        assert a.delete(f"/v1/sandboxes/{sid}").status_code == 200
