@@ -373,9 +373,7 @@ class CommandService:
             try:
                 output = await self.output(row.sandbox_id, row.id)
             except NodeUnavailable:
-                if CommandStatus(row.status).finished:
-                    raise
-                output = None  # running on a node that does not answer: the row alone
+                output = None  # on a node that does not answer: the row alone
         return to_model(row, output)
 
     async def node_of(self, row: CommandRow) -> Node:

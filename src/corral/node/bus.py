@@ -53,6 +53,7 @@ CHUNK_BYTES = 256 * 1024  # well under NATS's default 1 MiB max_payload
 DEFAULT_WINDOW = 16  # chunks in flight per stream: 4 MiB
 IDLE_BEAT_SECONDS = 2.0
 NO_RESPONDERS_RETRY = 0.1
+NO_RESPONDERS_GRACE = 0.5  # how long "nobody serves this" is taken for a subscription on its way
 
 
 def node_subject(node_id: str, direction: str, *parts: str) -> str:
@@ -221,6 +222,7 @@ class Bus:
         body = encode({"v": PROTOCOL_VERSION, "op": op, "args": args or {}}, data)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        absent_until = loop.time() + min(timeout, NO_RESPONDERS_GRACE)
         while True:
             try:
                 msg = await self.nc.request(
@@ -229,7 +231,7 @@ class Bus:
                 break
             except NoRespondersError as exc:
                 # A subscription made a moment ago may not be visible yet: look again briefly.
-                if loop.time() + NO_RESPONDERS_RETRY > deadline:
+                if loop.time() + NO_RESPONDERS_RETRY > absent_until:
                     raise NodeUnreachable(f"nothing serves {subject}") from exc
                 await asyncio.sleep(NO_RESPONDERS_RETRY)
             except NatsTimeout as exc:
