@@ -100,8 +100,10 @@ def install(
         target = unit_dir / UNITS[role]
         _write(target, unit_text(UNITS[role], bin_dir), 0o644)
         written.append(target)
-    etc_dir.mkdir(parents=True, exist_ok=True)
-    etc_dir.chmod(0o755)
+    if not etc_dir.exists():
+        # Traversable: the NATS server's own user reads nats.conf there through its group.
+        etc_dir.mkdir(parents=True)
+        etc_dir.chmod(0o755)
     for name in ENV_EXAMPLES:
         target = etc_dir / name
         _write(target, read(name), 0o644)

@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(path)
     units = " ".join(UNITS[r] for r in dict.fromkeys(args.roles))
-    print(f"next: systemctl daemon-reload && systemctl enable --now {units}", file=sys.stderr)
+    print(
+        f"next: write the settings ({args.etc_dir}/*.env from the examples, or nats.conf), then "
+        f"systemctl daemon-reload && systemctl enable --now {units}",
+        file=sys.stderr,
+    )
     return 0
 
 
