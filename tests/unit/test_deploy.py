@@ -147,7 +147,16 @@ def test_every_shipped_file_is_package_data() -> None:
 # --- the NATS configuration --------------------------------------------------------------------
 
 
-class GeneratedNats(NatsServer):
+class ConfiguredNats(NatsServer):
+    """nats-server started on a configuration file given to it (the engines' own port)."""
+
+    config_path: Path
+
+    def _write_config(self) -> Path:
+        return self.config_path
+
+
+class GeneratedNats(ConfiguredNats):
     """nats-server started with a configuration from corral.deploy.nats_config."""
 
     def __init__(self, node_ids: list[str], replicas: list[str], **options: Any) -> None:
@@ -159,9 +168,6 @@ class GeneratedNats(NatsServer):
         )  # fmt: skip
         self.config_path = self.root / "nats.conf"
         self.config_path.write_text(out.getvalue())
-
-    def _write_config(self) -> Path:
-        return self.config_path
 
     def creds(self, user: str) -> str:
         return f"{user}:{self.passwords[user]}@127.0.0.1:{self.port}"
@@ -208,6 +214,44 @@ def test_config_is_accepted_by_nats_server(tmp_path: Path, pki: dict[str, Path])
     assert not json.loads(plain.read_text())["authorization"]["users"][0]["password"].startswith(
         "$"
     )
+
+
+def test_module_entry_point_prints_config_and_passwords(tmp_path: Path) -> None:
+    # As an operator runs it: the configuration on stdout, the passwords on stderr.
+    server = ConfiguredNats()
+    try:
+        _entry_point_against(server, tmp_path)
+    finally:
+        server.remove()
+
+
+def _entry_point_against(server: ConfiguredNats, tmp_path: Path) -> None:
+    here = f"127.0.0.1:{server.port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.deploy.nats_config", "--node", "n1", "--node", "n2",
+         "--replica-user", "api", "--listen", here, "--bcrypt-cost", str(FAST_BCRYPT),
+         "--url", f"nats://{here}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    server.config_path = tmp_path / "nats.conf"
+    server.config_path.write_text(result.stdout)
+    assert _check_config(server.config_path).returncode == 0
+    lines = result.stderr.splitlines()
+    passwords = dict(line.split(" ", 1) for line in lines if not line.startswith("#"))
+    assert sorted(passwords) == ["api", "node-n1", "node-n2"]
+    for password in passwords.values():
+        assert password not in result.stdout
+    url = f"nats://node-n1:{passwords['node-n1']}@{here}"
+    assert f"# node n1 (agent.env): CORRAL_NATS_URL={url}" in lines
+
+    async def connect() -> None:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+        assert nc.is_connected
+        await nc.close()
+
+    server.start()
+    run(connect())
 
 
 def test_a_second_run_keeps_known_passwords(tmp_path: Path) -> None:

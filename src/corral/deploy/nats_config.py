@@ -121,7 +121,7 @@ def _check_user(user: str) -> None:
 
 
 def _users(node_ids: Iterable[str], replica_users: Iterable[str]) -> dict[str, Any]:
-    """Every user name, mapped to its permissions (None: a replica's)."""
+    """Every user name, replicas' first, mapped to its permissions."""
     nodes = list(node_ids)
     replicas = list(replica_users)
     if not replicas:
@@ -271,7 +271,7 @@ def _replacing(path: Path, mode: int) -> Iterator[IO[str]]:
 def connection_lines(passwords: Mapping[str, str], nodes: Mapping[str, str], url: str) -> list[str]:
     """What each party puts in its env file to connect as its own user."""
     scheme, sep, rest = url.partition("://")
-    if not sep or not rest or "@" in rest:
+    if scheme not in ("nats", "tls") or not sep or not rest or "@" in rest or "/" in rest:
         raise ConfigError(f"--url {url!r}: expected nats://HOST:PORT or tls://HOST:PORT")
     lines = []
     for user, password in passwords.items():
