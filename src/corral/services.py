@@ -221,6 +221,10 @@ class Services:
         return services
 
     async def sweep_nodes(self) -> None:
+        # Heartbeats come over NATS: a replica that was cut off from it (or just came back)
+        # has not heard them, which says nothing of the nodes.
+        if self.bus is not None and self.bus.connected_for() < self.settings.node_lost_after_s:
+            return
         for node_id, lost in await self.nodes.sweep():
             log.warning("node %s stopped answering: offline, %d command(s) lost", node_id, lost)
 

@@ -24,8 +24,11 @@ _fleets = itertools.count(1)
 class Agent:
     """`corral agent` in a subprocess, as an operator would run it on a host."""
 
-    def __init__(self, node_id: str, nats_url: str, *, lost_after: float) -> None:
+    def __init__(
+        self, node_id: str, nats_url: str, *, lost_after: float, args: tuple[str, ...] = ()
+    ) -> None:
         self.node_id = node_id
+        self.args = args
         self.nats_url = nats_url
         self.lost_after = lost_after
         self.data_dir = make_data_dir(f"corral-agent-{node_id}-")
@@ -47,7 +50,7 @@ class Agent:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "corral", "agent", "--nats-url", self.nats_url,
-             "--node-id", self.node_id, "--data-dir", str(self.data_dir)],
+             "--node-id", self.node_id, "--data-dir", str(self.data_dir), *self.args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -82,8 +85,10 @@ class Fleet:
         nodes: tuple[str, ...] = ("n1", "n2", "n3"),
         replicas: int = 2,
         lost_after: float = 3.0,
+        agent_args: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.postgres = postgres
+        self.agent_args = agent_args or {}
         self.node_ids = nodes
         self.lost_after = lost_after
         self.replica_user = NatsUser("replica")
@@ -95,6 +100,13 @@ class Fleet:
         self.database_url = ""
 
     def start(self) -> Fleet:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # nothing of a fleet that did not come up outlives the test
+            raise
+
+    def _start(self) -> Fleet:
         self.database_url = self.postgres.create_database(f"fleet_{os.getpid()}_{next(_fleets)}")
         self.nats.start()
         for _ in range(self.replica_count):
@@ -103,7 +115,10 @@ class Fleet:
             replica.start()
         for node_id in self.node_ids:
             agent = Agent(
-                node_id, self.nats.url(self.node_users[node_id]), lost_after=self.lost_after
+                node_id,
+                self.nats.url(self.node_users[node_id]),
+                lost_after=self.lost_after,
+                args=self.agent_args.get(node_id, ()),
             )
             self.agents[node_id] = agent
             agent.start()
@@ -150,6 +165,8 @@ class Fleet:
         for replica in self.replicas:
             replica.stop()
         self.nats.remove()
+        if os.environ.get("CORRAL_TEST_KEEP"):
+            return  # for a look at the logs
         for path in [a.data_dir for a in self.agents.values()] + [
             r.data_dir for r in self.replicas
         ]:

@@ -18,6 +18,7 @@ from corral.core.models import NodeInfo
 from corral.node import protocol as p
 from corral.node.base import Execution
 from corral.node.bus import Bus, BusError, RemoteError, Reply, node_subject
+from corral.node.host_exec import HostExec
 from corral.node.local import LocalNode, public_reason
 from corral.node.output_log import Chunk
 
@@ -41,8 +42,10 @@ class NodeAgent:
         info: Callable[[], NodeInfo],
         *,
         sandboxes_dir: Any,
+        host_exec: HostExec | None = None,
     ) -> None:
         self.node = node
+        self.host_exec = host_exec
         self.bus = bus
         self.info = info
         self.sandboxes_dir = sandboxes_dir
@@ -332,6 +335,42 @@ class NodeAgent:
             {"stdout": len(stdout), "stderr": len(stderr)}, joined[start : start + OUTPUT_PAGE]
         )
 
+    async def op_host_run(self, args: dict[str, Any], data: bytes) -> Any:
+        if self.host_exec is None:
+            raise RemoteError(
+                "host_exec_refused",
+                f"node {self.node.id} runs no host commands (its agent has no --host-exec)",
+            )
+        record = await self.host_exec.start(
+            str(args["command_id"]),
+            str(args["command"]),
+            env={str(k): str(v) for k, v in (args.get("env") or {}).items()},
+            cwd=args.get("cwd"),
+            timeout_ms=int(args["timeout_ms"]),
+        )
+        return {"started_at": record.started_at.isoformat()}
+
+    async def op_host_outcome(self, args: dict[str, Any], data: bytes) -> Any:
+        record = self.host_exec.commands.get(str(args["command_id"])) if self.host_exec else None
+        if record is None:
+            raise RemoteError("unknown_command", f"no host command {args['command_id']!r}")
+        wait = min(float(args.get("wait", p.FOLLOW_WAIT)), 10.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(record.done.wait(), wait)
+        if not record.done.is_set():
+            return None
+        result = {
+            "status": record.status,
+            "exit_code": record.exit_code,
+            "signal": record.signal,
+            "started_at": record.started_at.isoformat(),
+            "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+            "stdout": len(record.stdout),
+            "stdout_truncated": record.stdout_truncated,
+            "stderr_truncated": record.stderr_truncated,
+        }
+        return Reply(result, bytes(record.stdout) + bytes(record.stderr))
+
     async def op_log_read(self, args: dict[str, Any], data: bytes) -> Any:
         """Frames of a log from `offset`: what is there now, or waiting up to `wait` seconds
         for the first; `end` once the command has ended and nothing is left."""
@@ -444,7 +483,10 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
             described.host_exec = settings.host_exec_user is not None
             return described
 
-        agent = NodeAgent(node, bus, info, sandboxes_dir=settings.data_dir / "sandboxes")
+        host_exec = HostExec(settings.host_exec_user) if settings.host_exec_user else None
+        agent = NodeAgent(
+            node, bus, info, sandboxes_dir=settings.data_dir / "sandboxes", host_exec=host_exec
+        )
         try:
             await agent.start()
             log.info("node %s serving over NATS", node.id)

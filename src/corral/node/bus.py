@@ -152,6 +152,15 @@ class Bus:
 
     def __init__(self, nc: NatsClient) -> None:
         self.nc = nc
+        # When the connection last came up (loop time), None while it is down: what a replica
+        # has not heard while cut off from NATS is no sign that nodes went silent.
+        self.connected_since: float | None = asyncio.get_running_loop().time()
+
+    def connected_for(self) -> float:
+        """Seconds the connection has been up without a break (0 while it is down)."""
+        if self.connected_since is None or not self.nc.is_connected:
+            return 0.0
+        return asyncio.get_running_loop().time() - self.connected_since
 
     @classmethod
     async def connect(
@@ -163,11 +172,20 @@ class Bus:
         inbox_prefix: str | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> Bus:
+        holder: list[Bus] = []
+
         async def error_cb(exc: Exception) -> None:
             log.warning("NATS: %s", exc)
 
+        async def disconnected() -> None:
+            log.warning("NATS: disconnected; reconnecting")
+            if holder:
+                holder[0].connected_since = None
+
         async def reconnected() -> None:
             log.info("NATS: reconnected")
+            if holder:
+                holder[0].connected_since = asyncio.get_running_loop().time()
             if on_reconnect is not None:
                 await on_reconnect()
 
@@ -186,10 +204,13 @@ class Bus:
             ping_interval=5,
             max_outstanding_pings=3,
             error_cb=error_cb,
+            disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             **kwargs,
         )
-        return cls(nc)
+        bus = cls(nc)
+        holder.append(bus)
+        return bus
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -40,6 +40,10 @@ class InternalFailure(RuntimeError):
     """The node hit a bug; its log has the whole error."""
 
 
+class HostExecRefused(PermissionError):
+    """The node runs no commands on its host (its agent has no --host-exec)."""
+
+
 class UnknownCommand(LookupError):
     """The node has no such command (it ended long ago, or the node restarted since)."""
 
@@ -54,6 +58,7 @@ ERRORS: dict[str, type[BaseException]] = {
     "host_failure": HostFailure,
     "os_error": OSError,
     "unknown_command": UnknownCommand,
+    "host_exec_refused": HostExecRefused,
 }
 _NAMES = {cls: name for name, cls in ERRORS.items()}
 

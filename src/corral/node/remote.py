@@ -212,6 +212,59 @@ class RemoteNode(Node):
     async def shutdown(self) -> None:
         pass  # the agent's own
 
+    # --- commands on the node's host (CMDOP machines) ---
+
+    async def host_run(
+        self,
+        command_id: str,
+        command: str,
+        *,
+        env: dict[str, str],
+        cwd: str | None,
+        timeout_ms: int,
+    ) -> dict[str, Any]:
+        """Run `command` on the node's host and wait for it: its result, with `stdout` and
+        `stderr` as bytes. A node that stops answering for the grace gives a `lost` result.
+        HostExecRefused when the node takes no host commands."""
+        answer = await self._call(
+            "host_run",
+            command_id=command_id,
+            command=command,
+            env=env,
+            cwd=cwd,
+            timeout_ms=timeout_ms,
+        )
+        started = answer["started_at"]
+        loop = asyncio.get_running_loop()
+        silent_since: float | None = None
+        while True:
+            try:
+                result, data = await self.call(
+                    "host_outcome",
+                    {"command_id": command_id, "wait": p.FOLLOW_WAIT},
+                    timeout=p.FOLLOW_WAIT + CALL_TIMEOUT,
+                )
+                silent_since = None
+            except (NodeUnavailable, p.UnknownCommand) as exc:
+                now = loop.time()
+                silent_since = silent_since if silent_since is not None else now
+                if isinstance(exc, p.UnknownCommand) or now - silent_since > self.lost_after:
+                    return {
+                        "status": "lost",
+                        "exit_code": None,
+                        "signal": None,
+                        "started_at": started,
+                        "finished_at": utcnow().isoformat(),
+                        "stdout": b"",
+                        "stderr": b"",
+                        "error": f"node {self.id} stopped answering; the result is unknown",
+                    }
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            if result is not None:
+                split = int(result.pop("stdout"))
+                return {**result, "stdout": data[:split], "stderr": data[split:]}
+
 
 class RemoteExecution(Execution):
     def __init__(self, node: RemoteNode, spec: CommandSpec, started_at: datetime) -> None:

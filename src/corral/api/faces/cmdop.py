@@ -1,6 +1,9 @@
 """The CMDOP Commands API (seed 001), over Corral's core.
 
-A CMDOP machine is a Corral sandbox: `machine_id` takes a sandbox id or name. Responses are
+A CMDOP machine is a Corral sandbox: `machine_id` takes a sandbox id or name. In a fleet the
+nodes are machines too, for admin tokens: `machine_id` takes a node id, and a command there runs
+on the node's host itself, as the unprivileged user its agent names with `--host-exec` (a node
+without it refuses, 403). Host commands are answered, not kept in the history. Responses are
 `{"data": ..., "meta": {...}}`; errors `{"error": {"code", "message", "details"}}`.
 
 Where Corral differs from CMDOP:
@@ -36,6 +39,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
+from corral import ids
 from corral.api.auth import get_services, running_sandbox, usable_sandbox
 from corral.api.faces._common import (
     Problem,
@@ -47,13 +51,21 @@ from corral.api.faces._common import (
     usable_command_sandbox,
 )
 from corral.core.commands import to_model as command_model
-from corral.core.errors import Conflict, CorralError, InvalidArgument, Unavailable
+from corral.core.errors import (
+    Conflict,
+    CorralError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from corral.core.models import (
     Command,
     CommandStatus,
     Count,
     ExecRequest,
     Milliseconds,
+    Node,
     SandboxState,
     Scope,
     Timestamp,
@@ -61,6 +73,8 @@ from corral.core.models import (
 from corral.core.sandboxes import covered_by
 from corral.core.sandboxes import to_model as sandbox_model
 from corral.core.tokens import Principal
+from corral.node.protocol import HostExecRefused
+from corral.node.remote import RemoteNode
 from corral.services import Services
 from corral.store.tables import SandboxRow
 
@@ -197,6 +211,80 @@ def machine(row: SandboxRow) -> dict[str, Any]:
     }
 
 
+def node_machine_of(node: Node) -> dict[str, Any]:
+    status = {"online": "online", "draining": "online", "offline": "offline"}[node.state.value]
+    return {
+        "id": node.id,
+        "name": node.id,
+        "hostname": node.id,
+        "status": status,
+        "os": "linux",
+        "arch": host_arch(),
+        "tags": [
+            "kind=node",
+            f"host_exec={str(node.host_exec).lower()}",
+            f"state={node.state.value}",
+        ],
+        "last_seen": iso(node.last_heartbeat),
+        "created_at": iso(node.registered_at),
+    }
+
+
+async def node_machine(services: Services, principal: Principal, machine_id: str) -> Node | None:
+    """The fleet node `machine_id` names, for a caller that may see nodes; None otherwise."""
+    if not services.directory.fleet or not principal.is_admin:
+        return None
+    try:
+        return await services.nodes.get(machine_id)
+    except NotFound:
+        return None
+
+
+async def host_command(
+    services: Services, node: Node, body: CommandBody | BatchBody
+) -> dict[str, Any]:
+    """A command on a node's host, run and answered (CMDOP's own kind of machine)."""
+    if body.user not in (None, "user"):
+        raise InvalidArgument("host commands run as the node's host-exec user only")
+    if not node.host_exec:
+        raise PermissionDenied(
+            f"node {node.id} runs no host commands: start its agent with --host-exec USER"
+        )
+    remote = await services.directory.get(node.id)
+    if not isinstance(remote, RemoteNode):
+        raise PermissionDenied(f"node {node.id} runs no host commands")
+    timeout = body.timeout or services.settings.default_timeout_ms
+    if timeout > services.settings.max_timeout_ms:
+        raise InvalidArgument(f"timeout may be at most {services.settings.max_timeout_ms}")
+    cid = ids.new_id(ids.COMMAND)
+    try:
+        ran = await remote.host_run(
+            cid, body.command, env=body.env, cwd=body.cwd, timeout_ms=timeout
+        )
+    except HostExecRefused as exc:
+        raise PermissionDenied(str(exc)) from None
+    started = datetime.fromisoformat(ran["started_at"])
+    finished = datetime.fromisoformat(ran["finished_at"]) if ran.get("finished_at") else None
+    out: dict[str, Any] = {
+        "id": cid,
+        "machine_id": node.id,
+        "command": body.command,
+        "status": ran["status"],
+        "stdout": ran["stdout"].decode(errors="replace"),
+        "stderr": ran["stderr"].decode(errors="replace"),
+        "exit_code": ran["exit_code"],
+        "signal": ran["signal"],
+        "stdout_truncated": bool(ran.get("stdout_truncated")),
+        "stderr_truncated": bool(ran.get("stderr_truncated")),
+        "duration": round((finished - started).total_seconds() * 1000) if finished else None,
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+    }
+    if ran.get("error"):
+        out["reason"] = ran["error"]
+    return out
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 
@@ -208,6 +296,9 @@ async def execute(
 ) -> dict[str, Any]:
     principal.require(Scope.exec)
     req = exec_request(body)
+    node = await node_machine(services, principal, body.machine_id)
+    if node is not None:
+        return {"data": await host_command(services, node, body)}
     row = await running_sandbox(services, principal, body.machine_id)
     return {"data": result(await services.commands.run(row, req, source="cmdop"))}
 
@@ -260,6 +351,12 @@ async def batch(
 
     async def one(machine_id: str) -> dict[str, Any]:
         try:
+            node = await node_machine(services, principal, machine_id)
+            if node is not None:
+                ran = await host_command(services, node, body)
+                if ran["status"] == "lost":
+                    raise Unavailable(ran.get("reason") or f"node {machine_id} went away")
+                return ran
             row = await running_sandbox(services, principal, machine_id)
             command = await services.commands.run(row, req, source="cmdop")
             if command.status in (CommandStatus.cancelled, CommandStatus.lost):
@@ -322,6 +419,13 @@ async def machines(
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.read)
+    # In a fleet, its nodes first (for admin tokens), then the sandboxes.
+    nodes = []
+    if services.directory.fleet and principal.is_admin:
+        nodes = [node_machine_of(n) for n in await services.nodes.list()]
+    shown_nodes = nodes[offset : offset + limit]
+    box_offset = max(0, offset - len(nodes))
+    box_limit = limit - len(shown_nodes)
     where = [SandboxRow.state != SandboxState.deleted.value]
     if principal.sandbox_ids is not None:
         where.append(covered_by(principal.sandbox_ids))
@@ -329,12 +433,16 @@ async def machines(
         total = await session.scalar(select(func.count()).select_from(SandboxRow).where(*where))
         rows = list(
             await session.scalars(
-                select(SandboxRow).where(*where).order_by(SandboxRow.id).offset(offset).limit(limit)
+                select(SandboxRow)
+                .where(*where)
+                .order_by(SandboxRow.id)
+                .offset(box_offset)
+                .limit(box_limit)
             )
         )
     return {
-        "data": [machine(r) for r in rows],
-        "meta": {"total": int(total or 0), "limit": limit, "offset": offset},
+        "data": shown_nodes + [machine(r) for r in rows],
+        "meta": {"total": len(nodes) + int(total or 0), "limit": limit, "offset": offset},
     }
 
 
@@ -345,4 +453,7 @@ async def get_machine(
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.read)
+    node = await node_machine(services, principal, machine_id)
+    if node is not None:
+        return {"data": node_machine_of(node)}
     return {"data": machine(await usable_sandbox(services, principal, machine_id))}
