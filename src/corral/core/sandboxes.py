@@ -380,7 +380,8 @@ class SandboxService:
         self, sandbox_id: str, state: SandboxState, *, error: str | None = None
     ) -> SandboxRow:
         async with self.db.transaction() as session:
-            row = await session.get(SandboxRow, sandbox_id)
+            # Locked (PostgreSQL): replicas changing one sandbox at once take turns here.
+            row = await session.get(SandboxRow, sandbox_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"no sandbox {sandbox_id!r}")
             current = SandboxState(row.state)
