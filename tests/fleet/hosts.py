@@ -132,12 +132,15 @@ def _links() -> list[str]:
 
 
 def _used_networks() -> list[ipaddress.IPv4Network]:
-    out = _ip("-j", "-4", "addr", "show").stdout
+    """Every IPv4 network this namespace has an address in or a route to."""
     used = []
-    for link in json.loads(out or "[]"):
+    for link in json.loads(_ip("-j", "-4", "addr", "show").stdout or "[]"):
         for addr in link.get("addr_info", []):
             used.append(ipaddress.ip_network(f"{addr['local']}/{addr['prefixlen']}", strict=False))
-    return used
+    for route in json.loads(_ip("-j", "-4", "route", "show", "table", "all").stdout or "[]"):
+        with contextlib.suppress(ValueError):  # "default", or a broadcast/local entry's name
+            used.append(ipaddress.ip_network(route["dst"], strict=False))
+    return [net for net in used if net.prefixlen > 0]
 
 
 def _free_link(pid: int) -> ipaddress.IPv4Network:

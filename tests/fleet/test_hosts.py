@@ -24,10 +24,20 @@ import pytest
 
 from corral.runtime.cgroups import find_cgroup2
 from corral.runtime.netpolicy import NETNS_DIR, SUBNET, NetworkManager
-from tests.engines import NatsServer, NatsUser
-from tests.fleet.hosts import PREFIX, HostError, NetnsHost, pids_in_netns, sweep_stale_hosts
+from tests.engines import NatsServer
+from tests.fleet.hosts import (
+    PREFIX,
+    HostError,
+    NetnsHost,
+    _free_link,
+    pids_in_netns,
+    sweep_stale_hosts,
+)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+pytestmark = [
+    pytest.mark.sandbox,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+]
 
 CONNECT = textwrap.dedent("""
     import socket, sys, time
@@ -152,6 +162,20 @@ def test_hosts_get_distinct_addresses_clear_of_sandbox_links() -> None:
             assert not c.link.overlaps(a.link) and not c.link.overlaps(b.link)
 
 
+def test_a_link_skips_addresses_already_in_use() -> None:
+    taken = _free_link(os.getpid())  # the /30 the next host would get
+    dummy = f"ctd{os.getpid()}"
+    subprocess.run(  # no dummy driver everywhere; a veth pair holds an address as well
+        ["ip", "link", "add", dummy, "type", "veth", "peer", "name", dummy + "p"], check=True
+    )
+    try:
+        subprocess.run(["ip", "addr", "add", f"{taken[2]}/30", "dev", dummy], check=True)
+        with NetnsHost() as host:
+            assert host.link is not None and not host.link.overlaps(taken)
+    finally:
+        subprocess.run(["ip", "link", "delete", dummy], check=True)
+
+
 # --- partitions ---
 
 
@@ -179,13 +203,6 @@ def test_partition_makes_connects_time_out_and_heal_restores_them(closed_port: i
         assert not host.partitioned
         assert connect_from(host, port)[0] == "connected"
         assert connect_from(host, closed)[0] == "ConnectionRefusedError"
-
-
-@pytest.fixture(scope="module")
-def nats_all_addresses() -> Iterator[NatsServer]:
-    server = NatsServer([NatsUser("fleet")], listen_address="0.0.0.0").start()
-    yield server
-    server.remove()
 
 
 RESPONDER = textwrap.dedent("""
@@ -231,17 +248,17 @@ REQUESTER = textwrap.dedent("""
 """)
 
 
-def test_nats_client_inside_recovers_after_partition(nats_all_addresses: NatsServer) -> None:
-    user = nats_all_addresses.users[0]
+def test_nats_client_inside_recovers_after_partition(nats: NatsServer) -> None:
+    user = nats.users[0]
     responder = subprocess.Popen(
-        [sys.executable, "-c", RESPONDER, nats_all_addresses.url(user)],
+        [sys.executable, "-c", RESPONDER, nats.url(user)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         answered = Lines(responder.stdout)  # type: ignore[arg-type]
         answered.wait_for(lambda line: line == "ready", 20)
         with NetnsHost() as host:
-            url = nats_all_addresses.url(user, address=host.gateway)
+            url = nats.url(user, address=host.gateway)
             client = host.popen(
                 [sys.executable, "-c", REQUESTER, url], stdout=subprocess.PIPE, text=True
             )  # fmt: skip
