@@ -2,17 +2,19 @@
 to this (the root) namespace, where the test's PostgreSQL, NATS and server replicas run.
 
     with NetnsHost() as host:
-        agent = host.popen([sys.executable, "-m", "corral", "agent", ...])  # inside the host
+        agent = host.popen([sys.executable, "-m", "corral.cli.main", "agent", ...])  # inside
         nats.url(user, address=host.gateway)  # how the host reaches a server here
         host.partition()  # its link drops every packet, both ways
         host.heal()
 
 What a host gets: a namespace `corral-t<pid>-<n>`, its end of the link named `eth0` with the
 second address of a /30 (the root end, `gateway`, has the first), loopback up, and a default route
-via the gateway. The /30s come from 172.31.0.0/16 (clear of 127/8 and of 10.200.0.0/13, Corral's
-sandbox links), starting at an offset keyed by the pid, skipping any that overlap an address of
-this namespace; the choice is made under a lock file, so test processes side by side never take
-the same one.
+via the gateway. Through it the host reaches the root namespace's addresses (not its loopback:
+servers it should reach listen on all addresses, as `NatsServer(listen_address="0.0.0.0")`), and
+nothing beyond, as no masquerade is set up for it. The /30s come from 172.31.0.0/16 (clear of
+127/8 and of 10.200.0.0/13, Corral's sandbox links), starting at an offset keyed by the pid,
+skipping any that overlap an address of, or a route in, this namespace; the choice is made under
+a lock file, so test processes side by side never take the same one.
 
 Processes enter the host with `nsenter --net` only, not `ip netns exec`: they keep this mount
 namespace and cgroup, so an agent in a host sees /sys/fs/cgroup (`ip netns exec` remounts /sys
@@ -285,6 +287,7 @@ class NetnsHost:
                     proc.wait(KILL_WAIT)  # reap the ones started here
             self._procs.clear()
             self._partitioned = False
+            self.link = None
             _live.pop(self.name, None)
 
     def __enter__(self) -> NetnsHost:

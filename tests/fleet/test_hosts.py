@@ -290,6 +290,11 @@ def test_nats_client_inside_recovers_after_partition(nats: NatsServer) -> None:
 def test_stop_kills_everything_inside_and_leaves_nothing() -> None:
     host = NetnsHost().start()
     netns, veth = host.netns_path, host.veth
+    # popen's pid is the program's own (nsenter execs it): kill -9 of it is an agent's crash.
+    proc = host.popen(["sleep", "600"])
+    assert proc.pid in host.pids() and Path(f"/proc/{proc.pid}/comm").read_text() == "sleep\n"
+    proc.kill()
+    proc.wait()
     # A process that detaches itself (setsid, its own child) is found through its namespace.
     host.popen(["sh", "-c", "setsid sleep 600 & exec sleep 600"])
     deadline = time.monotonic() + 5
@@ -345,12 +350,15 @@ def test_sweep_removes_hosts_of_dead_test_processes() -> None:
     assert dead(left[0])
 
 
-def test_a_stopped_host_has_no_addresses() -> None:
+def test_a_host_has_addresses_only_while_it_runs() -> None:
     host = NetnsHost()
     with pytest.raises(HostError):
         _ = host.gateway
-    with pytest.raises(HostError):
-        host.popen(["true"])
+    with host:
+        assert host.running and host.gateway
+    for call in (lambda: host.gateway, lambda: host.popen(["true"])):
+        with pytest.raises(HostError):
+            call()
 
 
 # --- what an agent does inside ---
