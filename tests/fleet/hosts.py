@@ -280,11 +280,14 @@ class NetnsHost:
     def stop(self) -> None:
         """Kill everything in the host, delete its link and namespace. Idempotent."""
         try:
+            for proc in self._procs:  # also any still on their way in
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
             _remove(self.name, self.veth)
         finally:
             for proc in self._procs:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(KILL_WAIT)  # reap the ones started here
+                    proc.wait(KILL_WAIT)  # reap them
             self._procs.clear()
             self._partitioned = False
             self.link = None
@@ -310,9 +313,15 @@ class NetnsHost:
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """subprocess.Popen of `argv` in the host; nsenter execs it, so the Popen's pid is the
-        process's own. stop() kills it if it is still running."""
+        program's own. Returns once the process is in the host (or has exited already), so that
+        pids() includes it. stop() kills it if it is still running."""
         proc = subprocess.Popen(self.argv(argv), **kwargs)
         self._procs.append(proc)
+        wanted, deadline = _netns_id(self.netns_path), time.monotonic() + KILL_WAIT
+        while _netns_id(Path(f"/proc/{proc.pid}/ns/net")) != wanted and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise HostError(f"{argv[0]} did not enter {self.name}")
+            time.sleep(0.002)
         return proc
 
     def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:

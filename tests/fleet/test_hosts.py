@@ -344,7 +344,7 @@ def test_sweep_removes_hosts_of_dead_test_processes() -> None:
     assert len(left) == 1  # its sleep outlived it
 
     with NetnsHost() as mine:
-        assert name in sweep_stale_hosts()
+        sweep_stale_hosts()  # (a test run beside this one may have swept it first: as good)
         assert mine.netns_path.exists()  # a live process's host is not stale
     assert not (NETNS_DIR / name).exists() and veth not in links()
     assert dead(left[0])
