@@ -11,7 +11,9 @@ What a host gets: a namespace `corral-t<pid>-<n>`, its end of the link named `et
 second address of a /30 (the root end, `gateway`, has the first), loopback up, and a default route
 via the gateway. Through it the host reaches the root namespace's addresses (not its loopback:
 servers it should reach listen on all addresses, as `NatsServer(listen_address="0.0.0.0")`), and
-nothing beyond, as no masquerade is set up for it. The /30s come from 172.31.0.0/16 (clear of
+nothing beyond: a table `inet corral_test_hosts` here rejects whatever the root namespace would
+forward for a host, so that nothing leaves the machine and a DNS lookup fails at once instead of
+stalling (the table goes with the last host). The /30s come from 172.31.0.0/16 (clear of
 127/8 and of 10.200.0.0/13, Corral's sandbox links), starting at an offset keyed by the pid,
 skipping any that overlap an address of, or a route in, this namespace; the choice is made under
 a lock file, so test processes side by side never take the same one.
@@ -58,6 +60,7 @@ PREFIX = "corral-t"  # namespaces: corral-t<pid>-<n>
 VETH_PREFIX = "cth"  # root ends of the links: cth<pid>-<n>, at most 15 characters (IFNAMSIZ)
 LOCK_FILE = Path("/run/corral/test-hosts.lock")
 PARTITION_TABLE = "corral_partition"
+GUARD_TABLE = "corral_test_hosts"
 KILL_WAIT = 10.0  # seconds for the processes of a stopped host to go
 
 _NAME = re.compile(rf"^{PREFIX}(\d+)-(\d+)$")
@@ -168,6 +171,27 @@ def _allocation_lock() -> Iterator[None]:
         os.close(fd)
 
 
+def _guard() -> None:
+    """Reject what hosts send beyond the root namespace (call under the allocation lock)."""
+    if _run(["nft", "list", "table", "inet", GUARD_TABLE], check=False).returncode == 0:
+        return
+    script = f"""
+table inet {GUARD_TABLE} {{
+    chain forward {{
+        type filter hook forward priority -200; policy accept;
+        iifname "{VETH_PREFIX}*" reject
+    }}
+}}
+"""
+    _run(["nft", "-f", "-"], stdin=script)
+
+
+def _unguard_if_unused() -> None:
+    with _allocation_lock():
+        if not any(_VETH.match(link) for link in _links()):
+            _run(["nft", "delete", "table", "inet", GUARD_TABLE], check=False)
+
+
 def _remove(name: str, veth: str) -> None:
     path = NETNS_DIR / name
     _kill_netns_processes(path)
@@ -197,6 +221,7 @@ def sweep_stale_hosts() -> list[str]:
         match = _VETH.match(veth)
         if match is not None and stale(match):
             _ip("link", "delete", veth, check=False)
+    _unguard_if_unused()
     return removed
 
 
@@ -255,6 +280,7 @@ class NetnsHost:
         _live[self.name] = self
         try:
             with _allocation_lock():
+                _guard()
                 self.link = _free_link(os.getpid())
                 self._create()
         except BaseException:
@@ -284,6 +310,7 @@ class NetnsHost:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
             _remove(self.name, self.veth)
+            _unguard_if_unused()
         finally:
             for proc in self._procs:
                 with contextlib.suppress(subprocess.TimeoutExpired):

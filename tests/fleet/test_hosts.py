@@ -56,10 +56,13 @@ def links() -> set[str]:
     return {link["ifname"] for link in json.loads(out)}
 
 
-def connect_from(host: NetnsHost, port: int, timeout: float = 1.0) -> tuple[str, float]:
-    """What a TCP connect from inside `host` to its gateway ends in, and after how long."""
+def connect_from(
+    host: NetnsHost, port: int, timeout: float = 1.0, address: str | None = None
+) -> tuple[str, float]:
+    """What a TCP connect from inside `host` to its gateway (or `address`) ends in, and after
+    how long."""
     out = host.run(
-        [sys.executable, "-c", CONNECT, host.gateway, str(port), str(timeout)],
+        [sys.executable, "-c", CONNECT, address or host.gateway, str(port), str(timeout)],
         capture_output=True, text=True, check=True, timeout=30,
     ).stdout.split()  # fmt: skip
     return out[0], float(out[1])
@@ -143,6 +146,27 @@ def test_host_reaches_a_listener_on_its_gateway() -> None:
             for a in link["addr_info"]
         }  # fmt: skip
         assert addresses == {("lo", "127.0.0.1"), ("eth0", host.address)}
+
+
+def test_nothing_beyond_the_root_namespace_and_no_dns_stall() -> None:
+    beyond = json.loads(
+        subprocess.run(["ip", "-j", "-4", "route", "show", "default"], capture_output=True,
+                       text=True, check=True).stdout or "[]"
+    )  # fmt: skip
+    address = beyond[0]["gateway"] if beyond else "192.0.2.1"
+    with NetnsHost() as host:
+        outcome, took = connect_from(host, 53, timeout=5, address=address)
+        assert outcome == "ConnectionRefusedError" and took < 2
+        lookup = host.run(
+            [sys.executable, "-c", "import socket, time; t = time.monotonic()\n"
+             "try:\n socket.getaddrinfo('pypi.org', 443)\nexcept OSError: pass\n"
+             "print(time.monotonic() - t)"],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        assert float(lookup.stdout) < 2
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    if not any(link.startswith("cth") for link in links()):  # the last host takes it along
+        assert "corral_test_hosts" not in tables
 
 
 def test_hosts_get_distinct_addresses_clear_of_sandbox_links() -> None:
