@@ -46,17 +46,19 @@ def nats_server_bin() -> Path | None:
     return Path(which) if which else None
 
 
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def _wait_port(
+    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
         with socket.socket() as s:
             s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 class PostgresCluster:
@@ -153,7 +155,9 @@ class NatsUser:
 class NatsServer:
     """`nats-server` with one user per party and per-user subject permissions."""
 
-    def __init__(self, users: list[NatsUser] | None = None) -> None:
+    def __init__(
+        self, users: list[NatsUser] | None = None, *, listen_address: str = "127.0.0.1"
+    ) -> None:
         # Without users nats-server lets anyone in: keep one for the replicas at least.
         binary = nats_server_bin()
         if binary is None:
@@ -162,6 +166,10 @@ class NatsServer:
         self.root = Path(tempfile.mkdtemp(prefix="corral-nats-", dir="/tmp"))
         self.port = free_port()
         self.users = users or [NatsUser("replica")]
+        # "0.0.0.0" also serves agents in network namespaces (tests/fleet/hosts.py), through their
+        # gateway address; clients in this namespace still use loopback.
+        self.listen_address = listen_address
+        self.address = "127.0.0.1" if listen_address == "0.0.0.0" else listen_address
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _write_config(self) -> Path:
@@ -173,7 +181,7 @@ class NatsServer:
             users.append(entry)
         # JSON is valid NATS configuration syntax.
         config = {
-            "listen": f"127.0.0.1:{self.port}",
+            "listen": f"{self.listen_address}:{self.port}",
             "authorization": {"users": users},
             "max_payload": 8 * 1024 * 1024,
             "ping_interval": "2s",
@@ -191,13 +199,15 @@ class NatsServer:
             [str(self.binary), "-c", str(config)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        _wait_port(self.port, 20, self.proc)
+        _wait_port(self.port, 20, self.proc, self.address)
         return self
 
-    def url(self, user: NatsUser | None = None) -> str:
+    def url(self, user: NatsUser | None = None, *, address: str | None = None) -> str:
+        """The server's URL, at `address` (a host's gateway, say) if given."""
+        where = f"{address or self.address}:{self.port}"
         if user is None:
-            return f"nats://127.0.0.1:{self.port}"
-        return f"nats://{user.user}:{user.password}@127.0.0.1:{self.port}"
+            return f"nats://{where}"
+        return f"nats://{user.user}:{user.password}@{where}"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

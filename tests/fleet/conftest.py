@@ -18,7 +18,7 @@ def postgres() -> Iterator[PostgresCluster]:
 
 @pytest.fixture(scope="session")
 def nats() -> Iterator[NatsServer]:
-    server = NatsServer().start()
+    server = NatsServer(listen_address="0.0.0.0").start()  # reachable from tests/fleet/hosts.py
     yield server
     server.remove()
 
