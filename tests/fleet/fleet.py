@@ -1,5 +1,6 @@
 """A whole fleet for tests: API replicas on one PostgreSQL database and one NATS server, and
-agents (`corral agent`), each with its own data dir, cgroup root and uid block."""
+agents (`corral agent`), each on a host of its own (a network namespace reaching NATS through
+a veth, tests/fleet/hosts.py) with its own data dir, cgroup root and uid block."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import httpx
 from corral.node.bus import node_permissions
 from tests.conftest import Server, make_data_dir, next_uid_block
 from tests.engines import NatsServer, NatsUser, PostgresCluster
+from tests.fleet.hosts import NetnsHost
 
 _fleets = itertools.count(1)
 
@@ -93,7 +95,10 @@ class Fleet:
         self.lost_after = lost_after
         self.replica_user = NatsUser("replica")
         self.node_users = {n: NatsUser(f"node-{n}", permissions=node_permissions(n)) for n in nodes}
-        self.nats = NatsServer([self.replica_user, *self.node_users.values()])
+        self.nats = NatsServer(
+            [self.replica_user, *self.node_users.values()], listen_address="0.0.0.0"
+        )
+        self.hosts: dict[str, NetnsHost] = {}
         self.replica_count = replicas
         self.replicas: list[Server] = []
         self.agents: dict[str, Agent] = {}
@@ -114,12 +119,14 @@ class Fleet:
         for replica in self.replicas:
             replica.start()
         for node_id in self.node_ids:
+            host = self.hosts[node_id] = NetnsHost().start()
             agent = Agent(
                 node_id,
-                self.nats.url(self.node_users[node_id]),
+                self.nats.url(self.node_users[node_id], address=host.gateway),
                 lost_after=self.lost_after,
                 args=self.agent_args.get(node_id, ()),
             )
+            agent.prefix = ["nsenter", f"--net={host.netns_path}", "--"]
             self.agents[node_id] = agent
             agent.start()
         self.wait_online(*self.node_ids)
@@ -164,6 +171,8 @@ class Fleet:
             agent.stop()
         for replica in self.replicas:
             replica.stop()
+        for host in self.hosts.values():
+            host.stop()
         self.nats.remove()
         if os.environ.get("CORRAL_TEST_KEEP"):
             return  # for a look at the logs

@@ -140,3 +140,37 @@ def test_a_nats_restart_loses_nothing_acknowledged(fleet: Fleet) -> None:
         _wait(works, 20, "execs work again")
         assert fleet.node_states() == {"n1": "online", "n2": "online", "n3": "online"}
         b.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_a_partitioned_agent_loses_its_commands_and_late_results_are_not_applied(
+    fleet: Fleet,
+) -> None:
+    sid = _sandbox(fleet, "n2")
+    host = fleet.hosts["n2"]
+    with fleet.client(0) as a, fleet.client(1) as b:
+        cid = a.post(
+            f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 5; echo late"}
+        ).json()["id"]
+        host.partition()
+        try:
+
+            def lost() -> bool:
+                return bool(b.get(f"/v1/sandboxes/{sid}/commands/{cid}").json()["status"] == "lost")
+
+            _wait(lost, LOST_AFTER * 3, "the command is lost")
+            assert a.get("/v1/nodes/n2").json()["state"] == "offline"
+        finally:
+            host.heal()
+        fleet.wait_online("n2", timeout=30)
+        # The command ended on the agent after the heal; its result came too late.
+        time.sleep(5)
+        final = a.get(f"/v1/sandboxes/{sid}/commands/{cid}").json()
+        assert final["status"] == "lost" and final["exit_code"] is None
+
+        # The sandbox itself was never gone: it serves commands again.
+        def works() -> bool:
+            resp = b.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo healed"})
+            return resp.status_code == 200 and resp.json()["stdout"] == "healed\n"
+
+        _wait(works, 20, "execs work again")
+        b.delete(f"/v1/sandboxes/{sid}")
