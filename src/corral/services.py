@@ -17,6 +17,7 @@ from corral.core.nodes import NodeRegistry, Presence, host_capacity
 from corral.core.results import CommandResults
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
+from corral.node.agent import NodeAgent
 from corral.node.bus import Bus
 from corral.node.directory import NodeDirectory
 from corral.node.local import LocalNode
@@ -85,6 +86,7 @@ class Services:
     results: CommandResults | None = None
     node_events: NodeEvents | None = None
     leaders: list[LeaderLoop] = field(default_factory=list)
+    node_agent: NodeAgent | None = None  # the built-in node, served over NATS in a fleet
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -118,20 +120,7 @@ class Services:
         node: LocalNode | None = None
         if settings.local_node:
             node, deno = await start_local_node(settings, host_lock)
-        # 4. The node in the store, online while this process runs.
-        nodes = NodeRegistry(db, lost_after=settings.node_lost_after_s)
-        presence: Presence | None = None
-        if node is not None:
-            capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
-            local = node
-            presence = Presence(
-                nodes,
-                lambda: local.info(capacity),
-                local.load,
-                interval=settings.node_lost_after_s / 3,
-            )
-            await presence.start()
-        # 5. In a fleet: NATS, to every other node and replica.
+        # 4. In a fleet: NATS, to every other node and replica.
         bus: Bus | None = None
         results: CommandResults | None = None
         if settings.nats_url:
@@ -142,6 +131,20 @@ class Services:
             )
             results = CommandResults(db, bus)
             await results.start()
+        # 5. The node in the store, online while this process runs (in a fleet it registers
+        #    over NATS like any agent's, once this replica takes node events: step 7).
+        nodes = NodeRegistry(db, lost_after=settings.node_lost_after_s)
+        presence: Presence | None = None
+        capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
+        if node is not None and bus is None:
+            local = node
+            presence = Presence(
+                nodes,
+                lambda: local.info(capacity),
+                local.load,
+                interval=settings.node_lost_after_s / 3,
+            )
+            await presence.start()
         directory = NodeDirectory(
             db,
             node,
@@ -191,8 +194,9 @@ class Services:
             db, services.sandboxes, services.commands, services.tokens
         )
         # 6. Whatever ran on the built-in node when the server last stopped has an unknown
-        #    result; sandboxes that should run come back with their files.
-        if node is not None:
+        #    result; sandboxes that should run come back with their files. (In a fleet its
+        #    registration does both.)
+        if node is not None and bus is None:
             lost = await services.commands.mark_lost(node.id)
             if lost:
                 log.warning("%d command(s) were running when the server stopped: marked lost", lost)
@@ -214,6 +218,16 @@ class Services:
             ]
             for loop in services.leaders:
                 loop.start()
+            if node is not None:
+                # The built-in node serves the other replicas over NATS, as an agent would.
+                served = node
+                services.node_agent = NodeAgent(
+                    served,
+                    bus,
+                    lambda: served.info(capacity),
+                    sandboxes_dir=settings.data_dir / "sandboxes",
+                )
+                await services.node_agent.start()
         else:
             services.sandboxes.start_reaper()
         services.sandboxes.start_pool()
@@ -242,6 +256,8 @@ class Services:
         #    still running end as lost.
         if self.node is not None:
             await self.node.shutdown()
+        if self.node_agent is not None:
+            await self.node_agent.close()
         if self.presence is not None:
             await self.presence.stop()
         # 3. Record those results, then close the store.

@@ -88,7 +88,9 @@ class Fleet:
         replicas: int = 2,
         lost_after: float = 3.0,
         agent_args: dict[str, tuple[str, ...]] | None = None,
+        local_nodes: bool = False,
     ) -> None:
+        self.local_nodes = local_nodes  # replicas run a built-in node each (r1, r2, ...)
         self.postgres = postgres
         self.agent_args = agent_args or {}
         self.node_ids = nodes
@@ -133,15 +135,15 @@ class Fleet:
         return self
 
     def _replica(self) -> Server:
-        return Server(
-            make_data_dir("corral-replica-"),
-            env={
-                "CORRAL_DATABASE_URL": self.database_url,
-                "CORRAL_NATS_URL": self.nats.url(self.replica_user),
-                "CORRAL_LOCAL_NODE": "false",
-                "CORRAL_NODE_LOST_AFTER_S": str(self.lost_after),
-            },
-        )
+        env = {
+            "CORRAL_DATABASE_URL": self.database_url,
+            "CORRAL_NATS_URL": self.nats.url(self.replica_user),
+            "CORRAL_LOCAL_NODE": "true" if self.local_nodes else "false",
+            "CORRAL_NODE_LOST_AFTER_S": str(self.lost_after),
+        }
+        if self.local_nodes:
+            env["CORRAL_NODE_ID"] = f"r{len(self.replicas) + 1}"
+        return Server(make_data_dir("corral-replica-"), env=env)
 
     def client(self, i: int) -> httpx.Client:
         return self.replicas[i % len(self.replicas)].client()

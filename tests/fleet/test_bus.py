@@ -4,18 +4,15 @@ with flow control, and per-node permissions."""
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import pytest
 
 from corral.node.bus import (
-    CHUNK_BYTES,
     PROTOCOL_VERSION,
     Bus,
     NodeUnreachable,
     RemoteError,
-    StreamBroken,
     VersionMismatch,
     encode,
     node_inbox_prefix,
@@ -89,94 +86,6 @@ def test_a_newer_peer_is_refused_with_a_clear_error(
             await replica.request(subject, "anything")
         await node.close()
         await replica.close()
-
-    run(main())
-
-
-def test_stream_is_exact_and_bounded_by_its_window(
-    nats: NatsServer, replica_user: NatsUser
-) -> None:
-    total = 24 * 1024 * 1024
-    payload = os.urandom(total)
-
-    async def main() -> tuple[bytes, int]:
-        a, b = await _bus(nats, replica_user), await _bus(nats, replica_user)
-        data, credit = (
-            node_subject("n3", "out", "data", "s1"),
-            node_subject("n3", "in", "credit", "s1"),
-        )
-        receiver = await b.receiver(data, credit, window=4)
-        sender = await a.sender(data, credit)
-        most_ahead = 0
-        received = 0
-
-        async def produce() -> None:
-            nonlocal most_ahead
-            for offset in range(0, total, CHUNK_BYTES):
-                await sender.send(payload[offset : offset + CHUNK_BYTES], {"offset": offset})
-                most_ahead = max(most_ahead, sender._seq - received // CHUNK_BYTES)
-            await sender.end({"size": total})
-
-        task = asyncio.create_task(produce())
-        out = bytearray()
-        async for chunk in receiver:
-            assert chunk.meta["offset"] == len(out)
-            out += chunk.data
-            received = len(out)
-            await asyncio.sleep(0.001)  # a slow consumer
-        await task
-        assert receiver.end_meta == {"size": total}
-        await a.close()
-        await b.close()
-        return bytes(out), most_ahead
-
-    out, most_ahead = run(main())
-    assert out == payload
-    # Never more than the window in flight, whatever the speed difference.
-    assert most_ahead <= 4 + 1
-
-
-def test_sender_gives_up_when_its_receiver_is_gone(
-    nats: NatsServer, replica_user: NatsUser
-) -> None:
-    async def main() -> None:
-        a = await _bus(nats, replica_user)
-        data, credit = (
-            node_subject("n4", "out", "data", "s"),
-            node_subject("n4", "in", "credit", "s"),
-        )
-        sender = await a.sender(data, credit, stall_timeout=1.0)
-        with pytest.raises(StreamBroken, match="no credit"):
-            await sender.send(b"x")
-        await sender.close()
-        await a.close()
-
-    run(main())
-
-
-def test_receiver_notices_a_silent_sender_and_lost_chunks(
-    nats: NatsServer, replica_user: NatsUser
-) -> None:
-    async def main() -> None:
-        a, b = await _bus(nats, replica_user), await _bus(nats, replica_user)
-        data, credit = (
-            node_subject("n5", "out", "data", "s"),
-            node_subject("n5", "in", "credit", "s"),
-        )
-        receiver = await b.receiver(data, credit, idle_timeout=1.0)
-        with pytest.raises(StreamBroken, match="nothing on"):
-            async for _ in receiver:
-                pass
-        receiver = await b.receiver(data, credit)
-        await a.nc.publish(data, b"a", headers={"kind": "data", "seq": "0"})
-        await a.nc.publish(data, b"c", headers={"kind": "data", "seq": "2"})
-        got = []
-        with pytest.raises(StreamBroken, match="lost"):
-            async for chunk in receiver:
-                got.append(chunk.data)
-        assert got == [b"a"]
-        await a.close()
-        await b.close()
 
     run(main())
 

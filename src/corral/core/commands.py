@@ -300,6 +300,8 @@ class CommandService:
             else:
                 await self._insert(final)
             recorded = final
+            if self.results is not None:
+                await self.results.announce(row.id)  # waiters on other replicas
         except Exception:
             log.exception("could not record the result of %s", row.id)
         finally:

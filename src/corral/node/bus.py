@@ -1,30 +1,19 @@
-"""The node protocol's transport over NATS: requests to a node, events from it, and chunked
-streams with credit-based flow control.
+"""The node protocol's transport over NATS: requests to a node and events from it, with binary
+data beside their JSON.
 
 Subjects. Everything a node sends or receives is under its own prefix, so that the node's NATS
 user can be limited to it and one host can never act as another:
 
     corral.node.<id>.in.rpc            replica -> node: requests, answered on the reply inbox
-    corral.node.<id>.in.data.<sid>     replica -> node: chunks of a stream the replica sends
-    corral.node.<id>.in.credit.<sid>   replica -> node: credit for a stream the node sends
-    corral.node.<id>.out.hb            node -> replicas: heartbeats (capacity, epoch, counts)
-    corral.node.<id>.out.event         node -> one replica (queue group): results, acknowledged
-    corral.node.<id>.out.data.<sid>    node -> replica: chunks of a stream the node sends
-    corral.node.<id>.out.credit.<sid>  node -> replica: credit for a stream the replica sends
+    corral.node.<id>.out.event         node -> one replica (queue group): events, acknowledged
 
 A node's user may publish on `corral.node.<id>.out.>`, subscribe on `corral.node.<id>.in.>` and
 on its own inbox prefix `_INBOX_<id>.>`, and answer the requests it receives (allow_responses).
 
 A message is one line of JSON, then optionally binary data after its newline: a request
 `{"v", "op", "args"}`, an answer `{"v", "result"}` or `{"v", "error": {"type", "message"}}`.
-A peer of another protocol version is refused.
-
-Streams. NATS delivers at most once, so a stream numbers its chunks; the receiver grants credit
-as a cumulative limit ("send up to chunk N"), which a lost or repeated grant cannot corrupt.
-A sender never has more than the window in flight (bounded memory on both ends); a receiver that
-sees a gap, or nothing at all (not even the sender's idle beats) for `idle_timeout`, raises
-StreamBroken; a sender that gets no credit for `stall_timeout` gives up (its receiver is gone).
-Streams of output carry byte offsets, so a broken one is reopened where it stopped.
+A peer of another protocol version is refused. Data moves in bounded pieces by request and
+answer (the reader pulls), which is the flow control: see node/protocol.py.
 """
 
 from __future__ import annotations
@@ -33,8 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,9 +37,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 PREFIX = "corral.node"
-CHUNK_BYTES = 256 * 1024  # well under NATS's default 1 MiB max_payload
-DEFAULT_WINDOW = 16  # chunks in flight per stream: 4 MiB
-IDLE_BEAT_SECONDS = 2.0
 NO_RESPONDERS_RETRY = 0.1
 NO_RESPONDERS_GRACE = 0.5  # how long "nobody serves this" is taken for a subscription on its way
 
@@ -103,10 +88,6 @@ class RemoteError(Exception):
 class VersionMismatch(RemoteError):
     def __init__(self, message: str) -> None:
         super().__init__("version", message)
-
-
-class StreamBroken(BusError):
-    """Chunks were lost, or the other end went silent: reopen the stream where it stopped."""
 
 
 def encode(payload: dict[str, Any], data: bytes = b"") -> bytes:
@@ -311,189 +292,3 @@ class Bus:
         if msg.reply:
             with contextlib.suppress(Exception):
                 await msg.respond(encode(answer, data))
-
-    # --- streams ---
-
-    def new_stream_id(self) -> str:
-        return os.urandom(12).hex()
-
-    async def receiver(
-        self,
-        data_subject: str,
-        credit_subject: str,
-        *,
-        window: int = DEFAULT_WINDOW,
-        idle_timeout: float = 15.0,
-    ) -> StreamReceiver:
-        """Subscribe to a stream's chunks before asking the peer to send them."""
-        receiver = StreamReceiver(self, data_subject, credit_subject, window, idle_timeout)
-        await receiver.start()
-        return receiver
-
-    async def sender(
-        self, data_subject: str, credit_subject: str, *, stall_timeout: float = 30.0
-    ) -> StreamSender:
-        sender = StreamSender(self, data_subject, credit_subject, stall_timeout)
-        await sender.start()
-        return sender
-
-
-@dataclass(frozen=True)
-class Chunk:
-    data: bytes
-    meta: dict[str, Any]
-
-
-class StreamReceiver:
-    """The consuming end of a stream: iterate for chunks; ends at the sender's `end`."""
-
-    def __init__(
-        self, bus: Bus, data_subject: str, credit_subject: str, window: int, idle_timeout: float
-    ) -> None:
-        self.bus = bus
-        self.data_subject = data_subject
-        self.credit_subject = credit_subject
-        self.window = window
-        self.idle_timeout = idle_timeout
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._sub: Subscription | None = None
-        self._next = 0  # the next chunk's sequence number
-        self._granted = 0
-        self.end_meta: dict[str, Any] | None = None
-
-    async def start(self) -> None:
-        async def on_chunk(msg: Msg) -> None:
-            self._queue.put_nowait(msg)
-
-        # The queue holds at most the window (the sender keeps to its credit) plus idle beats.
-        self._sub = await self.bus.nc.subscribe(self.data_subject, cb=on_chunk)
-        await self.bus.nc.flush()  # subscribed at the server before anyone is asked to send
-
-    async def grant(self, force: bool = False) -> None:
-        limit = self._next + self.window
-        if force or limit - self._granted >= max(1, self.window // 2):
-            self._granted = limit
-            with contextlib.suppress(Exception):
-                await self.bus.nc.publish(self.credit_subject, str(limit).encode())
-
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
-        await self.grant(force=True)
-        try:
-            while True:
-                try:
-                    msg = await asyncio.wait_for(self._queue.get(), self.idle_timeout)
-                except TimeoutError:
-                    raise StreamBroken(
-                        f"nothing on {self.data_subject} for {self.idle_timeout} s"
-                    ) from None
-                headers = msg.headers or {}
-                kind = headers.get("kind", "data")
-                if kind == "idle":
-                    await self.grant(force=True)  # a grant may have been lost: repeat it
-                    continue
-                seq = int(headers.get("seq", "-1"))
-                if seq < self._next:
-                    continue  # a repeat
-                if seq > self._next:
-                    raise StreamBroken(f"chunks {self._next}..{seq - 1} were lost")
-                self._next += 1
-                meta = json.loads(headers["meta"]) if "meta" in headers else {}
-                if kind == "end":
-                    self.end_meta = meta
-                    return
-                if kind == "error":
-                    raise RemoteError(str(meta.get("type")), str(meta.get("message")))
-                await self.grant()
-                yield Chunk(msg.data, meta)
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-
-class StreamSender:
-    """The producing end of a stream: `send` waits for credit; `end` or `fail` closes it."""
-
-    def __init__(
-        self, bus: Bus, data_subject: str, credit_subject: str, stall_timeout: float
-    ) -> None:
-        self.bus = bus
-        self.data_subject = data_subject
-        self.credit_subject = credit_subject
-        self.stall_timeout = stall_timeout
-        self._seq = 0
-        self._limit = 0
-        self._credit = asyncio.Event()
-        self._sub: Subscription | None = None
-        self._beat: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        async def on_credit(msg: Msg) -> None:
-            with contextlib.suppress(ValueError):
-                limit = int(msg.data)
-                if limit > self._limit:
-                    self._limit = limit
-                    self._credit.set()
-
-        self._sub = await self.bus.nc.subscribe(self.credit_subject, cb=on_credit)
-        await self.bus.nc.flush()
-        self._beat = asyncio.get_running_loop().create_task(self._beats())
-
-    async def _beats(self) -> None:
-        # Tells a receiver waiting on a slow producer that this end is alive.
-        while True:
-            await asyncio.sleep(IDLE_BEAT_SECONDS)
-            with contextlib.suppress(Exception):
-                await self.bus.nc.publish(self.data_subject, b"", headers={"kind": "idle"})
-
-    async def _wait_credit(self) -> None:
-        while self._seq >= self._limit:
-            self._credit.clear()
-            try:
-                await asyncio.wait_for(self._credit.wait(), self.stall_timeout)
-            except TimeoutError:
-                raise StreamBroken(
-                    f"no credit on {self.credit_subject} for {self.stall_timeout} s"
-                ) from None
-
-    async def _publish(self, kind: str, data: bytes, meta: dict[str, Any] | None) -> None:
-        await self._wait_credit()
-        headers = {"kind": kind, "seq": str(self._seq)}
-        if meta:
-            headers["meta"] = json.dumps(meta, separators=(",", ":"))
-        self._seq += 1
-        await self.bus.nc.publish(self.data_subject, data, headers=headers)
-
-    async def send(self, data: bytes, meta: dict[str, Any] | None = None) -> None:
-        """One chunk (at most CHUNK_BYTES)."""
-        if len(data) > CHUNK_BYTES:
-            raise ValueError(f"a chunk holds at most {CHUNK_BYTES} bytes")
-        await self._publish("data", data, meta)
-
-    async def end(self, meta: dict[str, Any] | None = None) -> None:
-        await self._publish("end", b"", meta)
-        await self.close()
-
-    async def fail(self, type: str, message: str) -> None:
-        # Past the credit check: an error must reach a receiver that granted nothing more.
-        headers = {
-            "kind": "error",
-            "seq": str(self._seq),
-            "meta": json.dumps({"type": type, "message": message}),
-        }
-        with contextlib.suppress(Exception):
-            await self.bus.nc.publish(self.data_subject, b"", headers=headers)
-        await self.close()
-
-    async def close(self) -> None:
-        if self._beat is not None:
-            self._beat.cancel()
-            self._beat = None
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
