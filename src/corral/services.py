@@ -14,6 +14,7 @@ from corral.core.logins import LoginThrottle
 from corral.core.named_commands import NamedCommandService
 from corral.core.node_events import NodeEvents
 from corral.core.nodes import NodeRegistry, Presence, host_capacity
+from corral.core.replicas import ReplicaCount
 from corral.core.results import CommandResults
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
@@ -87,6 +88,7 @@ class Services:
     node_events: NodeEvents | None = None
     leaders: list[LeaderLoop] = field(default_factory=list)
     node_agent: NodeAgent | None = None  # the built-in node, served over NATS in a fleet
+    replicas: ReplicaCount | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -218,6 +220,8 @@ class Services:
             ]
             for loop in services.leaders:
                 loop.start()
+            services.replicas = ReplicaCount(db, holder, services.tokens.share_limits)
+            await services.replicas.start()
             if node is not None:
                 # The built-in node serves the other replicas over NATS, as an agent would.
                 served = node
@@ -249,6 +253,8 @@ class Services:
             await self.node_events.close()
         for loop in self.leaders:
             await loop.stop()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.tokens.stop_watcher()
         await self.sandboxes.stop_reaper()
         await self.sandboxes.close_pool()

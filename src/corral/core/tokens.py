@@ -92,9 +92,14 @@ class TokenRateLimited(RateLimited):
 
 class TokenBucket:
     def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
+        self.limit_rate = self.rate = rate
+        self.limit_burst = self.burst = burst
         self._state: dict[str, tuple[float, float]] = {}
+
+    def share(self, replicas: int) -> None:
+        """Allow this process its share of the limit, `replicas` serving the same tokens."""
+        self.rate = self.limit_rate / max(1, replicas)
+        self.burst = max(1, self.limit_burst // max(1, replicas))
 
     def take(self, key: str) -> None:
         now = time.monotonic()
@@ -171,6 +176,11 @@ class TokenService:
             if row is not None and row.id == token_id:
                 del self._cache[digest]
         self._expiry.pop(token_id, None)
+
+    def share_limits(self, replicas: int) -> None:
+        """A fleet's replicas split each token's rate limit between them."""
+        if self._bucket is not None:
+            self._bucket.share(replicas)
 
     def rate_info(self, token_id: str) -> RateInfo | None:
         """The budget left to a token; None when no rate limit is configured."""
