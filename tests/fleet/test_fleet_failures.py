@@ -121,8 +121,12 @@ def test_a_stream_continues_byte_exact_through_the_other_replica_after_kill9(
 def test_a_nats_restart_loses_nothing_acknowledged(fleet: Fleet) -> None:
     sid = _sandbox(fleet, "n2")
     with fleet.client(0) as a:
+        epochs = {n["id"]: n["epoch"] for n in a.get("/v1/nodes").json()["items"]}
         cid = a.post(
             f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 0.5; echo done"}
+        ).json()["id"]
+        long = a.post(
+            f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 6; echo survived"}
         ).json()["id"]
     fleet.nats.kill()
     time.sleep(1.0)  # the command ends while NATS is away: its result waits in the outbox
@@ -138,7 +142,14 @@ def test_a_nats_restart_loses_nothing_acknowledged(fleet: Fleet) -> None:
             return resp.status_code == 200 and resp.json()["stdout"] == "again\n"
 
         _wait(works, 20, "execs work again")
+        # A command that ran through the outage ends as it would have: no node was declared
+        # lost (none registered again).
+        survived = b.get(
+            f"/v1/sandboxes/{sid}/commands/{long}", params={"wait": "true", "timeout_ms": 20000}
+        ).json()
+        assert survived["status"] == "completed" and survived["stdout"] == "survived\n"
         assert fleet.node_states() == {"n1": "online", "n2": "online", "n3": "online"}
+        assert {n["id"]: n["epoch"] for n in b.get("/v1/nodes").json()["items"]} == epochs
         b.delete(f"/v1/sandboxes/{sid}")
 
 

@@ -56,6 +56,7 @@ class NodeAgent:
         self._outbox: dict[str, dict[str, Any]] = {}
         self._outbox_changed = asyncio.Event()
         self._registered = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._event_seq = 0
@@ -69,6 +70,9 @@ class NodeAgent:
     # --- life ---
 
     async def start(self) -> None:
+        # Back from a NATS outage: a heartbeat at once, and the events kept meanwhile.
+        self.bus.reconnect_listeners.append(self._beat_now.set)
+        self.bus.reconnect_listeners.append(self._outbox_changed.set)
         await self.bus.serve(node_subject(self.node.id, "in", "rpc"), self._handle)
         await self.bus.nc.flush()
         loop = asyncio.get_running_loop()
@@ -116,10 +120,16 @@ class NodeAgent:
     async def _keep_registered(self) -> None:
         await self._register()
         while True:
-            await asyncio.sleep(self.lost_after / 3)
+            interval = self.lost_after / 3
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), interval)
+            self._beat_now.clear()
             try:
+                # No longer than the interval: one stalled beat must not hold up the next.
                 answer = await self._event(
-                    p.EVENT_HEARTBEAT, {"epoch": self.epoch, "load": self.node.load()}
+                    p.EVENT_HEARTBEAT,
+                    {"epoch": self.epoch, "load": self.node.load()},
+                    timeout=interval,
                 )
             except (BusError, RemoteError) as exc:
                 log.warning("heartbeat of node %s: %s", self.node.id, exc)

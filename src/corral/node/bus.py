@@ -136,6 +136,7 @@ class Bus:
         # When the connection last came up (loop time), None while it is down: what a replica
         # has not heard while cut off from NATS is no sign that nodes went silent.
         self.connected_since: float | None = asyncio.get_running_loop().time()
+        self.reconnect_listeners: list[Callable[[], None]] = []
 
     def connected_for(self) -> float:
         """Seconds the connection has been up without a break (0 while it is down)."""
@@ -167,6 +168,8 @@ class Bus:
             log.info("NATS: reconnected")
             if holder:
                 holder[0].connected_since = asyncio.get_running_loop().time()
+                for listener in holder[0].reconnect_listeners:
+                    listener()
             if on_reconnect is not None:
                 await on_reconnect()
 
