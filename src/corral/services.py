@@ -183,7 +183,9 @@ class Services:
             ),
             commands=commands,
             files=files,
-            runs=RunService(commands, files, deno=deno),
+            # In a fleet, agents install the tools Deno included from the same package: whether
+            # a run of TypeScript finds it is their sandboxes' answer.
+            runs=RunService(commands, files, deno=deno or bus is not None),
             named=None,  # type: ignore[arg-type]  # set just below: it needs the others
             logins=LoginThrottle(db),
             nodes=nodes,

@@ -18,8 +18,9 @@ STATIC = "/docs/static"
 async def healthz(services: ServicesDep) -> Health:
     return Health(
         version=__version__,
-        node=services.settings.node_id,
-        runtime=services.settings.runtime,
+        # A replica of a fleet run without a node of its own has none to name.
+        node=services.node.id if services.node is not None else "none",
+        runtime=services.node.runtime_name if services.node is not None else "none",
         warm_sandboxes=services.sandboxes.warm_count,
     )
 
