@@ -500,7 +500,7 @@ def test_tls_is_required_and_corral_connects_with_the_ca(
         api = await Bus.connect(f"tls://{server.creds('api')}", name="api")
         assert node.connected and api.connected
 
-        async def echo(op: str, args: dict[str, Any]) -> Any:
+        async def echo(op: str, args: dict[str, Any], data: bytes) -> Any:
             return op
 
         await node.serve(node_subject("b", "in", "rpc"), echo)
