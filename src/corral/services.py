@@ -15,7 +15,7 @@ from corral.core.named_commands import NamedCommandService
 from corral.core.node_events import NodeEvents
 from corral.core.nodes import NodeRegistry, Presence, host_capacity
 from corral.core.replicas import ReplicaCount
-from corral.core.results import CommandResults
+from corral.core.results import EVERY, CommandResults
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
 from corral.node.agent import NodeAgent
@@ -247,6 +247,8 @@ class Services:
             return
         for node_id, lost in await self.nodes.sweep():
             log.warning("node %s stopped answering: offline, %d command(s) lost", node_id, lost)
+            if lost and self.results is not None:
+                await self.results.announce(EVERY)
 
     async def close(self) -> None:
         # 1. No new commands; node events go to the other replicas from now on.

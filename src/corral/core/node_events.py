@@ -21,7 +21,7 @@ from sqlalchemy import update
 from corral.clock import utcnow
 from corral.core.models import CommandStatus, NodeInfo
 from corral.core.nodes import NodeRegistry
-from corral.core.results import CommandResults
+from corral.core.results import EVERY, CommandResults
 from corral.node import protocol as p
 from corral.node.bus import PREFIX, Bus
 from corral.store.db import Database
@@ -116,6 +116,7 @@ class NodeEvents:
                 )
             )
         if lost.rowcount:  # type: ignore[attr-defined]
+            await self.results.announce(EVERY)
             log.warning("node %s registered again: %d command(s) lost", node_id, lost.rowcount)  # type: ignore[attr-defined]
         log.info("node %s registered (epoch %d, %s)", node_id, epoch, info.version)
         # Its sandboxes come back once it has its answer (it serves calls already).

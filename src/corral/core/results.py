@@ -1,9 +1,10 @@
 """Waiting for a command's stored result, from any replica.
 
 The replica that applies a node's `ended` event announces it on `corral.command.<id>.done`
-after the commit; waiters wake on that and read the store. They also look at the store every
-POLL_SECONDS, so a missed announcement (a NATS restart) or a result written another way (a node
-declared lost) costs at most that long, never a hang.
+after the commit; waiters wake on that and read the store. Results written for many commands
+at once (a node declared lost, or registered again) wake every waiter (`EVERY`), as does this
+replica's return from a NATS outage (announcements may have been missed). Waiters also look at
+the store now and then (from POLL_SECONDS, backing off to POLL_MAX), so nothing ever hangs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from corral.store.tables import CommandRow
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
+POLL_MAX = 10.0
+EVERY = "every"  # announced for results written to many commands at once
 
 
 def outcome_of(row: CommandRow) -> CommandOutcome:
@@ -59,6 +62,7 @@ class CommandResults:
             self._wake(msg.subject.split(".")[2])
 
         self._sub = await self.bus.nc.subscribe(COMMAND_DONE.format("*"), cb=on_done)
+        self.bus.reconnect_listeners.append(lambda: self._wake(EVERY))
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -67,7 +71,12 @@ class CommandResults:
             self._sub = None
 
     def _wake(self, cid: str) -> None:
-        for event in self._waiters.get(cid, ()):
+        waiters = (
+            [e for group in self._waiters.values() for e in group]
+            if cid == EVERY
+            else self._waiters.get(cid, ())
+        )
+        for event in waiters:
             event.set()
 
     async def announce(self, cid: str) -> None:
@@ -87,19 +96,19 @@ class CommandResults:
         self._waiters.setdefault(cid, set()).add(event)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        poll = POLL_SECONDS
         try:
             while True:
                 event.clear()
                 row = await self._row(cid)
                 if row is None or CommandStatus(row.status).finished:
                     return row
-                left = (
-                    POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - loop.time())
-                )
+                left = poll if deadline is None else min(poll, deadline - loop.time())
                 if left <= 0:
                     return row
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), left)
+                poll = min(POLL_MAX, poll * 2)
         finally:
             waiters = self._waiters.get(cid)
             if waiters is not None:
