@@ -98,7 +98,7 @@ def test_placement_least_loaded_with_room_and_template(tmp_path: Path) -> None:
 def test_a_silent_node_is_declared_lost_with_its_commands(tmp_path: Path) -> None:
     async def main() -> None:
         db = await _db(tmp_path)
-        nodes = NodeRegistry(db, lost_after=0.3)
+        nodes = NodeRegistry(db, lost_after=1.0)
         await nodes.register(info("a"))
         await nodes.register(info("b"))
         now = datetime.now(UTC)
@@ -112,7 +112,7 @@ def test_a_silent_node_is_declared_lost_with_its_commands(tmp_path: Path) -> Non
                     )
                 )  # fmt: skip
         assert await nodes.sweep() == []
-        await asyncio.sleep(0.4)  # both silent past the grace; b speaks just before the sweep
+        await asyncio.sleep(1.1)  # both silent past the grace; b speaks just before the sweep
         await nodes.heartbeat("b", 1, {})
         assert await nodes.sweep() == [("a", 1)]
         assert await nodes.sweep() == []  # once
