@@ -24,7 +24,7 @@ from corral.node.output_log import Chunk
 
 log = logging.getLogger(__name__)
 
-KEEP_ENDED_SECONDS = 60.0  # an ended execution stays known for late calls (reads, outcome)
+KEEP_ENDED_SECONDS = 5.0  # an ended execution stays known a moment, for late calls (outcome)
 RAW_STDOUT_ORPHAN = 300.0  # as the local node: an unread raw stdout is dropped after this
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 MAX_FRAMES = 4096  # per read: keeps the JSON part of an answer small
