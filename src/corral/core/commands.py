@@ -17,7 +17,14 @@ from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited,
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.core.results import CommandResults
-from corral.node.base import CommandOutcome, CommandSpec, Execution, Node, NodeUnavailable
+from corral.node.base import (
+    CommandOutcome,
+    CommandSpec,
+    Execution,
+    Node,
+    NodeUnavailable,
+    TooManyCommands,
+)
 from corral.node.directory import NodeDirectory
 from corral.node.output_log import Chunk
 from corral.runtime.base import SandboxDied, SpawnError, StartUnknown
@@ -154,11 +161,6 @@ class CommandService:
             raise Unavailable("the server is shutting down")
         timeout_ms, cap = self._check(req)
         node = await self.directory.get(sandbox.node_id)
-        if await node.running_count(sandbox.id) >= self.settings.max_running_commands_per_sandbox:
-            raise RateLimited(
-                f"sandbox {sandbox.id} already runs "
-                f"{self.settings.max_running_commands_per_sandbox} commands"
-            )
         argv = [SHELL, "-c", req.command] if req.args is None else [req.command, *req.args]
         cid = ids.new_id(ids.COMMAND)
         now = utcnow()
@@ -198,6 +200,7 @@ class CommandService:
             rows=req.rows if req.tty and not tty else rows,
             cols=req.cols if req.tty and not tty else cols,
             user=row.user,
+            max_running=self.settings.max_running_commands_per_sandbox,  # the node refuses more
         )
         execution: Execution | None = None
         if node.remote:
@@ -222,6 +225,10 @@ class CommandService:
             if node.remote:
                 await self._delete(row.id)
             raise Unavailable(f"sandbox {sandbox.id} is not running: {exc}") from None
+        except TooManyCommands as exc:
+            if node.remote:
+                await self._delete(row.id)
+            raise RateLimited(str(exc)) from None
         except BaseException:
             if node.remote:
                 with contextlib.suppress(Exception):
@@ -276,10 +283,9 @@ class CommandService:
         recorded: CommandRow | None = None
         try:
             if remote:
-                # Stored by the replica that took the node's event; read back as stored.
-                await execution.outcome()
-                async with self.db.session() as session:
-                    recorded = await session.get(CommandRow, row.id)
+                # Stored by the replica that took the node's event: waited for in the store.
+                assert self.results is not None
+                recorded = await self.results.wait_row(row.id)
                 return
             if not stored:
                 # A sync command that ends within the grace is stored once, with its result;

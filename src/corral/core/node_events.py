@@ -16,7 +16,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.subscription import Subscription
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from corral.clock import utcnow
 from corral.core.models import CommandStatus, NodeInfo
@@ -134,20 +134,25 @@ class NodeEvents:
 
     async def _ended(self, node_id: str, args: dict[str, Any]) -> Any:
         cid = str(args["command_id"])
+        epoch = int(args["epoch"])
         outcome = p.outcome_from_wire(args["outcome"])
-        if await self._epoch(node_id) != int(args["epoch"]):
-            log.info("result of %s from an earlier life of node %s: not applied", cid, node_id)
-            return {"ok": False}
+        current_life = (
+            select(NodeRow.id).where(NodeRow.id == node_id, NodeRow.epoch == epoch).exists()
+        )
         async with self.db.transaction() as session:
+            # One statement: the node's epoch and the command's state are both checked by it.
             taken = await session.execute(
                 update(CommandRow)
-                .where(CommandRow.id == cid, CommandRow.node_id == node_id, RUNNING)
+                .where(CommandRow.id == cid, CommandRow.node_id == node_id, RUNNING, current_life)
                 .values(**outcome_values(outcome))
             )
             applied = bool(taken.rowcount)  # type: ignore[attr-defined]
             exists = applied or await session.get(CommandRow, cid) is not None
         if not exists:
             return {"retry": True}  # its row is being written by the replica that started it
+        if not applied and await self._epoch(node_id) != epoch:
+            log.info("result of %s from an earlier life of node %s: not applied", cid, node_id)
+            return {"ok": False}
         if applied:
             await self.results.announce(cid)
         else:

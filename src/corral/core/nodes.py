@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -30,6 +31,8 @@ from corral.core.models import (
 from corral.store.db import Database
 from corral.store.tables import CommandRow, NodeRow, SandboxRow
 
+USABLE_MAX_AGE = 1.0  # seconds a node's row is trusted for "is it usable" checks
+
 log = logging.getLogger(__name__)
 LIVE_SANDBOX = SandboxRow.state.notin_([SandboxState.deleted.value])
 RUNNING = CommandRow.status.in_([CommandStatus.queued.value, CommandStatus.running.value])
@@ -39,6 +42,7 @@ class NodeRegistry:
     def __init__(self, db: Database, *, lost_after: float = 15.0) -> None:
         self.db = db
         self.lost_after = lost_after
+        self._usable: dict[str, tuple[NodeRow, float]] = {}
 
     # --- what nodes say ---
 
@@ -150,8 +154,15 @@ class NodeRegistry:
         return await self.get(node_id)
 
     async def usable(self, node_id: str) -> NodeRow:
-        """The node `node_id` if it is online now (503 with the reason otherwise)."""
-        row = await self.row(node_id)
+        """The node `node_id` if it is online now (503 with the reason otherwise). Every
+        command on a remote node asks: the row is read at most once per USABLE_MAX_AGE."""
+        seen = self._usable.get(node_id)
+        now = time.monotonic()
+        if seen is not None and now - seen[1] < USABLE_MAX_AGE:
+            row = seen[0]
+        else:
+            row = await self.row(node_id)
+            self._usable[node_id] = (row, now)
         if self._state(row, utcnow()) == NodeState.offline:
             raise Unavailable(
                 f"node {node_id} has not been heard from for over {self.lost_after:g} s"

@@ -18,6 +18,10 @@ class NodeUnavailable(Unavailable):
     """The node does not answer (or speaks another protocol version): 503 with the reason."""
 
 
+class TooManyCommands(RuntimeError):
+    """The sandbox runs as many commands as it may at once."""
+
+
 class HostFailure(RuntimeError):
     """Something on the host failed for a sandbox; the message says why without a host path
     (the node's log has the whole error)."""
@@ -44,6 +48,8 @@ class CommandSpec:
     # A command of the store's history: a remote node reports its result as an event. Helpers
     # (file transfers, checks) report only to their caller.
     report: bool = True
+    # The node refuses the command (TooManyCommands) when its sandbox runs this many already.
+    max_running: int = 0
     rlimits: dict[str, int] = field(default_factory=dict)
     user: str = "user"  # or "root": uid 0 inside the sandbox's user namespace (sudo)
 

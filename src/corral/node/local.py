@@ -16,7 +16,14 @@ from pathlib import Path
 from corral import __version__
 from corral.clock import utcnow
 from corral.core.models import CommandStatus, NodeCapacity, NodeInfo
-from corral.node.base import CommandOutcome, CommandSpec, Execution, HostFailure, Node
+from corral.node.base import (
+    CommandOutcome,
+    CommandSpec,
+    Execution,
+    HostFailure,
+    Node,
+    TooManyCommands,
+)
 from corral.node.bus import PROTOCOL_VERSION
 from corral.node.output_log import (
     STDERR,
@@ -604,6 +611,10 @@ class LocalNode(Node):
         return await asyncio.to_thread(read_output, self.log_path(sandbox_id, command_id))
 
     async def run(self, spec: CommandSpec) -> Execution:
+        if spec.max_running and await self.running_count(spec.sandbox_id) >= spec.max_running:
+            raise TooManyCommands(
+                f"sandbox {spec.sandbox_id} already runs {spec.max_running} commands"
+            )
         process = await self._live(spec.sandbox_id).spawn(
             ProcessSpec(
                 id=spec.id,

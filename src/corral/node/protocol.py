@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.core.models import CommandStatus
-from corral.node.base import CommandOutcome, CommandSpec, HostFailure
+from corral.node.base import CommandOutcome, CommandSpec, HostFailure, TooManyCommands
 from corral.node.bus import RemoteError
 from corral.node.output_log import CorruptLog
 from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, SpawnError, StartUnknown
@@ -59,6 +59,7 @@ ERRORS: dict[str, type[BaseException]] = {
     "os_error": OSError,
     "unknown_command": UnknownCommand,
     "host_exec_refused": HostExecRefused,
+    "too_many_commands": TooManyCommands,
 }
 _NAMES = {cls: name for name, cls in ERRORS.items()}
 
@@ -138,6 +139,7 @@ def spec_to_wire(spec: CommandSpec) -> dict[str, Any]:
         "raw_stdout": spec.raw_stdout,
         "keep_log": spec.keep_log,
         "report": spec.report,
+        "max_running": spec.max_running,
         "rlimits": spec.rlimits,
         "user": spec.user,
     }
@@ -160,6 +162,7 @@ def spec_from_wire(data: dict[str, Any], stdin: bytes) -> CommandSpec:
         raw_stdout=bool(data.get("raw_stdout")),
         keep_log=bool(data.get("keep_log", True)),
         report=bool(data.get("report", True)),
+        max_running=int(data.get("max_running", 0)),
         rlimits={str(k): int(v) for k, v in (data.get("rlimits") or {}).items()},
         user=str(data.get("user", "user")),
     )
