@@ -19,7 +19,7 @@ from corral.core.results import EVERY, CommandResults
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
 from corral.node.agent import NodeAgent
-from corral.node.bus import Bus
+from corral.node.bus import Bus, tls_context
 from corral.node.directory import NodeDirectory
 from corral.node.local import LocalNode
 from corral.runtime import hostlock
@@ -130,6 +130,9 @@ class Services:
                 settings.nats_url,
                 name=f"corral-replica-{process_identity()}",
                 creds=settings.nats_creds,
+                tls=tls_context(
+                    settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+                ),
             )
             results = CommandResults(db, bus)
             await results.start()

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # A user and password go in the URL (nats://user:password@host:4222), best through the
     # environment: arguments are visible to other users.
     nats_creds: str | None = Field(default=None, description="NATS credentials file")
+    nats_tls_ca: str | None = Field(default=None, description="CA bundle that signed NATS's cert")
+    nats_tls_cert: str | None = Field(default=None, description="Client certificate for NATS")
+    nats_tls_key: str | None = Field(default=None, description="Its private key")
     local_node: bool = Field(default=True, description="Run the built-in node in this process")
     host_exec_user: str | None = Field(
         default=None, description="Agent: the host user CMDOP host commands run as (off: none)"

@@ -25,7 +25,7 @@ from nats.errors import Error as NatsError
 import corral.deploy
 from corral.deploy import ENV_EXAMPLES, UNITS, install, read
 from corral.deploy.nats_config import ConfigError, Tls, main, node_user, write_config
-from corral.node.bus import Bus, node_inbox_prefix, node_subject
+from corral.node.bus import Bus, node_inbox_prefix, node_subject, tls_context
 from tests.engines import NatsServer, nats_server_bin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,10 +494,10 @@ def test_tls_is_required_and_corral_connects_with_the_ca(
         # Not trusting the CA: refused, never connected in the clear.
         with pytest.raises((ssl.SSLError, NatsError, OSError)):
             await nats.connect(url, allow_reconnect=False, connect_timeout=5)
-        # Corral's own client, trusting the CA as docs/fleet.md says (SSL_CERT_FILE).
-        monkeypatch.setenv("SSL_CERT_FILE", str(pki["ca"]))
-        node = await Bus.connect(url, name="node-b", inbox_prefix=node_inbox_prefix("b"))
-        api = await Bus.connect(f"tls://{server.creds('api')}", name="api")
+        # Corral's own client, trusting the CA as docs/fleet.md says (CORRAL_NATS_TLS_CA).
+        ca = tls_context(str(pki["ca"]))
+        node = await Bus.connect(url, name="node-b", inbox_prefix=node_inbox_prefix("b"), tls=ca)
+        api = await Bus.connect(f"tls://{server.creds('api')}", name="api", tls=ca)
         assert node.connected and api.connected
 
         async def echo(op: str, args: dict[str, Any], data: bytes) -> Any:
@@ -533,6 +533,14 @@ def test_tls_verify_requires_a_client_certificate(pki: dict[str, Path]) -> None:
         nc = await nats.connect(url, tls=context(True), allow_reconnect=False, connect_timeout=5)
         assert nc.is_connected
         await nc.close()
+        # Corral's own client with its certificate (CORRAL_NATS_TLS_CERT, _KEY).
+        bus = await Bus.connect(
+            url,
+            name="api",
+            tls=tls_context(str(pki["ca"]), str(pki["client_cert"]), str(pki["client_key"])),
+        )
+        assert bus.connected
+        await bus.close()
 
     try:
         assert not _plain_client_is_served(server.port, "api", server.passwords["api"])

@@ -471,7 +471,7 @@ async def _now(source: AsyncIterator[Any]) -> Any:
 async def serve_node(settings: Any, stop: asyncio.Event) -> None:
     """What `corral agent` runs: the built-in node of this host, served over NATS until `stop`."""
     from corral.core.nodes import host_capacity
-    from corral.node.bus import node_inbox_prefix
+    from corral.node.bus import node_inbox_prefix, tls_context
     from corral.services import lock_host, start_local_node
 
     if not settings.nats_url:
@@ -486,6 +486,7 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
             name=f"corral-node-{node.id}",
             creds=settings.nats_creds,
             inbox_prefix=node_inbox_prefix(node.id),
+            tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
         )
 
         def info() -> NodeInfo:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,20 @@ PROTOCOL_VERSION = 1
 PREFIX = "corral.node"
 NO_RESPONDERS_RETRY = 0.1
 NO_RESPONDERS_GRACE = 0.5  # how long "nobody serves this" is taken for a subscription on its way
+
+
+def tls_context(
+    ca: str | None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext | None:
+    """A client TLS context for NATS: its CA (else the system's), and a client certificate
+    for servers that verify clients; None when nothing is set (tls:// URLs still verify the
+    server against the system's CAs)."""
+    if not (ca or cert):
+        return None
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def node_subject(node_id: str, direction: str, *parts: str) -> str:
@@ -152,6 +167,7 @@ class Bus:
         name: str,
         creds: str | None = None,
         inbox_prefix: str | None = None,
+        tls: ssl.SSLContext | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> Bus:
         holder: list[Bus] = []
@@ -178,6 +194,8 @@ class Bus:
             kwargs["user_credentials"] = creds
         if inbox_prefix:
             kwargs["inbox_prefix"] = inbox_prefix.encode()
+        if tls is not None:
+            kwargs["tls"] = tls
         nc = await nats.connect(
             servers=[url],
             name=name,
