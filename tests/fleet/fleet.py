@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -82,8 +83,10 @@ class Fleet:
         nodes: tuple[str, ...] = ("n1", "n2", "n3"),
         replicas: int = 2,
         lost_after: float = 3.0,
+        env: Callable[[int], dict[str, str]] | None = None,
     ) -> None:
         self.postgres = postgres
+        self.extra_env = env  # replica index -> more of its environment
         self.node_ids = nodes
         self.lost_after = lost_after
         self.replica_user = NatsUser("replica")
@@ -97,8 +100,8 @@ class Fleet:
     def start(self) -> Fleet:
         self.database_url = self.postgres.create_database(f"fleet_{os.getpid()}_{next(_fleets)}")
         self.nats.start()
-        for _ in range(self.replica_count):
-            self.replicas.append(self._replica())
+        for i in range(self.replica_count):
+            self.replicas.append(self._replica(self.extra_env(i) if self.extra_env else {}))
         for replica in self.replicas:
             replica.start()
         for node_id in self.node_ids:
@@ -110,7 +113,7 @@ class Fleet:
         self.wait_online(*self.node_ids)
         return self
 
-    def _replica(self) -> Server:
+    def _replica(self, extra_env: dict[str, str]) -> Server:
         return Server(
             make_data_dir("corral-replica-"),
             env={
@@ -118,6 +121,7 @@ class Fleet:
                 "CORRAL_NATS_URL": self.nats.url(self.replica_user),
                 "CORRAL_LOCAL_NODE": "false",
                 "CORRAL_NODE_LOST_AFTER_S": str(self.lost_after),
+                **extra_env,
             },
         )
 

@@ -430,7 +430,7 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
     host_lock = await asyncio.to_thread(lock_host, settings)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        node, _ = await start_local_node(settings, host_lock)
+        node, deno = await start_local_node(settings, host_lock)
         capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
         bus = await Bus.connect(
             settings.nats_url,
@@ -442,6 +442,7 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
         def info() -> NodeInfo:
             described = node.info(capacity)
             described.host_exec = settings.host_exec_user is not None
+            described.deno = deno  # replicas check it before a TypeScript or JavaScript run
             return described
 
         agent = NodeAgent(node, bus, info, sandboxes_dir=settings.data_dir / "sandboxes")
