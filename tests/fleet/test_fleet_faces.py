@@ -83,13 +83,16 @@ def ws_url(fleet: Fleet, i: int, path: str) -> str:
 # --- Runta --------------------------------------------------------------------------------------
 
 
-async def _runta_stream(url: str, token: str, frames: list[dict]) -> list[dict]:
+async def _runta_stream(
+    url: str, token: str, frames: list[dict], delay: float = 0.0
+) -> list[dict]:
     got: list[dict] = []
     async with websockets.connect(
         url, additional_headers={"Authorization": f"Bearer {token}"}
     ) as ws:
         for frame in frames:
             await ws.send(json.dumps(frame))
+            await asyncio.sleep(delay)
         async for message in ws:
             got.append(json.loads(message))
         assert ws.close_code == 1000
@@ -141,6 +144,20 @@ def test_runta(fleet: Fleet, node: str) -> None:
             )
             assert (out, err) == (b"got hello\nrest", b"e\n"), frames_got
             assert frames_got[-1] == {"type": "exit", "code": 5}
+        # On a terminal, resized through the stream.
+        frames = [
+            {"type": "start", "command": "sh", "args": ["-c", "stty size; read x; stty size"],
+             "tty": True, "rows": 30, "cols": 100},
+            {"type": "resize", "rows": 40, "cols": 120},
+            {"type": "stdin", "data_base64": base64.b64encode(b"go\n").decode()},
+        ]  # fmt: skip
+        url = ws_url(fleet, 1, f"/v2/runtimes/{rid}/exec/stream")
+        frames_got = asyncio.run(_runta_stream(url, fleet.replicas[0].admin_key, frames, 0.3))
+        out = b"".join(
+            base64.b64decode(f["data_base64"]) for f in frames_got if f["type"] == "stdout"
+        )
+        assert out.replace(b"\r", b"").split(b"\n") == [b"30 100", b"go", b"40 120", b""]
+        assert frames_got[-1] == {"type": "exit", "code": 0}
         deleted = b.delete(f"/v1/runtimes/{rid}")
         assert deleted.status_code == 200 and deleted.json()["data"]["status"] == "deleted"
         assert a.get(f"/v1/runtimes/{name}").status_code == 404
