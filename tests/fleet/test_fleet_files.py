@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -289,4 +290,39 @@ def test_200_mib_file_through_both_replicas(fleet: Fleet) -> None:
         print("file down through B:", rate(SINGLE_SIZE, down_seconds))
         check_growth(peaks, "file down")
         assert size == SINGLE_SIZE and got.hexdigest() == sent.hexdigest()
+        assert b.delete(f"/v1/sandboxes/{sid}").status_code == 200
+
+
+@pytest.mark.timeout(300)
+def test_download_outlasts_a_helper_silent_for_longer_than_a_node_call(fleet: Fleet) -> None:
+    """A download whose helper says nothing for a while (here: its sandbox paused; gzip of a
+    long run of zeros does the same) goes on once it speaks again, as on a single server."""
+    node = "n1"
+    sid = remote_sandbox(fleet, node)
+    size = 32 * MIB
+    a = fleet.replicas[0].client()
+    b = fleet.replicas[1].client()
+    a.timeout = b.timeout = DOWNLOAD_TIMEOUT
+    with a, b:
+        sent = hashlib.sha256()
+        where = {"path": "/workspace/some.bin"}
+        up = a.put(f"/v1/sandboxes/{sid}/files", params=where, content=random_stream(size, sent))
+        assert up.status_code == 200, up.text
+        got = hashlib.sha256()
+        received = 0
+        resumer = None
+        with b.stream("GET", f"/v1/sandboxes/{sid}/files", params=where) as resp:
+            assert resp.status_code == 200
+            for piece in resp.iter_raw(256 * 1024):
+                got.update(piece)
+                received += len(piece)
+                if resumer is None:
+                    assert a.post(f"/v1/sandboxes/{sid}/pause").status_code == 200
+                    resumer = threading.Timer(8.0, lambda: a.post(f"/v1/sandboxes/{sid}/resume"))
+                    paused_at = time.monotonic()
+                    resumer.start()
+        assert resumer is not None
+        resumer.join()
+        assert time.monotonic() - paused_at >= 8.0
+        assert received == size and got.hexdigest() == sent.hexdigest()
         assert b.delete(f"/v1/sandboxes/{sid}").status_code == 200

@@ -302,8 +302,19 @@ class NodeAgent:
         await self._execution(args).resize(int(args["rows"]), int(args["cols"]))
 
     async def op_read_stdout(self, args: dict[str, Any], data: bytes) -> Any:
+        """Up to `n` bytes; with `wait`, `pending` and no data once that many seconds passed in
+        silence: a command may say nothing for longer than a call's timeout (gzip of a long run
+        of zeros), which must not look like a node that does not answer."""
         n = max(1, min(int(args.get("n", p.READ_BYTES)), p.READ_BYTES))
-        chunk = await self._execution(args).read_stdout(n)
+        read = self._execution(args).read_stdout(n)
+        if args.get("wait") is None:
+            chunk = await read
+        else:
+            try:
+                # Cancelling a pending read takes nothing from the stream.
+                chunk = await asyncio.wait_for(read, min(float(args["wait"]), 10.0))
+            except TimeoutError:
+                return Reply({"eof": False, "pending": True})
         return Reply({"eof": not chunk}, chunk)
 
     async def op_close_stdout(self, args: dict[str, Any], data: bytes) -> Any:

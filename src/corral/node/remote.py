@@ -294,11 +294,17 @@ class RemoteExecution(Execution):
             await self._on("resize", rows=rows, cols=cols)
 
     async def read_stdout(self, n: int = 1 << 20) -> bytes:
-        try:
-            _, data = await self._on("read_stdout", n=min(n, p.READ_BYTES))
-        except BrokenPipeError:
-            return b""
-        return bytes(data)
+        # Asked again while the command is silent: each call answers within FOLLOW_WAIT, so
+        # only a node that does not answer at all ends the read (NodeUnavailable).
+        while True:
+            try:
+                answer, data = await self._on(
+                    "read_stdout", n=min(n, p.READ_BYTES), wait=p.FOLLOW_WAIT
+                )
+            except BrokenPipeError:
+                return b""
+            if data or not (answer or {}).get("pending"):
+                return bytes(data)
 
     async def close_stdout(self) -> None:
         with contextlib.suppress(BrokenPipeError, NodeUnavailable):
