@@ -326,3 +326,38 @@ def test_download_outlasts_a_helper_silent_for_longer_than_a_node_call(fleet: Fl
         assert time.monotonic() - paused_at >= 8.0
         assert received == size and got.hexdigest() == sent.hexdigest()
         assert b.delete(f"/v1/sandboxes/{sid}").status_code == 200
+
+
+@pytest.mark.timeout(300)
+def test_upload_outlasts_a_helper_not_reading_for_longer_than_a_node_call(fleet: Fleet) -> None:
+    """An upload whose helper stops reading for a while (its sandbox paused; a slow disk does
+    the same) goes on once it reads again."""
+    node = "n3"
+    sid = remote_sandbox(fleet, node)
+    size = 32 * MIB
+    a = fleet.replicas[0].client()
+    b = fleet.replicas[1].client()
+    a.timeout = b.timeout = DOWNLOAD_TIMEOUT
+    with a, b:
+        sent = hashlib.sha256()
+        timers: list[threading.Timer] = []
+
+        def body() -> Iterator[bytes]:
+            for i, piece in enumerate(random_stream(size, sent)):
+                if i == 4:
+                    assert b.post(f"/v1/sandboxes/{sid}/pause").status_code == 200
+                    timers.append(
+                        threading.Timer(8.0, lambda: b.post(f"/v1/sandboxes/{sid}/resume"))
+                    )
+                    timers[0].start()
+                yield piece
+
+        started = time.monotonic()
+        where = {"path": "/workspace/some.bin"}
+        up = a.put(f"/v1/sandboxes/{sid}/files", params=where, content=body())
+        assert timers
+        timers[0].join()
+        assert up.status_code == 200, up.text
+        assert time.monotonic() - started >= 8.0
+        assert sandbox_digests(a, sid, "/workspace") == {"some.bin": sent.hexdigest()}
+        assert b.delete(f"/v1/sandboxes/{sid}").status_code == 200

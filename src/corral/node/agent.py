@@ -50,6 +50,7 @@ class NodeAgent:
         self.lost_after = 15.0
         self._executions: dict[str, Execution] = {}
         self._epochs: dict[str, int] = {}  # command id -> the epoch it started in
+        self._writes: dict[str, asyncio.Future[None]] = {}  # command id -> its pending write
         self._outbox: dict[str, dict[str, Any]] = {}
         self._outbox_changed = asyncio.Event()
         self._registered = asyncio.Event()
@@ -187,6 +188,7 @@ class NodeAgent:
     def _forget(self, cid: str) -> None:
         self._executions.pop(cid, None)
         self._epochs.pop(cid, None)
+        self._writes.pop(cid, None)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -290,7 +292,31 @@ class NodeAgent:
         await self._execution(args).cancel()
 
     async def op_write_stdin(self, args: dict[str, Any], data: bytes) -> Any:
-        await self._execution(args).write_stdin(data)
+        """With `wait`: `pending` once that many seconds passed and the command has not taken
+        the data yet (it stopped reading: paused, a slow disk); the write goes on, and the
+        caller asks again with no data until it is done, so that waiting for a command that
+        does not read never looks like a node that does not answer."""
+        execution = self._execution(args)
+        if args.get("wait") is None:
+            await execution.write_stdin(data)
+            return None
+        cid = execution.spec.id
+        write = self._writes.get(cid)
+        if data:
+            # After any write still pending (another replica's), so that input keeps its order.
+            write = asyncio.ensure_future(_write_after(write, execution, data))
+            write.add_done_callback(_retrieved)
+            self._writes[cid] = write
+        elif write is None:
+            return None  # the pending write ended in the meantime
+        try:
+            await asyncio.wait_for(asyncio.shield(write), min(float(args["wait"]), 10.0))
+        except TimeoutError:
+            return {"pending": True}
+        finally:
+            if write.done() and self._writes.get(cid) is write:
+                del self._writes[cid]
+        return None
 
     async def op_close_stdin(self, args: dict[str, Any], data: bytes) -> Any:
         await self._execution(args).close_stdin()
@@ -366,6 +392,21 @@ class NodeAgent:
         parts: list[bytes] = []
         end = await _collect(source, float(args.get("wait", 0)), pieces, parts, _piece_of)
         return Reply({"pieces": pieces, "end": end}, b"".join(parts))
+
+
+async def _write_after(
+    previous: asyncio.Future[None] | None, execution: Execution, data: bytes
+) -> None:
+    if previous is not None:
+        with contextlib.suppress(Exception):
+            await previous  # its error went to its own caller
+    await execution.write_stdin(data)
+
+
+def _retrieved(write: asyncio.Future[None]) -> None:
+    """A pending write whose caller went away: its error (the command ended) is nobody's."""
+    if not write.cancelled():
+        write.exception()
 
 
 def _frame_of(chunk: Chunk) -> tuple[list[int], bytes]:

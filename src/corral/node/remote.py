@@ -275,7 +275,10 @@ class RemoteExecution(Execution):
         view = memoryview(data)
         for start in range(0, len(view), p.READ_BYTES):
             try:
-                await self._on("write_stdin", bytes(view[start : start + p.READ_BYTES]))
+                piece = bytes(view[start : start + p.READ_BYTES])
+                answer, _ = await self._on("write_stdin", piece, wait=p.FOLLOW_WAIT)
+                while (answer or {}).get("pending"):  # the command is not reading: ask again
+                    answer, _ = await self._on("write_stdin", wait=p.FOLLOW_WAIT)
             except BrokenPipeError:
                 self._stdin_open = False
                 raise
