@@ -11,6 +11,7 @@ from corral.core.commands import CommandService
 from corral.core.files import FileService
 from corral.core.leases import LeaderLoop, process_identity
 from corral.core.logins import LoginThrottle
+from corral.core.models import NodeInfo
 from corral.core.named_commands import NamedCommandService
 from corral.core.node_events import NodeEvents
 from corral.core.nodes import NodeRegistry, Presence, host_capacity
@@ -186,9 +187,7 @@ class Services:
             ),
             commands=commands,
             files=files,
-            # In a fleet, agents install the tools Deno included from the same package: whether
-            # a run of TypeScript finds it is their sandboxes' answer.
-            runs=RunService(commands, files, deno=deno or bus is not None),
+            runs=RunService(commands, files, deno=deno),
             named=None,  # type: ignore[arg-type]  # set just below: it needs the others
             logins=LoginThrottle(db),
             nodes=nodes,
@@ -230,10 +229,16 @@ class Services:
             if node is not None:
                 # The built-in node serves the other replicas over NATS, as an agent would.
                 served = node
+
+                def described() -> NodeInfo:
+                    info = served.info(capacity)
+                    info.deno = deno
+                    return info
+
                 services.node_agent = NodeAgent(
                     served,
                     bus,
-                    lambda: served.info(capacity),
+                    described,
                     sandboxes_dir=settings.data_dir / "sandboxes",
                 )
                 await services.node_agent.start()

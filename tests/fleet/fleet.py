@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -89,10 +90,12 @@ class Fleet:
         lost_after: float = 3.0,
         agent_args: dict[str, tuple[str, ...]] | None = None,
         local_nodes: bool = False,
+        env: Callable[[int], dict[str, str]] | None = None,
     ) -> None:
         self.local_nodes = local_nodes  # replicas run a built-in node each (r1, r2, ...)
         self.postgres = postgres
         self.agent_args = agent_args or {}
+        self.extra_env = env  # replica index -> more of its environment
         self.node_ids = nodes
         self.lost_after = lost_after
         self.replica_user = NatsUser("replica")
@@ -116,8 +119,8 @@ class Fleet:
     def _start(self) -> Fleet:
         self.database_url = self.postgres.create_database(f"fleet_{os.getpid()}_{next(_fleets)}")
         self.nats.start()
-        for _ in range(self.replica_count):
-            self.replicas.append(self._replica())
+        for i in range(self.replica_count):
+            self.replicas.append(self._replica(self.extra_env(i) if self.extra_env else {}))
         for replica in self.replicas:
             replica.start()
         for node_id in self.node_ids:
@@ -134,7 +137,7 @@ class Fleet:
         self.wait_online(*self.node_ids)
         return self
 
-    def _replica(self) -> Server:
+    def _replica(self, extra_env: dict[str, str]) -> Server:
         env = {
             "CORRAL_DATABASE_URL": self.database_url,
             "CORRAL_NATS_URL": self.nats.url(self.replica_user),
@@ -143,7 +146,7 @@ class Fleet:
         }
         if self.local_nodes:
             env["CORRAL_NODE_ID"] = f"r{len(self.replicas) + 1}"
-        return Server(make_data_dir("corral-replica-"), env=env)
+        return Server(make_data_dir("corral-replica-"), env={**env, **extra_env})
 
     def client(self, i: int) -> httpx.Client:
         return self.replicas[i % len(self.replicas)].client()

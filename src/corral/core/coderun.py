@@ -26,6 +26,7 @@ from corral.core.commands import CommandService
 from corral.core.errors import CorralError, InvalidArgument, Unavailable
 from corral.core.files import PYTHON, TOOLS_MOUNT, FileService
 from corral.core.models import CommandStatus, ExecRequest, RunError, RunRequest, RunResult
+from corral.node.remote import RemoteNode
 from corral.store.tables import SandboxRow
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class RunService:
                 "give exactly one of code and path",
                 details=[{"loc": ["body", "code"], "msg": "exactly one of code and path"}],
             )
-        if req.language in ("typescript", "javascript") and not self.deno:
+        if req.language in ("typescript", "javascript") and not await self._has_deno(sandbox):
             raise Unavailable("Deno is not installed on this server: no TypeScript or JavaScript")
         directory = f"/tmp/.corral-run-{secrets.token_hex(16)}"
         code = (req.code or "").encode("utf-8")
@@ -147,6 +148,12 @@ class RunService:
             error=run_error,
             duration_ms=command.duration_ms,
         )
+
+    async def _has_deno(self, sandbox: SandboxRow) -> bool:
+        """Whether the sandbox's node has Deno: this server's own node says so at start, an
+        agent in what it registered with (a replica without a node of its own has none)."""
+        node = await self.files.directory.for_sandbox(sandbox.id)
+        return node.info.deno if isinstance(node, RemoteNode) else self.deno
 
     async def _take_result(self, sandbox_id: str, directory: str) -> dict[str, object]:
         try:

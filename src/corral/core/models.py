@@ -670,6 +670,7 @@ class NodeInfo(BaseModel):
     templates: list[str]
     enforceable: dict[str, str] = Field(description="limit -> how this node enforces it")
     host_exec: bool = Field(default=False, description="Opened for commands on the host itself")
+    deno: bool = Field(default=False, description="Has Deno: runs TypeScript and JavaScript")
 
 
 class Node(BaseModel):

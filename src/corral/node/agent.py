@@ -53,6 +53,7 @@ class NodeAgent:
         self.lost_after = 15.0
         self._executions: dict[str, Execution] = {}
         self._epochs: dict[str, int] = {}  # command id -> the epoch it started in
+        self._writes: dict[str, asyncio.Future[None]] = {}  # command id -> its pending write
         self._outbox: dict[str, dict[str, Any]] = {}
         self._outbox_changed = asyncio.Event()
         self._registered = asyncio.Event()
@@ -200,6 +201,7 @@ class NodeAgent:
     def _forget(self, cid: str) -> None:
         self._executions.pop(cid, None)
         self._epochs.pop(cid, None)
+        self._writes.pop(cid, None)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -303,7 +305,31 @@ class NodeAgent:
         await self._execution(args).cancel()
 
     async def op_write_stdin(self, args: dict[str, Any], data: bytes) -> Any:
-        await self._execution(args).write_stdin(data)
+        """With `wait`: `pending` once that many seconds passed and the command has not taken
+        the data yet (it stopped reading: paused, a slow disk); the write goes on, and the
+        caller asks again with no data until it is done, so that waiting for a command that
+        does not read never looks like a node that does not answer."""
+        execution = self._execution(args)
+        if args.get("wait") is None:
+            await execution.write_stdin(data)
+            return None
+        cid = execution.spec.id
+        write = self._writes.get(cid)
+        if data:
+            # After any write still pending (another replica's), so that input keeps its order.
+            write = asyncio.ensure_future(_write_after(write, execution, data))
+            write.add_done_callback(_retrieved)
+            self._writes[cid] = write
+        elif write is None:
+            return None  # the pending write ended in the meantime
+        try:
+            await asyncio.wait_for(asyncio.shield(write), min(float(args["wait"]), 10.0))
+        except TimeoutError:
+            return {"pending": True}
+        finally:
+            if write.done() and self._writes.get(cid) is write:
+                del self._writes[cid]
+        return None
 
     async def op_close_stdin(self, args: dict[str, Any], data: bytes) -> Any:
         await self._execution(args).close_stdin()
@@ -315,8 +341,19 @@ class NodeAgent:
         await self._execution(args).resize(int(args["rows"]), int(args["cols"]))
 
     async def op_read_stdout(self, args: dict[str, Any], data: bytes) -> Any:
+        """Up to `n` bytes; with `wait`, `pending` and no data once that many seconds passed in
+        silence: a command may say nothing for longer than a call's timeout (gzip of a long run
+        of zeros), which must not look like a node that does not answer."""
         n = max(1, min(int(args.get("n", p.READ_BYTES)), p.READ_BYTES))
-        chunk = await self._execution(args).read_stdout(n)
+        read = self._execution(args).read_stdout(n)
+        if args.get("wait") is None:
+            chunk = await read
+        else:
+            try:
+                # Cancelling a pending read takes nothing from the stream.
+                chunk = await asyncio.wait_for(read, min(float(args["wait"]), 10.0))
+            except TimeoutError:
+                return Reply({"eof": False, "pending": True})
         return Reply({"eof": not chunk}, chunk)
 
     async def op_close_stdout(self, args: dict[str, Any], data: bytes) -> Any:
@@ -406,6 +443,21 @@ class NodeAgent:
         return Reply({"pieces": pieces, "end": end}, b"".join(parts))
 
 
+async def _write_after(
+    previous: asyncio.Future[None] | None, execution: Execution, data: bytes
+) -> None:
+    if previous is not None:
+        with contextlib.suppress(Exception):
+            await previous  # its error went to its own caller
+    await execution.write_stdin(data)
+
+
+def _retrieved(write: asyncio.Future[None]) -> None:
+    """A pending write whose caller went away: its error (the command ended) is nobody's."""
+    if not write.cancelled():
+        write.exception()
+
+
 def _frame_of(chunk: Chunk) -> tuple[list[int], bytes]:
     return [chunk.offset, chunk.next_offset, chunk.stream, len(chunk.data)], chunk.data
 
@@ -479,7 +531,7 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
     host_lock = await asyncio.to_thread(lock_host, settings)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        node, _ = await start_local_node(settings, host_lock)
+        node, deno = await start_local_node(settings, host_lock)
         capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
         bus = await Bus.connect(
             settings.nats_url,
@@ -492,6 +544,7 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
         def info() -> NodeInfo:
             described = node.info(capacity)
             described.host_exec = settings.host_exec_user is not None
+            described.deno = deno  # replicas check it before a TypeScript or JavaScript run
             return described
 
         host_exec = HostExec(settings.host_exec_user) if settings.host_exec_user else None

@@ -328,7 +328,10 @@ class RemoteExecution(Execution):
         view = memoryview(data)
         for start in range(0, len(view), p.READ_BYTES):
             try:
-                await self._on("write_stdin", bytes(view[start : start + p.READ_BYTES]))
+                piece = bytes(view[start : start + p.READ_BYTES])
+                answer, _ = await self._on("write_stdin", piece, wait=p.FOLLOW_WAIT)
+                while (answer or {}).get("pending"):  # the command is not reading: ask again
+                    answer, _ = await self._on("write_stdin", wait=p.FOLLOW_WAIT)
             except BrokenPipeError:
                 self._stdin_open = False
                 raise
@@ -347,11 +350,17 @@ class RemoteExecution(Execution):
             await self._on("resize", rows=rows, cols=cols)
 
     async def read_stdout(self, n: int = 1 << 20) -> bytes:
-        try:
-            _, data = await self._on("read_stdout", n=min(n, p.READ_BYTES))
-        except BrokenPipeError:
-            return b""
-        return bytes(data)
+        # Asked again while the command is silent: each call answers within FOLLOW_WAIT, so
+        # only a node that does not answer at all ends the read (NodeUnavailable).
+        while True:
+            try:
+                answer, data = await self._on(
+                    "read_stdout", n=min(n, p.READ_BYTES), wait=p.FOLLOW_WAIT
+                )
+            except BrokenPipeError:
+                return b""
+            if data or not (answer or {}).get("pending"):
+                return bytes(data)
 
     async def close_stdout(self) -> None:
         with contextlib.suppress(BrokenPipeError, NodeUnavailable):
