@@ -29,6 +29,7 @@ RAW_STDOUT_ORPHAN = 300.0  # as the local node: an unread raw stdout is dropped 
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 MAX_FRAMES = 4096  # per read: keeps the JSON part of an answer small
 EVENT_TIMEOUT = 5.0
+EVENT_GIVE_UP = 600.0  # seconds an event whose command has no row is kept trying
 OUTPUT_PAGE = 768 * 1024
 
 Op = Callable[[dict[str, Any], bytes], Awaitable[Any]]
@@ -143,7 +144,11 @@ class NodeAgent:
 
     def _post(self, kind: str, args: dict[str, Any]) -> None:
         self._event_seq += 1
-        self._outbox[f"{kind}-{self._event_seq}"] = {"kind": kind, "args": args}
+        self._outbox[f"{kind}-{self._event_seq}"] = {
+            "kind": kind,
+            "args": args,
+            "posted": asyncio.get_running_loop().time(),
+        }
         self._outbox_changed.set()
 
     async def _died(self, sandbox_id: str, failure: str | None) -> None:
@@ -158,6 +163,11 @@ class NodeAgent:
             log.info("event %s not delivered yet: %s", key, exc)
             return
         if answer.get("retry"):
+            # The command's row never came (its replica died before writing it): after long
+            # enough nobody can be waiting for the result.
+            if asyncio.get_running_loop().time() - event["posted"] > EVENT_GIVE_UP:
+                log.warning("event %s: no replica knows its command; dropped", key)
+                self._outbox.pop(key, None)
             return
         self._outbox.pop(key, None)
 
