@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy async URL; default SQLite (WAL) in the data dir"
     )
+    database_pool_size: int = Field(
+        default=20,
+        ge=1,
+        description="PostgreSQL connections kept per process (as many again in a burst)",
+    )
     admin_key: str | None = Field(
         default=None, description="Admin token; generated on first start when unset"
     )

@@ -29,6 +29,7 @@ RAW_STDOUT_ORPHAN = 300.0  # as the local node: an unread raw stdout is dropped 
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 MAX_FRAMES = 4096  # per read: keeps the JSON part of an answer small
 EVENT_TIMEOUT = 5.0
+EVENTS_IN_FLIGHT = 64  # events sent at once (a burst after an outage is spread out)
 EVENT_GIVE_UP = 600.0  # seconds an event whose command has no row is kept trying
 OUTPUT_PAGE = 768 * 1024
 
@@ -56,7 +57,8 @@ class NodeAgent:
         self._epochs: dict[str, int] = {}  # command id -> the epoch it started in
         self._writes: dict[str, asyncio.Future[None]] = {}  # command id -> its pending write
         self._outbox: dict[str, dict[str, Any]] = {}
-        self._outbox_changed = asyncio.Event()
+        self._outbox_changed = asyncio.Event()  # set on reconnect: retry what waits
+        self._sending = asyncio.Semaphore(EVENTS_IN_FLIGHT)
         self._registered = asyncio.Event()
         self._beat_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -78,7 +80,7 @@ class NodeAgent:
         await self.bus.serve(node_subject(self.node.id, "in", "rpc"), self._handle)
         await self.bus.nc.flush()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._keep_registered()), loop.create_task(self._send())]
+        self._tasks = [loop.create_task(self._keep_registered())]
         await self._registered.wait()
 
     async def close(self) -> None:
@@ -143,51 +145,48 @@ class NodeAgent:
     # --- events ---
 
     def _post(self, kind: str, args: dict[str, Any]) -> None:
+        """Send an event, each on its own: one slow answer never holds up the others."""
         self._event_seq += 1
-        self._outbox[f"{kind}-{self._event_seq}"] = {
-            "kind": kind,
-            "args": args,
-            "posted": asyncio.get_running_loop().time(),
-        }
-        self._outbox_changed.set()
+        key = f"{kind}-{self._event_seq}"
+        event = {"kind": kind, "args": args, "posted": asyncio.get_running_loop().time()}
+        self._outbox[key] = event
+        self._spawn(self._send(key, event))
 
     async def _died(self, sandbox_id: str, failure: str | None) -> None:
         self._post(
             p.EVENT_DIED, {"epoch": self.epoch, "sandbox_id": sandbox_id, "failure": failure}
         )
 
-    async def _deliver(self, key: str, event: dict[str, Any]) -> None:
+    async def _deliver(self, key: str, event: dict[str, Any]) -> bool:
+        """One try; whether the event is done with (applied, refused for good, or dropped)."""
         try:
-            answer = await self._event(event["kind"], event["args"])
+            async with self._sending:
+                answer = await self._event(event["kind"], event["args"])
         except (BusError, RemoteError) as exc:
             log.info("event %s not delivered yet: %s", key, exc)
-            return
+            return False
         if answer.get("retry"):
             # The command's row never came (its replica died before writing it): after long
             # enough nobody can be waiting for the result.
-            if asyncio.get_running_loop().time() - event["posted"] > EVENT_GIVE_UP:
-                log.warning("event %s: no replica knows its command; dropped", key)
-                self._outbox.pop(key, None)
-            return
+            if asyncio.get_running_loop().time() - event["posted"] <= EVENT_GIVE_UP:
+                return False
+            log.warning("event %s: no replica knows its command; dropped", key)
         self._outbox.pop(key, None)
+        return True
+
+    async def _send(self, key: str, event: dict[str, Any]) -> None:
+        delay = RETRY_MIN
+        while key in self._outbox and not await self._deliver(key, event):
+            # Not taken yet: again after a while (at once when NATS comes back).
+            self._outbox_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_changed.wait(), delay)
+            delay = min(RETRY_MAX, delay * 2)
 
     async def _flush_outbox(self) -> None:
         pending = list(self._outbox.items())
         if pending:
             await asyncio.gather(*(self._deliver(k, e) for k, e in pending))
-
-    async def _send(self) -> None:
-        delay = RETRY_MIN
-        while True:
-            await self._outbox_changed.wait()
-            self._outbox_changed.clear()
-            await self._flush_outbox()
-            if self._outbox:
-                await asyncio.sleep(delay)  # not taken yet: try again, backing off
-                delay = min(RETRY_MAX, delay * 2)
-                self._outbox_changed.set()
-            else:
-                delay = RETRY_MIN
 
     def _ended(self, execution: Execution, epoch: int) -> None:
         async def report() -> None:

@@ -22,14 +22,20 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # One key for every replica: a PostgreSQL advisory lock held while migrating, so that replicas
 # starting together run each migration once (the others wait, then find the schema current).
 MIGRATION_LOCK_KEY = 0x636F7272616C  # "corral"
+POOL_SIZE = 20  # PostgreSQL connections a process keeps (as many again in a burst)
 PLACEMENT_LOCK_KEY = MIGRATION_LOCK_KEY + 1  # admission and uid slots of new sandboxes
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
+        if not self.is_sqlite:
+            # A command on a remote node takes a few sessions in turn; with the default pool
+            # (5) a replica under load waits for connections and opens new ones per request.
+            kwargs["pool_size"] = pool_size
+            kwargs["max_overflow"] = pool_size
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
             # Sessions end their own transactions on close; the pool's extra rollback per
