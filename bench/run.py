@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "density": args.density_target or (100 if q else 1000),
         "density_budget": args.density_budget or (30.0 if q else 260.0),
         "idle_bare": 20 if q else 100,
-        "fleet_exec": 40 if q else 300,
+        "fleet_exec": 40 if q else 200,
     }
     if args.wait_quiet:
         deadline = time.monotonic() + args.wait_quiet
