@@ -199,8 +199,11 @@ class Server:
         env: dict[str, str] | None = None,
         tag: str = "bench",
         src: Path | None = None,
+        launcher: list[str] | None = None,
     ) -> None:
         self.data_dir = make_data_dir(f"corral-{tag}-")
+        # What runs `serve ...`: the CLI, or a wrapper around it (bench.trace_fleet's timers).
+        self.launcher = launcher or [PYTHON, "-m", "corral.cli.main"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_key = admin_key
@@ -230,7 +233,7 @@ class Server:
         env["PYTHONPATH"] = str(self.src)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "corral.cli.main", "serve", "--host", "127.0.0.1",
+            [*self.launcher, "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--data-dir", str(self.data_dir)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -269,6 +272,8 @@ class Server:
 
     def cleanup(self) -> None:
         self.stop()
+        remove_cgroups(self.cgroup_name)
+        unmount_under(self.data_dir)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def client(self, **kwargs: Any) -> httpx.Client:
@@ -367,6 +372,50 @@ class LeanSyncConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+CGROUP_MOUNTS = Path("/sys/fs/cgroup")
+
+
+def remove_cgroups(name: str) -> None:
+    """Remove the cgroup `name` from every hierarchy, children first, once its processes are
+    gone (a node leaves its base cgroups behind when it stops). Anything still in them, a
+    sandbox of a process that was killed, is killed by pid first."""
+    if not name or "/" in name:
+        return
+    bases = [CGROUP_MOUNTS / name, *(p / name for p in CGROUP_MOUNTS.glob("*") if p.is_dir())]
+    for base in bases:
+        if not base.is_dir():
+            continue
+        for _ in range(50):
+            left = []
+            for dirpath, _dirs, _files in os.walk(base):
+                try:
+                    left += [int(p) for p in (Path(dirpath) / "cgroup.procs").read_text().split()]
+                except OSError:
+                    pass
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+            if not base.exists():
+                break
+            time.sleep(0.1)
+
+
+def unmount_under(root: Path) -> None:
+    """Lazily unmount whatever is still mounted below `root` (sandbox disks of a node that did
+    not stop cleanly), deepest first, so that removing `root` stays inside it."""
+    prefix = str(root.resolve()) + "/"
+    targets = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1].replace("\\040", " ")
+        if target.startswith(prefix):
+            targets.append(target)
+    for target in sorted(targets, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
 
 
 def pick_uid_base(preferred: int, span: int) -> int:

@@ -70,11 +70,18 @@ def cgroup_cpu_seconds(cgroup_name: str) -> float | None:
 
 class CpuMeter:
     """CPU used by the server process, its sandboxes, this process (the load generator), and
-    the whole host, over a phase; in cores."""
+    the whole host, over a phase; in cores. `probes` name more of it: each gives the CPU
+    seconds a part has used so far (other processes of a fleet)."""
 
-    def __init__(self, server_pid: int, cgroup_name: str | None = None) -> None:
+    def __init__(
+        self,
+        server_pid: int,
+        cgroup_name: str | None = None,
+        probes: dict[str, Callable[[], float]] | None = None,
+    ) -> None:
         self.pid = server_pid
         self.cgroup = cgroup_name
+        self.probes = probes or {}
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
@@ -82,6 +89,7 @@ class CpuMeter:
         self.c0 = self_cpu_seconds()
         self.h0 = host_busy()
         self.g0 = cgroup_cpu_seconds(self.cgroup) if self.cgroup else None
+        self.p0 = {name: probe() for name, probe in self.probes.items()}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,6 +104,8 @@ class CpuMeter:
             "client_cores": (self_cpu_seconds() - self.c0) / dt,
             "host_busy_cores": (h1[0] - self.h0[0]) / max(h1[1] - self.h0[1], 1) * os.cpu_count(),
         }
+        for name, probe in self.probes.items():
+            self.result[f"{name}_cores"] = (probe() - self.p0[name]) / dt
 
 
 class CorralBench:
@@ -338,14 +348,16 @@ class CorralBench:
 
     # --- throughput ---
 
-    def make_sandboxes(self, count: int, concurrency: int = 4) -> list[str]:
+    def make_sandboxes(
+        self, count: int, concurrency: int = 4, body: dict[str, Any] | None = None
+    ) -> list[str]:
         async def go() -> list[str]:
             sem = asyncio.Semaphore(concurrency)
             async with self.server.async_client() as client:
 
                 async def one() -> str:
                     async with sem:
-                        r = await client.post("/v1/sandboxes", json={})
+                        r = await client.post("/v1/sandboxes", json=body or {})
                         if r.status_code != 201:
                             raise RuntimeError(f"create: {r.status_code} {r.text[:200]}")
                         return str(r.json()["id"])
@@ -374,16 +386,22 @@ class CorralBench:
         return time.monotonic() - t0
 
     def throughput(self, sids: list[str], clients: int, duration: float,
-                   window: float = 0.5) -> Sample:  # fmt: skip
-        """`clients` concurrent loops of exec `true`, each on its own sandbox (execs/s)."""
+                   window: float = 0.5, *, servers: list[Server] | None = None,
+                   probes: dict[str, Callable[[], float]] | None = None,
+                   cgroup_name: str | None = None) -> Sample:  # fmt: skip
+        """`clients` concurrent loops of exec `true`, each on its own sandbox (execs/s).
+        With `servers`, client i talks to servers[i % len(servers)] (replicas of a fleet);
+        `probes` and `cgroup_name` go to the CPU meter (see CpuMeter)."""
+        targets = servers or [self.server]
 
         async def go() -> tuple[list[float], list[float], int, float, float, dict[str, float]]:
             stamps: list[float] = []
             lats: list[float] = []
             errors = 0
             # One lean keep-alive connection per client (see LeanConnection).
-            conns = [LeanConnection("127.0.0.1", self.server.port, self.server.admin_key)
-                     for _ in range(clients)]  # fmt: skip
+            conns = [LeanConnection("127.0.0.1", targets[i % len(targets)].port,
+                                    self.server.admin_key)
+                     for i in range(clients)]  # fmt: skip
             try:
                 await asyncio.gather(*(c.open() for c in conns))
                 start = time.monotonic() + 0.1
@@ -403,7 +421,8 @@ class CorralBench:
                         else:
                             errors += 1
 
-                with CpuMeter(self.server.pid, self.server.cgroup_name) as meter:
+                meter = CpuMeter(self.server.pid, cgroup_name or self.server.cgroup_name, probes)
+                with meter:
                     await asyncio.gather(
                         *(worker(c, sids[i % len(sids)]) for i, c in enumerate(conns))
                     )

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip", action="append", default=[],
                     help="phases to leave out: exec supervisor faces create pool throughput "
-                    "streams files density")  # fmt: skip
+                    "fleet streams files density")  # fmt: skip
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "density": args.density_target or (100 if q else 1000),
         "density_budget": args.density_budget or (30.0 if q else 260.0),
         "idle_bare": 20 if q else 100,
+        "fleet_exec": 40 if q else 200,
     }
     if args.wait_quiet:
         deadline = time.monotonic() + args.wait_quiet
@@ -493,6 +494,148 @@ def main(argv: list[str] | None = None) -> int:
                         check=(lambda r: r.ratio >= 0.4) if clients == 32 else None,
                         extra={**sample.extra, "baseline_total_per_second":
                                base.extra["total_per_second"]},
+                    )
+                )  # fmt: skip
+
+        @phase("fleet")
+        def _fleet() -> None:
+            from bench.fleet import NODE_ID, FleetRig
+
+            if not thr_sids:
+                thr_sids.extend(cb.make_sandboxes(32))
+            for sid in thr_sids:
+                cb.exec_ok(sid)
+            rig = FleetRig(
+                src=src, uid_base=pick_uid_base(uid_base + 2 * (span + 1000), span),
+                uid_count=uid_count, admin_key=admin_key,
+                env={f"CORRAL_{pool_name.upper()}": "0"} if pool_name else None, log=log,
+            )  # fmt: skip
+            try:
+                rig.start()
+                log(f"  fleet up in {rig.started['fleet_s']:.1f}s "
+                    f"(uids {rig.uid_base}+, {json.dumps(rig.started)})")  # fmt: skip
+                replica = rig.replicas[0]
+                fb = CorralBench(replica, quick=q, log=log)
+                remote_sids = fb.make_sandboxes(32, body={"node": NODE_ID})
+                for sid in remote_sids:
+                    fb.exec_ok(sid)
+                fleet_meta: dict[str, Any] = {"startup_seconds": dict(rig.started)}
+                meta["fleet"] = fleet_meta
+                try:
+                    _fleet_figures(rig, fb, remote_sids, fleet_meta)
+                finally:
+                    fb.delete_all(remote_sids, budget=60)
+            except Exception:
+                meta.setdefault("fleet", {})["logs"] = rig.logs()
+                raise
+            finally:
+                rig.close()
+
+        def _fleet_figures(rig: Any, fb: CorralBench, remote_sids: list[str],
+                           fleet_meta: dict[str, Any]) -> None:  # fmt: skip
+            from bench.fleet import ExecProbe, interleaved, per_exec
+
+            def counted(fn: Callable[[], Any], execs: Callable[[Any], int]) -> tuple[Any, dict]:
+                """fn(), and what each of its remote execs cost PostgreSQL and NATS."""
+                before = rig.counters()
+                result = fn()
+                time.sleep(1.2)  # PostgreSQL's backends flush their counters within 1 s
+                return result, per_exec(before, rig.counters(), execs(result))
+
+            remote = ExecProbe(rig.replicas[0], remote_sids[0])
+            local = ExecProbe(server, cb.warm_sandbox())
+            try:
+                got, cost = counted(
+                    lambda: interleaved(
+                        {"remote": remote, "local": local, "spawn": spawn_one}, n["fleet_exec"]
+                    ),
+                    lambda _: len(remote.replies),
+                )
+                split_remote = remote.split(n["fleet_exec"])
+                split_local = local.split(n["fleet_exec"])
+            finally:
+                remote.close()
+                local.close()
+            got["remote"].extra.update(
+                split=split_remote, spawn=got["spawn"].summary(), engines=cost
+            )
+            got["local"].extra.update(split=split_local)
+            log(f"  fleet exec: remote {got['remote'].median:.2f} ms, built-in "
+                f"{got['local'].median:.2f} ms, spawn {got['spawn'].median:.2f} ms; remote "
+                f"split {json.dumps(split_remote)}; per exec {json.dumps(cost)}")  # fmt: skip
+            rows.append(
+                Row(
+                    "fleet_exec_remote", "fleet: exec `true`, replica → NATS → agent", "ms",
+                    got["remote"], got["local"], "built-in node (interleaved)",
+                    target="≤ 2x built-in", check=lambda r: r.ratio is not None and r.ratio <= 2,
+                    extra=got["remote"].extra,
+                )
+            )  # fmt: skip
+            rows.append(
+                Row(
+                    "fleet_exec_builtin", "fleet: exec `true`, built-in node (interleaved)",
+                    "ms", got["local"], got["spawn"], "posix_spawn+wait /bin/true",
+                    extra=got["local"].extra,
+                )
+            )  # fmt: skip
+
+            # 32 clients, one sandbox each: the built-in node, the bare machine, then the
+            # fleet with one replica and with two (the second started only then, so that the
+            # one-replica figure has nobody else applying its results).
+            def execs_of(sample: Sample) -> int:
+                return round(sample.extra["total_per_second"] * n["thr_s"])
+
+            builtin = cb.throughput(thr_sids, 32, n["thr_s"])
+            base = bare.spawn_rate(32, n["bare_s"])
+            probes = rig.cpu_probes()
+            one, cost = counted(
+                lambda: fb.throughput(remote_sids, 32, n["thr_s"], probes=probes,
+                                      cgroup_name=rig.agent.cgroup_name),
+                execs_of,
+            )  # fmt: skip
+            one.extra["engines"] = cost
+            rig.add_replica()
+            second = CorralBench(rig.replicas[1], quick=q, log=log)
+            for sid in remote_sids[1::2]:  # the second replica's first calls, untimed
+                second.exec_ok(sid)
+            probes = rig.cpu_probes()
+            two, cost = counted(
+                lambda: fb.throughput(remote_sids, 32, n["thr_s"], servers=rig.replicas,
+                                      probes=probes, cgroup_name=rig.agent.cgroup_name),
+                execs_of,
+            )  # fmt: skip
+            two.extra["engines"] = cost
+            fleet_meta["startup_seconds"] = dict(rig.started)
+            for label, sample in (("built-in", builtin), ("1 replica", one), ("2 replicas", two)):
+                cpu = {k: round(v, 2) for k, v in sample.extra.items()
+                       if k.endswith("_cores") and v is not None}  # fmt: skip
+                log(f"  fleet 32 clients, {label}: {sample.extra['total_per_second']:.0f}/s, "
+                    f"latency p50 {sample.extra['latency_median_ms']:.0f} ms, "
+                    f"cores {json.dumps(cpu)}, per exec "
+                    f"{json.dumps(sample.extra.get('engines', {}))}")  # fmt: skip
+            log(f"  bare spawn rate, 32 workers: {base.extra['total_per_second']:.0f}/s")
+            rows.append(
+                Row(
+                    "fleet_throughput_builtin_32",
+                    "fleet: exec throughput, 32 clients, built-in node", "execs/s", builtin,
+                    base, "bare spawn rate, 32 worker(s)", ratio_kind="%",
+                    extra={**builtin.extra,
+                           "baseline_total_per_second": base.extra["total_per_second"]},
+                )
+            )  # fmt: skip
+            for key, metric, sample in (
+                ("fleet_throughput_1replica_32",
+                 "fleet: exec throughput, 32 clients, 1 replica → agent", one),
+                ("fleet_throughput_2replicas_32",
+                 "fleet: exec throughput, 32 clients, 2 replicas (16 each) → agent", two),
+            ):  # fmt: skip
+                rows.append(
+                    Row(
+                        key, metric, "execs/s", sample, builtin,
+                        "built-in node, 32 clients (same phase)", ratio_kind="%",
+                        extra={**sample.extra,
+                               "bare_total_per_second": base.extra["total_per_second"],
+                               "builtin_total_per_second": builtin.extra["total_per_second"]},
                     )
                 )  # fmt: skip
 
