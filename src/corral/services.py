@@ -107,7 +107,7 @@ class Services:
     async def _start(cls, settings: Settings, host_lock: hostlock.NodeLock | None) -> Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # 1. The store, migrated to the current schema (once, whichever replica comes first).
-        db = Database(settings.effective_database_url, pool_size=settings.database_pool_size)
+        db = Database(settings.effective_database_url, pool_size=settings.database_connections)
         await db.migrate()
         # 2. The admin key (printed once when generated).
         admin_key, generated = settings.resolve_admin_key()

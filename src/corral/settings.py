@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy async URL; default SQLite (WAL) in the data dir"
     )
-    database_pool_size: int = Field(
+    database_connections: int = Field(
         default=20,
         ge=1,
         description="PostgreSQL connections kept per process (as many again in a burst)",
