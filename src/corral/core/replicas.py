@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -28,7 +29,9 @@ PREFIX = "replica:"
 class ReplicaCount:
     def __init__(self, db: Database, holder: str, on_change: Callable[[int], None]) -> None:
         self.db = db
-        self.lease = Lease(db, PREFIX + holder, holder, ttl=INTERVAL * 3)
+        # Named by a digest of the holder: lease names are at most 64 characters.
+        digest = hashlib.sha256(holder.encode()).hexdigest()[:32]
+        self.lease = Lease(db, PREFIX + digest, holder, ttl=INTERVAL * 3)
         self.on_change = on_change
         self.count = 1
         self._task: asyncio.Task[None] | None = None
