@@ -41,5 +41,6 @@ def new_id(prefix: str) -> str:
 
 
 SANDBOX = "sb"
+VOLUME = "vol"
 COMMAND = "cmd"
 TOKEN = "tok"

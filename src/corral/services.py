@@ -19,6 +19,7 @@ from corral.core.replicas import ReplicaCount
 from corral.core.results import EVERY, CommandResults
 from corral.core.sandboxes import SandboxService
 from corral.core.tokens import TokenService
+from corral.core.volumes import VolumeService
 from corral.node.agent import NodeAgent
 from corral.node.bus import Bus, tls_context
 from corral.node.directory import NodeDirectory
@@ -90,6 +91,7 @@ class Services:
     leaders: list[LeaderLoop] = field(default_factory=list)
     node_agent: NodeAgent | None = None  # the built-in node, served over NATS in a fleet
     replicas: ReplicaCount | None = None
+    volumes: VolumeService = None  # type: ignore[assignment]  # set in start(): needs the others
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -199,6 +201,10 @@ class Services:
         services.named = NamedCommandService(
             db, services.sandboxes, services.commands, services.tokens
         )
+        services.volumes = VolumeService(
+            db, directory, nodes, default_size_mb=settings.default_volume_mb
+        )
+        services.sandboxes.volumes = services.volumes
         # 6. Whatever ran on the built-in node when the server last stopped has an unknown
         #    result; sandboxes that should run come back with their files. (In a fleet its
         #    registration does both.)

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         default=10_240, ge=0, description="A sparse file system per sandbox: bounds its writes"
     )
 
+    default_volume_mb: int = Field(
+        default=1024, ge=3, description="The size of a volume made without one"
+    )
+
     network_open: str = Field(
         default="",
         description="Protected destinations (host addresses, 169.254.0.0/16) that sandboxes may "

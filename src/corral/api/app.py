@@ -16,7 +16,17 @@ from corral import __version__
 from corral.api import errors
 from corral.api.faces import cmdio, cmdop, rundatsheesh, runta, vercel
 from corral.api.middleware import RequestContext
-from corral.api.routes import commands, files, nodes, run, sandboxes, streams, system, tokens
+from corral.api.routes import (
+    commands,
+    files,
+    nodes,
+    run,
+    sandboxes,
+    streams,
+    system,
+    tokens,
+    volumes,
+)
 from corral.core.models import ErrorResponse
 from corral.services import Services
 from corral.settings import Settings
@@ -67,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     # Every native operation documents the errors it may answer (the faces document their own).
     native_errors = errors.error_responses()
-    for module in (sandboxes, commands, streams, files, run, tokens, nodes):
+    for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes):
         app.include_router(module.router, responses=native_errors)
     app.include_router(sandboxes.templates_router, responses=native_errors)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel):

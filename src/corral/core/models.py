@@ -146,6 +146,58 @@ SandboxPath = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH
 # --- sandboxes ---------------------------------------------------------------------------------
 
 
+# Where a volume may not go: what every sandbox's root needs as it is.
+RESERVED_MOUNTS = ("/proc", "/dev", "/sys", "/usr", "/etc", "/opt/corral", "/.corral", "/tmp")
+MAX_VOLUMES_PER_SANDBOX = 16
+
+
+def check_mount_path(value: str) -> str:
+    if not value.startswith("/") or "\0" in value:
+        raise ValueError("must be an absolute path")
+    parts = [p for p in value.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise ValueError("must be a normal absolute path below /, without . or ..")
+    path = "/" + "/".join(parts)
+    for reserved in RESERVED_MOUNTS:
+        if path == reserved or path.startswith(reserved + "/"):
+            raise ValueError(f"{reserved} is the sandbox's own")
+    return path
+
+
+class VolumeMount(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="A volume's name or id")]
+    path: Annotated[str, StringConstraints(min_length=2, max_length=MAX_PATH)] = Field(
+        description="Where the sandbox sees it, e.g. /data"
+    )
+    read_only: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return check_mount_path(value)
+
+
+class VolumeCreate(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    size_mb: DiskMb | None = Field(
+        default=None, description="Its own file system of this size; default: the node's disk"
+    )
+    node: Annotated[str, Field(pattern=NODE_ID_PATTERN)] | None = Field(
+        default=None, description="The node to keep it on; default: the least loaded online node"
+    )
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Volume(BaseModel):
+    id: str
+    name: str
+    node_id: str
+    size_mb: int | None
+    labels: dict[str, str]
+    created_at: datetime
+    used_by: list[str] = Field(description="Live sandboxes that mount it")
+
+
 class SandboxCreate(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     template: str = Field(default="host", description="Root filesystem template")
@@ -172,6 +224,11 @@ class SandboxCreate(Strict):
         default=None,
         description="The node to place it on; default: the least loaded online node with room",
     )
+    volumes: list[VolumeMount] = Field(
+        default_factory=list,
+        max_length=MAX_VOLUMES_PER_SANDBOX,
+        description="Volumes to mount (the sandbox goes to their node)",
+    )
 
     @field_validator("env")
     @classmethod
@@ -182,6 +239,16 @@ class SandboxCreate(Strict):
     @classmethod
     def _allow(cls, value: list[str]) -> list[str]:
         return check_cidrs(value)
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[VolumeMount]) -> list[VolumeMount]:
+        paths = [v.path for v in value]
+        for i, path in enumerate(paths):
+            for other in paths[i + 1 :]:
+                if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
+                    raise ValueError(f"volume paths {path} and {other} overlap")
+        return value
 
 
 class SandboxUpdate(Strict):
@@ -220,6 +287,7 @@ class Sandbox(BaseModel):
         default_factory=dict,
         description="Each limit and how this host enforces it (empty: not enforced here)",
     )
+    volumes: list[VolumeMount] = Field(default_factory=list)
 
 
 # --- commands ----------------------------------------------------------------------------------

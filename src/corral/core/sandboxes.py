@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import ids
 from corral.clock import utcnow
-from corral.core.errors import Conflict, NotFound, RateLimited, SandboxNotRunning, Unavailable
+from corral.core.errors import (
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    RateLimited,
+    SandboxNotRunning,
+    Unavailable,
+)
 from corral.core.models import (
     CommandStatus,
     Page,
@@ -23,15 +31,19 @@ from corral.core.models import (
     SandboxCreate,
     SandboxState,
     SandboxUpdate,
+    VolumeMount,
 )
 from corral.core.nodes import NodeRegistry
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.node.base import CommandSpec, Node
 from corral.node.directory import NodeDirectory
-from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied
+from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, VolumeBind
 from corral.runtime.limits import Limits
 from corral.store.db import PLACEMENT_LOCK_KEY, Database
 from corral.store.tables import SandboxRow
+
+if TYPE_CHECKING:
+    from corral.core.volumes import VolumeService
 
 log = logging.getLogger(__name__)
 RECONCILE_CONCURRENCY = 8
@@ -83,6 +95,10 @@ def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox
         expires_at=row.expires_at,
         error=row.error,
         limits_enforced=enforced or {},
+        volumes=[
+            VolumeMount(name=v["name"], path=v["path"], read_only=v["read_only"])
+            for v in spec.get("volumes") or ()
+        ],
     )
 
 
@@ -97,6 +113,7 @@ def _poolable(req: SandboxCreate) -> bool:
         and req.memory_mb is None
         and req.pids is None
         and req.disk_mb is None
+        and not req.volumes
     )
 
 
@@ -118,6 +135,7 @@ class SandboxService:
         self.db = db
         self.directory = directory
         self.local = directory.local  # the built-in node, if this server runs one
+        self.volumes: VolumeService | None = None  # set by the server once it has one
         self.data_dir = data_dir
         self.max_sandboxes = max_sandboxes
         self.uid_count = uid_count
@@ -155,6 +173,10 @@ class SandboxService:
             template=row.template,
             network=row.spec.get("network", "none"),
             allow=tuple(row.spec.get("allow", [])),
+            volumes=tuple(
+                VolumeBind(str(v["id"]), str(v["path"]), bool(v["read_only"]))
+                for v in row.spec.get("volumes") or ()
+            ),
         )
 
     def limits(self, row: SandboxRow) -> Limits:
@@ -300,31 +322,43 @@ class SandboxService:
         taken = used | self._reserved
         return next(i for i in range(1, self.uid_count + 2) if i not in taken)
 
-    async def _place(self, req: SandboxCreate) -> Node:
+    async def _place(self, req: SandboxCreate, wanted: str | None) -> Node:
         """The node for a new sandbox: the built-in one (which may be draining), or in a fleet
-        the least loaded online node with room, or the one asked for."""
+        the least loaded online node with room, or the one asked for (or its volumes')."""
         if not self.directory.fleet:
             if self.local is None:
                 raise Unavailable("this server runs no node")
             if self.nodes is not None:
                 # The template is checked against the node itself (it may have new ones).
-                node_id = await self.nodes.place(wanted=req.node or self.local.id)
+                node_id = await self.nodes.place(wanted=wanted or self.local.id)
                 if node_id != self.local.id:
                     raise Unavailable(f"node {node_id} cannot be reached from this server")
             return self.local
         assert self.nodes is not None
         return await self.directory.get(
-            await self.nodes.place(wanted=req.node, template=req.template)
+            await self.nodes.place(wanted=wanted, template=req.template)
         )
 
     async def create(self, req: SandboxCreate) -> Sandbox:
-        node = await self._place(req)
+        wanted, mounts = req.node, []
+        if req.volumes:
+            if self.volumes is None:
+                raise Unavailable("this server keeps no volumes")
+            volume_node, mounts = await self.volumes.resolve(req.volumes)
+            if req.node is not None and req.node != volume_node:
+                raise InvalidArgument(
+                    f"the volumes are on node {volume_node}, not {req.node}",
+                    details=[{"loc": ["body", "node"], "msg": "not the volumes' node"}],
+                )
+            wanted = volume_node
+        node = await self._place(req, wanted)
         if self._warm and _poolable(req):
             claimed = await self._claim(req)
             if claimed is not None:
                 return claimed
         now = utcnow()
         spec = req.model_dump(mode="json")
+        spec["volumes"] = mounts  # with each volume's id: a name may be given to another later
         row = SandboxRow(
             id=ids.new_id(ids.SANDBOX),
             name=req.name,

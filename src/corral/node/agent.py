@@ -264,6 +264,12 @@ class NodeAgent:
         env = {str(k): str(v) for k, v in args["env"].items()}
         await self.node.set_env(str(args["sandbox_id"]), env)
 
+    async def op_create_volume(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.create_volume(str(args["volume_id"]), int(args["size_mb"]))
+
+    async def op_remove_volume(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.remove_volume(str(args["volume_id"]))
+
     async def op_pause_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
         await self.node.pause_sandbox(str(args["sandbox_id"]))
 

@@ -152,6 +152,13 @@ class Node(abc.ABC):
         """The environment every later command of a running sandbox starts with."""
 
     @abc.abstractmethod
+    async def create_volume(self, volume_id: str, size_mb: int) -> None:
+        """A persistent file system on this node, for its sandboxes to mount."""
+
+    @abc.abstractmethod
+    async def remove_volume(self, volume_id: str) -> None: ...
+
+    @abc.abstractmethod
     async def pause_sandbox(self, sandbox_id: str) -> None: ...
 
     @abc.abstractmethod

@@ -521,6 +521,22 @@ class LocalNode(Node):
     async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
         await self._live(sandbox_id).set_network(network, allow)
 
+    async def create_volume(self, volume_id: str, size_mb: int) -> None:
+        try:
+            await self.runtime.create_volume(volume_id, size_mb)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            log.warning("volume %s: creating it failed: %r", volume_id, exc)
+            with contextlib.suppress(Exception):
+                await self.runtime.remove_volume(volume_id)  # nothing half-made stays
+            raise HostFailure(f"the volume could not be made: {public_reason(exc)}") from None
+
+    async def remove_volume(self, volume_id: str) -> None:
+        try:
+            await self.runtime.remove_volume(volume_id)
+        except OSError as exc:
+            log.warning("volume %s: removing it failed: %r", volume_id, exc)
+            raise HostFailure(f"the volume could not be removed: {public_reason(exc)}") from None
+
     async def pause_sandbox(self, sandbox_id: str) -> None:
         try:
             await self._live(sandbox_id).pause()

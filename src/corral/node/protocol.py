@@ -21,7 +21,14 @@ from corral.core.models import CommandStatus
 from corral.node.base import CommandOutcome, CommandSpec, HostFailure, TooManyCommands
 from corral.node.bus import RemoteError
 from corral.node.output_log import CorruptLog
-from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, SpawnError, StartUnknown
+from corral.runtime.base import (
+    NeedsRestart,
+    SandboxConfig,
+    SandboxDied,
+    SpawnError,
+    StartUnknown,
+    VolumeBind,
+)
 from corral.runtime.limits import Limits
 
 REPLICAS_QUEUE = "replicas"  # the queue group of replicas taking node events
@@ -98,6 +105,7 @@ def config_to_wire(config: SandboxConfig) -> dict[str, Any]:
         "template": config.template,
         "network": config.network,
         "allow": list(config.allow),
+        "volumes": [{"id": v.id, "path": v.path, "read_only": v.read_only} for v in config.volumes],
     }
 
 
@@ -120,6 +128,10 @@ def config_from_wire(data: dict[str, Any], sandboxes_dir: Path) -> SandboxConfig
         template=str(data.get("template", "host")),
         network=str(data.get("network", "none")),
         allow=tuple(str(a) for a in data.get("allow") or ()),
+        volumes=tuple(
+            VolumeBind(str(v["id"]), str(v["path"]), bool(v.get("read_only")))
+            for v in data.get("volumes") or ()
+        ),
     )
 
 

@@ -80,6 +80,12 @@ class RemoteNode(Node):
     async def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
         await self._call("set_env", sandbox_id=sandbox_id, env=env)
 
+    async def create_volume(self, volume_id: str, size_mb: int) -> None:
+        await self._call("create_volume", START_TIMEOUT, volume_id=volume_id, size_mb=size_mb)
+
+    async def remove_volume(self, volume_id: str) -> None:
+        await self._call("remove_volume", STOP_TIMEOUT, volume_id=volume_id)
+
     async def pause_sandbox(self, sandbox_id: str) -> None:
         await self._call("pause_sandbox", sandbox_id=sandbox_id)
 

@@ -31,6 +31,15 @@ def open_pty(rows: int, cols: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class VolumeBind:
+    """A volume a sandbox mounts: its id on the node, where the sandbox sees it, and how."""
+
+    id: str
+    path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class SandboxConfig:
     id: str
     slot: int  # index into the host uid pool
@@ -40,6 +49,7 @@ class SandboxConfig:
     template: str = "host"  # root file system: the host's /usr, or a registered template
     network: str = "none"  # none | allow | outbound
     allow: tuple[str, ...] = ()  # CIDRs the sandbox may reach
+    volumes: tuple[VolumeBind, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,13 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def sweep(self) -> None:
         """Remove what an earlier run of the node left behind (processes, cgroups)."""
+
+    @abc.abstractmethod
+    async def create_volume(self, volume_id: str, size_mb: int) -> None:
+        """A persistent file system of `size_mb` MiB that sandboxes of this node mount."""
+
+    @abc.abstractmethod
+    async def remove_volume(self, volume_id: str) -> None: ...
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release shared host state once every sandbox is stopped."""

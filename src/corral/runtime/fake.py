@@ -29,6 +29,7 @@ class FakeRuntime(Runtime):
 
     def __init__(self) -> None:
         self.started: list[str] = []
+        self.volumes: set[str] = set()
 
     async def prepare(self) -> list[str]:
         return ["the fake runtime runs no real sandboxes"]
@@ -42,6 +43,12 @@ class FakeRuntime(Runtime):
 
     async def sweep(self) -> None:
         return None
+
+    async def create_volume(self, volume_id: str, size_mb: int) -> None:
+        self.volumes.add(volume_id)
+
+    async def remove_volume(self, volume_id: str) -> None:
+        self.volumes.discard(volume_id)
 
 
 class FakeSandbox(SandboxHandle):

@@ -315,10 +315,85 @@ class NamespacesRuntime(Runtime):
             # install); the host's /usr/local is not shown.
             "--bind", str(self.storage(config) / "usr-local"), "/usr/local",
             "--bind", str(self.workspace(config)), "/workspace",
-            "--chdir", "/workspace",
-            "--remount-ro", "/",
         ]  # fmt: skip
+        for volume in config.volumes:
+            # The root of the volume's own file system: mountinfo shows no host path for it.
+            mode = "--ro-bind" if volume.read_only else "--bind"
+            args += [mode, str(self.volume_dir(volume.id) / "data"), volume.path]
+        args += ["--chdir", "/workspace", "--remount-ro", "/"]
         return args
+
+    # --- volumes ---
+
+    def volume_dir(self, volume_id: str) -> Path:
+        if "/" in volume_id or volume_id in ("", ".", ".."):
+            raise ValueError(f"not a volume id: {volume_id!r}")
+        return self.data_dir / "volumes" / volume_id
+
+    async def create_volume(self, volume_id: str, size_mb: int) -> None:
+        await asyncio.to_thread(self._create_volume, volume_id, size_mb)
+
+    def _create_volume(self, volume_id: str, size_mb: int) -> None:
+        """An ext4 image of its own (sparse): its size is its limit, and a sandbox binds the
+        root of it, which names no host path."""
+        home = self.volume_dir(volume_id)
+        home.mkdir(parents=True, exist_ok=True)
+        # Traversable (bwrap binds data/ as the sandbox's uid), not listable; the image is
+        # root's alone.
+        home.parent.chmod(0o711)
+        home.chmod(0o711)
+        image = home / "disk.img"
+        if not image.exists():
+            partial = home / "disk.img.new"
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.truncate(size_mb * 1024 * 1024)
+            subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode",
+                 "-i", "65536", str(partial)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            partial.rename(image)
+        self._mount_volume(home)
+
+    @staticmethod
+    def _mount_volume(home: Path) -> None:
+        data = home / "data"
+        data.mkdir(exist_ok=True)
+        if os.path.ismount(data):
+            return
+        subprocess.run(
+            ["mount", "-o", "loop,nosuid,nodev", str(home / "disk.img"), str(data)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        lost = data / "lost+found"
+        if lost.is_dir() and not any(lost.iterdir()):
+            lost.rmdir()
+
+    async def remove_volume(self, volume_id: str) -> None:
+        await asyncio.to_thread(self._remove_volume, volume_id)
+
+    def _remove_volume(self, volume_id: str) -> None:
+        home = self.volume_dir(volume_id)
+        if os.path.ismount(home / "data"):
+            subprocess.run(["umount", "-l", str(home / "data")], capture_output=True)
+        if home.exists():
+            shutil.rmtree(home)
+
+    def _attach_volumes(self, config: SandboxConfig, uid: int) -> None:
+        """Each volume mounted (again, after a restart) and owned by this sandbox's user:
+        sandboxes have uids of their own, so what an earlier one wrote is handed over."""
+        for volume in config.volumes:
+            home = self.volume_dir(volume.id)
+            if not (home / "disk.img").exists():
+                raise RuntimeError(f"volume {volume.id} is not on this node")
+            self._mount_volume(home)
+            data = home / "data"
+            if os.lstat(data).st_uid != uid:
+                for root, dirs, files in os.walk(data):
+                    for name in (*dirs, *files):
+                        os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+                os.chown(data, uid, uid)
+            data.chmod(0o755)
 
     def _command_line(
         self, config: SandboxConfig, args_fd: int, sock_fd: int, info_fd: int, block_fd: int
@@ -339,6 +414,8 @@ class NamespacesRuntime(Runtime):
     async def start(self, config: SandboxConfig) -> SandboxHandle:
         uid = self.host_uid(config)
         await asyncio.to_thread(self._make_dirs, config, uid)
+        if config.volumes:
+            await asyncio.to_thread(self._attach_volumes, config, uid)
         await asyncio.to_thread(
             clear_mount_point, self.storage(config) / "etc", LD_PRELOAD_FILE,
             self.host_root_uid(config),
@@ -547,11 +624,12 @@ class NamespacesRuntime(Runtime):
             self.resources.sweep()
 
     def _unmount_all(self) -> None:
-        """Unmount the sandbox file systems an earlier run left mounted."""
-        prefix = str(self.data_dir / "sandboxes") + "/"
+        """Unmount the sandbox and volume file systems an earlier run left mounted (a volume
+        is mounted again when a sandbox attaches it)."""
+        prefixes = tuple(str(self.data_dir / d) + "/" for d in ("sandboxes", "volumes"))
         for line in Path("/proc/self/mounts").read_text().splitlines():
             target = line.split()[1]
-            if target.startswith(prefix):
+            if target.startswith(prefixes):
                 subprocess.run(["umount", "-l", target], capture_output=True)
 
 
