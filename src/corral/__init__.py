@@ -50,6 +50,8 @@ from corral.core.models import (
     Scope,
     Token,
     TokenCreated,
+    Volume,
+    VolumeMount,
 )
 
 __version__ = "0.1.0"
@@ -90,6 +92,8 @@ __all__ = [
     "TransportTimeout",
     "UnavailableError",
     "ValidationError",
+    "Volume",
+    "VolumeMount",
     "WriteTimeout",
     "__version__",
     "raise_for_status",

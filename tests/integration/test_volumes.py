@@ -8,7 +8,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from corral import Client, NotFoundError, Volume, VolumeMount
 from tests.conftest import Server, make_data_dir
+from tests.integration.test_sdk_cli import run_cli
 
 pytestmark = pytest.mark.sandbox
 
@@ -102,3 +104,32 @@ def test_bad_volume_requests_get_clear_errors(server: Server) -> None:
         assert api.post("/v1/volumes", json={"name": "../x"}).status_code == 422
         assert api.post("/v1/volumes", json={"name": "ok", "size_mb": 1}).status_code == 422
         assert api.post("/v1/volumes", json={"name": "ok", "node": "elsewhere"}).status_code == 422
+
+
+def test_volumes_through_the_sdk_and_the_cli(server: Server) -> None:
+    with Client(server.url, token=server.admin_key) as client:
+        made = client.create_volume("sdkvol", size_mb=16, labels={"team": "a"})
+        assert isinstance(made, Volume) and made.labels == {"team": "a"}
+        box = client.create_sandbox(volumes=[VolumeMount(name="sdkvol", path="/v")])
+        assert client.exec(box, "echo kept > /v/f").exit_code == 0
+        assert client.get_volume("sdkvol").used_by == [box.id]
+        client.delete_sandbox(box)
+        assert made.id in [v.id for v in client.list_volumes()]
+    listed = run_cli(server, "volume", "ls")
+    assert listed.returncode == 0 and "sdkvol" in listed.stdout
+    cli_box = run_cli(server, "sandbox", "create", "--volume", "sdkvol:/mnt/v:ro")
+    assert cli_box.returncode == 0, cli_box.stderr
+    sid = cli_box.stdout.strip()
+    read = run_cli(server, "exec", sid, "--", "cat", "/mnt/v/f")
+    assert read.returncode == 0 and read.stdout == "kept\n", read.stderr
+    bad = run_cli(server, "sandbox", "create", "--volume", "sdkvol")
+    assert bad.returncode != 0 and "NAME:PATH" in bad.stderr
+    busy = run_cli(server, "volume", "rm", "sdkvol")
+    assert busy.returncode != 0 and sid in busy.stderr
+    assert run_cli(server, "sandbox", "rm", sid).returncode == 0
+    made_cli = run_cli(server, "volume", "create", "clivol", "--size-mb", "8")
+    assert made_cli.returncode == 0 and made_cli.stdout.startswith("vol_")
+    gone = run_cli(server, "volume", "rm", "sdkvol", "clivol")
+    assert gone.returncode == 0, gone.stderr
+    with Client(server.url, token=server.admin_key) as client, pytest.raises(NotFoundError):
+        client.get_volume("clivol")

@@ -61,7 +61,7 @@ SETTINGS = {
     "CORRAL_DEFAULT_TIMEOUT_MS": "3000",
     "CORRAL_DEFAULT_DISK_MB": "0",
 }
-CREATES = ("/v1/sandboxes", "/v1/runtimes", "/v2/sandboxes", "/v1/vms")
+CREATES = ("/v1/sandboxes", "/v1/runtimes", "/v2/sandboxes", "/v1/vms", "/v1/volumes")
 FILE = "/workspace/fuzz.txt"
 SANDBOX_PARAMS = ("sandbox", "runtime", "vm_id", "machine_id", "sandbox_id", "session_id")
 LEFT_OUT = ("/auth/login", "/auth/logout")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.client import APIError, CorralError
-from corral.core.models import Node, Sandbox, Token
+from corral.core.models import Node, Sandbox, Token, Volume
 
 
 def print_table(table: Table) -> None:
@@ -155,6 +155,20 @@ def node_table(nodes: Iterable[Node]) -> Table:
             f"{node.capacity.memory_mb // 1024} GiB",
             node.version,
             when(node.last_heartbeat),
+        )
+    return table
+
+
+def volume_table(volumes: Iterable[Volume]) -> Table:
+    table = _table("ID", "NAME", "NODE", "SIZE", "USED BY", "CREATED")
+    for volume in volumes:
+        table.add_row(
+            volume.id,
+            volume.name,
+            volume.node_id,
+            f"{volume.size_mb} MiB" if volume.size_mb else "-",
+            ", ".join(volume.used_by) or "-",
+            when(volume.created_at),
         )
     return table
 

@@ -60,6 +60,19 @@ def json_option(function: F) -> F:
     )
 
 
+def parse_mounts(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[dict[str, object]]:
+    mounts: list[dict[str, object]] = []
+    for value in values:
+        name, _, rest = value.partition(":")
+        path, _, mode = rest.partition(":")
+        if not name or not path or mode not in ("", "ro", "rw"):
+            raise click.BadParameter(f"{value!r} is not NAME:PATH or NAME:PATH:ro")
+        mounts.append({"name": name, "path": path, "read_only": mode == "ro"})
+    return mounts
+
+
 def parse_pairs(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> dict[str, str]:
@@ -228,6 +241,15 @@ def sandbox() -> None:
 @click.option("--pids", type=int, help="Process limit.")
 @click.option("--disk-mb", type=int, help="Disk limit (MiB).")
 @click.option("--node", metavar="ID", help="Place it on this node [default: least loaded].")
+@click.option(
+    "-v",
+    "--volume",
+    "volumes",
+    multiple=True,
+    callback=parse_mounts,
+    metavar="NAME:PATH[:ro]",
+    help="Mount a volume (repeatable); the sandbox goes to its node.",
+)
 @json_option
 @pass_connection
 def sandbox_create(
@@ -242,12 +264,14 @@ def sandbox_create(
     pids: int | None,
     disk_mb: int | None,
     node: str | None,
+    volumes: list[dict[str, object]],
     as_json: bool,
 ) -> None:
     """Create a sandbox and print its id."""
     with connection.client() as client:
         created = client.create_sandbox(
             node=node,
+            volumes=volumes or None,
             name=name,
             template=template,
             env=env,
@@ -504,6 +528,71 @@ def node_drain(connection: Connection, node_id: str, undo: bool, as_json: bool) 
         output.print_json(found)
     else:
         click.echo(f"{found.id} {found.state.value}")
+
+
+# --- volumes -----------------------------------------------------------------------------------
+
+
+@main.group()
+def volume() -> None:
+    """Named file systems that outlive sandboxes: create, list, inspect, delete."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size-mb", type=click.IntRange(min=3), help="Its size, and limit [default: 1024].")
+@click.option("--node", metavar="ID", help="Keep it on this node [default: least loaded].")
+@click.option("-l", "--label", multiple=True, callback=parse_pairs, metavar="K=V", help="Label.")
+@json_option
+@pass_connection
+def volume_create(
+    connection: Connection,
+    name: str,
+    size_mb: int | None,
+    node: str | None,
+    label: dict[str, str],
+    as_json: bool,
+) -> None:
+    """Create a volume and print its id."""
+    with connection.client() as client:
+        made = client.create_volume(name, size_mb=size_mb, node=node, labels=label or None)
+    if as_json:
+        output.print_json(made)
+    else:
+        click.echo(made.id)
+
+
+@volume.command("ls")
+@json_option
+@pass_connection
+def volume_ls(connection: Connection, as_json: bool) -> None:
+    """List volumes with their node, size and the sandboxes that mount them."""
+    with connection.client() as client:
+        volumes = client.list_volumes()
+    if as_json:
+        output.print_json(volumes)
+    else:
+        output.print_table(output.volume_table(volumes))
+
+
+@volume.command("inspect")
+@click.argument("ref", metavar="NAME|ID")
+@pass_connection
+def volume_inspect(connection: Connection, ref: str) -> None:
+    """A volume as JSON."""
+    with connection.client() as client:
+        output.print_json(client.get_volume(ref))
+
+
+@volume.command("rm")
+@click.argument("refs", metavar="NAME|ID...", nargs=-1, required=True)
+@pass_connection
+def volume_rm(connection: Connection, refs: tuple[str, ...]) -> None:
+    """Delete volumes and their data (refused while a sandbox mounts one)."""
+    with connection.client() as client:
+        for ref in refs:
+            client.delete_volume(ref)
+            click.echo(ref)
 
 
 # --- tokens ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 import pydantic
@@ -57,6 +57,8 @@ from corral.core.models import (
     StdinWritten,
     Token,
     TokenCreated,
+    Volume,
+    VolumeMount,
 )
 
 T = TypeVar("T")
@@ -187,6 +189,7 @@ class AsyncClient(BaseClient):
         disk_mb: int | None = None,
         ttl_seconds: int | None = None,
         node: str | None = None,
+        volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
     ) -> Sandbox:
         """Create a sandbox; options left out take the server's defaults (`node`: the node to
         place it on; default: the least loaded online node with room)."""
@@ -201,6 +204,7 @@ class AsyncClient(BaseClient):
             pids=pids,
             disk_mb=disk_mb,
             ttl_seconds=ttl_seconds,
+            volumes=volumes,
         )
         return await self._send(call)
 
@@ -693,3 +697,29 @@ class AsyncClient(BaseClient):
     async def undrain_node(self, node: str | Node) -> Node:
         """The node takes new sandboxes again."""
         return await self._send(self._drain_node_call(node, False))
+
+    # --- volumes ---
+
+    async def create_volume(
+        self,
+        name: str,
+        *,
+        size_mb: int | None = None,
+        node: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Volume:
+        """A named file system of `size_mb` MiB on a node that outlives sandboxes; mount it
+        with `create_sandbox(volumes=[{"name": ..., "path": "/data"}])`."""
+        return await self._send(
+            self._create_volume_call(name, size_mb=size_mb, node=node, labels=labels)
+        )
+
+    async def list_volumes(self) -> list[Volume]:
+        return (await self._send(self._list_volumes_call())).items
+
+    async def get_volume(self, volume: str | Volume) -> Volume:
+        return await self._send(self._get_volume_call(volume))
+
+    async def delete_volume(self, volume: str | Volume) -> None:
+        """Its data goes with it (refused while a live sandbox mounts it)."""
+        await self._send(self._delete_volume_call(volume))

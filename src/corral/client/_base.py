@@ -33,6 +33,8 @@ from corral.core.models import (
     StdinWritten,
     Token,
     TokenCreated,
+    Volume,
+    VolumeMount,
 )
 
 T = TypeVar("T")
@@ -170,9 +172,11 @@ class BaseClient:
         disk_mb: int | None,
         ttl_seconds: int | None,
         node: str | None = None,
+        volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
     ) -> Call[Sandbox]:
         body = _without_none(
             node=node,
+            volumes=None if volumes is None else [_mount(v) for v in volumes],
             name=name,
             template=template,
             env=_dict_or_none(env),
@@ -498,8 +502,39 @@ class BaseClient:
         action = "drain" if drain else "undrain"
         return Call("POST", f"/v1/nodes/{_segment(_node_id(node))}/{action}", _model(Node))
 
+    def _create_volume_call(
+        self,
+        name: str,
+        *,
+        size_mb: int | None,
+        node: str | None,
+        labels: Mapping[str, str] | None,
+    ) -> Call[Volume]:
+        body = _without_none(name=name, size_mb=size_mb, node=node, labels=_dict_or_none(labels))
+        return Call("POST", "/v1/volumes", _model(Volume), json=body)
+
+    def _list_volumes_call(self) -> Call[Page[Volume]]:
+        return Call("GET", "/v1/volumes", _model(Page[Volume]))
+
+    def _get_volume_call(self, volume: str | Volume) -> Call[Volume]:
+        return Call("GET", f"/v1/volumes/{_segment(_volume_ref(volume))}", _model(Volume))
+
+    def _delete_volume_call(self, volume: str | Volume) -> Call[None]:
+        return Call("DELETE", f"/v1/volumes/{_segment(_volume_ref(volume))}", _nothing)
+
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _volume_ref(volume: str | Volume) -> str:
+    return volume.id if isinstance(volume, Volume) else volume
+
+
+def _mount(mount: VolumeMount | Mapping[str, Any]) -> dict[str, Any]:
+    """A volume mount as the API takes it: a VolumeMount or a dict of its fields."""
+    if isinstance(mount, VolumeMount):
+        return mount.model_dump()
+    return VolumeMount.model_validate(dict(mount)).model_dump()
 
 
 def _model(model: type[M]) -> Callable[[httpx.Response], M]:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 import pydantic
@@ -52,6 +52,8 @@ from corral.core.models import (
     StdinWritten,
     Token,
     TokenCreated,
+    Volume,
+    VolumeMount,
 )
 
 T = TypeVar("T")
@@ -182,6 +184,7 @@ class Client(BaseClient):
         disk_mb: int | None = None,
         ttl_seconds: int | None = None,
         node: str | None = None,
+        volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
     ) -> Sandbox:
         """Create a sandbox; options left out take the server's defaults (`node`: the node to
         place it on; default: the least loaded online node with room)."""
@@ -196,6 +199,7 @@ class Client(BaseClient):
             pids=pids,
             disk_mb=disk_mb,
             ttl_seconds=ttl_seconds,
+            volumes=volumes,
         )
         return self._send(call)
 
@@ -673,3 +677,27 @@ class Client(BaseClient):
     def undrain_node(self, node: str | Node) -> Node:
         """The node takes new sandboxes again."""
         return self._send(self._drain_node_call(node, False))
+
+    # --- volumes ---
+
+    def create_volume(
+        self,
+        name: str,
+        *,
+        size_mb: int | None = None,
+        node: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Volume:
+        """A named file system of `size_mb` MiB on a node that outlives sandboxes; mount it
+        with `create_sandbox(volumes=[{"name": ..., "path": "/data"}])`."""
+        return self._send(self._create_volume_call(name, size_mb=size_mb, node=node, labels=labels))
+
+    def list_volumes(self) -> list[Volume]:
+        return (self._send(self._list_volumes_call())).items
+
+    def get_volume(self, volume: str | Volume) -> Volume:
+        return self._send(self._get_volume_call(volume))
+
+    def delete_volume(self, volume: str | Volume) -> None:
+        """Its data goes with it (refused while a live sandbox mounts it)."""
+        self._send(self._delete_volume_call(volume))
