@@ -95,3 +95,27 @@ def test_start_wait_stream_cancel_and_input_through_either_replica(fleet: Fleet,
         echoed = a.get(f"/v1/sandboxes/{sid}/commands/{cat}", params={"wait": "true"}).json()
         assert echoed["status"] == "completed" and echoed["stdout"] == "hello from b\n"
         assert a.delete(f"/v1/sandboxes/{sid}").status_code == 200
+
+
+def test_a_volume_lives_on_its_node_and_its_sandboxes_go_there(fleet: Fleet) -> None:
+    with fleet.client(0) as a, fleet.client(1) as b:
+        made = a.post("/v1/volumes", json={"name": "shared", "node": "n2", "size_mb": 32})
+        assert made.status_code == 201, made.text
+        assert made.json()["node_id"] == "n2"
+        first = b.post("/v1/sandboxes", json={"volumes": [{"name": "shared", "path": "/data"}]})
+        assert first.status_code == 201 and first.json()["node_id"] == "n2", first.text
+        sid = first.json()["id"]
+        wrote = a.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo n2 > /data/f"})
+        assert wrote.json()["exit_code"] == 0, wrote.text
+        assert b.get("/v1/volumes/shared").json()["used_by"] == [sid]
+        elsewhere = a.post(
+            "/v1/sandboxes",
+            json={"node": "n1", "volumes": [{"name": "shared", "path": "/data"}]},
+        )
+        assert elsewhere.status_code == 422 and "n2" in elsewhere.text
+        b.delete(f"/v1/sandboxes/{sid}")
+        second = a.post("/v1/sandboxes", json={"volumes": [{"name": "shared", "path": "/v"}]})
+        read = b.post(f"/v1/sandboxes/{second.json()['id']}/exec", json={"command": "cat /v/f"})
+        assert read.json()["stdout"] == "n2\n"
+        a.delete(f"/v1/sandboxes/{second.json()['id']}")
+        assert b.delete("/v1/volumes/shared").status_code == 204
