@@ -1,0 +1,135 @@
+"""Running skopeo: registry and archive access, credentials kept off the command line, and its
+errors translated into the store's."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.runtime.images.errors import (
+    DigestMismatchError,
+    ImageArchiveError,
+    ImageError,
+    ImageNotFoundError,
+    RegistryAuthError,
+    RegistryError,
+)
+
+SKOPEO = "skopeo"
+DEFAULT_REGISTRY = "docker.io"
+TIMEOUT = 1800.0  # seconds for one copy: big images over slow links
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    """Credentials for one registry: a user and password (or a registry token used as the
+    password), or an identity token (an OAuth refresh token). The registry's token flow (Bearer
+    challenges) is handled by skopeo with these."""
+
+    username: str | None = None
+    password: str | None = None
+    identity_token: str | None = None
+
+    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
+        return f"RegistryAuth(username={self.username!r}, password=***)"
+
+
+def registry_of(reference: str) -> str:
+    """The registry host[:port] a reference names (Docker's rule: a first component with a dot,
+    a colon or `localhost` is a host; anything else is on Docker Hub)."""
+    first, sep, _ = reference.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return DEFAULT_REGISTRY
+
+
+_REFERENCE = re.compile(r"^[a-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+def check_reference(reference: str) -> str:
+    if not reference or len(reference) > 1024 or not _REFERENCE.fullmatch(reference):
+        raise ImageError(f"not an image reference: {reference[:100]!r}")
+    return reference
+
+
+def is_insecure(registry: str, insecure_registries: Iterable[str]) -> bool:
+    return registry in {r.strip() for r in insecure_registries if r.strip()}
+
+
+def _authfile(tmp_dir: Path, registry: str, auth: RegistryAuth) -> Path:
+    entry: dict[str, str] = {}
+    if auth.identity_token:
+        entry["identitytoken"] = auth.identity_token
+    if auth.username is not None or auth.password is not None:
+        pair = f"{auth.username or ''}:{auth.password or ''}".encode()
+        entry["auth"] = base64.b64encode(pair).decode()
+    fd, name = tempfile.mkstemp(prefix="auth-", suffix=".json", dir=tmp_dir)  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        json.dump({"auths": {registry: entry}}, f)
+    return Path(name)
+
+
+def copy(
+    source: str,
+    dest_layout: Path,
+    tag: str,
+    *,
+    tmp_dir: Path,
+    tls_verify: bool = True,
+    auth: RegistryAuth | None = None,
+    registry: str | None = None,
+    what: str,
+) -> str:
+    """`skopeo copy SOURCE oci:DEST_LAYOUT:TAG`; returns skopeo's output. Credentials go in a
+    0600 auth file that is removed afterwards, never in argv."""
+    argv = [SKOPEO, "--insecure-policy", "copy", "--retry-times", "2"]
+    authfile: Path | None = None
+    if source.startswith("docker://"):
+        if not tls_verify:
+            argv.append("--src-tls-verify=false")
+        if auth is not None and registry is not None:
+            authfile = _authfile(tmp_dir, registry, auth)
+            argv += ["--src-authfile", str(authfile)]
+        else:
+            argv.append("--src-no-creds")
+    argv += [source, f"oci:{dest_layout}:{tag}"]
+    env = {**os.environ, "TMPDIR": str(tmp_dir)}
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise RegistryError(f"{what}: no answer within {TIMEOUT:.0f} s") from None
+    except FileNotFoundError:
+        raise ImageError("skopeo is not installed on this node") from None
+    finally:
+        if authfile is not None:
+            authfile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise _translate(done.stderr, what, [str(tmp_dir), str(dest_layout)])
+    return done.stdout
+
+
+def _translate(stderr: str, what: str, hide: list[str]) -> ImageError:
+    text = " ".join(line.strip() for line in stderr.strip().splitlines()[-3:])
+    text = re.sub(r'^time="[^"]*" level=\w+ msg="?', "", text)
+    for path in sorted(hide, key=len, reverse=True):
+        text = text.replace(path, "<store>")
+    text = text[:500]
+    low = text.lower()
+    if "digest did not match" in low or "digest mismatch" in low:
+        return DigestMismatchError(f"{what}: a blob does not match its digest ({text})")
+    if "unauthorized" in low or "authentication required" in low or "denied" in low:
+        return RegistryAuthError(f"{what}: the registry refused the credentials ({text})")
+    if "manifest unknown" in low or "name unknown" in low or "not found" in low:
+        return ImageNotFoundError(f"{what}: no such image ({text})")
+    if "archive" in low or "oci-layout" in low or "invalid tar" in low:
+        return ImageArchiveError(f"{what}: {text}")
+    return RegistryError(f"{what}: {text}")
