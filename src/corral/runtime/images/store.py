@@ -100,7 +100,15 @@ class Image:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Image:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for k in ("references", "layers", "diff_ids", "layer_media_types", "env", "entrypoint", "cmd"):
+        for k in (
+            "references",
+            "layers",
+            "diff_ids",
+            "layer_media_types",
+            "env",
+            "entrypoint",
+            "cmd",
+        ):
             known[k] = tuple(known.get(k) or ())
         return cls(**known)
 
@@ -188,7 +196,9 @@ def _verified(layout: Path, descriptor: dict[str, Any], what: str) -> Path:
     if actual != digest:
         raise DigestMismatchError(f"{what} {digest} does not match its content (sha256 {actual})")
     if "size" in descriptor and int(descriptor["size"]) != size:
-        raise DigestMismatchError(f"{what} {digest}: size {size}, the manifest says {descriptor['size']}")
+        raise DigestMismatchError(
+            f"{what} {digest}: size {size}, the manifest says {descriptor['size']}"
+        )
     return path
 
 
@@ -232,7 +242,8 @@ def _commit(store: _Store, layout: Path, references: Iterable[str]) -> Image:
     arch, os_name = str(config.get("architecture", "")), str(config.get("os", ""))
     if os_name != "linux" or arch != host_architecture():
         raise UnsupportedImageError(
-            f"the image is for {os_name or '?'}/{arch or '?'}; this node runs linux/{host_architecture()}"
+            f"the image is for {os_name or '?'}/{arch or '?'}; "
+            f"this node runs linux/{host_architecture()}"
         )
     layer_descs = [d for d in manifest.get("layers") or [] if isinstance(d, dict)]
     diff_ids = _strings((config.get("rootfs") or {}).get("diff_ids"))
@@ -335,9 +346,7 @@ def import_archive(
         layout = work / "layout"
         layout.mkdir()
         store.seed(layout)
-        skopeo.copy(
-            f"{kind}:{archive}", layout, STAGING_TAG, tmp_dir=store.tmp, what="the archive"
-        )
+        skopeo.copy(f"{kind}:{archive}", layout, STAGING_TAG, tmp_dir=store.tmp, what="the archive")
         return _commit(store, layout, [reference] if reference else refs)
 
 
@@ -349,7 +358,9 @@ def _archive_kind(archive: Path) -> tuple[str, list[str]]:
                 index = json.load(tar.extractfile(names["index.json"]) or _empty())
                 manifests = index.get("manifests") or []
                 if len(manifests) != 1:
-                    raise ImageArchiveError(f"the archive holds {len(manifests)} images; import one at a time")
+                    raise ImageArchiveError(
+                        f"the archive holds {len(manifests)} images; import one at a time"
+                    )
                 ref = (manifests[0].get("annotations") or {}).get(REF_ANNOTATION)
                 return "oci-archive", [ref] if ref and "/" in ref else []
             if "manifest.json" in names:
@@ -432,19 +443,27 @@ def layer_dirs(store_dir: Path, image: Image, *, limits: UnpackLimits | None = N
     store = _Store(store_dir)
     dirs: list[Path] = []
     total = 0
-    for blob_digest, diff_id, media in zip(image.layers, image.diff_ids, image.layer_media_types, strict=True):
+    for blob_digest, diff_id, media in zip(
+        image.layers, image.diff_ids, image.layer_media_types, strict=True
+    ):
         final = store.layers / _hex(diff_id)
         if not (final / "layer.json").exists():
-            _unpack_into_cache(store, store.blob(blob_digest), diff_id, LAYER_TYPES.get(media, ""), limits)
+            _unpack_into_cache(
+                store, store.blob(blob_digest), diff_id, LAYER_TYPES.get(media, ""), limits
+            )
         stats = LayerStats.from_json(json.loads((final / "layer.json").read_text()))
         total += stats.bytes
         if total > limits.max_image_bytes:
-            raise LayerLimitError(f"the image's content is over the limit of {limits.max_image_bytes} bytes")
+            raise LayerLimitError(
+                f"the image's content is over the limit of {limits.max_image_bytes} bytes"
+            )
         dirs.append(final / "root")
     return dirs[::-1]
 
 
-def _unpack_into_cache(store: _Store, blob: Path, diff_id: str, compression: str, limits: UnpackLimits) -> None:
+def _unpack_into_cache(
+    store: _Store, blob: Path, diff_id: str, compression: str, limits: UnpackLimits
+) -> None:
     if not blob.exists():
         raise ImageError(f"layer blob for {diff_id} is missing from the store")
     with store.staging("layer") as work:

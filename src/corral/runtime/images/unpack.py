@@ -168,7 +168,9 @@ def _split(name: str, limits: UnpackLimits, what: str = "entry") -> tuple[str, .
         raise HostileLayerError(f"{what} {name!r} has a '..' component")
     for part in parts:
         if len(os.fsencode(part)) > NAME_MAX:
-            raise LayerLimitError(f"{what} {name[:64]!r}...: a component longer than {NAME_MAX} bytes")
+            raise LayerLimitError(
+                f"{what} {name[:64]!r}...: a component longer than {NAME_MAX} bytes"
+            )
     return parts
 
 
@@ -200,16 +202,21 @@ class _Unpacker:
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
-                        raise LayerError(f"{name!r}: {'/'.join(parts[: i + 1])} is not in this layer") from None
+                        raise LayerError(
+                            f"{name!r}: {'/'.join(parts[: i + 1])} is not in this layer"
+                        ) from None
                     os.mkdir(part, 0o700, dir_fd=fd)
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
                     where = "/".join(parts[: i + 1])
-                    if e.errno == errno.ELOOP:
-                        raise HostileLayerError(f"{name!r} goes through the symlink {where!r}") from None
-                    if e.errno == errno.ENOTDIR:
-                        raise LayerError(f"{name!r}: {where!r} is not a directory") from None
-                    raise
+                    # O_DIRECTORY|O_NOFOLLOW on a symlink fails with ENOTDIR or ELOOP: look.
+                    if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                        raise HostileLayerError(
+                            f"{name!r} goes through the symlink {where!r}"
+                        ) from None
+                    raise LayerError(f"{name!r}: {where!r} is not a directory") from None
                 os.close(fd)
                 fd = nxt
         except BaseException:
@@ -242,7 +249,9 @@ class _Unpacker:
                 for member in tar:
                     self.stats.entries += 1
                     if self.stats.entries > self.limits.max_entries:
-                        raise LayerLimitError(f"more than {self.limits.max_entries} entries in a layer")
+                        raise LayerLimitError(
+                            f"more than {self.limits.max_entries} entries in a layer"
+                        )
                     try:
                         self._entry(tar, member)
                     except OSError as e:
@@ -266,7 +275,12 @@ class _Unpacker:
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, m.name)
             return
-        if m.ischr() or m.isblk() or m.isfifo() or not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
+        if (
+            m.ischr()
+            or m.isblk()
+            or m.isfifo()
+            or not (m.isreg() or m.isdir() or m.issym() or m.islnk())
+        ):
             self.stats.skipped_devices += 1
             return
         self.stats.max_uid = max(self.stats.max_uid, m.uid)
@@ -289,7 +303,9 @@ class _Unpacker:
 
     def _file(self, tar: tarfile.TarFile, m: tarfile.TarInfo, parent: int, base: str) -> None:
         if self.stats.bytes + m.size > self.limits.max_layer_bytes:
-            raise LayerLimitError(f"layer content over the limit of {self.limits.max_layer_bytes} bytes")
+            raise LayerLimitError(
+                f"layer content over the limit of {self.limits.max_layer_bytes} bytes"
+            )
         self._clear(parent, base, keep_dir=False)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(base, flags, 0o600, dir_fd=parent)
@@ -304,7 +320,7 @@ class _Unpacker:
                         )
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
             if self.stats.owners_applied:
                 os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, m.mode & 0o7777)  # after chown, which clears setuid/setgid
@@ -336,7 +352,9 @@ class _Unpacker:
             try:
                 st = os.stat(target[-1], dir_fd=tparent, follow_symlinks=False)
             except FileNotFoundError:
-                raise LayerError(f"{m.name!r}: hard link target {m.linkname!r} is not in this layer") from None
+                raise LayerError(
+                    f"{m.name!r}: hard link target {m.linkname!r} is not in this layer"
+                ) from None
             if stat.S_ISDIR(st.st_mode) or stat.S_ISCHR(st.st_mode):
                 raise HostileLayerError(f"{m.name!r}: hard link to a directory or a whiteout")
             self._clear(parent, base, keep_dir=False)
@@ -357,7 +375,7 @@ class _Unpacker:
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other aufs bookkeeping (.wh..wh.plnk and the like): nothing to hide
-        hidden = base[len(WHITEOUT_PREFIX):]
+        hidden = base[len(WHITEOUT_PREFIX) :]
         if hidden in ("", ".", ".."):
             raise HostileLayerError(f"whiteout {name!r} names no entry, or '..'")
         parent = self._open_dir(parts[:-1], create=True, name=name)
