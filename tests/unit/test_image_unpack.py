@@ -165,6 +165,9 @@ REFUSED = [
     ("long-path", [E("/".join(["d" * 200] * 30), data=b"x")], LayerLimitError, "longer than 4096"),
     ("hardlink-to-missing", [hard("p", "etc/passwd")], LayerError, "not in this layer"),
     ("hardlink-to-dir", [d("a"), hard("p", "a")], HostileLayerError, "directory"),
+    ("nul-in-name", [E("x", pax={"path": "a\x00b"})], HostileLayerError, "NUL"),
+    ("huge-uid", [E("x", pax={"uid": str(2**40)})], LayerError, "uid/gid out of range"),
+    ("huge-pax-header", [E("x", pax={"comment": "c" * (2 << 20)})], LayerLimitError, "header"),
 ]
 
 
@@ -176,7 +179,8 @@ def test_hostile_layer_is_refused_and_writes_nothing_outside(
     outer: Path, entries: list[E], error: type[Exception], phrase: str
 ) -> None:
     entries = [
-        E(e.name, e.kind, e.data, e.link.replace("{outer}", str(outer)), e.mode) for e in entries
+        E(e.name, e.kind, e.data, e.link.replace("{outer}", str(outer)), e.mode, pax=e.pax)
+        for e in entries
     ]
     before = snapshot(outer, outer / "root")
     with pytest.raises(error, match=phrase.replace("(", r"\(")):
@@ -184,6 +188,24 @@ def test_hostile_layer_is_refused_and_writes_nothing_outside(
     assert snapshot(outer, outer / "root") == before
     assert not (outer / "root").exists()  # nothing half-made
     assert not Path("/abs").exists()
+
+
+@needs_root
+def test_a_hard_link_to_a_symlink_links_the_symlink_itself(outer: Path) -> None:
+    before = snapshot(outer, outer / "root")
+    root, _ = unpack(outer, layer(sym("s", str(outer / "x")), hard("h", "s")))
+    assert os.readlink(root / "h") == str(outer / "x")
+    assert (root / "h").lstat().st_ino == (root / "s").lstat().st_ino
+    assert snapshot(outer, outer / "root") == before
+
+
+@needs_root
+def test_pax_float_and_hostile_mtimes_are_accepted(outer: Path) -> None:
+    root, _ = unpack(
+        outer, layer(E("a", pax={"mtime": "1700000000.75"}), E("b", pax={"mtime": "1e300"}))
+    )
+    assert (root / "a").lstat().st_mtime == 1_700_000_000
+    assert (root / "b").exists()
 
 
 @needs_root

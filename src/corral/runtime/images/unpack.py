@@ -107,6 +107,25 @@ class LayerStats:
         return cls(**known)
 
 
+MAX_HEADER_BYTES = 1 << 20  # one pax or GNU long-name header: tarfile reads it into memory
+MAX_ID = 2**32 - 2  # the largest uid/gid (2**32 - 1 is "no change" to chown)
+MAX_MTIME = 2**34  # seconds: far enough past 2038, small enough for every file system
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses header blocks too big to read into memory (a layer could declare
+    a pax header of many gigabytes). `_proc_member` is tarfile's documented extension point."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        headers = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                   tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)  # fmt: skip
+        if self.type in headers and self.size > MAX_HEADER_BYTES:
+            raise LayerLimitError(
+                f"a tar header block of {self.size} bytes (limit {MAX_HEADER_BYTES})"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 class _Prefixed(io.RawIOBase):
     """A stream with the bytes already read from its head put back in front."""
 
@@ -245,7 +264,7 @@ class _Unpacker:
 
     def run(self, reader: IO[bytes]) -> LayerStats:
         try:
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+            with tarfile.open(fileobj=reader, mode="r|*", tarinfo=_BoundedTarInfo) as tar:
                 for member in tar:
                     self.stats.entries += 1
                     if self.stats.entries > self.limits.max_entries:
@@ -256,9 +275,15 @@ class _Unpacker:
                         self._entry(tar, member)
                     except OSError as e:
                         raise LayerError(f"{member.name!r}: {e.strerror or e}") from None
+                    except ValueError:  # a NUL byte in a name, from a pax header
+                        raise HostileLayerError(
+                            f"{member.name!r}: a name with a NUL byte"
+                        ) from None
                 self._finish_dirs()
         except (tarfile.TarError, EOFError, zlib.error) as e:
             raise LayerError(f"not a readable tar layer: {e}") from None
+        except RecursionError:  # tarfile follows chained pax headers recursively
+            raise LayerError("not a readable tar layer: too many chained headers") from None
         finally:
             self._drop_cache()
         return self.stats
@@ -268,7 +293,8 @@ class _Unpacker:
         if m.pax_headers and any(k.startswith("SCHILY.xattr.") for k in m.pax_headers):
             self.stats.skipped_xattrs += sum(k.startswith("SCHILY.xattr.") for k in m.pax_headers)
         if not parts:  # the layer's root itself
-            if m.isdir():
+            if m.isdir() and 0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID:
+                m.mtime = min(max(int(m.mtime), 0), MAX_MTIME)
                 self.dirs[()] = m
             return
         base = parts[-1]
@@ -283,6 +309,9 @@ class _Unpacker:
         ):
             self.stats.skipped_devices += 1
             return
+        if not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
+            raise LayerError(f"{m.name!r}: uid/gid out of range")
+        m.mtime = min(max(int(m.mtime), 0), MAX_MTIME)  # pax gives floats, or anything
         self.stats.max_uid = max(self.stats.max_uid, m.uid)
         self.stats.max_gid = max(self.stats.max_gid, m.gid)
         parent = self._open_dir(parts[:-1], create=True, name=m.name)
