@@ -188,7 +188,9 @@ def test_unknown_image_and_plain_http_without_opt_in(registry: Registry, store: 
     assert store_state(store) == ([], [], [])
 
 
-def test_basic_auth_registry(auth_registry: Registry, tmp_path: Path, store: Path) -> None:
+def test_basic_auth_registry(
+    auth_registry: Registry, tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built = BuiltImage([BASE], {"User": "root"})
     ref = push(auth_registry, tmp_path, "private/img:1", built, creds="alice:s3cret-pw")
     insecure = [auth_registry.host]
@@ -198,8 +200,21 @@ def test_basic_auth_registry(auth_registry: Registry, tmp_path: Path, store: Pat
         images.pull(ref, store, insecure_registries=insecure,
                     auth=RegistryAuth(username="alice", password="wrong"))  # fmt: skip
     assert store_state(store) == ([], [], [])
+    # The password reaches skopeo in a 0600 file, never in its argv (visible in /proc to all).
+    real_run, seen = subprocess.run, []
+
+    def spy(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        authfile = Path(argv[argv.index("--src-authfile") + 1])
+        seen.append((argv, stat.S_IMODE(authfile.stat().st_mode), authfile.read_text()))
+        return real_run(argv, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(images.skopeo.subprocess, "run", spy)
     image = images.pull(ref, store, insecure_registries=insecure,
                         auth=RegistryAuth(username="alice", password="s3cret-pw"))  # fmt: skip
+    monkeypatch.undo()
+    ((argv, mode, content),) = seen
+    assert not any("s3cret" in a for a in argv) and mode == 0o600
+    assert auth_registry.host in content
     assert image.id == built.config_digest and image.user == "root"
     assert "s3cret" not in repr(RegistryAuth(username="alice", password="s3cret-pw"))
     assert store_state(store)[2] == []  # the auth file is gone

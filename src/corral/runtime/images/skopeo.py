@@ -113,13 +113,22 @@ def copy(
         if authfile is not None:
             authfile.unlink(missing_ok=True)
     if done.returncode != 0:
-        raise _translate(done.stderr, what, [str(tmp_dir), str(dest_layout)])
+        raise _translate(done.stderr, what, [str(tmp_dir), str(dest_layout)], auth is not None)
     return done.stdout
 
 
-def _translate(stderr: str, what: str, hide: list[str]) -> ImageError:
-    text = " ".join(line.strip() for line in stderr.strip().splitlines()[-3:])
-    text = re.sub(r'^time="[^"]*" level=\w+ msg="?', "", text)
+_LOG_LINE = re.compile(r'^time="[^"]*" level=(\w+) msg="(.*)"\s*$')
+
+
+def _translate(stderr: str, what: str, hide: list[str], had_auth: bool) -> ImageError:
+    """skopeo's fatal message, without its log framing or the store's paths, as the fitting
+    ImageError."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else "skopeo failed"
+    for line in reversed(lines):
+        if (m := _LOG_LINE.match(line)) and m.group(1) == "fatal":
+            text = m.group(2).replace('\\"', '"')
+            break
     for path in sorted(hide, key=len, reverse=True):
         text = text.replace(path, "<store>")
     text = text[:500]
@@ -127,6 +136,8 @@ def _translate(stderr: str, what: str, hide: list[str]) -> ImageError:
     if "digest did not match" in low or "digest mismatch" in low:
         return DigestMismatchError(f"{what}: a blob does not match its digest ({text})")
     if "unauthorized" in low or "authentication required" in low or "denied" in low:
+        if not had_auth:
+            return RegistryAuthError(f"{what}: the registry wants credentials ({text})")
         return RegistryAuthError(f"{what}: the registry refused the credentials ({text})")
     if "manifest unknown" in low or "name unknown" in low or "not found" in low:
         return ImageNotFoundError(f"{what}: no such image ({text})")
