@@ -123,11 +123,13 @@ def unpack(outer: Path, data: bytes, **limits: int) -> tuple[Path, object]:
 # (case id, layer entries, the error class, a phrase of its message); each layer is refused.
 REFUSED = [
     ("dotdot", [E("../x", data=b"pwned")], HostileLayerError, "'..'"),
-    ("absolute", [E("/abs/corral-hostile-x", data=b"pwned")], HostileLayerError, "absolute"),
+    ("absolute", [E("{outer}/x", data=b"pwned")], HostileLayerError, "absolute"),
     ("dotdot-inside", [d("a"), E("a/../../x", data=b"pwned")], HostileLayerError, "'..'"),
+    # Through `l -> /` to the outer dir, never to the host's own files: were the unpacker
+    # broken, the test must not damage the machine it runs on.
     (
         "symlink-to-root-then-through",
-        [sym("l", "/"), E("l/etc/passwd", data=b"pwned")],
+        [sym("l", "/"), E("l{outer}/x", data=b"pwned")],
         HostileLayerError,
         "symlink 'l'",
     ),
@@ -179,7 +181,10 @@ def test_hostile_layer_is_refused_and_writes_nothing_outside(
     outer: Path, entries: list[E], error: type[Exception], phrase: str
 ) -> None:
     entries = [
-        E(e.name, e.kind, e.data, e.link.replace("{outer}", str(outer)), e.mode, pax=e.pax)
+        E(
+            e.name.replace("{outer}", str(outer)), e.kind, e.data,
+            e.link.replace("{outer}", str(outer)), e.mode, pax=e.pax,
+        )  # fmt: skip
         for e in entries
     ]
     before = snapshot(outer, outer / "root")
@@ -187,7 +192,6 @@ def test_hostile_layer_is_refused_and_writes_nothing_outside(
         unpack(outer, layer(*entries))
     assert snapshot(outer, outer / "root") == before
     assert not (outer / "root").exists()  # nothing half-made
-    assert not Path("/abs").exists()
 
 
 @needs_root
