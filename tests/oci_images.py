@@ -43,12 +43,13 @@ class BuiltImage:
     layers: list[bytes]  # uncompressed tars
     config: dict[str, object] = field(default_factory=dict)
     architecture: str = field(default_factory=host_architecture)
+    wrong_diff_ids: bool = False  # a config whose diff_ids do not hash the layers
 
     def __post_init__(self) -> None:
         # gzip with a fixed mtime: the same layer gives the same blob in every image.
         self.blobs = [gzip.compress(t, mtime=0) for t in self.layers]
         self.layer_digests = [sha256(b) for b in self.blobs]
-        self.diff_ids = [sha256(t) for t in self.layers]
+        self.diff_ids = [sha256(t + b"x" if self.wrong_diff_ids else t) for t in self.layers]
         self.config_bytes = json.dumps({
             "architecture": self.architecture, "os": "linux",
             "created": "2026-01-02T03:04:05Z",

@@ -175,6 +175,8 @@ def test_a_tampered_blob_is_refused_and_nothing_is_left(
     with pytest.raises(DigestMismatchError, match="digest"):
         images.pull(ref, store, insecure_registries=[registry.host])
     assert store_state(store) == ([], [], [])
+    (store / "tmp" / "pull-left-by-a-crash" / "blobs").mkdir(parents=True)
+    assert images.clean_staging(store) == 1 and store_state(store)[2] == []
 
 
 def test_unknown_image_and_plain_http_without_opt_in(registry: Registry, store: Path) -> None:
@@ -270,3 +272,36 @@ def test_own_digest_check_catches_a_blob_the_copy_did_not(tmp_path: Path, store:
     with pytest.raises(DigestMismatchError, match="does not match"):
         store_mod._commit(store_mod._Store(store), layout, ["x/y:1"])
     assert store_state(store) == ([], [], [])
+
+
+def test_a_hostile_layer_is_refused_at_unpack_and_leaves_no_layer_dir(
+    tmp_path: Path, store: Path
+) -> None:
+    base_only = BuiltImage([BASE])
+    hostile = BuiltImage([BASE, layer_tar({"../escape": b"pwned"})])
+    kept = images.import_archive(base_only.oci_archive(tmp_path / "base.tar"), store)
+    image = images.import_archive(hostile.oci_archive(tmp_path / "hostile.tar"), store)
+    images.layer_dirs(store, kept)
+    with pytest.raises(images.HostileLayerError, match=r"'\.\.'"):
+        images.layer_dirs(store, image)
+    layers = sorted(p.name for p in (store / "layers").iterdir())
+    assert layers == [base_only.diff_ids[0].removeprefix("sha256:")]  # the good one only
+    assert store_state(store)[2] == []
+    assert not (tmp_path / "escape").exists() and not (store / "escape").exists()
+
+
+def test_a_layer_not_matching_its_diff_id_is_refused(tmp_path: Path, store: Path) -> None:
+    built = BuiltImage([BASE], wrong_diff_ids=True)
+    image = images.import_archive(built.oci_archive(tmp_path / "img.tar"), store)
+    with pytest.raises(DigestMismatchError, match="hashes to"):
+        images.layer_dirs(store, image)
+    assert list((store / "layers").iterdir()) == [] and store_state(store)[2] == []
+
+
+def test_the_image_size_limit_covers_all_layers(tmp_path: Path, store: Path) -> None:
+    big = layer_tar({"a": b"x" * 3000})
+    built = BuiltImage([big, layer_tar({"b": b"y" * 3000})])
+    image = images.import_archive(built.oci_archive(tmp_path / "img.tar"), store)
+    limits = images.UnpackLimits(max_layer_bytes=4000, max_image_bytes=5000)
+    with pytest.raises(images.LayerLimitError, match="image's content"):
+        images.layer_dirs(store, image, limits=limits)

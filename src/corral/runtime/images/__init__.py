@@ -10,6 +10,7 @@ Interface (all blocking: call them from a thread, not the event loop)::
     remove_image(store_dir, id_or_reference) -> Image
     layer_dirs(store_dir, image, *, limits=None) -> list[Path]   # top-most first
     overlay_lowerdir(dirs) -> str                                  # "L3:L2:L1"
+    clean_staging(store_dir) -> int                               # at node start
     unpack_layer(source, dest, *, limits=None) -> LayerStats      # one layer, the safe unpacker
 
 Registry access and archive reading are skopeo's (`skopeo copy docker://REF oci:DIR:TAG`,
@@ -59,6 +60,7 @@ from corral.runtime.images.errors import (
 from corral.runtime.images.skopeo import RegistryAuth
 from corral.runtime.images.store import (
     Image,
+    clean_staging,
     get_image,
     host_architecture,
     import_archive,
@@ -85,6 +87,7 @@ __all__ = [
     "RegistryError",
     "UnpackLimits",
     "UnsupportedImageError",
+    "clean_staging",
     "get_image",
     "host_architecture",
     "import_archive",

@@ -379,6 +379,20 @@ def _empty() -> IO[bytes]:
     return io.BytesIO(b"{}")
 
 
+def clean_staging(store_dir: Path) -> int:
+    """Remove what pulls, imports and unpacks left in `tmp/` when the node stopped mid-way;
+    call it at the node's start, before any pull runs. Returns how many entries went."""
+    store = _Store(store_dir)
+    gone = 0
+    for entry in store.tmp.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        gone += 1
+    return gone
+
+
 def list_images(store_dir: Path) -> list[Image]:
     return _Store(store_dir).records()
 
