@@ -403,3 +403,19 @@ def test_a_later_entry_replaces_an_earlier_one_in_the_same_layer(outer: Path) ->
     )
     assert (root / "x").read_bytes() == b"file"
     assert (root / "y").is_dir() and (root / "y" / "z").exists()
+
+
+@needs_root
+def test_parents_the_layer_does_not_list_take_the_lower_layers_attributes(tmp_path: Path) -> None:
+    lower = tmp_path / "lower"
+    unpack_layer(
+        io.BytesIO(layer(d("usr", 0o755), E("opt", tarfile.DIRTYPE, mode=0o750, gid=5))), lower
+    )
+    upper = tmp_path / "upper"
+    unpack_layer(io.BytesIO(layer(E("usr/bin/tool", data=b"t"), E("opt/x"), E("new/y"))), upper,
+                 lowers=[lower])  # fmt: skip
+    assert stat.S_IMODE((upper / "usr").stat().st_mode) == 0o755
+    assert stat.S_IMODE((upper / "usr/bin").stat().st_mode) == 0o755  # nowhere below: default
+    opt = (upper / "opt").stat()
+    assert (stat.S_IMODE(opt.st_mode), opt.st_gid) == (0o750, 5)
+    assert stat.S_IMODE((upper / "new").stat().st_mode) == 0o755

@@ -463,8 +463,9 @@ def layer_dirs(store_dir: Path, image: Image, *, limits: UnpackLimits | None = N
         final = store.layers / _hex(diff_id)
         if not (final / "layer.json").exists():
             _unpack_into_cache(
-                store, store.blob(blob_digest), diff_id, LAYER_TYPES.get(media, ""), limits
-            )
+                store, store.blob(blob_digest), diff_id, LAYER_TYPES.get(media, ""), limits,
+                lowers=dirs[::-1],
+            )  # fmt: skip
         stats = LayerStats.from_json(json.loads((final / "layer.json").read_text()))
         total += stats.bytes
         if total > limits.max_image_bytes:
@@ -476,7 +477,13 @@ def layer_dirs(store_dir: Path, image: Image, *, limits: UnpackLimits | None = N
 
 
 def _unpack_into_cache(
-    store: _Store, blob: Path, diff_id: str, compression: str, limits: UnpackLimits
+    store: _Store,
+    blob: Path,
+    diff_id: str,
+    compression: str,
+    limits: UnpackLimits,
+    *,
+    lowers: list[Path],
 ) -> None:
     if not blob.exists():
         raise ImageError(f"layer blob for {diff_id} is missing from the store")
@@ -485,7 +492,7 @@ def _unpack_into_cache(
             plain: IO[bytes] = gzip.GzipFile(fileobj=raw) if compression == "gzip" else raw
             hashing = _HashingReader(plain)
             try:
-                stats = unpack_layer(hashing, work / "root", limits=limits)  # type: ignore[arg-type]
+                stats = unpack_layer(hashing, work / "root", limits=limits, lowers=lowers)  # type: ignore[arg-type]
                 actual = hashing.drain()
             except (OSError, EOFError) as e:
                 if isinstance(e, ImageError):

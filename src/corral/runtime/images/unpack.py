@@ -47,6 +47,7 @@ import shutil
 import stat
 import tarfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -153,10 +154,16 @@ def unpack_layer(
     dest: Path,
     *,
     limits: UnpackLimits | None = None,
+    lowers: Sequence[Path] = (),
 ) -> LayerStats:
     """Unpack one layer (a tar, optionally gzip/bzip2/xz compressed) into `dest`, which must
     not exist yet; returns what was written. On any error `dest` is removed and a LayerError
-    (HostileLayerError, LayerLimitError) or UnsupportedImageError is raised."""
+    (HostileLayerError, LayerLimitError) or UnsupportedImageError is raised.
+
+    `lowers` are the unpacked layers below this one, top-most first: a parent directory the
+    layer does not list (`usr/bin/x` with no `usr/` entry) takes its mode and owner from there,
+    as it would in a merged tree; without one it is 0755 root's. In an overlay the upper-most
+    copy of a directory gives the merged one its mode, so a default 0700 would hide it."""
     limits = limits or UnpackLimits()
     dest.mkdir(mode=0o755)
     try:
@@ -171,7 +178,7 @@ def unpack_layer(
             reader = io.BufferedReader(_Prefixed(head, stream), CHUNK)
             root_fd = os.open(dest, _DIR_FLAGS)
             stack.callback(os.close, root_fd)
-            return _Unpacker(root_fd, limits).run(reader)
+            return _Unpacker(root_fd, limits, lowers).run(reader)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -194,9 +201,11 @@ def _split(name: str, limits: UnpackLimits, what: str = "entry") -> tuple[str, .
 
 
 class _Unpacker:
-    def __init__(self, root_fd: int, limits: UnpackLimits) -> None:
+    def __init__(self, root_fd: int, limits: UnpackLimits, lowers: Sequence[Path]) -> None:
         self.root_fd = root_fd
         self.limits = limits
+        self.lowers = list(lowers)
+        self.implicit: set[tuple[str, ...]] = set()
         self.stats = LayerStats(owners_applied=os.geteuid() == 0)
         self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}
         self._cached: tuple[tuple[str, ...], int] | None = None
@@ -225,6 +234,7 @@ class _Unpacker:
                             f"{name!r}: {'/'.join(parts[: i + 1])} is not in this layer"
                         ) from None
                     os.mkdir(part, 0o700, dir_fd=fd)
+                    self.implicit.add(parts[: i + 1])
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -421,6 +431,8 @@ class _Unpacker:
     def _finish_dirs(self) -> None:
         """Directory modes, owners and times last: entries written into a directory change
         its mtime, and a read-only mode must not stop the writes."""
+        for parts in self.implicit - self.dirs.keys():
+            self.dirs[parts] = self._lower_dir(parts)
         for parts in sorted(self.dirs, key=len, reverse=True):
             m = self.dirs[parts]
             try:
@@ -437,3 +449,36 @@ class _Unpacker:
         self._drop_cache()
         if () not in self.dirs:
             os.fchmod(self.root_fd, 0o755)
+
+    def _lower_dir(self, parts: tuple[str, ...]) -> tarfile.TarInfo:
+        """The attributes of directory `parts` as the layers below show it (the top-most one
+        that has the path; a non-directory there hides any below), else 0755 root's."""
+        info = tarfile.TarInfo("/".join(parts))
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+        for lower in self.lowers:
+            st = _lstat_below(lower, parts)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+                info.mtime = int(st.st_mtime)
+            break
+        return info
+
+
+def _lstat_below(root: Path, parts: tuple[str, ...]) -> os.stat_result | None:
+    """lstat of `parts` under `root`, every parent reached without following symlinks."""
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
