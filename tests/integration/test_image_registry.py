@@ -179,6 +179,19 @@ def test_a_tampered_blob_is_refused_and_nothing_is_left(
     assert images.clean_staging(store) == 1 and store_state(store)[2] == []
 
 
+def test_an_image_over_the_pull_limit_is_refused_before_fetching(
+    registry: Registry, tmp_path: Path, store: Path
+) -> None:
+    built = BuiltImage([BASE, APP_A])
+    ref = push(registry, tmp_path, "corral/big:1", built)
+    total = sum(map(len, built.blobs))
+    with pytest.raises(images.ImageTooLargeError, match=f"{total} bytes, over the limit of 100"):
+        images.pull(ref, store, insecure_registries=[registry.host], max_bytes=100)
+    assert store_state(store) == ([], [], [])
+    image = images.pull(ref, store, insecure_registries=[registry.host], max_bytes=total)
+    assert image.id == built.config_digest
+
+
 def test_unknown_image_and_plain_http_without_opt_in(registry: Registry, store: Path) -> None:
     with pytest.raises(ImageNotFoundError, match="no such image"):
         images.pull(f"{registry.host}/corral/nope:1", store, insecure_registries=[registry.host])

@@ -3,7 +3,7 @@ and unpack them safely as overlayfs lower dirs.
 
 Interface (all blocking: call them from a thread, not the event loop)::
 
-    pull(reference, store_dir, *, insecure_registries=(), auth=None) -> Image
+    pull(reference, store_dir, *, insecure_registries=(), auth=None, max_bytes=None) -> Image
     import_archive(path_or_stream, store_dir, *, reference=None) -> Image
     list_images(store_dir) -> list[Image]
     get_image(store_dir, id_or_reference) -> Image
@@ -51,6 +51,8 @@ from corral.runtime.images.errors import (
     ImageArchiveError,
     ImageError,
     ImageNotFoundError,
+    ImageStoreFullError,
+    ImageTooLargeError,
     LayerError,
     LayerLimitError,
     RegistryAuthError,
@@ -79,6 +81,8 @@ __all__ = [
     "ImageArchiveError",
     "ImageError",
     "ImageNotFoundError",
+    "ImageStoreFullError",
+    "ImageTooLargeError",
     "LayerError",
     "LayerLimitError",
     "LayerStats",

@@ -7,6 +7,8 @@
     ├── DigestMismatchError      a blob's content does not hash to its digest
     ├── UnsupportedImageError    another architecture or OS, an unknown media type, zstd layers
     ├── ImageArchiveError        an archive that is neither an OCI layout nor a `docker save` tar
+    ├── ImageTooLargeError       an image whose layers are over the pull size limit
+    ├── ImageStoreFullError      the node's disk filled up while pulling or unpacking
     └── LayerError               a layer that cannot be unpacked
         ├── HostileLayerError    an entry that would write outside the root or through a symlink
         └── LayerLimitError      a layer or image over its size limit, or with too many entries
@@ -43,6 +45,14 @@ class UnsupportedImageError(ImageError):
 
 class ImageArchiveError(ImageError):
     """The archive is not an OCI layout tarball nor a `docker save` tarball."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image's layers add up to more than the node accepts to fetch."""
+
+
+class ImageStoreFullError(ImageError, OSError):
+    """The node's image store ran out of space (or quota)."""
 
 
 class LayerError(ImageError):

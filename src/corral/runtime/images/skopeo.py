@@ -12,12 +12,14 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from corral.runtime.images.errors import (
     DigestMismatchError,
     ImageArchiveError,
     ImageError,
     ImageNotFoundError,
+    ImageStoreFullError,
     RegistryAuthError,
     RegistryError,
 )
@@ -89,17 +91,69 @@ def copy(
 ) -> str:
     """`skopeo copy SOURCE oci:DEST_LAYOUT:TAG`; returns skopeo's output. Credentials go in a
     0600 auth file that is removed afterwards, never in argv."""
-    argv = [SKOPEO, "--insecure-policy", "copy", "--retry-times", "2"]
+    remote = source.startswith("docker://")
+    return _run(
+        ["copy", "--retry-times", "2"], [source, f"oci:{dest_layout}:{tag}"],
+        prefix="--src-" if remote else None, tmp_dir=tmp_dir, tls_verify=tls_verify,
+        auth=auth, registry=registry, what=what, hide=[str(dest_layout)],
+    )  # fmt: skip
+
+
+def inspect_raw(
+    reference: str,
+    *,
+    tmp_dir: Path,
+    tls_verify: bool = True,
+    auth: RegistryAuth | None = None,
+    registry: str,
+) -> dict[str, Any]:
+    """`skopeo inspect --raw`: the manifest (or image index) a registry serves for
+    `reference`, before any blob is fetched."""
+    out = _run(
+        ["inspect", "--raw", "--retry-times", "2"], [f"docker://{reference}"], prefix="--",
+        tmp_dir=tmp_dir, tls_verify=tls_verify, auth=auth, registry=registry, what=reference,
+    )  # fmt: skip
+    try:
+        data = json.loads(out)
+    except ValueError:
+        raise RegistryError(f"{reference}: the registry served an unreadable manifest") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{reference}: the registry served an unreadable manifest")
+    return data
+
+
+def repository_of(reference: str) -> str:
+    """`host/name` of `host/name:tag` or `host/name@digest`."""
+    if "@" in reference:
+        return reference.split("@", 1)[0]
+    head, sep, last = reference.rpartition("/")
+    name = last.split(":", 1)[0]
+    return f"{head}{sep}{name}"
+
+
+def _run(
+    command: list[str],
+    operands: list[str],
+    *,
+    prefix: str | None,
+    tmp_dir: Path,
+    tls_verify: bool,
+    auth: RegistryAuth | None,
+    registry: str | None,
+    what: str,
+    hide: list[str] = [],  # noqa: B006 - never mutated
+) -> str:
+    argv = [SKOPEO, "--insecure-policy", *command]
     authfile: Path | None = None
-    if source.startswith("docker://"):
+    if prefix is not None:  # options of the registry side, `--src-…` for copy, `--…` for inspect
         if not tls_verify:
-            argv.append("--src-tls-verify=false")
+            argv.append(f"{prefix}tls-verify=false")
         if auth is not None and registry is not None:
             authfile = _authfile(tmp_dir, registry, auth)
-            argv += ["--src-authfile", str(authfile)]
+            argv += [f"{prefix}authfile", str(authfile)]
         else:
-            argv.append("--src-no-creds")
-    argv += [source, f"oci:{dest_layout}:{tag}"]
+            argv.append(f"{prefix}no-creds")
+    argv += operands
     env = {**os.environ, "TMPDIR": str(tmp_dir)}
     try:
         done = subprocess.run(
@@ -113,7 +167,7 @@ def copy(
         if authfile is not None:
             authfile.unlink(missing_ok=True)
     if done.returncode != 0:
-        raise _translate(done.stderr, what, [str(tmp_dir), str(dest_layout)], auth is not None)
+        raise _translate(done.stderr, what, [str(tmp_dir), *hide], auth is not None)
     return done.stdout
 
 
@@ -133,6 +187,8 @@ def _translate(stderr: str, what: str, hide: list[str], had_auth: bool) -> Image
         text = text.replace(path, "<store>")
     text = text[:500]
     low = text.lower()
+    if "no space left" in low or "quota exceeded" in low:
+        return ImageStoreFullError(f"{what}: the node's image store is out of space")
     if "digest did not match" in low or "digest mismatch" in low:
         return DigestMismatchError(f"{what}: a blob does not match its digest ({text})")
     if "unauthorized" in low or "authentication required" in low or "denied" in low:

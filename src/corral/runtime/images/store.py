@@ -36,6 +36,7 @@ from corral.runtime.images.errors import (
     ImageArchiveError,
     ImageError,
     ImageNotFoundError,
+    ImageTooLargeError,
     LayerLimitError,
     UnsupportedImageError,
 )
@@ -310,21 +311,54 @@ def pull(
     *,
     insecure_registries: Iterable[str] = (),
     auth: RegistryAuth | None = None,
+    max_bytes: int | None = None,
 ) -> Image:
     """Pull `reference` (`host[:port]/name[:tag|@digest]`) from its registry into the store.
     Plain HTTP (and unverified TLS) only for registries listed in `insecure_registries`
-    (`host:port` as written in the reference). Layers already on the node are not fetched."""
+    (`host:port` as written in the reference). Layers already on the node are not fetched.
+    With `max_bytes`, the image is described first and refused (ImageTooLargeError) if its
+    compressed layers add up to more, or (UnsupportedImageError) if it is for another
+    platform, before any layer is fetched; skopeo then checks each blob against its size."""
     skopeo.check_reference(reference)
     store = _Store(store_dir)
     registry = skopeo.registry_of(reference)
+    tls_verify = not skopeo.is_insecure(registry, insecure_registries)
     with store.staging("pull") as layout:
+        if max_bytes is not None:
+            _check_size(
+                reference, max_bytes, tmp_dir=store.tmp, tls_verify=tls_verify, auth=auth,
+                registry=registry,
+            )  # fmt: skip
         store.seed(layout)
         skopeo.copy(
             f"docker://{reference}", layout, STAGING_TAG, tmp_dir=store.tmp,
-            tls_verify=not skopeo.is_insecure(registry, insecure_registries),
-            auth=auth, registry=registry, what=reference,
+            tls_verify=tls_verify, auth=auth, registry=registry, what=reference,
         )  # fmt: skip
         return _commit(store, layout, [reference])
+
+
+def _check_size(reference: str, max_bytes: int, **access: Any) -> None:
+    """Refuse an image whose compressed layers add up to more than `max_bytes`, from its
+    manifest (this platform's, in an image index), before any layer is fetched."""
+    manifest = skopeo.inspect_raw(reference, **access)
+    if manifest.get("mediaType") in (OCI_INDEX, DOCKER_LIST) or "manifests" in manifest:
+        mine = [
+            m for m in manifest.get("manifests") or []
+            if isinstance(m, dict)
+            and (m.get("platform") or {}).get("os") == "linux"
+            and (m.get("platform") or {}).get("architecture") == host_architecture()
+        ]  # fmt: skip
+        if not mine:
+            raise UnsupportedImageError(f"{reference} has no image for linux/{host_architecture()}")
+        digest = str(mine[0].get("digest", ""))
+        _hex(digest)
+        manifest = skopeo.inspect_raw(f"{skopeo.repository_of(reference)}@{digest}", **access)
+    layers = [d for d in manifest.get("layers") or [] if isinstance(d, dict)]
+    total = sum(int(d.get("size") or 0) for d in layers)
+    if total > max_bytes:
+        raise ImageTooLargeError(
+            f"{reference}: its layers are {total} bytes, over the limit of {max_bytes}"
+        )
 
 
 def import_archive(

@@ -54,6 +54,7 @@ from typing import IO, Any
 
 from corral.runtime.images.errors import (
     HostileLayerError,
+    ImageStoreFullError,
     LayerError,
     LayerLimitError,
     UnsupportedImageError,
@@ -284,6 +285,10 @@ class _Unpacker:
                     try:
                         self._entry(tar, member)
                     except OSError as e:
+                        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise ImageStoreFullError(
+                                "the node's image store is out of space"
+                            ) from None
                         raise LayerError(f"{member.name!r}: {e.strerror or e}") from None
                     except ValueError:  # a NUL byte in a name, from a pax header
                         raise HostileLayerError(
