@@ -22,7 +22,7 @@ from corral.runtime.images import (
     UnsupportedImageError,
 )
 from tests.engines import Registry
-from tests.oci_images import BuiltImage, layer_tar
+from tests.oci_images import BuiltImage, layer_tar, push_index
 
 pytestmark = pytest.mark.registry
 
@@ -190,6 +190,26 @@ def test_an_image_over_the_pull_limit_is_refused_before_fetching(
     assert store_state(store) == ([], [], [])
     image = images.pull(ref, store, insecure_registries=[registry.host], max_bytes=total)
     assert image.id == built.config_digest
+
+
+def test_a_multi_platform_index_gives_this_nodes_image(
+    registry: Registry, tmp_path: Path, store: Path
+) -> None:
+    foreign_arch = "s390x" if images.host_architecture() != "s390x" else "amd64"
+    mine = BuiltImage([BASE], {"Cmd": ["mine"]})
+    foreign = BuiltImage([APP_B], {"Cmd": ["foreign"]}, architecture=foreign_arch)
+    ref = f"{registry.host}/corral/multi:1"
+    push_index([foreign, mine], tmp_path / "index", ref)
+    image = images.pull(ref, store, insecure_registries=[registry.host], max_bytes=10**6)
+    assert image.id == mine.config_digest and image.cmd == ("mine",)
+    assert foreign.layer_digests[0].removeprefix("sha256:") not in store_state(store)[0]
+    only_foreign = f"{registry.host}/corral/foreign-only:1"
+    push_index([foreign], tmp_path / "index2", only_foreign)
+    with pytest.raises(UnsupportedImageError, match=f"linux/{images.host_architecture()}"):
+        images.pull(only_foreign, store, insecure_registries=[registry.host], max_bytes=10**6)
+    with pytest.raises(UnsupportedImageError, match="no image for this node's platform"):
+        images.pull(only_foreign, store, insecure_registries=[registry.host])
+    assert len(images.list_images(store)) == 1 and store_state(store)[2] == []
 
 
 def test_unknown_image_and_plain_http_without_opt_in(registry: Registry, store: Path) -> None:

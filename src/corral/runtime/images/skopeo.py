@@ -22,6 +22,7 @@ from corral.runtime.images.errors import (
     ImageStoreFullError,
     RegistryAuthError,
     RegistryError,
+    UnsupportedImageError,
 )
 
 SKOPEO = "skopeo"
@@ -189,6 +190,8 @@ def _translate(stderr: str, what: str, hide: list[str], had_auth: bool) -> Image
     low = text.lower()
     if "no space left" in low or "quota exceeded" in low:
         return ImageStoreFullError(f"{what}: the node's image store is out of space")
+    if "no image found in" in low and ("index" in low or "manifest list" in low):
+        return UnsupportedImageError(f"{what}: no image for this node's platform ({text})")
     if "digest did not match" in low or "digest mismatch" in low:
         return DigestMismatchError(f"{what}: a blob does not match its digest ({text})")
     if "unauthorized" in low or "authentication required" in low or "denied" in low:
