@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,23 @@ def test_a_shared_layer_is_fetched_and_stored_once(
     assert list((store / "layers").iterdir()) == []
     with pytest.raises(ImageNotFoundError):
         images.remove_image(store, ref_b)
+
+
+def test_concurrent_pulls_and_unpacks_of_images_sharing_a_layer(
+    registry: Registry, tmp_path: Path, store: Path
+) -> None:
+    a, b = BuiltImage([BASE, APP_A], {"Cmd": ["a"]}), BuiltImage([BASE, APP_B], {"Cmd": ["b"]})
+    refs = [push(registry, tmp_path, "race/a:1", a), push(registry, tmp_path, "race/b:1", b)]
+    with ThreadPoolExecutor(4) as pool:
+        pulled = list(
+            pool.map(lambda r: images.pull(r, store, insecure_registries=[registry.host]), refs)
+        )
+        dirs = list(pool.map(lambda i: images.layer_dirs(store, i), [*pulled, *pulled]))
+    assert {p.id for p in pulled} == {a.config_digest, b.config_digest}
+    assert len({d[-1] for d in dirs}) == 1  # one base layer dir for all
+    blobs, records, tmp = store_state(store)
+    assert len(blobs) == 7 and len(records) == 2 and tmp == []
+    assert len(list((store / "layers").iterdir())) == 3
 
 
 def test_a_tampered_blob_is_refused_and_nothing_is_left(

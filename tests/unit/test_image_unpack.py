@@ -419,3 +419,10 @@ def test_parents_the_layer_does_not_list_take_the_lower_layers_attributes(tmp_pa
     opt = (upper / "opt").stat()
     assert (stat.S_IMODE(opt.st_mode), opt.st_gid) == (0o750, 5)
     assert stat.S_IMODE((upper / "new").stat().st_mode) == 0o755
+
+
+@needs_root
+def test_dot_slash_names_as_docker_writes_them(outer: Path) -> None:
+    root, _ = unpack(outer, layer(d("./", 0o755), d("./etc"), E("./etc/hostname", data=b"h")))
+    assert (root / "etc/hostname").read_bytes() == b"h"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755
