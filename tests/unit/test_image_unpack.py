@@ -211,10 +211,16 @@ def test_a_hard_link_to_a_symlink_links_the_symlink_itself(outer: Path) -> None:
 @needs_root
 def test_pax_float_and_hostile_mtimes_are_accepted(outer: Path) -> None:
     root, _ = unpack(
-        outer, layer(E("a", pax={"mtime": "1700000000.75"}), E("b", pax={"mtime": "1e300"}))
+        outer,
+        layer(
+            E("a", pax={"mtime": "1700000000.75"}),
+            E("b", pax={"mtime": "1e300"}),
+            E("c", pax={"mtime": "1e999"}),
+            E("d", pax={"mtime": "nan"}),
+        ),
     )
     assert (root / "a").lstat().st_mtime == 1_700_000_000
-    assert (root / "b").exists()
+    assert (root / "b").exists() and (root / "c").exists() and (root / "d").exists()
 
 
 @needs_root

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import math
 import os
 import shutil
 import stat
@@ -185,6 +186,13 @@ def unpack_layer(
         raise
 
 
+def _mtime(value: float) -> int:
+    """A tar mtime as whole seconds in range (pax gives floats, and anything: inf, nan)."""
+    if not math.isfinite(value):
+        return 0
+    return min(max(int(value), 0), MAX_MTIME)
+
+
 def _split(name: str, limits: UnpackLimits, what: str = "entry") -> tuple[str, ...]:
     if len(os.fsencode(name)) > limits.max_path_bytes:
         raise LayerLimitError(f"{what} name longer than {limits.max_path_bytes} bytes")
@@ -309,7 +317,7 @@ class _Unpacker:
             self.stats.skipped_xattrs += sum(k.startswith("SCHILY.xattr.") for k in m.pax_headers)
         if not parts:  # the layer's root itself
             if m.isdir() and 0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID:
-                m.mtime = min(max(int(m.mtime), 0), MAX_MTIME)
+                m.mtime = _mtime(m.mtime)
                 self.dirs[()] = m
             return
         base = parts[-1]
@@ -326,7 +334,7 @@ class _Unpacker:
             return
         if not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
             raise LayerError(f"{m.name!r}: uid/gid out of range")
-        m.mtime = min(max(int(m.mtime), 0), MAX_MTIME)  # pax gives floats, or anything
+        m.mtime = _mtime(m.mtime)
         self.stats.max_uid = max(self.stats.max_uid, m.uid)
         self.stats.max_gid = max(self.stats.max_gid, m.gid)
         parent = self._open_dir(parts[:-1], create=True, name=m.name)
