@@ -11,7 +11,7 @@ Interface (all blocking: call them from a thread, not the event loop)::
     layer_dirs(store_dir, image, *, limits=None) -> list[Path]   # top-most first
     overlay_lowerdir(dirs) -> str                                  # "L3:L2:L1"
     clean_staging(store_dir) -> int                               # at node start
-    unpack_layer(source, dest, *, limits=None) -> LayerStats      # one layer, the safe unpacker
+    unpack_layer(source, dest, *, limits=None, lowers=()) -> LayerStats   # the safe unpacker
 
 Registry access and archive reading are skopeo's (`skopeo copy docker://REF oci:DIR:TAG`,
 `docker-archive:`, `oci-archive:`), into a staging OCI layout under the store; blobs the node
@@ -40,9 +40,18 @@ with U and W on the same file system, per sandbox (its disk). Layer files keep t
 uids/gids (applied with lchown as root), so they serve every sandbox; the sandbox's user
 namespace or an idmapped mount of the lowers must map them (`LayerStats.max_uid/max_gid`, in
 `layers/<hex>/layer.json`, say how far). Layer dirs must not be removed while mounted: refuse
-`remove_image` for an image a sandbox runs on.
+`remove_image` for an image a sandbox runs on. The kernel's limit on mount options (one page)
+bounds `lowerdir=` to some 40 layers at the store's path lengths; deeper images need the new
+mount API's `lowerdir+` or shorter paths (symlinks in a short dir).
 
-Errors are in `corral.runtime.images.errors` (ImageError and its tree).
+The unpacker (`unpack.py`) refuses, with a HostileLayerError or LayerLimitError and nothing
+left behind: `..` and absolute names, writing through a symlinked parent, hard links out of
+the layer, through a symlink or to a directory, names over NAME_MAX/PATH_MAX, entries, layer
+and image bytes over `UnpackLimits`, header blocks over 1 MiB. Devices, FIFOs and tar xattrs are
+skipped and counted; setuid/setgid bits are kept (why: in `unpack.py`).
+
+Errors are in `corral.runtime.images.errors` (ImageError and its tree); messages never carry
+the node's paths or credentials. `registry` tests: tests/integration/test_image_registry.py.
 """
 
 from corral.runtime.images.errors import (
