@@ -567,9 +567,18 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
             node, bus, info, sandboxes_dir=settings.data_dir / "sandboxes", host_exec=host_exec
         )
         try:
-            await agent.start()
-            log.info("node %s serving over NATS", node.id)
-            await stop.wait()
+            # A stop while no replica has answered the registration yet must end it too.
+            starting = asyncio.ensure_future(agent.start())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()
+                log.info("node %s serving over NATS", node.id)
+                await stopping
+            else:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
         finally:
             # Sandboxes stop with the agent (their files stay; the fleet brings them back when
             # it registers again); what still runs ends as lost.

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 PREFIX = "corral.node"
 NO_RESPONDERS_RETRY = 0.1
+CLOSE_TIMEOUT = 5.0
 NO_RESPONDERS_GRACE = 0.5  # how long "nobody serves this" is taken for a subscription on its way
 
 
@@ -215,8 +216,9 @@ class Bus:
         return bus
 
     async def close(self) -> None:
+        # Bounded: draining waits on a server that may be gone.
         with contextlib.suppress(Exception):
-            await self.nc.drain()
+            await asyncio.wait_for(self.nc.drain(), CLOSE_TIMEOUT)
         with contextlib.suppress(Exception):
             await self.nc.close()
 
