@@ -15,6 +15,7 @@ from corral import ids
 from corral.clock import utcnow
 from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited, Unavailable
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
+from corral.core.nodes import lose_commands
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.core.results import CommandResults
 from corral.node.base import (
@@ -75,7 +76,7 @@ def to_model(row: CommandRow, output: tuple[bytes, bytes] | None = None) -> Comm
     )
 
 
-def _outcome_values(outcome: CommandOutcome) -> dict[str, Any]:
+def outcome_values(outcome: CommandOutcome) -> dict[str, Any]:
     """The columns of a command's row that its result fills in."""
     return {
         "status": outcome.status.value,
@@ -300,7 +301,7 @@ class CommandService:
                 outcome = await execution.outcome()
             # The result goes on a copy: readers keep seeing the running row until it is stored.
             values = {c.key: getattr(row, c.key) for c in COMMANDS.columns}
-            final = CommandRow(**{**values, **_outcome_values(outcome)})
+            final = CommandRow(**{**values, **outcome_values(outcome)})
             if stored:
                 await self._record(row.id, outcome)
             else:
@@ -317,7 +318,7 @@ class CommandService:
                 done_future.set_result(recorded)
 
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
-        await self.writer.update(COMMANDS, "id", {"id": cid, **_outcome_values(outcome)})
+        await self.writer.update(COMMANDS, "id", {"id": cid, **outcome_values(outcome)})
 
     async def run(
         self,
@@ -490,21 +491,9 @@ class CommandService:
         """At start-up: whatever was running on the built-in node when the server died has an
         unknown result."""
         async with self.db.transaction() as session:
-            result = await session.execute(
-                update(CommandRow)
-                .where(
-                    CommandRow.node_id == node_id,
-                    CommandRow.status.in_(
-                        [CommandStatus.queued.value, CommandStatus.running.value]
-                    ),
-                )
-                .values(
-                    status=CommandStatus.lost.value,
-                    finished_at=utcnow(),
-                    error="the server stopped while the command ran; its result is unknown",
-                )
+            return await lose_commands(
+                session, node_id, "the server stopped while the command ran; its result is unknown"
             )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     def stop_accepting(self) -> None:
         self._accepting = False

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.subscription import Subscription
 from sqlalchemy import select, update
 
-from corral.clock import utcnow
-from corral.core.models import CommandStatus, NodeInfo
-from corral.core.nodes import NodeRegistry
+from corral.core.commands import outcome_values
+from corral.core.models import NodeInfo
+from corral.core.nodes import RUNNING, NodeRegistry, lose_commands
 from corral.core.results import EVERY, CommandResults
 from corral.node import protocol as p
 from corral.node.bus import PREFIX, Bus
@@ -31,25 +31,6 @@ if TYPE_CHECKING:
     from corral.core.sandboxes import SandboxService
 
 log = logging.getLogger(__name__)
-RUNNING = CommandRow.status.in_([CommandStatus.queued.value, CommandStatus.running.value])
-
-
-def outcome_values(outcome: p.CommandOutcome) -> dict[str, Any]:
-    return {
-        "status": outcome.status.value,
-        "exit_code": outcome.exit_code,
-        "signal": outcome.signal,
-        "stdout_bytes": outcome.stdout_bytes,
-        "stderr_bytes": outcome.stderr_bytes,
-        "stdout_truncated": outcome.stdout_truncated,
-        "stderr_truncated": outcome.stderr_truncated,
-        "finished_at": outcome.finished_at,
-        "duration_ms": outcome.duration_ms,
-        "error": outcome.error,
-        "cpu_ms": outcome.cpu_ms,
-        "peak_memory_bytes": outcome.peak_memory_bytes,
-        "oom_killed": outcome.oom_killed,
-    }
 
 
 class NodeEvents:
@@ -106,18 +87,14 @@ class NodeEvents:
         epoch = await self.registry.register(info)
         # What ran there before is gone with the node's previous life.
         async with self.db.transaction() as session:
-            lost = await session.execute(
-                update(CommandRow)
-                .where(CommandRow.node_id == node_id, RUNNING)
-                .values(
-                    status=CommandStatus.lost.value,
-                    finished_at=utcnow(),
-                    error=f"node {node_id} restarted while the command ran; its result is unknown",
-                )
+            lost = await lose_commands(
+                session,
+                node_id,
+                f"node {node_id} restarted while the command ran; its result is unknown",
             )
-        if lost.rowcount:  # type: ignore[attr-defined]
+        if lost:
             await self.results.announce(EVERY)
-            log.warning("node %s registered again: %d command(s) lost", node_id, lost.rowcount)  # type: ignore[attr-defined]
+            log.warning("node %s registered again: %d command(s) lost", node_id, lost)
         log.info("node %s registered (epoch %d, %s)", node_id, epoch, info.version)
         # Its sandboxes come back once it has its answer (it serves calls already).
         task = asyncio.ensure_future(self._reconcile(node_id))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.clock import utcnow
 from corral.core.errors import CorralError, InvalidArgument, NotFound, RateLimited, Unavailable
@@ -241,17 +242,22 @@ class NodeRegistry:
                 )
                 if not taken.rowcount:  # type: ignore[attr-defined]
                     continue
-                lost = await session.execute(
-                    update(CommandRow)
-                    .where(CommandRow.node_id == node_id, RUNNING)
-                    .values(
-                        status=CommandStatus.lost.value,
-                        finished_at=now,
-                        error=f"node {node_id} stopped answering; the result is unknown",
-                    )
+                lost = await lose_commands(
+                    session, node_id, f"node {node_id} stopped answering; the result is unknown"
                 )
-                declared.append((node_id, int(lost.rowcount or 0)))  # type: ignore[attr-defined]
+                declared.append((node_id, lost))
         return declared
+
+
+async def lose_commands(session: AsyncSession, node_id: str, error: str) -> int:
+    """Declare every command still running on `node_id` lost: its result is unknown. How many
+    there were."""
+    result = await session.execute(
+        update(CommandRow)
+        .where(CommandRow.node_id == node_id, RUNNING)
+        .values(status=CommandStatus.lost.value, finished_at=utcnow(), error=error)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def host_capacity(sandboxes: int) -> NodeCapacity:
