@@ -22,8 +22,13 @@ def test_an_agent_that_no_replica_answered_stops_on_sigterm(tmp_path: Path) -> N
              "--node-id", "alone", "--data-dir", str(tmp_path / "data")],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        time.sleep(2)  # registering, with nobody to answer
-        nats.kill()  # and NATS gone as well
+        # Connected, and registering with nobody to answer; then NATS goes as well.
+        log_path = tmp_path / "agent.log"
+        deadline = time.monotonic() + 20
+        while "registering node alone" not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline and agent.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        nats.kill()
         agent.send_signal(signal.SIGTERM)
         try:
             assert agent.wait(15) == 0

@@ -12,20 +12,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from corral.core.models import NodeInfo
 from corral.node import protocol as p
 from corral.node.base import Execution
 from corral.node.bus import Bus, BusError, RemoteError, Reply, node_subject
 from corral.node.host_exec import HostExec
-from corral.node.local import LocalNode, public_reason
+from corral.node.local import RAW_STDOUT_ORPHAN, LocalNode, public_reason
 from corral.node.output_log import Chunk
 
 log = logging.getLogger(__name__)
 
 KEEP_ENDED_SECONDS = 5.0  # an ended execution stays known a moment, for late calls (outcome)
-RAW_STDOUT_ORPHAN = 300.0  # as the local node: an unread raw stdout is dropped after this
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 MAX_FRAMES = 4096  # per read: keeps the JSON part of an answer small
 EVENT_TIMEOUT = 5.0
@@ -33,6 +32,7 @@ EVENTS_IN_FLIGHT = 64  # events sent at once (a burst after an outage is spread 
 EVENT_GIVE_UP = 600.0  # seconds an event whose command has no row is kept trying
 OUTPUT_PAGE = 768 * 1024
 
+T = TypeVar("T")
 Op = Callable[[dict[str, Any], bytes], Awaitable[Any]]
 
 
@@ -548,13 +548,22 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         node, deno = await start_local_node(settings, host_lock)
         capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
-        bus = await Bus.connect(
-            settings.nats_url,
-            name=f"corral-node-{node.id}",
-            creds=settings.nats_creds,
-            inbox_prefix=node_inbox_prefix(node.id),
-            tls=tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key),
+        # A stop must end the start-up as well: NATS may not answer, nor any replica.
+        bus = await _unless_stopped(
+            stop,
+            Bus.connect(
+                settings.nats_url,
+                name=f"corral-node-{node.id}",
+                creds=settings.nats_creds,
+                inbox_prefix=node_inbox_prefix(node.id),
+                tls=tls_context(
+                    settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+                ),
+            ),
         )
+        if bus is None:
+            await node.shutdown()
+            return
 
         def info() -> NodeInfo:
             described = node.info(capacity)
@@ -567,18 +576,9 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
             node, bus, info, sandboxes_dir=settings.data_dir / "sandboxes", host_exec=host_exec
         )
         try:
-            # A stop while no replica has answered the registration yet must end it too.
-            starting = asyncio.ensure_future(agent.start())
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if starting.done():
-                starting.result()
+            if await _unless_stopped(stop, _started(agent)):
                 log.info("node %s serving over NATS", node.id)
-                await stopping
-            else:
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
+                await stop.wait()
         finally:
             # Sandboxes stop with the agent (their files stay; the fleet brings them back when
             # it registers again); what still runs ends as lost.
@@ -588,3 +588,23 @@ async def serve_node(settings: Any, stop: asyncio.Event) -> None:
     finally:
         if host_lock is not None:
             host_lock.release()
+
+
+async def _started(agent: NodeAgent) -> bool:
+    await agent.start()
+    return True
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """What `work` gives, or None if `stop` is set first (the work is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task}, timeout=EVENT_TIMEOUT)  # a NATS connect may not give up at once
+    return None

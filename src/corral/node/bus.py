@@ -216,11 +216,13 @@ class Bus:
         return bus
 
     async def close(self) -> None:
-        # Bounded: draining waits on a server that may be gone.
+        # Bounded, both: with the server gone, draining and even closing can wait for ever (on
+        # a connection that never reports itself lost).
+        if self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), CLOSE_TIMEOUT)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), CLOSE_TIMEOUT)
-        with contextlib.suppress(Exception):
-            await self.nc.close()
+            await asyncio.wait_for(self.nc.close(), CLOSE_TIMEOUT)
 
     @property
     def connected(self) -> bool:
