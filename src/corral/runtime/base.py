@@ -50,6 +50,12 @@ class SandboxConfig:
     network: str = "none"  # none | allow | outbound
     allow: tuple[str, ...] = ()  # CIDRs the sandbox may reach
     volumes: tuple[VolumeBind, ...] = ()
+    # An image's root instead of the template's (its id, the config digest, in the node's image
+    # store), and the image's User ("", "root", "1000", "name", "uid:gid"): who commands run as.
+    image: str | None = None
+    user: str = ""
+    # A snapshot (its id on this node) whose files the sandbox starts from, over its image.
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,14 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def remove_volume(self, volume_id: str) -> None: ...
+
+    async def snapshot(self, config: SandboxConfig, snapshot_id: str) -> int:
+        """Capture the running sandbox's files (its writable root and /workspace), its
+        processes frozen meanwhile, as snapshot `snapshot_id` of this node; returns its bytes."""
+        raise NotImplementedError("this runtime cannot take snapshots")
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        raise NotImplementedError("this runtime cannot take snapshots")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release shared host state once every sandbox is stopped."""
