@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from corral.runtime.uids import SLOT_UIDS
 from tests.engines import free_port
 
 ADMIN_KEY = "crl_test_admin_" + os.urandom(8).hex()
@@ -27,11 +28,13 @@ def make_data_dir(prefix: str) -> Path:
     return path
 
 
-# Blocks of 10,000 host uids (two per sandbox), 200 per test process (the suite starts well over
-# a hundred servers): test runs side by side on one machine must not share uids. Below the range
-# tests/security/helpers.py draws dedicated servers' blocks from.
-_uid_first = 300_000 + (os.getpid() % 400) * 2_000_000
-_uid_blocks = iter(range(_uid_first, _uid_first + 2_000_000, 10_000))
+# Blocks of host uids for 127 sandbox slots each (runtime/uids.py), 200 blocks per test process
+# (the suite starts well over a hundred servers): test runs side by side on one machine must not
+# share uids. Below the range tests/security/helpers.py draws dedicated servers' blocks from.
+UID_SLOTS = 127
+UID_BLOCK = SLOT_UIDS * (UID_SLOTS + 1)
+_uid_first = 300_000 + (os.getpid() % 100) * 200 * UID_BLOCK
+_uid_blocks = iter(range(_uid_first, _uid_first + 200 * UID_BLOCK, UID_BLOCK))
 
 
 def next_uid_block() -> int:
@@ -63,7 +66,7 @@ class Server:
             "CORRAL_ADMIN_KEY": self.admin_key,
             "CORRAL_CGROUP_ROOT": self.cgroup_name,
             "CORRAL_UID_BASE": str(self.uid_base),
-            "CORRAL_UID_COUNT": "4999",
+            "CORRAL_UID_COUNT": str(UID_SLOTS),
             "CORRAL_LOG_LEVEL": "warning",
             "CORRAL_WARM_POOL": "0",  # tests that want a pool ask for one
             **self.extra_env,

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from corral.node.bus import node_permissions
-from tests.conftest import Server, make_data_dir, next_uid_block
+from tests.conftest import UID_SLOTS, Server, make_data_dir, next_uid_block
 from tests.engines import NatsServer, NatsUser, PostgresCluster
 from tests.fleet.hosts import NetnsHost
 
@@ -46,7 +46,7 @@ class Agent:
             **os.environ,
             "CORRAL_CGROUP_ROOT": self.cgroup_name,
             "CORRAL_UID_BASE": str(self.uid_base),
-            "CORRAL_UID_COUNT": "4999",
+            "CORRAL_UID_COUNT": str(UID_SLOTS),
             "CORRAL_LOG_LEVEL": "info",
             "CORRAL_NODE_LOST_AFTER_S": str(self.lost_after),
         }

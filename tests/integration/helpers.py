@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.conftest import UID_BLOCK
+
 if TYPE_CHECKING:
     from tests.conftest import Server
 
@@ -41,7 +43,7 @@ def processes_matching(text: str) -> list[tuple[int, int, str]]:
 
 def server_processes(uid_base: int) -> list[tuple[int, int, str]]:
     """Live processes of one test server's sandboxes."""
-    return sandbox_processes(uid_base, uid_base + 10_000)
+    return sandbox_processes(uid_base, uid_base + UID_BLOCK)
 
 
 def cgroup_dirs(name: str) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Server, make_data_dir
+from tests.conftest import UID_BLOCK, Server, make_data_dir
 
 # Runs inside the sandbox as the command itself (python3 -c RUNNER, stdin = JSON request).
 # Each Python probe runs in a forked child (a crash, a signal or a wild clone stays its own),
@@ -167,7 +167,7 @@ def dedicated_server(prefix: str, env: dict[str, str] | None = None) -> Iterator
     adds settings (CORRAL_*)."""
     data_dir = make_data_dir(prefix)
     srv = Server(data_dir, env=env)
-    srv.uid_base = random.randrange(1_000_000_000, 1_400_000_000, 10_000)
+    srv.uid_base = random.randrange(3_000_000_000, 4_000_000_000, UID_BLOCK)
     try:
         srv.start()
         yield srv

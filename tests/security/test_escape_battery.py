@@ -41,7 +41,8 @@ import httpx
 import pytest
 
 from corral.runtime.loader import elf_interpreter
-from tests.conftest import Server
+from corral.runtime.uids import SLOT_UIDS
+from tests.conftest import UID_BLOCK, Server
 from tests.integration.helpers import server_processes
 from tests.security import conftest as security_conftest
 from tests.security.helpers import (
@@ -793,7 +794,7 @@ def host_archive_slip(e: Env) -> Any:
 
 def private_dirs_ok(v: Any, e: Env) -> bool:
     uid = v["dir"][0]
-    in_range = e.server.uid_base < uid < e.server.uid_base + 10_000
+    in_range = e.server.uid_base < uid < e.server.uid_base + UID_BLOCK
     [(at_disk, fstype, options)] = v["disk_mounts"]  # mounted once, at <id>/disk
     return (
         v["parent"] == (0, "0o711")
@@ -852,12 +853,13 @@ PROBES: list[Probe] = [
     Probe(
         "priv.host_uid_unprivileged",
         PRIVILEGE,
-        "uid 1000 (and any other uid inside) maps to one unprivileged host uid of the server's "
-        "pool, never to host root (uid_map and gid_map)",
+        "uid 1000 (and every other uid inside) maps into the sandbox's own block of "
+        "unprivileged host uids of the server's pool, never to host root (uid_map and gid_map)",
         lambda v, e: all(
-            any(line[0] == 1000 for line in m)
+            any(line[0] <= 1000 < line[0] + line[2] for line in m)
+            and sum(line[2] for line in m) <= SLOT_UIDS
             and all(
-                e.server.uid_base < line[1] < e.server.uid_base + 10_000 and line[2] == 1
+                e.server.uid_base < line[1] and line[1] + line[2] <= e.server.uid_base + UID_BLOCK
                 for line in m
             )
             for m in v
@@ -1638,7 +1640,9 @@ PROBES: list[Probe] = [
         "sudo runs as uid 0 inside, mapped to an unprivileged host uid of the pool",
         lambda v, e: (
             v["uid"] == 0
-            and all(e.server.uid_base < line[1] < e.server.uid_base + 10_000 for line in v["map"])
+            and all(
+                e.server.uid_base < line[1] < e.server.uid_base + UID_BLOCK for line in v["map"]
+            )
         ),
         py=(
             "result = {'uid': os.getuid(),\n"
@@ -1834,7 +1838,7 @@ PROBES: list[Probe] = [
         HOSTFILES,
         "files root inside makes (setuid root-inside, in /workspace and /usr/local) belong on "
         "the host to an unprivileged uid of the pool",
-        lambda v, e: all(e.server.uid_base < uid < e.server.uid_base + 10_000 for uid in v),
+        lambda v, e: all(e.server.uid_base < uid < e.server.uid_base + UID_BLOCK for uid in v),
         host=lambda e: host_root_files(e),
     ),
     # host-side file handling

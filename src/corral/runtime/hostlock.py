@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.runtime import uids
 from corral.runtime.netpolicy import SUBNET, NetworkManager
 
 LOCK_DIR = Path("/run/corral/locks")
@@ -50,12 +51,12 @@ class NodeClaim:
 
 
 def node_claim(*, data_dir: Path, cgroup_root: str, uid_base: int, uid_count: int) -> NodeClaim:
-    """The claim of a node with these settings: two host uids per sandbox slot, slots 0 to
-    uid_count (runtime/namespaces.py), and the network table named after the cgroup root."""
+    """The claim of a node with these settings: a block of host uids per sandbox slot, slots 0
+    to uid_count (runtime/uids.py), and the network table named after the cgroup root."""
     return NodeClaim(
         data_dir=str(data_dir),
         cgroup_root=cgroup_root,
-        uids=range(uid_base, uid_base + 2 * (uid_count + 1)),
+        uids=uids.pool_range(uid_base, uid_count),
         net_table=NetworkManager(cgroup_root).table,
         link_slots=uid_count + 1,
     )

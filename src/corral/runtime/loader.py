@@ -93,3 +93,25 @@ def clear_mount_point(etc: Path, name: str, owner: int) -> None:
             os.fchown(fd, owner, owner)
         finally:
             os.close(fd)
+
+
+def host_python(mount: str, python: str, *args: str) -> list[str]:
+    """The command line that runs the host's `python` (a host path under /usr) in a sandbox
+    whose root is not the host's: the host's /usr is shown read-only at `mount` + "/usr", and
+    glibc's loader from there takes libraries from there only (never the image's own /lib,
+    which its root may change, nor its cache). The interpreter finds its standard library
+    next to itself."""
+    real_python = os.path.realpath(python)
+    inside_python = mount + real_python
+    loader = elf_interpreter(Path(real_python))
+    command = [inside_python, "-I", "-S", *args]
+    if loader is None:
+        return command
+    real_loader = os.path.realpath(loader)
+    if not real_loader.startswith("/usr/"):
+        return command
+    libdirs = dict.fromkeys([os.path.dirname(real_loader), "/usr/lib"])
+    return [
+        mount + real_loader, "--inhibit-cache",
+        "--library-path", ":".join(mount + d for d in libdirs), *command,
+    ]  # fmt: skip

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.pipes import pipe_end
+from corral.runtime import idmap, images, rootfs, snapshots
 from corral.runtime.base import (
     ExitStatus,
     NeedsRestart,
@@ -49,14 +50,14 @@ from corral.runtime.frames import (
     parse_event,
 )
 from corral.runtime.limits import ResourceControl, Usage
-from corral.runtime.loader import clear_mount_point, trusted_python
+from corral.runtime.loader import clear_mount_point, host_python, trusted_python
 from corral.runtime.mounts import SharedViews, mount_private_overlay
 from corral.runtime.netpolicy import NetworkManager, OpenDestination
 from corral.runtime.seccomp import build_filter
+from corral.runtime.uids import SANDBOX_UID, mapping, slot_base, to_host
 
 log = logging.getLogger(__name__)
 
-SANDBOX_UID = 1000
 SUPERVISOR_CAPS = (
     "CAP_SETUID", "CAP_SETGID", "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_FOWNER",
     "CAP_SETPCAP",  # only to empty the bounding set of ordinary commands
@@ -68,6 +69,7 @@ START_TIMEOUT = 15.0
 SPAWN_TIMEOUT = 10.0
 PYTHON = "/usr/bin/python3"
 TOOLS_MOUNT = "/opt/corral"
+HOST_MOUNT = "/.corral/host"  # the host's /usr in a sandbox from an image, for the supervisor
 HOST_ETC_MOUNT = "/.corral/host-etc"
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 SUPERVISOR_INSIDE = "/.corral/supervisor.py"
@@ -125,6 +127,7 @@ DEFAULT_ENV = {
 
 class NamespacesRuntime(Runtime):
     name = "namespaces"
+    supports_images = True
 
     def __init__(
         self,
@@ -140,6 +143,8 @@ class NamespacesRuntime(Runtime):
     ):
         self.templates_dir = templates_dir
         self.data_dir = data_dir
+        self.images_dir = data_dir / "images"  # the node's image store (images/)
+        self.snapshots_dir = data_dir / "snapshots"
         self.tools_source = tools_dir  # shown read-only at /opt/corral (interpreters, helpers)
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
@@ -239,11 +244,11 @@ class NamespacesRuntime(Runtime):
 
     def host_uid(self, config: SandboxConfig) -> int:
         """The host uid that uid 1000 inside maps to (and that runs bwrap)."""
-        return self.uid_base + 2 * config.slot + 1
+        return to_host(self.host_root_uid(config), SANDBOX_UID)
 
     def host_root_uid(self, config: SandboxConfig) -> int:
         """The host uid that uid 0 inside (sudo) maps to: unprivileged on the host too."""
-        return self.uid_base + 2 * config.slot
+        return slot_base(self.uid_base, config.slot)
 
     def templates(self) -> list[str]:
         found = ["host"]
@@ -261,6 +266,12 @@ class NamespacesRuntime(Runtime):
             raise RuntimeError(f"no template {config.template!r}")
         return self.views.view(self.templates_dir / config.template)
 
+    def root_layout(self, config: SandboxConfig) -> rootfs.RootLayout:
+        """The copy-on-write root of a sandbox from an image: its writable layers are on its
+        disk when it has a disk limit."""
+        writable = config.dir / ("disk" if config.limits.disk_mb else "cow")
+        return rootfs.RootLayout(config.dir, writable)
+
     def storage(self, config: SandboxConfig) -> Path:
         """Where the sandbox's writable directories are: its own file system, mounted at
         disk/ (its ext4 image when it has a disk limit, else an overlay of files/), or files/
@@ -270,36 +281,24 @@ class NamespacesRuntime(Runtime):
         return config.dir / "files"
 
     def workspace(self, config: SandboxConfig) -> Path:
+        if config.image is not None:
+            return self.root_layout(config).workspace
         return self.storage(config) / "workspace"
 
     def _bwrap_options(self, config: SandboxConfig, preload_fd: int) -> list[str]:
         """bwrap's options; passed through a pipe (`--args FD`), since /proc/1/cmdline shows
         whatever bwrap got on its command line to the sandbox. `preload_fd` reads the (empty)
         /etc/ld.so.preload the sandbox gets."""
-        share_net = ["--share-net"] if config.network != "none" else []
+        if config.image is not None:
+            return self._image_bwrap_options(config, preload_fd)
         args = [
-            # No --disable-userns (bwrap refuses it with --userns-block-fd): the seccomp filter
-            # denies unshare, setns and clone with namespace flags, clone3 included.
-            "--unshare-all", *share_net, "--unshare-user",
-            "--die-with-parent", "--new-session",
-            # The supervisor keeps what it needs to start sudo commands as uid 0 of the
-            # sandbox's user namespace; every other command drops all capabilities.
-            "--cap-drop", "ALL", *[a for c in SUPERVISOR_CAPS for a in ("--cap-add", c)],
-            "--clearenv", "--setenv", "PATH", DEFAULT_ENV["PATH"],
-            "--hostname", "sandbox",
+            *self._common_options(config),
             "--ro-bind", str(self.template_root(config) / "usr"), "/usr",
             "--symlink", "usr/bin", "/bin",
             "--symlink", "usr/lib", "/lib",
             "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/sbin", "/sbin",
-            "--proc", "/proc",
-            "--dev", "/dev",
-            *(
-                ["--bind", str(self.storage(config) / "tmp"), "/tmp"]
-                if config.limits.disk_mb
-                else ["--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
-            ),
-            "--size", str(64 * 1024 * 1024), "--tmpfs", "/dev/shm",
+            *self._special_mounts(config),
             "--dir", "/var", "--symlink", "../tmp", "/var/tmp",
         ]  # fmt: skip
         # /etc is the sandbox's own (its root may edit it); the host's harmless parts are shown
@@ -316,12 +315,61 @@ class NamespacesRuntime(Runtime):
             "--bind", str(self.storage(config) / "usr-local"), "/usr/local",
             "--bind", str(self.workspace(config)), "/workspace",
         ]  # fmt: skip
+        args += self._volume_options(config)
+        args += ["--chdir", "/workspace", "--remount-ro", "/"]
+        return args
+
+    def _image_bwrap_options(self, config: SandboxConfig, preload_fd: int) -> list[str]:
+        """A root of the image's own, writable (rootfs.py); the node's own mounts go over it,
+        and the host's /usr only for the supervisor's interpreter."""
+        args = [
+            *self._common_options(config),
+            "--bind", str(self.root_layout(config).root), "/",
+            *self._special_mounts(config),
+            "--ro-bind-data", str(preload_fd), f"/etc/{LD_PRELOAD_FILE}",
+            "--ro-bind", "/usr", HOST_MOUNT + "/usr",
+            "--ro-bind", str(self.supervisor_path), SUPERVISOR_INSIDE,
+            *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
+            "--bind", str(self.workspace(config)), "/workspace",
+        ]  # fmt: skip
+        args += self._volume_options(config)
+        return [*args, "--chdir", "/workspace"]
+
+    def _volume_options(self, config: SandboxConfig) -> list[str]:
+        args = []
         for volume in config.volumes:
             # The root of the volume's own file system: mountinfo shows no host path for it.
             mode = "--ro-bind" if volume.read_only else "--bind"
             args += [mode, str(self.volume_dir(volume.id) / "data"), volume.path]
-        args += ["--chdir", "/workspace", "--remount-ro", "/"]
         return args
+
+    def _special_mounts(self, config: SandboxConfig) -> list[str]:
+        # An image's users are not only the sandbox user: its /tmp is everyone's.
+        perms = ["--perms", "1777"] if config.image is not None else []
+        return [
+            "--proc", "/proc",
+            "--dev", "/dev",
+            *(
+                ["--bind", str(self.storage(config) / "tmp"), "/tmp"]
+                if config.limits.disk_mb
+                else [*perms, "--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
+            ),
+            "--size", str(64 * 1024 * 1024), "--tmpfs", "/dev/shm",
+        ]  # fmt: skip
+
+    def _common_options(self, config: SandboxConfig) -> list[str]:
+        share_net = ["--share-net"] if config.network != "none" else []
+        return [
+            # No --disable-userns (bwrap refuses it with --userns-block-fd): the seccomp filter
+            # denies unshare, setns and clone with namespace flags, clone3 included.
+            "--unshare-all", *share_net, "--unshare-user",
+            "--die-with-parent", "--new-session",
+            # The supervisor keeps what it needs to start sudo commands as uid 0 of the
+            # sandbox's user namespace; every other command drops all capabilities.
+            "--cap-drop", "ALL", *[a for c in SUPERVISOR_CAPS for a in ("--cap-add", c)],
+            "--clearenv", "--setenv", "PATH", DEFAULT_ENV["PATH"],
+            "--hostname", "sandbox",
+        ]  # fmt: skip
 
     # --- volumes ---
 
@@ -399,16 +447,24 @@ class NamespacesRuntime(Runtime):
         self, config: SandboxConfig, args_fd: int, sock_fd: int, info_fd: int, block_fd: int
     ) -> list[str]:
         uid = self.host_uid(config)
+        if config.image is not None:
+            # The image's root is the sandbox root's to change: the host's interpreter.
+            supervisor = host_python(
+                HOST_MOUNT, PYTHON, SUPERVISOR_INSIDE, str(sock_fd), config.user or "root"
+            )
+        else:
+            # Nothing the sandbox's root may write (its /etc, /usr/local) changes the code the
+            # supervisor and its launcher (a fork, no exec) run.
+            supervisor = trusted_python(
+                self.template_root(config), PYTHON, SUPERVISOR_INSIDE, str(sock_fd)
+            )
         return [
             "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
             "bwrap", "--args", str(args_fd),
-            # bwrap waits while the node writes the user namespace's two-uid map.
+            # bwrap waits while the node writes the user namespace's uid map.
             "--info-fd", str(info_fd), "--userns-block-fd", str(block_fd),
-            # Nothing the sandbox's root may write (its /etc, /usr/local) changes the code the
-            # supervisor and its launcher (a fork, no exec) run.
-            "--", *trusted_python(self.template_root(config), PYTHON, SUPERVISOR_INSIDE,
-                                  str(sock_fd)),
+            "--", *supervisor,
         ]  # fmt: skip
 
     async def start(self, config: SandboxConfig) -> SandboxHandle:
@@ -416,10 +472,11 @@ class NamespacesRuntime(Runtime):
         await asyncio.to_thread(self._make_dirs, config, uid)
         if config.volumes:
             await asyncio.to_thread(self._attach_volumes, config, uid)
-        await asyncio.to_thread(
-            clear_mount_point, self.storage(config) / "etc", LD_PRELOAD_FILE,
-            self.host_root_uid(config),
-        )  # fmt: skip
+        if config.image is None:
+            await asyncio.to_thread(
+                clear_mount_point, self.storage(config) / "etc", LD_PRELOAD_FILE,
+                self.host_root_uid(config),
+            )  # fmt: skip
         cgroup: Path | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with contextlib.suppress(OSError):
@@ -481,7 +538,7 @@ class NamespacesRuntime(Runtime):
         return sandbox
 
     async def _map_users(self, config: SandboxConfig, info_fd: int, block_fd: int) -> None:
-        """Map uid 0 and 1000 inside to the sandbox's two host uids, then let bwrap go on."""
+        """Map the sandbox's uids to its block of host uids (uids.py), then let bwrap go on."""
         loop = asyncio.get_running_loop()
         try:
             reader = asyncio.StreamReader()
@@ -493,11 +550,10 @@ class NamespacesRuntime(Runtime):
             finally:
                 transport.close()
             pid = int(json.loads(data)["child-pid"])
-            root, user = self.host_root_uid(config), self.host_uid(config)
-            mapping = f"0 {root} 1\n{SANDBOX_UID} {user} 1\n"
+            text = mapping(self.host_root_uid(config))
             # Written by host root: an unprivileged bwrap could map only its own uid.
-            Path(f"/proc/{pid}/uid_map").write_text(mapping)  # noqa: ASYNC240 - procfs
-            Path(f"/proc/{pid}/gid_map").write_text(mapping)  # noqa: ASYNC240 - procfs
+            Path(f"/proc/{pid}/uid_map").write_text(text)  # noqa: ASYNC240 - procfs
+            Path(f"/proc/{pid}/gid_map").write_text(text)  # noqa: ASYNC240 - procfs
             os.write(block_fd, b"1")
         except asyncio.IncompleteReadError:
             raise SandboxDied("bwrap exited before creating the sandbox") from None
@@ -508,6 +564,9 @@ class NamespacesRuntime(Runtime):
         config.dir.mkdir(parents=True, exist_ok=True)
         os.chown(config.dir, uid, uid)
         config.dir.chmod(0o700)
+        if config.image is not None:
+            self._make_image_root(config, uid)
+            return
         storage = self.storage(config)
         if config.limits.disk_mb:
             self._mount_disk(config, uid)
@@ -535,6 +594,90 @@ class NamespacesRuntime(Runtime):
         st = os.lstat(ws)
         if st.st_uid != uid:
             os.chown(ws, uid, uid, follow_symlinks=False)
+
+    def _make_image_root(self, config: SandboxConfig, uid: int) -> None:
+        """The root and workspace overlays of a sandbox from an image (rootfs.py)."""
+        layout = self.root_layout(config)
+        if config.limits.disk_mb:
+            self._mount_disk(config, uid)
+            tmp = layout.writable / "tmp"
+            if tmp.exists():
+                remove_tree(tmp)
+            tmp.mkdir()
+            os.chown(tmp, uid, uid)
+            tmp.chmod(0o1777)
+        else:
+            layout.writable.mkdir(mode=0o700, exist_ok=True)
+        root = self.host_root_uid(config)
+        rootfs.prepare_writable(layout, root, uid)
+        image = images.get_image(self.images_dir, config.image)  # type: ignore[arg-type]
+        layers = images.layer_dirs(self.images_dir, image)
+        stack = []
+        if config.snapshot:
+            self.snapshot_dir(config.snapshot)  # a well-formed id
+            try:
+                stack = snapshots.chain(self.snapshots_dir, config.snapshot)
+            except snapshots.SnapshotError as exc:
+                raise RuntimeError(str(exc)) from None
+        userns = idmap.user_namespace(mapping(root))
+        try:
+            rootfs.mount_root(
+                layout, layers_root=self.images_dir / "layers", layers=layers,
+                snapshots=stack, userns_fd=userns,
+            )  # fmt: skip
+        finally:
+            os.close(userns)
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        if "/" in snapshot_id or snapshot_id.startswith(".") or not snapshot_id:
+            raise ValueError(f"not a snapshot id: {snapshot_id!r}")
+        return self.snapshots_dir / snapshot_id
+
+    async def snapshot(self, config: SandboxConfig, snapshot_id: str) -> int:
+        if config.image is None:
+            raise snapshots.SnapshotError(
+                "only a sandbox started from an image has a root to snapshot"
+            )
+        self.snapshot_dir(snapshot_id)
+        layout = self.root_layout(config)
+        if not await asyncio.to_thread(os.path.ismount, layout.root):
+            raise snapshots.SnapshotError("the sandbox is not running")
+        frozen = await self._freeze(config)
+        try:
+            return await asyncio.to_thread(
+                snapshots.capture, self.snapshots_dir, snapshot_id,
+                scratch=config.dir,
+                layers={"root": layout.upper, "workspace": layout.workspace_upper},
+                base_uid=self.host_root_uid(config), image=config.image,
+                parent=config.snapshot,
+            )  # fmt: skip
+        finally:
+            if frozen:
+                await self._thaw(config)
+
+    async def _freeze(self, config: SandboxConfig) -> bool:
+        """Freeze the sandbox's processes for a consistent copy; False if it was frozen
+        already (paused: it stays so)."""
+        if self.cgroups is None:
+            return False
+        cgroup = self.cgroups.sandbox(config.id)
+        if (cgroup / "cgroup.freeze").read_text().strip() == "1":
+            return False
+        (cgroup / "cgroup.freeze").write_text("1")
+        for _ in range(500):
+            if "frozen 1" in (cgroup / "cgroup.events").read_text():
+                break
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _thaw(self, config: SandboxConfig) -> None:
+        assert self.cgroups is not None
+        with contextlib.suppress(OSError):
+            (self.cgroups.sandbox(config.id) / "cgroup.freeze").write_text("0")
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        self.snapshot_dir(snapshot_id)
+        await asyncio.to_thread(snapshots.remove, self.snapshots_dir, snapshot_id)
 
     @staticmethod
     def _adopt_flat_layout(config: SandboxConfig) -> None:
@@ -596,6 +739,8 @@ class NamespacesRuntime(Runtime):
             lost.rmdir()
 
     def unmount_disk(self, config: SandboxConfig) -> None:
+        if config.image is not None:
+            rootfs.unmount_root(self.root_layout(config))
         disk = config.dir / "disk"
         if os.path.ismount(disk):
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
@@ -616,6 +761,7 @@ class NamespacesRuntime(Runtime):
 
     async def sweep(self) -> None:
         await asyncio.to_thread(self._unmount_all)
+        await asyncio.to_thread(snapshots.clean_staging, self.snapshots_dir)
         if self.cgroups is not None and self.cgroups.base.exists():
             for path in [p for p in self.cgroups.base.iterdir() if p.is_dir()]:
                 if not await self.cgroups.kill_and_remove(path):

@@ -78,7 +78,9 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-USER_ID = 1000
+USER_ID = 1000  # who ordinary commands run as: the sandbox user, or an image's User
+GROUP_ID = 1000
+MAPPED = ((0, 1008), (65520, 15))  # the uids of the sandbox's user namespace (runtime/uids.py)
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once, not in every forked child
 # The fork_exec signature the launcher calls (CPython 3.11 to 3.13); other versions use fork.
 LAUNCHER_PYTHONS = ((3, 11), (3, 12), (3, 13))
@@ -104,7 +106,7 @@ def _become_user() -> None:
     for cap in range(64):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last capability: fine
     os.setgroups([])
-    os.setresgid(USER_ID, USER_ID, USER_ID)
+    os.setresgid(GROUP_ID, GROUP_ID, GROUP_ID)
     os.setresuid(USER_ID, USER_ID, USER_ID)
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
@@ -401,6 +403,9 @@ class Supervisor:
             _posixsubprocess is not None and sys.version_info[:2] in LAUNCHER_PYTHONS
         )
         self.root = False
+        # An image whose User is root: every command is a sudo one (the launcher, which runs
+        # as the ordinary user, is not used).
+        self.everyone_root = False
 
     def setup(self):
         try:
@@ -453,7 +458,7 @@ class Supervisor:
     # launcher lifecycle
 
     def _start_launcher(self):
-        if not self.launcher_usable:
+        if not self.launcher_usable or self.everyone_root:
             return
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -627,6 +632,8 @@ class Supervisor:
         op = message.get("op")
         cid = message.get("id")
         if op == "spawn":
+            if self.everyone_root:
+                message["user"] = "root"
             if len(fds) < 3:
                 _send(self.sock, {"ev": "spawn_failed", "id": cid, "error": "missing descriptors"})
                 return
@@ -705,10 +712,74 @@ class Supervisor:
                 _no_ptrace()
 
 
+def _lookup(path, name):
+    """The numeric fields of `name`'s line in a passwd or group file, read as text: libc's
+    lookups would load NSS modules from the sandbox's root."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 3 and fields[0] == name:
+                    return fields
+    except OSError:
+        pass
+    return None
+
+
+def resolve_user(spec):
+    """(uid, gid) of an image's User ("name", "uid", "name:group", "uid:gid"); uid 0 is root."""
+    user, _, group = spec.partition(":")
+    entry = None
+    if user.isdigit():
+        uid = int(user)
+        gid = uid
+    else:
+        entry = _lookup("/etc/passwd", user)
+        if entry is None or len(entry) < 4 or not entry[2].isdigit() or not entry[3].isdigit():
+            raise ValueError(f"user {user!r} is not in the image's /etc/passwd")
+        uid, gid = int(entry[2]), int(entry[3])
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            found = _lookup("/etc/group", group)
+            if found is None or not found[2].isdigit():
+                raise ValueError(f"group {group!r} is not in the image's /etc/group")
+            gid = int(found[2])
+    for ident in (uid, gid):
+        if not any(first <= ident < first + count for first, count in MAPPED):
+            raise ValueError(f"uid or gid {ident} is outside the sandbox's uids")
+    return uid, gid
+
+
+def _hand_over_workspace():
+    """A new, empty /workspace (made for uid 1000) belongs to the image's user."""
+    try:
+        st = os.lstat("/workspace")
+        if st.st_uid != USER_ID and st.st_uid == 1000 and not os.listdir("/workspace"):
+            os.chown("/workspace", USER_ID, GROUP_ID)
+    except OSError:
+        pass
+
+
 def main() -> None:
+    global USER_ID, GROUP_ID
     sock = socket.socket(fileno=int(sys.argv[1]))
     sock.setblocking(True)
-    Supervisor(sock).run()
+    supervisor = Supervisor(sock)
+    if len(sys.argv) > 2 and sys.argv[2] not in ("", "root"):
+        try:
+            USER_ID, GROUP_ID = resolve_user(sys.argv[2])
+        except ValueError as exc:
+            sys.stderr.write(f"{exc}\n")  # the node reports it as the reason it did not start
+            raise SystemExit(2) from None
+        if USER_ID == 0:
+            supervisor.everyone_root = True
+        else:
+            _hand_over_workspace()
+    elif len(sys.argv) > 2:
+        supervisor.everyone_root = True
+    supervisor.run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""Snapshots of sandboxes from images: their writable layers, kept on the node as overlay lower
+layers that any number of sandboxes start from without copying them.
+
+A snapshot is a directory under the node's snapshots/:
+
+    root/           the root's writable layer (overlay upper format: whiteouts, opaque dirs)
+    workspace/      the workspace's writable layer
+    snapshot.json   {"image", "parent", "bytes"}
+
+A sandbox that started from a snapshot writes only its own layers, so its snapshot names the
+one it came from as `parent` and holds only what changed since: starting from it stacks the
+chain. Files are stored with the uids inside the sandbox (0 for root, 1000 for its user):
+the copy reads the sandbox's layers through an idmapped mount that shifts its host uids back,
+and each sandbox started from it sees them through its own idmapped mount (rootfs.py). The
+copy is made in a staging directory renamed into place: an interrupted capture leaves
+nothing a sandbox could start from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.runtime import idmap, uids
+from corral.runtime.mounts import unmount
+
+META = "snapshot.json"
+MAX_CHAIN = 16  # an overlay's lower layers are few: a deeper chain is refused
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be made, used or removed (the message says why)."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    image: str
+    parent: str | None
+    bytes: int
+
+
+def read_info(directory: Path) -> SnapshotInfo:
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, ValueError):
+        raise SnapshotError(f"snapshot {directory.name} is not on this node") from None
+    return SnapshotInfo(directory.name, meta["image"], meta.get("parent"), int(meta["bytes"]))
+
+
+def chain(snapshots_dir: Path, snapshot_id: str) -> list[Path]:
+    """The snapshot's directory and its parents', newest first."""
+    found: list[Path] = []
+    current: str | None = snapshot_id
+    while current is not None:
+        if len(found) >= MAX_CHAIN:
+            raise SnapshotError(f"snapshot {snapshot_id} has over {MAX_CHAIN} parents")
+        directory = snapshots_dir / current
+        info = read_info(directory)
+        found.append(directory)
+        current = info.parent
+    return found
+
+
+def _reverse_mapping(base: int) -> str:
+    """A user namespace map under which the sandbox's host uids show as the uids inside."""
+    lines, offset = [], 0
+    for first, count in uids.EXTENTS:
+        lines.append(f"{base + offset} {first} {count}\n")
+        offset += count
+    return "".join(lines)
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def capture(
+    snapshots_dir: Path,
+    snapshot_id: str,
+    *,
+    scratch: Path,
+    layers: dict[str, Path],
+    base_uid: int,
+    image: str,
+    parent: str | None,
+) -> int:
+    """Copy the sandbox's writable layers (`layers`: "root" and "workspace" -> its upper dirs)
+    into snapshot `snapshot_id`; `scratch` is an empty directory of the sandbox's for the
+    idmapped views. Returns the snapshot's bytes. The caller freezes the sandbox."""
+    final = snapshots_dir / snapshot_id
+    if os.path.lexists(final):
+        raise SnapshotError(f"snapshot {snapshot_id} exists")
+    snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+    staging = snapshots_dir / f".staging-{snapshot_id}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(mode=0o700)
+    userns = idmap.user_namespace(_reverse_mapping(base_uid))
+    views: list[Path] = []
+    try:
+        for name, source in layers.items():
+            view = scratch / f"capture-{name}"
+            view.mkdir(mode=0o700, exist_ok=True)
+            idmap.mount_idmapped(source, view, userns)
+            views.append(view)
+            # GNU cp as root: owners (as the view shows them), modes, times, xattrs (the
+            # overlay's opaque marks), whiteouts (0/0 character devices), hard links, symlinks
+            # as links; never leaves the layer's file system.
+            done = subprocess.run(
+                ["cp", "-a", "--one-file-system", "--", f"{view}/.", str(staging / name)],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if done.returncode != 0:
+                reason = done.stderr.strip().splitlines()[-1:] or ["cp failed"]
+                if "No space left" in reason[0]:
+                    raise SnapshotError("the node's disk is full")
+                raise SnapshotError("could not copy the sandbox's files")
+        size = _tree_bytes(staging)
+        meta = {"image": image, "parent": parent, "bytes": size}
+        (staging / META).write_text(json.dumps(meta))
+        os.chmod(staging, 0o755)  # traversable by the idmapped views of sandboxes
+        staging.rename(final)
+        return size
+    except BaseException:
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(staging)], check=False)
+        raise
+    finally:
+        os.close(userns)
+        for view in views:
+            unmount(view)
+            try:
+                view.rmdir()
+            except OSError:
+                pass
+
+
+def children(snapshots_dir: Path, snapshot_id: str) -> list[str]:
+    if not snapshots_dir.is_dir():
+        return []
+    found = []
+    for entry in snapshots_dir.iterdir():
+        if entry.name.startswith(".") or entry.name == snapshot_id:
+            continue
+        try:
+            if read_info(entry).parent == snapshot_id:
+                found.append(entry.name)
+        except SnapshotError:
+            continue
+    return found
+
+
+def remove(snapshots_dir: Path, snapshot_id: str) -> None:
+    """Delete a snapshot no other snapshot builds on (sandboxes started from it are the
+    caller's to check: their roots stack it)."""
+    directory = snapshots_dir / snapshot_id
+    if not os.path.lexists(directory):
+        return
+    if kids := children(snapshots_dir, snapshot_id):
+        raise SnapshotError(f"snapshot {snapshot_id} is the parent of {', '.join(sorted(kids))}")
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(directory)], check=True)
+
+
+def clean_staging(snapshots_dir: Path) -> None:
+    """At node start: captures an earlier run left unfinished."""
+    if snapshots_dir.is_dir():
+        for entry in snapshots_dir.iterdir():
+            if entry.name.startswith(".staging-"):
+                subprocess.run(["rm", "-rf", "--one-file-system", "--", str(entry)], check=False)
