@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 UID_BASE = 200_000  # the lowest uid any test server gives its sandboxes
 
 
-def sandbox_processes(uid_min: int = UID_BASE, uid_max: int = 10**9) -> list[tuple[int, int, str]]:
+def sandbox_processes(uid_min: int = UID_BASE, uid_max: int = 2**32) -> list[tuple[int, int, str]]:
     """(pid, uid, cmdline) of live (non-zombie) host processes with a uid in [uid_min, uid_max)."""
     found = []
     for entry in Path("/proc").iterdir():

@@ -16,6 +16,7 @@ import pytest
 
 from corral.runtime import hostlock
 from corral.runtime.netpolicy import NetworkManager
+from corral.runtime.uids import SLOT_UIDS
 from tests.conftest import Server, make_data_dir
 from tests.security.helpers import create_sandbox, dedicated_server
 
@@ -33,12 +34,16 @@ def test_overlapping_uid_blocks_clash_and_adjacent_ones_do_not(tmp_path: Path) -
     locks = tmp_path / "locks"
     first = hostlock.acquire(claim(tmp_path / "a", base=500_000), lock_dir=locks)
     try:
-        # uids 500000-500199 are held: a block starting inside them clashes, one after them not.
+        # 100 slots of uids from 500000 are held: a block starting inside them clashes, one
+        # ending inside them too, one right after them not.
+        held = 100 * SLOT_UIDS
         with pytest.raises(hostlock.HostConflict, match="CORRAL_UID_BASE"):
-            hostlock.acquire(claim(tmp_path / "b", root="corral-b", base=500_150), lock_dir=locks)
+            hostlock.acquire(
+                claim(tmp_path / "b", root="corral-b", base=500_000 + held - 50), lock_dir=locks
+            )
         with pytest.raises(hostlock.HostConflict, match="CORRAL_UID_BASE"):
             hostlock.acquire(claim(tmp_path / "b", root="corral-b", base=499_900), lock_dir=locks)
-        second = hostlock.acquire(claim(tmp_path / "b", root="corral-b", base=500_200),
+        second = hostlock.acquire(claim(tmp_path / "b", root="corral-b", base=500_000 + held),
                                   lock_dir=locks)  # fmt: skip
         # Their sandbox link addresses never overlap either.
         assert not first.link_subnet.overlaps(second.link_subnet)
