@@ -6,11 +6,12 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.core.models import NODE_ID_PATTERN
 from corral.runtime.netpolicy import parse_open
+from corral.runtime.uids import pool_range
 
 
 class Settings(BaseSettings):
@@ -52,8 +53,12 @@ class Settings(BaseSettings):
         gt=0,
         description="A node silent this long is offline: its running commands become lost",
     )
-    uid_base: int = Field(default=200_000, description="First host uid of the per-sandbox pool")
-    uid_count: int = Field(default=60_000, ge=1)
+    uid_base: int = Field(
+        default=200_000, ge=1, description="First host uid of the per-sandbox pool"
+    )
+    uid_count: int = Field(
+        default=60_000, ge=1, description="Sandbox slots; each has a block of 1024 host uids"
+    )
     cgroup_root: str = Field(default="corral", description="cgroup directory name used by the node")
 
     templates_dir: Path | None = Field(
@@ -152,6 +157,16 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _uids_fit(self) -> Settings:
+        last = pool_range(self.uid_base, self.uid_count).stop - 1
+        if last >= 2**32 - 1:
+            raise ValueError(
+                f"CORRAL_UID_BASE + 1024 x (CORRAL_UID_COUNT + 1) passes the last host uid "
+                f"({last}): lower one of them"
+            )
+        return self
 
     @field_validator("network_open")
     @classmethod

@@ -238,3 +238,11 @@ async def test_a_snapshot_is_consistent_while_the_sandbox_writes(node: Node) -> 
     a, b = ((snap / name).read_text().count("\n") for name in ("a", "b"))
     assert a > 0 and a - b in (0, 1), (a, b)
     assert os.stat(snap / "a").st_uid == 1000  # stored with the uids inside
+
+
+async def test_home_and_user_come_from_the_images_passwd(node: Node) -> None:
+    sandbox = await node.start(node.config(user="web", env={"FROM_CONFIG": "1"}))
+    code, out, _ = await run(sandbox, "echo $HOME $USER $LOGNAME $FROM_CONFIG")
+    assert (code, out) == (0, "/var/www web web 1\n")
+    code, out, _ = await run(sandbox, "echo $HOME $USER", user="root")
+    assert (code, out) == (0, "/root root\n")

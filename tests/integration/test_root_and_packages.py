@@ -40,7 +40,7 @@ def run(api: httpx.Client, sid: str, command: str, **extra: object) -> dict:
 
 
 def test_sudo_is_root_inside_only(api: httpx.Client, sandbox_id: str) -> None:
-    result = run(api, sandbox_id, "id -u; cat /etc/shadow; ls /root", user="root")
+    result = run(api, sandbox_id, "id -u; ls -A /root; cat /etc/shadow", user="root")
     assert result["stdout"].splitlines()[0] == "0"
     assert "/etc/shadow" in result["stderr"] and result["exit_code"] != 0
     status = run(api, sandbox_id, "grep -E 'CapEff|NoNewPrivs' /proc/self/status", user="root")
@@ -54,6 +54,23 @@ def test_sudo_is_root_inside_only(api: httpx.Client, sandbox_id: str) -> None:
     # The ordinary user has no capabilities at all.
     caps = run(api, sandbox_id, "grep -E '^Cap(Eff|Prm|Amb)' /proc/self/status")["stdout"]
     assert all(line.endswith("0000000000000000") for line in caps.splitlines())
+
+
+def test_sudo_is_like_sudo_and_root_can_add_users(api: httpx.Client, sandbox_id: str) -> None:
+    env = run(api, sandbox_id, "echo $HOME $USER $SUDO_USER $SUDO_UID; touch ~/.profile",
+              user="root")  # fmt: skip
+    assert (env["exit_code"], env["stdout"]) == (0, "/root root user 1000\n"), env
+    assert run(api, sandbox_id, "echo $HOME $USER")["stdout"] == "/workspace user\n"
+    added = run(
+        api, sandbox_id,
+        "groupadd team && useradd -m -G team alice && su alice -c 'touch ~/x; id -nG' && "
+        "stat -c '%U %G' /home/alice/x",
+        user="root",
+    )  # fmt: skip
+    assert added["exit_code"] == 0, added["stderr"]
+    assert added["stdout"].split("\n")[:2] == ["alice team", "alice alice"], added
+    # The ordinary user cannot write root's home or /home.
+    assert run(api, sandbox_id, "touch /root/x || touch /home/x")["exit_code"] != 0
 
 
 def test_pip_install_stays_in_its_sandbox(api: httpx.Client, sandbox_id: str) -> None:

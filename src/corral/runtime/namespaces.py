@@ -100,6 +100,13 @@ HOST_ETC = (
     "gai.conf",
     "magic",
     "mime.types",
+    # What root's user tools read (useradd, su): configuration only.
+    "pam.d",
+    "pam.conf",
+    "security",
+    "login.defs",
+    "default",
+    "skel",
 )
 
 ETC_FILES = {
@@ -122,6 +129,16 @@ DEFAULT_ENV = {
     "LOGNAME": "user",
     "SHELL": "/bin/bash",
     "LANG": "C.UTF-8",
+}
+
+
+SUDO_ENV = {
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "SUDO_USER": "user",
+    "SUDO_UID": str(SANDBOX_UID),
+    "SUDO_GID": str(SANDBOX_UID),
 }
 
 
@@ -313,6 +330,9 @@ class NamespacesRuntime(Runtime):
             # The sandbox's own /usr/local, writable by its root (sudo pip install, make
             # install); the host's /usr/local is not shown.
             "--bind", str(self.storage(config) / "usr-local"), "/usr/local",
+            # Root's home, and /home for users root adds (useradd -m).
+            "--bind", str(self.storage(config) / "root-home"), "/root",
+            "--bind", str(self.storage(config) / "home"), "/home",
             "--bind", str(self.workspace(config)), "/workspace",
         ]  # fmt: skip
         args += self._volume_options(config)
@@ -583,11 +603,12 @@ class NamespacesRuntime(Runtime):
                 mount_private_overlay(config.dir, storage)
         root = self.host_root_uid(config)
         self._seed_etc(storage / "etc", root, self.template_root(config))
-        usr_local = storage / "usr-local"
-        usr_local.mkdir(exist_ok=True)
-        if os.lstat(usr_local).st_uid != root:
-            os.chown(usr_local, root, root, follow_symlinks=False)
-        usr_local.chmod(0o755)
+        for name, mode in (("usr-local", 0o755), ("root-home", 0o700), ("home", 0o755)):
+            path = storage / name
+            path.mkdir(exist_ok=True)
+            if os.lstat(path).st_uid != root:
+                os.chown(path, root, root, follow_symlinks=False)
+            path.chmod(mode)
         ws = self.workspace(config)
         ws.mkdir(exist_ok=True)
         ws.chmod(0o755)
@@ -1020,9 +1041,14 @@ class NamespacesSandbox(SandboxHandle):
             host_fds = [stdin_w, out_r, err_r]
             child_fds = [stdin_r, out_w, err_w]
         child_fds += cgroup_fds
-        env = {**DEFAULT_ENV, **self.config.env, **spec.env}
-        if spec.user == "root":
-            env.update(USER="root", LOGNAME="root")
+        if self.config.image is not None:
+            # HOME, USER and LOGNAME come from the image's passwd (the supervisor's).
+            env = {"PATH": DEFAULT_ENV["PATH"], **self.config.env, **spec.env}
+        elif spec.user == "root":
+            # As sudo sets them: root's home, and who asked.
+            env = {**DEFAULT_ENV, **self.config.env, **SUDO_ENV, **spec.env}
+        else:
+            env = {**DEFAULT_ENV, **self.config.env, **spec.env}
         started = self.loop.create_future()
         exited: asyncio.Future[ExitStatus] = self.loop.create_future()
         self._spawns[spec.id] = started

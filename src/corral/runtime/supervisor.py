@@ -406,6 +406,9 @@ class Supervisor:
         # An image whose User is root: every command is a sudo one (the launcher, which runs
         # as the ordinary user, is not used).
         self.everyone_root = False
+        # In a sandbox from an image: HOME, USER and LOGNAME of its root and of its user, from
+        # its passwd, for commands whose environment does not set them.
+        self.identity = None
 
     def setup(self):
         try:
@@ -634,6 +637,11 @@ class Supervisor:
         if op == "spawn":
             if self.everyone_root:
                 message["user"] = "root"
+            if self.identity is not None and isinstance(message.get("env"), dict):
+                who = self.identity["root" if message.get("user") == "root" else "user"]
+                for key, value in who.items():
+                    message["env"].setdefault(key, value)
+                data = json.dumps(message, separators=(",", ":")).encode()
             if len(fds) < 3:
                 _send(self.sock, {"ev": "spawn_failed", "id": cid, "error": "missing descriptors"})
                 return
@@ -752,6 +760,20 @@ def resolve_user(spec):
     return uid, gid
 
 
+def _identity(uid):
+    name, home = ("root", "/root") if uid == 0 else (str(uid), "/")
+    try:
+        with open("/etc/passwd", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 6 and fields[2] == str(uid):
+                    name, home = fields[0], fields[5] or home
+                    break
+    except OSError:
+        pass
+    return {"HOME": home, "USER": name, "LOGNAME": name}
+
+
 def _hand_over_workspace():
     """A new, empty /workspace (made for uid 1000) belongs to the image's user."""
     try:
@@ -779,6 +801,8 @@ def main() -> None:
             _hand_over_workspace()
     elif len(sys.argv) > 2:
         supervisor.everyone_root = True
+    if len(sys.argv) > 2:
+        supervisor.identity = {"root": _identity(0), "user": _identity(USER_ID)}
     supervisor.run()
 
 
