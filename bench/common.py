@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from corral.runtime.uids import pool_range
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -217,7 +219,8 @@ class Server:
 
     @property
     def uid_range(self) -> tuple[int, int]:
-        return self.uid_base, self.uid_base + 2 * self.uid_count + 4
+        uids = pool_range(self.uid_base, self.uid_count)
+        return uids.start, uids.stop
 
     def start(self) -> None:
         env = {

@@ -39,6 +39,7 @@ from bench.common import (
     snapshot_src,
 )
 from bench.phases import CorralBench, Missing, remove_tree, tree_for_files
+from corral.runtime.uids import pool_range
 
 HERE = Path(__file__).resolve().parent
 WARM_POOL_HINTS = ("warm", "pool", "spare", "prestart", "standby")
@@ -267,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
 
     uid_count = 2500
-    span = 2 * uid_count + 200
+    span = len(pool_range(0, uid_count)) + 200
     uid_base = pick_uid_base(args.uid_base, span)
-    bare_uid = uid_base + 2 * uid_count + 100  # outside the server's block
+    bare_uid = uid_base + span - 100  # outside the server's block
     admin_key = "crl_bench_admin_" + os.urandom(8).hex()
     src, src_info = snapshot_src()
     defaults = settings_defaults(src)

@@ -32,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, free_port, make_data_dir, percentile, pick_uid_base
+from corral.runtime.uids import pool_range
 
 sys.path.insert(0, str(REPO / "src"))
 
@@ -192,7 +193,7 @@ def main() -> int:
         return load(*args.load)
 
     data_dir = make_data_dir("corral-trace-")
-    uid_base = pick_uid_base(args.uid_base, 5200)
+    uid_base = pick_uid_base(args.uid_base, len(pool_range(0, 2500)) + 200)
     port = free_port()
     key = "crl_trace_" + os.urandom(8).hex()
     os.environ.update(

@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 from bench.common import PYTHON, percentile, pick_uid_base, snapshot_src
 from bench.fleet import NODE_ID, ExecProbe, FleetRig, per_exec
 from bench.phases import CorralBench
+from corral.runtime.uids import pool_range
 
 HOOKS = Path(__file__).resolve().with_name("trace_fleet_hooks.py")
 
@@ -89,7 +90,8 @@ def main() -> int:
     src, info = snapshot_src()
     trace_dir = Path(tempfile.mkdtemp(prefix="corral-trace-fleet-", dir="/tmp"))
     rig = FleetRig(
-        src=src, uid_base=pick_uid_base(args.uid_base, 5200), uid_count=2500,
+        src=src, uid_count=2500,
+        uid_base=pick_uid_base(args.uid_base, len(pool_range(0, 2500)) + 200),
         admin_key="crl_trace_" + os.urandom(8).hex(),
         env={"CORRAL_TRACE_DIR": str(trace_dir), "CORRAL_WARM_POOL": "0",
              "CORRAL_LOG_LEVEL": "warning"},
