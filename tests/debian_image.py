@@ -75,7 +75,7 @@ def host_mirror() -> str:
         for line in text.splitlines():
             words = line.split("#", 1)[0].split()
             # deb822 ("URIs: http://...") and one-line ("deb [opts] http://... suite") sources
-            uris = words[1:] if words[:1] == ["URIs:"] else words[1:] if words[:1] == ["deb"] else []
+            uris = words[1:] if words[:1] in (["URIs:"], ["deb"]) else []
             for uri in uris:
                 if uri.rstrip("/").endswith("/debian") and uri.startswith(("http://", "https://")):
                     return uri.rstrip("/")
@@ -135,7 +135,7 @@ class DebianImage:
         return dest
 
     def oci_archive(self, path: Path) -> Path:
-        """The layout as one OCI archive tarball (for `import_archive` or `POST /v1/images/import`)."""
+        """The layout as one OCI archive tarball (to import rather than pull)."""
         subprocess.run(
             ["skopeo", "--insecure-policy", "copy", "--quiet",
              f"oci:{self.layout}:{self.tag}", f"oci-archive:{path}:{self.tag}"],
@@ -161,8 +161,9 @@ def debian_image(recipe: DebianRecipe | None = None, *, cache: Path | None = Non
         found = _load(final)  # another process built it while we waited
         if found is not None:
             return found
-        for stale in root.glob(f".build-{recipe.key}-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed
+        # Left by a build that was killed, or an entry someone emptied by hand.
+        for stale in [*root.glob(f".build-{recipe.key}-*"), final]:
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".build-{recipe.key}-", dir=root))
         # mmdebstrap's chroot is made below: apt's _apt user must reach it, or apt runs
         # unsandboxed and its partial/ dirs end up owned by root instead of _apt.
@@ -173,7 +174,8 @@ def debian_image(recipe: DebianRecipe | None = None, *, cache: Path | None = Non
         finally:
             shutil.rmtree(work, ignore_errors=True)
     image = _load(final)
-    assert image is not None
+    if image is None:
+        raise DebianImageError(f"the build left no image at {final}")
     return image
 
 
