@@ -19,7 +19,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # fle
 command -v skopeo >/dev/null || need+=(skopeo)  # pulls OCI images from registries and archives
 command -v docker-registry >/dev/null || need+=(docker-registry)  # the image tests' registry
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)  # builds the tests' Debian image
-[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)  # for it
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)  # mirror keys
 command -v dpkg-deb >/dev/null || need+=(dpkg)  # builds the tests' local .deb packages
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
