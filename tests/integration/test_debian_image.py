@@ -70,6 +70,13 @@ def test_the_image_is_in_the_registry_with_its_layer_and_path(
     assert len(dirs) == 1
 
 
+def test_the_image_imports_from_an_oci_archive(debian_image: DebianImage, tmp_path: Path) -> None:
+    archive = debian_image.oci_archive(tmp_path / "debian.tar")
+    image = images.import_archive(archive, tmp_path / "store", reference="corral/debian:bookworm")
+    assert image.id == debian_image.config_digest
+    assert image.layers == (debian_image.layer_digest,)
+
+
 def test_the_unpacked_root_is_debian_with_its_owners(
     pulled: tuple[images.Image, Path, list[Path]],
 ) -> None:
