@@ -18,6 +18,9 @@ command -v ssh >/dev/null || need+=(openssh-client)  # the tests of the SSH fron
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # fleet-mode tests
 command -v skopeo >/dev/null || need+=(skopeo)  # pulls OCI images from registries and archives
 command -v docker-registry >/dev/null || need+=(docker-registry)  # the image tests' registry
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)  # builds the tests' Debian image
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)  # mirror keys
+command -v dpkg-deb >/dev/null || need+=(dpkg)  # builds the tests' local .deb packages
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing system packages (${need[*]}); run as root or install them" >&2

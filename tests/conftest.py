@@ -18,6 +18,8 @@ import pytest
 from corral.runtime.uids import SLOT_UIDS
 from tests.engines import free_port
 
+pytest_plugins = ["tests.debian_fixtures"]  # the Debian test image and a local .deb
+
 ADMIN_KEY = "crl_test_admin_" + os.urandom(8).hex()
 
 
