@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Query, Response
 
 from corral.api.auth import Caller, ServicesDep, usable_sandbox
-from corral.core.errors import PermissionDenied
+from corral.core.errors import NotFound, PermissionDenied
 from corral.core.models import Page, Sandbox, SandboxCreate, Scope, Snapshot, SnapshotCreate
 from corral.core.tokens import Principal
 
@@ -48,12 +50,18 @@ async def fork_sandbox(
 async def list_snapshots(
     services: ServicesDep,
     caller: Caller,
-    sandbox: str | None = Query(None, max_length=64, description="Only those taken of it"),
+    sandbox: str | None = Query(
+        None, max_length=64, description="Only those taken of this sandbox (id or name)"
+    ),
     limit: int = Query(100, ge=1, le=1000),
     cursor: str | None = None,
 ) -> Page[Snapshot]:
     caller.require(Scope.read)
     _unlimited(caller)
+    if sandbox is not None:
+        # A name is that of a live sandbox; an id may be of a deleted one (its snapshots stay).
+        with contextlib.suppress(NotFound):
+            sandbox = (await services.sandboxes.row(sandbox)).id
     return await services.snapshots.list(sandbox=sandbox, limit=limit, cursor=cursor)
 
 
