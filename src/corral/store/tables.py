@@ -234,7 +234,7 @@ class SnapshotRow(Base):
     sandbox_id: Mapped[str] = mapped_column(String(40))
     state: Mapped[str] = mapped_column(String(16))
     template: Mapped[str] = mapped_column(String(200))
-    image: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    image: Mapped[str | None] = mapped_column(Text, nullable=True)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

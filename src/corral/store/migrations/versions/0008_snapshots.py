@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("sandbox_id", sa.String(40), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("template", sa.String(200), nullable=False),
-        sa.Column("image", sa.String(200), nullable=True),
+        sa.Column("image", sa.Text, nullable=True),
         sa.Column("size_bytes", sa.BigInteger, nullable=True),
         sa.Column("labels", sa.JSON, nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
