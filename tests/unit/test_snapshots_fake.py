@@ -12,14 +12,15 @@ from corral.core.errors import Conflict, NotFound, RateLimited, Unavailable
 from corral.core.models import SandboxCreate, SnapshotCreate, SnapshotState
 from corral.core.snapshots import STALE_CAPTURE
 from corral.runtime.base import Runtime, SandboxConfig
+from corral.services import Services
 from corral.store.tables import SnapshotRow
 
 from .helpers import run
 from .test_core_fake import corral, fake_runtime
 
 
-async def _rows(services: object) -> list[SnapshotRow]:
-    async with services.db.session() as session:  # type: ignore[attr-defined]
+async def _rows(services: Services) -> list[SnapshotRow]:
+    async with services.db.session() as session:
         return list(await session.scalars(select(SnapshotRow)))
 
 
