@@ -121,7 +121,7 @@ def test_snapshot_listing_pages_and_filters_by_sandbox(server: Server) -> None:
 
 def test_fork_is_a_snapshot_and_a_sandbox_in_one_call(server: Server) -> None:
     with server.client() as api:
-        source = _sandbox(api, env={"A": "1"})
+        source = _sandbox(api, env={"A": "1"}, disk_mb=64, pids=100, labels={"s": "1"})
         resp = api.post(
             f"/v1/sandboxes/{source['id']}/fork", json={"name": "forked", "labels": {"f": "1"}}
         )
@@ -129,6 +129,12 @@ def test_fork_is_a_snapshot_and_a_sandbox_in_one_call(server: Server) -> None:
         fork = resp.json()
         assert fork["name"] == "forked" and fork["labels"] == {"f": "1"}
         assert fork["node_id"] == source["node_id"] and fork["state"] == "running"
+        # A copy, run alike: the source's env and limits unless the fork gives its own.
+        assert fork["env_keys"] == ["A"] and fork["disk_mb"] == 64 and fork["pids"] == 100
+        own = api.post(f"/v1/sandboxes/{source['id']}/fork", json={"env": {"B": "2"}}).json()
+        assert own["env_keys"] == ["B"] and own["disk_mb"] == 64 and own["labels"] == {}
+        api.delete(f"/v1/sandboxes/{own['id']}")
+        api.delete(f"/v1/snapshots/{own['snapshot']}")
         snap = api.get(f"/v1/snapshots/{fork['snapshot']}").json()
         assert snap["sandbox_id"] == source["id"] and snap["used_by"] == [fork["id"]]
         # A fork of a fork.

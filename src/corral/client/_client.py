@@ -752,8 +752,9 @@ class Client(BaseClient):
         ttl_seconds: int | None = None,
         volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
     ) -> Sandbox:
-        """A snapshot of the running sandbox and a new sandbox from it, on its node; the new
-        sandbox's `snapshot` names the snapshot taken."""
+        """A snapshot of the running sandbox and a new sandbox from it, on its node, with the
+        source's env, limits and network unless given here; the new sandbox's `snapshot` names
+        the snapshot taken."""
         call = self._fork_call(
             sandbox,
             name=name,

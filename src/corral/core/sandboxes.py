@@ -220,6 +220,15 @@ class SandboxService:
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
+    def lifecycle_lock(self, sandbox_id: str) -> asyncio.Lock:
+        """Held by this server's changes of one sandbox (a snapshot's capture takes it too)."""
+        return self._lock(sandbox_id)
+
+    @property
+    def placement_lock(self) -> asyncio.Lock:
+        """Held by this server's creates from their admission to their row."""
+        return self._alloc_lock
+
     # --- queries ---
 
     def _remember(self, row: SandboxRow) -> None:

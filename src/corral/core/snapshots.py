@@ -39,6 +39,9 @@ from corral.store.tables import SandboxRow, SnapshotRow
 
 log = logging.getLogger(__name__)
 
+# What a fork takes from its source unless its create says otherwise: it is a copy, run alike.
+# Not its name, labels, lifetime or volumes: those are the new sandbox's own.
+FORK_INHERITS = ("env", "cpu", "memory_mb", "pids", "disk_mb", "network", "allow")
 # A capture not finished after this long was abandoned (its replica died): it is removed.
 STALE_CAPTURE = timedelta(minutes=30)
 
@@ -129,7 +132,7 @@ class SnapshotService:
                 details=[{"loc": ["body", "expires_at"], "msg": "must be in the future"}],
             )
         # The sandbox's lock: a stop, pause or delete through this server waits for the capture.
-        async with self.sandboxes._lock(sandbox_id):
+        async with self.sandboxes.lifecycle_lock(sandbox_id):
             source = await self.sandboxes.row(sandbox_id)
             if source.state == SandboxState.paused.value:
                 raise SandboxNotRunning(
@@ -232,9 +235,10 @@ class SnapshotService:
         self._check_usable(row)
 
     async def fork(self, sandbox_id: str, req: SandboxCreate) -> Sandbox:
-        """A snapshot of `sandbox_id` and a new sandbox from it, in one call. The snapshot is
-        an ordinary one (listed, deletable once its sandboxes are); if the sandbox cannot be
-        made, the snapshot goes too."""
+        """A snapshot of `sandbox_id` and a new sandbox from it, in one call, with the source's
+        environment, limits and network unless `req` gives its own. The snapshot is an
+        ordinary one (listed, deletable once its sandboxes are); if the sandbox cannot be made,
+        the snapshot goes too."""
         if req.snapshot is not None:
             raise InvalidArgument(
                 "a fork starts from a snapshot of its own",
@@ -251,9 +255,16 @@ class SnapshotService:
                 f"a fork runs on its source's node {source.node_id}, not {req.node}",
                 details=[{"loc": ["body", "node"], "msg": "not the source's node"}],
             )
+        inherited = {
+            key: source.spec[key]
+            for key in FORK_INHERITS
+            if key not in req.model_fields_set and source.spec.get(key) is not None
+        }
         snapshot = await self.create(source.id, SnapshotCreate())
         try:
-            return await self.sandboxes.create(req.model_copy(update={"snapshot": snapshot.id}))
+            return await self.sandboxes.create(
+                req.model_copy(update={**inherited, "snapshot": snapshot.id})
+            )
         except BaseException:
             row = await self.row(snapshot.id)
             async with self.db.session() as session:
@@ -273,7 +284,7 @@ class SnapshotService:
         """Mark the snapshot `deleting`, unless a sandbox not deleted was started from it
         (Conflict, or False for the reaper). Under the placement lock: a create that starts
         from it either sees it deleting or is counted here."""
-        async with self.sandboxes._alloc_lock:
+        async with self.sandboxes.placement_lock:
             async with self.db.transaction() as session:
                 await self.db.serialize(session, PLACEMENT_LOCK_KEY)
                 row = await session.get(SnapshotRow, snapshot_id, with_for_update=True)

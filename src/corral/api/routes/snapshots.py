@@ -38,8 +38,9 @@ async def create_snapshot(
 async def fork_sandbox(
     sandbox: str, body: SandboxCreate, services: ServicesDep, caller: Caller
 ) -> Sandbox:
-    """A snapshot of the running sandbox and a new sandbox from it on the same node, with
-    the create options given (`snapshot` names the snapshot taken)."""
+    """A snapshot of the running sandbox and a new sandbox from it on the same node, with the
+    create options given; env, limits and network not given are the source's. The answer's
+    `snapshot` names the snapshot taken."""
     caller.require(Scope.sandboxes)
     _unlimited(caller)
     found = await usable_sandbox(services, caller, sandbox)
