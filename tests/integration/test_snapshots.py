@@ -8,6 +8,7 @@ snapshots.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -49,6 +50,10 @@ def _snapshot(api: httpx.Client, sid: object, **body: object) -> dict[str, objec
     resp = api.post(f"/v1/sandboxes/{sid}/snapshots", json=body)
     assert resp.status_code == 201, resp.text
     return dict(resp.json())
+
+
+def json_id(text: str) -> str:
+    return str(json.loads(text)["id"])
 
 
 def _error(resp: httpx.Response, status: int) -> dict[str, object]:
@@ -272,6 +277,8 @@ def test_snapshots_through_the_sdk_and_the_cli(server: Server) -> None:
     assert cli_snap.returncode == 0 and cli_snap.stdout.startswith("snap_"), cli_snap.stderr
     started = run_cli(server, "sandbox", "create", "--snapshot", "cli-snap", "--json")
     assert started.returncode == 0 and cli_snap.stdout.strip() in started.stdout, started.stderr
+    shown_box = run_cli(server, "sandbox", "show", json_id(started.stdout))
+    assert f"snapshot  {cli_snap.stdout.strip()}" in shown_box.stdout, shown_box.stdout
     forked = run_cli(server, "sandbox", "fork", "sdk-source", "--name", "cli-fork")
     assert forked.returncode == 0 and forked.stdout.startswith("sb_"), forked.stderr
     busy = run_cli(server, "snapshot", "rm", "cli-snap")

@@ -120,6 +120,8 @@ def sandbox_details(sandbox: Sandbox) -> Table:
         ("updated", when(sandbox.updated_at)),
         ("expires", when(sandbox.expires_at)),
     ]
+    if sandbox.snapshot:
+        rows.insert(5, ("snapshot", sandbox.snapshot))
     if sandbox.error:
         rows.append(("error", sandbox.error))
     for key, value in rows:
