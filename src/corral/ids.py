@@ -42,5 +42,6 @@ def new_id(prefix: str) -> str:
 
 SANDBOX = "sb"
 VOLUME = "vol"
+SNAPSHOT = "snap"
 COMMAND = "cmd"
 TOKEN = "tok"

@@ -18,6 +18,7 @@ from corral.core.nodes import NodeRegistry, Presence, host_capacity
 from corral.core.replicas import ReplicaCount
 from corral.core.results import EVERY, CommandResults
 from corral.core.sandboxes import SandboxService
+from corral.core.snapshots import SnapshotService
 from corral.core.tokens import TokenService
 from corral.core.volumes import VolumeService
 from corral.node.agent import NodeAgent
@@ -92,6 +93,7 @@ class Services:
     node_agent: NodeAgent | None = None  # the built-in node, served over NATS in a fleet
     replicas: ReplicaCount | None = None
     volumes: VolumeService = None  # type: ignore[assignment]  # set in start(): needs the others
+    snapshots: SnapshotService = None  # type: ignore[assignment]  # likewise
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -205,6 +207,8 @@ class Services:
             db, directory, nodes, default_size_mb=settings.default_volume_mb
         )
         services.sandboxes.volumes = services.volumes
+        services.snapshots = SnapshotService(db, directory, services.sandboxes)
+        services.sandboxes.snapshots = services.snapshots
         # 6. Whatever ran on the built-in node when the server last stopped has an unknown
         #    result; sandboxes that should run come back with their files. (In a fleet its
         #    registration does both.)

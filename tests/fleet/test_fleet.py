@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from corral.runtime.base import Runtime
+from corral.runtime.namespaces import NamespacesRuntime
 from tests.engines import PostgresCluster
 from tests.fleet.fleet import Fleet
 
@@ -119,3 +121,34 @@ def test_a_volume_lives_on_its_node_and_its_sandboxes_go_there(fleet: Fleet) -> 
         assert read.json()["stdout"] == "n2\n"
         a.delete(f"/v1/sandboxes/{second.json()['id']}")
         assert b.delete("/v1/volumes/shared").status_code == 204
+
+
+@pytest.mark.skipif(
+    NamespacesRuntime.snapshot is Runtime.snapshot,
+    reason="the namespaces runtime cannot take snapshots yet",
+)
+def test_a_snapshot_lives_on_its_node_and_its_sandboxes_go_there(fleet: Fleet) -> None:
+    source = _sandbox(fleet, "n2")
+    with fleet.client(0) as a, fleet.client(1) as b:
+        wrote = a.post(f"/v1/sandboxes/{source}/exec", json={"command": "echo n2 > f"})
+        assert wrote.json()["exit_code"] == 0, wrote.text
+        snap = b.post(f"/v1/sandboxes/{source}/snapshots", json={"name": "on-n2"})
+        assert snap.status_code == 201 and snap.json()["node_id"] == "n2", snap.text
+        started = []
+        for api in (a, b):  # from either replica, the sandbox lands on the snapshot's node
+            made = api.post("/v1/sandboxes", json={"snapshot": "on-n2"})
+            assert made.status_code == 201 and made.json()["node_id"] == "n2", made.text
+            started.append(made.json()["id"])
+            read = b.post(f"/v1/sandboxes/{started[-1]}/exec", json={"command": "cat f"})
+            assert read.json()["stdout"] == "n2\n"
+        elsewhere = a.post("/v1/sandboxes", json={"snapshot": "on-n2", "node": "n1"})
+        assert elsewhere.status_code == 422 and "n2" in elsewhere.text
+        fork = b.post(f"/v1/sandboxes/{source}/fork", json={})
+        assert fork.status_code == 201 and fork.json()["node_id"] == "n2", fork.text
+        assert sorted(a.get("/v1/snapshots/on-n2").json()["used_by"]) == sorted(started)
+        assert a.delete("/v1/snapshots/on-n2").status_code == 409
+        for sid in (*started, fork.json()["id"], source):
+            assert b.delete(f"/v1/sandboxes/{sid}").status_code == 200
+        for ref in ("on-n2", fork.json()["snapshot"]):
+            assert a.delete(f"/v1/snapshots/{ref}").status_code == 204
+        assert b.get("/v1/snapshots/on-n2").status_code == 404

@@ -61,7 +61,16 @@ SETTINGS = {
     "CORRAL_DEFAULT_TIMEOUT_MS": "3000",
     "CORRAL_DEFAULT_DISK_MB": "0",
 }
-CREATES = ("/v1/sandboxes", "/v1/runtimes", "/v2/sandboxes", "/v1/vms", "/v1/volumes")
+CREATES = (
+    "/v1/sandboxes",
+    "/v1/runtimes",
+    "/v2/sandboxes",
+    "/v1/vms",
+    "/v1/volumes",
+    "/v1/sandboxes/{sandbox}/snapshots",
+    "/v1/sandboxes/{sandbox}/fork",
+)
+SNAPSHOT_CREATES = ("/v1/sandboxes/{sandbox}/snapshots", "/v1/sandboxes/{sandbox}/fork")
 FILE = "/workspace/fuzz.txt"
 SANDBOX_PARAMS = ("sandbox", "runtime", "vm_id", "machine_id", "sandbox_id", "session_id")
 LEFT_OUT = ("/auth/login", "/auth/logout")
@@ -214,11 +223,23 @@ def created_sandbox(case: Any, response: Any) -> str | None:
     """The sandbox a create operation made, if it made one."""
     if case.method.upper() != "POST" or case.path not in CREATES:
         return None
+    if case.path.endswith("/snapshots"):
+        return None  # a snapshot: see created_snapshot
     if response.status_code not in (200, 201):
         return None
     body = response.json()
     found = body.get("id") or (body.get("data") or {}).get("id")
     return found or (body.get("sandbox") or {}).get("id")
+
+
+def created_snapshot(case: Any, response: Any) -> str | None:
+    """The snapshot a snapshot or fork operation took, if it took one."""
+    if case.method.upper() != "POST" or case.path not in SNAPSHOT_CREATES:
+        return None
+    if response.status_code != 201:
+        return None
+    body = response.json()
+    return body.get("snapshot") if case.path.endswith("/fork") else body.get("id")
 
 
 @pytest.mark.timeout(1200)
@@ -242,6 +263,10 @@ def test_every_operation_answers_as_documented(case: Any, srv: Server) -> None:
         if created is not None:
             with srv.client() as api:
                 api.delete(f"/v1/sandboxes/{created}")
+        snapshot = created_snapshot(case, response)
+        if snapshot is not None:
+            with srv.client() as api:
+                api.delete(f"/v1/snapshots/{snapshot}")
 
 
 def test_the_targets_survived(srv: Server, targets: Targets) -> None:

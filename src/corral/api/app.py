@@ -22,6 +22,7 @@ from corral.api.routes import (
     nodes,
     run,
     sandboxes,
+    snapshots,
     streams,
     system,
     tokens,
@@ -77,8 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     # Every native operation documents the errors it may answer (the faces document their own).
     native_errors = errors.error_responses()
-    for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes):
+    for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots):
         app.include_router(module.router, responses=native_errors)
+    app.include_router(snapshots.sandbox_router, responses=native_errors)
     app.include_router(sandboxes.templates_router, responses=native_errors)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel):
         app.include_router(face.router)

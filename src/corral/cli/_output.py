@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.client import APIError, CorralError
-from corral.core.models import Node, Sandbox, Token, Volume
+from corral.core.models import Node, Sandbox, Snapshot, Token, Volume
 
 
 def print_table(table: Table) -> None:
@@ -120,6 +120,8 @@ def sandbox_details(sandbox: Sandbox) -> Table:
         ("updated", when(sandbox.updated_at)),
         ("expires", when(sandbox.expires_at)),
     ]
+    if sandbox.snapshot:
+        rows.insert(5, ("snapshot", sandbox.snapshot))
     if sandbox.error:
         rows.append(("error", sandbox.error))
     for key, value in rows:
@@ -171,6 +173,38 @@ def volume_table(volumes: Iterable[Volume]) -> Table:
             when(volume.created_at),
         )
     return table
+
+
+def snapshot_table(snapshots: Iterable[Snapshot]) -> Table:
+    table = _table(
+        "ID", "NAME", "STATE", "SANDBOX", "NODE", "SIZE", "USED BY", "CREATED", "EXPIRES"
+    )
+    for snapshot in snapshots:
+        table.add_row(
+            snapshot.id,
+            snapshot.name or "-",
+            snapshot.state.value,
+            snapshot.sandbox_id,
+            snapshot.node_id,
+            size(snapshot.size_bytes),
+            ", ".join(snapshot.used_by) or "-",
+            when(snapshot.created_at),
+            when(snapshot.expires_at) if snapshot.expires_at else "-",
+        )
+    return table
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
 
 
 def _table(*columns: str) -> Table:

@@ -250,6 +250,11 @@ def sandbox() -> None:
     metavar="NAME:PATH[:ro]",
     help="Mount a volume (repeatable); the sandbox goes to its node.",
 )
+@click.option(
+    "--snapshot",
+    metavar="NAME|ID",
+    help="Start from a snapshot, on its node, with its source's template.",
+)
 @json_option
 @pass_connection
 def sandbox_create(
@@ -265,11 +270,13 @@ def sandbox_create(
     disk_mb: int | None,
     node: str | None,
     volumes: list[dict[str, object]],
+    snapshot: str | None,
     as_json: bool,
 ) -> None:
     """Create a sandbox and print its id."""
     with connection.client() as client:
         created = client.create_sandbox(
+            snapshot=snapshot,
             node=node,
             volumes=volumes or None,
             name=name,
@@ -528,6 +535,123 @@ def node_drain(connection: Connection, node_id: str, undo: bool, as_json: bool) 
         output.print_json(found)
     else:
         click.echo(f"{found.id} {found.state.value}")
+
+
+@sandbox.command("fork")
+@click.argument("ref", metavar="SANDBOX")
+@click.option("--name", help="Unique name of the new sandbox.")
+@click.option(
+    "-e", "--env", multiple=True, callback=parse_pairs, metavar="K=V", help="Env for every command."
+)
+@click.option("-l", "--label", multiple=True, callback=parse_pairs, metavar="K=V", help="Label.")
+@click.option("--ttl", type=click.IntRange(min=1), metavar="SECONDS", help="Stop after.")
+@click.option("--cpu", type=float, help="CPU quota, in CPUs.")
+@click.option("--memory-mb", type=int, help="Memory limit (MiB).")
+@click.option("--pids", type=int, help="Process limit.")
+@click.option("--disk-mb", type=int, help="Disk limit (MiB).")
+@json_option
+@pass_connection
+def sandbox_fork(
+    connection: Connection,
+    ref: str,
+    name: str | None,
+    env: dict[str, str],
+    label: dict[str, str],
+    ttl: int | None,
+    cpu: float | None,
+    memory_mb: int | None,
+    pids: int | None,
+    disk_mb: int | None,
+    as_json: bool,
+) -> None:
+    """Snapshot a running sandbox and start a new one from it; print the new one's id."""
+    with connection.client() as client:
+        forked = client.fork(
+            ref,
+            name=name,
+            env=env or None,
+            labels=label or None,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            pids=pids,
+            disk_mb=disk_mb,
+            ttl_seconds=ttl,
+        )
+    if as_json:
+        output.print_json(forked)
+    else:
+        click.echo(forked.id)
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+
+@main.group()
+def snapshot() -> None:
+    """A running sandbox's files, to start sandboxes from: create, list, inspect, delete."""
+
+
+@snapshot.command("create")
+@click.argument("ref", metavar="SANDBOX")
+@click.option("--name", help="Unique name, usable wherever its id is.")
+@click.option(
+    "--expires-in", type=click.IntRange(min=1), metavar="SECONDS", help="Remove it after."
+)
+@click.option("-l", "--label", multiple=True, callback=parse_pairs, metavar="K=V", help="Label.")
+@json_option
+@pass_connection
+def snapshot_create(
+    connection: Connection,
+    ref: str,
+    name: str | None,
+    expires_in: int | None,
+    label: dict[str, str],
+    as_json: bool,
+) -> None:
+    """Snapshot a running sandbox and print the snapshot's id."""
+    with connection.client() as client:
+        made = client.create_snapshot(ref, name=name, expires_in=expires_in, labels=label or None)
+    if as_json:
+        output.print_json(made)
+    else:
+        click.echo(made.id)
+
+
+@snapshot.command("ls")
+@click.option("--sandbox", metavar="ID", help="Only the snapshots of this sandbox.")
+@click.option("--limit", type=click.IntRange(min=1), help="Show at most this many.")
+@json_option
+@pass_connection
+def snapshot_ls(
+    connection: Connection, sandbox: str | None, limit: int | None, as_json: bool
+) -> None:
+    """List snapshots with their source, node, size and the sandboxes started from them."""
+    with connection.client() as client:
+        snapshots = client.list_snapshots(sandbox=sandbox, limit=limit)
+    if as_json:
+        output.print_json(snapshots)
+    else:
+        output.print_table(output.snapshot_table(snapshots))
+
+
+@snapshot.command("inspect")
+@click.argument("ref", metavar="NAME|ID")
+@pass_connection
+def snapshot_inspect(connection: Connection, ref: str) -> None:
+    """A snapshot as JSON."""
+    with connection.client() as client:
+        output.print_json(client.get_snapshot(ref))
+
+
+@snapshot.command("rm")
+@click.argument("refs", metavar="NAME|ID...", nargs=-1, required=True)
+@pass_connection
+def snapshot_rm(connection: Connection, refs: tuple[str, ...]) -> None:
+    """Delete snapshots (refused while a sandbox started from one is not deleted)."""
+    with connection.client() as client:
+        for ref in refs:
+            client.delete_snapshot(ref)
+            click.echo(ref)
 
 
 # --- volumes -----------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from corral.core.models import (
     Sandbox,
     SandboxState,
     Scope,
+    Snapshot,
     StartedEvent,
     StdinWritten,
     Token,
@@ -190,10 +191,13 @@ class AsyncClient(BaseClient):
         ttl_seconds: int | None = None,
         node: str | None = None,
         volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
+        snapshot: str | Snapshot | None = None,
     ) -> Sandbox:
         """Create a sandbox; options left out take the server's defaults (`node`: the node to
-        place it on; default: the least loaded online node with room)."""
+        place it on; default: the least loaded online node with room; `snapshot`: start from
+        one, on its node, with its source's template and image)."""
         call = self._create_sandbox_call(
+            snapshot=snapshot,
             node=node,
             name=name,
             template=template,
@@ -723,3 +727,67 @@ class AsyncClient(BaseClient):
     async def delete_volume(self, volume: str | Volume) -> None:
         """Its data goes with it (refused while a live sandbox mounts it)."""
         await self._send(self._delete_volume_call(volume))
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    async def create_snapshot(
+        self,
+        sandbox: SandboxRef,
+        *,
+        name: str | None = None,
+        expires_in: int | None = None,
+        expires_at: datetime | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Snapshot:
+        """Capture a running sandbox's files (its processes frozen for the moment); it is
+        removed `expires_in` seconds on, or at `expires_at`, if given."""
+        call = self._create_snapshot_call(
+            sandbox, name=name, expires_in=expires_in, expires_at=expires_at, labels=labels
+        )
+        return await self._send(call)
+
+    async def list_snapshots(
+        self, *, sandbox: SandboxRef | None = None, limit: int | None = None
+    ) -> list[Snapshot]:
+        """Every snapshot (of `sandbox`, if given), fetching page after page; at most `limit`."""
+        return await self._collect(self._list_snapshots_pager(sandbox=sandbox, limit=limit))
+
+    async def get_snapshot(self, snapshot: str | Snapshot) -> Snapshot:
+        """A snapshot by id or name."""
+        return await self._send(self._get_snapshot_call(snapshot))
+
+    async def delete_snapshot(self, snapshot: str | Snapshot) -> None:
+        """Its files go (refused while a sandbox started from it is not deleted)."""
+        await self._send(self._delete_snapshot_call(snapshot))
+
+    async def fork(
+        self,
+        sandbox: SandboxRef,
+        *,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        disk_mb: int | None = None,
+        ttl_seconds: int | None = None,
+        volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
+    ) -> Sandbox:
+        """A snapshot of the running sandbox and a new sandbox from it, on its node, with the
+        source's env, limits and network unless given here; the new sandbox's `snapshot` names
+        the snapshot taken."""
+        call = self._fork_call(
+            sandbox,
+            name=name,
+            template=None,
+            env=env,
+            labels=labels,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            pids=pids,
+            disk_mb=disk_mb,
+            ttl_seconds=ttl_seconds,
+            volumes=volumes,
+        )
+        return await self._send(call)

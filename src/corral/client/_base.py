@@ -30,6 +30,7 @@ from corral.core.models import (
     Sandbox,
     SandboxState,
     Scope,
+    Snapshot,
     StdinWritten,
     Token,
     TokenCreated,
@@ -173,10 +174,12 @@ class BaseClient:
         ttl_seconds: int | None,
         node: str | None = None,
         volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
+        snapshot: str | Snapshot | None = None,
     ) -> Call[Sandbox]:
         body = _without_none(
             node=node,
             volumes=None if volumes is None else [_mount(v) for v in volumes],
+            snapshot=None if snapshot is None else _snapshot_ref(snapshot),
             name=name,
             template=template,
             env=_dict_or_none(env),
@@ -522,12 +525,55 @@ class BaseClient:
     def _delete_volume_call(self, volume: str | Volume) -> Call[None]:
         return Call("DELETE", f"/v1/volumes/{_segment(_volume_ref(volume))}", _nothing)
 
+    def _create_snapshot_call(
+        self,
+        sandbox: SandboxRef,
+        *,
+        name: str | None,
+        expires_in: int | None,
+        expires_at: datetime | None,
+        labels: Mapping[str, str] | None,
+    ) -> Call[Snapshot]:
+        body = _without_none(
+            name=name,
+            expires_in=expires_in,
+            expires_at=None if expires_at is None else expires_at.isoformat(),
+            labels=_dict_or_none(labels),
+        )
+        return Call("POST", _sandbox_path(sandbox, "snapshots"), _model(Snapshot), json=body)
+
+    def _list_snapshots_pager(
+        self, *, sandbox: SandboxRef | None, limit: int | None
+    ) -> Pager[Snapshot]:
+        def make_call(cursor: str | None, size: int) -> Call[Page[Snapshot]]:
+            params = _without_none(
+                limit=size, cursor=cursor, sandbox=None if sandbox is None else _ref(sandbox)
+            )
+            return Call("GET", "/v1/snapshots", _model(Page[Snapshot]), params=params)
+
+        return Pager(make_call, limit)
+
+    def _get_snapshot_call(self, snapshot: str | Snapshot) -> Call[Snapshot]:
+        return Call("GET", f"/v1/snapshots/{_segment(_snapshot_ref(snapshot))}", _model(Snapshot))
+
+    def _delete_snapshot_call(self, snapshot: str | Snapshot) -> Call[None]:
+        return Call("DELETE", f"/v1/snapshots/{_segment(_snapshot_ref(snapshot))}", _nothing)
+
+    def _fork_call(self, sandbox: SandboxRef, **options: Any) -> Call[Sandbox]:
+        """A create's body, sent to the source sandbox's fork."""
+        create = self._create_sandbox_call(**options)
+        return Call("POST", _sandbox_path(sandbox, "fork"), create.parse, json=create.json)
+
 
 # --- helpers -----------------------------------------------------------------------------------
 
 
 def _volume_ref(volume: str | Volume) -> str:
     return volume.id if isinstance(volume, Volume) else volume
+
+
+def _snapshot_ref(snapshot: str | Snapshot) -> str:
+    return snapshot.id if isinstance(snapshot, Snapshot) else snapshot
 
 
 def _mount(mount: VolumeMount | Mapping[str, Any]) -> dict[str, Any]:

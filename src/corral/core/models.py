@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -198,6 +199,42 @@ class Volume(BaseModel):
     used_by: list[str] = Field(description="Live sandboxes that mount it")
 
 
+class SnapshotState(enum.StrEnum):
+    creating = "creating"  # being captured: no sandbox starts from it yet
+    ready = "ready"
+    deleting = "deleting"  # its files are being removed from its node
+
+
+class SnapshotCreate(Strict):
+    """A snapshot of a running sandbox; at most one of `expires_in` and `expires_at`."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    expires_in: Seconds | None = Field(default=None, description="Removed this many seconds on")
+    expires_at: Timestamp | None = Field(default=None, description="Removed at this time (UTC)")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> SnapshotCreate:
+        if self.expires_in is not None and self.expires_at is not None:
+            raise ValueError("give expires_in or expires_at, not both")
+        return self
+
+
+class Snapshot(BaseModel):
+    id: str
+    name: str | None
+    state: SnapshotState
+    sandbox_id: str = Field(description="The sandbox it was taken of")
+    node_id: str = Field(description="The node that keeps it; its sandboxes run there")
+    template: str
+    image: str | None = Field(default=None, description="The source sandbox's image, if any")
+    size_bytes: int | None = Field(description="What the capture took on the node")
+    labels: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime
+    expires_at: datetime | None = None
+    used_by: list[str] = Field(description="Sandboxes (not deleted) started from it")
+
+
 class SandboxCreate(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     template: str = Field(default="host", description="Root filesystem template")
@@ -228,6 +265,11 @@ class SandboxCreate(Strict):
         default_factory=list,
         max_length=MAX_VOLUMES_PER_SANDBOX,
         description="Volumes to mount (the sandbox goes to their node)",
+    )
+    snapshot: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        default=None,
+        description="A snapshot (id or name) to start from: the sandbox goes to its node and "
+        "takes its source's template and image",
     )
 
     @field_validator("env")
@@ -288,6 +330,7 @@ class Sandbox(BaseModel):
         description="Each limit and how this host enforces it (empty: not enforced here)",
     )
     volumes: list[VolumeMount] = Field(default_factory=list)
+    snapshot: str | None = Field(default=None, description="The snapshot it started from")
 
 
 # --- commands ----------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from corral.store.db import PLACEMENT_LOCK_KEY, Database
 from corral.store.tables import SandboxRow
 
 if TYPE_CHECKING:
+    from corral.core.snapshots import SnapshotService
     from corral.core.volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox
             VolumeMount(name=v["name"], path=v["path"], read_only=v["read_only"])
             for v in spec.get("volumes") or ()
         ],
+        snapshot=spec.get("snapshot"),
     )
 
 
@@ -114,6 +116,7 @@ def _poolable(req: SandboxCreate) -> bool:
         and req.pids is None
         and req.disk_mb is None
         and not req.volumes
+        and req.snapshot is None
     )
 
 
@@ -136,6 +139,7 @@ class SandboxService:
         self.directory = directory
         self.local = directory.local  # the built-in node, if this server runs one
         self.volumes: VolumeService | None = None  # set by the server once it has one
+        self.snapshots: SnapshotService | None = None  # likewise
         self.data_dir = data_dir
         self.max_sandboxes = max_sandboxes
         self.uid_count = uid_count
@@ -177,6 +181,7 @@ class SandboxService:
                 VolumeBind(str(v["id"]), str(v["path"]), bool(v["read_only"]))
                 for v in row.spec.get("volumes") or ()
             ),
+            snapshot=row.spec.get("snapshot"),
         )
 
     def limits(self, row: SandboxRow) -> Limits:
@@ -214,6 +219,15 @@ class SandboxService:
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def lifecycle_lock(self, sandbox_id: str) -> asyncio.Lock:
+        """Held by this server's changes of one sandbox (a snapshot's capture takes it too)."""
+        return self._lock(sandbox_id)
+
+    @property
+    def placement_lock(self) -> asyncio.Lock:
+        """Held by this server's creates from their admission to their row."""
+        return self._alloc_lock
 
     # --- queries ---
 
@@ -341,13 +355,22 @@ class SandboxService:
 
     async def create(self, req: SandboxCreate) -> Sandbox:
         wanted, mounts = req.node, []
+        if req.snapshot is not None:
+            if self.snapshots is None:
+                raise Unavailable("this server keeps no snapshots")
+            req, wanted = await self.snapshots.prepare(req)
+            if req.node is not None and req.node != wanted:
+                raise InvalidArgument(
+                    f"the snapshot is on node {wanted}, not {req.node}",
+                    details=[{"loc": ["body", "node"], "msg": "not the snapshot's node"}],
+                )
         if req.volumes:
             if self.volumes is None:
                 raise Unavailable("this server keeps no volumes")
             volume_node, mounts = await self.volumes.resolve(req.volumes)
-            if req.node is not None and req.node != volume_node:
+            if wanted is not None and wanted != volume_node:
                 raise InvalidArgument(
-                    f"the volumes are on node {volume_node}, not {req.node}",
+                    f"the volumes are on node {volume_node}, not {wanted}",
                     details=[{"loc": ["body", "node"], "msg": "not the volumes' node"}],
                 )
             wanted = volume_node
@@ -379,6 +402,8 @@ class SandboxService:
         async with self._alloc_lock:
             async with self.db.transaction() as session:
                 await self.db.serialize(session, PLACEMENT_LOCK_KEY)  # against other replicas
+                if req.snapshot is not None and self.snapshots is not None:
+                    await self.snapshots.check_usable(session, req.snapshot)
                 count = await self._admit(session)
                 # Warm sandboxes count towards the limit too: one makes room for a create.
                 while self._warm and count + len(self._reserved) >= self.max_sandboxes:
@@ -813,3 +838,6 @@ class SandboxService:
                 await self.stop(sandbox_id)
             except Exception as exc:
                 log.warning("stopping expired sandbox %s failed: %s", sandbox_id, exc)
+        if self.snapshots is not None:
+            local_only = not self.directory.fleet and self.local is not None
+            await self.snapshots.reap(self.local.id if local_only and self.local else None)

@@ -270,6 +270,13 @@ class NodeAgent:
     async def op_remove_volume(self, args: dict[str, Any], data: bytes) -> Any:
         await self.node.remove_volume(str(args["volume_id"]))
 
+    async def op_snapshot_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
+        snapshot_id = p.snapshot_id(args["snapshot_id"])
+        return await self.node.snapshot_sandbox(str(args["sandbox_id"]), snapshot_id)
+
+    async def op_remove_snapshot(self, args: dict[str, Any], data: bytes) -> Any:
+        await self.node.remove_snapshot(p.snapshot_id(args["snapshot_id"]))
+
     async def op_pause_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
         await self.node.pause_sandbox(str(args["sandbox_id"]))
 

@@ -27,6 +27,10 @@ class HostFailure(RuntimeError):
     (the node's log has the whole error)."""
 
 
+class SnapshotsUnsupported(HostFailure):
+    """The node's runtime cannot capture a sandbox's files."""
+
+
 @dataclass(frozen=True)
 class CommandSpec:
     id: str
@@ -157,6 +161,14 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     async def remove_volume(self, volume_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def snapshot_sandbox(self, sandbox_id: str, snapshot_id: str) -> int:
+        """Capture a running sandbox's files as snapshot `snapshot_id` of this node (its
+        processes frozen meanwhile); returns the bytes it takes. Nothing is left on failure."""
+
+    @abc.abstractmethod
+    async def remove_snapshot(self, snapshot_id: str) -> None: ...
 
     @abc.abstractmethod
     async def pause_sandbox(self, sandbox_id: str) -> None: ...

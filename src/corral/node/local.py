@@ -22,6 +22,7 @@ from corral.node.base import (
     Execution,
     HostFailure,
     Node,
+    SnapshotsUnsupported,
     TooManyCommands,
 )
 from corral.node.bus import PROTOCOL_VERSION
@@ -536,6 +537,33 @@ class LocalNode(Node):
         except OSError as exc:
             log.warning("volume %s: removing it failed: %r", volume_id, exc)
             raise HostFailure(f"the volume could not be removed: {public_reason(exc)}") from None
+
+    async def snapshot_sandbox(self, sandbox_id: str, snapshot_id: str) -> int:
+        handle = self._live(sandbox_id)
+        try:
+            return await self.runtime.snapshot(handle.config, snapshot_id)
+        except NotImplementedError:
+            raise SnapshotsUnsupported(
+                f"node {self.id} ({self.runtime_name}) cannot take snapshots"
+            ) from None
+        except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+            if isinstance(exc, SandboxDied):
+                raise
+            log.warning("sandbox %s: snapshot %s failed: %r", sandbox_id, snapshot_id, exc)
+            with contextlib.suppress(Exception):
+                await self.runtime.remove_snapshot(snapshot_id)  # nothing half-made stays
+            raise HostFailure(f"the snapshot could not be taken: {public_reason(exc)}") from None
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        try:
+            await self.runtime.remove_snapshot(snapshot_id)
+        except NotImplementedError:
+            raise SnapshotsUnsupported(
+                f"node {self.id} ({self.runtime_name}) cannot take snapshots"
+            ) from None
+        except OSError as exc:
+            log.warning("snapshot %s: removing it failed: %r", snapshot_id, exc)
+            raise HostFailure(f"the snapshot could not be removed: {public_reason(exc)}") from None
 
     async def pause_sandbox(self, sandbox_id: str) -> None:
         try:

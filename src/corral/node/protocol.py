@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from corral.core.models import CommandStatus
-from corral.node.base import CommandOutcome, CommandSpec, HostFailure, TooManyCommands
+from corral.node.base import (
+    CommandOutcome,
+    CommandSpec,
+    HostFailure,
+    SnapshotsUnsupported,
+    TooManyCommands,
+)
 from corral.node.bus import RemoteError
 from corral.node.output_log import CorruptLog
 from corral.runtime.base import (
@@ -63,6 +69,7 @@ ERRORS: dict[str, type[BaseException]] = {
     "corrupt_log": CorruptLog,
     "broken_pipe": BrokenPipeError,
     "host_failure": HostFailure,
+    "snapshots_unsupported": SnapshotsUnsupported,
     "os_error": OSError,
     "unknown_command": UnknownCommand,
     "host_exec_refused": HostExecRefused,
@@ -106,6 +113,7 @@ def config_to_wire(config: SandboxConfig) -> dict[str, Any]:
         "network": config.network,
         "allow": list(config.allow),
         "volumes": [{"id": v.id, "path": v.path, "read_only": v.read_only} for v in config.volumes],
+        "snapshot": config.snapshot,
     }
 
 
@@ -132,7 +140,16 @@ def config_from_wire(data: dict[str, Any], sandboxes_dir: Path) -> SandboxConfig
             VolumeBind(str(v["id"]), str(v["path"]), bool(v.get("read_only")))
             for v in data.get("volumes") or ()
         ),
+        snapshot=None if data.get("snapshot") is None else snapshot_id(data["snapshot"]),
     )
+
+
+def snapshot_id(value: Any) -> str:
+    """A snapshot id from the wire: it names a directory on the node."""
+    checked = str(value)
+    if "/" in checked or checked in ("", ".", ".."):
+        raise ValueError(f"not a snapshot id: {checked!r}")
+    return checked
 
 
 def spec_to_wire(spec: CommandSpec) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from corral.runtime.base import SandboxConfig
 CALL_TIMEOUT = 5.0
 START_TIMEOUT = 120.0  # starting a sandbox may mean making its file system
 STOP_TIMEOUT = 60.0
+SNAPSHOT_TIMEOUT = 600.0  # capturing a large workspace copies it
 RETRY_SECONDS = 0.5
 
 # The stored result of a reported command, waited for across replicas (core/results.py).
@@ -85,6 +86,16 @@ class RemoteNode(Node):
 
     async def remove_volume(self, volume_id: str) -> None:
         await self._call("remove_volume", STOP_TIMEOUT, volume_id=volume_id)
+
+    async def snapshot_sandbox(self, sandbox_id: str, snapshot_id: str) -> int:
+        return int(
+            await self._call(
+                "snapshot_sandbox", SNAPSHOT_TIMEOUT, sandbox_id=sandbox_id, snapshot_id=snapshot_id
+            )
+        )
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        await self._call("remove_snapshot", STOP_TIMEOUT, snapshot_id=snapshot_id)
 
     async def pause_sandbox(self, sandbox_id: str) -> None:
         await self._call("pause_sandbox", sandbox_id=sandbox_id)

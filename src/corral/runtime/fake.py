@@ -23,6 +23,8 @@ from corral.runtime.base import (
     SpawnError,
 )
 
+FAKE_SNAPSHOT_BYTES = 4096
+
 
 class FakeRuntime(Runtime):
     name = "fake"
@@ -30,11 +32,14 @@ class FakeRuntime(Runtime):
     def __init__(self) -> None:
         self.started: list[str] = []
         self.volumes: set[str] = set()
+        self.snapshots: dict[str, str] = {}  # snapshot id -> the sandbox it was taken of
 
     async def prepare(self) -> list[str]:
         return ["the fake runtime runs no real sandboxes"]
 
     async def start(self, config: SandboxConfig) -> SandboxHandle:
+        if config.snapshot is not None and config.snapshot not in self.snapshots:
+            raise RuntimeError(f"snapshot {config.snapshot} is not on this node")
         self.started.append(config.id)
         return FakeSandbox(config)
 
@@ -49,6 +54,13 @@ class FakeRuntime(Runtime):
 
     async def remove_volume(self, volume_id: str) -> None:
         self.volumes.discard(volume_id)
+
+    async def snapshot(self, config: SandboxConfig, snapshot_id: str) -> int:
+        self.snapshots[snapshot_id] = config.id
+        return FAKE_SNAPSHOT_BYTES
+
+    async def remove_snapshot(self, snapshot_id: str) -> None:
+        self.snapshots.pop(snapshot_id, None)
 
 
 class FakeSandbox(SandboxHandle):

@@ -217,3 +217,25 @@ class VolumeRow(Base):
     size_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SnapshotRow(Base):
+    """A sandbox's files captured on its node; sandboxes started from it run on that node."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (
+        Index("ix_snapshots_sandbox_id", "sandbox_id"),
+        Index("ix_snapshots_expires_at", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    node_id: Mapped[str] = mapped_column(String(64))
+    sandbox_id: Mapped[str] = mapped_column(String(40))
+    state: Mapped[str] = mapped_column(String(16))
+    template: Mapped[str] = mapped_column(String(200))
+    image: Mapped[str | None] = mapped_column(Text, nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
