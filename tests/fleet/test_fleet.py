@@ -8,8 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from corral.runtime.base import Runtime
-from corral.runtime.namespaces import NamespacesRuntime
 from tests.engines import PostgresCluster
 from tests.fleet.fleet import Fleet
 
@@ -123,10 +121,6 @@ def test_a_volume_lives_on_its_node_and_its_sandboxes_go_there(fleet: Fleet) -> 
         assert b.delete("/v1/volumes/shared").status_code == 204
 
 
-@pytest.mark.skipif(
-    NamespacesRuntime.snapshot is Runtime.snapshot,
-    reason="the namespaces runtime cannot take snapshots yet",
-)
 def test_a_snapshot_lives_on_its_node_and_its_sandboxes_go_there(fleet: Fleet) -> None:
     source = _sandbox(fleet, "n2")
     with fleet.client(0) as a, fleet.client(1) as b:

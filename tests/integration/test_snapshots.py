@@ -18,17 +18,10 @@ import httpx
 import pytest
 
 from corral import Client, ConflictError, NotFoundError, Snapshot, SnapshotState
-from corral.runtime.base import Runtime
-from corral.runtime.namespaces import NamespacesRuntime
 from tests.conftest import Server, make_data_dir
 from tests.integration.test_sdk_cli import run_cli
 
 FAKE_SNAPSHOT_BYTES = 4096  # what the fake runtime reports for a capture
-
-real_capture = pytest.mark.skipif(
-    NamespacesRuntime.snapshot is Runtime.snapshot,
-    reason="the namespaces runtime cannot take snapshots yet",
-)
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +309,6 @@ def _run(api: httpx.Client, sid: object, command: str) -> dict[str, object]:
 
 
 @pytest.mark.sandbox
-@real_capture
 def test_sandboxes_from_a_snapshot_see_its_files_and_diverge(real_server: Server) -> None:
     with real_server.client() as api:
         source = _sandbox(api)

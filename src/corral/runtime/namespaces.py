@@ -132,6 +132,9 @@ DEFAULT_ENV = {
 }
 
 
+# A template sandbox's own directories (in its storage): what its snapshots copy.
+TEMPLATE_DIRS = ("workspace", "etc", "usr-local", "root-home", "home")
+
 SUDO_ENV = {
     "HOME": "/root",
     "USER": "root",
@@ -602,6 +605,8 @@ class NamespacesRuntime(Runtime):
             if self.views.writable and not os.path.ismount(storage):
                 mount_private_overlay(config.dir, storage)
         root = self.host_root_uid(config)
+        if config.snapshot and not (storage / "etc").exists():
+            self._restore_template_snapshot(config, storage)
         self._seed_etc(storage / "etc", root, self.template_root(config))
         for name, mode in (("usr-local", 0o755), ("root-home", 0o700), ("home", 0o755)):
             path = storage / name
@@ -615,6 +620,23 @@ class NamespacesRuntime(Runtime):
         st = os.lstat(ws)
         if st.st_uid != uid:
             os.chown(ws, uid, uid, follow_symlinks=False)
+
+    def _restore_template_snapshot(self, config: SandboxConfig, storage: Path) -> None:
+        """A first start from a template sandbox's snapshot: copies of its directories."""
+        assert config.snapshot is not None
+        try:
+            info = snapshots.read_info(self.snapshot_dir(config.snapshot))
+        except snapshots.SnapshotError as exc:
+            raise RuntimeError(str(exc)) from None
+        if info.image is not None or (info.template or "host") != config.template:
+            raise RuntimeError(f"snapshot {config.snapshot} is not of template {config.template}")
+        try:
+            snapshots.restore(
+                self.snapshot_dir(config.snapshot), TEMPLATE_DIRS, storage,
+                self.host_root_uid(config),
+            )  # fmt: skip
+        except snapshots.SnapshotError as exc:
+            raise RuntimeError(str(exc)) from None
 
     def _make_image_root(self, config: SandboxConfig, uid: int) -> None:
         """The root and workspace overlays of a sandbox from an image (rootfs.py)."""
@@ -655,22 +677,27 @@ class NamespacesRuntime(Runtime):
         return self.snapshots_dir / snapshot_id
 
     async def snapshot(self, config: SandboxConfig, snapshot_id: str) -> int:
-        if config.image is None:
-            raise snapshots.SnapshotError(
-                "only a sandbox started from an image has a root to snapshot"
-            )
         self.snapshot_dir(snapshot_id)
-        layout = self.root_layout(config)
-        if not await asyncio.to_thread(os.path.ismount, layout.root):
-            raise snapshots.SnapshotError("the sandbox is not running")
+        if config.image is not None:
+            layout = self.root_layout(config)
+            mounted = layout.root
+            layers = {"root": layout.upper, "workspace": layout.workspace_upper}
+            parent = config.snapshot  # its own layers are only what changed since
+            if not await asyncio.to_thread(os.path.ismount, mounted):
+                raise snapshots.SnapshotError("the sandbox is not running")
+        else:
+            # Read from the file system that holds them (an overlay cannot be idmapped): its
+            # disk, or files/ under its private overlay.
+            holder = config.dir / ("disk" if config.limits.disk_mb else "files")
+            layers = {name: holder / name for name in TEMPLATE_DIRS if (holder / name).is_dir()}
+            parent = None  # copies: a whole
         frozen = await self._freeze(config)
         try:
             return await asyncio.to_thread(
                 snapshots.capture, self.snapshots_dir, snapshot_id,
-                scratch=config.dir,
-                layers={"root": layout.upper, "workspace": layout.workspace_upper},
-                base_uid=self.host_root_uid(config), image=config.image,
-                parent=config.snapshot,
+                scratch=config.dir, layers=layers, base_uid=self.host_root_uid(config),
+                image=config.image, template=None if config.image else config.template,
+                parent=parent,
             )  # fmt: skip
         finally:
             if frozen:

@@ -5,7 +5,11 @@ A snapshot is a directory under the node's snapshots/:
 
     root/           the root's writable layer (overlay upper format: whiteouts, opaque dirs)
     workspace/      the workspace's writable layer
-    snapshot.json   {"image", "parent", "bytes"}
+    snapshot.json   {"image", "template", "parent", "bytes"}
+
+A sandbox on a template (no image) has no overlay root: its snapshot holds copies of its own
+directories (workspace/, etc/, usr-local/, root-home/, home/), and a sandbox started from it
+gets copies of them (restore()).
 
 A sandbox that started from a snapshot writes only its own layers, so its snapshot names the
 one it came from as `parent` and holds only what changed since: starting from it stacks the
@@ -32,14 +36,15 @@ META = "snapshot.json"
 MAX_CHAIN = 16  # an overlay's lower layers are few: a deeper chain is refused
 
 
-class SnapshotError(Exception):
+class SnapshotError(RuntimeError):
     """A snapshot that cannot be made, used or removed (the message says why)."""
 
 
 @dataclass(frozen=True)
 class SnapshotInfo:
     id: str
-    image: str
+    image: str | None
+    template: str | None
     parent: str | None
     bytes: int
 
@@ -49,7 +54,10 @@ def read_info(directory: Path) -> SnapshotInfo:
         meta = json.loads((directory / META).read_text())
     except (OSError, ValueError):
         raise SnapshotError(f"snapshot {directory.name} is not on this node") from None
-    return SnapshotInfo(directory.name, meta["image"], meta.get("parent"), int(meta["bytes"]))
+    return SnapshotInfo(
+        directory.name, meta.get("image"), meta.get("template"), meta.get("parent"),
+        int(meta["bytes"]),
+    )  # fmt: skip
 
 
 def chain(snapshots_dir: Path, snapshot_id: str) -> list[Path]:
@@ -90,8 +98,9 @@ def capture(
     scratch: Path,
     layers: dict[str, Path],
     base_uid: int,
-    image: str,
-    parent: str | None,
+    image: str | None,
+    template: str | None = None,
+    parent: str | None = None,
 ) -> int:
     """Copy the sandbox's writable layers (`layers`: "root" and "workspace" -> its upper dirs)
     into snapshot `snapshot_id`; `scratch` is an empty directory of the sandbox's for the
@@ -123,7 +132,7 @@ def capture(
                     raise SnapshotError("the node's disk is full")
                 raise SnapshotError("could not copy the sandbox's files")
         size = _tree_bytes(staging)
-        meta = {"image": image, "parent": parent, "bytes": size}
+        meta = {"image": image, "template": template, "parent": parent, "bytes": size}
         (staging / META).write_text(json.dumps(meta))
         os.chmod(staging, 0o755)  # traversable by the idmapped views of sandboxes
         staging.rename(final)
@@ -139,6 +148,37 @@ def capture(
                 view.rmdir()
             except OSError:
                 pass
+
+
+def restore(snapshot: Path, names: tuple[str, ...], into: Path, base_uid: int) -> None:
+    """Copy a template sandbox's snapshot into a new sandbox's directories (`into`/NAME for
+    each name), its files owned by that sandbox's uids (through an idmapped view)."""
+    userns = idmap.user_namespace(uids.mapping(base_uid))
+    view = into / ".snapshot-view"
+    view.mkdir(mode=0o700, exist_ok=True)
+    try:
+        idmap.mount_idmapped(snapshot, view, userns)
+        for name in names:
+            if not (view / name).is_dir():
+                continue
+            target = into / name
+            if os.path.lexists(target):
+                subprocess.run(["rm", "-rf", "--one-file-system", "--", str(target)], check=True)
+            done = subprocess.run(
+                ["cp", "-a", "--one-file-system", "--", str(view / name), str(target)],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if done.returncode != 0:
+                if "No space left" in done.stderr:
+                    raise SnapshotError("the sandbox's disk is too small for the snapshot")
+                raise SnapshotError("could not copy the snapshot's files")
+    finally:
+        os.close(userns)
+        unmount(view)
+        try:
+            view.rmdir()
+        except OSError:
+            pass
 
 
 def children(snapshots_dir: Path, snapshot_id: str) -> list[str]:
