@@ -3,6 +3,8 @@ packages installed into the sandbox stay in it."""
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 
@@ -48,8 +50,12 @@ def test_sudo_is_root_inside_only(api: httpx.Client, sandbox_id: str) -> None:
     # Root's files are its own host uid's, not host root's; the user cannot write /usr/local.
     assert run(api, sandbox_id, "touch /usr/local/mine")["exit_code"] != 0
     assert run(api, sandbox_id, "touch /usr/local/mine", user="root")["exit_code"] == 0
-    # Root inside still cannot touch the host's /usr or load kernel modules or mount.
-    for probe in ("touch /usr/bin/x", "mount -t tmpfs none /mnt", "unshare -U true"):
+    # Root inside may change its own copy of /usr, never the host's; it cannot mount.
+    marker = f"/usr/bin/corral-root-{sandbox_id}"
+    assert run(api, sandbox_id, f"touch {marker}", user="root")["exit_code"] == 0
+    assert not os.path.lexists(marker)
+    assert run(api, sandbox_id, "touch /usr/bin/x")["exit_code"] != 0  # the user cannot
+    for probe in ("mount -t tmpfs none /mnt", "unshare -U true"):
         assert run(api, sandbox_id, probe, user="root")["exit_code"] != 0, probe
     # The ordinary user has no capabilities at all.
     caps = run(api, sandbox_id, "grep -E '^Cap(Eff|Prm|Amb)' /proc/self/status")["stdout"]

@@ -561,7 +561,7 @@ class LocalNode(Node):
             raise SnapshotsUnsupported(
                 f"node {self.id} ({self.runtime_name}) cannot take snapshots"
             ) from None
-        except OSError as exc:
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
             log.warning("snapshot %s: removing it failed: %r", snapshot_id, exc)
             raise HostFailure(f"the snapshot could not be removed: {public_reason(exc)}") from None
 

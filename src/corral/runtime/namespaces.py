@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,13 @@ class NamespacesRuntime(Runtime):
         self.data_dir = data_dir
         self.images_dir = data_dir / "images"  # the node's image store (images/)
         self.snapshots_dir = data_dir / "snapshots"
+        # Templates' root skeletons (rootfs.build_skeleton), made once per run of the node.
+        self.skeletons_dir = data_dir / "runtime" / "skeletons"
+        self._skeletons: dict[str, Path] = {}
+        self._skeleton_lock = threading.Lock()
+        # Sandboxes made before roots were copy-on-write: their own etc/, usr-local/ and the
+        # rest in their storage, over a read-only /usr.
+        self._legacy: set[str] = set()
         self.tools_source = tools_dir  # shown read-only at /opt/corral (interpreters, helpers)
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
@@ -286,6 +294,19 @@ class NamespacesRuntime(Runtime):
             raise RuntimeError(f"no template {config.template!r}")
         return self.views.view(self.templates_dir / config.template)
 
+    def template_source(self, config: SandboxConfig) -> Path:
+        """The template's own directory (not its view: an idmapped mount needs the real one)."""
+        if config.template == "host":
+            return Path("/")
+        if self.templates_dir is None or config.template not in self.templates():
+            raise RuntimeError(f"no template {config.template!r}")
+        return self.templates_dir / config.template
+
+    def overlay_root(self, config: SandboxConfig) -> bool:
+        """Whether the sandbox's root is copy-on-write (rootfs.py): every sandbox but those
+        of the layout before it."""
+        return config.image is not None or config.id not in self._legacy
+
     def root_layout(self, config: SandboxConfig) -> rootfs.RootLayout:
         """The copy-on-write root of a sandbox from an image: its writable layers are on its
         disk when it has a disk limit."""
@@ -301,7 +322,7 @@ class NamespacesRuntime(Runtime):
         return config.dir / "files"
 
     def workspace(self, config: SandboxConfig) -> Path:
-        if config.image is not None:
+        if self.overlay_root(config):
             return self.root_layout(config).workspace
         return self.storage(config) / "workspace"
 
@@ -309,7 +330,7 @@ class NamespacesRuntime(Runtime):
         """bwrap's options; passed through a pipe (`--args FD`), since /proc/1/cmdline shows
         whatever bwrap got on its command line to the sandbox. `preload_fd` reads the (empty)
         /etc/ld.so.preload the sandbox gets."""
-        if config.image is not None:
+        if self.overlay_root(config):
             return self._image_bwrap_options(config, preload_fd)
         args = [
             *self._common_options(config),
@@ -343,11 +364,20 @@ class NamespacesRuntime(Runtime):
         return args
 
     def _image_bwrap_options(self, config: SandboxConfig, preload_fd: int) -> list[str]:
-        """A root of the image's own, writable (rootfs.py); the node's own mounts go over it,
-        and the host's /usr only for the supervisor's interpreter."""
+        """A writable root of the sandbox's own (rootfs.py): an image's, or a template's with
+        its /usr; the node's own mounts go over it, and the host's /usr only for the
+        supervisor's interpreter."""
+        layout = self.root_layout(config)
+        template = []
+        if config.image is None:
+            template = ["--bind", str(layout.usr), "/usr"]
+            # The host's harmless /etc files the skeleton's etc/ links to.
+            for name in dict.fromkeys(HOST_ETC):
+                template += ["--ro-bind-try", f"/etc/{name}", f"{HOST_ETC_MOUNT}/{name}"]
         args = [
             *self._common_options(config),
-            "--bind", str(self.root_layout(config).root), "/",
+            "--bind", str(layout.root), "/",
+            *template,
             *self._special_mounts(config),
             "--ro-bind-data", str(preload_fd), f"/etc/{LD_PRELOAD_FILE}",
             "--ro-bind", "/usr", HOST_MOUNT + "/usr",
@@ -470,11 +500,10 @@ class NamespacesRuntime(Runtime):
         self, config: SandboxConfig, args_fd: int, sock_fd: int, info_fd: int, block_fd: int
     ) -> list[str]:
         uid = self.host_uid(config)
-        if config.image is not None:
-            # The image's root is the sandbox root's to change: the host's interpreter.
-            supervisor = host_python(
-                HOST_MOUNT, PYTHON, SUPERVISOR_INSIDE, str(sock_fd), config.user or "root"
-            )
+        if self.overlay_root(config):
+            # The root is the sandbox root's to change, /usr included: the host's interpreter.
+            user = (config.user or "root") if config.image is not None else str(SANDBOX_UID)
+            supervisor = host_python(HOST_MOUNT, PYTHON, SUPERVISOR_INSIDE, str(sock_fd), user)
         else:
             # Nothing the sandbox's root may write (its /etc, /usr/local) changes the code the
             # supervisor and its launcher (a fork, no exec) run.
@@ -495,7 +524,7 @@ class NamespacesRuntime(Runtime):
         await asyncio.to_thread(self._make_dirs, config, uid)
         if config.volumes:
             await asyncio.to_thread(self._attach_volumes, config, uid)
-        if config.image is None:
+        if not self.overlay_root(config):
             await asyncio.to_thread(
                 clear_mount_point, self.storage(config) / "etc", LD_PRELOAD_FILE,
                 self.host_root_uid(config),
@@ -587,8 +616,11 @@ class NamespacesRuntime(Runtime):
         config.dir.mkdir(parents=True, exist_ok=True)
         os.chown(config.dir, uid, uid)
         config.dir.chmod(0o700)
-        if config.image is not None:
-            self._make_image_root(config, uid)
+        if config.image is None and self._is_legacy(config):
+            self._legacy.add(config.id)
+        else:
+            self._legacy.discard(config.id)
+            self._make_overlay_root(config, uid)
             return
         storage = self.storage(config)
         if config.limits.disk_mb:
@@ -638,8 +670,46 @@ class NamespacesRuntime(Runtime):
         except snapshots.SnapshotError as exc:
             raise RuntimeError(str(exc)) from None
 
-    def _make_image_root(self, config: SandboxConfig, uid: int) -> None:
-        """The root and workspace overlays of a sandbox from an image (rootfs.py)."""
+    def _is_legacy(self, config: SandboxConfig) -> bool:
+        """A template sandbox of the layout before copy-on-write roots (its own etc/ in its
+        storage), or one starting from such a sandbox's snapshot (copies of those dirs)."""
+        if config.snapshot:
+            directory = self.snapshot_dir(config.snapshot)
+            if (directory / "etc").is_dir() and not (directory / "root").is_dir():
+                return True
+        if (config.dir / "etc").is_dir() or (config.dir / "files" / "etc").is_dir():
+            return True
+        if config.limits.disk_mb and (config.dir / "disk.img").exists():
+            self._mount_disk(config, self.host_uid(config))
+            return (config.dir / "disk" / "etc").is_dir()
+        return False
+
+    def skeleton(self, config: SandboxConfig) -> Path:
+        """The template's root skeleton for this run of the node, made on first use."""
+        with self._skeleton_lock:
+            found = self._skeletons.get(config.template)
+            if found is not None:
+                return found
+            source = self.template_source(config)
+            self.skeletons_dir.mkdir(parents=True, exist_ok=True)
+            self.skeletons_dir.chmod(0o755)
+            target = self.skeletons_dir / f"{config.template}.{os.getpid()}.{len(self._skeletons)}"
+            if target.exists():
+                remove_tree(target)
+            host_links = {
+                name: f"{HOST_ETC_MOUNT}/{name}"
+                for name in dict.fromkeys(HOST_ETC)
+                if (Path("/etc") / name).exists()
+            }
+            rootfs.build_skeleton(
+                target, etc=None if config.template == "host" else source / "etc",
+                files=ETC_FILES, links=host_links,
+            )  # fmt: skip
+            self._skeletons[config.template] = target
+            return target
+
+    def _make_overlay_root(self, config: SandboxConfig, uid: int) -> None:
+        """The root, workspace (and a template's /usr) overlays of the sandbox (rootfs.py)."""
         layout = self.root_layout(config)
         if config.limits.disk_mb:
             self._mount_disk(config, uid)
@@ -652,9 +722,17 @@ class NamespacesRuntime(Runtime):
         else:
             layout.writable.mkdir(mode=0o700, exist_ok=True)
         root = self.host_root_uid(config)
-        rootfs.prepare_writable(layout, root, uid)
-        image = images.get_image(self.images_dir, config.image)  # type: ignore[arg-type]
-        layers = images.layer_dirs(self.images_dir, image)
+        template = config.image is None
+        rootfs.prepare_writable(layout, root, uid, usr=template)
+        if template:
+            skeleton = self.skeleton(config)
+            layers_root, layers = skeleton.parent, [skeleton]
+            usr: Path | None = self.template_source(config) / "usr"
+        else:
+            image = images.get_image(self.images_dir, config.image)  # type: ignore[arg-type]
+            layers_root = self.images_dir / "layers"
+            layers = images.layer_dirs(self.images_dir, image)
+            usr = None
         stack = []
         if config.snapshot:
             self.snapshot_dir(config.snapshot)  # a well-formed id
@@ -662,11 +740,14 @@ class NamespacesRuntime(Runtime):
                 stack = snapshots.chain(self.snapshots_dir, config.snapshot)
             except snapshots.SnapshotError as exc:
                 raise RuntimeError(str(exc)) from None
+            info = snapshots.read_info(stack[0])
+            if info.image != config.image or (template and info.template != config.template):
+                raise RuntimeError(f"snapshot {config.snapshot} is of another image or template")
         userns = idmap.user_namespace(mapping(root))
         try:
             rootfs.mount_root(
-                layout, layers_root=self.images_dir / "layers", layers=layers,
-                snapshots=stack, userns_fd=userns,
+                layout, layers_root=layers_root, layers=layers, snapshots=stack,
+                userns_fd=userns, usr=usr,
             )  # fmt: skip
         finally:
             os.close(userns)
@@ -678,10 +759,12 @@ class NamespacesRuntime(Runtime):
 
     async def snapshot(self, config: SandboxConfig, snapshot_id: str) -> int:
         self.snapshot_dir(snapshot_id)
-        if config.image is not None:
+        if self.overlay_root(config):
             layout = self.root_layout(config)
             mounted = layout.root
             layers = {"root": layout.upper, "workspace": layout.workspace_upper}
+            if config.image is None:
+                layers["usr"] = layout.usr_upper
             parent = config.snapshot  # its own layers are only what changed since
             if not await asyncio.to_thread(os.path.ismount, mounted):
                 raise snapshots.SnapshotError("the sandbox is not running")
@@ -787,14 +870,14 @@ class NamespacesRuntime(Runtime):
             lost.rmdir()
 
     def unmount_disk(self, config: SandboxConfig) -> None:
-        if config.image is not None:
-            rootfs.unmount_root(self.root_layout(config))
+        rootfs.unmount_root(self.root_layout(config))
         disk = config.dir / "disk"
         if os.path.ismount(disk):
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
     async def remove_files(self, config: SandboxConfig) -> None:
         await asyncio.to_thread(self.unmount_disk, config)
+        self._legacy.discard(config.id)
         # rmtree on Linux walks with file descriptors and never follows symlinks.
         await asyncio.to_thread(remove_tree, config.dir)
 
@@ -809,6 +892,8 @@ class NamespacesRuntime(Runtime):
 
     async def sweep(self) -> None:
         await asyncio.to_thread(self._unmount_all)
+        if self.skeletons_dir.exists() and not self._skeletons:
+            await asyncio.to_thread(remove_tree, self.skeletons_dir)  # an earlier run's
         await asyncio.to_thread(snapshots.clean_staging, self.snapshots_dir)
         if self.cgroups is not None and self.cgroups.base.exists():
             for path in [p for p in self.cgroups.base.iterdir() if p.is_dir()]:

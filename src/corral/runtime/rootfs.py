@@ -1,4 +1,6 @@
-"""The copy-on-write root of a sandbox started from an image (or a snapshot of one).
+"""The copy-on-write root of a sandbox: over an image's layers, or over a template (a skeleton
+of the root's directories, generated once per node, and the template's /usr, the host's for
+the host template), and over the snapshots it started from.
 
 Under the sandbox's directory:
 
@@ -10,6 +12,8 @@ Under the sandbox's directory:
     root/       the root overlay: the snapshots' roots over the image's layers, writable
                 layer on the sandbox's own file system; bwrap binds it at /
     ws/         the /workspace overlay: the snapshots' workspaces (or nothing) below
+    usr-lower/  a template's /usr, idmapped (a template's sandboxes only)
+    usr/        the /usr overlay: the snapshots' usr layers over the template's /usr
 
 The writable layers live on the sandbox's disk (its ext4 image when it has a disk limit, so
 the limit covers everything it writes), else in its directory on the data dir's file system.
@@ -29,6 +33,9 @@ from corral.runtime.idmap import mount_idmapped
 from corral.runtime.mounts import OVERLAY_SOURCE, mounted_under, unmount
 
 ROOT_UPPER, ROOT_WORK, WS_UPPER, WS_WORK = "root-upper", "root-work", "ws-upper", "ws-work"
+USR_UPPER, USR_WORK = "usr-upper", "usr-work"
+# The directories of a template's root skeleton besides etc/ (made by build_skeleton).
+SKELETON_DIRS = ("home", "mnt", "opt", "run", "srv", "tmp", "usr", "var", "workspace")
 # Written into a new root's /etc (upper layer) once, before the sandbox first runs: the image's
 # own are about the machine it was built on.
 ETC_FILES = {
@@ -60,6 +67,14 @@ class RootLayout:
     def workspace_upper(self) -> Path:
         return self.writable / WS_UPPER
 
+    @property
+    def usr(self) -> Path:
+        return self.directory / "usr"
+
+    @property
+    def usr_upper(self) -> Path:
+        return self.writable / USR_UPPER
+
 
 def _mount_overlay(target: Path, options: str, cwd: Path) -> None:
     subprocess.run(
@@ -75,14 +90,19 @@ def _link(links: Path, name: str, to: Path) -> None:
     path.symlink_to(to)
 
 
-def prepare_writable(layout: RootLayout, root_uid: int, user_uid: int) -> bool:
+def prepare_writable(
+    layout: RootLayout, root_uid: int, user_uid: int, *, usr: bool = False
+) -> bool:
     """The upper and work dirs, made on the first start; True if they were new. The root
     directory of each upper layer gives the merged directory its owner."""
     fresh = not layout.upper.exists()
-    for name, owner, mode in (
+    dirs = [
         (ROOT_UPPER, root_uid, 0o755), (ROOT_WORK, 0, 0o700),
         (WS_UPPER, user_uid, 0o755), (WS_WORK, 0, 0o700),
-    ):  # fmt: skip
+    ]  # fmt: skip
+    if usr:
+        dirs += [(USR_UPPER, root_uid, 0o755), (USR_WORK, 0, 0o700)]
+    for name, owner, mode in dirs:
         path = layout.writable / name
         if not os.path.lexists(path):
             path.mkdir(mode=0o700)
@@ -108,11 +128,12 @@ def mount_root(
     layers: list[Path],
     snapshots: list[Path],
     userns_fd: int,
+    usr: Path | None = None,
 ) -> None:
     """Mount the sandbox's root and workspace overlays (again after a restart). `layers` are
     the image's lower dirs under `layers_root`, top-most first; `snapshots` the directories
     (root/ and workspace/ in each) of the snapshot it starts from and its parents, newest
-    first."""
+    first. `usr` is a template's /usr, for its own overlay (usr/ in the snapshots)."""
     unmount_root(layout)
     directory = layout.directory
     links = directory / "layers"
@@ -133,10 +154,24 @@ def mount_root(
         _link(links, f"l{index}", lower / layer.relative_to(layers_root))
         names.append(f"l{index}")
     (links / "empty").mkdir(exist_ok=True)
-    for name in (ROOT_UPPER, ROOT_WORK, WS_UPPER, WS_WORK):
+    for name in (ROOT_UPPER, ROOT_WORK, WS_UPPER, WS_WORK, USR_UPPER, USR_WORK):
         _link(links, name, layout.writable / name)
     for target in (layout.root, layout.workspace):
         target.mkdir(mode=0o755, exist_ok=True)
+    if usr is not None:
+        shown = directory / "usr-lower"
+        shown.mkdir(mode=0o700, exist_ok=True)
+        mount_idmapped(usr, shown, userns_fd)
+        _link(links, "u", shown)
+        usr_names = [f"t{i}" for i in range(len(snapshots))]
+        for index in range(len(snapshots)):
+            _link(links, f"t{index}", directory / f"snapshot-{index}" / "usr")
+        layout.usr.mkdir(mode=0o755, exist_ok=True)
+        _mount_overlay(
+            layout.usr,
+            f"lowerdir={':'.join([*usr_names, 'u'])},upperdir={USR_UPPER},workdir={USR_WORK}",
+            links,
+        )
     _mount_overlay(
         layout.root,
         f"lowerdir={':'.join(names)},upperdir={ROOT_UPPER},workdir={ROOT_WORK}",
@@ -150,9 +185,39 @@ def mount_root(
 
 def unmount_root(layout: RootLayout) -> None:
     directory = layout.directory
-    names = ["ws", "root", "lower"]
+    names = ["usr", "ws", "root", "lower", "usr-lower"]
     if directory.is_dir():
         names += sorted(p.name for p in directory.iterdir() if p.name.startswith("snapshot-"))
     for name in names:
         for target in mounted_under(directory / name):
             unmount(target)
+
+
+def build_skeleton(
+    target: Path, *, etc: Path | None, files: dict[str, str], links: dict[str, str]
+) -> None:
+    """A template's root without its /usr, as a lower layer: the usual directories, /bin and
+    the rest as links into usr/, and etc/ (a copy of the template's `etc`, then `files`
+    written and `links` made where the template has nothing of that name). Owned by uid 0:
+    sandboxes see it as their root's."""
+    target.mkdir(mode=0o755)
+    for name in SKELETON_DIRS:
+        (target / name).mkdir(mode=0o755)
+    (target / "root").mkdir(mode=0o700)
+    (target / "tmp").chmod(0o1777)
+    (target / "var" / "tmp").symlink_to("../tmp")
+    for name in ("bin", "lib", "lib64", "sbin"):
+        (target / name).symlink_to(f"usr/{name}")
+    if etc is not None and etc.is_dir():
+        subprocess.run(["cp", "-a", "--", str(etc), str(target / "etc")], check=True)
+    else:
+        (target / "etc").mkdir(mode=0o755)
+    for name, text in files.items():
+        path = target / "etc" / name
+        if os.path.lexists(path):
+            path.unlink()
+        path.write_text(text)
+        path.chmod(0o644)
+    for name, to in links.items():
+        if not os.path.lexists(target / "etc" / name):
+            (target / "etc" / name).symlink_to(to)

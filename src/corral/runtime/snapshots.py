@@ -6,6 +6,7 @@ A snapshot is a directory under the node's snapshots/:
     root/           the root's writable layer (overlay upper format: whiteouts, opaque dirs)
     workspace/      the workspace's writable layer
     snapshot.json   {"image", "template", "parent", "bytes"}
+    deleted         present once removed while other snapshots still build on it
 
 A sandbox on a template (no image) has no overlay root: its snapshot holds copies of its own
 directories (workspace/, etc/, usr-local/, root-home/, home/), and a sandbox started from it
@@ -33,6 +34,7 @@ from corral.runtime import idmap, uids
 from corral.runtime.mounts import unmount
 
 META = "snapshot.json"
+DELETED = "deleted"  # a removed snapshot kept for the snapshots that build on it
 MAX_CHAIN = 16  # an overlay's lower layers are few: a deeper chain is refused
 
 
@@ -197,14 +199,19 @@ def children(snapshots_dir: Path, snapshot_id: str) -> list[str]:
 
 
 def remove(snapshots_dir: Path, snapshot_id: str) -> None:
-    """Delete a snapshot no other snapshot builds on (sandboxes started from it are the
-    caller's to check: their roots stack it)."""
+    """Delete a snapshot (sandboxes started from it are the caller's to check: their roots
+    stack it). One that other snapshots build on is only marked deleted: its files go with
+    the last of them."""
     directory = snapshots_dir / snapshot_id
     if not os.path.lexists(directory):
         return
-    if kids := children(snapshots_dir, snapshot_id):
-        raise SnapshotError(f"snapshot {snapshot_id} is the parent of {', '.join(sorted(kids))}")
+    if children(snapshots_dir, snapshot_id):
+        (directory / DELETED).touch()
+        return
+    parent = read_info(directory).parent if (directory / META).exists() else None
     subprocess.run(["rm", "-rf", "--one-file-system", "--", str(directory)], check=True)
+    if parent is not None and (snapshots_dir / parent / DELETED).exists():
+        remove(snapshots_dir, parent)
 
 
 def clean_staging(snapshots_dir: Path) -> None:
