@@ -637,6 +637,7 @@ class NamespacesRuntime(Runtime):
             if self.views.writable and not os.path.ismount(storage):
                 mount_private_overlay(config.dir, storage)
         root = self.host_root_uid(config)
+        self._adopt_old_uids(config, storage)
         if config.snapshot and not (storage / "etc").exists():
             self._restore_template_snapshot(config, storage)
         self._seed_etc(storage / "etc", root, self.template_root(config))
@@ -669,6 +670,26 @@ class NamespacesRuntime(Runtime):
             )  # fmt: skip
         except snapshots.SnapshotError as exc:
             raise RuntimeError(str(exc)) from None
+
+    def _adopt_old_uids(self, config: SandboxConfig, storage: Path) -> None:
+        """Hand a sandbox's files from the two host uids an earlier version gave its slot
+        (root, then user) to those of its block now; once, on its first start since."""
+        old_root = self.uid_base + 2 * config.slot
+        old_user = old_root + 1
+        workspace = storage / "workspace"
+        try:
+            if os.lstat(workspace).st_uid != old_user or old_user == self.host_uid(config):
+                return
+        except FileNotFoundError:
+            return
+        moves = {old_user: self.host_uid(config), old_root: self.host_root_uid(config)}
+        for top, dirs, files in os.walk(storage):
+            for name in (".", *dirs, *files):
+                path = os.path.join(top, name)
+                st = os.lstat(path)
+                uid, gid = moves.get(st.st_uid, -1), moves.get(st.st_gid, -1)
+                if uid != -1 or gid != -1:
+                    os.chown(path, uid, gid, follow_symlinks=False)
 
     def _is_legacy(self, config: SandboxConfig) -> bool:
         """A template sandbox of the layout before copy-on-write roots (its own etc/ in its
