@@ -27,15 +27,24 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Sample, Server, pick_uid_base
+from corral.runtime.uids import pool_range
 
 ADMIN_KEY = "crl_bench_snapshots_0123456789"
 MIB = 1024 * 1024
 
 
 def disk_used(path: Path) -> int:
+    """Blocks allocated under `path`, not counting what is mounted below it (sandboxes' views
+    of shared layers, some of them on the same file system)."""
+    mounts = [
+        line.split()[1]
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+        if line.split()[1].startswith(str(path) + "/")
+    ]
     out = subprocess.run(
-        ["du", "-sx", "--block-size=1", str(path)], capture_output=True, text=True, check=True
-    )
+        ["du", "-sx", "--block-size=1", *[f"--exclude={m}" for m in mounts], str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
     return int(out.stdout.split()[0])
 
 
@@ -72,7 +81,7 @@ def main() -> None:
         raise SystemExit("run as root: the server makes real sandboxes")
     disk_mb = args.workspace_mb + 2048  # room for the data and the setup's packages
     server = Server(
-        uid_base=pick_uid_base(700_000, 200),
+        uid_base=pick_uid_base(700_000, len(pool_range(0, 64))),
         uid_count=64,
         admin_key=ADMIN_KEY,
         env={"CORRAL_WARM_POOL": "0"},
