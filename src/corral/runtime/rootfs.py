@@ -35,7 +35,7 @@ from corral.runtime.mounts import OVERLAY_SOURCE, mounted_under, unmount
 ROOT_UPPER, ROOT_WORK, WS_UPPER, WS_WORK = "root-upper", "root-work", "ws-upper", "ws-work"
 USR_UPPER, USR_WORK = "usr-upper", "usr-work"
 # The directories of a template's root skeleton besides etc/ (made by build_skeleton).
-SKELETON_DIRS = ("home", "mnt", "opt", "run", "srv", "tmp", "usr", "var", "workspace")
+SKELETON_DIRS = ("home", "mnt", "opt", "srv", "tmp", "usr", "var", "workspace")
 # Written into a new root's /etc (upper layer) once, before the sandbox first runs: the image's
 # own are about the machine it was built on.
 ETC_FILES = {
