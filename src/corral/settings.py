@@ -74,6 +74,24 @@ class Settings(BaseSettings):
         default=1024, ge=3, description="The size of a volume made without one"
     )
 
+    # Container images (each node keeps its own store under <data dir>/images).
+    insecure_registries: str = Field(
+        default="",
+        description="Registries (comma-separated host:port, as image references name them) "
+        "reached over plain HTTP or TLS without verification; every other is HTTPS, verified",
+    )
+    max_image_bytes: int = Field(
+        default=8 * 1024**3,
+        ge=1024,
+        description="The largest image a node pulls or imports (its compressed layers, or the "
+        "archive's bytes)",
+    )
+    image_store_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="What a node's image store may hold (its blobs); 0: bounded by its disk",
+    )
+
     network_open: str = Field(
         default="",
         description="Protected destinations (host addresses, 169.254.0.0/16) that sandboxes may "
@@ -161,6 +179,14 @@ class Settings(BaseSettings):
     @property
     def effective_templates_dir(self) -> Path:
         return self.templates_dir or self.data_dir / "templates"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def insecure_registry_list(self) -> tuple[str, ...]:
+        return tuple(r.strip() for r in self.insecure_registries.split(",") if r.strip())
 
     @property
     def effective_tools_dir(self) -> Path:

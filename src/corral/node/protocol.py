@@ -20,6 +20,7 @@ from typing import Any
 from corral.core.models import CommandStatus
 from corral.node.base import CommandOutcome, CommandSpec, HostFailure, TooManyCommands
 from corral.node.bus import RemoteError
+from corral.node.images import ImageInUse
 from corral.node.output_log import CorruptLog
 from corral.runtime.base import (
     NeedsRestart,
@@ -29,6 +30,8 @@ from corral.runtime.base import (
     StartUnknown,
     VolumeBind,
 )
+from corral.runtime.images import Image
+from corral.runtime.images import errors as image_errors
 from corral.runtime.limits import Limits
 
 REPLICAS_QUEUE = "replicas"  # the queue group of replicas taking node events
@@ -67,6 +70,20 @@ ERRORS: dict[str, type[BaseException]] = {
     "unknown_command": UnknownCommand,
     "host_exec_refused": HostExecRefused,
     "too_many_commands": TooManyCommands,
+    # The image store's, each by its own name: the core maps each to its status.
+    "image_in_use": ImageInUse,
+    "image_not_found": image_errors.ImageNotFoundError,
+    "registry_auth": image_errors.RegistryAuthError,
+    "registry_error": image_errors.RegistryError,
+    "digest_mismatch": image_errors.DigestMismatchError,
+    "unsupported_image": image_errors.UnsupportedImageError,
+    "image_archive": image_errors.ImageArchiveError,
+    "image_too_large": image_errors.ImageTooLargeError,
+    "image_store_full": image_errors.ImageStoreFullError,
+    "hostile_layer": image_errors.HostileLayerError,
+    "layer_limit": image_errors.LayerLimitError,
+    "layer_error": image_errors.LayerError,
+    "image_error": image_errors.ImageError,
 }
 _NAMES = {cls: name for name, cls in ERRORS.items()}
 
@@ -106,6 +123,8 @@ def config_to_wire(config: SandboxConfig) -> dict[str, Any]:
         "network": config.network,
         "allow": list(config.allow),
         "volumes": [{"id": v.id, "path": v.path, "read_only": v.read_only} for v in config.volumes],
+        "image": config.image,
+        "user": config.user,
     }
 
 
@@ -132,6 +151,8 @@ def config_from_wire(data: dict[str, Any], sandboxes_dir: Path) -> SandboxConfig
             VolumeBind(str(v["id"]), str(v["path"]), bool(v.get("read_only")))
             for v in data.get("volumes") or ()
         ),
+        image=str(data["image"]) if data.get("image") else None,
+        user=str(data.get("user") or ""),
     )
 
 
@@ -214,3 +235,9 @@ def outcome_from_wire(data: dict[str, Any]) -> CommandOutcome:
         peak_memory_bytes=data.get("peak_memory_bytes"),
         oom_killed=bool(data.get("oom_killed")),
     )
+
+
+def image_from_wire(data: Any) -> Image:
+    if not isinstance(data, dict):
+        raise ValueError("not an image record")
+    return Image.from_json(data)
