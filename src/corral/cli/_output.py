@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.client import APIError, CorralError
-from corral.core.models import Node, Sandbox, Token, Volume
+from corral.core.models import Image, Node, Sandbox, Token, Volume
 
 
 def print_table(table: Table) -> None:
@@ -171,6 +171,32 @@ def volume_table(volumes: Iterable[Volume]) -> Table:
             when(volume.created_at),
         )
     return table
+
+
+def image_table(images: Iterable[Image]) -> Table:
+    table = _table("ID", "REFERENCES", "NODE", "SIZE", "LAYERS", "USED BY", "ADDED")
+    for image in images:
+        table.add_row(
+            image.id.removeprefix("sha256:")[:12],
+            "\n".join(image.references) or "-",
+            image.node_id,
+            _size(image.size),
+            str(image.layers),
+            ", ".join(image.used_by) or "-",
+            when(image.added_at),
+        )
+    return table
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def _table(*columns: str) -> Table:
