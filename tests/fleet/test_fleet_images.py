@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.runtime import images
 from tests.engines import PostgresCluster, Registry
 from tests.fleet.fleet import Fleet
 from tests.oci_images import BuiltImage, layer_tar
@@ -40,6 +41,12 @@ def test_an_image_lives_on_its_node_and_its_sandboxes_go_there(
     from_n2 = f"{fleet.hosts['n2'].gateway}:{registry.port}"
     monkeypatch.setenv("CORRAL_INSECURE_REGISTRIES", from_n2)
     agent = fleet.agents["n2"]
+    # An image put in n2's store behind the fleet's back: listed once n2 registers again.
+    local = BuiltImage([layer_tar({"local": b"1"})], {"Cmd": ["local"]})
+    images.import_archive(
+        local.oci_archive(tmp_path / "local.tar"), agent.data_dir / "images",
+        reference="example.com/fleet/local:1",
+    )  # fmt: skip
     with fleet.client(0) as api:
         epoch = api.get("/v1/nodes/n2").json()["epoch"]
         agent.stop()
@@ -49,6 +56,12 @@ def test_an_image_lives_on_its_node_and_its_sandboxes_go_there(
             assert time.monotonic() < deadline, agent.log()
             time.sleep(0.1)
     fleet.wait_online("n2")
+    with fleet.client(1) as api:
+        deadline = time.monotonic() + 30
+        while not api.get("/v1/images", params={"node": "n2"}).json()["items"]:
+            assert time.monotonic() < deadline, "n2's images were not listed after it registered"
+            time.sleep(0.1)
+        assert api.delete("/v1/images/example.com/fleet/local:1").status_code == 204
     pulled_image = BuiltImage([BASE], {"Env": ["FROM=pull"], "WorkingDir": "/tmp"})
     pulled_image.push(tmp_path / "push", f"{registry.host}/fleet/app:1")
     ref = f"{from_n2}/fleet/app:1"
