@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -179,6 +180,17 @@ class Settings(BaseSettings):
     @property
     def effective_templates_dir(self) -> Path:
         return self.templates_dir or self.data_dir / "templates"
+
+    @field_validator("insecure_registries")
+    @classmethod
+    def _registries(cls, value: str) -> str:
+        entries = [r.strip() for r in value.split(",") if r.strip()]
+        for entry in entries:
+            if not re.fullmatch(
+                r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?", entry
+            ):
+                raise ValueError(f"{entry!r} is not a registry's host[:port] (no scheme, no path)")
+        return ",".join(entries)
 
     @property
     def images_dir(self) -> Path:

@@ -240,6 +240,11 @@ class ImageService:
     # --- the API's operations ---
 
     async def pull(self, req: ImagePull) -> Image:
+        if req.reference.startswith("sha256:"):
+            raise InvalidArgument(
+                "a pull takes a reference (host[:port]/name[:tag|@sha256:...]), not an image id",
+                details=[{"loc": ["body", "reference"], "msg": "an image id"}],
+            )
         node = await self._node_for(req.node)
         image = await self._guard(
             node.pull_image(req.reference, auth_of(req.auth)), from_registry=True
