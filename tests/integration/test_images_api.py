@@ -3,9 +3,12 @@ import, list, get, delete, the errors of each, sandboxes from an image, the SDK 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +23,10 @@ from tests.oci_images import BuiltImage, layer_tar
 
 pytestmark = pytest.mark.registry
 
-MAX_IMAGE_BYTES = 300_000
+MAX_IMAGE_BYTES = 16 * 1024 * 1024  # room for a layer of the host's bash and its libraries
 BASE = layer_tar({"bin/": None, "bin/hello": b"#!/bin/sh\necho hello\n", "etc/": None,
                   "etc/os-release": b"ID=corraltest\n"})  # fmt: skip
+OS_RELEASE = layer_tar({"etc/": None, "etc/os-release": b"ID=corraltest\n"})
 APP = layer_tar({"app/": None, "app/a.txt": b"a\n"})
 CONFIG = {
     "Env": ["PATH=/opt/img/bin:/usr/bin:/bin", "GREETING=hi there", "ONLY_IMAGE=1"],
@@ -59,6 +63,47 @@ def server(registry: Registry, auth_registry: Registry) -> Iterator[Server]:
     yield srv
     srv.stop()
     shutil.rmtree(srv.data_dir, ignore_errors=True)
+
+
+def host_tools_layer(*programs: str) -> bytes:
+    """A layer with the host's own programs and the libraries they load, at their paths (with
+    the symlinks on the way): a root with a shell, without a base image from elsewhere."""
+    files: set[Path] = set()
+    links: dict[Path, str] = {}
+
+    def add(path: Path) -> None:
+        path = Path(os.path.realpath(path.parent)) / path.name  # the dirs as they really are
+        if path.is_symlink():
+            links[path] = os.readlink(path)
+            add(path.parent / links[path])
+        else:
+            files.add(path)
+
+    for program in programs:
+        found = shutil.which(program)
+        assert found is not None, program
+        add(Path(found))
+        linked = subprocess.run(["ldd", found], capture_output=True, text=True, check=True)
+        for token in linked.stdout.split():
+            if token.startswith("/"):
+                add(Path(token))
+    for name in ("bin", "lib", "lib64", "sbin"):  # a merged /usr's links
+        if Path("/", name).is_symlink():
+            links[Path("/", name)] = os.readlink(Path("/", name))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        everything = files | set(links)
+        for d in sorted({p for f in everything for p in f.parents if p != Path("/")} - set(links)):
+            info = tarfile.TarInfo(str(d).lstrip("/"))
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for link, target in sorted(links.items()):
+            info = tarfile.TarInfo(str(link).lstrip("/"))
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+        for f in sorted(files):
+            tar.add(f, arcname=str(f).lstrip("/"), recursive=False)
+    return buf.getvalue()
 
 
 def push(
@@ -326,7 +371,10 @@ def _runtime_supports_images() -> bool:
 def test_a_sandbox_runs_on_the_images_root_as_its_user(
     server: Server, registry: Registry, tmp_path: Path
 ) -> None:
-    built = BuiltImage([BASE, APP], {**CONFIG, "WorkingDir": "/app"})
+    built = BuiltImage(
+        [host_tools_layer("bash", "cat", "id", "ls", "wc"), OS_RELEASE, APP],
+        {**CONFIG, "WorkingDir": "/app"},
+    )
     ref = push(registry, tmp_path, "api/rooted:1", built)
     with server.client() as api:
         made = api.post("/v1/sandboxes", json={"image": ref})
@@ -334,9 +382,10 @@ def test_a_sandbox_runs_on_the_images_root_as_its_user(
         sid = made.json()["id"]
         run = api.post(
             f"/v1/sandboxes/{sid}/exec",
-            json={"command": "cat /etc/os-release /app/a.txt; pwd; id -u", "env": {"PATH": "/bin"}},
+            json={"command": "cat /etc/os-release /app/a.txt; pwd; id -u; ls /usr/bin | wc -l"},
         )
-        assert run.json()["stdout"] == "ID=corraltest\na\n/app\n1000\n", run.json()
+        # The image's root, not the host's: its /usr/bin holds its five programs only.
+        assert run.json()["stdout"] == "ID=corraltest\na\n/app\n1000\n5\n", run.json()
         api.delete(f"/v1/sandboxes/{sid}")
         api.delete(f"/v1/images/{ref}")
 
