@@ -175,6 +175,12 @@ def test_plain_http_only_for_insecure_registries_and_the_store_cap(
             assert refused.status_code == 502, refused.text
             assert error(refused)["code"] == "registry_error"
             assert "http" in str(error(refused)["message"]).lower()
+            # At create, the image that cannot be had is the request's fault: 422 on `image`.
+            create = api.post("/v1/sandboxes", json={"image": ref})
+            assert create.status_code == 422, create.text
+            assert error(create)["code"] == "registry_error"
+            assert error(create)["details"] == [{"loc": ["body", "image"], "msg": "registry_error"}]
+            assert api.get("/v1/sandboxes").json()["items"] == []
             # The store holds at most 4 KiB: a bigger archive is refused, nothing kept.
             big = BuiltImage([layer_tar({"big": os.urandom(8000)})])
             archive = big.oci_archive(tmp_path / "big.tar").read_bytes()

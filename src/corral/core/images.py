@@ -314,12 +314,30 @@ class ImageService:
             )
         try:
             image = await self._guard(node.pull_image(name), from_registry=True)
-        except NotFound as exc:
-            raise InvalidArgument(
-                exc.message, details=[{"loc": ["body", "image"], "msg": "unknown image"}]
+        except (
+            NotFound,
+            PermissionDenied,
+            RegistryFailed,
+            PayloadTooLarge,
+            InvalidArgument,
+        ) as exc:
+            # The create's argument cannot be had: a 422 naming `image`, with the pull's own
+            # code and reason (a full store or an unreachable node stay what they are).
+            raise _bad_image(exc.code)(
+                exc.message, details=[{"loc": ["body", "image"], "msg": exc.code}]
             ) from None
         await self.sync(node)
         return image
+
+
+_BAD_IMAGES: dict[str, type[InvalidArgument]] = {}
+
+
+def _bad_image(code: str) -> type[InvalidArgument]:
+    """An InvalidArgument with another code (one class per code, made once)."""
+    if code not in _BAD_IMAGES:
+        _BAD_IMAGES[code] = _invalid(code)
+    return _BAD_IMAGES[code]
 
 
 async def _raise(exc: Exception) -> None:
