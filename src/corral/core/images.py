@@ -155,6 +155,10 @@ class ImageService:
         except (HostFailure, InternalFailure, OSError) as exc:
             log.warning("an image operation failed on the node: %r", exc)
             raise Unavailable(f"the node could not do it: {public_reason(exc)}") from None
+        except Exception:
+            # A bug of the store, not of the request: logged whole, answered without details.
+            log.exception("an image operation failed unexpectedly")
+            raise Unavailable("the node's image store failed; its log has the error") from None
 
     # --- the table of what each node holds ---
 
