@@ -20,6 +20,7 @@ from tests.conftest import Server, make_data_dir
 from tests.engines import Registry
 from tests.integration.test_sdk_cli import run_cli
 from tests.oci_images import BuiltImage, layer_tar
+from tests.unit.test_image_unpack import E, hard, layer, sym
 
 pytestmark = pytest.mark.registry
 
@@ -285,6 +286,47 @@ def test_a_hostile_layer_is_refused_and_nothing_is_left(
     assert not (layers / hostile.diff_ids[1].removeprefix("sha256:")).exists()
     assert not (server.data_dir / "images" / "escape").exists()
     assert not (server.data_dir / "escape").exists()
+
+
+HOSTILE = [
+    ("dotdot", [E("../escape", data=b"pwned")], 422, "hostile_layer"),
+    ("absolute", [E("/tmp/corral-escape", data=b"pwned")], 422, "hostile_layer"),
+    (
+        "through-a-symlink-out",
+        [sym("l", "{victim}"), E("l/x", data=b"pwned")],
+        422,
+        "hostile_layer",
+    ),
+    ("hard-link-out", [hard("p", "/etc/passwd")], 422, "hostile_layer"),
+    ("hard-link-dotdot", [hard("p", "../x")], 422, "hostile_layer"),
+    ("hard-link-to-nothing", [hard("p", "etc/passwd")], 422, "bad_layer"),
+    ("name-too-long", [E("a" * 300, data=b"x")], 413, "image_too_large"),
+]
+
+
+@pytest.mark.parametrize(
+    ("entries", "status", "code"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE]
+)
+def test_hostile_layers_in_an_archive(
+    server: Server, tmp_path: Path, entries: list[E], status: int, code: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    entries = [
+        E(e.name, e.kind, e.data, e.link.replace("{victim}", str(victim)), e.mode) for e in entries
+    ]
+    hostile = BuiltImage([BASE, layer(*entries)])
+    with server.client() as api:
+        resp = api.post(
+            "/v1/images/import", content=hostile.oci_archive(tmp_path / "h.tar").read_bytes()
+        )
+        assert resp.status_code == status, resp.text
+        assert error(resp)["code"] == code
+    assert hostile.config_digest not in store_records(server)
+    layers = server.data_dir / "images" / "layers"
+    assert not (layers / hostile.diff_ids[1].removeprefix("sha256:")).exists()
+    assert list(victim.iterdir()) == []
+    assert not Path("/tmp/corral-escape").exists()
 
 
 def test_import_archives(server: Server, tmp_path: Path) -> None:
