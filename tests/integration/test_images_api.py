@@ -3,6 +3,7 @@ import, list, get, delete, the errors of each, sandboxes from an image, the SDK 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral import Client, ConflictError, NotFoundError
+from corral import AsyncClient, Client, ConflictError, NotFoundError
 from tests.conftest import Server, make_data_dir
 from tests.engines import Registry
 from tests.integration.test_sdk_cli import run_cli
@@ -457,6 +458,18 @@ def test_sdk_and_cli(
         sdk.delete_image(imported)
         with pytest.raises(NotFoundError):
             sdk.get_image(imported.id)
+
+    async def the_async_client() -> None:
+        async with AsyncClient(server.url, token=server.admin_key) as client:
+            again = await client.import_image(path, reference="example.com/api/async:1")
+            assert await client.get_image("example.com/api/async:1") == again
+            assert again.id in {i.id for i in await client.list_images(node="local")}
+            assert (await client.pull_image(ref)).id == image.id
+            await client.delete_image(again)
+            with pytest.raises(NotFoundError):
+                await client.get_image(again.id)
+
+    asyncio.run(the_async_client())
     # The CLI: ls, inspect, import, rm; a pull with credentials from stdin.
     listed = run_cli(server, "image", "ls")
     assert listed.returncode == 0 and built.config_digest.removeprefix("sha256:")[:12] in (
