@@ -35,12 +35,13 @@ from corral.node.images import ImageInUse
 from corral.node.local import public_reason
 from corral.node.protocol import InternalFailure
 from corral.runtime import images as store
-from corral.store.db import Database
+from corral.store.db import MIGRATION_LOCK_KEY, Database
 from corral.store.tables import NodeImageRow, SandboxRow
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+IMAGES_LOCK_KEY = MIGRATION_LOCK_KEY + 0x100  # rewrites of a node's rows in node_images
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -167,6 +168,7 @@ class ImageService:
         found = await self._guard(node.list_images(), from_registry=False)
         now = utcnow()
         async with self.db.transaction() as session:
+            await self.db.serialize(session, IMAGES_LOCK_KEY)  # two replicas rewriting at once
             old = {
                 r.image_id: r
                 for r in await session.scalars(
