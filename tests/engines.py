@@ -239,12 +239,14 @@ class Registry:
 
     BINARY = "docker-registry"
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+    def __init__(self, users: dict[str, str] | None = None, listen_address: str = "") -> None:
         binary = shutil.which(self.BINARY)
         if binary is None:
             raise RuntimeError("docker-registry is not installed (scripts/setup.sh installs it)")
         self.binary = binary
         self.users = users or {}
+        # "0.0.0.0": reachable from the hosts of fleet tests too (at their gateway address).
+        self.listen_address = listen_address
         self.root = Path(tempfile.mkdtemp(prefix="corral-registry-", dir="/tmp"))
         self.storage = self.root / "storage"
         self.port = free_port()
@@ -261,7 +263,8 @@ class Registry:
             "log": {"level": "warn", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": str(self.storage)},
                         "delete": {"enabled": True}},
-            "http": {"addr": self.host, "secret": secrets.token_hex(16)},
+            "http": {"addr": f"{self.listen_address}:{self.port}" if self.listen_address
+                     else self.host, "secret": secrets.token_hex(16)},
         }  # fmt: skip
         if self.users:
             import bcrypt

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from dataclasses import dataclass, field
 
 from corral.core.coderun import RunService, install_tools
 from corral.core.commands import CommandService
 from corral.core.files import FileService
+from corral.core.images import ImageService
 from corral.core.leases import LeaderLoop, process_identity
 from corral.core.logins import LoginThrottle
 from corral.core.models import NodeInfo
@@ -24,6 +26,7 @@ from corral.core.volumes import VolumeService
 from corral.node.agent import NodeAgent
 from corral.node.bus import Bus, tls_context
 from corral.node.directory import NodeDirectory
+from corral.node.images import NodeImages
 from corral.node.local import LocalNode
 from corral.runtime import hostlock
 from corral.runtime.base import Runtime
@@ -94,6 +97,7 @@ class Services:
     replicas: ReplicaCount | None = None
     volumes: VolumeService = None  # type: ignore[assignment]  # set in start(): needs the others
     snapshots: SnapshotService = None  # type: ignore[assignment]  # likewise
+    images: ImageService = None  # type: ignore[assignment]  # set in start(): needs the others
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -209,6 +213,12 @@ class Services:
         services.sandboxes.volumes = services.volumes
         services.snapshots = SnapshotService(db, directory, services.sandboxes)
         services.sandboxes.snapshots = services.snapshots
+        services.images = ImageService(db, directory, nodes)
+        services.sandboxes.images = services.images
+        # What an import cut short by the last stop left; what the node's store holds now.
+        shutil.rmtree(settings.data_dir / "image-uploads", ignore_errors=True)
+        if node is not None:
+            await services.images.sync(node)
         # 6. Whatever ran on the built-in node when the server last stopped has an unknown
         #    result; sandboxes that should run come back with their files. (In a fleet its
         #    registration does both.)
@@ -315,6 +325,12 @@ async def start_local_node(
         runtime=build_runtime(settings, host_lock),
         data_dir=settings.data_dir,
         kill_grace_ms=settings.kill_grace_ms,
+        images=NodeImages(
+            settings.images_dir,
+            insecure_registries=settings.insecure_registry_list,
+            max_image_bytes=settings.max_image_bytes,
+            store_max_bytes=settings.image_store_max_bytes,
+        ),
     )
     for warning in await node.prepare():
         log.warning("%s", warning)

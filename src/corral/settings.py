@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -77,6 +78,24 @@ class Settings(BaseSettings):
 
     default_volume_mb: int = Field(
         default=1024, ge=3, description="The size of a volume made without one"
+    )
+
+    # Container images (each node keeps its own store under <data dir>/images).
+    insecure_registries: str = Field(
+        default="",
+        description="Registries (comma-separated host:port, as image references name them) "
+        "reached over plain HTTP or TLS without verification; every other is HTTPS, verified",
+    )
+    max_image_bytes: int = Field(
+        default=8 * 1024**3,
+        ge=1024,
+        description="The largest image a node pulls or imports (its compressed layers, or the "
+        "archive's bytes)",
+    )
+    image_store_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="What a node's image store may hold (its blobs); 0: bounded by its disk",
     )
 
     network_open: str = Field(
@@ -176,6 +195,25 @@ class Settings(BaseSettings):
     @property
     def effective_templates_dir(self) -> Path:
         return self.templates_dir or self.data_dir / "templates"
+
+    @field_validator("insecure_registries")
+    @classmethod
+    def _registries(cls, value: str) -> str:
+        entries = [r.strip() for r in value.split(",") if r.strip()]
+        for entry in entries:
+            if not re.fullmatch(
+                r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?", entry
+            ):
+                raise ValueError(f"{entry!r} is not a registry's host[:port] (no scheme, no path)")
+        return ",".join(entries)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def insecure_registry_list(self) -> tuple[str, ...]:
+        return tuple(r.strip() for r in self.insecure_registries.split(",") if r.strip())
 
     @property
     def effective_tools_dir(self) -> Path:

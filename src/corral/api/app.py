@@ -19,6 +19,7 @@ from corral.api.middleware import RequestContext
 from corral.api.routes import (
     commands,
     files,
+    images,
     nodes,
     run,
     sandboxes,
@@ -78,7 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     # Every native operation documents the errors it may answer (the faces document their own).
     native_errors = errors.error_responses()
-    for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots):
+    for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots,
+                   images):  # fmt: skip
         app.include_router(module.router, responses=native_errors)
     app.include_router(snapshots.sandbox_router, responses=native_errors)
     app.include_router(sandboxes.templates_router, responses=native_errors)

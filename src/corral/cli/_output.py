@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.client import APIError, CorralError
-from corral.core.models import Node, Sandbox, Snapshot, Token, Volume
+from corral.core.models import Image, Node, Sandbox, Snapshot, Token, Volume
 
 
 def print_table(table: Table) -> None:
@@ -190,6 +190,21 @@ def snapshot_table(snapshots: Iterable[Snapshot]) -> Table:
             ", ".join(snapshot.used_by) or "-",
             when(snapshot.created_at),
             when(snapshot.expires_at) if snapshot.expires_at else "-",
+        )
+    return table
+
+
+def image_table(images: Iterable[Image]) -> Table:
+    table = _table("ID", "REFERENCES", "NODE", "SIZE", "LAYERS", "USED BY", "ADDED")
+    for image in images:
+        table.add_row(
+            image.id.removeprefix("sha256:")[:12],
+            "\n".join(image.references) or "-",
+            image.node_id,
+            size(image.size),
+            str(image.layers),
+            ", ".join(image.used_by) or "-",
+            when(image.added_at),
         )
     return table
 

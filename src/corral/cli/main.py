@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,7 @@ def sandbox() -> None:
 @sandbox.command("create")
 @click.option("--name", help="Unique name, usable wherever an id is.")
 @click.option("--template", help="Root filesystem template [server default: host].")
+@click.option("--image", metavar="REF|ID", help="Start from a container image, not a template.")
 @click.option(
     "-e", "--env", multiple=True, callback=parse_pairs, metavar="K=V", help="Env for every command."
 )
@@ -261,6 +263,7 @@ def sandbox_create(
     connection: Connection,
     name: str | None,
     template: str | None,
+    image: str | None,
     env: dict[str, str],
     label: dict[str, str],
     ttl: int | None,
@@ -277,6 +280,7 @@ def sandbox_create(
     with connection.client() as client:
         created = client.create_sandbox(
             snapshot=snapshot,
+            image=image,
             node=node,
             volumes=volumes or None,
             name=name,
@@ -716,6 +720,104 @@ def volume_rm(connection: Connection, refs: tuple[str, ...]) -> None:
     with connection.client() as client:
         for ref in refs:
             client.delete_volume(ref)
+            click.echo(ref)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+@main.group()
+def image() -> None:
+    """Container images on the nodes: pull, import, list, inspect, remove."""
+
+
+@image.command("pull")
+@click.argument("reference", metavar="HOST[:PORT]/NAME[:TAG|@DIGEST]")
+@click.option("--username", "-u", help="For a registry that wants credentials.")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password (or access token) from stdin."
+)
+@click.option("--node", metavar="ID", help="Pull on this node [default: least loaded].")
+@json_option
+@pass_connection
+def image_pull(
+    connection: Connection,
+    reference: str,
+    username: str | None,
+    password_stdin: bool,
+    node: str | None,
+    as_json: bool,
+) -> None:
+    """Pull an image onto a node and print its id. The password comes from stdin or
+    CORRAL_REGISTRY_PASSWORD, never from the command line."""
+    password = None
+    if password_stdin:
+        password = click.get_text_stream("stdin").read().rstrip("\r\n")
+    elif username is not None:
+        password = os.environ.get("CORRAL_REGISTRY_PASSWORD")
+    if username is not None and password is None:
+        raise click.UsageError("--username needs --password-stdin or CORRAL_REGISTRY_PASSWORD")
+    if password is not None and username is None:
+        raise click.UsageError("a password needs --username")
+    with connection.client() as client:
+        pulled = client.pull_image(reference, username=username, password=password, node=node)
+    if as_json:
+        output.print_json(pulled)
+    else:
+        click.echo(pulled.id)
+
+
+@image.command("import")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.option("--reference", "-r", metavar="NAME", help="Name it [default: the archive's own].")
+@click.option("--node", metavar="ID", help="Import on this node [default: least loaded].")
+@json_option
+@pass_connection
+def image_import(
+    connection: Connection, archive: str, reference: str | None, node: str | None, as_json: bool
+) -> None:
+    """Import an OCI layout tarball or a `docker save` tarball and print its id."""
+    with connection.client() as client:
+        imported = client.import_image(archive, reference=reference, node=node)
+    if as_json:
+        output.print_json(imported)
+    else:
+        click.echo(imported.id)
+
+
+@image.command("ls")
+@click.option("--node", metavar="ID", help="Only this node's.")
+@json_option
+@pass_connection
+def image_ls(connection: Connection, node: str | None, as_json: bool) -> None:
+    """List images with their node, size and the sandboxes that run on them."""
+    with connection.client() as client:
+        images = client.list_images(node=node)
+    if as_json:
+        output.print_json(images)
+    else:
+        output.print_table(output.image_table(images))
+
+
+@image.command("inspect")
+@click.argument("ref", metavar="REF|ID")
+@click.option("--node", metavar="ID", help="This node's.")
+@pass_connection
+def image_inspect(connection: Connection, ref: str, node: str | None) -> None:
+    """An image as JSON."""
+    with connection.client() as client:
+        output.print_json(client.get_image(ref, node=node))
+
+
+@image.command("rm")
+@click.argument("refs", metavar="REF|ID...", nargs=-1, required=True)
+@click.option("--node", metavar="ID", help="Only from this node [default: every node].")
+@pass_connection
+def image_rm(connection: Connection, refs: tuple[str, ...], node: str | None) -> None:
+    """Remove images (refused while a sandbox runs on one)."""
+    with connection.client() as client:
+        for ref in refs:
+            client.delete_image(ref, node=node)
             click.echo(ref)
 
 

@@ -48,6 +48,7 @@ from corral.core.models import (
     FileInfo,
     FileList,
     Health,
+    Image,
     Node,
     RunResult,
     Sandbox,
@@ -192,6 +193,7 @@ class AsyncClient(BaseClient):
         node: str | None = None,
         volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
         snapshot: str | Snapshot | None = None,
+        image: str | None = None,
     ) -> Sandbox:
         """Create a sandbox; options left out take the server's defaults (`node`: the node to
         place it on; default: the least loaded online node with room; `snapshot`: start from
@@ -209,6 +211,7 @@ class AsyncClient(BaseClient):
             disk_mb=disk_mb,
             ttl_seconds=ttl_seconds,
             volumes=volumes,
+            image=image,
         )
         return await self._send(call)
 
@@ -701,6 +704,47 @@ class AsyncClient(BaseClient):
     async def undrain_node(self, node: str | Node) -> Node:
         """The node takes new sandboxes again."""
         return await self._send(self._drain_node_call(node, False))
+
+    # --- images ---
+
+    async def pull_image(
+        self,
+        reference: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        node: str | None = None,
+    ) -> Image:
+        """Pull `host[:port]/name[:tag|@digest]` onto a node (credentials, if given, for this
+        pull only); start sandboxes from it with `create_sandbox(image=...)`."""
+        call = self._pull_image_call(
+            reference, username=username, password=password, token=token, node=node
+        )
+        return await self._send(call)
+
+    async def import_image(
+        self,
+        archive: str | os.PathLike[str],
+        *,
+        reference: str | None = None,
+        node: str | None = None,
+    ) -> Image:
+        """Import an OCI layout tarball or a `docker save` tarball (streamed from the file)."""
+        call = self._import_image_call(alocal_file_chunks(archive), reference=reference, node=node)
+        return await self._send(call)
+
+    async def list_images(self, *, node: str | None = None) -> list[Image]:
+        """Every node's images (one entry per node that has one)."""
+        return (await self._send(self._list_images_call(node))).items
+
+    async def get_image(self, image: str | Image, *, node: str | None = None) -> Image:
+        """By id, 12+ hex digits of it, or reference."""
+        return await self._send(self._get_image_call(image, node))
+
+    async def delete_image(self, image: str | Image, *, node: str | None = None) -> None:
+        """From every node that has it, or `node`'s only (refused while a sandbox uses it)."""
+        await self._send(self._delete_image_call(image, node))
 
     # --- volumes ---
 

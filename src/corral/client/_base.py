@@ -24,6 +24,7 @@ from corral.core.models import (
     FileInfo,
     FileList,
     Health,
+    Image,
     Node,
     Page,
     RunResult,
@@ -175,8 +176,10 @@ class BaseClient:
         node: str | None = None,
         volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
         snapshot: str | Snapshot | None = None,
+        image: str | None = None,
     ) -> Call[Sandbox]:
         body = _without_none(
+            image=image,
             node=node,
             volumes=None if volumes is None else [_mount(v) for v in volumes],
             snapshot=None if snapshot is None else _snapshot_ref(snapshot),
@@ -564,8 +567,57 @@ class BaseClient:
         create = self._create_sandbox_call(**options)
         return Call("POST", _sandbox_path(sandbox, "fork"), create.parse, json=create.json)
 
+    def _pull_image_call(
+        self,
+        reference: str,
+        *,
+        username: str | None,
+        password: str | None,
+        token: str | None,
+        node: str | None,
+    ) -> Call[Image]:
+        auth = _without_none(username=username, password=password, token=token) or None
+        body = _without_none(reference=reference, auth=auth, node=node)
+        return Call(
+            "POST", "/v1/images", _model(Image), json=body, timeout=self._transfer_timeout()
+        )
+
+    def _import_image_call(
+        self, content: Any, *, reference: str | None, node: str | None
+    ) -> Call[Image]:
+        return Call(
+            "POST",
+            "/v1/images/import",
+            _model(Image),
+            params=_without_none(reference=reference, node=node),
+            content=content,
+            headers={"content-type": "application/x-tar"},
+            timeout=self._transfer_timeout(),
+        )
+
+    def _list_images_call(self, node: str | None) -> Call[Page[Image]]:
+        return Call("GET", "/v1/images", _model(Page[Image]), params=_without_none(node=node))
+
+    def _get_image_call(self, image: str | Image, node: str | None) -> Call[Image]:
+        params = _without_none(node=node if node is not None else _image_node(image))
+        return Call(
+            "GET", f"/v1/images/{_segment(_image_ref(image))}", _model(Image), params=params
+        )
+
+    def _delete_image_call(self, image: str | Image, node: str | None) -> Call[None]:
+        params = _without_none(node=node if node is not None else _image_node(image))
+        return Call("DELETE", f"/v1/images/{_segment(_image_ref(image))}", _nothing, params=params)
+
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _image_ref(image: str | Image) -> str:
+    return image.id if isinstance(image, Image) else image
+
+
+def _image_node(image: str | Image) -> str | None:
+    return image.node_id if isinstance(image, Image) else None
 
 
 def _volume_ref(volume: str | Volume) -> str:

@@ -41,6 +41,13 @@ COMMANDS = CommandRow.__table__
 DEFAULT_CWD = "/workspace"
 
 
+def default_cwd(sandbox: SandboxRow) -> str:
+    """Where a command starts when it names no directory: its image's WorkingDir, if any."""
+    image = sandbox.spec.get("image")
+    working_dir = image.get("working_dir") if isinstance(image, dict) else None
+    return str(working_dir) if working_dir and str(working_dir).startswith("/") else DEFAULT_CWD
+
+
 def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
@@ -172,7 +179,7 @@ class CommandService:
             status=CommandStatus.running.value,
             command=req.command,
             args=req.args,
-            cwd=req.cwd or DEFAULT_CWD,
+            cwd=req.cwd or default_cwd(sandbox),
             user=req.user or "user",
             env_keys=sorted(req.env),
             timeout_ms=timeout_ms,

@@ -235,6 +235,68 @@ class Snapshot(BaseModel):
     used_by: list[str] = Field(description="Sandboxes (not deleted) started from it")
 
 
+# --- images ------------------------------------------------------------------------------------
+
+# A registry reference (host[:port]/name[:tag|@digest]) or an image id (sha256:<hex>, or 12+ of
+# its hex digits): what the node's image store takes.
+IMAGE_REF_PATTERN = r"^[a-z0-9][A-Za-z0-9._:/@+-]{0,1023}$"
+ImageRef = Annotated[str, Field(pattern=IMAGE_REF_PATTERN, max_length=1024)]
+
+
+class RegistryCredentials(Strict):
+    """Either a user name and password (or an access token used as the password), or an
+    identity token (an OAuth refresh token, as `docker login` keeps)."""
+
+    username: Annotated[str, StringConstraints(max_length=256)] | None = None
+    password: Annotated[str, StringConstraints(max_length=8192)] | None = None
+    token: Annotated[str, StringConstraints(max_length=8192)] | None = Field(
+        default=None, description="An identity token, instead of a user and password"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RegistryCredentials:
+        pair = self.username is not None or self.password is not None
+        if pair and self.token is not None:
+            raise ValueError("give a username and password, or a token, not both")
+        if not pair and self.token is None:
+            raise ValueError("give a username and password, or a token")
+        if pair and (not self.username or self.password is None):
+            raise ValueError("a username needs its password (and a password its username)")
+        return self
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"RegistryCredentials(username={self.username!r}, ...)"
+
+
+class ImagePull(Strict):
+    reference: ImageRef = Field(description="host[:port]/name[:tag|@sha256:digest]")
+    auth: RegistryCredentials | None = Field(
+        default=None, description="For a registry that wants credentials; kept nowhere"
+    )
+    node: Annotated[str, Field(pattern=NODE_ID_PATTERN)] | None = Field(
+        default=None, description="The node to pull on; default: the least loaded online node"
+    )
+
+
+class Image(BaseModel):
+    id: str = Field(description="The image's config digest (sha256:...)")
+    references: list[str] = Field(description="Names it was pulled or imported under")
+    node_id: str
+    size: int = Field(description="Bytes of its manifest, config and compressed layers")
+    layers: int
+    created: str | None = Field(description="When the image says it was built (RFC 3339)")
+    architecture: str
+    os: str
+    env: list[str] = Field(description="NAME=value, under every sandbox's own environment")
+    working_dir: str = Field(description="Where commands start ('' : /workspace)")
+    user: str = Field(description="Who commands run as, as the image names it")
+    entrypoint: list[str]
+    cmd: list[str]
+    labels: dict[str, str]
+    added_at: datetime = Field(description="When this node got it")
+    used_by: list[str] = Field(description="Live sandboxes of this node that run on it")
+
+
 class SandboxCreate(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     template: str = Field(default="host", description="Root filesystem template")
@@ -271,6 +333,17 @@ class SandboxCreate(Strict):
         description="A snapshot (id or name) to start from: the sandbox goes to its node and "
         "takes its source's template and image",
     )
+    image: ImageRef | None = Field(
+        default=None,
+        description="A container image (reference or id) as the root, instead of a template: "
+        "pulled on the node if it lacks it; its Env, WorkingDir and User apply",
+    )
+
+    @model_validator(mode="after")
+    def _image_or_template(self) -> SandboxCreate:
+        if self.image is not None and self.template != "host":
+            raise ValueError("give an image or a template, not both")
+        return self
 
     @field_validator("env")
     @classmethod
@@ -331,6 +404,8 @@ class Sandbox(BaseModel):
     )
     volumes: list[VolumeMount] = Field(default_factory=list)
     snapshot: str | None = Field(default=None, description="The snapshot it started from")
+    image: str | None = Field(default=None, description="The image as asked for")
+    image_id: str | None = Field(default=None, description="The image it runs on")
 
 
 # --- commands ----------------------------------------------------------------------------------

@@ -108,6 +108,13 @@ class NodeEvents:
             await self.sandboxes.reconcile(node_id)
         except Exception:
             log.exception("bringing back the sandboxes of node %s failed", node_id)
+        images = self.sandboxes.images
+        if images is not None:
+            # What its image store holds now (it may have been emptied, or filled elsewhere).
+            try:
+                await images.sync(await self.sandboxes.directory.get(node_id))
+            except Exception as exc:
+                log.warning("listing the images of node %s failed: %s", node_id, exc)
 
     async def _ended(self, node_id: str, args: dict[str, Any]) -> Any:
         cid = str(args["command_id"])

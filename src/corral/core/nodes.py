@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
@@ -172,9 +172,16 @@ class NodeRegistry:
 
     # --- placement ---
 
-    async def place(self, *, wanted: str | None = None, template: str | None = None) -> str:
+    async def place(
+        self,
+        *,
+        wanted: str | None = None,
+        template: str | None = None,
+        prefer: Collection[str] = (),
+    ) -> str:
         """The node for a new sandbox: `wanted` if it can take it, else the least loaded online
-        node with room that has the template (any node, when `template` is None)."""
+        node with room that has the template (any node, when `template` is None), among those
+        in `prefer` if any of them can (e.g. the nodes that have its image)."""
         async with self.db.session() as session:
             rows = list(await session.scalars(select(NodeRow)))
         boxes, _ = await self._counts()
@@ -215,7 +222,8 @@ class NodeRegistry:
             capacity = NodeInfo.model_validate(row.info).capacity.sandboxes or 1
             return boxes.get(row.id, 0) / capacity, row.id
 
-        return min(candidates, key=load).id
+        preferred = [r for r in candidates if r.id in prefer]
+        return min(preferred or candidates, key=load).id
 
     # --- liveness ---
 

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -24,6 +24,7 @@ from corral.core.errors import (
     SandboxNotRunning,
     Unavailable,
 )
+from corral.core.images import env_pairs
 from corral.core.models import (
     CommandStatus,
     Page,
@@ -43,6 +44,7 @@ from corral.store.db import PLACEMENT_LOCK_KEY, Database
 from corral.store.tables import SandboxRow
 
 if TYPE_CHECKING:
+    from corral.core.images import ImageService
     from corral.core.snapshots import SnapshotService
     from corral.core.volumes import VolumeService
 
@@ -101,7 +103,15 @@ def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox
             for v in spec.get("volumes") or ()
         ],
         snapshot=spec.get("snapshot"),
+        image=_image_spec(spec).get("reference"),
+        image_id=_image_spec(spec).get("id"),
     )
+
+
+def _image_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The image a sandbox runs on, as resolved at its create ({} for a template's)."""
+    image = spec.get("image")
+    return image if isinstance(image, dict) else {}
 
 
 def _poolable(req: SandboxCreate) -> bool:
@@ -117,6 +127,7 @@ def _poolable(req: SandboxCreate) -> bool:
         and req.disk_mb is None
         and not req.volumes
         and req.snapshot is None
+        and req.image is None
     )
 
 
@@ -140,6 +151,7 @@ class SandboxService:
         self.local = directory.local  # the built-in node, if this server runs one
         self.volumes: VolumeService | None = None  # set by the server once it has one
         self.snapshots: SnapshotService | None = None  # likewise
+        self.images: ImageService | None = None  # set by the server once it has one
         self.data_dir = data_dir
         self.max_sandboxes = max_sandboxes
         self.uid_count = uid_count
@@ -168,11 +180,15 @@ class SandboxService:
             self.local.on_sandbox_died = self.died
 
     def config(self, row: SandboxRow) -> SandboxConfig:
+        image = _image_spec(row.spec)
         return SandboxConfig(
             id=row.id,
             slot=row.slot,
             dir=self.data_dir / "sandboxes" / row.id,
-            env=dict(row.spec.get("env", {})),
+            # The image's environment (its PATH too), under the sandbox's own.
+            env={**env_pairs(image.get("env") or ()), **row.spec.get("env", {})},
+            image=image.get("id"),
+            user=str(image.get("user") or ""),
             limits=self.limits(row),
             template=row.template,
             network=row.spec.get("network", "none"),
@@ -336,7 +352,9 @@ class SandboxService:
         taken = used | self._reserved
         return next(i for i in range(1, self.uid_count + 2) if i not in taken)
 
-    async def _place(self, req: SandboxCreate, wanted: str | None) -> Node:
+    async def _place(
+        self, req: SandboxCreate, wanted: str | None, prefer: list[str] | None = None
+    ) -> Node:
         """The node for a new sandbox: the built-in one (which may be draining), or in a fleet
         the least loaded online node with room, or the one asked for (or its volumes')."""
         if not self.directory.fleet:
@@ -350,7 +368,7 @@ class SandboxService:
             return self.local
         assert self.nodes is not None
         return await self.directory.get(
-            await self.nodes.place(wanted=wanted, template=req.template)
+            await self.nodes.place(wanted=wanted, template=req.template, prefer=prefer or ())
         )
 
     async def create(self, req: SandboxCreate) -> Sandbox:
@@ -374,14 +392,31 @@ class SandboxService:
                     details=[{"loc": ["body", "node"], "msg": "not the volumes' node"}],
                 )
             wanted = volume_node
-        node = await self._place(req, wanted)
+        holders: list[str] = []
+        if req.image is not None:
+            if self.images is None:
+                raise Unavailable("this server keeps no images")
+            if wanted is None:
+                holders = await self.images.holders(req.image)  # else it is pulled there
+        node = await self._place(req, wanted, holders)
         if self._warm and _poolable(req):
             claimed = await self._claim(req)
             if claimed is not None:
                 return claimed
+        image_spec: dict[str, Any] | None = None
+        if req.image is not None and self.images is not None:
+            image = await self.images.ensure(node, req.image)
+            image_spec = {
+                "reference": req.image,
+                "id": image.id,
+                "env": list(image.env),
+                "working_dir": image.working_dir,
+                "user": image.user,
+            }
         now = utcnow()
         spec = req.model_dump(mode="json")
         spec["volumes"] = mounts  # with each volume's id: a name may be given to another later
+        spec["image"] = image_spec  # with its id: a reference may move to another image later
         row = SandboxRow(
             id=ids.new_id(ids.SANDBOX),
             name=req.name,

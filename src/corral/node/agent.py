@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from corral.core.models import NodeInfo
@@ -21,6 +23,7 @@ from corral.node.bus import Bus, BusError, RemoteError, Reply, node_subject
 from corral.node.host_exec import HostExec
 from corral.node.local import RAW_STDOUT_ORPHAN, LocalNode, public_reason
 from corral.node.output_log import Chunk
+from corral.runtime.images import ImageTooLargeError, RegistryAuth
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ EVENT_TIMEOUT = 5.0
 EVENTS_IN_FLIGHT = 64  # events sent at once (a burst after an outage is spread out)
 EVENT_GIVE_UP = 600.0  # seconds an event whose command has no row is kept trying
 OUTPUT_PAGE = 768 * 1024
+
+UPLOAD_IDLE = 600.0  # seconds after which an image upload nobody finished is dropped
 
 T = TypeVar("T")
 Op = Callable[[dict[str, Any], bytes], Awaitable[Any]]
@@ -64,6 +69,7 @@ class NodeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._event_seq = 0
+        self._uploads: dict[str, float] = {}  # image archive uploads -> when last written
         self._ops: dict[str, Op] = {
             name.removeprefix("op_"): getattr(self, name)
             for name in dir(self)
@@ -276,6 +282,82 @@ class NodeAgent:
 
     async def op_remove_snapshot(self, args: dict[str, Any], data: bytes) -> Any:
         await self.node.remove_snapshot(p.snapshot_id(args["snapshot_id"]))
+
+    # --- images ---
+
+    async def op_pull_image(self, args: dict[str, Any], data: bytes) -> Any:
+        creds = args.get("auth")
+        auth = None
+        if isinstance(creds, dict):
+            auth = RegistryAuth(
+                username=_opt_str(creds.get("username")),
+                password=_opt_str(creds.get("password")),
+                identity_token=_opt_str(creds.get("identity_token")),
+            )
+        return (await self.node.pull_image(str(args["reference"]), auth)).to_json()
+
+    def _upload_path(self, upload: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{24}", upload):
+            raise ValueError(f"not an upload id: {upload[:40]!r}")
+        tmp = self.node.images.store_dir / "tmp"  # emptied at the node's start
+        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return tmp / f"upload-{upload}.tar"
+
+    def _drop_stale_uploads(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for upload, touched in list(self._uploads.items()):
+            if now - touched > UPLOAD_IDLE:
+                self._uploads.pop(upload, None)
+                self._upload_path(upload).unlink(missing_ok=True)
+
+    async def op_image_upload(self, args: dict[str, Any], data: bytes) -> Any:
+        upload, offset = str(args["upload"]), int(args["offset"])
+        path = self._upload_path(upload)
+        limit = self.node.images.max_image_bytes
+        if offset == 0:
+            self._drop_stale_uploads()
+            mode = "xb"
+        elif upload not in self._uploads or path.stat().st_size != offset:
+            raise ValueError(f"upload {upload}: a piece out of order (at {offset})")
+        else:
+            mode = "ab"
+        if limit is not None and offset + len(data) > limit:
+            self._uploads.pop(upload, None)
+            path.unlink(missing_ok=True)
+            raise ImageTooLargeError(f"the archive is over the limit of {limit} bytes")
+        self._uploads[upload] = asyncio.get_running_loop().time()
+
+        def append() -> None:
+            with path.open(mode) as f:
+                f.write(data)
+
+        try:
+            await asyncio.to_thread(append)
+        except OSError:
+            self._uploads.pop(upload, None)
+            path.unlink(missing_ok=True)
+            raise
+
+    async def op_import_image(self, args: dict[str, Any], data: bytes) -> Any:
+        upload = str(args["upload"])
+        path = self._upload_path(upload)
+        try:
+            if upload not in self._uploads or path.stat().st_size != int(args["size"]):
+                raise ValueError(f"upload {upload} is incomplete")
+            reference = _opt_str(args.get("reference"))
+            return (await self.node.import_image(path, reference)).to_json()
+        finally:
+            self._uploads.pop(upload, None)
+            path.unlink(missing_ok=True)
+
+    async def op_list_images(self, args: dict[str, Any], data: bytes) -> Any:
+        return [i.to_json() for i in await self.node.list_images()]
+
+    async def op_get_image(self, args: dict[str, Any], data: bytes) -> Any:
+        return (await self.node.get_image(str(args["name"]))).to_json()
+
+    async def op_remove_image(self, args: dict[str, Any], data: bytes) -> Any:
+        return (await self.node.remove_image(str(args["name"]))).to_json()
 
     async def op_pause_sandbox(self, args: dict[str, Any], data: bytes) -> Any:
         await self.node.pause_sandbox(str(args["sandbox_id"]))
@@ -615,3 +697,7 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
     task.cancel()
     await asyncio.wait({task}, timeout=EVENT_TIMEOUT)  # a NATS connect may not give up at once
     return None
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)

@@ -7,11 +7,13 @@ import abc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from corral.core.errors import Unavailable
 from corral.core.models import CommandStatus
 from corral.node.output_log import Chunk
 from corral.runtime.base import SandboxConfig
+from corral.runtime.images import Image, RegistryAuth
 
 
 class NodeUnavailable(Unavailable):
@@ -161,6 +163,26 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     async def remove_volume(self, volume_id: str) -> None: ...
+
+    # --- images: the node's own store (corral.runtime.images); errors are its ImageErrors ---
+
+    @abc.abstractmethod
+    async def pull_image(self, reference: str, auth: RegistryAuth | None = None) -> Image:
+        """Pull from the registry (verified, layers unpacked and checked): ready to start."""
+
+    @abc.abstractmethod
+    async def import_image(self, archive: Path, reference: str | None = None) -> Image:
+        """Import an OCI layout or `docker save` tarball, a file on the caller's host."""
+
+    @abc.abstractmethod
+    async def list_images(self) -> list[Image]: ...
+
+    @abc.abstractmethod
+    async def get_image(self, name: str) -> Image:
+        """By id, unique id prefix or reference; ImageNotFoundError if absent."""
+
+    @abc.abstractmethod
+    async def remove_image(self, name: str) -> Image: ...
 
     @abc.abstractmethod
     async def snapshot_sandbox(self, sandbox_id: str, snapshot_id: str) -> int:

@@ -26,6 +26,7 @@ from corral.node.base import (
     TooManyCommands,
 )
 from corral.node.bus import PROTOCOL_VERSION
+from corral.node.images import NodeImages
 from corral.node.output_log import (
     STDERR,
     STDOUT,
@@ -46,6 +47,7 @@ from corral.runtime.base import (
     SandboxDied,
     SandboxHandle,
 )
+from corral.runtime.images import Image, RegistryAuth
 from corral.runtime.limits import Usage
 
 log = logging.getLogger(__name__)
@@ -444,9 +446,16 @@ class LocalExecution(Execution):
 
 class LocalNode(Node):
     def __init__(
-        self, *, node_id: str, runtime: Runtime, data_dir: Path, kill_grace_ms: int
+        self,
+        *,
+        node_id: str,
+        runtime: Runtime,
+        data_dir: Path,
+        kill_grace_ms: int,
+        images: NodeImages | None = None,
     ) -> None:
         self.id = node_id
+        self.images = images or NodeImages(data_dir / "images")
         self.runtime = runtime
         self.runtime_name = runtime.name
         self.logs_dir = data_dir / "logs"
@@ -462,6 +471,7 @@ class LocalNode(Node):
         self.logs_dir.chmod(0o700)
         warnings = await self.runtime.prepare()
         await self.runtime.sweep()
+        await asyncio.to_thread(self.images.clean)
         return warnings
 
     async def start_sandbox(self, config: SandboxConfig) -> None:
@@ -564,6 +574,24 @@ class LocalNode(Node):
         except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
             log.warning("snapshot %s: removing it failed: %r", snapshot_id, exc)
             raise HostFailure(f"the snapshot could not be removed: {public_reason(exc)}") from None
+
+    async def pull_image(self, reference: str, auth: RegistryAuth | None = None) -> Image:
+        return await asyncio.to_thread(self.images.pull, reference, auth)
+
+    async def import_image(self, archive: Path, reference: str | None = None) -> Image:
+        return await asyncio.to_thread(self.images.import_archive, archive, reference)
+
+    async def list_images(self) -> list[Image]:
+        return await asyncio.to_thread(self.images.list)
+
+    async def get_image(self, name: str) -> Image:
+        return await asyncio.to_thread(self.images.get, name)
+
+    async def remove_image(self, name: str) -> Image:
+        def users(image_id: str) -> list[str]:
+            return [sid for sid, h in list(self._sandboxes.items()) if h.config.image == image_id]
+
+        return await asyncio.to_thread(self.images.remove, name, users)
 
     async def pause_sandbox(self, sandbox_id: str) -> None:
         try:

@@ -26,6 +26,7 @@ from corral.node.base import (
     TooManyCommands,
 )
 from corral.node.bus import RemoteError
+from corral.node.images import ImageInUse
 from corral.node.output_log import CorruptLog
 from corral.runtime.base import (
     NeedsRestart,
@@ -35,6 +36,8 @@ from corral.runtime.base import (
     StartUnknown,
     VolumeBind,
 )
+from corral.runtime.images import Image
+from corral.runtime.images import errors as image_errors
 from corral.runtime.limits import Limits
 
 REPLICAS_QUEUE = "replicas"  # the queue group of replicas taking node events
@@ -74,6 +77,20 @@ ERRORS: dict[str, type[BaseException]] = {
     "unknown_command": UnknownCommand,
     "host_exec_refused": HostExecRefused,
     "too_many_commands": TooManyCommands,
+    # The image store's, each by its own name: the core maps each to its status.
+    "image_in_use": ImageInUse,
+    "image_not_found": image_errors.ImageNotFoundError,
+    "registry_auth": image_errors.RegistryAuthError,
+    "registry_error": image_errors.RegistryError,
+    "digest_mismatch": image_errors.DigestMismatchError,
+    "unsupported_image": image_errors.UnsupportedImageError,
+    "image_archive": image_errors.ImageArchiveError,
+    "image_too_large": image_errors.ImageTooLargeError,
+    "image_store_full": image_errors.ImageStoreFullError,
+    "hostile_layer": image_errors.HostileLayerError,
+    "layer_limit": image_errors.LayerLimitError,
+    "layer_error": image_errors.LayerError,
+    "image_error": image_errors.ImageError,
 }
 _NAMES = {cls: name for name, cls in ERRORS.items()}
 
@@ -114,6 +131,8 @@ def config_to_wire(config: SandboxConfig) -> dict[str, Any]:
         "allow": list(config.allow),
         "volumes": [{"id": v.id, "path": v.path, "read_only": v.read_only} for v in config.volumes],
         "snapshot": config.snapshot,
+        "image": config.image,
+        "user": config.user,
     }
 
 
@@ -141,6 +160,8 @@ def config_from_wire(data: dict[str, Any], sandboxes_dir: Path) -> SandboxConfig
             for v in data.get("volumes") or ()
         ),
         snapshot=None if data.get("snapshot") is None else snapshot_id(data["snapshot"]),
+        image=str(data["image"]) if data.get("image") else None,
+        user=str(data.get("user") or ""),
     )
 
 
@@ -231,3 +252,9 @@ def outcome_from_wire(data: dict[str, Any]) -> CommandOutcome:
         peak_memory_bytes=data.get("peak_memory_bytes"),
         oom_killed=bool(data.get("oom_killed")),
     )
+
+
+def image_from_wire(data: Any) -> Image:
+    if not isinstance(data, dict):
+        raise ValueError("not an image record")
+    return Image.from_json(data)

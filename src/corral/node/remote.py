@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from corral.clock import utcnow
@@ -20,11 +22,14 @@ from corral.node.base import CommandOutcome, CommandSpec, Execution, Node, NodeU
 from corral.node.bus import Bus, NodeUnreachable, RemoteError, VersionMismatch, node_subject
 from corral.node.output_log import Chunk
 from corral.runtime.base import SandboxConfig
+from corral.runtime.images import Image, RegistryAuth
 
 CALL_TIMEOUT = 5.0
 START_TIMEOUT = 120.0  # starting a sandbox may mean making its file system
 STOP_TIMEOUT = 60.0
 SNAPSHOT_TIMEOUT = 600.0  # capturing a large workspace copies it
+IMAGE_TIMEOUT = 1800.0  # a pull or import of a big image over a slow link
+UPLOAD_CHUNK = 1 << 20  # bytes of an imported archive per message
 RETRY_SECONDS = 0.5
 
 # The stored result of a reported command, waited for across replicas (core/results.py).
@@ -96,6 +101,44 @@ class RemoteNode(Node):
 
     async def remove_snapshot(self, snapshot_id: str) -> None:
         await self._call("remove_snapshot", STOP_TIMEOUT, snapshot_id=snapshot_id)
+
+    # --- images ---
+
+    async def pull_image(self, reference: str, auth: RegistryAuth | None = None) -> Image:
+        creds = None
+        if auth is not None:
+            creds = {
+                "username": auth.username,
+                "password": auth.password,
+                "identity_token": auth.identity_token,
+            }
+        answer = await self._call("pull_image", IMAGE_TIMEOUT, reference=reference, auth=creds)
+        return p.image_from_wire(answer)
+
+    async def import_image(self, archive: Path, reference: str | None = None) -> Image:
+        # The archive crosses in pieces (a message is bounded), appended to one upload there.
+        upload = secrets.token_hex(12)
+        offset = 0
+        with archive.open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
+                await self.call(
+                    "image_upload", {"upload": upload, "offset": offset}, chunk,
+                    timeout=CALL_TIMEOUT,
+                )  # fmt: skip
+                offset += len(chunk)
+        answer = await self._call(
+            "import_image", IMAGE_TIMEOUT, upload=upload, size=offset, reference=reference
+        )
+        return p.image_from_wire(answer)
+
+    async def list_images(self) -> list[Image]:
+        return [p.image_from_wire(i) for i in await self._call("list_images")]
+
+    async def get_image(self, name: str) -> Image:
+        return p.image_from_wire(await self._call("get_image", name=name))
+
+    async def remove_image(self, name: str) -> Image:
+        return p.image_from_wire(await self._call("remove_image", STOP_TIMEOUT, name=name))
 
     async def pause_sandbox(self, sandbox_id: str) -> None:
         await self._call("pause_sandbox", sandbox_id=sandbox_id)

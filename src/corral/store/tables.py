@@ -239,3 +239,17 @@ class SnapshotRow(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class NodeImageRow(Base):
+    """An image in one node's store, as that node last said (the node's store is the truth for
+    its files): what listing and placement need without asking every node."""
+
+    __tablename__ = "node_images"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    image_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    refs: Mapped[list[str]] = mapped_column(JSON)  # its references there
+    record: Mapped[dict[str, Any]] = mapped_column(JSON)  # the store's Image, as JSON
+    size: Mapped[int] = mapped_column(BigInteger)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime())
