@@ -4,6 +4,7 @@ import, list, get, delete, the errors of each, sandboxes from an image, the SDK 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -106,6 +107,12 @@ def host_tools_layer(*programs: str) -> bytes:
         for f in sorted(files):
             tar.add(f, arcname=str(f).lstrip("/"), recursive=False)
     return buf.getvalue()
+
+
+@functools.cache
+def shell_layer() -> bytes:
+    """bash, for images whose sandboxes run shell commands (a sandbox's root is its image's)."""
+    return host_tools_layer("bash")
 
 
 def push(
@@ -376,7 +383,7 @@ def test_import_archives(server: Server, tmp_path: Path) -> None:
 
 @pytest.mark.sandbox
 def test_a_sandbox_from_an_image(server: Server, registry: Registry, tmp_path: Path) -> None:
-    built = BuiltImage([BASE, APP], CONFIG)
+    built = BuiltImage([BASE, shell_layer(), APP], CONFIG)
     ref = push(registry, tmp_path, "api/sandboxed:1", built)
     with server.client() as api:
         # Not on the node yet: the create pulls it.
@@ -392,7 +399,11 @@ def test_a_sandbox_from_an_image(server: Server, registry: Registry, tmp_path: P
         )
         assert run.status_code == 200, run.text
         # The request's env wins over the image's; PATH and WorkingDir are the image's.
-        assert run.json()["stdout"] == "mine|1|/opt/img/bin:/usr/bin:/bin\n/tmp\n", run.json()
+        assert run.json()["stdout"] == "mine|1|/opt/img/bin:/usr/bin:/bin\n/tmp\n", (
+            run.json()["status"],
+            run.json()["stderr"],
+            run.json().get("error"),
+        )
         here = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "pwd", "cwd": "/workspace"})
         assert here.json()["stdout"] == "/workspace\n"
         busy = api.delete(f"/v1/images/{ref}")
@@ -405,18 +416,7 @@ def test_a_sandbox_from_an_image(server: Server, registry: Registry, tmp_path: P
         assert api.delete(f"/v1/images/{ref}").status_code == 204
 
 
-def _runtime_supports_images() -> bool:
-    from corral.runtime.namespaces import NamespacesRuntime
-
-    return bool(getattr(NamespacesRuntime, "supports_images", False))
-
-
 @pytest.mark.sandbox
-@pytest.mark.skipif(
-    not _runtime_supports_images(),
-    reason="the namespaces runtime does not mount image roots yet (NamespacesRuntime."
-    "supports_images)",
-)
 def test_a_sandbox_runs_on_the_images_root_as_its_user(
     server: Server, registry: Registry, tmp_path: Path
 ) -> None:
@@ -499,7 +499,7 @@ def test_sdk_and_cli(
 def test_sdk_sandbox_from_an_image_and_delete_while_used(
     server: Server, registry: Registry, tmp_path: Path
 ) -> None:
-    built = BuiltImage([BASE], {"Env": ["FROM_SDK=yes"]})
+    built = BuiltImage([BASE, shell_layer()], {"Env": ["FROM_SDK=yes"]})
     ref = push(registry, tmp_path, "api/sdk-box:1", built)
     with Client(server.url, token=server.admin_key) as sdk:
         box = sdk.create_sandbox(image=ref)
