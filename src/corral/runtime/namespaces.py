@@ -503,7 +503,9 @@ class NamespacesRuntime(Runtime):
         if self.overlay_root(config):
             # The root is the sandbox root's to change, /usr included: the host's interpreter.
             user = (config.user or "root") if config.image is not None else str(SANDBOX_UID)
-            supervisor = host_python(HOST_MOUNT, PYTHON, SUPERVISOR_INSIDE, str(sock_fd), user)
+            supervisor = host_python(
+                HOST_MOUNT, PYTHON, SUPERVISOR_INSIDE, f"--user={user}", str(sock_fd)
+            )
         else:
             # Nothing the sandbox's root may write (its /etc, /usr/local) changes the code the
             # supervisor and its launcher (a fork, no exec) run.

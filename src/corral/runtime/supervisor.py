@@ -785,23 +785,30 @@ def _hand_over_workspace():
 
 
 def main() -> None:
+    """argv: [--user=SPEC] FD. With --user (a sandbox whose root is its own), SPEC is who
+    ordinary commands run as ("root": every command is root's), and HOME, USER and LOGNAME
+    come from its passwd; without it, uid 1000 and the node's environment."""
     global USER_ID, GROUP_ID
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    args = sys.argv[1:]
+    user = None
+    if args and args[0].startswith("--user="):
+        user = args.pop(0).removeprefix("--user=")
+    sock = socket.socket(fileno=int(args[0]))
     sock.setblocking(True)
     supervisor = Supervisor(sock)
-    if len(sys.argv) > 2 and sys.argv[2] not in ("", "root"):
-        try:
-            USER_ID, GROUP_ID = resolve_user(sys.argv[2])
-        except ValueError as exc:
-            sys.stderr.write(f"{exc}\n")  # the node reports it as the reason it did not start
-            raise SystemExit(2) from None
-        if USER_ID == 0:
+    if user is not None:
+        if user in ("", "root"):
             supervisor.everyone_root = True
         else:
-            _hand_over_workspace()
-    elif len(sys.argv) > 2:
-        supervisor.everyone_root = True
-    if len(sys.argv) > 2:
+            try:
+                USER_ID, GROUP_ID = resolve_user(user)
+            except ValueError as exc:
+                sys.stderr.write(f"{exc}\n")  # the node reports it as why it did not start
+                raise SystemExit(2) from None
+            if USER_ID == 0:
+                supervisor.everyone_root = True
+            else:
+                _hand_over_workspace()
         supervisor.identity = {"root": _identity(0), "user": _identity(USER_ID)}
     supervisor.run()
 
