@@ -880,7 +880,9 @@ class NamespacesRuntime(Runtime):
                 f.truncate(config.limits.disk_mb * 1024 * 1024)  # type: ignore[operator]
             subprocess.run(
                 ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode",
-                 "-i", "65536",  # fewer inodes: most of disk_mb stays usable
+                 # One inode per 64 KiB (most of disk_mb stays usable), but never fewer than a
+                 # root's layers and mount points need on the smallest disk.
+                 "-N", str(max(1024, config.limits.disk_mb * 16)),  # type: ignore[operator]
                  "-E", f"root_owner={uid}:{uid}", str(image)],
                 check=True, capture_output=True,
             )  # fmt: skip
