@@ -168,7 +168,8 @@ def _fill_command(path: str, mib: int) -> str:
     return (
         f"df -B1 --output=fstype,size,avail {path} | tail -1; "
         f"head -c {mib}M /dev/zero > {path}/fill; echo rc=$?; stat -c %s {path}/fill; "
-        f"echo more >> {path}/fill2; echo rc2=$?"
+        # 64 KiB more: a file system may keep a few blocks the big file could not use.
+        f"head -c 64K /dev/zero >> {path}/fill2; echo rc2=$?"
     )
 
 
@@ -205,7 +206,8 @@ def test_tmp_fills_at_disk_mb(lapi: httpx.Client) -> None:
     system had free (under 64 MiB), and then /workspace, on the same disk, is full too."""
     disk_mb = 64
     command = _fill_command("/tmp", 2 * disk_mb) + (
-        "; echo more >> /workspace/fill3; echo rc3=$?; rm -f /tmp/fill /tmp/fill2 /workspace/fill3"
+        "; head -c 64K /dev/zero >> /workspace/fill3; echo rc3=$?; "
+        "rm -f /tmp/fill /tmp/fill2 /workspace/fill3"
     )
     with sandbox(lapi, disk_mb=disk_mb, memory_mb=256) as sid:
         began = time.monotonic()

@@ -36,9 +36,9 @@ def read_counter(path: Path) -> int:
 
 def test_pause_stops_all_progress(api: httpx.Client, server: Server, sandbox_id: str) -> None:
     sid = sandbox_id
-    # Read from the host: the sandbox (default disk) has /workspace on its own ext4 image,
-    # mounted on the host under its directory. Exec is refused while it is paused.
-    workspace = disk_dir(server.data_dir, sid) / "workspace"
+    # Read from the host: the sandbox's /workspace is an overlay (its writable layer on its own
+    # ext4 image), mounted on the host under its directory. Exec is refused while it is paused.
+    workspace = disk_dir(server.data_dir, sid).parent / "ws"
     assert workspace.is_dir(), f"no workspace at {workspace} on the host"
     command_counter, daemon_counter = workspace / "command", workspace / "daemon"
     cid = start(api, sid, "python3", args=["-c", COUNTER, "/workspace/command"], timeout_ms=60_000)
