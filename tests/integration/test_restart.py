@@ -59,12 +59,16 @@ def test_kill9_and_restart() -> None:
             assert processes_matching("sleep 404") == []
             # Only the live sandboxes' cgroups exist: the dead command's is gone.
             assert sorted(cgroup_dirs(srv.cgroup_name)) == sorted(sandboxes)
-            # The only mounts are the live sandboxes' own file systems (disk_mb), once each,
-            # and the node's read-only views of the supervisor and the tools, once each.
+            # The only mounts are the live sandboxes' own: their file systems (disk_mb), the
+            # idmapped views of their base layers and their overlays (docs/root-filesystem.md),
+            # once each; and the node's read-only views of the supervisor and the tools, once
+            # each.
             mine = [m.split()[1] for m in sandbox_mounts() if str(srv.data_dir) in m]
             views = str(srv.data_dir / "runtime" / "views") + "/"
             assert sorted(m for m in mine if not m.startswith(views)) == sorted(
-                str(srv.data_dir / "sandboxes" / sid / "disk") for sid in sandboxes
+                str(srv.data_dir / "sandboxes" / sid / name)
+                for sid in sandboxes
+                for name in ("disk", "lower", "root", "usr-lower", "usr", "ws")
             )
             assert len([m for m in mine if m.startswith(views)]) == 2
     finally:
