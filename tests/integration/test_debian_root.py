@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from corral import Client
 from corral.runtime.base import Limits
+from tests.conftest import Server, make_data_dir
 from tests.deb_packages import HELLO_MARKER, HELLO_OUTPUT
 from tests.debian_image import DebianImage
+from tests.engines import Registry
 from tests.integration.image_nodes import Node, image_node, run
+from tests.integration.test_sdk_cli import run_cli
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -67,3 +71,49 @@ async def test_apt_get_install_and_useradd_in_a_debian_sandbox(
     second = await node.start(node.config())
     code, out, err = await run(second, "dpkg -s corral-hello; id alice; ls -A /home")
     assert "not installed" in err and "no such user" in err and out == "", (out, err)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    reg = Registry().start()
+    yield reg
+    reg.stop()
+
+
+@pytest.mark.registry
+def test_through_the_api_the_sdk_and_the_cli(
+    debian_image: DebianImage, corral_hello_deb: Path, registry: Registry
+) -> None:
+    """The same, as a user does it: the image pulled from a registry, the .deb uploaded, the
+    commands run as the sandbox's root; the CLI lists the image."""
+    ref = debian_image.push(f"{registry.host}/corral/debian:bookworm")
+    srv = Server(
+        make_data_dir("corral-test-debian-"), env={"CORRAL_INSECURE_REGISTRIES": registry.host}
+    )
+    srv.start()
+    try:
+        with Client(srv.url, token=srv.admin_key, timeout=300) as sdk:
+            image = sdk.pull_image(ref)
+            assert image.references == [ref] and image.user == ""
+            listed = run_cli(srv, "image", "ls")
+            assert listed.returncode == 0 and image.id.removeprefix("sha256:")[:12] in listed.stdout
+            first = sdk.create_sandbox(image=ref, disk_mb=1024)
+            sdk.write_file(first.id, "/workspace/hello.deb", corral_hello_deb.read_bytes())
+            installed = sdk.exec(first.id, "apt-get install -y ./hello.deb", user="root",
+                                 timeout_ms=300_000)  # fmt: skip
+            assert installed.exit_code == 0, installed.stdout + installed.stderr
+            assert sdk.exec(first.id, "corral-hello").stdout == f"{HELLO_OUTPUT}\n"
+            users = sdk.exec(
+                first.id, "useradd -m alice && su alice -c 'touch ~/x' && ls /home/alice",
+                user="root",
+            )  # fmt: skip
+            assert (users.exit_code, users.stdout) == (0, "x\n"), users.stderr
+            second = sdk.create_sandbox(image=ref)
+            missing = sdk.exec(second.id, "command -v corral-hello || id alice || echo clean")
+            assert missing.stdout.strip().endswith("clean"), missing
+            for box in (first, second):
+                sdk.delete_sandbox(box.id)
+            sdk.delete_image(ref)
+    finally:
+        srv.stop()
+        shutil.rmtree(srv.data_dir, ignore_errors=True)

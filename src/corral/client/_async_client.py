@@ -247,6 +247,7 @@ class AsyncClient(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -254,7 +255,8 @@ class AsyncClient(BaseClient):
         """Run a command and wait for its end.
 
         `command` is a shell string, or the program when `args` is given (no shell). A non-zero
-        exit is a result, not an error; see `corral.raise_for_status`.
+        exit is a result, not an error; see `corral.raise_for_status`. `user="root"` runs it as the
+        sandbox's own root (sudo).
         """
         call = self._exec_call(
             sandbox,
@@ -262,6 +264,7 @@ class AsyncClient(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
@@ -277,6 +280,7 @@ class AsyncClient(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -294,6 +298,7 @@ class AsyncClient(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
@@ -390,6 +395,7 @@ class AsyncClient(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -403,6 +409,7 @@ class AsyncClient(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
@@ -448,6 +455,7 @@ class AsyncClient(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -465,6 +473,7 @@ class AsyncClient(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,

@@ -228,6 +228,7 @@ class BaseClient:
         timeout_ms: int | None,
         max_output_bytes: int | None,
         background: bool,
+        user: str | None = None,
         interactive: bool = False,
         tty: bool = False,
         rows: int | None = None,
@@ -238,6 +239,7 @@ class BaseClient:
             args=None if args is None else list(args),
             cwd=cwd,
             env=_dict_or_none(env),
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
@@ -355,6 +357,7 @@ class BaseClient:
         rows: int,
         cols: int,
         kill_on_disconnect: bool,
+        user: str | None = None,
     ) -> dict[str, Any]:
         return {
             "type": "start",
@@ -363,6 +366,7 @@ class BaseClient:
                 args=None if args is None else list(args),
                 cwd=cwd,
                 env=_dict_or_none(env),
+                user=user,
                 stdin=stdin,
                 timeout_ms=timeout_ms,
                 max_output_bytes=max_output_bytes,

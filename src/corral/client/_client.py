@@ -242,6 +242,7 @@ class Client(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -249,7 +250,8 @@ class Client(BaseClient):
         """Run a command and wait for its end.
 
         `command` is a shell string, or the program when `args` is given (no shell). A non-zero
-        exit is a result, not an error; see `corral.raise_for_status`.
+        exit is a result, not an error; see `corral.raise_for_status`. `user="root"` runs it as the
+        sandbox's own root (sudo).
         """
         call = self._exec_call(
             sandbox,
@@ -257,6 +259,7 @@ class Client(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
@@ -272,6 +275,7 @@ class Client(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -289,6 +293,7 @@ class Client(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
@@ -382,6 +387,7 @@ class Client(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -395,6 +401,7 @@ class Client(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,
@@ -439,6 +446,7 @@ class Client(BaseClient):
         args: Iterable[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        user: str | None = None,
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
@@ -456,6 +464,7 @@ class Client(BaseClient):
             args=args,
             cwd=cwd,
             env=env,
+            user=user,
             stdin=stdin,
             timeout_ms=timeout_ms,
             max_output_bytes=max_output_bytes,

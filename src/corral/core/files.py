@@ -29,13 +29,13 @@ from corral.core.errors import (
 from corral.core.models import ArchiveUploaded, CommandStatus, FileInfo, FileList
 from corral.node.base import CommandOutcome, CommandSpec, Execution, Node
 from corral.node.directory import NodeDirectory
-from corral.runtime.base import SandboxDied, SpawnError
+from corral.runtime.base import NODE_PYTHON, SandboxDied, SpawnError
 from corral.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TOOLS_MOUNT = "/opt/corral"
-PYTHON = "/usr/bin/python3"
+PYTHON = NODE_PYTHON
 FILES_HELPER = f"{TOOLS_MOUNT}/files.py"
 HELPER_PREFIX = "fop"  # ids of helper runs (never in the command history)
 METADATA_TIMEOUT_MS = 60_000

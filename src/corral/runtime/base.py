@@ -30,6 +30,11 @@ def open_pty(rows: int, cols: int) -> tuple[int, int]:
     return master, slave
 
 
+# argv[0] for the node's own helpers (file operations, code runs): the node's Python, which
+# each runtime starts its own way, whatever the sandbox's root holds (an image may have none).
+NODE_PYTHON = "/.corral/python3"
+
+
 @dataclass(frozen=True)
 class VolumeBind:
     """A volume a sandbox mounts: its id on the node, where the sandbox sees it, and how."""

@@ -101,17 +101,21 @@ def host_python(mount: str, python: str, *args: str) -> list[str]:
     glibc's loader from there takes libraries from there only (never the image's own /lib,
     which its root may change, nor its cache). The interpreter finds its standard library
     next to itself."""
+    return [*host_interpreter(mount, python), "-I", "-S", *args]
+
+
+def host_interpreter(mount: str, python: str) -> list[str]:
+    """The start of host_python's command line: the loader and the interpreter, no options."""
     real_python = os.path.realpath(python)
     inside_python = mount + real_python
     loader = elf_interpreter(Path(real_python))
-    command = [inside_python, "-I", "-S", *args]
     if loader is None:
-        return command
+        return [inside_python]
     real_loader = os.path.realpath(loader)
     if not real_loader.startswith("/usr/"):
-        return command
+        return [inside_python]
     libdirs = dict.fromkeys([os.path.dirname(real_loader), "/usr/lib"])
     return [
         mount + real_loader, "--inhibit-cache",
-        "--library-path", ":".join(mount + d for d in libdirs), *command,
+        "--library-path", ":".join(mount + d for d in libdirs), inside_python,
     ]  # fmt: skip

@@ -27,6 +27,7 @@ from typing import Any
 from corral.pipes import pipe_end
 from corral.runtime import idmap, images, rootfs, snapshots
 from corral.runtime.base import (
+    NODE_PYTHON,
     ExitStatus,
     NeedsRestart,
     ProcessHandle,
@@ -51,7 +52,12 @@ from corral.runtime.frames import (
     parse_event,
 )
 from corral.runtime.limits import ResourceControl, Usage
-from corral.runtime.loader import clear_mount_point, host_python, trusted_python
+from corral.runtime.loader import (
+    clear_mount_point,
+    host_interpreter,
+    host_python,
+    trusted_python,
+)
 from corral.runtime.mounts import SharedViews, mount_private_overlay
 from corral.runtime.netpolicy import NetworkManager, OpenDestination
 from corral.runtime.seccomp import build_filter
@@ -301,6 +307,14 @@ class NamespacesRuntime(Runtime):
         if self.templates_dir is None or config.template not in self.templates():
             raise RuntimeError(f"no template {config.template!r}")
         return self.templates_dir / config.template
+
+    def expand_argv(self, config: SandboxConfig, argv: list[str]) -> list[str]:
+        """NODE_PYTHON as this sandbox runs it: the host's, from its read-only bind."""
+        if not argv or argv[0] != NODE_PYTHON:
+            return argv
+        if self.overlay_root(config):
+            return [*host_interpreter(HOST_MOUNT, PYTHON), *argv[1:]]
+        return [PYTHON, *argv[1:]]  # the template's /usr, read-only
 
     def overlay_root(self, config: SandboxConfig) -> bool:
         """Whether the sandbox's root is copy-on-write (rootfs.py): every sandbox but those
@@ -1191,7 +1205,8 @@ class NamespacesSandbox(SandboxHandle):
         self._spawns[spec.id] = started
         self._exits[spec.id] = exited
         message = {
-            "op": "spawn", "id": spec.id, "argv": spec.argv, "env": env, "cwd": spec.cwd,
+            "op": "spawn", "id": spec.id, "argv": self.runtime.expand_argv(self.config, spec.argv),
+            "env": env, "cwd": spec.cwd,
             "tty": spec.tty, "rlimits": {"core": 0, **spec.rlimits}, "user": spec.user,
             # The supervisor's launcher joins the command's cgroups to start it and goes back
             # to the sandbox's own.
