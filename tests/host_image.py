@@ -1,12 +1,17 @@
-"""A small image made of the host's own programs (bash, coreutils) and their libraries, for
-tests of image roots that need no registry and no network: one layer with the usual root
-layout, users root, user (1000), _apt (42) and web (33), a directory owned by 42, and an
-Env and WorkingDir."""
+"""Small images made of the host's own programs and the libraries they load, for tests of
+image roots that need no registry and no network.
+
+`host_tools_layer(*programs)` is a layer of those programs at their paths (with the symlinks
+on the way); `shell_layer()` is bash alone; `host_image()` is a whole root: the usual layout,
+users root, user (1000), _apt (42) and web (33), a directory owned by 42, an Env and a
+WorkingDir."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -27,59 +32,71 @@ PASSWD = (
 GROUP = "root:x:0:\nwww-data:x:33:\nuser:x:1000:\n"
 
 
-def _libraries(program: str) -> set[str]:
-    out = subprocess.run(["ldd", program], capture_output=True, text=True).stdout
-    return {word for line in out.splitlines() for word in line.split() if word.startswith("/")}
+def host_tools_layer(*programs: str) -> bytes:
+    """A layer with the host's own programs and the libraries they load, at their paths (with
+    the symlinks on the way): a root with a shell, without a base image from elsewhere."""
+    files: set[Path] = set()
+    links: dict[Path, str] = {}
+
+    def add(path: Path) -> None:
+        path = Path(os.path.realpath(path.parent)) / path.name  # the dirs as they really are
+        if path.is_symlink():
+            links[path] = os.readlink(path)
+            add(path.parent / links[path])
+        else:
+            files.add(path)
+
+    for program in programs:
+        found = shutil.which(program)
+        assert found is not None, program
+        add(Path(found))
+        linked = subprocess.run(["ldd", found], capture_output=True, text=True, check=True)
+        for token in linked.stdout.split():
+            if token.startswith("/"):
+                add(Path(token))
+    for name in ("bin", "lib", "lib64", "sbin"):  # a merged /usr's links
+        if Path("/", name).is_symlink():
+            links[Path("/", name)] = os.readlink(Path("/", name))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        everything = files | set(links)
+        for d in sorted({p for f in everything for p in f.parents if p != Path("/")} - set(links)):
+            info = tarfile.TarInfo(str(d).lstrip("/"))
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for link, target in sorted(links.items()):
+            info = tarfile.TarInfo(str(link).lstrip("/"))
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+        for f in sorted(files):
+            tar.add(f, arcname=str(f).lstrip("/"), recursive=False)
+    return buf.getvalue()
 
 
-def _inside(host_path: str) -> str:
-    """Where a host file goes in the image: /bin, /lib and /lib64 are links into usr/."""
-    rel = host_path.lstrip("/")
-    return "usr/" + rel if rel.split("/")[0] in ("bin", "lib", "lib64", "sbin") else rel
+@functools.cache
+def shell_layer() -> bytes:
+    """bash, for images whose sandboxes run shell commands (a sandbox's root is its image's)."""
+    return host_tools_layer("bash")
 
 
 def host_image() -> BuiltImage:
-    files: set[str] = set()
-    for name in PROGRAMS:
-        program = f"/usr/bin/{name}"
-        files |= {program, *_libraries(program)}
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
-        def add(name: str, kind: bytes, *, data: bytes = b"", mode: int = 0o755, uid: int = 0,
-                link: str = "") -> None:  # fmt: skip
+        def add(name: str, kind: bytes, *, data: bytes = b"", mode: int = 0o755,
+                uid: int = 0) -> None:  # fmt: skip
             info = tarfile.TarInfo(name)
             info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, uid, 1
-            info.linkname, info.size = link, len(data)
+            info.size = len(data)
             tar.addfile(info, io.BytesIO(data) if data else None)
 
-        dirs = {"etc", "tmp", "var", "var/cache", "var/www", "root", "home", "usr/sbin"}
-        for path in files:
-            parts = Path(_inside(path)).parts[:-1]
-            dirs |= {"/".join(parts[: k + 1]) for k in range(len(parts))}
-        for name in sorted(dirs):
+        for name in ("etc", "tmp", "var", "var/cache", "var/www", "root", "home", "workspace"):
             add(name, tarfile.DIRTYPE)
         add("var/cache/apt-owned", tarfile.DIRTYPE, uid=42)
-        for name in ("bin", "lib", "lib64", "sbin"):
-            add(name, tarfile.SYMTYPE, link=f"usr/{name}")
-        added = set()
-        for path in sorted(files):
-            inside = _inside(path)
-            real = os.path.realpath(path)
-            if inside in added:
-                continue
-            added.add(inside)
-            if os.path.islink(path) and _inside(real) != inside:
-                add(inside, tarfile.SYMTYPE, link=os.readlink(path))
-                if _inside(real) not in added:
-                    added.add(_inside(real))
-                    add(_inside(real), tarfile.REGTYPE, data=Path(real).read_bytes())
-            else:
-                add(inside, tarfile.REGTYPE, data=Path(real).read_bytes())
         add("etc/passwd", tarfile.REGTYPE, data=PASSWD.encode(), mode=0o644)
         add("etc/group", tarfile.REGTYPE, data=GROUP.encode(), mode=0o644)
         add("etc/os-release", tarfile.REGTYPE, data=b"ID=corral-test\n", mode=0o644)
     return BuiltImage(
-        [buf.getvalue()],
+        [host_tools_layer(*PROGRAMS), buf.getvalue()],
         config={"Env": ["PATH=/usr/bin:/bin", "FROM_IMAGE=1"], "WorkingDir": "/workspace"},
     )

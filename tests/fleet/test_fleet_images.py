@@ -13,6 +13,7 @@ import pytest
 from corral.runtime import images
 from tests.engines import PostgresCluster, Registry
 from tests.fleet.fleet import Fleet
+from tests.host_image import shell_layer
 from tests.oci_images import BuiltImage, layer_tar
 
 pytestmark = pytest.mark.registry
@@ -62,7 +63,7 @@ def test_an_image_lives_on_its_node_and_its_sandboxes_go_there(
             assert time.monotonic() < deadline, "n2's images were not listed after it registered"
             time.sleep(0.1)
         assert api.delete("/v1/images/example.com/fleet/local:1").status_code == 204
-    pulled_image = BuiltImage([BASE], {"Env": ["FROM=pull"], "WorkingDir": "/tmp"})
+    pulled_image = BuiltImage([BASE, shell_layer()], {"Env": ["FROM=pull"], "WorkingDir": "/tmp"})
     pulled_image.push(tmp_path / "push", f"{registry.host}/fleet/app:1")
     ref = f"{from_n2}/fleet/app:1"
     with fleet.client(0) as a, fleet.client(1) as b:

@@ -50,7 +50,7 @@ async def test_the_root_is_the_images_and_writable_per_sandbox(node: Node) -> No
     # The mounts say nothing of the node's directories.
     _, mountinfo, _ = await run(first, "cat /proc/self/mountinfo")
     assert str(node.runtime.data_dir) not in mountinfo
-    assert " / / " in mountinfo and "lowerdir=l0,upperdir=root-upper" in mountinfo
+    assert " / / " in mountinfo and "lowerdir=l0:l1,upperdir=root-upper" in mountinfo
 
 
 async def test_changes_survive_a_restart_and_not_the_sandbox(node: Node) -> None:

@@ -4,13 +4,9 @@ import, list, get, delete, the errors of each, sandboxes from an image, the SDK 
 from __future__ import annotations
 
 import asyncio
-import functools
-import io
 import json
 import os
 import shutil
-import subprocess
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import pytest
 from corral import AsyncClient, Client, ConflictError, NotFoundError
 from tests.conftest import Server, make_data_dir
 from tests.engines import Registry
+from tests.host_image import host_tools_layer, shell_layer
 from tests.integration.test_sdk_cli import run_cli
 from tests.oci_images import BuiltImage, layer_tar
 from tests.unit.test_image_unpack import E, hard, layer, sym
@@ -66,53 +63,6 @@ def server(registry: Registry, auth_registry: Registry) -> Iterator[Server]:
     yield srv
     srv.stop()
     shutil.rmtree(srv.data_dir, ignore_errors=True)
-
-
-def host_tools_layer(*programs: str) -> bytes:
-    """A layer with the host's own programs and the libraries they load, at their paths (with
-    the symlinks on the way): a root with a shell, without a base image from elsewhere."""
-    files: set[Path] = set()
-    links: dict[Path, str] = {}
-
-    def add(path: Path) -> None:
-        path = Path(os.path.realpath(path.parent)) / path.name  # the dirs as they really are
-        if path.is_symlink():
-            links[path] = os.readlink(path)
-            add(path.parent / links[path])
-        else:
-            files.add(path)
-
-    for program in programs:
-        found = shutil.which(program)
-        assert found is not None, program
-        add(Path(found))
-        linked = subprocess.run(["ldd", found], capture_output=True, text=True, check=True)
-        for token in linked.stdout.split():
-            if token.startswith("/"):
-                add(Path(token))
-    for name in ("bin", "lib", "lib64", "sbin"):  # a merged /usr's links
-        if Path("/", name).is_symlink():
-            links[Path("/", name)] = os.readlink(Path("/", name))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        everything = files | set(links)
-        for d in sorted({p for f in everything for p in f.parents if p != Path("/")} - set(links)):
-            info = tarfile.TarInfo(str(d).lstrip("/"))
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for link, target in sorted(links.items()):
-            info = tarfile.TarInfo(str(link).lstrip("/"))
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-        for f in sorted(files):
-            tar.add(f, arcname=str(f).lstrip("/"), recursive=False)
-    return buf.getvalue()
-
-
-@functools.cache
-def shell_layer() -> bytes:
-    """bash, for images whose sandboxes run shell commands (a sandbox's root is its image's)."""
-    return host_tools_layer("bash")
 
 
 def push(
