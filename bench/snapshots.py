@@ -2,7 +2,8 @@
 much disk the sandboxes started from one take.
 
     .venv/bin/python -m bench.snapshots [--workspace-mb 1024] [--sandboxes 10]
-        [--image REF] [--setup 'sudo apt-get install -y jq']
+        [--image REF | --image-archive debian.tar] [--put hello.deb:/workspace/hello.deb]
+        [--setup 'apt-get install -y ./hello.deb' --setup-user root]
 
 A source sandbox fills its workspace with `--workspace-mb` MiB of random data (nothing for a
 file system to compress or share by accident) and runs `--setup`, if given; the snapshot of it
@@ -48,10 +49,11 @@ def disk_used(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
-def run(api: Any, sandbox: str, command: str, timeout_ms: int = 600_000) -> dict[str, Any]:
-    resp = api.post(
-        f"/v1/sandboxes/{sandbox}/exec", json={"command": command, "timeout_ms": timeout_ms}
-    )
+def run(
+    api: Any, sandbox: str, command: str, timeout_ms: int = 600_000, user: str | None = None
+) -> dict[str, Any]:
+    body = {"command": command, "timeout_ms": timeout_ms, **({"user": user} if user else {})}
+    resp = api.post(f"/v1/sandboxes/{sandbox}/exec", json=body)
     resp.raise_for_status()
     done = resp.json()
     if done["exit_code"] != 0:
@@ -73,7 +75,16 @@ def main() -> None:
     parser.add_argument("--workspace-mb", type=int, default=1024)
     parser.add_argument("--sandboxes", type=int, default=10)
     parser.add_argument("--image", help="Start the source from this image")
+    parser.add_argument(
+        "--image-archive", type=Path, help="Import this OCI or docker-save archive and use it"
+    )
+    parser.add_argument(
+        "--put", action="append", default=[], metavar="LOCAL:PATH",
+        help="Upload a file into the source before the setup",
+    )  # fmt: skip
     parser.add_argument("--setup", help="A command the source runs before the snapshot")
+    parser.add_argument("--setup-user", default=None, help="'root' to run the setup as root")
+    parser.add_argument("--check", help="A command every sandbox from the snapshot must pass")
     args = parser.parse_args()
     if args.sandboxes < 1 or args.workspace_mb < 1:
         raise SystemExit("--sandboxes and --workspace-mb must be at least 1")
@@ -92,14 +103,26 @@ def main() -> None:
         with server.client() as api:
             api.timeout = httpx.Timeout(1800)  # a capture or a start of a large workspace
             spec: dict[str, Any] = {"disk_mb": disk_mb}
+            if args.image_archive:
+                with args.image_archive.open("rb") as archive:
+                    imported = api.post("/v1/images/import", content=archive)
+                imported.raise_for_status()
+                args.image = imported.json()["id"]
             if args.image:
                 spec["image"] = args.image
             source, _ = timed_post(api, "/v1/sandboxes", spec)
             sid = source["id"]
             count = args.workspace_mb
             run(api, sid, f"head -c {count * MIB} /dev/urandom > /workspace/data && sync")
+            for item in args.put:
+                local, _, path = item.partition(":")
+                put = api.put(
+                    f"/v1/sandboxes/{sid}/files", params={"path": path},
+                    content=Path(local).read_bytes(),
+                )  # fmt: skip
+                put.raise_for_status()
             if args.setup:
-                run(api, sid, args.setup)
+                run(api, sid, args.setup, user=args.setup_user)
             digest = run(api, sid, "sha256sum /workspace/data")["stdout"].split()[0]
             before = disk_used(server.data_dir)
             snapshot, capture_ms = timed_post(api, f"/v1/sandboxes/{sid}/snapshots", {})
@@ -117,6 +140,8 @@ def main() -> None:
                 seen = run(api, child_id, "sha256sum /workspace/data")["stdout"].split()[0]
                 if seen != digest:
                     raise SystemExit(f"{child_id} does not see the snapshot's data")
+                if args.check:
+                    run(api, child_id, args.check)
                 run(api, child_id, f"echo {child_id} > /workspace/own")
             for i, child_id in enumerate(children):
                 own = run(api, child_id, "cat /workspace/own")["stdout"].strip()

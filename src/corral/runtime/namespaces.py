@@ -12,6 +12,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -54,6 +55,7 @@ from corral.runtime.frames import (
 from corral.runtime.limits import ResourceControl, Usage
 from corral.runtime.loader import (
     clear_mount_point,
+    elf_interpreter,
     host_interpreter,
     host_python,
     trusted_python,
@@ -174,6 +176,7 @@ class NamespacesRuntime(Runtime):
         self.snapshots_dir = data_dir / "snapshots"
         # Templates' root skeletons (rootfs.build_skeleton), made once per run of the node.
         self.skeletons_dir = data_dir / "runtime" / "skeletons"
+        self.empty_dir = data_dir / "runtime" / "empty"  # bound over what sandboxes must not see
         self._skeletons: dict[str, Path] = {}
         self._skeleton_lock = threading.Lock()
         # Sandboxes made before roots were copy-on-write: their own etc/, usr-local/ and the
@@ -214,6 +217,8 @@ class NamespacesRuntime(Runtime):
             d.chmod(0o755)
         shutil.copyfile(SUPERVISOR, self.supervisor_source / SUPERVISOR.name)
         (self.supervisor_source / SUPERVISOR.name).chmod(0o644)
+        self.empty_dir.mkdir(exist_ok=True)
+        self.empty_dir.chmod(0o555)
         sandboxes = self.data_dir / "sandboxes"
         sandboxes.mkdir(exist_ok=True)
         sandboxes.chmod(0o711)
@@ -382,25 +387,54 @@ class NamespacesRuntime(Runtime):
         its /usr; the node's own mounts go over it, and the host's /usr only for the
         supervisor's interpreter."""
         layout = self.root_layout(config)
-        template = []
-        if config.image is None:
-            template = ["--bind", str(layout.usr), "/usr"]
-            # The host's harmless /etc files the skeleton's etc/ links to.
-            for name in dict.fromkeys(HOST_ETC):
-                template += ["--ro-bind-try", f"/etc/{name}", f"{HOST_ETC_MOUNT}/{name}"]
+        # What the sandbox controls is mounted first, the node's own last, so that nothing of
+        # the sandbox's can cover them; their mount points were made safe before the start
+        # (rootfs.secure_mount_points).
         args = [
             *self._common_options(config),
+            # glibc in the supervisor reads locales and gconv modules by path: the host's.
+            "--setenv", "LOCPATH", f"{HOST_MOUNT}/usr/lib/locale",
+            "--setenv", "GCONV_PATH", f"{HOST_MOUNT}{self._gconv_dir}",
             "--bind", str(layout.root), "/",
-            *template,
+            "--bind", str(self.workspace(config)), "/workspace",
+            *self._volume_options(config),
+        ]  # fmt: skip
+        if config.image is None:
+            args += ["--bind", str(layout.usr), "/usr"]
+        args += [
             *self._special_mounts(config),
             "--ro-bind-data", str(preload_fd), f"/etc/{LD_PRELOAD_FILE}",
             "--ro-bind", "/usr", HOST_MOUNT + "/usr",
+            # The host's /usr/local is the host's own, not part of what sandboxes are shown.
+            "--ro-bind", str(self.empty_dir), HOST_MOUNT + "/usr/local",
             "--ro-bind", str(self.supervisor_path), SUPERVISOR_INSIDE,
             *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
-            "--bind", str(self.workspace(config)), "/workspace",
         ]  # fmt: skip
-        args += self._volume_options(config)
+        if config.image is None:
+            # The host's harmless /etc files the skeleton's etc/ links to.
+            for name in dict.fromkeys(HOST_ETC):
+                args += ["--ro-bind-try", f"/etc/{name}", f"{HOST_ETC_MOUNT}/{name}"]
         return [*args, "--chdir", "/workspace"]
+
+    @functools.cached_property
+    def _gconv_dir(self) -> str:
+        loader = elf_interpreter(Path(os.path.realpath(PYTHON)))
+        libdir = os.path.dirname(os.path.realpath(loader)) if loader else "/usr/lib"
+        return f"{libdir}/gconv"
+
+    def _mount_points(self, config: SandboxConfig) -> dict[str, object]:
+        """Where the node mounts in a copy-on-write root (rootfs.secure_mount_points)."""
+        dirs = ["/workspace", "/tmp", "/proc", "/dev", "/etc", *(v.path for v in config.volumes)]
+        if self.tools_dir:
+            dirs.append(TOOLS_MOUNT)
+        node_tree: dict[str, bool] = {"host": True, "host/usr": True, "supervisor.py": False}
+        if config.image is None:
+            dirs.append("/usr")
+            node_tree["host-etc"] = True
+            for name in dict.fromkeys(HOST_ETC):
+                if (Path("/etc") / name).exists():
+                    node_tree[f"host-etc/{name}"] = (Path("/etc") / name).is_dir()
+        return {"dirs": dirs, "files": [f"/etc/{LD_PRELOAD_FILE}"], "node_tree": node_tree}
 
     def _volume_options(self, config: SandboxConfig) -> list[str]:
         args = []
@@ -780,6 +814,8 @@ class NamespacesRuntime(Runtime):
             info = snapshots.read_info(stack[0])
             if info.image != config.image or (template and info.template != config.template):
                 raise RuntimeError(f"snapshot {config.snapshot} is of another image or template")
+        rootfs.unmount_root(layout)  # the layer is changed only while nothing has it mounted
+        rootfs.secure_mount_points(layout.upper, owner=root, **self._mount_points(config))  # type: ignore[arg-type]
         userns = idmap.user_namespace(mapping(root))
         try:
             rootfs.mount_root(

@@ -25,6 +25,7 @@ sandbox's.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,12 @@ def prepare_writable(
             path.mkdir(mode=0o700)
             os.chown(path, owner, owner)
             path.chmod(mode)
+    if fresh and usr:
+        # A template's /usr is the host's: its /usr/local is the host's own, not shown.
+        local = layout.usr_upper / "local"
+        local.mkdir(mode=0o755)
+        os.chown(local, root_uid, root_uid)
+        os.setxattr(local, "trusted.overlay.opaque", b"y")
     if fresh:
         etc = layout.upper / "etc"
         etc.mkdir()
@@ -221,3 +228,82 @@ def build_skeleton(
     for name, to in links.items():
         if not os.path.lexists(target / "etc" / name):
             (target / "etc" / name).symlink_to(to)
+
+
+NODE_DIR = ".corral"  # the node's own mount points: made afresh before every start
+
+
+def secure_mount_points(
+    upper: Path, *, dirs: list[str], files: list[str], node_tree: dict[str, bool], owner: int
+) -> None:
+    """Before a start, make the root's writable layer safe for bwrap's mounts, which follow
+    symlinks in their destinations: each directory of `dirs` (absolute paths) and each parent
+    of `files` becomes a real directory in `upper` (a symlink, file or whiteout there is
+    removed; a directory in the upper layer hides whatever a lower layer has at that name),
+    each file of `files` an empty regular file, and `/.corral` is made again, owned by host
+    root (which the sandbox cannot change), opaque over the lower layers, holding the node's
+    mount points (`node_tree`: relative path -> is a directory). Never follows a link; runs
+    while the sandbox is stopped."""
+    root_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _remove_entry(root_fd, NODE_DIR)
+        os.mkdir(NODE_DIR, 0o755, dir_fd=root_fd)
+        os.setxattr(f"/proc/self/fd/{root_fd}/{NODE_DIR}", "trusted.overlay.opaque", b"y")
+        for relative, is_dir in sorted(node_tree.items()):
+            parent = _real_dirs(root_fd, [NODE_DIR, *Path(relative).parts[:-1]], 0)
+            try:
+                if is_dir:
+                    os.mkdir(Path(relative).name, 0o755, dir_fd=parent)
+                else:
+                    os.close(os.open(Path(relative).name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_NOFOLLOW, 0o644, dir_fd=parent))  # fmt: skip
+            finally:
+                os.close(parent)
+        for path in dirs:
+            os.close(_real_dirs(root_fd, Path(path).parts[1:], owner))
+        for path in files:
+            parts = Path(path).parts[1:]
+            parent = _real_dirs(root_fd, parts[:-1], owner)
+            try:
+                _remove_entry(parent, parts[-1])
+                fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o644, dir_fd=parent)  # fmt: skip
+                os.fchown(fd, owner, owner)
+                os.close(fd)
+            finally:
+                os.close(parent)
+    finally:
+        os.close(root_fd)
+
+
+def _real_dirs(root_fd: int, parts: list[str] | tuple[str, ...], owner: int) -> int:
+    """A descriptor of `parts` under `root_fd`, each component made a real directory."""
+    fd = os.dup(root_fd)
+    for name in parts:
+        try:
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            child = -1
+        except OSError:  # a symlink, a file, a whiteout
+            _remove_entry(fd, name)
+            child = -1
+        if child == -1:
+            os.mkdir(name, 0o755, dir_fd=fd)
+            os.chown(name, owner, owner, dir_fd=fd, follow_symlinks=False)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def _remove_entry(dir_fd: int, name: str) -> None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    # GNU rm: never follows symlinks, never leaves the file system.
+    where = os.readlink(f"/proc/self/fd/{dir_fd}")
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", f"{where}/{name}"], check=True)
