@@ -827,6 +827,62 @@ def etc_write_stays_in_copy(v: Any, _e: Env) -> bool:
     )
 
 
+# The node's mount points in the sandbox's root (/.corral: the host's /usr for the supervisor,
+# supervisor.py) are in its copy-on-write root, which lasts. Replaced by a link into the root's
+# own /workspace directory, which the /workspace overlay then covers, they would make the next
+# start bind the host's /usr there, out of sight, and run as the supervisor the loader planted
+# at that path in /workspace. The sandbox's user owns /.corral/host; its root owns /.
+HIJACKS = {
+    "user": ("mv /.corral/host /.corral/host-x && ln -s ../workspace /.corral/host", HOST_MOUNT),
+    "root": ("mv /.corral /.corral-x && ln -s workspace /.corral", "/.corral"),
+}
+HIJACK_MARK = "CORRAL-HIJACKED"
+
+
+def host_supervisor_hijack(e: Env, user: str) -> Any:
+    move, prefix = HIJACKS[user]
+    planted = "/workspace" + TRUSTED_LOADER.removeprefix(prefix)
+    plant = (
+        f"set -e; {move}; mkdir -p {os.path.dirname(planted)}; "
+        f"printf '#!/bin/sh\\necho {HIJACK_MARK} $(id -u) >&2\\n"
+        f"echo {HIJACK_MARK} > /workspace/.hijacked\\nexit 1\\n' > {planted}; "
+        f"chmod 755 {planted}"
+    )
+    sid = create_sandbox(e.api)
+    try:
+        made = exec_(e.api, sid, plant, user=user)
+        assert made["exit_code"] == 0, made
+        stop = e.api.post(f"/v1/sandboxes/{sid}/stop").status_code
+        begin = e.api.post(f"/v1/sandboxes/{sid}/start")
+        ran = exec_(e.api, sid, "echo ok")["stdout"] if begin.status_code == 200 else None
+        mark = e.root_layout(sid).workspace_upper / ".hijacked"
+        return {
+            "stop": stop,
+            "start": begin.status_code,
+            "ran_in_supervisor": HIJACK_MARK in begin.text or mark.exists(),
+            "commands_run": ran == "ok\n",
+            "answer": begin.text[:300] if begin.status_code != 200 else None,
+        }
+    finally:
+        delete_sandbox(e.api, sid)
+
+
+def hijack_contained(v: Any, _e: Env) -> bool:
+    return (
+        v["stop"] == v["start"] == 200
+        and v["ran_in_supervisor"] is False
+        and v["commands_run"] is True
+    )
+
+
+HIJACK_ESCAPE = (
+    "the node's mount points under /.corral persist in the copy-on-write root: replaced by a "
+    "link into the root's /workspace dir, the next start binds the host's /usr there (covered "
+    "by the /workspace overlay) and runs the loader planted in /workspace as the supervisor, "
+    "with its capabilities and the node's socket"
+)
+
+
 def host_namespaced_sysctls(e: Env) -> Any:
     def host_values() -> dict[str, str]:
         return {k: Path("/proc/sys", k).read_text().strip() for k in NEW_SYSCTLS}
@@ -1868,6 +1924,25 @@ PROBES: list[Probe] = [
         ok_rc_nonzero,
         sh="unshare -U true",
         user="root",
+    ),
+    Probe(
+        "priv.supervisor_mount_points",
+        PRIVILEGE,
+        "the user replacing /.corral/host (its own directory) with a link into /workspace and "
+        "planting a loader there: after a restart the supervisor is still the host's (the "
+        "sandbox starts, commands run, the planted loader never runs)",
+        hijack_contained,
+        host=lambda e: host_supervisor_hijack(e, "user"),
+        escape=HIJACK_ESCAPE,
+    ),
+    Probe(
+        "root.supervisor_mount_points",
+        PRIVILEGE,
+        "root inside replacing /.corral with a link into /workspace and planting a loader "
+        "there: after a restart the supervisor is still the host's",
+        hijack_contained,
+        host=lambda e: host_supervisor_hijack(e, "root"),
+        escape=HIJACK_ESCAPE,
     ),
     Probe(
         "root.etc_shadow",
