@@ -9,7 +9,8 @@ control that must see it, the second must not. The rest are driven from the host
 and an abstract socket the test opens, and links, FIFOs and deep trees planted in /workspace and
 /tmp for the server's code that handles a sandbox's files (delete, stop and start, the emptying
 of /tmp at each start, the files API); on the host they are under <id>/disk, the mount point of
-the sandbox's ext4 image <id>/disk.img.
+the sandbox's ext4 image <id>/disk.img: tmp/ and the writable layers of its copy-on-write root,
+/usr and /workspace (root-upper, usr-upper, ws-upper).
 
 The battery ends with "N probes, 0 escaped" (also in the terminal summary) and fails on any
 escape; a known escape is marked xfail (strict) on its own probe, with the reason. A known and
@@ -1980,9 +1981,16 @@ PROBES: list[Probe] = [
         "root.root_home_own",
         FILESYSTEM,
         "root inside finds /root and /home its own and empty (the host's have entries); what "
-        "it writes there is not in the host's",
+        "it writes there is in them, not in the host's",
         lambda v, _e: (
-            v == {"root": [], "home": [], "wrote": None, "own_fs": True}
+            v
+            == {
+                "root": [],
+                "home": [],
+                "wrote": None,
+                "own_fs": True,
+                "after": [["corral-probe-root-home"], ["corral-probe-root-home"]],
+            }
             and not os.path.lexists("/root/corral-probe-root-home")
             and not os.path.lexists("/home/corral-probe-root-home")
         ),
@@ -1992,7 +2000,10 @@ PROBES: list[Probe] = [
             "def write():\n"
             "    for d in ('/root', '/home'):\n"
             "        open(d + '/corral-probe-root-home', 'w').write('x')\n"
-            "result['wrote'] = err(write)"
+            "result['wrote'] = err(write)\n"
+            "result['after'] = [sorted(os.listdir(d)) for d in ('/root', '/home')]\n"
+            "for d in ('/root', '/home'):\n"  # leave them as they were for the user's probes
+            "    err(os.unlink, d + '/corral-probe-root-home')"
         ),
         user="root",
     ),
