@@ -3,6 +3,7 @@ sandbox's processes run on the host under an unprivileged uid."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -25,8 +26,9 @@ def test_identity_and_host_secrets(api: httpx.Client, sandbox_id: str) -> None:
     lines = result["stdout"].splitlines()
     assert lines[:2] == ["1000", "/workspace"]
     assert "/etc/shadow" in result["stderr"]
-    assert "/usr/x" in result["stderr"] and "Read-only file system" in result["stderr"]
-    assert "/root" in result["stderr"]
+    # /usr is the sandbox root's (copy-on-write), /root its root's home: not the user's.
+    assert "touch: cannot touch '/usr/x': Permission denied" in result["stderr"]
+    assert "cannot open directory '/root': Permission denied" in result["stderr"]
     assert result["exit_code"] != 0
 
 
@@ -36,7 +38,6 @@ def test_identity_and_host_secrets(api: httpx.Client, sandbox_id: str) -> None:
         "cat /etc/shadow",
         "cat /etc/gshadow",
         "ls /root",
-        "ls /home",
         "touch /usr/bin/x",
         "touch /etc/passwd",
         "mkdir /newdir",
@@ -53,6 +54,30 @@ def test_identity_and_host_secrets(api: httpx.Client, sandbox_id: str) -> None:
 def test_host_reads_and_writes_fail(api: httpx.Client, sandbox_id: str, probe: str) -> None:
     result = run(api, sandbox_id, probe)
     assert result["exit_code"] != 0, (probe, result["stdout"])
+
+
+def test_root_and_home_are_the_sandboxs_own(api: httpx.Client, sandbox_id: str) -> None:
+    """/root and /home are the sandbox's own, empty at first (the host's are not), and what
+    its root writes there stays in it: not in the host's, nor in another sandbox."""
+    host_entries = set(os.listdir("/root")) | set(os.listdir("/home"))
+    assert host_entries  # the host's have entries: an empty listing tells them apart
+    assert run(api, sandbox_id, "ls -A /home")["stdout"] == ""
+    seen = run(api, sandbox_id, "ls -A /root /home", user="root")
+    assert seen["exit_code"] == 0 and seen["stdout"].split() == ["/home:", "/root:"], seen
+    wrote = run(api, sandbox_id, "touch /root/corral-own /home/corral-own", user="root")
+    assert wrote["exit_code"] == 0, wrote
+    assert not os.path.lexists("/root/corral-own") and not os.path.lexists("/home/corral-own")
+    assert run(api, sandbox_id, "ls /root", user="root")["stdout"] == "corral-own\n"
+    resp = api.post("/v1/sandboxes", json={})
+    assert resp.status_code == 201, resp.text
+    other = resp.json()["id"]
+    try:
+        assert run(api, other, "ls -A /root /home", user="root")["stdout"].split() == [
+            "/home:",
+            "/root:",
+        ]
+    finally:
+        api.delete(f"/v1/sandboxes/{other}")
 
 
 def test_no_host_environment_or_secrets_in_proc(

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from corral.runtime.rootfs import RootLayout
 from tests.conftest import UID_BLOCK, Server, make_data_dir
 
 # Runs inside the sandbox as the command itself (python3 -c RUNNER, stdin = JSON request).
@@ -184,8 +185,17 @@ def sandbox_dir(data_dir: Path, sid: str) -> Path:
 def disk_dir(data_dir: Path, sid: str) -> Path:
     """Where a sandbox with a disk (the default: CORRAL_DEFAULT_DISK_MB, or its disk_mb) has its
     writable directories on the host: its ext4 image (disk.img beside it) is mounted there, and
-    holds workspace/, tmp/, usr-local/ and etc/."""
+    holds tmp/ and the writable layers of its root, /usr and /workspace (root_layout)."""
     return sandbox_dir(data_dir, sid) / "disk"
+
+
+def root_layout(data_dir: Path, sid: str) -> RootLayout:
+    """A sandbox's copy-on-write root on the host, as the runtime lays it out: its writable
+    layers (`upper` for /, `usr_upper`, `workspace_upper`) are on its disk when it has one,
+    else in <id>/cow."""
+    directory = sandbox_dir(data_dir, sid)
+    has_disk = (directory / "disk.img").exists()
+    return RootLayout(directory, directory / ("disk" if has_disk else "cow"))
 
 
 def create_sandbox(api: httpx.Client, **spec: Any) -> str:

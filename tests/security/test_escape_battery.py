@@ -9,7 +9,8 @@ control that must see it, the second must not. The rest are driven from the host
 and an abstract socket the test opens, and links, FIFOs and deep trees planted in /workspace and
 /tmp for the server's code that handles a sandbox's files (delete, stop and start, the emptying
 of /tmp at each start, the files API); on the host they are under <id>/disk, the mount point of
-the sandbox's ext4 image <id>/disk.img.
+the sandbox's ext4 image <id>/disk.img: tmp/ and the writable layers of its copy-on-write root,
+/usr and /workspace (root-upper, usr-upper, ws-upper).
 
 The battery ends with "N probes, 0 escaped" (also in the terminal summary) and fails on any
 escape; a known escape is marked xfail (strict) on its own probe, with the reason. A known and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
@@ -40,8 +42,10 @@ from typing import Any
 import httpx
 import pytest
 
-from corral.runtime.loader import elf_interpreter
-from corral.runtime.uids import SLOT_UIDS
+from corral.runtime.loader import host_python
+from corral.runtime.namespaces import HOST_MOUNT, SUPERVISOR_INSIDE
+from corral.runtime.rootfs import RootLayout
+from corral.runtime.uids import SANDBOX_UID, SLOT_UIDS, to_host
 from tests.conftest import UID_BLOCK, Server
 from tests.integration.helpers import server_processes
 from tests.security import conftest as security_conftest
@@ -51,6 +55,7 @@ from tests.security.helpers import (
     delete_sandbox,
     disk_dir,
     exec_,
+    root_layout,
     run_probes,
     sandbox,
     sandbox_dir,
@@ -71,8 +76,9 @@ CROSS = "cross-sandbox"
 RESOURCES = "resources"
 HOSTFILES = "host-side file handling"
 
-# glibc's loader, by which the supervisor (and its launcher) start: argv[0] in their cmdline.
-TRUSTED_LOADER = elf_interpreter(Path("/usr/bin/python3"))
+# The host's glibc loader, from the read-only bind of the host's /usr, by which the supervisor
+# (and its launcher) start: argv[0] in their cmdline.
+TRUSTED_LOADER = host_python(HOST_MOUNT, "/usr/bin/python3")[0]
 CATEGORIES = (
     PRIVILEGE,
     FILESYSTEM,
@@ -272,16 +278,30 @@ SYSCTL_WRITES = [
 # commands can empty their bounding set): what sudo may keep, scoped to the user namespace.
 ROOT_CAPS = 0x1CB
 DEFAULT_DISK = 10240 << 20  # CORRAL_DEFAULT_DISK_MB's default: every sandbox's own ext4
+# The host's own file system is in the sandbox only as the read-only bind of its /usr (the
+# sandbox's /, /usr and /workspace are overlays, which give no handles): a handle of a file
+# there is real (the control), and a forged one of inode 2 would be the host's root directory.
 OPEN_BY_HANDLE = (
     "buf = ctypes.create_string_buffer(8 + 128)\n"
     "struct.pack_into('I', buf, 0, 128)\n"
     "mount_id = ctypes.c_int()\n"
-    "control = sc(303, -100, b'/workspace', buf, ctypes.byref(mount_id), 0)\n"
-    "fd = os.open('/usr', os.O_RDONLY)\n"
+    f"control = sc(303, -100, b'{HOST_MOUNT}/usr/bin', buf, ctypes.byref(mount_id), 0)\n"
+    f"fd = os.open('{HOST_MOUNT}/usr', os.O_RDONLY)\n"
     "forged = ctypes.create_string_buffer(struct.pack('IiII', 8, 1, 2, 0))\n"  # ino 2
     "result = {'control': control, 'own': sc(304, fd, buf, 0),\n"
-    "          'host_root': sc(304, fd, forged, 0)}"
+    "          'host_root': sc(304, fd, forged, 0),\n"
+    "          'via_own_usr': sc(304, os.open('/usr', os.O_RDONLY), forged, 0)}"
 )
+# A directory of the sandbox's root: owner and mode inside, its listing (or the errno), and
+# whether it is of the sandbox's root file system or the host's.
+OWN_DIR = (
+    "st = os.stat('{path}')\n"
+    "result = {{'owner_mode': [st.st_uid, oct(st.st_mode & 0o7777)],\n"
+    "          'list': err(os.listdir, '{path}') or sorted(os.listdir('{path}')),\n"
+    "          'own_fs': st.st_dev == os.stat('/').st_dev,\n"
+    "          'host_fs': st.st_dev == CTX['host_root_dev']}}\n"
+)
+HANDLES_DENIED = {"control": 0, "own": "EPERM", "host_root": "EPERM", "via_own_usr": "EPERM"}
 SYSCTL_SWEEP = (
     "def rewrite(p):\n"
     "    fd = os.open(p, os.O_WRONLY)\n"
@@ -307,9 +327,11 @@ PTRACE_SUPERVISOR = (
     "    os.waitpid(sup, 0x40000000)\n"  # __WALL
     "    sc(101, 17, sup, 0, 0)"  # PTRACE_DETACH: leave it running
 )
+# The socket's descriptor is the supervisor's first argument (the one after its script).
 OPEN_SUPERVISOR_SOCKET = (
     "sup = supervisor_pid()\n"
-    "fd = open('/proc/%d/cmdline' % sup, 'rb').read().split(b'\\0')[-2].decode()\n"
+    "argv = open('/proc/%d/cmdline' % sup, 'rb').read().split(b'\\0')\n"
+    f"fd = argv[argv.index(b'{SUPERVISOR_INSIDE}') + 1].decode()\n"
     "result = err(os.open, '/proc/%d/fd/%s' % (sup, fd), os.O_RDWR)"
 )
 # Sysctls that belong to a namespace the sandbox owns (its IPC, pid, UTS and net namespaces):
@@ -396,33 +418,53 @@ def host_delete_kills_background(e: Env) -> Any:
     return {"seen": seen, "status": status, "left": _left(e, "sleep 3181"), "uid_left": same_uid}
 
 
+# Where a sandbox's writes land, seen from inside: /tmp is its disk itself; /, /usr (so
+# /usr/local) and /workspace are overlays whose writable layers are on it, so statvfs of each
+# gives the disk's figures.
+FS_FIGURES = (
+    "def figures(p):\n    s = os.statvfs(p)\n    return [s.f_blocks * s.f_frsize, s.f_files]\n"
+)
+FALLOCATE = (
+    "def reserve(path):\n"
+    "    fd = os.open(path, os.O_CREAT | os.O_WRONLY)\n"
+    "    try:\n"
+    "        os.posix_fallocate(fd, 0, 11 << 30)\n"
+    "        return 'ok'\n"
+    "    except OSError as exc:\n"
+    "        return errno.errorcode.get(exc.errno, str(exc.errno))\n"
+    "    finally:\n"
+    "        os.close(fd)\n"
+    "        os.unlink(path)\n"
+)
+
+
 def host_default_workspace(e: Env) -> Any:
-    """A sandbox created with defaults: the size of /workspace (and whether /tmp and /usr/local
-    share its file system), and a reservation of more than the default disk (unwritten extents:
-    nothing is written to the host's disk either way)."""
+    """A sandbox created with defaults: the size of /workspace (and whether /tmp, /usr/local,
+    /usr and / are of its file system), and reservations of more than the default disk by the
+    user in /workspace and by the sandbox's root in /usr and /root (unwritten extents: nothing
+    is written to the host's disk either way)."""
     script = (
-        "import errno, json, os\n"
-        "s = os.statvfs('/workspace')\n"
-        "devs = {p: os.stat(p).st_dev for p in ('/workspace', '/tmp', '/usr/local')}\n"
-        "fd = os.open('/workspace/fill', os.O_CREAT | os.O_WRONLY)\n"
-        "try:\n"
-        "    os.posix_fallocate(fd, 0, 11 << 30)\n"
-        "    grew = 'ok'\n"
-        "except OSError as exc:\n"
-        "    grew = errno.errorcode.get(exc.errno, str(exc.errno))\n"
-        "os.close(fd)\n"
-        "os.unlink('/workspace/fill')\n"
-        "print(json.dumps({'size': s.f_blocks * s.f_frsize, 'devs': devs, 'grew': grew}))\n"
-    )
+        "import errno, json, os\n" + FS_FIGURES + FALLOCATE +
+        "paths = ('/workspace', '/tmp', '/usr/local', '/usr', '/')\n"
+        "print(json.dumps({'figures': {p: figures(p) for p in paths},\n"
+        "                  'grew': {p: reserve(p) for p in sys.argv[1:]}}))\n"
+    )  # fmt: skip
+    script = "import sys\n" + script
     host = os.statvfs(e.server.data_dir)
     with sandbox(e.api) as sid:
-        out = json.loads(exec_(e.api, sid, "python3", args=["-c", script])["stdout"])
+        user = exec_(e.api, sid, "python3", args=["-c", script, "/workspace/fill"])
+        root = exec_(
+            e.api, sid, "python3", args=["-c", script, "/usr/fill", "/root/fill"], user="root"
+        )
+        out = json.loads(user["stdout"])
+        grew = {**out["grew"], **json.loads(root["stdout"])["grew"]}
+    size = out["figures"]["/workspace"][0]
     return {
-        "size": out["size"],
+        "size": size,
         "host_size": host.f_blocks * host.f_frsize,
-        "same_fs_as_host": out["size"] == host.f_blocks * host.f_frsize,
-        "one_fs": len(set(out["devs"].values())) == 1,
-        "fallocate_11GiB": out["grew"],
+        "same_fs_as_host": size == host.f_blocks * host.f_frsize,
+        "one_fs": len({tuple(f) for f in out["figures"].values()}) == 1,
+        "fallocate_11GiB": grew,
     }
 
 
@@ -431,7 +473,8 @@ def default_workspace_ok(v: Any, _e: Env) -> bool:
         v["same_fs_as_host"] is False
         and 0.95 * DEFAULT_DISK < v["size"] <= DEFAULT_DISK
         and v["one_fs"] is True
-        and v["fallocate_11GiB"] == "ENOSPC"
+        and v["fallocate_11GiB"]
+        == {"/workspace/fill": "ENOSPC", "/usr/fill": "ENOSPC", "/root/fill": "ENOSPC"}
     )
 
 
@@ -485,7 +528,13 @@ ln -s {data_dir} /workspace/l-data
 ln -s ../../../../../../../../.. /workspace/up
 ln -s / /workspace/root
 """
-PLANT_ROOT_LINKS = "ln -s {canary} /usr/local/l-dir && ln -s / /usr/local/l-root"
+# The sandbox's root owns its /usr, /etc, /root and /home (copy-on-write): links there too,
+# one of them replacing a file the node wrote (/etc/hostname).
+PLANT_ROOT_LINKS = (
+    "ln -s {canary} /usr/local/l-dir && ln -s / /usr/local/l-root && "
+    "ln -s {data_dir} /usr/lib/l-data && ln -s {canary}/secret /root/l-file && "
+    "ln -s / /home/l-root && ln -sfn {canary}/secret /etc/hostname"
+)
 
 
 def host_symlinks_on_delete(e: Env) -> Any:
@@ -494,9 +543,15 @@ def host_symlinks_on_delete(e: Env) -> Any:
     assert planted["exit_code"] == 0, planted
     planted = exec_(e.api, sid, PLANT_ROOT_LINKS.format(**e.ctx), user="root")
     assert planted["exit_code"] == 0, planted
-    sbdir = e.sandbox_dir(sid)
-    assert (e.disk_dir(sid) / "workspace" / "l-dir").is_symlink()  # the host sees the links
-    assert (e.disk_dir(sid) / "usr-local" / "l-root").is_symlink()
+    sbdir, layout = e.sandbox_dir(sid), e.root_layout(sid)
+    # The host sees the links, in the writable layers on the sandbox's disk.
+    assert layout.writable == e.disk_dir(sid)
+    for link in (
+        layout.workspace_upper / "l-dir", layout.usr_upper / "local" / "l-root",
+        layout.usr_upper / "lib" / "l-data", layout.upper / "root" / "l-file",
+        layout.upper / "home" / "l-root", layout.upper / "etc" / "hostname",
+    ):  # fmt: skip
+        assert link.is_symlink(), link
     before = e.snapshot()
     status = delete_sandbox(e.api, sid).status_code
     return {
@@ -644,36 +699,189 @@ def host_private_dirs(e: Env) -> Any:
         plant = "cp /usr/bin/bash /workspace/rootsh && chmod 4755 /workspace/rootsh"
         made = exec_(e.api, sid, plant)
         assert made["exit_code"] == 0, made
-        sbdir, disk = e.sandbox_dir(sid), e.disk_dir(sid)
-        paths = (sbdir.parent, sbdir, sbdir / "disk.img", disk, disk / "workspace", disk / "tmp")
-        parent, own, image, root, ws, tmp = (os.lstat(p) for p in paths)
-        planted = os.lstat(disk / "workspace" / "rootsh")
+        sbdir, disk, layout = e.sandbox_dir(sid), e.disk_dir(sid), e.root_layout(sid)
+        assert layout.writable == disk
+        root, ws = os.lstat(disk), os.lstat(layout.workspace_upper)
+        planted = os.lstat(layout.workspace_upper / "rootsh")
+
+        def owner_mode(path: Path) -> tuple[int, str]:
+            st = os.lstat(path)
+            return st.st_uid, oct(st.st_mode & 0o7777)
+
         mounts = [line.split() for line in _mounts_of(disk)]
         return {
-            "parent": (parent.st_uid, oct(parent.st_mode & 0o7777)),
-            "dir": (own.st_uid, oct(own.st_mode & 0o7777)),
-            "image": (image.st_uid, oct(image.st_mode & 0o7777)),
+            "parent": owner_mode(sbdir.parent),
+            "dir": owner_mode(sbdir),
+            "image": owner_mode(sbdir / "disk.img"),
             "disk_root_uid": root.st_uid,
             "workspace_uid": ws.st_uid,
-            "tmp": (tmp.st_uid, oct(tmp.st_mode & 0o7777)),
+            "root_upper": owner_mode(layout.upper),
+            "usr_upper": owner_mode(layout.usr_upper),
+            "work_dirs": sorted(
+                {owner_mode(p) for p in disk.iterdir() if p.name.endswith("-work")}
+            ),
+            "tmp": owner_mode(disk / "tmp"),
             "setuid_file": (planted.st_uid, oct(planted.st_mode & 0o7777)),
             "disk_mounts": [(m[1] == str(disk), m[2], sorted(m[3].split(","))) for m in mounts],
         }
 
 
 def host_root_files(e: Env) -> Any:
+    """Files root inside makes, and its setuid copy of /usr/bin/bash, as the host has them (in
+    the writable layers on the sandbox's disk)."""
     plant = (
-        "touch /workspace/root-file /usr/local/root-file && "
-        "cp /usr/bin/bash /workspace/root-sh && chmod 4755 /workspace/root-sh && "
+        "touch /workspace/root-file /usr/local/root-file /root/root-file /etc/root-file && "
+        "cp /usr/bin/bash /workspace/root-sh && chmod 4755 /workspace/root-sh /usr/bin/bash && "
         "chown 0:0 /workspace/root-file /workspace/root-sh"
     )
     with sandbox(e.api) as sid:
         made = exec_(e.api, sid, plant, user="root")
         assert made["exit_code"] == 0, made
-        disk = e.disk_dir(sid)
-        paths = [disk / "workspace" / "root-file", disk / "workspace" / "root-sh"]
-        paths.append(disk / "usr-local" / "root-file")
+        layout = e.root_layout(sid)
+        paths = [
+            layout.workspace_upper / "root-file", layout.workspace_upper / "root-sh",
+            layout.usr_upper / "local" / "root-file", layout.upper / "root" / "root-file",
+            layout.upper / "etc" / "root-file", layout.usr_upper / "bin" / "bash",
+        ]  # fmt: skip
         return [os.lstat(path).st_uid for path in paths]
+
+
+def _host_file(path: Path) -> tuple[Any, ...]:
+    st = os.lstat(path)
+    return (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+            hashlib.sha256(path.read_bytes()).hexdigest())  # fmt: skip
+
+
+# Python, not a shell: a running bash would make its own file busy (ETXTBSY).
+USR_COPY_CHANGE = """
+import os
+with open("/usr/bin/bash", "ab") as f:
+    f.write(b"CORRAL-COW")
+os.chown("/usr/bin/bash", 1, 1)
+with open("/etc/passwd", "a") as f:
+    f.write("corral-cow:x:4242:4242::/:/bin/false\\n")
+st = os.stat("/usr/bin/bash")
+print(open("/usr/bin/bash", "rb").read()[-10:].decode(errors="replace"),
+      "%d:%d" % (st.st_uid, st.st_gid), open("/etc/passwd").read().splitlines()[-1])
+"""
+USR_COPY_LOOK = """
+import hashlib, os
+st = os.stat("/usr/bin/bash")
+print(hashlib.sha256(open("/usr/bin/bash", "rb").read()).hexdigest(),
+      "%d:%d" % (st.st_uid, st.st_gid), open("/etc/passwd").read().count("corral-cow"))
+"""
+
+
+def host_usr_copy(e: Env) -> Any:
+    """The sandbox's root changes /usr/bin/bash (a write, a chown) and /etc/passwd: its own
+    copies change; the host's files, and what a second sandbox sees, do not. Once, for the
+    probes that read it."""
+    if e.usr_copy is not None:
+        return e.usr_copy
+    files = [Path("/usr/bin/bash"), Path("/etc/passwd")]
+    before = [_host_file(p) for p in files]
+    with sandbox(e.api) as a:
+        changed = exec_(e.api, a, "python3", args=["-c", USR_COPY_CHANGE], user="root")
+        layout = e.root_layout(a)
+        copy = layout.usr_upper / "bin" / "bash"
+        # The sandbox's directory belongs to the host uid of its user (uids.py).
+        base = os.stat(e.sandbox_dir(a)).st_uid - SANDBOX_UID
+        with sandbox(e.api) as b:
+            other = exec_(e.api, b, "python3", args=["-c", USR_COPY_LOOK])
+        e.usr_copy = {
+            "changed": [changed["exit_code"], *changed["stdout"].split()],
+            "copy_owner": (os.lstat(copy).st_uid, os.lstat(copy).st_gid),
+            "copy_tail": copy.read_bytes()[-10:].decode(errors="replace"),
+            "expected_owner": (to_host(base, 1), to_host(base, 1)),
+            "host_unchanged": before == [_host_file(p) for p in files],
+            "host_sha": before[0][-1],
+            "other": [other["exit_code"], *other["stdout"].split()],
+        }
+    return e.usr_copy
+
+
+def usr_write_stays_in_copy(v: Any, _e: Env) -> bool:
+    return (
+        v["changed"][:2] == [0, "CORRAL-COW"]
+        and v["copy_tail"] == "CORRAL-COW"
+        and v["host_unchanged"]
+        and v["other"][:2] == [0, v["host_sha"]]
+    )
+
+
+def usr_chown_stays_in_copy(v: Any, _e: Env) -> bool:
+    return (
+        v["changed"][0] == 0
+        and v["changed"][2] == "1:1"
+        and v["copy_owner"] == v["expected_owner"]  # an unprivileged uid of its own block
+        and v["host_unchanged"]
+        and v["other"][2:3] == ["0:0"]
+    )
+
+
+def etc_write_stays_in_copy(v: Any, _e: Env) -> bool:
+    return (
+        v["changed"][0] == 0
+        and v["changed"][3].startswith("corral-cow:")
+        and v["host_unchanged"]
+        and v["other"][3:] == ["0"]
+    )
+
+
+# The node's mount points in the sandbox's root (/.corral: the host's /usr for the supervisor,
+# supervisor.py) are in its copy-on-write root, which lasts. Replaced by a link into the root's
+# own /workspace directory, which the /workspace overlay then covers, they would make the next
+# start bind the host's /usr there, out of sight, and run as the supervisor the loader planted
+# at that path in /workspace. The sandbox's user owns /.corral/host; its root owns /.
+HIJACKS = {
+    "user": ("mv /.corral/host /.corral/host-x && ln -s ../workspace /.corral/host", HOST_MOUNT),
+    "root": ("mv /.corral /.corral-x && ln -s workspace /.corral", "/.corral"),
+}
+HIJACK_MARK = "CORRAL-HIJACKED"
+
+
+def host_supervisor_hijack(e: Env, user: str) -> Any:
+    move, prefix = HIJACKS[user]
+    planted = "/workspace" + TRUSTED_LOADER.removeprefix(prefix)
+    plant = (
+        f"set -e; {move}; mkdir -p {os.path.dirname(planted)}; "
+        f"printf '#!/bin/sh\\necho {HIJACK_MARK} $(id -u) >&2\\n"
+        f"echo {HIJACK_MARK} > /workspace/.hijacked\\nexit 1\\n' > {planted}; "
+        f"chmod 755 {planted}"
+    )
+    sid = create_sandbox(e.api)
+    try:
+        made = exec_(e.api, sid, plant, user=user)
+        assert made["exit_code"] == 0, made
+        stop = e.api.post(f"/v1/sandboxes/{sid}/stop").status_code
+        begin = e.api.post(f"/v1/sandboxes/{sid}/start")
+        ran = exec_(e.api, sid, "echo ok")["stdout"] if begin.status_code == 200 else None
+        mark = e.root_layout(sid).workspace_upper / ".hijacked"
+        return {
+            "stop": stop,
+            "start": begin.status_code,
+            "ran_in_supervisor": HIJACK_MARK in begin.text or mark.exists(),
+            "commands_run": ran == "ok\n",
+            "answer": begin.text[:300] if begin.status_code != 200 else None,
+        }
+    finally:
+        delete_sandbox(e.api, sid)
+
+
+def hijack_contained(v: Any, _e: Env) -> bool:
+    return (
+        v["stop"] == v["start"] == 200
+        and v["ran_in_supervisor"] is False
+        and v["commands_run"] is True
+    )
+
+
+HIJACK_ESCAPE = (
+    "the node's mount points under /.corral persist in the copy-on-write root: replaced by a "
+    "link into the root's /workspace dir, the next start binds the host's /usr there (covered "
+    "by the /workspace overlay) and runs the loader planted in /workspace as the supervisor, "
+    "with its capabilities and the node's socket"
+)
 
 
 def host_namespaced_sysctls(e: Env) -> Any:
@@ -803,6 +1011,8 @@ def private_dirs_ok(v: Any, e: Env) -> bool:
         and v["image"][0] == 0  # the server's, inside the 0700 directory
         and v["disk_root_uid"] == uid
         and v["workspace_uid"] == uid
+        and v["root_upper"] == v["usr_upper"] == (uid - SANDBOX_UID, "0o755")
+        and v["work_dirs"] == [(0, "0o700")]
         and v["tmp"] == (uid, "0o1777")
         and v["setuid_file"] == (uid, "0o4755")  # its own uid: nothing to gain on the host
         and at_disk
@@ -925,8 +1135,30 @@ PROBES: list[Probe] = [
     absent("fs.etc_shadow", "'/etc/shadow'", "/etc/shadow"),
     absent("fs.etc_gshadow", "'/etc/gshadow'", "/etc/gshadow"),
     absent("fs.etc_sudoers", "'/etc/sudoers'", "/etc/sudoers"),
-    absent("fs.root_home", "'/root'", "/root"),
-    absent("fs.home", "'/home'", "/home"),
+    Probe(
+        "fs.root_home",
+        FILESYSTEM,
+        "/root is the sandbox's own (a directory of its root file system, owned by its root, "
+        "0700), not a bind of the host's /root: the user cannot list it",
+        is_({"owner_mode": [0, "0o700"], "list": "EACCES", "own_fs": True, "host_fs": False}),
+        py=OWN_DIR.format(path="/root"),
+    ),
+    Probe(
+        "fs.home",
+        FILESYSTEM,
+        "/home is the sandbox's own and empty (the host's has entries), not the host's; the "
+        "user cannot add to it",
+        is_(
+            {
+                "owner_mode": [0, "0o755"],
+                "list": [],
+                "own_fs": True,
+                "host_fs": False,
+                "create": "EACCES",
+            }
+        ),
+        py=OWN_DIR.format(path="/home") + "result['create'] = err(os.mkdir, '/home/corral-probe')",
+    ),
     absent("fs.host_ssh", "'/etc/ssh'", "the host's ssh keys (/etc/ssh)"),
     absent("fs.var_lib", "'/var/lib'", "/var/lib"),
     absent("fs.run", "'/run'", "/run (host sockets)"),
@@ -937,8 +1169,8 @@ PROBES: list[Probe] = [
     Probe(
         "fs.usr_readonly",
         FILESYSTEM,
-        "creating a file in /usr fails EROFS",
-        is_("EROFS"),
+        "the user cannot create a file in /usr (the sandbox root's copy-on-write /usr: EACCES)",
+        is_("EACCES", "EROFS"),
         py="result = err(os.open, '/usr/corral-probe', os.O_WRONLY | os.O_CREAT)",
     ),
     Probe(
@@ -1066,9 +1298,10 @@ PROBES: list[Probe] = [
     Probe(
         "kernel.open_by_handle_at",
         KERNEL,
-        "open_by_handle_at (the 'shocker' escape: a forged handle of the host's root directory "
-        "on the filesystem /usr and /workspace come from) fails EPERM",
-        lambda v, _e: v == {"control": 0, "own": "EPERM", "host_root": "EPERM"},
+        "open_by_handle_at (the 'shocker' escape: a forged handle of the host's root directory, "
+        "on the host file system the sandbox sees (its /usr, read-only, for the supervisor), "
+        "or through its own /usr) fails EPERM, and so does a real handle",
+        is_(HANDLES_DENIED),
         py=OPEN_BY_HANDLE,
     ),
     Probe(
@@ -1566,20 +1799,29 @@ PROBES: list[Probe] = [
     Probe(
         "res.tmpfs_sizes",
         RESOURCES,
-        "/dev/shm is a 64 MiB tmpfs; /tmp is on the sandbox's own disk (ext4, the file system "
-        "of /workspace and /usr/local, of the default 10 GiB), not a tmpfs",
+        "/dev/shm is a 64 MiB tmpfs; /tmp is on the sandbox's own disk (ext4, of the default "
+        "10 GiB), not a tmpfs; /workspace, /usr (with /usr/local) and / are overlays written "
+        "to that disk: the same figures, and 16 MiB written to /workspace are taken from it",
         lambda v, _e: (
-            v["/dev/shm"][1:] == ["tmpfs", 64 << 20]
-            and v["/tmp"][1] == "ext4"
-            and 0.95 * DEFAULT_DISK < v["/tmp"][2] <= DEFAULT_DISK
-            and v["/tmp"] == v["/workspace"] == v["/usr/local"]
+            v["/dev/shm"][:2] == ["tmpfs", 64 << 20]
+            and v["/tmp"][0] == "ext4"
+            and 0.95 * DEFAULT_DISK < v["/tmp"][1] <= DEFAULT_DISK
+            and v["/workspace"][0] == v["/usr"][0] == v["/"][0] == "overlay"
+            and v["/usr/local"][0] is None  # part of /usr
+            and all(v[p][1:] == v["/tmp"][1:] for p in ("/workspace", "/usr", "/usr/local", "/"))
+            and v["taken"] >= 16 << 20
         ),
         py=(
-            "types = {l.split()[4]: l.split(' - ')[1].split()[0]\n"
+            FS_FIGURES + "types = {l.split()[4]: l.split(' - ')[1].split()[0]\n"
             "         for l in open('/proc/self/mountinfo')}\n"
-            "result = {p: [os.stat(p).st_dev, types.get(p),\n"
-            "              os.statvfs(p).f_blocks * os.statvfs(p).f_frsize]\n"
-            "          for p in ('/tmp', '/dev/shm', '/workspace', '/usr/local')}"
+            "result = {p: [types.get(p), *figures(p)]\n"
+            "          for p in ('/tmp', '/dev/shm', '/workspace', '/usr', '/usr/local', '/')}\n"
+            "free = os.statvfs('/tmp').f_bfree\n"
+            "with open('/workspace/.corral-fill', 'wb') as f:\n"
+            "    f.write(b'x' * (16 << 20))\n"
+            "    os.fsync(f.fileno())\n"
+            "result['taken'] = (free - os.statvfs('/tmp').f_bfree) * os.statvfs('/tmp').f_frsize\n"
+            "os.unlink('/workspace/.corral-fill')"
         ),
     ),
     Probe(
@@ -1620,9 +1862,10 @@ PROBES: list[Probe] = [
     Probe(
         "res.default_workspace_bounded",
         RESOURCES,
-        "a sandbox created with defaults writes /workspace (and /tmp, /usr/local) to one "
-        "bounded file system of its own (CORRAL_DEFAULT_DISK_MB, 10 GiB), not to the host's "
-        "(which it could fill): reserving 11 GiB fails ENOSPC",
+        "a sandbox created with defaults writes /workspace (and /tmp, /usr, /) to one bounded "
+        "file system of its own (CORRAL_DEFAULT_DISK_MB, 10 GiB), not to the host's (which it "
+        "could fill): reserving 11 GiB fails ENOSPC, for the user in /workspace and for its "
+        "root in /usr and /root",
         default_workspace_ok,
         host=lambda e: host_default_workspace(e),
     ),
@@ -1684,6 +1927,25 @@ PROBES: list[Probe] = [
         user="root",
     ),
     Probe(
+        "priv.supervisor_mount_points",
+        PRIVILEGE,
+        "the user replacing /.corral/host (its own directory) with a link into /workspace and "
+        "planting a loader there: after a restart the supervisor is still the host's (the "
+        "sandbox starts, commands run, the planted loader never runs)",
+        hijack_contained,
+        host=lambda e: host_supervisor_hijack(e, "user"),
+        escape=HIJACK_ESCAPE,
+    ),
+    Probe(
+        "root.supervisor_mount_points",
+        PRIVILEGE,
+        "root inside replacing /.corral with a link into /workspace and planting a loader "
+        "there: after a restart the supervisor is still the host's",
+        hijack_contained,
+        host=lambda e: host_supervisor_hijack(e, "root"),
+        escape=HIJACK_ESCAPE,
+    ),
+    Probe(
         "root.etc_shadow",
         FILESYSTEM,
         "root inside sees no /etc/shadow",
@@ -1692,19 +1954,57 @@ PROBES: list[Probe] = [
         user="root",
     ),
     Probe(
-        "root.usr_bin_readonly",
+        "root.usr_bin_own_copy",
         FILESYSTEM,
-        "root inside cannot open /usr/bin/bash for writing",
-        is_("EROFS", "EACCES"),
-        py="result = err(os.open, '/usr/bin/bash', os.O_WRONLY)",
-        user="root",
+        "root inside writing /usr/bin/bash changes only its own copy (in its /usr's writable "
+        "layer): the host's /usr/bin/bash is unchanged and another sandbox sees the host's",
+        usr_write_stays_in_copy,
+        host=host_usr_copy,
     ),
     Probe(
         "root.chown_host_file",
         FILESYSTEM,
-        "root inside cannot chown a host-owned file (/usr/bin/bash)",
-        is_("EPERM", "EROFS"),
-        py="result = err(os.chown, '/usr/bin/bash', 0, 0)",
+        "root inside chowning /usr/bin/bash changes only its copy, owned on the host by an "
+        "unprivileged uid of its block; the host's file keeps its owner, another sandbox sees it",
+        usr_chown_stays_in_copy,
+        host=host_usr_copy,
+    ),
+    Probe(
+        "root.etc_own_copy",
+        FILESYSTEM,
+        "root inside adding a user to /etc/passwd changes only its copy: the host's "
+        "/etc/passwd is unchanged and another sandbox does not see the user",
+        etc_write_stays_in_copy,
+        host=host_usr_copy,
+    ),
+    Probe(
+        "root.root_home_own",
+        FILESYSTEM,
+        "root inside finds /root and /home its own and empty (the host's have entries); what "
+        "it writes there is in them, not in the host's",
+        lambda v, _e: (
+            v
+            == {
+                "root": [],
+                "home": [],
+                "wrote": None,
+                "own_fs": True,
+                "after": [["corral-probe-root-home"], ["corral-probe-root-home"]],
+            }
+            and not os.path.lexists("/root/corral-probe-root-home")
+            and not os.path.lexists("/home/corral-probe-root-home")
+        ),
+        py=(
+            "result = {'root': sorted(os.listdir('/root')), 'home': sorted(os.listdir('/home')),\n"
+            "          'own_fs': os.stat('/root').st_dev == os.stat('/').st_dev}\n"
+            "def write():\n"
+            "    for d in ('/root', '/home'):\n"
+            "        open(d + '/corral-probe-root-home', 'w').write('x')\n"
+            "result['wrote'] = err(write)\n"
+            "result['after'] = [sorted(os.listdir(d)) for d in ('/root', '/home')]\n"
+            "for d in ('/root', '/home'):\n"  # leave them as they were for the user's probes
+            "    err(os.unlink, d + '/corral-probe-root-home')"
+        ),
         user="root",
     ),
     Probe(
@@ -1758,8 +2058,8 @@ PROBES: list[Probe] = [
     Probe(
         "root.open_by_handle_at",
         KERNEL,
-        "root inside: open_by_handle_at of a forged host-root handle fails EPERM",
-        lambda v, _e: v == {"control": 0, "own": "EPERM", "host_root": "EPERM"},
+        "root inside: open_by_handle_at of a forged host-root handle (or a real one) fails EPERM",
+        is_(HANDLES_DENIED),
         py=OPEN_BY_HANDLE,
         user="root",
     ),
@@ -1836,8 +2136,9 @@ PROBES: list[Probe] = [
     Probe(
         "hf.root_files_unprivileged",
         HOSTFILES,
-        "files root inside makes (setuid root-inside, in /workspace and /usr/local) belong on "
-        "the host to an unprivileged uid of the pool",
+        "files root inside makes (setuid root-inside, in /workspace, /usr/local, /root and "
+        "/etc, and its setuid copy of /usr/bin/bash) belong on the host to an unprivileged "
+        "uid of the pool",
         lambda v, e: all(e.server.uid_base < uid < e.server.uid_base + UID_BLOCK for uid in v),
         host=lambda e: host_root_files(e),
     ),
@@ -1885,7 +2186,9 @@ PROBES: list[Probe] = [
         "hf.private_dirs",
         HOSTFILES,
         "the sandbox's host dir is 0700 and its files (a setuid copy of bash included) belong "
-        "to its unprivileged uid; sandboxes/ is 0711 root",
+        "to its unprivileged uids (the writable layers of / and /usr to its root's, of "
+        "/workspace to its user's; the overlays' work dirs are host root's, 0700); sandboxes/ "
+        "is 0711 root",
         private_dirs_ok,
         host=host_private_dirs,
     ),
@@ -2027,6 +2330,7 @@ class Env:
         if self.ctx["host_ip"]:
             self.ctx["host_ip_port"] = self._listen(socket.AF_INET, self.ctx["host_ip"])
         self._listen(socket.AF_UNIX, "\0" + self.ctx["abstract"])
+        self.usr_copy: dict[str, Any] | None = None  # host_usr_copy's, once
         self.main_sid = create_sandbox(api)
         self._closers.append(lambda: delete_sandbox(api, self.main_sid))
 
@@ -2059,6 +2363,9 @@ class Env:
 
     def disk_dir(self, sid: str) -> Path:
         return disk_dir(self.server.data_dir, sid)
+
+    def root_layout(self, sid: str) -> RootLayout:
+        return root_layout(self.server.data_dir, sid)
 
     def snapshot(self) -> dict[str, Any]:
         """What planted links could reach on the host: its state, to compare."""

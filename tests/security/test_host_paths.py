@@ -65,20 +65,35 @@ def test_mountinfo_names_no_host_path(server: Server, api: httpx.Client) -> None
 
 
 def test_files_keep_and_lose_across_a_restart(server: Server, api: httpx.Client) -> None:
-    """Writes, renames and deletions in /workspace, /etc and /usr/local last across a restart
-    (without a disk limit these go through an overlay onto the sandbox's directory)."""
+    """Writes, renames and deletions in /workspace and, by the sandbox's root, in its /etc,
+    /usr and /root last across a restart: of files it made and of the template's (in the
+    lower layers). Its writable layers are on its disk, or without a disk limit in its
+    directory on the data dir. The host's files stay as they were."""
     sid = create_sandbox(api)
     exec_ok(api, sid, "mkdir -p d/e && echo 1 > d/e/f && echo 2 > gone && mv d d2 && rm gone")
-    root = "echo x > /etc/added && rm /etc/hostname && mkdir -p /usr/local/lib/p"
+    root = (
+        "set -e; echo x > /etc/added; rm /etc/hostname /etc/nsswitch.conf; "
+        "mkdir -p /usr/local/lib/p; rm /usr/bin/tac; mv /usr/bin/yes /usr/bin/yes-moved; "
+        "echo r > /root/r"
+    )
     resp = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": root, "user": "root"})
     assert resp.json()["exit_code"] == 0, resp.text
     assert api.post(f"/v1/sandboxes/{sid}/stop").status_code == 200
     assert api.post(f"/v1/sandboxes/{sid}/start").status_code == 200
     seen = exec_ok(
-        api, sid, "cat d2/e/f; ls; cat /etc/added; ls /etc/hostname 2>&1; ls /usr/local/lib"
+        api, sid, "cat d2/e/f; ls; cat /etc/added; ls /usr/local/lib; ls /usr/bin/yes-moved"
     )
-    assert seen.splitlines()[:3] == ["1", "d2", "x"], seen
-    assert "No such file" in seen and seen.endswith("p\n"), seen
+    lines = seen.splitlines()
+    assert lines[:3] == ["1", "d2", "x"] and "p" in lines[3:-1], seen
+    assert lines[-1] == "/usr/bin/yes-moved", seen
+    gone = ("/etc/hostname", "/etc/nsswitch.conf", "/usr/bin/tac", "/usr/bin/yes")
+    assert exec_ok(api, sid, " ".join(f"test ! -e {p} &&" for p in gone) + " echo gone") == (
+        "gone\n"
+    )
+    resp = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "cat /root/r", "user": "root"})
+    assert resp.json()["stdout"] == "r\n", resp.text
+    assert all(Path(p).exists() for p in ("/usr/bin/tac", "/usr/bin/yes", "/etc/nsswitch.conf"))
+    assert not Path("/usr/bin/yes-moved").exists() and not Path("/usr/local/lib/p").exists()
     # Deleting the sandbox leaves nothing on the host.
     assert api.delete(f"/v1/sandboxes/{sid}").status_code == 200
     assert not sandbox_dir(server.data_dir, sid).exists()
@@ -112,15 +127,41 @@ def test_too_small_a_disk_names_no_host_path(server: Server, api: httpx.Client) 
 
 
 def test_a_bad_template_names_no_host_path(server: Server, api: httpx.Client) -> None:
+    """A template with nothing in it (no shell, no libraries, no python3). Its sandbox may
+    start (the supervisor is the host's Python) or not; either way no answer names a host
+    path: the create's, its commands' (which cannot run), the sandbox's recorded error."""
     templates = server.data_dir / "templates"
-    (templates / "broken" / "usr" / "bin").mkdir(parents=True)  # no python3 for the supervisor
-    resp = api.post("/v1/sandboxes", json={"template": "broken"})
-    assert resp.status_code == 503, resp.text
-    assert server.data_dir.name not in resp.text and "/tmp/" not in resp.text
-    resp = api.post("/v1/sandboxes", json={"template": "missing"})
-    assert resp.status_code in (404, 409, 422), resp.text
-    assert server.data_dir.name not in resp.text
-    subprocess.run(["rm", "-rf", str(templates / "broken")], check=False)
+    (templates / "broken" / "usr" / "bin").mkdir(parents=True)
+    try:
+        resp = api.post("/v1/sandboxes", json={"template": "broken"})
+        assert resp.status_code in (201, 503), resp.text
+        answers = [resp.text]
+        if resp.status_code == 201:
+            sid = resp.json()["id"]
+            url = f"/v1/sandboxes/{sid}/exec"
+            for spec in (
+                {"command": "true"},
+                {"command": "python3", "args": ["-c", "pass"]},
+                {"command": "/usr/bin/env"},
+                {"command": "true", "user": "root"},
+            ):
+                ran = api.post(url, json=spec)
+                answers.append(ran.text)
+                # Nothing can run there: each fails, with a reason.
+                assert ran.status_code >= 400 or (
+                    ran.json()["status"] == "failed" and ran.json()["error"]
+                ), (spec, ran.text)
+            answers.append(api.get(f"/v1/sandboxes/{sid}").text)
+            assert api.delete(f"/v1/sandboxes/{sid}").status_code == 200
+        answers += [api.get("/v1/sandboxes", params={"state": "error"}).text]
+        for text in answers:
+            assert str(server.data_dir) not in text and server.data_dir.name not in text, text
+            assert "/tmp/" not in text, text
+        resp = api.post("/v1/sandboxes", json={"template": "missing"})
+        assert resp.status_code in (404, 409, 422), resp.text
+        assert server.data_dir.name not in resp.text
+    finally:
+        subprocess.run(["rm", "-rf", str(templates / "broken")], check=False)
 
 
 def test_a_replaced_directory_gets_a_fresh_view(tmp_path: Path) -> None:

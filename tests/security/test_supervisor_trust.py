@@ -1,9 +1,11 @@
 """The supervisor is out of reach of the sandbox's root.
 
-A `"user": "root"` command owns the sandbox's /etc and /usr/local. Whatever it plants there (a
-preloaded library, a rebuilt loader cache pointing at its own libz, .pth files, sitecustomize)
+A `"user": "root"` command owns the sandbox's copy-on-write root: its /etc, /usr (and
+/usr/local). Whatever it plants there (a preloaded library, a rebuilt loader cache pointing at
+its own libz, .pth files, sitecustomize, code appended to the standard library in its /usr)
 must not run in the supervisor or its launcher after the sandbox restarts: exit codes stay true
-and the planted code leaves no mark of them.
+and the planted code leaves no mark of them. They run the host's Python from the read-only
+bind of the host's /usr at /.corral/host/usr, and map nothing else.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.runtime.loader import trusted_python
+from corral.runtime.loader import host_python
+from corral.runtime.namespaces import HOST_MOUNT
 from tests.conftest import Server
 
 pytestmark = pytest.mark.sandbox
@@ -57,6 +60,9 @@ MARK_PY = (
 )
 
 SITE = "/usr/local/lib/python3.11/dist-packages"
+# In the sandbox's own copy of the standard library: a module the supervisor imports (os and
+# the rest of what every Python imports first are frozen into the interpreter).
+STDLIB_JSON = "/usr/lib/python3.11/json/__init__.py"
 LIBZ = "/usr/lib/x86_64-linux-gnu/libz.so.1"
 
 BUILD = f"""set -e
@@ -84,6 +90,13 @@ printf '%s\\n' "{MARK_PY.format(tag="usercustomize")}" > {SITE}/usercustomize.py
 # Debian's sitecustomize lives in /etc/python3.11, which the sandbox's root may replace.
 rm -f /etc/python3.11 && mkdir -p /etc/python3.11
 printf '%s\\n' "{MARK_PY.format(tag="etc-sitecustomize")}" > /etc/python3.11/sitecustomize.py
+printf '%s\\n' "try:" "    {MARK_PY.format(tag="usr-stdlib")}" \
+    "except OSError:" "    pass" >> {STDLIB_JSON}
+# Data glibc reads by its own absolute paths (the locale, the gconv modules' cache): root's
+# copies now, byte for byte the same.
+for f in /usr/lib/locale/C.utf8/LC_CTYPE {os.path.dirname(LIBZ)}/gconv/gconv-modules.cache; do
+    if [ -e "$f" ]; then printf '' >> "$f"; fi
+done
 # Last: from here on every dynamically linked program would load it, if the write held.
 echo /usr/local/lib/evil-preload.so > /etc/ld.so.preload || true
 """
@@ -130,10 +143,13 @@ def test_what_sandbox_root_plants_never_runs_in_the_supervisor(
 
         # Each planted piece works: ordinary python3 commands run them (one sitecustomize is
         # imported, the first on sys.path: PYTHONPATH's, else Debian's in /etc/python3.11).
-        run(api, sid, "python3 -c pass; env -u PYTHONPATH python3 -c pass")
+        run(
+            api, sid, "python3 -c pass; env -u PYTHONPATH python3 -c pass; python3 -c 'import json'"
+        )
         marks = run(api, sid, f"cat {MARKS}")["stdout"]
         for tag in ("env", "cache", "pth", "pythonpath", "usercustomize", "etc-sitecustomize"):
             assert f"{tag} python3 -c pass" in marks, (tag, marks)
+        assert "usr-stdlib python3 -c import json" in marks, marks
         assert "/usr/local/lib/libz.so.1" in run(api, sid, "ldconfig -p")["stdout"]
         # The one file no flag of the loader ignores is an empty read-only mount.
         preload = run(
@@ -144,6 +160,10 @@ def test_what_sandbox_root_plants_never_runs_in_the_supervisor(
             "rm -f /etc/ld.so.preload",
             "mv /etc/ld.so.preload /etc/old",
             "umount /etc/ld.so.preload",
+            # The host's /usr the supervisor runs from is read-only to it.
+            f"touch {HOST_MOUNT}/usr/bin/corral-planted",
+            f"printf x >> {HOST_MOUNT}/usr/lib/python3.11/os.py",
+            f"mount -o remount,rw {HOST_MOUNT}/usr",
         ):
             assert run(api, sid, change, user="root")["exit_code"] != 0, change
 
@@ -167,26 +187,35 @@ def test_what_sandbox_root_plants_never_runs_in_the_supervisor(
         trusted = trusted_processes(server, sid)
         assert len(trusted) == 2, trusted  # the supervisor and its launcher
         for pid, maps in trusted.items():
-            files = {line.split()[-1] for line in maps.splitlines() if "/" in line}
-            # Paths as the sandbox sees them: the read-only /usr, never its own /usr/local.
-            trusted_files = all(
-                f.startswith("/usr/") and not f.startswith("/usr/local/") for f in files
-            )
-            assert files and trusted_files, (pid, sorted(files))
+            mapped = {}  # path as the sandbox sees it -> (device, inode) from the maps
+            for line in maps.splitlines():
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].startswith("/"):
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    mapped[fields[5]] = (os.makedev(major, minor), int(fields[4]))
+            # Paths in the read-only bind of the host's /usr, and the host's very files there
+            # (same device and inode), never a file of the sandbox's own root (its /usr
+            # included: what glibc opens by its own paths, locale and gconv files, too).
+            outside = [f for f in mapped if not f.startswith(HOST_MOUNT + "/usr/")]
+            assert mapped and outside == [], (pid, outside, sorted(mapped))
+            for path, (dev, ino) in mapped.items():
+                host = os.stat(path.removeprefix(HOST_MOUNT))
+                assert (host.st_dev, host.st_ino) == (dev, ino), (pid, path)
         # The same start, run as a command in the planted sandbox with the supervisor's
         # environment (bwrap's, plus PYTHON* variables -I must ignore): sys.path is the
         # read-only stdlib only, and nothing planted runs in it.
         probe = "import sys; print(sys.executable, sys.prefix, sys.path)"
-        start = trusted_python(Path("/"), "/usr/bin/python3", "-c", probe)
+        start = host_python(HOST_MOUNT, "/usr/bin/python3", "-c", probe)
         same_start = shlex.join(start)
         inside = run(
             api, sid, f": > {MARKS}; env -i PATH=/usr/bin:/bin PYTHONPATH=/workspace/evilpy "
             f"PYTHONHOME=/usr/local PYTHONUSERBASE=/usr/local {same_start}; cat {MARKS}",
         )  # fmt: skip
         printed, _, marks = inside["stdout"].partition("\n")
+        host_usr = HOST_MOUNT + "/usr"
         assert printed == (
-            "/usr/bin/python3 /usr ['/usr/lib/python311.zip', '/usr/lib/python3.11', "
-            "'/usr/lib/python3.11/lib-dynload']"
+            f"{host_usr}/bin/python3.11 {host_usr} ['{host_usr}/lib/python311.zip', "
+            f"'{host_usr}/lib/python3.11', '{host_usr}/lib/python3.11/lib-dynload']"
         ), inside
         # (`env` itself, an ordinary command, gets the sandbox's LD_PRELOAD: its mark is fine.)
         assert [m for m in marks.splitlines() if m.split(" ", 1)[1].startswith(start[0])] == []
