@@ -463,3 +463,33 @@ def test_sdk_sandbox_from_an_image_and_delete_while_used(
         for sid in (box.id, json.loads(cli.stdout)["id"]):
             sdk.delete_sandbox(sid)
         sdk.delete_image(ref)
+
+
+@pytest.mark.sandbox
+def test_a_snapshot_of_a_sandbox_from_an_image(
+    server: Server, registry: Registry, tmp_path: Path
+) -> None:
+    built = BuiltImage([BASE, host_tools_layer("bash", "cat")], {"Env": ["FROM_IMAGE=1"]})
+    ref = push(registry, tmp_path, "api/snapped:1", built)
+    with server.client() as api:
+        source = api.post("/v1/sandboxes", json={"image": ref}).json()
+        wrote = api.post(
+            f"/v1/sandboxes/{source['id']}/exec",
+            json={"command": "echo kept > /etc/kept && echo w > /workspace/w", "user": "root"},
+        )
+        assert wrote.json()["exit_code"] == 0, wrote.text
+        snap = api.post(f"/v1/sandboxes/{source['id']}/snapshots", json={})
+        assert snap.status_code == 201, snap.text
+        assert snap.json()["image"] == built.config_digest
+        made = api.post("/v1/sandboxes", json={"snapshot": snap.json()["id"]})
+        assert made.status_code == 201, made.text
+        assert made.json()["image_id"] == built.config_digest
+        seen = api.post(
+            f"/v1/sandboxes/{made.json()['id']}/exec",
+            json={"command": "cat /etc/kept /workspace/w /etc/os-release; echo $FROM_IMAGE"},
+        )
+        assert seen.json()["stdout"] == "kept\nw\nID=corraltest\n1\n", seen.text
+        for sid in (made.json()["id"], source["id"]):
+            api.delete(f"/v1/sandboxes/{sid}")
+        assert api.delete(f"/v1/snapshots/{snap.json()['id']}").status_code == 204
+        assert api.delete(f"/v1/images/{ref}").status_code == 204

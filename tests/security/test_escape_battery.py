@@ -876,14 +876,6 @@ def hijack_contained(v: Any, _e: Env) -> bool:
     )
 
 
-HIJACK_ESCAPE = (
-    "the node's mount points under /.corral persist in the copy-on-write root: replaced by a "
-    "link into the root's /workspace dir, the next start binds the host's /usr there (covered "
-    "by the /workspace overlay) and runs the loader planted in /workspace as the supervisor, "
-    "with its capabilities and the node's socket"
-)
-
-
 def host_namespaced_sysctls(e: Env) -> Any:
     def host_values() -> dict[str, str]:
         return {k: Path("/proc/sys", k).read_text().strip() for k in NEW_SYSCTLS}
@@ -1934,7 +1926,6 @@ PROBES: list[Probe] = [
         "sandbox starts, commands run, the planted loader never runs)",
         hijack_contained,
         host=lambda e: host_supervisor_hijack(e, "user"),
-        escape=HIJACK_ESCAPE,
     ),
     Probe(
         "root.supervisor_mount_points",
@@ -1943,7 +1934,6 @@ PROBES: list[Probe] = [
         "there: after a restart the supervisor is still the host's",
         hijack_contained,
         host=lambda e: host_supervisor_hijack(e, "root"),
-        escape=HIJACK_ESCAPE,
     ),
     Probe(
         "root.etc_shadow",

@@ -103,12 +103,12 @@ def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox
             for v in spec.get("volumes") or ()
         ],
         snapshot=spec.get("snapshot"),
-        image=_image_spec(spec).get("reference"),
-        image_id=_image_spec(spec).get("id"),
+        image=image_spec(spec).get("reference"),
+        image_id=image_spec(spec).get("id"),
     )
 
 
-def _image_spec(spec: dict[str, Any]) -> dict[str, Any]:
+def image_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """The image a sandbox runs on, as resolved at its create ({} for a template's)."""
     image = spec.get("image")
     return image if isinstance(image, dict) else {}
@@ -180,7 +180,7 @@ class SandboxService:
             self.local.on_sandbox_died = self.died
 
     def config(self, row: SandboxRow) -> SandboxConfig:
-        image = _image_spec(row.spec)
+        image = image_spec(row.spec)
         return SandboxConfig(
             id=row.id,
             slot=row.slot,

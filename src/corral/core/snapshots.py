@@ -30,7 +30,7 @@ from corral.core.models import (
     SnapshotState,
 )
 from corral.core.paging import decode_cursor, encode_cursor
-from corral.core.sandboxes import SandboxService
+from corral.core.sandboxes import SandboxService, image_spec
 from corral.node.base import HostFailure, SnapshotsUnsupported
 from corral.node.directory import NodeDirectory
 from corral.runtime.base import SandboxDied
@@ -146,7 +146,7 @@ class SnapshotService:
                 sandbox_id=source.id,
                 state=SnapshotState.creating.value,
                 template=source.template,
-                image=source.spec.get("image"),
+                image=image_spec(source.spec).get("id"),
                 size_bytes=None,
                 labels=req.labels,
                 created_at=now,
