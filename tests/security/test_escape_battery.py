@@ -43,7 +43,7 @@ import httpx
 import pytest
 
 from corral.runtime.loader import host_python
-from corral.runtime.namespaces import HOST_MOUNT, SUPERVISOR_INSIDE
+from corral.runtime.namespaces import HOST_MOUNT
 from corral.runtime.rootfs import RootLayout
 from corral.runtime.uids import SANDBOX_UID, SLOT_UIDS, to_host
 from tests.conftest import UID_BLOCK, Server
@@ -330,8 +330,8 @@ PTRACE_SUPERVISOR = (
 # The socket's descriptor is the supervisor's first argument (the one after its script).
 OPEN_SUPERVISOR_SOCKET = (
     "sup = supervisor_pid()\n"
-    "argv = open('/proc/%d/cmdline' % sup, 'rb').read().split(b'\\0')\n"
-    f"fd = argv[argv.index(b'{SUPERVISOR_INSIDE}') + 1].decode()\n"
+    # The socket's descriptor is the supervisor's last argument.
+    "fd = open('/proc/%d/cmdline' % sup, 'rb').read().split(b'\\0')[-2].decode()\n"
     "result = err(os.open, '/proc/%d/fd/%s' % (sup, fd), os.O_RDWR)"
 )
 # Sysctls that belong to a namespace the sandbox owns (its IPC, pid, UTS and net namespaces):

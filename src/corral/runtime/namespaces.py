@@ -177,6 +177,7 @@ class NamespacesRuntime(Runtime):
         # Templates' root skeletons (rootfs.build_skeleton), made once per run of the node.
         self.skeletons_dir = data_dir / "runtime" / "skeletons"
         self.empty_dir = data_dir / "runtime" / "empty"  # bound over what sandboxes must not see
+        self.empty_view = self.empty_dir  # its read-only view; set by prepare
         self._skeletons: dict[str, Path] = {}
         self._skeleton_lock = threading.Lock()
         # Sandboxes made before roots were copy-on-write: their own etc/, usr-local/ and the
@@ -262,6 +263,7 @@ class NamespacesRuntime(Runtime):
         """The read-only views that every sandbox binds: the supervisor's and the tools'."""
         self.views.setup()
         self.supervisor_path = self.views.view(self.supervisor_source) / SUPERVISOR.name
+        self.empty_view = self.views.view(self.empty_dir)
         if self.tools_source is not None:
             self.tools_dir = self.views.view(self.tools_source)
 
@@ -406,7 +408,7 @@ class NamespacesRuntime(Runtime):
             "--ro-bind-data", str(preload_fd), f"/etc/{LD_PRELOAD_FILE}",
             "--ro-bind", "/usr", HOST_MOUNT + "/usr",
             # The host's /usr/local is the host's own, not part of what sandboxes are shown.
-            "--ro-bind", str(self.empty_dir), HOST_MOUNT + "/usr/local",
+            "--ro-bind", str(self.empty_view), HOST_MOUNT + "/usr/local",
             "--ro-bind", str(self.supervisor_path), SUPERVISOR_INSIDE,
             *(["--ro-bind", str(self.tools_dir), TOOLS_MOUNT] if self.tools_dir else []),
         ]  # fmt: skip
