@@ -132,16 +132,7 @@ class ImageService:
         self.nodes = nodes
 
     async def _node_for(self, wanted: str | None) -> Node:
-        if not self.directory.fleet:
-            local = self.directory.local
-            if local is None:
-                raise Unavailable("this server runs no node")
-            if wanted not in (None, local.id):
-                raise InvalidArgument(
-                    f"no node {wanted!r}", details=[{"loc": ["body", "node"], "msg": "unknown"}]
-                )
-            return local
-        return await self.directory.get(await self.nodes.place(wanted=wanted))
+        return await self.directory.get(await self.nodes.node_for(self.directory, wanted))
 
     async def _guard(self, work: Awaitable[T], *, from_registry: bool) -> T:
         """Run a node's image call, its failures as the API's errors (never a 500)."""

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,6 +32,9 @@ from corral.core.models import (
 )
 from corral.store.db import Database
 from corral.store.tables import CommandRow, NodeRow, SandboxRow
+
+if TYPE_CHECKING:
+    from corral.node.directory import NodeDirectory
 
 USABLE_MAX_AGE = 1.0  # seconds a node's row is trusted for "is it usable" checks
 
@@ -171,6 +175,20 @@ class NodeRegistry:
         return row
 
     # --- placement ---
+
+    async def node_for(self, directory: NodeDirectory, wanted: str | None) -> str:
+        """The node to keep a new node-held object (a volume, an image) on: `wanted`, or
+        the least loaded one; without a fleet, the built-in node."""
+        if not directory.fleet:
+            local = directory.local
+            if local is None:
+                raise Unavailable("this server runs no node")
+            if wanted not in (None, local.id):
+                raise InvalidArgument(
+                    f"no node {wanted!r}", details=[{"loc": ["body", "node"], "msg": "unknown"}]
+                )
+            return local.id
+        return await self.place(wanted=wanted)
 
     async def place(
         self,

@@ -40,16 +40,7 @@ class VolumeService:
         self.default_size_mb = default_size_mb
 
     async def _node_for(self, wanted: str | None) -> str:
-        if not self.directory.fleet:
-            local = self.directory.local
-            if local is None:
-                raise Unavailable("this server runs no node")
-            if wanted not in (None, local.id):
-                raise InvalidArgument(
-                    f"no node {wanted!r}", details=[{"loc": ["body", "node"], "msg": "unknown"}]
-                )
-            return local.id
-        return await self.nodes.place(wanted=wanted)
+        return await self.nodes.node_for(self.directory, wanted)
 
     async def create(self, req: VolumeCreate) -> Volume:
         node_id = await self._node_for(req.node)
