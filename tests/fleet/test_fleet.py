@@ -4,6 +4,7 @@ sandbox on any node."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -146,3 +147,12 @@ def test_a_snapshot_lives_on_its_node_and_its_sandboxes_go_there(fleet: Fleet) -
         for ref in ("on-n2", fork.json()["snapshot"]):
             assert a.delete(f"/v1/snapshots/{ref}").status_code == 204
         assert b.get("/v1/snapshots/on-n2").status_code == 404
+        # An expired snapshot is removed by the leader's reaper, whichever replica leads.
+        box = _sandbox(fleet, "n3")
+        short = a.post(f"/v1/sandboxes/{box}/snapshots", json={"expires_in": 1}).json()
+        assert short["node_id"] == "n3"
+        deadline = time.monotonic() + 15
+        while b.get(f"/v1/snapshots/{short['id']}").status_code != 404:
+            assert time.monotonic() < deadline, "the expired snapshot was not removed"
+            time.sleep(0.2)
+        a.delete(f"/v1/sandboxes/{box}")
