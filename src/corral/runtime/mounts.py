@@ -18,6 +18,7 @@ never with a host path.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import subprocess
@@ -36,9 +37,17 @@ def _mount_overlay(target: Path, options: str, cwd: Path) -> None:
     )  # fmt: skip
 
 
-def unmount(target: Path) -> None:
-    # Lazily: sandboxes still running keep what they bound from it.
-    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+
+
+def unmount(target: Path | str) -> None:
+    """Detach the mount at `target`, lazily: sandboxes still running keep what they bound
+    from it (a loop device goes once its last user does). Nothing mounted there: nothing."""
+    if _LIBC.umount2(os.fsencode(target), MNT_DETACH) != 0:
+        errno = ctypes.get_errno()
+        if errno not in (22, 2):  # EINVAL: not a mount point; ENOENT: no such path
+            log.warning("could not unmount %s: %s", target, os.strerror(errno))
 
 
 def mounted_under(prefix: Path) -> list[Path]:

@@ -60,7 +60,7 @@ from corral.runtime.loader import (
     host_python,
     trusted_python,
 )
-from corral.runtime.mounts import SharedViews, mount_private_overlay
+from corral.runtime.mounts import SharedViews, mount_private_overlay, unmount
 from corral.runtime.netpolicy import NetworkManager, OpenDestination
 from corral.runtime.seccomp import build_filter
 from corral.runtime.uids import SANDBOX_UID, mapping, slot_base, to_host
@@ -179,6 +179,7 @@ class NamespacesRuntime(Runtime):
         self.empty_dir = data_dir / "runtime" / "empty"  # bound over what sandboxes must not see
         self.empty_view = self.empty_dir  # its read-only view; set by prepare
         self._skeletons: dict[str, Path] = {}
+        self._namespaces: dict[int, int] = {}  # a slot's first host uid -> its user namespace
         self._skeleton_lock = threading.Lock()
         # Sandboxes made before roots were copy-on-write: their own etc/, usr-local/ and the
         # rest in their storage, over a read-only /usr.
@@ -526,7 +527,7 @@ class NamespacesRuntime(Runtime):
     def _remove_volume(self, volume_id: str) -> None:
         home = self.volume_dir(volume_id)
         if os.path.ismount(home / "data"):
-            subprocess.run(["umount", "-l", str(home / "data")], capture_output=True)
+            unmount(home / "data")
         if home.exists():
             shutil.rmtree(home)
 
@@ -818,14 +819,19 @@ class NamespacesRuntime(Runtime):
                 raise RuntimeError(f"snapshot {config.snapshot} is of another image or template")
         rootfs.unmount_root(layout)  # the layer is changed only while nothing has it mounted
         rootfs.secure_mount_points(layout.upper, owner=root, **self._mount_points(config))  # type: ignore[arg-type]
-        userns = idmap.user_namespace(mapping(root))
-        try:
-            rootfs.mount_root(
-                layout, layers_root=layers_root, layers=layers, snapshots=stack,
-                userns_fd=userns, usr=usr,
-            )  # fmt: skip
-        finally:
-            os.close(userns)
+        rootfs.mount_root(
+            layout, layers_root=layers_root, layers=layers, snapshots=stack,
+            userns_fd=self._user_namespace(root), usr=usr,
+        )  # fmt: skip
+
+    def _user_namespace(self, root: int) -> int:
+        """A user namespace of the slot's mapping, for its idmapped mounts: made once per
+        slot and run of the node (the mapping never changes), kept open."""
+        with self._skeleton_lock:
+            fd = self._namespaces.get(root)
+            if fd is None:
+                fd = self._namespaces[root] = idmap.user_namespace(mapping(root))
+            return fd
 
     def snapshot_dir(self, snapshot_id: str) -> Path:
         if "/" in snapshot_id or snapshot_id.startswith(".") or not snapshot_id:
@@ -950,7 +956,7 @@ class NamespacesRuntime(Runtime):
         rootfs.unmount_root(self.root_layout(config))
         disk = config.dir / "disk"
         if os.path.ismount(disk):
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+            unmount(disk)
 
     async def remove_files(self, config: SandboxConfig) -> None:
         await asyncio.to_thread(self.unmount_disk, config)
@@ -960,6 +966,9 @@ class NamespacesRuntime(Runtime):
 
     async def close(self) -> None:
         await self.sweep()
+        for fd in self._namespaces.values():
+            os.close(fd)
+        self._namespaces.clear()
         await asyncio.to_thread(self.views.close)
         if self.cgroups is not None:
             self.cgroups.remove(self.cgroups.base)
@@ -986,7 +995,7 @@ class NamespacesRuntime(Runtime):
         for line in Path("/proc/self/mounts").read_text().splitlines():
             target = line.split()[1]
             if target.startswith(prefixes):
-                subprocess.run(["umount", "-l", target], capture_output=True)
+                unmount(target)
 
 
 def remove_tree(path: Path) -> None:

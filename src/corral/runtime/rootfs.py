@@ -25,6 +25,7 @@ sandbox's.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -304,6 +305,5 @@ def _remove_entry(dir_fd: int, name: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
-    # GNU rm: never follows symlinks, never leaves the file system.
-    where = os.readlink(f"/proc/self/fd/{dir_fd}")
-    subprocess.run(["rm", "-rf", "--one-file-system", "--", f"{where}/{name}"], check=True)
+    # Through descriptors, never following a symlink (only directories are descended).
+    shutil.rmtree(name, dir_fd=dir_fd)
