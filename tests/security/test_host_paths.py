@@ -206,7 +206,7 @@ def test_without_overlays_the_directories_themselves_are_used(
     def no_overlay(*_args: object) -> None:
         raise subprocess.CalledProcessError(32, ["mount"], stderr=b"unknown filesystem type")
 
-    monkeypatch.setattr(mounts, "_mount_overlay", no_overlay)
+    monkeypatch.setattr(mounts, "mount_overlay", no_overlay)
     views = mounts.SharedViews(tmp_path / "views")
     views.setup()
     assert not views.available and not views.writable

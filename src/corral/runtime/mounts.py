@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 OVERLAY_SOURCE = "corral"  # the "device" mountinfo shows for these overlays
 
 
-def _mount_overlay(target: Path, options: str, cwd: Path) -> None:
+def mount_overlay(target: Path, options: str, cwd: Path) -> None:
+    """Mount an overlay from inside `cwd`, its layers named relative to it (no host path in
+    mountinfo)."""
     subprocess.run(
         ["mount", "-t", "overlay", OVERLAY_SOURCE, "-o", options, str(target)],
         check=True, capture_output=True, cwd=cwd,
@@ -97,7 +99,7 @@ class SharedViews:
         for name in ("probe-files", "probe-work"):
             (self.layers / name).mkdir(exist_ok=True)
         try:
-            _mount_overlay(probe, options, self.layers)
+            mount_overlay(probe, options, self.layers)
         except subprocess.CalledProcessError as exc:
             log.info("overlay %s: %s", options, exc.stderr.decode(errors="replace").strip())
             return False
@@ -124,7 +126,7 @@ class SharedViews:
             target.mkdir(exist_ok=True)
             target.chmod(0o755)
             # Two lower layers: overlay refuses a single one without an upper layer.
-            _mount_overlay(target, f"ro,lowerdir={layer}:empty", self.layers)
+            mount_overlay(target, f"ro,lowerdir={layer}:empty", self.layers)
             self._views[source] = (identity, target)
             if known is not None:
                 unmount(known[1])
@@ -146,4 +148,4 @@ def mount_private_overlay(directory: Path, target: Path) -> None:
     for name in ("files", "lower", "work"):
         (directory / name).mkdir(exist_ok=True)
     target.mkdir(exist_ok=True)
-    _mount_overlay(target, "lowerdir=lower,upperdir=files,workdir=work", directory)
+    mount_overlay(target, "lowerdir=lower,upperdir=files,workdir=work", directory)

@@ -678,12 +678,7 @@ class NamespacesRuntime(Runtime):
         storage = self.storage(config)
         if config.limits.disk_mb:
             self._mount_disk(config, uid)
-            tmp = storage / "tmp"
-            if tmp.exists():
-                remove_tree(tmp)  # /tmp starts empty, as a tmpfs would
-            tmp.mkdir()
-            os.chown(tmp, uid, uid)
-            tmp.chmod(0o1777)
+            _fresh_tmp(storage / "tmp", uid)
         else:
             self._adopt_flat_layout(config)
             (config.dir / "files").mkdir(exist_ok=True)
@@ -787,12 +782,7 @@ class NamespacesRuntime(Runtime):
         layout = self.root_layout(config)
         if config.limits.disk_mb:
             self._mount_disk(config, uid)
-            tmp = layout.writable / "tmp"
-            if tmp.exists():
-                remove_tree(tmp)
-            tmp.mkdir()
-            os.chown(tmp, uid, uid)
-            tmp.chmod(0o1777)
+            _fresh_tmp(layout.writable / "tmp", uid)
         else:
             layout.writable.mkdir(mode=0o700, exist_ok=True)
         root = self.host_root_uid(config)
@@ -996,6 +986,15 @@ class NamespacesRuntime(Runtime):
             target = line.split()[1]
             if target.startswith(prefixes):
                 unmount(target)
+
+
+def _fresh_tmp(tmp: Path, uid: int) -> None:
+    """/tmp on a sandbox's disk: empty at every start, as a tmpfs would be."""
+    if tmp.exists():
+        remove_tree(tmp)
+    tmp.mkdir()
+    os.chown(tmp, uid, uid)
+    tmp.chmod(0o1777)
 
 
 def remove_tree(path: Path) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.runtime.idmap import mount_idmapped
-from corral.runtime.mounts import OVERLAY_SOURCE, mounted_under, unmount
+from corral.runtime.mounts import mount_overlay, mounted_under, unmount
 
 ROOT_UPPER, ROOT_WORK, WS_UPPER, WS_WORK = "root-upper", "root-work", "ws-upper", "ws-work"
 USR_UPPER, USR_WORK = "usr-upper", "usr-work"
@@ -76,13 +76,6 @@ class RootLayout:
     @property
     def usr_upper(self) -> Path:
         return self.writable / USR_UPPER
-
-
-def _mount_overlay(target: Path, options: str, cwd: Path) -> None:
-    subprocess.run(
-        ["mount", "-t", "overlay", OVERLAY_SOURCE, "-o", options, str(target)],
-        check=True, capture_output=True, cwd=cwd,
-    )  # fmt: skip
 
 
 def _link(links: Path, name: str, to: Path) -> None:
@@ -175,18 +168,18 @@ def mount_root(
         for index in range(len(snapshots)):
             _link(links, f"t{index}", directory / f"snapshot-{index}" / "usr")
         layout.usr.mkdir(mode=0o755, exist_ok=True)
-        _mount_overlay(
+        mount_overlay(
             layout.usr,
             f"lowerdir={':'.join([*usr_names, 'u'])},upperdir={USR_UPPER},workdir={USR_WORK}",
             links,
         )
-    _mount_overlay(
+    mount_overlay(
         layout.root,
         f"lowerdir={':'.join(names)},upperdir={ROOT_UPPER},workdir={ROOT_WORK}",
         links,
     )
     ws_lower = ":".join(ws_names) or "empty"
-    _mount_overlay(
+    mount_overlay(
         layout.workspace, f"lowerdir={ws_lower},upperdir={WS_UPPER},workdir={WS_WORK}", links
     )
 

@@ -93,6 +93,18 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
+def _copy(source: str, target: Path, *, full: str, failed: str) -> None:
+    """GNU cp as root: owners (as an idmapped view shows them), modes, times, xattrs (the
+    overlay's opaque marks), whiteouts (0/0 character devices), hard links, symlinks as
+    links; never leaves the source's file system. SnapshotError `full` or `failed`."""
+    done = subprocess.run(
+        ["cp", "-a", "--one-file-system", "--", source, str(target)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SnapshotError(full if "No space left" in done.stderr else failed)
+
+
 def capture(
     snapshots_dir: Path,
     snapshot_id: str,
@@ -121,18 +133,8 @@ def capture(
             view.mkdir(mode=0o700, exist_ok=True)
             idmap.mount_idmapped(source, view, userns)
             views.append(view)
-            # GNU cp as root: owners (as the view shows them), modes, times, xattrs (the
-            # overlay's opaque marks), whiteouts (0/0 character devices), hard links, symlinks
-            # as links; never leaves the layer's file system.
-            done = subprocess.run(
-                ["cp", "-a", "--one-file-system", "--", f"{view}/.", str(staging / name)],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if done.returncode != 0:
-                reason = done.stderr.strip().splitlines()[-1:] or ["cp failed"]
-                if "No space left" in reason[0]:
-                    raise SnapshotError("the node's disk is full")
-                raise SnapshotError("could not copy the sandbox's files")
+            _copy(f"{view}/.", staging / name, full="the node's disk is full",
+                  failed="could not copy the sandbox's files")  # fmt: skip
         size = _tree_bytes(staging)
         meta = {"image": image, "template": template, "parent": parent, "bytes": size}
         (staging / META).write_text(json.dumps(meta))
@@ -166,14 +168,9 @@ def restore(snapshot: Path, names: tuple[str, ...], into: Path, base_uid: int) -
             target = into / name
             if os.path.lexists(target):
                 subprocess.run(["rm", "-rf", "--one-file-system", "--", str(target)], check=True)
-            done = subprocess.run(
-                ["cp", "-a", "--one-file-system", "--", str(view / name), str(target)],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if done.returncode != 0:
-                if "No space left" in done.stderr:
-                    raise SnapshotError("the sandbox's disk is too small for the snapshot")
-                raise SnapshotError("could not copy the snapshot's files")
+            _copy(str(view / name), target,
+                  full="the sandbox's disk is too small for the snapshot",
+                  failed="could not copy the snapshot's files")  # fmt: skip
     finally:
         os.close(userns)
         unmount(view)
