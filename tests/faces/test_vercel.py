@@ -139,8 +139,10 @@ def test_kill(fapi: httpx.Client, session: str) -> None:
     assert killed.status_code == 200, killed.text
     final = fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/{cid}?wait=true").json()["command"]
     assert final["exitCode"] == 137
+    # A command that has ended is answered as it is, as Vercel does (not 409).
     again = fapi.post(f"/v2/sandboxes/sessions/{session}/cmd/{cid}/kill", json={"signal": 15})
-    error_of(again, 409, "conflict")
+    assert again.status_code == 200, again.text
+    assert again.json()["command"]["exitCode"] == 137
 
 
 def test_sudo(fapi: httpx.Client, session: str) -> None:
@@ -161,8 +163,15 @@ def test_command_that_cannot_start(fapi: httpx.Client, session: str) -> None:
         json={"command": "no-such-program", "wait": True},
     )
     lines = ndjson(resp.text)
-    assert lines[-1]["stream"] == "error"
-    assert set(lines[-1]["data"]) == {"code", "message"}
+    # A result, as Vercel gives: the command finished with 127, not a stream error.
+    assert lines[-1]["command"]["exitCode"] == 127 and lines[-1]["command"]["status"] == "failed"
+    logged = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "no-such-program", "wait": True, "logs": True},
+    )
+    lines = ndjson(logged.text)
+    assert lines[1]["stream"] == "stderr" and lines[1]["data"].startswith("no-such-program: ")
+    assert lines[-1]["command"]["exitCode"] == 127
 
 
 def test_errors(faces_server: FacesServer, fapi: httpx.Client, session: str) -> None:

@@ -226,7 +226,11 @@ await step("users_groups", async () => {
   await sandbox.addUserToGroup("alice", "devs");
   const check = await sandbox.runCommand({
     cmd: "sh",
-    args: ["-c", "id alice; stat -c '%U:%G %a' /home/alice /shared/devs"],
+    args: [
+      "-c",
+      "id alice; stat -c '%U:%G %a' /home/alice /shared/devs; " +
+        "su alice -c 'touch /shared/devs/by-alice ~/note' && stat -c %U /shared/devs/by-alice",
+    ],
     sudo: true,
   });
   return {
