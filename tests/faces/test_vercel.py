@@ -214,3 +214,70 @@ def test_rate_limit(limited_faces_server: Server) -> None:
     limited = [r for r in statuses if r.status_code == 429]
     assert limited
     error_of(limited[0], 429, "too_many_requests")
+
+
+# --- the routes the official SDK calls, in its shapes (tests/faces/test_vercel_sdk.py runs it) ---
+
+SESSION_NUMBERS = ("memory", "vcpus", "timeout", "requestedAt", "createdAt", "updatedAt")
+
+
+def test_create_answers_the_sdk_shapes(fapi: httpx.Client) -> None:
+    for path in ("/v2/sandboxes", "/v3/sandboxes"):
+        resp = fapi.post(path, json={"runtime": "node22"} if path.startswith("/v2") else {})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        sandbox, session = body["sandbox"], body["session"]
+        try:
+            assert sandbox["name"] == sandbox["id"] and sandbox["persistent"] is True
+            assert sandbox["currentSessionId"] == session["id"] == sandbox["id"]
+            assert all(isinstance(session[key], int | float) for key in SESSION_NUMBERS)
+            assert session["timeout"] == 300_000  # Vercel's default lifetime
+            assert session["region"] == "local" and session["cwd"] == "/workspace"
+            assert body["routes"] == []
+        finally:
+            fapi.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_get_list_resume_and_delete(fapi: httpx.Client, session: str) -> None:
+    got = fapi.get(f"/v2/sandboxes/{session}").json()
+    assert got["session"]["id"] == session and got["routes"] == [] and got["resumed"] is False
+    names = [s["name"] for s in fapi.get("/v2/sandboxes", params={"limit": 200}).json()["sandboxes"]]
+    assert session in names
+    sessions = fapi.get("/v2/sandboxes/sessions", params={"name": session}).json()
+    assert [s["id"] for s in sessions["sessions"]] == [session]
+    assert sessions["pagination"] == {"count": 1, "next": None}
+    assert fapi.get("/v2/sandboxes/sessions").json()["sessions"]
+    stopped = fapi.post(f"/v2/sandboxes/sessions/{session}/stop")
+    assert stopped.json()["session"]["status"] == "stopped", stopped.text
+    body = {"path": "x"}
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/fs/read", json=body), 410,
+             "sandbox_stopped")  # fmt: skip
+    assert fapi.get(f"/v2/sandboxes/{session}").json()["session"]["status"] == "stopped"
+    resumed = fapi.get(f"/v2/sandboxes/{session}", params={"resume": "true"}).json()
+    assert resumed["resumed"] is True and resumed["session"]["status"] == "running"
+    deleted = fapi.delete(f"/v2/sandboxes/{session}")
+    assert deleted.status_code == 200, deleted.text
+    error_of(fapi.get(f"/v2/sandboxes/{session}"), 404, "not_found")
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/cmd", json={"command": "true"}), 404,
+             "not_found")  # fmt: skip
+    error_of(fapi.delete(f"/v2/sandboxes/{session}"), 404, "not_found")
+
+
+def test_session_routes_errors(fapi: httpx.Client, session: str) -> None:
+    base = f"/v2/sandboxes/sessions/{session}"
+    missing = fapi.post(f"{base}/fs/read", json={"path": "/workspace/none"})
+    error_of(missing, 404, "file_not_found")
+    error_of(fapi.post(f"{base}/fs/read", json={}), 400, "bad_request")
+    error_of(fapi.post(f"{base}/fs/mkdir", json={"path": "a/b/c"}), 404, "not_found")
+    not_gzip = fapi.post(f"{base}/fs/write", content=b"plain", headers={"x-cwd": "/"})
+    error_of(not_gzip, 400, "bad_request")
+    error_of(fapi.post(f"{base}/extend-timeout", json={}), 400, "bad_request")
+    error_of(fapi.post(f"{base}/network-policy", json={"mode": "sometimes"}), 400, "bad_request")
+    denied = fapi.post(f"{base}/network-policy", json={"subnets": {"deny": ["10.0.0.0/8"]}})
+    error_of(denied, 400, "unsupported")
+    git = fapi.post("/v3/sandboxes", json={"source": {"type": "git", "url": "https://x/y.git"}})
+    error_of(git, 400, "unsupported")
+    error_of(fapi.get("/v2/sandboxes/snapshots/snap_nope"), 404, "not_found")
+    error_of(fapi.post("/v2/sandboxes/sb_nope/fork", json={}), 404, "not_found")
+    error_of(fapi.get("/v2/sandboxes", params={"limit": 0}), 400, "bad_request")
+    error_of(fapi.post("/v2/sandboxes/sessions/sb_nope/stop"), 404, "not_found")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.faces.conftest import FacesServer
+from tests.faces.conftest import FacesServer, new_token
 
 pytestmark = pytest.mark.sandbox
 
@@ -37,10 +37,17 @@ def _node() -> str:
 
 @pytest.fixture(scope="module")
 def steps(faces_server: FacesServer) -> dict[str, dict[str, Any]]:
+    scoped = new_token(faces_server, scopes=["read", "exec", "files", "sandboxes"])
+    env = {
+        **os.environ,
+        "CORRAL_URL": faces_server.url,
+        "CORRAL_TOKEN": faces_server.admin_key,
+        "CORRAL_SCOPED_TOKEN": scoped,
+    }
     done = subprocess.run(
         [_node(), str(JS / "vercel_sdk.mjs")],
         cwd=JS,
-        env={**os.environ, "CORRAL_URL": faces_server.url, "CORRAL_TOKEN": faces_server.admin_key},
+        env=env,
         capture_output=True,
         text=True,
         timeout=180,
@@ -199,3 +206,14 @@ def test_fork(steps: dict[str, dict[str, Any]]) -> None:
 def test_delete_then_404(steps: dict[str, dict[str, Any]]) -> None:
     after = ok(steps, "delete")["after"]
     assert after["status"] == 404 and after["json"]["error"]["code"] == "not_found"
+
+
+def test_v2_create_with_a_runtime(steps: dict[str, dict[str, Any]]) -> None:
+    v2 = ok(steps, "create_v2_runtime")
+    assert v2["status"] == "running" and v2["name"].startswith("sb_")
+    assert v2["timeout"] == 120_000 and v2["stdout"] == "v2\n"
+
+
+def test_scoped_token(steps: dict[str, dict[str, Any]]) -> None:
+    """A Corral token with the scopes of a Vercel user's token, not the admin key."""
+    assert ok(steps, "scoped_token") == {"stdout": "user\n", "read": "scoped"}

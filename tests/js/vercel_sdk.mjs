@@ -346,6 +346,29 @@ await step("get_or_create", async () => {
   return { created, same };
 });
 
+await step("create_v2_runtime", async () => {
+  // With a `runtime` the SDK posts to /v2/sandboxes, and validates the same shapes.
+  const v2 = await Sandbox.create({ ...creds, runtime: "node22", timeout: 120_000 });
+  const done = await v2.runCommand("echo", ["v2"]);
+  const out = { ...summary(v2), stdout: await done.stdout() };
+  await v2.delete();
+  return out;
+});
+
+const scoped = process.env.CORRAL_SCOPED_TOKEN;
+if (scoped) {
+  await step("scoped_token", async () => {
+    const own = { ...creds, token: scoped };
+    const made = await Sandbox.create({ ...own, timeout: 120_000 });
+    const done = await made.runCommand("id", ["-un"]);
+    await made.writeFiles([{ path: "s.txt", content: Buffer.from("scoped") }]);
+    const read = await made.readFileToBuffer({ path: "s.txt" });
+    const out = { stdout: await done.stdout(), read: read?.toString() ?? null };
+    await made.delete();
+    return out;
+  });
+}
+
 await step("delete", async () => {
   for (const other of [fromSnapshot, fork]) if (other) await other.delete();
   await sandbox.delete();
