@@ -241,7 +241,9 @@ def test_create_answers_the_sdk_shapes(fapi: httpx.Client) -> None:
 def test_get_list_resume_and_delete(fapi: httpx.Client, session: str) -> None:
     got = fapi.get(f"/v2/sandboxes/{session}").json()
     assert got["session"]["id"] == session and got["routes"] == [] and got["resumed"] is False
-    names = [s["name"] for s in fapi.get("/v2/sandboxes", params={"limit": 200}).json()["sandboxes"]]
+    names = [
+        s["name"] for s in fapi.get("/v2/sandboxes", params={"limit": 200}).json()["sandboxes"]
+    ]
     assert session in names
     sessions = fapi.get("/v2/sandboxes/sessions", params={"name": session}).json()
     assert [s["id"] for s in sessions["sessions"]] == [session]
