@@ -127,6 +127,7 @@ def test_files(steps: dict[str, dict[str, Any]]) -> None:
     assert files["fsRead"] == "via fs" and files["script"] == "run\n"
     assert files["readdir"] == ["fs.txt", "hello.txt", "made", "nested"]
     assert files["exists"] is True and files["mkdirExit"] == 0
+    assert ok(steps, "large_file") == {"size": 11 << 20, "same": True}
     error = failed(steps, "mkdir_existing")
     assert error["status"] == 409 and error["json"]["error"]["code"] == "conflict"
 

@@ -6,6 +6,7 @@
 // Prints one JSON object: for each step, {"ok": true, "value": ...} or {"ok": false,
 // "error": ...}. A step records what it saw; the Python test decides what is right.
 
+import { randomBytes } from "node:crypto";
 import { Writable } from "node:stream";
 import { APIError, Sandbox, Snapshot } from "@vercel/sandbox";
 
@@ -196,6 +197,14 @@ await step("files", async () => {
     script: await script.stdout(),
     mkdirExit: listing.exitCode,
   };
+});
+
+await step("large_file", async () => {
+  // More than the server's limit for request bodies: fs/write streams like an upload.
+  const content = randomBytes(11 << 20);
+  await sandbox.writeFiles([{ path: "big.bin", content }]);
+  const back = await sandbox.readFileToBuffer({ path: "big.bin" });
+  return { size: back?.length ?? null, same: back !== null && back.equals(content) };
 });
 
 await step("mkdir_existing", async () => {

@@ -631,9 +631,10 @@ class SandboxService:
                 stored = await session.get(SandboxRow, row.id, with_for_update=True)
                 assert stored is not None
                 stored.spec = {**stored.spec, "ttl_seconds": min(ttl + seconds, MAX_SECONDS)}
-                deadline = stored.expires_at or utcnow()
-                stored.expires_at = deadline + timedelta(seconds=seconds)
-                stored.updated_at = utcnow()
+                now = utcnow()
+                deadline = (stored.expires_at or now) + timedelta(seconds=seconds)
+                stored.expires_at = min(deadline, now + timedelta(seconds=MAX_SECONDS))
+                stored.updated_at = now
             self._written(row.id)
             self._remember(stored)
         return await self.get(row.id)
