@@ -1,5 +1,6 @@
 """The Vercel Sandbox API (seed 004): run a command in a session, with `wait`/`logs` ND-JSON,
-`timeout` (SIGKILL, 137), `sudo`, and the command endpoints; errors in Vercel's shape."""
+`timeout` (SIGKILL, 137), `sudo`, and the command endpoints; then the other routes the official
+SDK calls, over plain HTTP; errors in Vercel's shape. The SDK itself: test_vercel_sdk.py."""
 
 # ruff: noqa: E501  (the seeds' curl commands are kept as the seeds write them)
 
@@ -257,6 +258,12 @@ def test_get_list_resume_and_delete(fapi: httpx.Client, session: str) -> None:
     assert fapi.get(f"/v2/sandboxes/{session}").json()["session"]["status"] == "stopped"
     resumed = fapi.get(f"/v2/sandboxes/{session}", params={"resume": "true"}).json()
     assert resumed["resumed"] is True and resumed["session"]["status"] == "running"
+    # Paused through the native API: a 410 for the SDK to resume it, which thaws it.
+    assert fapi.post(f"/v1/sandboxes/{session}/pause").status_code == 200
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/cmd", json={"command": "true"}), 410,
+             "sandbox_stopped")  # fmt: skip
+    thawed = fapi.get(f"/v2/sandboxes/{session}", params={"resume": "true"}).json()
+    assert thawed["resumed"] is True and thawed["session"]["status"] == "running"
     deleted = fapi.delete(f"/v2/sandboxes/{session}")
     assert deleted.status_code == 200, deleted.text
     error_of(fapi.get(f"/v2/sandboxes/{session}"), 404, "not_found")

@@ -46,8 +46,8 @@ Where Corral differs from Vercel:
   signal 128+N, one that could not start (no such program, no such `cwd`) 127 with the reason
   on stderr and in an `error` field. Commands also carry `status` and `sandboxId`. Killing a
   command that has ended answers it as it is (200).
-- Validation errors are 400 `bad_request`; a stopped session is 410 `sandbox_stopped`; a
-  deleted sandbox is 404.
+- Validation errors are 400 `bad_request`; a stopped session is 410 `sandbox_stopped`, and so
+  is one paused through the native API (`resume=true` thaws it); a deleted sandbox is 404.
 """
 
 from __future__ import annotations

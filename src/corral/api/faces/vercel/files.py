@@ -19,6 +19,7 @@ from corral.core.errors import BadRequest, NotFound, PayloadTooLarge
 from corral.core.models import MAX_PATH, Scope
 from corral.core.tokens import Principal
 from corral.services import Services
+from corral.store.tables import SandboxRow
 
 Caller = Depends(caller)
 ServicesDep = Depends(get_services)
@@ -38,7 +39,7 @@ def _absolute(path: str, cwd: str | None, default: str) -> str:
     return full
 
 
-async def _session(services: Services, principal: Principal, session_id: str) -> Any:
+async def _session(services: Services, principal: Principal, session_id: str) -> SandboxRow:
     principal.require(Scope.files)
     return await session_row(services, principal, session_id)
 

@@ -282,9 +282,12 @@ async def get_sandbox(
     principal.require(Scope.read)
     row = await live_sandbox(services, principal, name)
     resumed = False
-    if resume and row.state in ("stopped", "error"):
+    if resume and row.state in ("stopped", "error", "paused"):
         principal.require(Scope.sandboxes)
-        await services.sandboxes.start(row.id, renew=True)
+        if row.state == "paused":  # paused through another API: thawed, not restarted
+            await services.sandboxes.resume(row.id)
+        else:
+            await services.sandboxes.start(row.id, renew=True)
         row, resumed = await services.sandboxes.row(row.id), True
     return _both(row, resumed=resumed)
 

@@ -198,10 +198,10 @@ async def live_sandbox(services: Services, principal: Principal, ref: str) -> Sa
 
 
 async def session_row(services: Services, principal: Principal, ref: str) -> SandboxRow:
-    """The running session `ref`; a stopped one answers 410, which the SDK takes as its cue to
-    resume the sandbox."""
+    """The running session `ref`; a stopped (or paused) one answers 410, which the SDK takes
+    as its cue to resume the sandbox."""
     row = await live_sandbox(services, principal, ref)
-    if row.state in ("stopped", "error"):
+    if row.state in ("stopped", "error", "paused"):
         raise SandboxGone(f"sandbox {row.id} is {row.state}")
     return await services.sandboxes.running_row(row.id)
 
@@ -224,7 +224,7 @@ def _status(row: SandboxRow) -> str:
     return {
         "creating": "pending",
         "running": "running",
-        "paused": "running",
+        "paused": "stopped",  # frozen: commands wait for a resume
         "error": "failed",
     }.get(row.state, "stopped")
 
