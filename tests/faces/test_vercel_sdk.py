@@ -132,9 +132,13 @@ def test_files(steps: dict[str, dict[str, Any]]) -> None:
     assert error["status"] == 409 and error["json"]["error"]["code"] == "conflict"
 
 
-def test_extend_timeout(steps: dict[str, dict[str, Any]]) -> None:
+def test_extend_timeout_and_update(steps: dict[str, dict[str, Any]]) -> None:
     assert ok(steps, "extend_timeout") == {"before": 600_000, "after": 660_000}
-    assert ok(steps, "get")["sessionTimeout"] == 660_000
+    # `update({timeout})`: the SDK extends the session by the increase.
+    assert ok(steps, "update") == {"sessionTimeout": 720_000, "policy": "deny-all"}
+    assert ok(steps, "get")["sessionTimeout"] == 720_000
+    error = failed(steps, "update_tags")
+    assert error["status"] == 400 and error["json"]["error"]["code"] == "unsupported"
 
 
 def test_network_policy(steps: dict[str, dict[str, Any]]) -> None:
@@ -201,6 +205,7 @@ def test_fork(steps: dict[str, dict[str, Any]]) -> None:
     assert fork["name"] == created["name"] + "-fork" and fork["kept"] == "in the snapshot"
     assert fork["sessionId"] != created["sessionId"]
     assert fork["tags"] == {"suite": "sdk"} and fork["vcpus"] == 1
+    assert fork["timeout"] == 720_000  # its source's
     assert ok(steps, "get_or_create") == {"created": 1, "same": True}
 
 

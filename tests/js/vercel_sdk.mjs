@@ -217,6 +217,15 @@ await step("extend_timeout", async () => {
   return { before, after: sandbox.currentSession().timeout };
 });
 
+await step("update", async () => {
+  await sandbox.update({ timeout: 720_000, networkPolicy: "deny-all", ports: [3000] });
+  return { sessionTimeout: sandbox.currentSession().timeout, policy: sandbox.networkPolicy };
+});
+
+await step("update_tags", async () => {
+  await sandbox.update({ tags: { other: "x" } });
+});
+
 await step("network_policy", async () => {
   const policies = [];
   policies.push(await sandbox.updateNetworkPolicy({ subnets: { allow: ["10.9.8.0/24"] } }));

@@ -12,12 +12,14 @@ lines as the command writes, and last `{"command": {..., "exitCode": N}}`, or `{
 {"code", "message"}}`.
 
 Routes: `POST /v3/sandboxes` and `POST /v2/sandboxes` (create; from a snapshot with `source:
-{type: "snapshot", snapshotId}`), `GET /v2/sandboxes` (list), `GET|DELETE /v2/sandboxes/{name}`,
-`POST /v2/sandboxes/{name}/fork`, `POST /v2/sandboxes/{name}/stop`, `GET /v2/sandboxes/sessions`,
-`GET /v2/sandboxes/sessions/{id}`, `POST .../sessions/{id}/{stop,extend-timeout,network-policy,
-snapshot}`, `POST .../sessions/{id}/fs/{write,read,mkdir}`, `POST .../sessions/{id}/cmd`, `GET
-.../cmd/{cmdId}[?wait=true]`, `GET .../cmd/{cmdId}/logs`, `POST .../cmd/{cmdId}/kill`,
-`GET|DELETE /v2/sandboxes/snapshots[/{id}]`.
+{type: "snapshot", snapshotId}`), `GET /v2/sandboxes` (list), `GET|PATCH|DELETE
+/v2/sandboxes/{name}` (`PATCH` takes the timeout and network policy, which the SDK then applies
+through the session's routes; tags, resources and mounts are 400), `POST
+/v2/sandboxes/{name}/fork`, `POST /v2/sandboxes/{name}/stop`, `GET /v2/sandboxes/sessions`,
+`GET /v2/sandboxes/sessions/{id}`, `POST .../sessions/{id}/{stop,extend-timeout,
+network-policy,snapshot}`, `POST .../sessions/{id}/fs/{write,read,mkdir}`, `POST
+.../sessions/{id}/cmd`, `GET .../cmd/{cmdId}[?wait=true]`, `GET .../cmd/{cmdId}/logs`, `POST
+.../cmd/{cmdId}/kill`, `GET|DELETE /v2/sandboxes/snapshots[/{id}]`.
 
 Where Corral differs from Vercel:
 - `cmdId` in the seed's query table is a documentation slip and is not required; `teamId`,

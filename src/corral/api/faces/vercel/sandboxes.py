@@ -17,6 +17,7 @@ from corral.api.faces.vercel.wire import (
     ExtendTimeout,
     NetworkPolicy,
     Unsupported,
+    UpdateSandbox,
     caller,
     corral_network,
     live_sandbox,
@@ -290,6 +291,29 @@ async def get_sandbox(
             await services.sandboxes.start(row.id, renew=True)
         row, resumed = await services.sandboxes.row(row.id), True
     return _both(row, resumed=resumed)
+
+
+@router.patch("/v2/sandboxes/{name}", summary="Change a sandbox (its timeout and network)")
+async def update_sandbox(
+    name: str,
+    body: UpdateSandbox,
+    services: Services = ServicesDep,
+    principal: Principal = Caller,
+) -> dict[str, Any]:
+    principal.require(Scope.sandboxes)
+    row = await live_sandbox(services, principal, name)
+    fixed = [
+        key
+        for key in ("tags", "resources", "mounts", "region", "currentSnapshotId")
+        if getattr(body, key) is not None
+    ]
+    if fixed:
+        raise Unsupported(f"a sandbox's {', '.join(fixed)} cannot be changed here")
+    if body.networkPolicy is not None:
+        corral_network(body.networkPolicy)  # refused now if it cannot be applied later
+    # The timeout and the network policy take effect through the session's own routes, which
+    # the SDK calls next (Corral keeps one lifetime and one policy per sandbox).
+    return {"sandbox": sandbox_json(row), "routes": []}
 
 
 @router.delete("/v2/sandboxes/{name}", summary="Delete a sandbox")

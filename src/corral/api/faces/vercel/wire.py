@@ -152,6 +152,22 @@ class CreateSandbox(BaseModel):
     allow: list[str] | None = Field(default=None, description="Corral: IPv4 CIDRs")
 
 
+class UpdateSandbox(BaseModel):
+    """What `Sandbox.update()` sends. The SDK itself then extends the running session by the
+    timeout's increase and posts the network policy to the session's route."""
+
+    model_config = ConfigDict(extra="ignore")
+    timeout: Annotated[Milliseconds, Field(ge=1000)] | None = None
+    networkPolicy: NetworkPolicy | None = None
+    persistent: bool | None = None
+    ports: list[int] | None = None
+    tags: dict[str, str] | None = None
+    resources: dict[str, Any] | None = None
+    mounts: dict[str, Any] | None = None
+    region: str | None = None
+    currentSnapshotId: str | None = None
+
+
 class RunCommand(BaseModel):
     model_config = ConfigDict(extra="ignore")
     command: str = Field(min_length=1, description="The program, without arguments")
