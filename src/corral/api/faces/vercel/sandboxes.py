@@ -16,6 +16,7 @@ from corral.api.faces.vercel.wire import (
     CreateSnapshot,
     ExtendTimeout,
     NetworkPolicy,
+    SnapshotGone,
     Unsupported,
     UpdateSandbox,
     caller,
@@ -93,12 +94,6 @@ async def _create(services: Services, principal: Principal, body: CreateSandbox)
             raise SnapshotGone(f"no snapshot {req.snapshot!r}") from None
     created = await services.sandboxes.create(req)
     return _both(await services.sandboxes.row(created.id))
-
-
-class SnapshotGone(NotFound):
-    """What the SDK's `getOrCreate` recognises as a stale snapshot."""
-
-    status, code = 410, "snapshot_not_found"
 
 
 @router.post("/v3/sandboxes", summary="Create a sandbox and its session")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from corral.api.auth import usable_sandbox
 from corral.api.faces._common import Problem, authenticate, face_router, shell_exit_code
 from corral.core.commands import default_cwd
-from corral.core.errors import BadRequest, Conflict, NotFound
+from corral.core.errors import BadRequest, Conflict, CorralError, NotFound
 from corral.core.models import (
     MAX_MILLISECONDS,
     Command,
@@ -68,6 +68,13 @@ class VercelError(BaseModel):
 
 class SandboxGone(Conflict):
     status, code = 410, "sandbox_stopped"
+
+
+class SnapshotGone(CorralError):
+    """A missing snapshot as a sandbox's source: what the SDK's `getOrCreate` takes for a
+    stale one."""
+
+    status, code = 410, "snapshot_not_found"
 
 
 class SudoUnavailable(BadRequest):
