@@ -165,6 +165,18 @@ def test_users_and_groups(steps: dict[str, dict[str, Any]]) -> None:
     assert lines[3] == "alice"
 
 
+def test_as_user_runs_through_sudo(steps: dict[str, dict[str, Any]]) -> None:
+    """`asUser` and a created user's commands and files run as that user, through `sudo -u`
+    (which the face runs itself: a setuid sudo cannot work in a sandbox)."""
+    done = ok(steps, "as_user")
+    assert done["who"] == "alice alice devs /home/alice /home/alice user hi"
+    assert done["back"] == "from alice" and done["owner"] == "alice"
+    assert done["missing"] is None
+    assert done["root"] == "root"
+    assert done["stranger"]["exitCode"] == 127
+    assert "nobody-here" in done["stranger"]["stderr"]
+
+
 def test_get_list_and_sessions(steps: dict[str, dict[str, Any]]) -> None:
     created, got = ok(steps, "create"), ok(steps, "get")
     assert got["name"] == created["name"] and got["sessionId"] == created["sessionId"]

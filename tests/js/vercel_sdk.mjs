@@ -260,6 +260,30 @@ await step("users_groups", async () => {
   };
 });
 
+await step("as_user", async () => {
+  // The SDK's SandboxUser runs everything through `sudo -u`.
+  const alice = sandbox.asUser("alice");
+  const who = await alice.runCommand({
+    cmd: "sh",
+    args: ["-c", 'echo "$(id -un) $(id -nG) $HOME $PWD $SUDO_USER $GREETING"'],
+    env: { GREETING: "hi" },
+  });
+  await alice.writeFiles([{ path: "notes/a.txt", content: Buffer.from("from alice") }]);
+  const back = await alice.readFileToBuffer({ path: "notes/a.txt" });
+  const owner = await sandbox.runCommand("stat", ["-c", "%U", "/home/alice/notes/a.txt"]);
+  const missing = await alice.readFileToBuffer({ path: "no-such-file" });
+  const root = await sandbox.asUser("root").runCommand("id", ["-un"]);
+  const stranger = await sandbox.asUser("nobody-here").runCommand("true");
+  return {
+    who: (await who.stdout()).trim(),
+    back: back.toString(),
+    owner: (await owner.stdout()).trim(),
+    missing,
+    root: (await root.stdout()).trim(),
+    stranger: { exitCode: stranger.exitCode, stderr: await stranger.stderr() },
+  };
+});
+
 await step("get", async () => {
   const got = await Sandbox.get({ ...creds, name });
   let domain;

@@ -29,8 +29,9 @@ Where Corral differs from Vercel:
   reported as true). Sandboxes are listed oldest first; `sortBy`/`sortOrder` are ignored.
 - The default user is the sandbox's (`user`, uid 1000) and the default directory `/workspace`
   (not `vercel-sandbox` and `/vercel/sandbox`). `sudo: true` runs the command as uid 0 of the
-  sandbox's own user namespace, with `HOME=/root` and `SUDO_USER`, never as host root; there
-  is no `sudo` program, so `asUser()` does not work.
+  sandbox's own user namespace, with `HOME=/root` and `SUDO_USER`, never as host root. A
+  command whose program is `sudo` (as `asUser()` sends) is run as the user it names by Corral
+  itself: a setuid sudo cannot work under no_new_privs.
 - `runtime` is ignored (the host's /usr); `image` is a container image Corral pulls; `source`
   only takes a snapshot (git and tarball sources are 400 `unsupported`). `ports` are accepted
   but no routes are made, so `domain(port)` throws the SDK's "No route for port".

@@ -41,19 +41,55 @@ Caller = Depends(caller)
 ServicesDep = Depends(get_services)
 
 
+# sudo's options that change nothing here: the environment is the command's own either way, and
+# there is no password to ask for.
+SUDO_NOOPS = frozenset({"-E", "--preserve-env", "-H", "--set-home", "-n", "--non-interactive",
+                        "-S", "--stdin"})  # fmt: skip
+
+
+def _sudo(args: list[str]) -> tuple[str, str, list[str]]:
+    """(user, program, arguments) of `sudo [-u USER] [--] PROGRAM ARGS...`. A setuid sudo cannot
+    work in a sandbox (its processes have no_new_privs), so the face runs what it was asked
+    for as that user itself, as Vercel's sandboxes do with their sudo (the SDK's `asUser`)."""
+    user, rest = "root", list(args)
+    while rest and rest[0].startswith("-"):
+        option = rest.pop(0)
+        if option == "--":
+            break
+        if option in ("-u", "--user"):
+            if not rest:
+                raise BadRequest(f"sudo: option {option} needs a user name")
+            user = rest.pop(0)
+        elif option.startswith("--user="):
+            user = option.removeprefix("--user=")
+        elif option.startswith("-u") and len(option) > 2:
+            user = option[2:]
+        elif option not in SUDO_NOOPS:
+            raise BadRequest(f"sudo: option {option} is not supported here")
+    if not rest:
+        raise BadRequest("sudo: no command to run")
+    return user, rest[0], rest[1:]
+
+
 def _exec_request(body: RunCommand) -> ExecRequest:
     user = None
-    if body.sudo:
-        try:
-            ExecRequest(command=body.command, user="root")
-        except ValidationError:
-            raise SudoUnavailable(
-                "sudo is not available on this server yet: commands run as the sandbox's user"
-            ) from None
+    command, args = body.command, body.args
+    if command == "sudo":
+        user, command, args = _sudo(args)
+    if body.sudo and user is None:
         user = "root"
+    if user is not None:
+        try:
+            ExecRequest(command=command, user=user)
+        except ValidationError:
+            if user == "root":
+                raise SudoUnavailable(
+                    "sudo is not available on this server yet: commands run as the sandbox's user"
+                ) from None
+            raise BadRequest(f"sudo: {user!r} is not a user name") from None
     return ExecRequest(
-        command=body.command,
-        args=body.args,
+        command=command,
+        args=args,
         cwd=body.cwd,
         env=body.env,
         timeout_ms=body.timeout,
