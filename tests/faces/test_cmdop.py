@@ -266,7 +266,7 @@ def test_errors(faces_server: FacesServer, fapi: httpx.Client, sandbox: str) -> 
         "validation_error",
     )
     error_of(
-        fapi.post("/v1/commands", json={"machine_id": sandbox, "command": "x", "user": "nobody"}),
+        fapi.post("/v1/commands", json={"machine_id": sandbox, "command": "x", "user": "No Body"}),
         422,
         "validation_error",
     )

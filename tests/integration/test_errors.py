@@ -44,7 +44,7 @@ def test_malformed_json(api: httpx.Client, sandbox_id: str) -> None:
         {"command": "true", "args": "not-a-list"},
         {"command": "true", "unknown_field": 1},
         {"command": "a\u0000b"},
-        {"command": "true", "user": "nobody"},
+        {"command": "true", "user": "No Body"},
         {"command": "true", "timeout_ms": 10**12},
         {"command": "true", "max_output_bytes": 10**12},
         [1, 2, 3],

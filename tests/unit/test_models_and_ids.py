@@ -179,15 +179,17 @@ def test_exec_request_accepts_absolute_cwd() -> None:
     assert ExecRequest(command="true", cwd="/tmp").cwd == "/tmp"
 
 
-@pytest.mark.parametrize("user", ["nobody", "User", "1001", ""])
-def test_exec_request_only_allows_the_sandbox_users(user: str) -> None:
+@pytest.mark.parametrize("user", ["User", "1001", "", "a b", "../x", "-u", "x" * 33])
+def test_exec_request_only_allows_user_names(user: str) -> None:
     with pytest.raises(ValidationError):
         ExecRequest(command="true", user=user)
 
 
 @pytest.mark.parametrize(
-    ("user", "normal"), [("user", "user"), ("1000", "user"), ("root", "root"), ("0", "root")]
-)
+    ("user", "normal"),
+    [("user", "user"), ("1000", "user"), ("root", "root"), ("0", "root"), ("nobody", "nobody"),
+     ("_apt", "_apt"), ("build-1", "build-1")],
+)  # fmt: skip
 def test_exec_request_accepts_the_sandbox_users(user: str, normal: str) -> None:
     assert ExecRequest(command="true", user=user).user == normal
 

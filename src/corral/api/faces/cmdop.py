@@ -14,8 +14,9 @@ Where Corral differs from CMDOP:
   output so far is kept), `cancelled` (by `DELETE`) and `lost` (the server died while it ran:
   the result is unknown). `exit_code` is the shell's: 128+N when signal N ended the command
   (137 for a timeout; `signal` tells N), null when it never ran or its result is unknown.
-- `user` is `user` (uid 1000, the default) or `root` (uid 0 of the sandbox's own user namespace,
-  never a host privilege); others are a 422.
+- `user` is `user` (uid 1000, the default), `root` (uid 0 of the sandbox's own user namespace,
+  never a host privilege) or another user of the sandbox's `/etc/passwd` by name; what is no
+  user name is a 422.
 - `POST /v1/commands/batch` takes the fields of `POST /v1/commands` besides `machine_ids` and
   answers a map keyed by the machine ids as given (duplicates run once). Each entry is the
   command's result (including `timed_out` ones), or `{"error": {"code", "message"}}` for a
@@ -137,7 +138,7 @@ class CommandBody(BaseModel):
     cwd: str | None = Field(default=None, description="Working directory (default /workspace)")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables")
     timeout: Milliseconds | None = Field(default=None, description="Timeout in milliseconds")
-    user: str | None = Field(default=None, description="Run as user (only `user`)")
+    user: str | None = Field(default=None, description="Run as user: `user`, `root` or a name")
 
 
 class BatchBody(BaseModel):
