@@ -24,7 +24,13 @@ from corral.api.faces._common import (
     face_router,
 )
 from corral.api.origin import SAFE_METHODS, check_same_origin
-from corral.core.errors import BadRequest, PayloadTooLarge, PermissionDenied, Unauthenticated
+from corral.core.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    Unauthenticated,
+)
 from corral.core.logins import login_keys
 from corral.core.models import (
     MIN_DISK_MB,
@@ -332,7 +338,10 @@ async def get_vm(
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.read)
-    return vm_json(await usable_sandbox(services, principal, vm_id))
+    row = await usable_sandbox(services, principal, vm_id)
+    if row.state == SandboxState.deleted.value:
+        raise NotFound(f"VM {vm_id} not found")  # as run-dat-sheesh: a deleted VM is gone
+    return vm_json(row)
 
 
 @router.delete("/v1/vms/{vm_id}", status_code=204, summary="Delete a VM")
