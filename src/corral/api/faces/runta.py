@@ -1,9 +1,16 @@
 """The Runta runtimes API (seed 003), over Corral's core.
 
-A runtime is a Corral sandbox; `{id}` takes its id or its name. Answers are `{"data": ...}`;
-errors `{"error": {"code", "message"}, "request_id"}` with Runta's snake_case codes.
+A runtime is a Corral sandbox; `{id}` takes its id or its display name. Every route is served
+at `/v2` (the production API and its CLI) and at `/v1` (the docs'). Answers are
+`{"data": ...}`; errors `{"error": {"code", "message"}, "request_id"}` with Runta's snake_case
+codes. A runtime has `display_name` (its Corral name; `name` too) and `revision`; `stop`,
+`start` and `DELETE` take `expected_revision` (409 `failed_precondition` when it is not the
+runtime's); the list is cursor-paged (`limit`, `cursor`; `pagination: {next_cursor, has_more}`).
 
 Where Corral differs from Runta:
+- `revision` is the microsecond of the runtime's last change (it grows with every transition
+  and network change, and with nothing else). `expected_revision` is checked just before the
+  change, not under one lock with it.
 - `command` is run by bash as a shell string when `args` is empty or absent, and as a program
   with those arguments (no shell) when `args` has items.
 - A relative `cwd` is taken inside /workspace (the runtime's home); the default is /workspace.
