@@ -247,11 +247,12 @@ def cwd_of(value: str | None) -> str | None:
 
 
 def both(method: str, path: str, **kwargs: Any) -> Callable[[F], F]:
-    """A route at `/v2` (the production API and its CLI) and at `/v1` (the docs')."""
+    """A route at `/v2` (the production API and its CLI) and at `/v1` (the docs'). The OpenAPI
+    document lists the `/v1` operation (the seed's) only: the `/v2` one is the same."""
 
     def register(handler: F) -> F:
-        for version in ("v2", "v1"):
-            router.api_route(f"/{version}{path}", methods=[method], **kwargs)(handler)
+        router.api_route(f"/v1{path}", methods=[method], **kwargs)(handler)
+        router.api_route(f"/v2{path}", methods=[method], include_in_schema=False, **kwargs)(handler)
         return handler
 
     return register
