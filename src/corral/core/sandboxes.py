@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from corral.core.volumes import VolumeService
 
 log = logging.getLogger(__name__)
+# Run on the sandbox's row under its lock, before a change: raises to refuse the change (e.g. a
+# face's expected revision).
+RowCheck = Callable[[SandboxRow], None]
 RECONCILE_CONCURRENCY = 8
 POOL_RETRY_SECONDS = 5.0
 REFILL_DELAY_SECONDS = 0.25
@@ -490,10 +494,12 @@ class SandboxService:
         self._remember(row)
         return row
 
-    async def delete(self, ref: str) -> Sandbox:
+    async def delete(self, ref: str, *, check: RowCheck | None = None) -> Sandbox:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
+            if check is not None:
+                check(row)
             if row.state == SandboxState.deleted.value:
                 return self.model(row)
             try:
@@ -508,10 +514,12 @@ class SandboxService:
         self._locks.pop(row.id, None)
         return self.model(row)
 
-    async def stop(self, ref: str) -> Sandbox:
+    async def stop(self, ref: str, *, check: RowCheck | None = None) -> Sandbox:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
+            if check is not None:
+                check(row)
             if row.state == SandboxState.stopped.value:
                 return self.model(row)
             if not SandboxState(row.state).can_become(SandboxState.stopped):
@@ -589,10 +597,12 @@ class SandboxService:
                 raise Unavailable(str(exc)) from None
             return self.model(await self._set_state(row.id, SandboxState.running))
 
-    async def start(self, ref: str) -> Sandbox:
+    async def start(self, ref: str, *, check: RowCheck | None = None) -> Sandbox:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
+            if check is not None:
+                check(row)
             if row.state == SandboxState.running.value and await self.is_running(row):
                 return self.model(row)
             if row.state == SandboxState.deleted.value:

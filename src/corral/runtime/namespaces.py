@@ -1061,8 +1061,8 @@ class NamespacesSandbox(SandboxHandle):
         self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
         self._stderr = b""
         self._home_fds: list[int] | None = None  # the sandbox's own cgroup.procs, opened once
-        # The host pid of its pid 1 and that process's start time (None: not known, e.g. for
-        # a sandbox this node found running): whose /proc/PID/root its terminals come from.
+        # The host pid of its pid 1 and that process's start time (None until it has started):
+        # whose /proc/PID/root its terminals come from.
         self.inner: tuple[int, int] | None = None
         # Command cgroups still populated when released (a zombie not yet reaped, or processes
         # left in the background): removed once empty, a few per spawn.

@@ -9,8 +9,9 @@ runtime's); the list is cursor-paged (`limit`, `cursor`; `pagination: {next_curs
 
 Where Corral differs from Runta:
 - `revision` is the microsecond of the runtime's last change (it grows with every transition
-  and network change, and with nothing else). `expected_revision` is checked just before the
-  change, not under one lock with it.
+  and network change, and with nothing else). `expected_revision` is checked under this
+  server's lock of the runtime, just before the change; replicas of a fleet each hold their
+  own lock.
 - `command` is run by bash as a shell string when `args` is empty or absent, and as a program
   with those arguments (no shell) when `args` has items.
 - A relative `cwd` is taken inside /workspace (the runtime's home); the default is /workspace.
@@ -274,15 +275,22 @@ ExpectedRevision = Annotated[
 ]
 
 
-def check_revision(row: SandboxRow, expected: int | None) -> None:
+def revision_check(*given: int | None) -> Callable[[SandboxRow], None] | None:
+    """The check of the first revision given, made on the runtime's row under its lock, just
+    before the change (None: no revision expected)."""
+    expected = next((value for value in given if value is not None), None)
     if expected is None:
-        return
-    current = revision_of(sandbox_model(row))
-    if current != expected:
-        raise RevisionMismatch(
-            f"runtime {row.id} is at revision {current}, not {expected}",
-            details=[{"current_revision": current, "expected_revision": expected}],
-        )
+        return None
+
+    def check(row: SandboxRow) -> None:
+        current = revision_of(sandbox_model(row))
+        if current != expected:
+            raise RevisionMismatch(
+                f"runtime {row.id} is at revision {current}, not {expected}",
+                details=[{"current_revision": current, "expected_revision": expected}],
+            )
+
+    return check
 
 
 async def transition_body(request: Request) -> Transition:
@@ -359,8 +367,7 @@ async def delete_runtime(
 ) -> dict[str, Any]:
     principal.require(Scope.sandboxes)
     row = await usable_sandbox(services, principal, runtime)
-    check_revision(row, expected_revision)
-    await services.sandboxes.delete(row.id)
+    await services.sandboxes.delete(row.id, check=revision_check(expected_revision))
     return {"data": runtime_json(await services.sandboxes.row(row.id))}
 
 
@@ -374,9 +381,8 @@ async def stop_runtime(
 ) -> dict[str, Any]:
     principal.require(Scope.sandboxes)
     row = await usable_sandbox(services, principal, runtime)
-    check_revision(row, body.expected_revision if body.expected_revision is not None
-                   else expected_revision)  # fmt: skip
-    return {"data": runtime_json(await services.sandboxes.stop(row.id))}
+    check = revision_check(body.expected_revision, expected_revision)
+    return {"data": runtime_json(await services.sandboxes.stop(row.id, check=check))}
 
 
 @both("POST", "/runtimes/{runtime}/start", summary="Start a stopped runtime")
@@ -389,9 +395,8 @@ async def start_runtime(
 ) -> dict[str, Any]:
     principal.require(Scope.sandboxes)
     row = await usable_sandbox(services, principal, runtime)
-    check_revision(row, body.expected_revision if body.expected_revision is not None
-                   else expected_revision)  # fmt: skip
-    return {"data": runtime_json(await services.sandboxes.start(row.id))}
+    check = revision_check(body.expected_revision, expected_revision)
+    return {"data": runtime_json(await services.sandboxes.start(row.id, check=check))}
 
 
 @both("POST", "/runtimes/{runtime}/exec", summary="Run a buffered command")
