@@ -564,3 +564,32 @@ def test_allow_listed_destination_is_reachable(rds: httpx.Client, test_host: str
     finally:
         for vm in made:
             rds.delete(f"/v1/vms/{vm}")
+
+
+def test_images_and_a_vm_from_one(rds: httpx.Client, fapi: httpx.Client, tmp_path: Path) -> None:
+    from tests.host_image import shell_layer
+    from tests.oci_images import BuiltImage, layer_tar
+
+    built = BuiltImage([shell_layer(), layer_tar({"etc/rds-image": b"from the image\n"})])
+    archive = built.oci_archive(tmp_path / "image.tar").read_bytes()
+    imported = fapi.post("/v1/images/import", params={"reference": "rds/test:1"}, content=archive)
+    assert imported.status_code == 201, imported.text
+    image_id = imported.json()["id"]
+    listed = rds.get("/v1/images").json()
+    assert {"id": image_id, "name": "rds/test:1"}.items() <= next(
+        i for i in listed if i["id"] == image_id
+    ).items()
+    made = rds.post(
+        "/v1/vms", json={"cpu": 1, "memMb": 256, "allowIps": [], "imageId": "rds/test:1"}
+    )
+    assert made.status_code == 201, made.text
+    vm = made.json()
+    try:
+        assert vm["imageId"] == image_id and vm["provisionMode"] == "boot"
+        seen = rds.post(f"/v1/vms/{vm['id']}/exec", json={"cmd": "echo $(</etc/rds-image)"}).json()
+        assert seen["stdout"] == "from the image\n", seen
+        message_of(rds.delete(f"/v1/images/{image_id}"), 409)  # a VM runs on it
+    finally:
+        rds.delete(f"/v1/vms/{vm['id']}")
+    assert rds.delete(f"/v1/images/{image_id}").status_code == 204
+    message_of(rds.get(f"/v1/images/{image_id}"), 404)
