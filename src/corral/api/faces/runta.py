@@ -266,6 +266,15 @@ class Transition(BaseModel):
     )
 
 
+# Documented by hand: the body is optional, read by `transition_body`.
+TRANSITION_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": Transition.model_json_schema()}},
+    }
+}
+
+
 class RevisionMismatch(Conflict):
     code = "failed_precondition"
 
@@ -371,7 +380,12 @@ async def delete_runtime(
     return {"data": runtime_json(await services.sandboxes.row(row.id))}
 
 
-@both("POST", "/runtimes/{runtime}/stop", summary="Stop a runtime (its files stay)")
+@both(
+    "POST",
+    "/runtimes/{runtime}/stop",
+    summary="Stop a runtime (its files stay)",
+    openapi_extra=TRANSITION_BODY,
+)
 async def stop_runtime(
     runtime: str,
     expected_revision: ExpectedRevision = None,
@@ -385,7 +399,12 @@ async def stop_runtime(
     return {"data": runtime_json(await services.sandboxes.stop(row.id, check=check))}
 
 
-@both("POST", "/runtimes/{runtime}/start", summary="Start a stopped runtime")
+@both(
+    "POST",
+    "/runtimes/{runtime}/start",
+    summary="Start a stopped runtime",
+    openapi_extra=TRANSITION_BODY,
+)
 async def start_runtime(
     runtime: str,
     expected_revision: ExpectedRevision = None,
