@@ -40,3 +40,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+
+# The official JavaScript clients the face tests run (tests/js, pinned in its package-lock.json).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  else
+    echo "setup: node and npm are missing; the face tests of the JavaScript clients need them" >&2
+  fi
+fi
+if command -v npm >/dev/null && ! cmp -s tests/js/package-lock.json tests/js/node_modules/.installed-lock; then
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
+fi

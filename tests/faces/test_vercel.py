@@ -1,5 +1,6 @@
 """The Vercel Sandbox API (seed 004): run a command in a session, with `wait`/`logs` ND-JSON,
-`timeout` (SIGKILL, 137), `sudo`, and the command endpoints; errors in Vercel's shape."""
+`timeout` (SIGKILL, 137), `sudo`, and the command endpoints; then the other routes the official
+SDK calls, over plain HTTP; errors in Vercel's shape. The SDK itself: test_vercel_sdk.py."""
 
 # ruff: noqa: E501  (the seeds' curl commands are kept as the seeds write them)
 
@@ -139,8 +140,10 @@ def test_kill(fapi: httpx.Client, session: str) -> None:
     assert killed.status_code == 200, killed.text
     final = fapi.get(f"/v2/sandboxes/sessions/{session}/cmd/{cid}?wait=true").json()["command"]
     assert final["exitCode"] == 137
+    # A command that has ended is answered as it is, as Vercel does (not 409).
     again = fapi.post(f"/v2/sandboxes/sessions/{session}/cmd/{cid}/kill", json={"signal": 15})
-    error_of(again, 409, "conflict")
+    assert again.status_code == 200, again.text
+    assert again.json()["command"]["exitCode"] == 137
 
 
 def test_sudo(fapi: httpx.Client, session: str) -> None:
@@ -161,8 +164,15 @@ def test_command_that_cannot_start(fapi: httpx.Client, session: str) -> None:
         json={"command": "no-such-program", "wait": True},
     )
     lines = ndjson(resp.text)
-    assert lines[-1]["stream"] == "error"
-    assert set(lines[-1]["data"]) == {"code", "message"}
+    # A result, as Vercel gives: the command finished with 127, not a stream error.
+    assert lines[-1]["command"]["exitCode"] == 127 and lines[-1]["command"]["status"] == "failed"
+    logged = fapi.post(
+        f"/v2/sandboxes/sessions/{session}/cmd",
+        json={"command": "no-such-program", "wait": True, "logs": True},
+    )
+    lines = ndjson(logged.text)
+    assert lines[1]["stream"] == "stderr" and lines[1]["data"].startswith("no-such-program: ")
+    assert lines[-1]["command"]["exitCode"] == 127
 
 
 def test_errors(faces_server: FacesServer, fapi: httpx.Client, session: str) -> None:
@@ -205,3 +215,78 @@ def test_rate_limit(limited_faces_server: Server) -> None:
     limited = [r for r in statuses if r.status_code == 429]
     assert limited
     error_of(limited[0], 429, "too_many_requests")
+
+
+# --- the routes the official SDK calls, in its shapes (tests/faces/test_vercel_sdk.py runs it) ---
+
+SESSION_NUMBERS = ("memory", "vcpus", "timeout", "requestedAt", "createdAt", "updatedAt")
+
+
+def test_create_answers_the_sdk_shapes(fapi: httpx.Client) -> None:
+    for path in ("/v2/sandboxes", "/v3/sandboxes"):
+        resp = fapi.post(path, json={"runtime": "node22"} if path.startswith("/v2") else {})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        sandbox, session = body["sandbox"], body["session"]
+        try:
+            assert sandbox["name"] == sandbox["id"] and sandbox["persistent"] is True
+            assert sandbox["currentSessionId"] == session["id"] == sandbox["id"]
+            assert all(isinstance(session[key], int | float) for key in SESSION_NUMBERS)
+            assert session["timeout"] == 300_000  # Vercel's default lifetime
+            assert session["region"] == "local" and session["cwd"] == "/workspace"
+            assert body["routes"] == []
+        finally:
+            fapi.delete(f"/v1/sandboxes/{sandbox['id']}")
+
+
+def test_get_list_resume_and_delete(fapi: httpx.Client, session: str) -> None:
+    got = fapi.get(f"/v2/sandboxes/{session}").json()
+    assert got["session"]["id"] == session and got["routes"] == [] and got["resumed"] is False
+    names = [
+        s["name"] for s in fapi.get("/v2/sandboxes", params={"limit": 200}).json()["sandboxes"]
+    ]
+    assert session in names
+    sessions = fapi.get("/v2/sandboxes/sessions", params={"name": session}).json()
+    assert [s["id"] for s in sessions["sessions"]] == [session]
+    assert sessions["pagination"] == {"count": 1, "next": None}
+    assert fapi.get("/v2/sandboxes/sessions").json()["sessions"]
+    stopped = fapi.post(f"/v2/sandboxes/sessions/{session}/stop")
+    assert stopped.json()["session"]["status"] == "stopped", stopped.text
+    body = {"path": "x"}
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/fs/read", json=body), 410,
+             "sandbox_stopped")  # fmt: skip
+    assert fapi.get(f"/v2/sandboxes/{session}").json()["session"]["status"] == "stopped"
+    resumed = fapi.get(f"/v2/sandboxes/{session}", params={"resume": "true"}).json()
+    assert resumed["resumed"] is True and resumed["session"]["status"] == "running"
+    # Paused through the native API: a 410 for the SDK to resume it, which thaws it.
+    assert fapi.post(f"/v1/sandboxes/{session}/pause").status_code == 200
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/cmd", json={"command": "true"}), 410,
+             "sandbox_stopped")  # fmt: skip
+    thawed = fapi.get(f"/v2/sandboxes/{session}", params={"resume": "true"}).json()
+    assert thawed["resumed"] is True and thawed["session"]["status"] == "running"
+    deleted = fapi.delete(f"/v2/sandboxes/{session}")
+    assert deleted.status_code == 200, deleted.text
+    error_of(fapi.get(f"/v2/sandboxes/{session}"), 404, "not_found")
+    error_of(fapi.post(f"/v2/sandboxes/sessions/{session}/cmd", json={"command": "true"}), 404,
+             "not_found")  # fmt: skip
+    error_of(fapi.delete(f"/v2/sandboxes/{session}"), 404, "not_found")
+
+
+def test_session_routes_errors(fapi: httpx.Client, session: str) -> None:
+    base = f"/v2/sandboxes/sessions/{session}"
+    missing = fapi.post(f"{base}/fs/read", json={"path": "/workspace/none"})
+    error_of(missing, 404, "file_not_found")
+    error_of(fapi.post(f"{base}/fs/read", json={}), 400, "bad_request")
+    error_of(fapi.post(f"{base}/fs/mkdir", json={"path": "a/b/c"}), 404, "not_found")
+    not_gzip = fapi.post(f"{base}/fs/write", content=b"plain", headers={"x-cwd": "/"})
+    error_of(not_gzip, 400, "bad_request")
+    error_of(fapi.post(f"{base}/extend-timeout", json={}), 400, "bad_request")
+    error_of(fapi.post(f"{base}/network-policy", json={"mode": "sometimes"}), 400, "bad_request")
+    denied = fapi.post(f"{base}/network-policy", json={"subnets": {"deny": ["10.0.0.0/8"]}})
+    error_of(denied, 400, "unsupported")
+    git = fapi.post("/v3/sandboxes", json={"source": {"type": "git", "url": "https://x/y.git"}})
+    error_of(git, 400, "unsupported")
+    error_of(fapi.get("/v2/sandboxes/snapshots/snap_nope"), 404, "not_found")
+    error_of(fapi.post("/v2/sandboxes/sb_nope/fork", json={}), 404, "not_found")
+    error_of(fapi.get("/v2/sandboxes", params={"limit": 0}), 400, "bad_request")
+    error_of(fapi.post("/v2/sandboxes/sessions/sb_nope/stop"), 404, "not_found")

@@ -79,6 +79,29 @@ def test_sudo_is_like_sudo_and_root_can_add_users(api: httpx.Client, sandbox_id:
     assert run(api, sandbox_id, "touch /root/x || touch /home/x")["exit_code"] != 0
 
 
+def test_a_command_runs_as_another_user_by_name(api: httpx.Client, sandbox_id: str) -> None:
+    """`user: NAME` is `sudo -u NAME`: that user's uid, groups and home, no capabilities."""
+    made = run(api, sandbox_id, "groupadd -f crew && (id bob || useradd -m -G crew bob)",
+               user="root")  # fmt: skip
+    assert made["exit_code"] == 0, made["stderr"]
+    bob = run(api, sandbox_id, "echo $(id -un) $(id -nG) $HOME $USER $SUDO_USER; "
+              "grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status", user="bob")  # fmt: skip
+    lines = bob["stdout"].splitlines()
+    assert lines[0] == "bob bob crew /home/bob bob user", bob
+    assert all(line.endswith("0000000000000000") for line in lines[1:]), lines
+    # Its environment still wins; one it sets keeps its HOME.
+    resp = api.post(
+        f"/v1/sandboxes/{sandbox_id}/exec",
+        json={"command": "echo $HOME", "user": "bob", "env": {"HOME": "/tmp"}},
+    )
+    assert resp.json()["stdout"] == "/tmp\n"
+    # A user the sandbox does not have cannot start; a name that is no user name is 422.
+    missing = run(api, sandbox_id, "true", user="nobody-here")
+    assert missing["status"] == "failed" and "nobody-here" in missing["error"], missing
+    bad = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "true", "user": "Bad Name"})
+    assert bad.status_code == 422, bad.text
+
+
 def test_pip_install_stays_in_its_sandbox(api: httpx.Client, sandbox_id: str) -> None:
     assert run(api, sandbox_id, "python3 -", stdin=MAKE_WHEEL)["exit_code"] == 0
     install = run(

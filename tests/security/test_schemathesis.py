@@ -65,6 +65,8 @@ CREATES = (
     "/v1/sandboxes",
     "/v1/runtimes",
     "/v2/sandboxes",
+    "/v3/sandboxes",
+    "/v2/sandboxes/{name}/fork",
     "/v1/vms",
     "/v1/volumes",
     "/v1/images",
@@ -101,7 +103,7 @@ def destructive(method: str, path: str) -> bool:
 
 def lifecycle(method: str, path: str) -> bool:
     return method in ("POST", "PATCH") and (
-        path.endswith(("/stop", "/start", "/pause", "/resume"))
+        path.endswith(("/stop", "/start", "/pause", "/resume", "/snapshot", "/network-policy"))
         or (method == "PATCH" and path == "/v1/sandboxes/{sandbox}")
     )
 

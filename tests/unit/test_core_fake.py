@@ -256,6 +256,50 @@ def test_list_sandboxes_pages_with_a_cursor(tmp_path: Path) -> None:
     run(main())
 
 
+def test_list_sandboxes_by_name_prefix(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with corral(tmp_path) as services:
+            for name in ("ci-1", "ci-2", "cix", "other", "ci_3"):
+                await services.sandboxes.create(SandboxCreate(name=name))
+            await services.sandboxes.create(SandboxCreate())
+
+            async def names(prefix: str) -> list[str | None]:
+                page = await services.sandboxes.list(name_prefix=prefix)
+                return sorted(s.name for s in page.items if s.name)
+
+            assert await names("ci-") == ["ci-1", "ci-2"]
+            assert await names("ci_") == ["ci_3"]  # "_" is a character, not LIKE's wildcard
+            assert await names("ci") == ["ci-1", "ci-2", "ci_3", "cix"]
+            assert await names("nope") == []
+
+    run(main())
+
+
+def test_extend_lengthens_the_ttl_and_the_deadline(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with corral(tmp_path) as services:
+            sandbox = await services.sandboxes.create(SandboxCreate(ttl_seconds=600))
+            assert sandbox.expires_at is not None
+            longer = await services.sandboxes.extend(sandbox.id, 60)
+            assert longer.ttl_seconds == 660
+            assert longer.expires_at == sandbox.expires_at + timedelta(seconds=60)
+            # Never past ten years from now, whatever is asked.
+            far = await services.sandboxes.extend(sandbox.id, 10 * 366 * 24 * 3600)
+            assert far.expires_at is not None
+            assert far.expires_at <= datetime.now(UTC) + timedelta(days=10 * 366)
+            # A sandbox without a lifetime keeps none.
+            forever = await services.sandboxes.create(SandboxCreate())
+            assert (await services.sandboxes.extend(forever.id, 60)).expires_at is None
+            # A renewed start gives a new lifetime from now, even before the old one is over.
+            await services.sandboxes.stop(sandbox.id)
+            before = datetime.now(UTC)
+            started = await services.sandboxes.start(sandbox.id, renew=True)
+            assert started.expires_at is not None
+            assert started.expires_at >= before + timedelta(seconds=started.ttl_seconds or 0)
+
+    run(main())
+
+
 def test_a_crashed_sandbox_turns_error_and_can_start_again(tmp_path: Path) -> None:
     async def main() -> None:
         async with corral(tmp_path) as services:

@@ -18,6 +18,7 @@ STREAMING_BODY_ROUTES: tuple[re.Pattern[str], ...] = (
     re.compile(r"/v1/sandboxes/[^/]+/commands/[^/]+/stdin"),
     re.compile(r"/v1/vms/[^/]+/files/upload"),  # run-dat-sheesh face
     re.compile(r"/v1/runtimes/[^/]+/files"),  # Runta face
+    re.compile(r"/v2/sandboxes/sessions/[^/]+/fs/write"),  # Vercel face
     re.compile(r"/v1/images/import"),  # image archives, up to max_image_bytes
 )
 

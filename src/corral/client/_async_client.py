@@ -256,7 +256,7 @@ class AsyncClient(BaseClient):
 
         `command` is a shell string, or the program when `args` is given (no shell). A non-zero
         exit is a result, not an error; see `corral.raise_for_status`. `user="root"` runs it as the
-        sandbox's own root (sudo).
+        sandbox's own root (sudo), `user=NAME` as another user of the sandbox's (`sudo -u`).
         """
         call = self._exec_call(
             sandbox,

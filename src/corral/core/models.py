@@ -411,6 +411,10 @@ class Sandbox(BaseModel):
 # --- commands ----------------------------------------------------------------------------------
 
 
+# A user name as useradd takes it (the commands table keeps up to 32 characters).
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")
+
+
 class ExecRequest(Strict):
     command: str = Field(min_length=1, description="Shell string, or the program when args is set")
     args: list[str] | None = Field(default=None, description="Program arguments: no shell")
@@ -418,8 +422,9 @@ class ExecRequest(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     user: str | None = Field(
         default=None,
-        description="'user' (uid 1000, the default) or 'root': uid 0 of the sandbox's own user "
-        "namespace (sudo), never a host privilege",
+        description="'user' (uid 1000, the default), 'root': uid 0 of the sandbox's own user "
+        "namespace (sudo), never a host privilege, or another user of the sandbox's /etc/passwd "
+        "by name (as `sudo -u NAME`), with that user's groups",
     )
     stdin: str | None = Field(default=None, description="Standard input as UTF-8 text")
     timeout_ms: Milliseconds | None = None
@@ -469,7 +474,12 @@ class ExecRequest(Strict):
             return "user"
         if value in ("root", "0"):
             return "root"
-        raise ValueError("user must be 'user' (uid 1000) or 'root' (uid 0 inside the sandbox)")
+        if USER_NAME.fullmatch(value):
+            return value
+        raise ValueError(
+            "user must be 'user' (uid 1000), 'root' (uid 0 inside the sandbox) or the name of "
+            "another user in the sandbox's /etc/passwd"
+        )
 
 
 class Command(BaseModel):

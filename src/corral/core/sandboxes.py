@@ -27,6 +27,7 @@ from corral.core.errors import (
 )
 from corral.core.images import env_pairs
 from corral.core.models import (
+    MAX_SECONDS,
     CommandStatus,
     Page,
     Sandbox,
@@ -314,10 +315,14 @@ class SandboxService:
         state: SandboxState | None = None,
         include_deleted: bool = False,
         only: frozenset[str] | None = None,
+        name_prefix: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page[Sandbox]:
         query = select(SandboxRow).order_by(SandboxRow.id).limit(limit + 1)
+        if name_prefix:
+            escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(SandboxRow.name.like(escaped + "%", escape="\\"))
         if state is not None:
             query = query.where(SandboxRow.state == state.value)
         elif not include_deleted:
@@ -597,7 +602,11 @@ class SandboxService:
                 raise Unavailable(str(exc)) from None
             return self.model(await self._set_state(row.id, SandboxState.running))
 
-    async def start(self, ref: str, *, check: RowCheck | None = None) -> Sandbox:
+    async def start(
+        self, ref: str, *, renew: bool = False, check: RowCheck | None = None
+    ) -> Sandbox:
+        """Start a stopped (or failed) sandbox again. A sandbox with a ttl gets a new lifetime
+        from now if its old one is over, or always with `renew`."""
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
@@ -608,7 +617,7 @@ class SandboxService:
             if row.state == SandboxState.deleted.value:
                 raise Conflict(f"sandbox {row.id} is deleted")
             ttl = row.spec.get("ttl_seconds")
-            if ttl and row.expires_at is not None and row.expires_at <= utcnow():
+            if ttl and row.expires_at is not None and (renew or row.expires_at <= utcnow()):
                 async with self.db.transaction() as session:  # a new lifetime from now
                     stored = await session.get(SandboxRow, row.id)
                     assert stored is not None
@@ -617,6 +626,29 @@ class SandboxService:
                 self._remember(stored)
             await self._set_state(row.id, SandboxState.creating)
             await self._boot(row)
+        return await self.get(row.id)
+
+    async def extend(self, ref: str, seconds: int) -> Sandbox:
+        """Lengthen the lifetime of a sandbox that has one by `seconds`: its ttl (so that its
+        later starts get as long) and its deadline. One without a ttl is left as it is."""
+        row = await self.row(ref)
+        async with self._lock(row.id):
+            row = await self.row(row.id)
+            if row.state == SandboxState.deleted.value:
+                raise Conflict(f"sandbox {row.id} is deleted")
+            ttl = row.spec.get("ttl_seconds")
+            if not ttl:
+                return self.model(row)
+            async with self.db.transaction() as session:
+                stored = await session.get(SandboxRow, row.id, with_for_update=True)
+                assert stored is not None
+                stored.spec = {**stored.spec, "ttl_seconds": min(ttl + seconds, MAX_SECONDS)}
+                now = utcnow()
+                deadline = (stored.expires_at or now) + timedelta(seconds=seconds)
+                stored.expires_at = min(deadline, now + timedelta(seconds=MAX_SECONDS))
+                stored.updated_at = now
+            self._written(row.id)
+            self._remember(stored)
         return await self.get(row.id)
 
     async def died(self, sandbox_id: str, failure: str | None = None) -> None:

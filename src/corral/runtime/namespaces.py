@@ -1264,6 +1264,14 @@ class NamespacesSandbox(SandboxHandle):
         elif spec.user == "root":
             # As sudo sets them: root's home, and who asked.
             env = {**DEFAULT_ENV, **self.config.env, **SUDO_ENV, **spec.env}
+        elif spec.user != "user":
+            # Another user of the sandbox's (sudo -u): who asked; HOME, USER and LOGNAME come
+            # from the sandbox's passwd (the supervisor's).
+            asked = {k: v for k, v in SUDO_ENV.items() if k.startswith("SUDO_")}
+            env = {**DEFAULT_ENV, **self.config.env, **asked, **spec.env}
+            for key in ("HOME", "USER", "LOGNAME"):
+                if key not in self.config.env and key not in spec.env:
+                    env.pop(key, None)
         else:
             env = {**DEFAULT_ENV, **self.config.env, **spec.env}
         started = self.loop.create_future()

@@ -98,16 +98,19 @@ def _ignore(_signum, _frame) -> None:
     pass
 
 
-def _become_user() -> None:
-    """uid/gid 1000, no groups, and every capability set empty, the bounding set included: an
-    ordinary command keeps none of the supervisor's and can never regain them (a setuid-root
-    file made by sudo gives it nothing). Raises OSError if any of it did not hold."""
+def _become_user(uid=None, gid=None, groups=()) -> None:
+    """The sandbox user (or another of the sandbox's users), with only its own groups and every
+    capability set empty, the bounding set included: an ordinary command keeps none of the
+    supervisor's and can never regain them (a setuid-root file made by sudo gives it nothing).
+    Raises OSError if any of it did not hold."""
     libc = LIBC
+    uid = USER_ID if uid is None else uid
+    gid = GROUP_ID if gid is None else gid
     for cap in range(64):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last capability: fine
-    os.setgroups([])
-    os.setresgid(GROUP_ID, GROUP_ID, GROUP_ID)
-    os.setresuid(USER_ID, USER_ID, USER_ID)
+    os.setgroups(list(groups))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all zero
@@ -181,6 +184,8 @@ def _fork_spawn(message, fds):
                 os.setgroups([])
                 os.setresgid(0, 0, 0)
                 os.setresuid(0, 0, 0)
+            elif "uid" in message:  # another user of the sandbox's, resolved by _handle
+                _become_user(int(message["uid"]), int(message["gid"]), message["groups"])
             else:
                 _become_user()
             for name, value in (message.get("rlimits") or {}).items():
@@ -635,16 +640,31 @@ class Supervisor:
         op = message.get("op")
         cid = message.get("id")
         if op == "spawn":
-            if self.everyone_root:
-                message["user"] = "root"
-            if self.identity is not None and isinstance(message.get("env"), dict):
+            if len(fds) < 3:
+                _send(self.sock, {"ev": "spawn_failed", "id": cid, "error": "missing descriptors"})
+                return
+            user = message.get("user")
+            if self.everyone_root and user in (None, "user"):
+                message["user"] = user = "root"
+            if user not in (None, "user", "root"):
+                try:
+                    named = _named_user(str(user))
+                except ValueError as exc:
+                    _send(self.sock, {"ev": "spawn_failed", "id": cid, "error": str(exc)})
+                    return
+                if named is None:
+                    message["user"] = "root"  # a name for uid 0
+                else:
+                    message["uid"], message["gid"], message["groups"] = named
+                if isinstance(message.get("env"), dict):
+                    for key, value in _identity(0 if named is None else named[0]).items():
+                        message["env"].setdefault(key, value)
+                data = json.dumps(message, separators=(",", ":")).encode()
+            elif self.identity is not None and isinstance(message.get("env"), dict):
                 who = self.identity["root" if message.get("user") == "root" else "user"]
                 for key, value in who.items():
                     message["env"].setdefault(key, value)
                 data = json.dumps(message, separators=(",", ":")).encode()
-            if len(fds) < 3:
-                _send(self.sock, {"ev": "spawn_failed", "id": cid, "error": "missing descriptors"})
-                return
             if self._forward(message, data, fds):
                 return
             try:
@@ -675,8 +695,8 @@ class Supervisor:
             self._start_launcher()
         if not (self.launcher_up and self.launcher_chan is not None):
             return False
-        if message.get("tty") or message.get("user") == "root":
-            return False
+        if message.get("tty") or message.get("user") not in (None, "user"):
+            return False  # the launcher only ever is the sandbox user
         if any(str(k) != "core" or int(v) != 0 for k, v in (message.get("rlimits") or {}).items()):
             return False
         joins, homes = message.get("joins"), message.get("homes")
@@ -744,7 +764,7 @@ def resolve_user(spec):
     else:
         entry = _lookup("/etc/passwd", user)
         if entry is None or len(entry) < 4 or not entry[2].isdigit() or not entry[3].isdigit():
-            raise ValueError(f"user {user!r} is not in the image's /etc/passwd")
+            raise ValueError(f"user {user!r} is not in the sandbox's /etc/passwd")
         uid, gid = int(entry[2]), int(entry[3])
     if group:
         if group.isdigit():
@@ -752,12 +772,33 @@ def resolve_user(spec):
         else:
             found = _lookup("/etc/group", group)
             if found is None or not found[2].isdigit():
-                raise ValueError(f"group {group!r} is not in the image's /etc/group")
+                raise ValueError(f"group {group!r} is not in the sandbox's /etc/group")
             gid = int(found[2])
     for ident in (uid, gid):
         if not any(first <= ident < first + count for first, count in MAPPED):
             raise ValueError(f"uid or gid {ident} is outside the sandbox's uids")
     return uid, gid
+
+
+def _named_user(name):
+    """(uid, gid, supplementary gids) of a user of the sandbox's own /etc/passwd, or None for
+    one whose uid is 0. Raises ValueError for a user it does not have, or whose ids the sandbox
+    does not map."""
+    uid, gid = resolve_user(name)
+    if uid == 0:
+        return None
+    groups = []
+    try:
+        with open("/etc/group", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 4 and fields[2].isdigit() and name in fields[3].split(","):
+                    ident = int(fields[2])
+                    if any(first <= ident < first + count for first, count in MAPPED):
+                        groups.append(ident)
+    except OSError:
+        pass
+    return uid, gid, sorted(set(groups) | {gid})
 
 
 def _identity(uid):
