@@ -5,11 +5,13 @@ substituted), the admin session cookie, the public docs, and errors as `{"messag
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,15 +117,21 @@ def test_exec_defaults_timeout_and_limits(fapi: httpx.Client, vm: str) -> None:
 def test_vm_lifecycle_and_exec_logs(fapi: httpx.Client, vm: str) -> None:
     assert vm in [v["id"] for v in fapi.get("/v1/vms").json()]
     fapi.post(f"/v1/vms/{vm}/exec", json={"cmd": "echo one"})
-    stopped = fapi.post(f"/v1/vms/{vm}/stop").json()
-    assert stopped["state"] == "STOPPED"
+    # start, stop and delete answer 204 with no body, as run-dat-sheesh's do.
+    stopped = fapi.post(f"/v1/vms/{vm}/stop")
+    assert stopped.status_code == 204 and stopped.content == b""
+    assert fapi.get(f"/v1/vms/{vm}").json()["state"] == "STOPPED"
     message_of(fapi.post(f"/v1/vms/{vm}/exec", json={"cmd": "true"}), 409)
-    assert fapi.post(f"/v1/vms/{vm}/start").json()["state"] == "RUNNING"
+    started = fapi.post(f"/v1/vms/{vm}/start")
+    assert started.status_code == 204 and started.content == b""
+    assert fapi.get(f"/v1/vms/{vm}").json()["state"] == "RUNNING"
     fapi.post(f"/v1/vms/{vm}/exec", json={"cmd": "echo two"})
     logs = fapi.get(f"/v1/vms/{vm}/exec-logs").json()
     assert [entry["cmd"] for entry in logs][:2] == ["echo two", "echo one"]
     assert {"id", "cmd", "exitCode", "startedAt", "durationMs"} <= set(logs[0])
-    assert fapi.delete(f"/v1/vms/{vm}").json()["state"] == "DELETED"
+    deleted = fapi.delete(f"/v1/vms/{vm}")
+    assert deleted.status_code == 204 and deleted.content == b""
+    message_of(fapi.get(f"/v1/vms/{vm}"), 404)
 
 
 def test_admin_session_cookie(faces_server: FacesServer, vm: str) -> None:
@@ -265,7 +273,7 @@ def test_run_ts_error_and_env_confinement(fapi: httpx.Client, vm: str) -> None:
         f"/v1/vms/{vm}/run-ts", json={"code": "result.error({ reason: 'nope' })"}
     ).json()
     assert failed["exitCode"] != 0
-    assert json.loads(failed["error"]["message"]) == {"reason": "nope"}
+    assert failed["error"] == {"reason": "nope"}
     thrown = fapi.post(f"/v1/vms/{vm}/run-ts", json={"code": "throw new TypeError('bad')"})
     assert thrown.json()["error"]["name"] == "TypeError"
     hidden = fapi.post(
@@ -360,3 +368,228 @@ def test_upload_errors(limited_faces_server: Server, tmp_path: Path) -> None:
         message_of(resp, 404)
     finally:
         admin_request(limited_faces_server, "DELETE", f"/v1/vms/{vm_id}")
+
+
+# --- what run-dat-sheesh's own clients call beyond the seed -------------------------------------
+
+
+@pytest.fixture
+def rds(faces_server: FacesServer) -> Iterator[httpx.Client]:
+    """A client as run-dat-sheesh's own are: the key in `X-API-Key`."""
+    with httpx.Client(
+        base_url=faces_server.url, headers={"X-API-Key": faces_server.admin_key}, timeout=60
+    ) as client:
+        yield client
+
+
+def test_run_js_and_the_value_of_result_error(rds: httpx.Client, vm: str) -> None:
+    js = rds.post(
+        f"/v1/vms/{vm}/run-js",
+        json={"code": "console.log(typeof process, process.env.A); result.set({ sum: 1 + 2 })",
+              "env": ["A=b"]},
+    )  # fmt: skip
+    assert js.status_code == 200, js.text
+    assert js.json() == {"exitCode": 0, "stdout": "object b\n", "stderr": "", "result": {"sum": 3}}
+    failed = rds.post(
+        f"/v1/vms/{vm}/run-ts", json={"code": "result.error({ code: 'E_BAD', detail: 'no' })"}
+    ).json()
+    assert failed["exitCode"] == 1 and failed["error"] == {"code": "E_BAD", "detail": "no"}
+    thrown = rds.post(f"/v1/vms/{vm}/run-js", json={"code": "throw new RangeError('r')"}).json()
+    assert thrown["exitCode"] == 1 and thrown["error"]["name"] == "RangeError"
+    assert thrown["error"]["message"] == "r"
+
+
+def test_deno_reads_resolv_conf_and_writes_its_temp_dir(rds: httpx.Client, vm: str) -> None:
+    code = """
+    import os from "node:os";
+    const resolv = Deno.readTextFileSync("/etc/resolv.conf");
+    const dir = os.tmpdir();
+    Deno.writeTextFileSync(`${dir}/scratch.txt`, "x");
+    const made = Deno.makeTempDirSync();
+    result.set({ resolv: typeof resolv, dir, tmpdir: Deno.env.get("TMPDIR"),
+                 made: made.startsWith("/tmp/") });
+    """
+    out = rds.post(f"/v1/vms/{vm}/run-ts", json={"code": code}).json()
+    assert out["exitCode"] == 0, out
+    assert out["result"] == {"resolv": "string", "dir": "/tmp", "tmpdir": "/tmp", "made": True}
+    # The rest of /etc stays closed.
+    closed = rds.post(f"/v1/vms/{vm}/run-ts", json={"code": "Deno.readTextFileSync('/etc/passwd')"})
+    assert closed.json()["error"]["name"] == "NotCapable"
+
+
+def test_images_and_snapshots(faces_server: FacesServer, rds: httpx.Client, vm: str) -> None:
+    url = faces_server.url
+    for path in ("/v1/images", "/v1/snapshots"):
+        assert httpx.get(url + path).status_code == 401, path
+        assert httpx.get(url + path, headers={"X-API-Key": "crl_nope"}).status_code == 401
+        assert isinstance(rds.get(path).json(), list), path
+    # The native routes of the same paths keep their own shape.
+    native = httpx.get(
+        url + "/v1/snapshots", headers={"Authorization": f"Bearer {rds.headers['x-api-key']}"}
+    )
+    assert set(native.json()) == {"items", "next_cursor"}
+    assert rds.get(f"/v1/vms/{vm}").json()["provisionMode"] == "boot"
+    rds.post(f"/v1/vms/{vm}/exec", json={"cmd": "echo kept > /workspace/mark"})
+    taken = rds.post(f"/v1/vms/{vm}/snapshots")
+    assert taken.status_code == 201, taken.text
+    snap = taken.json()
+    assert snap["id"] and snap["vmId"] == vm and snap["createdAt"]
+    assert snap["cpu"] == 1 and snap["memMb"] == 256
+    assert snap["id"] in [s["id"] for s in rds.get("/v1/snapshots").json()]
+    made = rds.post(
+        "/v1/vms",
+        json={"cpu": 1, "memMb": 256, "allowIps": ["172.16.0.1/32"], "snapshotId": snap["id"]},
+    )
+    assert made.status_code == 201, made.text
+    new = made.json()
+    try:
+        assert new["provisionMode"] == "snapshot" and new["state"] == "RUNNING"
+        assert "guestIp" in new
+        seen = rds.post(f"/v1/vms/{new['id']}/exec", json={"cmd": "cat /workspace/mark"}).json()
+        assert seen["stdout"] == "kept\n"
+        message_of(rds.delete(f"/v1/snapshots/{snap['id']}"), 409)  # a VM runs from it
+    finally:
+        rds.delete(f"/v1/vms/{new['id']}")
+    assert rds.delete(f"/v1/snapshots/{snap['id']}").status_code == 204
+    message_of(rds.post("/v1/vms", json={"snapshotId": "snap_none"}), 404)
+    message_of(rds.get("/v1/images/sha256:" + "0" * 64), 404)
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_upload_is_gzip_within_the_originals_limit(rds: httpx.Client, vm: str) -> None:
+    """The server's own limit is far above run-dat-sheesh's: the face's own applies."""
+    upload = f"/v1/vms/{vm}/files/upload"
+    gzip_type = {"content-type": "application/gzip"}
+    plain = _tar({"plain.txt": b"not compressed"})
+    message_of(
+        rds.post(upload, params={"dest": "/workspace"}, content=plain, headers=gzip_type), 400
+    )
+    noise = os.urandom(1000)
+    message_of(
+        rds.post(upload, params={"dest": "/workspace"}, content=noise, headers=gzip_type), 400
+    )
+    whole = gzip.compress(_tar({"a.txt": os.urandom(4000)}))
+    cut = whole[: len(whole) // 2]
+    message_of(rds.post(upload, params={"dest": "/workspace"}, content=cut, headers=gzip_type), 400)
+    big = gzip.compress(_tar({"big.bin": os.urandom(11 << 20)}), compresslevel=1)
+    message_of(rds.post(upload, params={"dest": "/workspace"}, content=big, headers=gzip_type), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        for start in range(0, len(big), 1 << 20):
+            yield big[start : start + (1 << 20)]
+
+    message_of(
+        rds.post(upload, params={"dest": "/workspace"}, content=chunks(), headers=gzip_type), 413
+    )
+    bomb = gzip.compress(_tar({"zeros.bin": bytes(60 << 20)}))  # 60 MiB of zeros, ~60 KiB
+    message_of(
+        rds.post(upload, params={"dest": "/workspace"}, content=bomb, headers=gzip_type), 413
+    )
+    fine = gzip.compress(_tar({"ok.txt": b"fine"}))
+    assert (
+        rds.post(upload, params={"dest": "/workspace"}, content=fine, headers=gzip_type).status_code
+        == 204
+    )
+    assert rds.post(f"/v1/vms/{vm}/exec", json={"cmd": "cat ok.txt"}).json()["stdout"] == "fine"
+
+
+# A test host in a network namespace of this machine, as tests/integration/test_network.py makes
+# them (its own /24 per process), serving HTTP on <net>.2:8080.
+_NET = f"10.{100 + os.getpid() % 100}.3"
+_TAG = f"{os.getpid() % 100000}"
+
+
+@pytest.fixture(scope="module")
+def test_host() -> Iterator[str]:
+    from tests.integration.test_network import start_host_server
+
+    ns, veth = f"corral-rds-{_TAG}", f"crlrds{_TAG}"
+    steps = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns],
+        ["ip", "addr", "add", f"{_NET}.1/24", "dev", veth],
+        ["ip", "link", "set", veth, "up"],
+        ["ip", "-n", ns, "addr", "add", f"{_NET}.2/24", "dev", "eth0"],
+        ["ip", "-n", ns, "link", "set", "eth0", "up"],
+        ["ip", "-n", ns, "link", "set", "lo", "up"],
+    ]
+    subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+    subprocess.run(["ip", "link", "delete", veth], capture_output=True)
+    log = tempfile.TemporaryFile()
+    server = None
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        server = start_host_server(ns, f"{_NET}.2", log)
+        yield f"{_NET}.2"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        log.close()
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        subprocess.run(["ip", "link", "delete", veth], capture_output=True)
+
+
+def test_allow_listed_destination_is_reachable(rds: httpx.Client, test_host: str) -> None:
+    probe = f"curl -s -m 2 http://{test_host}:8080/"
+    fetch = f"console.log(await (await fetch('http://{test_host}:8080/')).text())"
+    made = []
+    try:
+        for body in ({"cpu": 1, "memMb": 256, "allowIps": [f"{test_host}/32"]},
+                     {"cpu": 1, "memMb": 256, "allowIps": [f"{test_host}/32"],
+                      "outboundInternet": True}):  # fmt: skip
+            created = rds.post("/v1/vms", json=body)
+            assert created.status_code == 201, created.text
+            made.append(created.json()["id"])
+            vm = made[-1]
+            ran = rds.post(f"/v1/vms/{vm}/exec", json={"cmd": probe}).json()
+            assert ran["stdout"] == "ok", (body, ran)
+            ts = rds.post(f"/v1/vms/{vm}/run-ts", json={"code": fetch}).json()
+            assert ts["stdout"] == "ok\n", (body, ts)
+        # Not listed: a private address stays closed, even with outbound internet.
+        closed = rds.post("/v1/vms", json={"allowIps": [], "outboundInternet": True})
+        made.append(closed.json()["id"])
+        ran = rds.post(f"/v1/vms/{made[-1]}/exec", json={"cmd": probe}).json()
+        assert ran["exitCode"] != 0 and ran["stdout"] == ""
+    finally:
+        for vm in made:
+            rds.delete(f"/v1/vms/{vm}")
+
+
+def test_images_and_a_vm_from_one(rds: httpx.Client, fapi: httpx.Client, tmp_path: Path) -> None:
+    from tests.host_image import shell_layer
+    from tests.oci_images import BuiltImage, layer_tar
+
+    built = BuiltImage([shell_layer(), layer_tar({"etc/rds-image": b"from the image\n"})])
+    archive = built.oci_archive(tmp_path / "image.tar").read_bytes()
+    imported = fapi.post("/v1/images/import", params={"reference": "rds/test:1"}, content=archive)
+    assert imported.status_code == 201, imported.text
+    image_id = imported.json()["id"]
+    listed = rds.get("/v1/images").json()
+    assert {"id": image_id, "name": "rds/test:1"}.items() <= next(
+        i for i in listed if i["id"] == image_id
+    ).items()
+    made = rds.post(
+        "/v1/vms", json={"cpu": 1, "memMb": 256, "allowIps": [], "imageId": "rds/test:1"}
+    )
+    assert made.status_code == 201, made.text
+    vm = made.json()
+    try:
+        assert vm["imageId"] == image_id and vm["provisionMode"] == "boot"
+        seen = rds.post(f"/v1/vms/{vm['id']}/exec", json={"cmd": "echo $(</etc/rds-image)"}).json()
+        assert seen["stdout"] == "from the image\n", seen
+        message_of(rds.delete(f"/v1/images/{image_id}"), 409)  # a VM runs on it
+    finally:
+        rds.delete(f"/v1/vms/{vm['id']}")
+    assert rds.delete(f"/v1/images/{image_id}").status_code == 204
+    message_of(rds.get(f"/v1/images/{image_id}"), 404)

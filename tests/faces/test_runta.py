@@ -57,7 +57,8 @@ def test_runtime_lifecycle(fapi: httpx.Client) -> None:
     data = created.json()["data"]
     assert data["name"] == "lifecycle" and data["status"] == "running"
     assert data["resources"]["requests"] == {"vcpus": 1.0, "memory_mib": 256, "disk_gib": 1.0}
-    assert data["id"] in [r["id"] for r in fapi.get("/v1/runtimes").json()["data"]]
+    listed = fapi.get("/v1/runtimes", params={"limit": 1000}).json()["data"]
+    assert data["id"] in [r["id"] for r in listed]
     assert fapi.get("/v1/runtimes/lifecycle").json()["data"]["id"] == data["id"]
     error_of(fapi.post("/v1/runtimes", json={"name": "lifecycle"}), 409, "already_exists")
     assert fapi.delete(f"/v1/runtimes/{data['id']}").json()["data"]["status"] == "deleted"
@@ -296,3 +297,77 @@ def test_files(fapi: httpx.Client, runtime: dict) -> None:
         404,
         "not_found",
     )
+
+
+# --- what the production API and its CLI call: /v2, revisions, pages ------------------------------
+
+
+def test_v2_runtimes_with_display_names_and_revisions(fapi: httpx.Client) -> None:
+    name = "v2-" + uuid.uuid4().hex[:8]
+    created = fapi.post("/v2/runtimes", json={"display_name": name})
+    assert created.status_code == 201, created.text
+    data = created.json()["data"]
+    assert data["display_name"] == name and isinstance(data["revision"], int)
+    rid, revision = data["id"], data["revision"]
+    try:
+        assert fapi.get(f"/v2/runtimes/{name}").json()["data"]["id"] == rid
+        ran = fapi.post(f"/v2/runtimes/{name}/exec", json={"command": "echo v2"})
+        assert ran.json()["data"]["stdout"] == "v2\n"
+        assert fapi.get(f"/v2/runtimes/{rid}").json()["data"]["revision"] == revision  # unchanged
+        stale = revision - 1
+        error_of(fapi.post(f"/v2/runtimes/{rid}/stop", json={"expected_revision": stale}), 409,
+                 "failed_precondition")  # fmt: skip
+        assert fapi.get(f"/v2/runtimes/{rid}").json()["data"]["status"] == "running"
+        stopped = fapi.post(f"/v2/runtimes/{rid}/stop", json={"expected_revision": revision})
+        assert stopped.status_code == 200, stopped.text
+        assert stopped.json()["data"]["status"] == "stopped"
+        after_stop = stopped.json()["data"]["revision"]
+        assert after_stop > revision
+        started = fapi.post(f"/v1/runtimes/{rid}/start")  # no body: no revision expected
+        assert started.json()["data"]["status"] == "running"
+        current = started.json()["data"]["revision"]
+        assert current > after_stop
+        error_of(fapi.delete(f"/v2/runtimes/{rid}", params={"expected_revision": after_stop}),
+                 409, "failed_precondition")  # fmt: skip
+        error_of(fapi.post(f"/v2/runtimes/{rid}/stop", content=b"{",
+                           headers={"content-type": "application/json"}),
+                 422, "invalid_argument")  # fmt: skip
+        deleted = fapi.delete(f"/v2/runtimes/{rid}", params={"expected_revision": current})
+        assert deleted.status_code == 200 and deleted.json()["data"]["status"] == "deleted"
+    finally:
+        fapi.delete(f"/v1/runtimes/{rid}")
+    error_of(fapi.get(f"/v2/runtimes/{name}"), 404, "not_found")
+
+
+def test_list_is_paged(fapi: httpx.Client) -> None:
+    made = [fapi.post("/v1/runtimes", json={}).json()["data"]["id"] for _ in range(3)]
+    try:
+        for version in ("v1", "v2"):
+            first = fapi.get(f"/{version}/runtimes", params={"limit": 2}).json()
+            assert len(first["data"]) == 2
+            assert first["pagination"]["has_more"] is True and first["pagination"]["next_cursor"]
+            seen, cursor, pages = [r["id"] for r in first["data"]], first["pagination"], 1
+            while cursor["has_more"]:
+                page = fapi.get(f"/{version}/runtimes",
+                                params={"limit": 2, "cursor": cursor["next_cursor"]}).json()  # fmt: skip
+                assert len(page["data"]) <= 2
+                seen += [r["id"] for r in page["data"]]
+                cursor, pages = page["pagination"], pages + 1
+            assert cursor == {"next_cursor": None, "has_more": False}
+            assert set(made) <= set(seen) and len(seen) == len(set(seen)) and pages >= 2
+        error_of(fapi.get("/v1/runtimes", params={"cursor": "nope"}), 422, "invalid_argument")
+        error_of(fapi.get("/v1/runtimes", params={"limit": 0}), 422, "invalid_argument")
+    finally:
+        for rid in made:
+            fapi.delete(f"/v1/runtimes/{rid}")
+
+
+def test_a_tty_stream_is_a_terminal(faces_server: FacesServer, runtime: dict) -> None:
+    url = faces_server.url.replace("http", "ws") + f"/v2/runtimes/{runtime['id']}/exec/stream"
+    frames = [{"type": "start", "command": "tty; test -t 0 && test -t 1 && echo both",
+               "tty": True}]  # fmt: skip
+    got = asyncio.run(_stream(url, faces_server.admin_key, frames))
+    out = b"".join(base64.b64decode(f["data_base64"]) for f in got if f["type"] == "stdout")
+    lines = out.replace(b"\r", b"").split(b"\n")
+    assert lines[0].startswith(b"/dev/pts/") and lines[1] == b"both", out
+    assert got[-1] == {"type": "exit", "code": 0}

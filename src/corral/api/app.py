@@ -77,6 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
     app.include_router(system.router)
+    # Ahead of the native routes of the same paths: run-dat-sheesh's /v1/images and
+    # /v1/snapshots, for requests in its auth style only (faces/rundatsheesh/stores.py).
+    app.include_router(rundatsheesh.claimed)
     # Every native operation documents the errors it may answer (the faces document their own).
     native_errors = errors.error_responses()
     for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots,

@@ -7,8 +7,9 @@ started through a launcher (`corral.core.tools.run`) that receives the code on i
 input. The result travels through files in a private directory of the run, which the server
 collects with the file helper once the command has ended; printing to stdout or stderr cannot
 forge it. TypeScript and JavaScript both run on Deno (from the `deno` package on PyPI), with
-permissions: files only under /workspace and /tmp, environment only the given keys (the run's and
-the sandbox's), network only when the sandbox's policy allows it.
+permissions: files only under /workspace and /tmp (and /etc/resolv.conf and /etc/hosts to read),
+environment only the given keys (the run's and the sandbox's) and TMPDIR, network only when the
+sandbox's policy allows it.
 """
 
 from __future__ import annotations

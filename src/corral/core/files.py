@@ -277,19 +277,31 @@ class FileService:
         return received
 
     async def upload_archive(
-        self, sandbox_id: str, path: str, body: AsyncIterator[bytes]
+        self,
+        sandbox_id: str,
+        path: str,
+        body: AsyncIterator[bytes],
+        *,
+        max_bytes: int | None = None,
+        max_expanded_bytes: int | None = None,
+        max_entries: int | None = None,
     ) -> ArchiveUploaded:
+        """Extract a tar body into `path`; the server's limits, or lower ones a caller gives
+        (a face whose original has its own)."""
         settings = self.settings
         args = {
             "path": path,
-            "max_entries": settings.max_upload_entries,
-            "max_bytes": settings.max_upload_expanded_bytes,
-        }
+            "max_entries": min(max_entries or settings.max_upload_entries,
+                               settings.max_upload_entries),
+            "max_bytes": min(max_expanded_bytes or settings.max_upload_expanded_bytes,
+                             settings.max_upload_expanded_bytes),
+        }  # fmt: skip
         helper = await self._start(
             sandbox_id, "extract", args, interactive=True, timeout_ms=settings.max_timeout_ms
         )
+        limit = min(max_bytes or settings.max_upload_bytes, settings.max_upload_bytes)
         try:
-            received = await self._feed(helper, body, settings.max_upload_bytes)
+            received = await self._feed(helper, body, limit)
             reply = await helper.read_all(MAX_REPLY)
             if not await helper.succeeded():
                 raise await helper.failure()

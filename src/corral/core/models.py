@@ -820,6 +820,12 @@ class RunError(BaseModel):
     name: str | None = None
     message: str
     stack: str | None = None
+    value: Any = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="What `result.error` was given when it is neither an Error nor a string "
+        "(TypeScript, JavaScript); `message` is its JSON text. Absent otherwise",
+    )
 
 
 class RunResult(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
     from corral.core.volumes import VolumeService
 
 log = logging.getLogger(__name__)
+# Run on the sandbox's row under its lock, before a change: raises to refuse the change (e.g. a
+# face's expected revision).
+RowCheck = Callable[[SandboxRow], None]
 RECONCILE_CONCURRENCY = 8
 POOL_RETRY_SECONDS = 5.0
 REFILL_DELAY_SECONDS = 0.25
@@ -495,10 +499,12 @@ class SandboxService:
         self._remember(row)
         return row
 
-    async def delete(self, ref: str) -> Sandbox:
+    async def delete(self, ref: str, *, check: RowCheck | None = None) -> Sandbox:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
+            if check is not None:
+                check(row)
             if row.state == SandboxState.deleted.value:
                 return self.model(row)
             try:
@@ -513,10 +519,12 @@ class SandboxService:
         self._locks.pop(row.id, None)
         return self.model(row)
 
-    async def stop(self, ref: str) -> Sandbox:
+    async def stop(self, ref: str, *, check: RowCheck | None = None) -> Sandbox:
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
+            if check is not None:
+                check(row)
             if row.state == SandboxState.stopped.value:
                 return self.model(row)
             if not SandboxState(row.state).can_become(SandboxState.stopped):
@@ -594,12 +602,16 @@ class SandboxService:
                 raise Unavailable(str(exc)) from None
             return self.model(await self._set_state(row.id, SandboxState.running))
 
-    async def start(self, ref: str, *, renew: bool = False) -> Sandbox:
+    async def start(
+        self, ref: str, *, renew: bool = False, check: RowCheck | None = None
+    ) -> Sandbox:
         """Start a stopped (or failed) sandbox again. A sandbox with a ttl gets a new lifetime
         from now if its old one is over, or always with `renew`."""
         row = await self.row(ref)
         async with self._lock(row.id):
             row = await self.row(row.id)
+            if check is not None:
+                check(row)
             if row.state == SandboxState.running.value and await self.is_running(row):
                 return self.model(row)
             if row.state == SandboxState.deleted.value:

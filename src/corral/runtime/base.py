@@ -7,8 +7,10 @@ descriptors so the node can stream output without copies through the backend.
 from __future__ import annotations
 
 import abc
+import errno
 import fcntl
 import os
+import stat
 import struct
 import termios
 from dataclasses import dataclass, field
@@ -27,6 +29,54 @@ def open_pty(rows: int, cols: int) -> tuple[int, int]:
     os.set_inheritable(master, False)
     os.set_inheritable(slave, False)
     set_winsize(master, rows, cols)
+    return master, slave
+
+
+PTMX = os.makedev(5, 2)
+PTY_SLAVE_MAJORS = range(136, 144)  # UNIX98 pty slaves
+TIOCSPTLCK = 0x40045431  # unlockpt()
+TIOCGPTPEER = 0x5441  # the slave of a master, opened through the master (Linux 4.13)
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_pty_in(root: int, rows: int, cols: int, owner: int | None = None) -> tuple[int, int]:
+    """A pseudo-terminal pair of the devpts instance at `dev/pts` under the directory `root`
+    (a sandbox's root, from /proc/PID/root), so that the terminal is one of the sandbox's own
+    (`tty`, ttyname(3) and /dev/pts/N work inside). The path is walked without following a
+    link, and its `ptmx` must be the pty multiplexer device: a sandbox that replaced its /dev
+    gets an OSError (its caller falls back to `open_pty`), and nothing else is opened. The
+    slave comes from the master itself, with no path at all; `owner` (a host uid) gets it."""
+    opened: list[int] = []
+    try:
+        dev = os.open("dev", _DIR, dir_fd=root)
+        opened.append(dev)
+        pts = os.open("pts", _DIR, dir_fd=dev)
+        opened.append(pts)
+        found = os.stat("ptmx", dir_fd=pts, follow_symlinks=False)
+        if not stat.S_ISCHR(found.st_mode) or found.st_rdev != PTMX:
+            raise OSError(errno.ENODEV, "the sandbox's /dev/pts/ptmx is not the pty multiplexer")
+        master = os.open("ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pts)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    try:
+        got = os.fstat(master)
+        if (got.st_dev, got.st_ino) != (found.st_dev, found.st_ino):
+            raise OSError(errno.ENODEV, "the sandbox's ptmx changed while it was opened")
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            if os.major(os.fstat(slave).st_rdev) not in PTY_SLAVE_MAJORS:
+                raise OSError(errno.ENODEV, "not a pty slave")
+            if owner is not None:
+                os.fchown(slave, owner, -1)
+            set_winsize(master, rows, cols)
+        except BaseException:
+            os.close(slave)
+            raise
+    except BaseException:
+        os.close(master)
+        raise
     return master, slave
 
 

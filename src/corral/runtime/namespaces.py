@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import ipaddress
@@ -40,6 +41,7 @@ from corral.runtime.base import (
     SpawnError,
     StartUnknown,
     open_pty,
+    open_pty_in,
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
 from corral.runtime.frames import (
@@ -634,7 +636,9 @@ class NamespacesRuntime(Runtime):
             child.close()
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
         try:
-            await asyncio.wait_for(self._map_users(config, info_r, block_w), START_TIMEOUT)
+            sandbox.inner = await asyncio.wait_for(
+                self._map_users(config, info_r, block_w), START_TIMEOUT
+            )
             await asyncio.wait_for(sandbox.ready, START_TIMEOUT)
         except (TimeoutError, SandboxDied, OSError, ValueError) as exc:
             detail = await sandbox.startup_error()
@@ -642,8 +646,11 @@ class NamespacesRuntime(Runtime):
             raise RuntimeError(f"sandbox did not start: {detail or exc}") from None
         return sandbox
 
-    async def _map_users(self, config: SandboxConfig, info_fd: int, block_fd: int) -> None:
-        """Map the sandbox's uids to its block of host uids (uids.py), then let bwrap go on."""
+    async def _map_users(
+        self, config: SandboxConfig, info_fd: int, block_fd: int
+    ) -> tuple[int, int]:
+        """Map the sandbox's uids to its block of host uids (uids.py), then let bwrap go on.
+        Returns the host pid of the sandbox's pid 1 and its start time (`start_time`)."""
         loop = asyncio.get_running_loop()
         try:
             reader = asyncio.StreamReader()
@@ -659,7 +666,9 @@ class NamespacesRuntime(Runtime):
             # Written by host root: an unprivileged bwrap could map only its own uid.
             Path(f"/proc/{pid}/uid_map").write_text(text)  # noqa: ASYNC240 - procfs
             Path(f"/proc/{pid}/gid_map").write_text(text)  # noqa: ASYNC240 - procfs
+            started = start_time(pid)
             os.write(block_fd, b"1")
+            return pid, started
         except asyncio.IncompleteReadError:
             raise SandboxDied("bwrap exited before creating the sandbox") from None
         finally:
@@ -1022,6 +1031,14 @@ def _pipe_with(data: bytes) -> int:
     return r
 
 
+def start_time(pid: int) -> int:
+    """A process's start time (clock ticks after boot): with its pid, who it is, even once the
+    pid is reused."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        text = f.read()
+    return int(text[text.rindex(b")") + 2 :].split()[19])
+
+
 class NamespacesSandbox(SandboxHandle):
     def __init__(
         self,
@@ -1044,6 +1061,9 @@ class NamespacesSandbox(SandboxHandle):
         self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
         self._stderr = b""
         self._home_fds: list[int] | None = None  # the sandbox's own cgroup.procs, opened once
+        # The host pid of its pid 1 and that process's start time (None until it has started):
+        # whose /proc/PID/root its terminals come from.
+        self.inner: tuple[int, int] | None = None
         # Command cgroups still populated when released (a zombie not yet reaped, or processes
         # left in the background): removed once empty, a few per spawn.
         self._retired: list[tuple[Path, str]] = []
@@ -1223,7 +1243,7 @@ class NamespacesSandbox(SandboxHandle):
         cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in joins]
         home_fds = self._homes() if joins else []
         if spec.tty:
-            master, slave = open_pty(spec.rows, spec.cols)
+            master, slave = self._open_pty(spec.rows, spec.cols)
             stdin_w, out_r, err_r = os.dup(master), master, None
             os.set_inheritable(stdin_w, False)
             host_fds = [stdin_w, out_r]
@@ -1290,6 +1310,24 @@ class NamespacesSandbox(SandboxHandle):
         process = NamespacesProcess(self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroup)
         process.tty = spec.tty
         return process
+
+    def _open_pty(self, rows: int, cols: int) -> tuple[int, int]:
+        """A terminal of the sandbox's own devpts instance, so that the command sees a terminal
+        it can name (`tty`, ttyname); else, when that cannot be had, one of the host's."""
+        if self.inner is not None and self.alive:
+            pid, started = self.inner
+            try:
+                root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    if start_time(pid) != started:
+                        raise OSError(errno.ESRCH, "the pid is another process's now")
+                    owner = self.runtime.host_uid(self.config)
+                    return open_pty_in(root, rows, cols, owner=owner)
+                finally:
+                    os.close(root)
+            except OSError as exc:
+                log.info("sandbox %s: a host terminal instead of its own: %s", self.config.id, exc)
+        return open_pty(rows, cols)
 
     def _remove_retired(self, count: int) -> None:
         cgroups, resources = self.runtime.cgroups, self.runtime.resources

@@ -1,9 +1,17 @@
 """The Runta runtimes API (seed 003), over Corral's core.
 
-A runtime is a Corral sandbox; `{id}` takes its id or its name. Answers are `{"data": ...}`;
-errors `{"error": {"code", "message"}, "request_id"}` with Runta's snake_case codes.
+A runtime is a Corral sandbox; `{id}` takes its id or its display name. Every route is served
+at `/v2` (the production API and its CLI) and at `/v1` (the docs'). Answers are
+`{"data": ...}`; errors `{"error": {"code", "message"}, "request_id"}` with Runta's snake_case
+codes. A runtime has `display_name` (its Corral name; `name` too) and `revision`; `stop`,
+`start` and `DELETE` take `expected_revision` (409 `failed_precondition` when it is not the
+runtime's); the list is cursor-paged (`limit`, `cursor`; `pagination: {next_cursor, has_more}`).
 
 Where Corral differs from Runta:
+- `revision` is the microsecond of the runtime's last change (it grows with every transition
+  and network change, and with nothing else). `expected_revision` is checked under this
+  server's lock of the runtime, just before the change; replicas of a fleet each hold their
+  own lock.
 - `command` is run by bash as a shell string when `args` is empty or absent, and as a program
   with those arguments (no shell) when `args` has items.
 - A relative `cwd` is taken inside /workspace (the runtime's home); the default is /workspace.
@@ -26,13 +34,13 @@ import contextlib
 import json
 import math
 import signal as signals
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect
 
@@ -72,6 +80,9 @@ from corral.services import Services
 from corral.store.tables import SandboxRow
 
 TAG = "Runta (seed 003)"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 MIN_DISK_GIB = MIN_DISK_MB / 1024
 DiskGib = Annotated[float, Field(ge=MIN_DISK_GIB, le=MAX_DISK_MB / 1024, allow_inf_nan=False)]
 WORKSPACE = "/workspace"
@@ -123,6 +134,9 @@ router = face_router(TAG, render, error_model=RuntaError)
 STORAGE_ERRORS = face_errors(render, RuntaError, statuses=STORAGE_FULL)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 class AlreadyExists(Conflict):
     code = "already_exists"
 
@@ -153,7 +167,10 @@ class Resources(BaseModel):
 
 class CreateRuntime(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: str | None = Field(default=None, description="Display name, unique among runtimes")
+    display_name: str | None = Field(
+        default=None, description="Unique among runtimes; accepted wherever an id is"
+    )
+    name: str | None = Field(default=None, description="The display name's older spelling")
     resources: Resources = Field(default_factory=Resources)
     env: dict[str, str] = Field(default_factory=dict, description="Env for every command")
 
@@ -178,12 +195,20 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def revision_of(sandbox: Sandbox) -> int:
+    """A runtime's revision: the microsecond of its last change, so it grows with every change
+    (a transition, a network change) and with nothing else."""
+    return (sandbox.updated_at - EPOCH) // timedelta(microseconds=1)
+
+
 def runtime_json(found: SandboxRow | Sandbox) -> dict[str, Any]:
     sandbox = sandbox_model(found) if isinstance(found, SandboxRow) else found
     disk = sandbox.disk_mb
     return {
         "id": sandbox.id,
         "name": sandbox.name,
+        "display_name": sandbox.name,
+        "revision": revision_of(sandbox),
         "status": sandbox.state.value,
         "resources": {
             "requests": {
@@ -222,7 +247,73 @@ def cwd_of(value: str | None) -> str | None:
 # --- runtimes ----------------------------------------------------------------------------------
 
 
-@router.post("/v1/runtimes", status_code=201, summary="Create a runtime")
+def both(method: str, path: str, **kwargs: Any) -> Callable[[F], F]:
+    """A route at `/v2` (the production API and its CLI) and at `/v1` (the docs'). The OpenAPI
+    document lists the `/v1` operation (the seed's) only: the `/v2` one is the same."""
+
+    def register(handler: F) -> F:
+        router.api_route(f"/v1{path}", methods=[method], **kwargs)(handler)
+        router.api_route(f"/v2{path}", methods=[method], include_in_schema=False, **kwargs)(handler)
+        return handler
+
+    return register
+
+
+class Transition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    expected_revision: int | None = Field(
+        default=None, description="Refused (409) unless the runtime is at this revision"
+    )
+
+
+# Documented by hand: the body is optional, read by `transition_body`.
+TRANSITION_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": Transition.model_json_schema()}},
+    }
+}
+
+
+class RevisionMismatch(Conflict):
+    code = "failed_precondition"
+
+
+ExpectedRevision = Annotated[
+    int | None, Query(description="Refused (409) unless the runtime is at this revision")
+]
+
+
+def revision_check(*given: int | None) -> Callable[[SandboxRow], None] | None:
+    """The check of the first revision given, made on the runtime's row under its lock, just
+    before the change (None: no revision expected)."""
+    expected = next((value for value in given if value is not None), None)
+    if expected is None:
+        return None
+
+    def check(row: SandboxRow) -> None:
+        current = revision_of(sandbox_model(row))
+        if current != expected:
+            raise RevisionMismatch(
+                f"runtime {row.id} is at revision {current}, not {expected}",
+                details=[{"current_revision": current, "expected_revision": expected}],
+            )
+
+    return check
+
+
+async def transition_body(request: Request) -> Transition:
+    """An optional JSON body (the CLI sends none when no revision is expected)."""
+    raw = await request.body()
+    if not raw.strip():
+        return Transition()
+    try:
+        return Transition.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid body: {exc.errors()[0]['msg']}") from None
+
+
+@both("POST", "/runtimes", status_code=201, summary="Create a runtime")
 async def create_runtime(
     body: CreateRuntime,
     services: Services = Depends(get_services),
@@ -232,10 +323,11 @@ async def create_runtime(
     if principal.sandbox_ids is not None:
         raise PermissionDenied("a token limited to certain sandboxes cannot create runtimes")
     wanted = body.resources.requests
+    name = body.display_name if body.display_name is not None else body.name
     try:
         created = await services.sandboxes.create(
             SandboxCreate(
-                name=body.name,
+                name=name,
                 env=body.env,
                 cpu=wanted.vcpus,
                 memory_mb=wanted.memory_mib,
@@ -250,24 +342,22 @@ async def create_runtime(
     return {"data": runtime_json(await services.sandboxes.row(created.id))}
 
 
-@router.get("/v1/runtimes", summary="List runtimes")
+@both("GET", "/runtimes", summary="List runtimes, a page at a time")
 async def list_runtimes(
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.read)
-    items: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        page = await services.sandboxes.list(only=principal.sandbox_ids, cursor=cursor, limit=500)
-        for sandbox in page.items:
-            items.append(runtime_json(sandbox))
-        cursor = page.next_cursor
-        if cursor is None:
-            return {"data": items}
+    page = await services.sandboxes.list(only=principal.sandbox_ids, cursor=cursor, limit=limit)
+    return {
+        "data": [runtime_json(sandbox) for sandbox in page.items],
+        "pagination": {"next_cursor": page.next_cursor, "has_more": page.next_cursor is not None},
+    }
 
 
-@router.get("/v1/runtimes/{runtime}", summary="One runtime (by id or name)")
+@both("GET", "/runtimes/{runtime}", summary="One runtime (by id or display name)")
 async def get_runtime(
     runtime: str,
     services: Services = Depends(get_services),
@@ -277,19 +367,58 @@ async def get_runtime(
     return {"data": runtime_json(await usable_sandbox(services, principal, runtime))}
 
 
-@router.delete("/v1/runtimes/{runtime}", summary="Delete a runtime")
+@both("DELETE", "/runtimes/{runtime}", summary="Delete a runtime")
 async def delete_runtime(
     runtime: str,
+    expected_revision: ExpectedRevision = None,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.sandboxes)
     row = await usable_sandbox(services, principal, runtime)
-    await services.sandboxes.delete(row.id)
+    await services.sandboxes.delete(row.id, check=revision_check(expected_revision))
     return {"data": runtime_json(await services.sandboxes.row(row.id))}
 
 
-@router.post("/v1/runtimes/{runtime}/exec", summary="Run a buffered command")
+@both(
+    "POST",
+    "/runtimes/{runtime}/stop",
+    summary="Stop a runtime (its files stay)",
+    openapi_extra=TRANSITION_BODY,
+)
+async def stop_runtime(
+    runtime: str,
+    expected_revision: ExpectedRevision = None,
+    body: Transition = Depends(transition_body),
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.sandboxes)
+    row = await usable_sandbox(services, principal, runtime)
+    check = revision_check(body.expected_revision, expected_revision)
+    return {"data": runtime_json(await services.sandboxes.stop(row.id, check=check))}
+
+
+@both(
+    "POST",
+    "/runtimes/{runtime}/start",
+    summary="Start a stopped runtime",
+    openapi_extra=TRANSITION_BODY,
+)
+async def start_runtime(
+    runtime: str,
+    expected_revision: ExpectedRevision = None,
+    body: Transition = Depends(transition_body),
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    principal.require(Scope.sandboxes)
+    row = await usable_sandbox(services, principal, runtime)
+    check = revision_check(body.expected_revision, expected_revision)
+    return {"data": runtime_json(await services.sandboxes.start(row.id, check=check))}
+
+
+@both("POST", "/runtimes/{runtime}/exec", summary="Run a buffered command")
 async def exec_command(
     runtime: str,
     body: ExecBody,
@@ -321,8 +450,9 @@ async def _file_body(request: Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-@router.get(
-    "/v1/runtimes/{runtime}/files",
+@both(
+    "GET",
+    "/runtimes/{runtime}/files",
     summary="One file's raw bytes",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
@@ -344,8 +474,9 @@ async def read_file(
     )
 
 
-@router.put(
-    "/v1/runtimes/{runtime}/files",
+@both(
+    "PUT",
+    "/runtimes/{runtime}/files",
     summary="Write one file (parents created, replaced atomically)",
     responses=STORAGE_ERRORS,
     openapi_extra={
@@ -406,6 +537,7 @@ class StartFrame(BaseModel):
     timeout_secs: SecondsFloat | None = Field(default=None, description="Corral addition")
 
 
+@router.websocket("/v1/runtimes/{runtime}/exec/stream")
 @router.websocket("/v2/runtimes/{runtime}/exec/stream")
 async def exec_stream(ws: WebSocket, runtime: str) -> None:
     """One command per connection. Client frames: `start` (first), `stdin`, `resize`, `signal`,

@@ -8,9 +8,11 @@ by the server), then becomes the interpreter (exec), so that signals, the exit s
 output are the program's own. The prelude writes the result to files in that directory; the
 server collects them afterwards (`files.py take_result`) and removes the directory.
 
-TypeScript and JavaScript run on Deno with permissions: read and write only /workspace and /tmp,
-the environment only the permitted keys, the network only when the sandbox's policy has one, no
-subprocesses, FFI or system information.
+TypeScript and JavaScript run on Deno with permissions: read and write only /workspace and /tmp
+(and read /etc/resolv.conf and /etc/hosts, for name lookups), the environment only the permitted
+keys and TMPDIR (set to /tmp unless the run sets it), the network only when the sandbox's policy
+has one, no subprocesses, FFI or system information. `result.error(value)` with a value that is
+neither an Error nor a string records its JSON text as the message and the value itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DENO = os.path.join(HERE, "deno")
 MAX_HEADER = 1 << 20
 EXTENSIONS = {"typescript": "ts", "javascript": "js", "python": "py", "bash": "sh"}
+# What a program's name lookups read (the sandbox's own, not the host's), readable on Deno.
+ETC_READABLE = ("/etc/resolv.conf", "/etc/hosts")
 
 JS_PRELUDE = """\
 const dir = %(dir)s;
@@ -39,7 +43,9 @@ function describe(err) {
   if (typeof err === "string") return { name: null, message: err, stack: null };
   let message;
   try { message = JSON.stringify(err); } catch { message = undefined; }
-  return { name: null, message: message ?? String(err), stack: null };
+  // The value itself too, for callers that want it back as given.
+  return { name: null, message: message ?? String(err), stack: null,
+           value: message === undefined ? null : err };
 }
 const result = Object.freeze({
   /** The run's result: any JSON value, returned beside stdout and stderr. */
@@ -136,16 +142,18 @@ def main() -> None:
             DENO,
             "run",
             "--no-prompt",
-            "--allow-read=/workspace,/tmp",
+            "--allow-read=/workspace,/tmp," + ",".join(ETC_READABLE),
             "--allow-write=/workspace,/tmp",
         ]
-        keys = [k for k in run.get("env_keys", []) if k and "," not in k]
+        # TMPDIR is readable: Deno's and Node's temp-dir lookups ask for it.
+        keys = [k for k in [*run.get("env_keys", []), "TMPDIR"] if k and "," not in k]
         if keys:
             argv.append("--allow-env=" + ",".join(keys))
         if run.get("net"):
             argv.append("--allow-net")
         argv += ["--preload", prelude, program, *args]
         env.update(DENO_DIR="/tmp/.deno", DENO_NO_UPDATE_CHECK="1", NO_COLOR="1")
+        env.setdefault("TMPDIR", "/tmp")
         if not os.access(DENO, os.X_OK):
             raise SystemExit("corral: Deno is not installed on this server")
     elif language == "python":

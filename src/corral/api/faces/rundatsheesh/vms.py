@@ -1,47 +1,10 @@
-"""The run-dat-sheesh API (seed 002), over Corral's core.
-
-A VM is a Corral sandbox: `:id` takes its id or its name. `/v1/*` takes `X-API-Key` (any Corral
-token; every other style Corral accepts works too) or the admin session cookie from
-`POST /auth/login`; `/docs/*`, `/swagger` and `/openapi.json` are public. Errors are
-`{"message": "..."}`.
-
-Where Corral differs from run-dat-sheesh:
-- The admin login is the operator's `CORRAL_ADMIN_EMAIL` and `CORRAL_ADMIN_PASSWORD`; a login
-  makes a Corral token with every scope (named `rds-login:<email>`, valid 24 hours) and sets it
-  as the `rds_session` cookie (HttpOnly, SameSite=Strict, Secure when the server is reached
-  over TLS); logout revokes it. Failed logins are throttled per client address and per account
-  (`corral.core.logins`: 5 free, then a wait from 1 s doubling to 5 minutes; 429 with
-  `Retry-After`).
-- A request the cookie authenticates that changes something (any method but GET, HEAD and
-  OPTIONS), and login and logout, must come from this server's own pages: `Sec-Fetch-Site`
-  same-origin or none, else an `Origin` naming this host, else neither header (no browser);
-  otherwise 403 (`corral.api.origin`). Key-authenticated requests need no such check.
-- `GET /auth/me` reports the caller (cookie, or key): `role` `admin` for a token with every
-  scope, else `user`, with its `scopes` and `sandboxIds` (null: every sandbox).
-- `outboundInternet: true` is Corral's `outbound` network (public addresses; private ranges,
-  denied unless listed in `allowIps`, the host and link-local always); `allowIps` alone is the
-  `allow` network (only those IPv4 CIDRs); neither is no network at all.
-- States: CREATED is never seen (a VM is RUNNING when the create answers); a paused sandbox is
-  STOPPED. `exec` runs bash with `cmd` in /workspace as uid 1000; its default timeout is 30 s,
-  the most 120 s (a 400 above); on timeout every process of the command is killed and the
-  answer is `exitCode: -1` with the output so far and stderr ending in `Timeout exceeded`.
-- Paths under /home/user (the VM user's home in run-dat-sheesh, as in the seed's upload example)
-  are taken under /workspace, the sandbox user's home. `files/upload` extracts the tar.gz inside
-  the sandbox as its user (links leading out and `..` refused: 400); its limits are the
-  server's (`CORRAL_MAX_UPLOAD_BYTES`, 413; `CORRAL_MAX_UPLOAD_EXPANDED_BYTES`,
-  `CORRAL_MAX_UPLOAD_ENTRIES`), not the original's 10 MiB / 50 MiB / 10,000 entries.
-- `run-ts` runs on Deno through Corral's code runs: `env` items are `KEY=value`; `error` is
-  `{name, message, stack}` (a thrown Error's, or for `result.error(value)` with a non-Error
-  value, its JSON text as `message`); a timeout answers `exitCode: -1` as `exec` does. `run-js`
-  is not offered.
-- `GET /v1/vms/:id/exec-logs` is the sandbox's whole command history (every face's commands),
-  newest first, `?limit=` (default 50).
-- Quota exceeded (the server's sandbox limit) is a 429, as is the per-token rate limit.
-"""
+"""run-dat-sheesh's auth, VMs, exec, code runs and tar.gz transfers (the face's docstring, in
+`__init__.py`, says where Corral differs)."""
 
 from __future__ import annotations
 
 import hmac
+import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -61,15 +24,24 @@ from corral.api.faces._common import (
     face_router,
 )
 from corral.api.origin import SAFE_METHODS, check_same_origin
-from corral.core.errors import BadRequest, PayloadTooLarge, PermissionDenied, Unauthenticated
+from corral.core.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    Unauthenticated,
+)
 from corral.core.logins import login_keys
 from corral.core.models import (
     MIN_DISK_MB,
+    NAME_PATTERN,
     Command,
     CommandStatus,
     Cpus,
     DiskMb,
     ExecRequest,
+    ImageRef,
+    Language,
     MemoryMb,
     Milliseconds,
     RunRequest,
@@ -99,6 +71,12 @@ STATES = {
     SandboxState.deleted: "DELETED",
 }
 HOME = "/home/user"
+# run-dat-sheesh's upload limits (the server's own apply when lower).
+MAX_UPLOAD_BYTES = 10 << 20
+MAX_EXPANDED_BYTES = 50 << 20
+MAX_ENTRIES = 10_000
+GZIP_MAGIC = b"\x1f\x8b"
+INFLATE_STEP = 1 << 16  # inflated bytes held at once while checking an upload
 
 
 class RdsError(BaseModel):
@@ -159,6 +137,10 @@ class CreateVM(BaseModel):
     allowIps: list[str] = Field(default_factory=list)
     outboundInternet: bool = False
     diskSizeMb: DiskMb | None = Field(default=None, description=f"At least {MIN_DISK_MB}")
+    imageId: ImageRef | None = Field(default=None, description="A Corral image (id or reference)")
+    snapshotId: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        default=None, description="A snapshot (id or name) to start from"
+    )
 
 
 class ExecBody(BaseModel):
@@ -169,7 +151,10 @@ class ExecBody(BaseModel):
     timeoutMs: Milliseconds = DEFAULT_TIMEOUT_MS
 
 
-class RunTs(BaseModel):
+class RunCode(BaseModel):
+    """`run-ts` and `run-js`; `denoFlags` and `nodeFlags` are taken and ignored (Deno's
+    permissions are Corral's)."""
+
     model_config = ConfigDict(extra="ignore")
     code: str | None = None
     path: str | None = None
@@ -204,6 +189,11 @@ def vm_json(found: SandboxRow | Sandbox) -> dict[str, Any]:
         "allowIps": list(sandbox.allow),
         "createdAt": iso(sandbox.created_at),
         "updatedAt": iso(sandbox.updated_at),
+        # Corral gives out no sandbox addresses: nothing may connect into a sandbox.
+        "guestIp": None,
+        "provisionMode": "snapshot" if sandbox.snapshot else "boot",
+        "snapshotId": sandbox.snapshot,
+        "imageId": sandbox.image_id,
     }
     if sandbox.error:
         out["error"] = sandbox.error
@@ -317,6 +307,8 @@ async def create_vm(
             network=network,
             allow=body.allowIps,
             labels={"face": "rundatsheesh"},
+            image=body.imageId,
+            snapshot=body.snapshotId,
         )
     )
     return vm_json(await services.sandboxes.row(created.id))
@@ -346,43 +338,46 @@ async def get_vm(
     principal: Principal = Depends(caller),
 ) -> dict[str, Any]:
     principal.require(Scope.read)
-    return vm_json(await usable_sandbox(services, principal, vm_id))
+    row = await usable_sandbox(services, principal, vm_id)
+    if row.state == SandboxState.deleted.value:
+        raise NotFound(f"VM {vm_id} not found")  # as run-dat-sheesh: a deleted VM is gone
+    return vm_json(row)
 
 
-@router.delete("/v1/vms/{vm_id}", summary="Delete a VM")
+@router.delete("/v1/vms/{vm_id}", status_code=204, summary="Delete a VM")
 async def delete_vm(
     vm_id: str,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
-) -> dict[str, Any]:
+) -> Response:
     principal.require(Scope.sandboxes)
     row = await usable_sandbox(services, principal, vm_id)
     await services.sandboxes.delete(row.id)
-    return vm_json(await services.sandboxes.row(row.id))
+    return Response(status_code=204)
 
 
-@router.post("/v1/vms/{vm_id}/start", summary="Start a stopped VM")
+@router.post("/v1/vms/{vm_id}/start", status_code=204, summary="Start a stopped VM")
 async def start_vm(
     vm_id: str,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
-) -> dict[str, Any]:
+) -> Response:
     principal.require(Scope.sandboxes)
     row = await usable_sandbox(services, principal, vm_id)
     await services.sandboxes.start(row.id)
-    return vm_json(await services.sandboxes.row(row.id))
+    return Response(status_code=204)
 
 
-@router.post("/v1/vms/{vm_id}/stop", summary="Stop a VM (its files stay)")
+@router.post("/v1/vms/{vm_id}/stop", status_code=204, summary="Stop a VM (its files stay)")
 async def stop_vm(
     vm_id: str,
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
-) -> dict[str, Any]:
+) -> Response:
     principal.require(Scope.sandboxes)
     row = await usable_sandbox(services, principal, vm_id)
     await services.sandboxes.stop(row.id)
-    return vm_json(await services.sandboxes.row(row.id))
+    return Response(status_code=204)
 
 
 @router.post("/v1/vms/{vm_id}/exec", summary="Run a shell command as uid 1000 in /workspace")
@@ -424,15 +419,8 @@ async def exec_logs(
     return [exec_log_json(c) for c in page.items]
 
 
-@router.post(
-    "/v1/vms/{vm_id}/run-ts",
-    summary="Run TypeScript with Deno; `result.set(value)` and `result.error(err)` give a value",
-)
-async def run_ts(
-    vm_id: str,
-    body: RunTs,
-    services: Services = Depends(get_services),
-    principal: Principal = Depends(caller),
+async def _run_code(
+    services: Services, principal: Principal, vm_id: str, body: RunCode, language: Language
 ) -> dict[str, Any]:
     principal.require(Scope.exec)
     if body.timeoutMs > MAX_TIMEOUT_MS:
@@ -444,7 +432,7 @@ async def run_ts(
             raise BadRequest(f"env items are KEY=value, not {item!r}")
         env[key] = value
     req = RunRequest(
-        language="typescript",
+        language=language,
         code=body.code,
         path=vm_path(body.path) if body.path else None,
         args=body.args,
@@ -462,8 +450,36 @@ async def run_ts(
     if run.result is not None:
         out["result"] = run.result
     if run.error is not None:
-        out["error"] = run.error.model_dump(exclude_none=True)
+        # `result.error(value)` with a value that is not an Error: that value, as given.
+        given = run.error.value
+        out["error"] = given if given is not None else run.error.model_dump(exclude_none=True)
     return out
+
+
+@router.post(
+    "/v1/vms/{vm_id}/run-ts",
+    summary="Run TypeScript with Deno; `result.set(value)` and `result.error(err)` give a value",
+)
+async def run_ts(
+    vm_id: str,
+    body: RunCode,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    return await _run_code(services, principal, vm_id, body, "typescript")
+
+
+@router.post(
+    "/v1/vms/{vm_id}/run-js",
+    summary="Run JavaScript (on Deno, as run-ts); `result.set` and `result.error` as in run-ts",
+)
+async def run_js(
+    vm_id: str,
+    body: RunCode,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(caller),
+) -> dict[str, Any]:
+    return await _run_code(services, principal, vm_id, body, "javascript")
 
 
 def _check_length(request: Request, limit: int) -> None:
@@ -472,9 +488,56 @@ def _check_length(request: Request, limit: int) -> None:
         raise PayloadTooLarge(f"the upload exceeds {limit} bytes")
 
 
-async def _body(request: Request) -> AsyncIterator[bytes]:
+class GzipCheck:
+    """Inflates a gzip stream fed in pieces, to check it, keeping none of its output: the
+    inflated bytes are counted against `max_expanded`, INFLATE_STEP at a time."""
+
+    def __init__(self, max_expanded: int) -> None:
+        self.max_expanded = max_expanded
+        self.expanded = 0
+        self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing only
+
+    def feed(self, data: bytes) -> None:
+        try:
+            while data or (self.inflate.eof and self.inflate.unused_data):
+                if self.inflate.eof:  # the next member of a multi-member stream
+                    data = self.inflate.unused_data + data
+                    self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                self.expanded += len(self.inflate.decompress(data, INFLATE_STEP))
+                data = self.inflate.unconsumed_tail
+                if self.expanded > self.max_expanded:
+                    raise PayloadTooLarge(f"the archive expands to over {self.max_expanded} bytes")
+        except zlib.error as exc:
+            raise BadRequest(f"the body is not valid gzip: {exc}") from None
+
+    def finish(self) -> None:
+        self.feed(b"")
+        if not self.inflate.eof:
+            raise BadRequest("the gzip stream ends early")
+
+
+async def _gzip_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives, checked on its way to the sandbox: at most `limit` bytes, gzip
+    by its magic, and inflating cleanly to its end."""
+    check = GzipCheck(MAX_EXPANDED_BYTES)
+    head: bytes | None = b""
+    received = 0
     async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"the upload exceeds {limit} bytes")
+        if head is not None:
+            head += chunk
+            if len(head) < len(GZIP_MAGIC):
+                continue
+            if not head.startswith(GZIP_MAGIC):
+                raise BadRequest("the body is not gzip (a tar.gz archive is expected)")
+            chunk, head = head, None
+        check.feed(chunk)
         yield chunk
+    if head is not None:
+        raise BadRequest("the body is not gzip (a tar.gz archive is expected)")
+    check.finish()
 
 
 @router.post(
@@ -495,8 +558,16 @@ async def upload(
 ) -> Response:
     principal.require(Scope.files)
     row = await running_sandbox(services, principal, vm_id)
-    _check_length(request, services.settings.max_upload_bytes)
-    await services.files.upload_archive(row.id, vm_path(dest), _body(request))
+    limit = min(MAX_UPLOAD_BYTES, services.settings.max_upload_bytes)
+    _check_length(request, limit)
+    await services.files.upload_archive(
+        row.id,
+        vm_path(dest),
+        _gzip_body(request, limit),
+        max_bytes=limit,
+        max_expanded_bytes=MAX_EXPANDED_BYTES,
+        max_entries=MAX_ENTRIES,
+    )
     return Response(status_code=204)
 
 
