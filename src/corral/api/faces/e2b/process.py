@@ -82,11 +82,7 @@ def _end(row: CommandRow) -> pb.ProcessEvent.EndEvent:
     signum = row.signal
     if signum is None and status is CommandStatus.timed_out:
         signum = int(signals.SIGKILL)
-    if row.exit_code is not None:
-        end.exit_code = row.exit_code
-        end.exited = True
-        end.status = f"exit status {row.exit_code}"
-    elif signum is not None:
+    if signum is not None:  # (Corral's exit code is then 128+N, a shell's; envd says -1)
         end.exit_code = -1
         end.exited = False
         try:
@@ -94,6 +90,10 @@ def _end(row: CommandRow) -> pb.ProcessEvent.EndEvent:
         except ValueError:
             word = str(signum)
         end.status = f"signal: {word}"
+    elif row.exit_code is not None:
+        end.exit_code = row.exit_code
+        end.exited = True
+        end.status = f"exit status {row.exit_code}"
     else:
         end.exit_code = -1
         end.status = status.value
