@@ -238,7 +238,7 @@ def test_envd_errors_in_connect_shape(e2b_env: FacesServer, sbx: Sandbox) -> Non
     resp = httpx.post(stat, content=b"{not json", headers=envd_headers(sbx))
     assert resp.status_code == 400 and resp.json()["code"] == "invalid_argument", resp.text
     resp = httpx.post(envd + "/process.Process/Nope", json={}, headers=envd_headers(sbx))
-    assert resp.status_code == 501 and resp.json()["code"] == "unimplemented", resp.text
+    assert resp.status_code == 404 and resp.json()["code"] == "not_found", resp.text
     resp = httpx.post(stat, json={"path": "/no/such"}, headers=envd_headers(sbx))
     assert resp.status_code == 404 and resp.json()["code"] == "not_found", resp.text
     # A server stream's error comes in its end-of-stream message.

@@ -39,6 +39,7 @@ from typing import Any
 from fastapi import Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf.message import Message
+from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from corral.api.auth import get_services
@@ -67,7 +68,14 @@ def render(request: Request, problem: Problem) -> Response:
     return JSONResponse({"code": status, "message": problem.message}, status_code=status)
 
 
-router = face_router(TAG, render, prefix="/e2b/envd")
+class EnvdError(BaseModel):
+    """The daemon's error body: Connect's on the RPC routes, envd's on /files and /health."""
+
+    code: int | str = Field(description="Connect's code (RPC), or the HTTP status (/files)")
+    message: str
+
+
+router = face_router(TAG, render, error_model=EnvdError, prefix="/e2b/envd")
 
 
 @dataclass
@@ -178,9 +186,8 @@ def rpc(service: str, name: str, kind: str, request: type[Message] | None) -> Ca
 async def call(service: str, method: str, request: Request) -> Response:
     found = METHODS.get((service, method))
     if found is None:
-        return connect.error_response(
-            ConnectError("unimplemented", f"{service}/{method} is not implemented")
-        )
+        # As a Connect server's router answers a procedure it does not have.
+        return connect.error_response(ConnectError("not_found", f"no procedure {service}/{method}"))
     if found.kind == "unary":
         assert found.request is not None
         request_cls = found.request
