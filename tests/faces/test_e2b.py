@@ -4,6 +4,7 @@ pause and resume; and bad input in the face's own shapes, with plain HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 from e2b import (
+    AsyncSandbox,
     CommandExitException,
     FileNotFoundException,
     Sandbox,
@@ -22,6 +24,7 @@ from e2b import (
     SandboxNotFoundException,
     SandboxQuery,
     SandboxState,
+    TimeoutException,
 )
 
 from tests.faces.conftest import FacesServer, new_token
@@ -142,6 +145,24 @@ def test_stdin_kill_list_and_connect(sbx: Sandbox) -> None:
     assert replayed.value.stdout == "started\n"
     assert sleeper.pid not in [p.pid for p in sbx.commands.list()]
     assert sbx.commands.kill(sleeper.pid) is False  # no longer running
+
+
+def test_a_stream_deadline_does_not_end_the_command(sbx: Sandbox) -> None:
+    """The SDK's `timeout` ends its stream; the command runs on and can be re-attached."""
+    handle = sbx.commands.run("sleep 1; echo late", background=True, timeout=0.3)
+    with pytest.raises(TimeoutException):
+        handle.wait()
+    assert sbx.commands.connect(handle.pid).wait().stdout == "late\n"
+
+
+def test_the_async_sdk(sbx: Sandbox) -> None:
+    async def main() -> tuple[str, str]:
+        same = await AsyncSandbox.connect(sbx.sandbox_id)
+        result = await same.commands.run("echo async")
+        await same.files.write("async.txt", "written")
+        return result.stdout, await same.files.read("async.txt")
+
+    assert asyncio.run(main()) == ("async\n", "written")
 
 
 def test_files(sbx: Sandbox) -> None:

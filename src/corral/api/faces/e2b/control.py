@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.auth import get_services, usable_sandbox
 from corral.api.faces._common import Problem, authenticate, face_router
+from corral.clock import utcnow
 from corral.core.errors import BadRequest, Conflict, NotFound, PermissionDenied
 from corral.core.models import MAX_SECONDS, SandboxCreate, SandboxState, Scope, Seconds
 from corral.core.tokens import Principal
@@ -367,13 +368,8 @@ async def _connect(
         raise Conflict(f"sandbox {row.id} is already running")
     if timeout:
         # E2B lengthens a running sandbox's timeout only: never shortens it here.
-        current = await services.sandboxes.row(row.id)
-        left = (
-            (current.expires_at - datetime.now(current.expires_at.tzinfo)).total_seconds()
-            if current.expires_at
-            else None
-        )
-        if left is not None and (status == 201 or left < timeout):
+        end = (await services.sandboxes.row(row.id)).expires_at
+        if end is None or status == 201 or (end - utcnow()).total_seconds() < timeout:
             await services.sandboxes.set_deadline(row.id, timeout)
     return JSONResponse(
         created_json(services, await services.sandboxes.row(row.id)), status_code=status

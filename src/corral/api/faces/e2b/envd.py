@@ -147,7 +147,9 @@ async def sandbox_call(request: Request, username: str | None = None) -> Envd:
         raise NotFound(f"sandbox {sandbox_id} was not found") from None
     if row.state == SandboxState.paused.value:
         raise Unavailable(f"sandbox {row.id} is paused: connect to it to resume it")
-    if row.state not in (SandboxState.running.value, SandboxState.creating.value):
+    if row.state == SandboxState.creating.value:
+        raise Unavailable(f"sandbox {row.id} is starting; try again")
+    if row.state != SandboxState.running.value:
         raise NotFound(f"sandbox {row.id} was not found ({row.state})")
     row = await services.sandboxes.running_row(row.id)
     return Envd(services, row, _user(request, username), request)

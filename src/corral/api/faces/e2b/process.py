@@ -8,6 +8,8 @@ on every replica. `Start` runs `cmd` with `args` (the SDK sends `/bin/bash -l -c
 (keepalives while there is none, at the SDK's `Keepalive-Ping-Interval`), and the end event.
 
 Where Corral differs from envd:
+- A command runs to its end or its sandbox's, within the server's longest command timeout
+  (`CORRAL_MAX_TIMEOUT_MS`, 24 h by default) rather than Corral's default 5 minutes.
 - A stream that ends early (the client's own timeout, a disconnect) leaves the command
   running: `Connect` re-attaches, and replays the output from its start, not only what comes
   after.
@@ -22,12 +24,13 @@ import contextlib
 import signal as signals
 from collections.abc import AsyncIterator
 
-from corral.api.faces.e2b.connect import ConnectError
+from corral.api.faces.e2b.connect import Codec, ConnectError
 from corral.api.faces.e2b.envd import Envd, rpc
 from corral.api.faces.e2b.pb import process_pb2 as pb
 from corral.core.commands import SHELL
 from corral.core.errors import NotFound
 from corral.core.models import CommandStatus, ExecRequest
+from corral.node.base import Execution
 from corral.node.output_log import STDERR
 from corral.store.tables import CommandRow
 
@@ -56,7 +59,7 @@ async def _command(ctx: Envd, selector: pb.ProcessSelector) -> CommandRow:
         raise ConnectError("not_found", f"process with pid {selector.pid} not found") from None
 
 
-async def _running(ctx: Envd, selector: pb.ProcessSelector):  # type: ignore[no-untyped-def]
+async def _running(ctx: Envd, selector: pb.ProcessSelector) -> Execution:
     row = await _command(ctx, selector)
     execution = await ctx.services.commands.execution(row)
     if execution is None or execution.finished:
@@ -136,6 +139,9 @@ async def start(ctx: Envd, message: pb.StartRequest) -> AsyncIterator[pb.StartRe
         cwd=ctx.path(config.cwd) if config.HasField("cwd") and config.cwd else None,
         env=dict(config.envs),
         user=ctx.exec_user,
+        # The SDK's `timeout` bounds its stream only; the command runs to its end or its
+        # sandbox's (at most the server's longest command timeout), as a process in a VM does.
+        timeout_ms=ctx.services.commands.settings.max_timeout_ms,
     )
     row, _ = await ctx.services.commands.start(
         ctx.sandbox,
@@ -202,7 +208,9 @@ async def send_input(ctx: Envd, message: pb.SendInputRequest) -> pb.SendInputRes
 
 
 @rpc(SERVICE, "StreamInput", "client_stream", None)
-async def stream_input(ctx: Envd, messages, codec) -> pb.StreamInputResponse:  # type: ignore[no-untyped-def]
+async def stream_input(
+    ctx: Envd, messages: AsyncIterator[bytes], codec: Codec
+) -> pb.StreamInputResponse:
     selector: pb.ProcessSelector | None = None
     async for data in messages:
         message = codec.decode(data, pb.StreamInputRequest)
