@@ -187,6 +187,46 @@ def test_files(sbx: Sandbox) -> None:
         sbx.files.read("notes/sub/c.txt")
 
 
+def poll_events(handle: object, wanted: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    seen: set[tuple[str, str]] = set()
+    deadline = time.monotonic() + 10
+    while not wanted <= seen and time.monotonic() < deadline:
+        seen |= {(e.name, e.type.value) for e in handle.get_new_events()}  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    return seen
+
+
+def test_watch_dir(sbx: Sandbox) -> None:
+    sbx.files.make_dir("watched/sub")
+    handle = sbx.files.watch_dir("watched", recursive=True)
+    sbx.files.write("watched/new.txt", "x")
+    sbx.commands.run("echo more >> watched/new.txt; touch watched/sub/deep; rm watched/new.txt")
+    wanted = {("new.txt", "create"), ("new.txt", "write"), ("sub/deep", "create"),
+              ("new.txt", "remove")}  # fmt: skip
+    assert wanted <= poll_events(handle, wanted)
+    handle.stop()
+
+    async def stream() -> list[tuple[str, str]]:
+        same = await AsyncSandbox.connect(sbx.sandbox_id)
+        seen: list[tuple[str, str]] = []
+        got = asyncio.Event()
+
+        def on_event(event: object) -> None:
+            seen.append((event.name, event.type.value))  # type: ignore[attr-defined]
+            got.set()
+
+        watch = await same.files.watch_dir("watched", on_event=on_event)
+        await same.files.write("watched/streamed.txt", "y")
+        await asyncio.wait_for(got.wait(), 10)
+        await watch.stop()
+        return seen
+
+    assert ("streamed.txt", "create") in asyncio.run(stream())
+    with pytest.raises(SandboxException):
+        sbx.files.watch_dir("no/such/dir")
+    sbx.files.remove("watched")
+
+
 def test_timeout_list_and_connect(e2b_env: FacesServer, sbx: Sandbox) -> None:
     sbx.set_timeout(900)
     left = (sbx.get_info().end_at - datetime.now(UTC)).total_seconds()

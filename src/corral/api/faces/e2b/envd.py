@@ -22,8 +22,7 @@ user whatever the `username` (Corral's file helper has no root mode yet).
 
 This face speaks envd version 0.5.7 (the control API says so): the SDK then uses no file
 metadata and no watch entry info. Not covered: the `https://49983-<id>.<domain>` host form
-(Corral has no per-sandbox hosts yet), directory watching (`WatchDir`, `CreateWatcher`:
-answered `unimplemented`), process tags.
+(Corral has no per-sandbox hosts yet), process tags.
 """
 
 from __future__ import annotations

@@ -3,14 +3,25 @@ sandbox, as its user).
 
 `Stat`, `ListDir` (to `depth` levels), `MakeDir` (with its parents; `already_exists` if it is
 there, which the SDK reads as "not created"), `Move` (replacing a file at the destination, as
-a rename does) and `Remove` (recursive). Directory watching (`WatchDir`, `CreateWatcher`,
-`GetWatcherEvents`, `RemoveWatcher`) is answered `unimplemented`: Corral has no file events yet.
+a rename does) and `Remove` (recursive).
+
+Directory watching runs the file helper's inotify watch in the sandbox: `WatchDir` streams its
+events (with keepalives); `CreateWatcher` keeps one running in this server for the client to
+poll with `GetWatcherEvents` (the SDK's `files.watch_dir`) until `RemoveWatcher`. Such a
+watcher lives in the server process that made it (a fleet's load balancer must send the polls
+of one sandbox to one replica), and one unpolled for an hour is dropped. Events carry no entry
+info (the face's envd version, 0.5.7, does not offer it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import stat
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -18,11 +29,15 @@ from corral.api.faces.e2b.connect import ConnectError
 from corral.api.faces.e2b.envd import Envd, rpc
 from corral.api.faces.e2b.pb import filesystem_pb2 as pb
 from corral.core.errors import Conflict, NotFound
+from corral.core.files import Watch
 from corral.core.models import FileInfo
 
 SERVICE = "filesystem.Filesystem"
 LIST_LIMIT = 100_000
 MAX_DEPTH = 32
+MAX_WATCHERS = 1000
+MAX_PENDING_EVENTS = 10_000  # per polled watcher; more are dropped until it is polled
+WATCHER_IDLE_SECONDS = 3600
 TYPE_BITS = {
     "file": stat.S_IFREG,
     "directory": stat.S_IFDIR,
@@ -110,28 +125,120 @@ async def remove(ctx: Envd, message: pb.RemoveRequest) -> pb.RemoveResponse:
     return pb.RemoveResponse()
 
 
-def _no_watch() -> ConnectError:
-    return ConnectError("unimplemented", "directory watching is not available on this server")
+EVENT_TYPES = {
+    "create": pb.EVENT_TYPE_CREATE,
+    "write": pb.EVENT_TYPE_WRITE,
+    "remove": pb.EVENT_TYPE_REMOVE,
+    "rename": pb.EVENT_TYPE_RENAME,
+    "chmod": pb.EVENT_TYPE_CHMOD,
+}
+
+
+def _event(raw: dict[str, Any]) -> pb.FilesystemEvent:
+    return pb.FilesystemEvent(name=str(raw["name"]), type=EVENT_TYPES.get(str(raw.get("type")), 0))
 
 
 @rpc(SERVICE, "WatchDir", "server_stream", pb.WatchDirRequest)
 async def watch_dir(ctx: Envd, message: pb.WatchDirRequest) -> AsyncIterator[pb.WatchDirResponse]:
-    raise _no_watch()
-    yield pb.WatchDirResponse()  # pragma: no cover  (makes this a generator)
+    watch = await ctx.services.files.watch(
+        ctx.sandbox.id, ctx.path(message.path), recursive=message.recursive
+    )
+    events = watch.events()
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=ctx.keepalive())
+            if not done:
+                yield pb.WatchDirResponse(keepalive=pb.WatchDirResponse.KeepAlive())
+                continue
+            try:
+                raw = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield pb.WatchDirResponse(filesystem=_event(raw))
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await watch.abort()
+
+
+@dataclass
+class Watcher:
+    """A watch the client polls (`CreateWatcher`, then `GetWatcherEvents`): it lives in the
+    server that made it, until `RemoveWatcher`, its sandbox's end, or an hour unpolled."""
+
+    sandbox_id: str
+    watch: Watch
+    events: list[pb.FilesystemEvent] = field(default_factory=list)
+    polled: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+
+    async def collect(self) -> None:
+        async for raw in self.watch.events():
+            if len(self.events) < MAX_PENDING_EVENTS:
+                self.events.append(_event(raw))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.watch.abort()
+
+
+def _watchers(ctx: Envd) -> dict[str, Watcher]:
+    state = ctx.request.app.state
+    if not hasattr(state, "e2b_watchers"):
+        state.e2b_watchers = {}
+    return state.e2b_watchers  # type: ignore[no-any-return]
+
+
+async def _sweep(watchers: dict[str, Watcher]) -> None:
+    now = time.monotonic()
+    for key, watcher in list(watchers.items()):
+        if now - watcher.polled > WATCHER_IDLE_SECONDS:
+            del watchers[key]
+            await watcher.stop()
+
+
+def _watcher(ctx: Envd, watcher_id: str) -> Watcher:
+    watcher = _watchers(ctx).get(watcher_id)
+    if watcher is None or watcher.sandbox_id != ctx.sandbox.id:
+        raise ConnectError("not_found", f"watcher {watcher_id!r} not found")
+    return watcher
 
 
 @rpc(SERVICE, "CreateWatcher", "unary", pb.CreateWatcherRequest)
 async def create_watcher(ctx: Envd, message: pb.CreateWatcherRequest) -> pb.CreateWatcherResponse:
-    raise _no_watch()
+    watchers = _watchers(ctx)
+    await _sweep(watchers)
+    if len(watchers) >= MAX_WATCHERS:
+        raise ConnectError("resource_exhausted", f"at most {MAX_WATCHERS} watchers per server")
+    watch = await ctx.services.files.watch(
+        ctx.sandbox.id, ctx.path(message.path), recursive=message.recursive
+    )
+    watcher = Watcher(ctx.sandbox.id, watch)
+    watcher.task = asyncio.ensure_future(watcher.collect())
+    watcher_id = "w_" + secrets.token_hex(8)
+    watchers[watcher_id] = watcher
+    return pb.CreateWatcherResponse(watcher_id=watcher_id)
 
 
 @rpc(SERVICE, "GetWatcherEvents", "unary", pb.GetWatcherEventsRequest)
 async def watcher_events(
     ctx: Envd, message: pb.GetWatcherEventsRequest
 ) -> pb.GetWatcherEventsResponse:
-    raise _no_watch()
+    watcher = _watcher(ctx, message.watcher_id)
+    watcher.polled = time.monotonic()
+    events, watcher.events = watcher.events, []
+    return pb.GetWatcherEventsResponse(events=events)
 
 
 @rpc(SERVICE, "RemoveWatcher", "unary", pb.RemoveWatcherRequest)
 async def remove_watcher(ctx: Envd, message: pb.RemoveWatcherRequest) -> pb.RemoveWatcherResponse:
-    raise _no_watch()
+    watcher = _watcher(ctx, message.watcher_id)
+    del _watchers(ctx)[message.watcher_id]
+    await watcher.stop()
+    return pb.RemoveWatcherResponse()
