@@ -298,6 +298,10 @@ def test_envd_errors_in_connect_shape(e2b_env: FacesServer, sbx: Sandbox) -> Non
     assert resp.status_code == 401 and resp.json()["code"] == 401, resp.text
     resp = httpx.post(stat, content=b"{not json", headers=envd_headers(sbx))
     assert resp.status_code == 400 and resp.json()["code"] == "invalid_argument", resp.text
+    resp = httpx.post(
+        stat, content=b"{}", headers=envd_headers(sbx, **{"Content-Type": "text/csv"})
+    )
+    assert resp.status_code == 415 and resp.json()["code"] == "unimplemented", resp.text
     resp = httpx.post(envd + "/process.Process/Nope", json={}, headers=envd_headers(sbx))
     assert resp.status_code == 404 and resp.json()["code"] == "not_found", resp.text
     resp = httpx.post(stat, json={"path": "/no/such"}, headers=envd_headers(sbx))

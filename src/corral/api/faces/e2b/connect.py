@@ -76,12 +76,13 @@ CODE_OF_STATUS = {
 
 
 class ConnectError(Exception):
-    """An RPC error, in Connect's terms."""
+    """An RPC error, in Connect's terms (`status`: an HTTP status other than its code's)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status
 
     @classmethod
     def of_status(cls, status: int, message: str) -> ConnectError:
@@ -133,7 +134,8 @@ def unary_codec(request: Request) -> Codec:
         return Codec(binary=False)
     if kind == "application/proto":
         return Codec(binary=True)
-    raise ConnectError("unimplemented", f"content type {kind!r} is not supported")
+    # Connect answers a content type it does not speak with 415.
+    raise ConnectError("unimplemented", f"content type {kind!r} is not supported", 415)
 
 
 def stream_codec(request: Request) -> Codec:
@@ -142,11 +144,12 @@ def stream_codec(request: Request) -> Codec:
         return Codec(binary=False)
     if kind == "application/connect+proto":
         return Codec(binary=True)
-    raise ConnectError("unimplemented", f"content type {kind!r} is not supported on a stream")
+    raise ConnectError("unimplemented", f"content type {kind!r} is not supported on a stream", 415)
 
 
 def error_response(error: ConnectError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=HTTP_STATUS.get(error.code, 500))
+    status = error.status or HTTP_STATUS.get(error.code, 500)
+    return JSONResponse(error.body(), status_code=status)
 
 
 def envelope(data: bytes, flags: int = 0) -> bytes:

@@ -74,7 +74,13 @@ class EnvdError(BaseModel):
     message: str
 
 
-router = face_router(TAG, render, error_model=EnvdError, prefix="/e2b/envd")
+router = face_router(
+    TAG,
+    render,
+    error_model=EnvdError,
+    extra_errors={415: "A content type Connect does not define (RPC)"},
+    prefix="/e2b/envd",
+)
 
 
 @dataclass
