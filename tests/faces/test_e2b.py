@@ -237,11 +237,22 @@ def test_timeout_list_and_connect(e2b_env: FacesServer, sbx: Sandbox) -> None:
     assert sbx.sandbox_id not in [s.sandbox_id for s in paused]
     same = Sandbox.connect(sbx.sandbox_id)
     assert same.commands.run("echo connected").stdout == "connected\n"
+    # Pages of at most 2, chained by the X-Next-Token header, cover every sandbox once.
+    pages = Sandbox.list(limit=2)
+    seen: list[str] = []
+    while pages.has_next:
+        page = pages.next_items()
+        assert len(page) <= 2
+        seen += [s.sandbox_id for s in page]
+    assert sbx.sandbox_id in seen and len(seen) == len(set(seen))
 
 
 def test_pause_resume_kill_with_a_scoped_token(e2b_env: FacesServer) -> None:
     token = new_token(e2b_env, scopes=["read", "exec", "files", "sandboxes"])
-    sandbox = Sandbox.create(api_key=token, timeout=120)
+    sandbox = Sandbox.create(api_key=token, timeout=120, metadata={"suite": "e2b-pause"})
+    tagged = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b-pause"}), api_key=token)
+    assert [s.sandbox_id for s in tagged.next_items()] == [sandbox.sandbox_id]
+    assert sandbox.get_info().metadata == {"suite": "e2b-pause"}
     sandbox.files.write("kept.txt", "still here")
     sandbox.pause()
     assert sandbox.get_info().state is SandboxState.PAUSED

@@ -94,6 +94,50 @@ class Refresh(BaseModel):
     duration: Annotated[int, Field(ge=0, le=MAX_SECONDS)] | None = None
 
 
+class CreatedSandbox(BaseModel):
+    """What create, connect and resume answer (the SDK's `Sandbox`)."""
+
+    templateID: str
+    alias: str | None = None
+    sandboxID: str
+    clientID: str
+    envdVersion: str
+    envdAccessToken: str | None = None
+    trafficAccessToken: str | None = None
+    domain: str | None = None
+
+
+class ListedSandbox(BaseModel):
+    """A sandbox in a list (the SDK's `ListedSandbox`)."""
+
+    templateID: str
+    alias: str | None = None
+    sandboxID: str
+    clientID: str
+    startedAt: str
+    endAt: str
+    cpuCount: int
+    memoryMB: int
+    diskSizeMB: int = Field(description="0: not limited")
+    state: str = Field(description="running or paused")
+    envdVersion: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class SandboxDetail(ListedSandbox):
+    """One sandbox (the SDK's `SandboxDetail`)."""
+
+    domain: str | None = None
+    allowInternetAccess: bool | None = None
+    envdAccessToken: str | None = Field(default=None, description="For tokens that may exec")
+
+
+CONNECTED: dict[int | str, dict[str, Any]] = {
+    200: {"model": CreatedSandbox, "description": "Running"},
+    201: {"model": CreatedSandbox, "description": "Resumed"},
+}
+
+
 def iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
@@ -214,7 +258,9 @@ async def _create(body: NewSandbox, services: Services, principal: Principal) ->
     return created_json(services, await services.sandboxes.row(created.id))
 
 
-@router.post("/sandboxes", status_code=201, summary="Create a sandbox")
+@router.post(
+    "/sandboxes", status_code=201, response_model=CreatedSandbox, summary="Create a sandbox"
+)
 async def create_sandbox(
     body: NewSandbox,
     services: Services = Depends(get_services),
@@ -223,7 +269,12 @@ async def create_sandbox(
     return await _create(body, services, principal)
 
 
-@router.post("/v2/sandboxes", status_code=201, summary="Create a sandbox (v2)")
+@router.post(
+    "/v2/sandboxes",
+    status_code=201,
+    response_model=CreatedSandbox,
+    summary="Create a sandbox (v2)",
+)
 async def create_sandbox_v2(
     body: NewSandbox,
     idempotency_key: str | None = Header(None, description="Accepted, ignored"),
@@ -243,7 +294,11 @@ def _states(state: str | None) -> set[str]:
     return states
 
 
-@router.get("/v2/sandboxes", summary="List sandboxes (v2): by state, metadata; paged")
+@router.get(
+    "/v2/sandboxes",
+    response_model=list[ListedSandbox],
+    summary="List sandboxes (v2): by state, metadata; paged (X-Next-Token)",
+)
 async def list_sandboxes_v2(
     response: Response,
     state: str | None = Query(None, description="running, paused or both (comma-separated)"),
@@ -273,7 +328,7 @@ async def list_sandboxes_v2(
     return out
 
 
-@router.get("/sandboxes", summary="List running sandboxes (v1)")
+@router.get("/sandboxes", response_model=list[ListedSandbox], summary="List running sandboxes (v1)")
 async def list_sandboxes(
     response: Response,
     metadata: str | None = Query(None),
@@ -285,7 +340,7 @@ async def list_sandboxes(
     )
 
 
-@router.get("/sandboxes/{sandbox_id}", summary="A sandbox")
+@router.get("/sandboxes/{sandbox_id}", response_model=SandboxDetail, summary="A sandbox")
 async def get_sandbox(
     sandbox_id: str,
     services: Services = Depends(get_services),
@@ -376,7 +431,11 @@ async def _connect(
     )
 
 
-@router.post("/sandboxes/{sandbox_id}/connect", summary="Connect (resume if paused)")
+@router.post(
+    "/sandboxes/{sandbox_id}/connect",
+    responses=CONNECTED,
+    summary="Connect (201: resumed from paused)",
+)
 async def connect_sandbox(
     sandbox_id: str,
     body: ConnectBody | None = None,
@@ -386,7 +445,11 @@ async def connect_sandbox(
     return await _connect(sandbox_id, body.timeout if body else None, services, principal)
 
 
-@router.post("/v2/sandboxes/{sandbox_id}/connect", summary="Connect (v2; resume if paused)")
+@router.post(
+    "/v2/sandboxes/{sandbox_id}/connect",
+    responses=CONNECTED,
+    summary="Connect (v2; 201: resumed from paused)",
+)
 async def connect_sandbox_v2(
     sandbox_id: str,
     body: ConnectBody | None = None,
@@ -396,7 +459,12 @@ async def connect_sandbox_v2(
     return await _connect(sandbox_id, body.timeout if body else None, services, principal)
 
 
-@router.post("/sandboxes/{sandbox_id}/resume", status_code=201, summary="Resume a sandbox")
+@router.post(
+    "/sandboxes/{sandbox_id}/resume",
+    status_code=201,
+    responses={201: {"model": CreatedSandbox}},
+    summary="Resume a paused sandbox",
+)
 async def resume_sandbox(
     sandbox_id: str,
     body: ConnectBody | None = None,
