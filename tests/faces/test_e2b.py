@@ -19,6 +19,7 @@ from e2b import (
     AsyncSandbox,
     CommandExitException,
     FileNotFoundException,
+    PtySize,
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
@@ -153,6 +154,22 @@ def test_a_stream_deadline_does_not_end_the_command(sbx: Sandbox) -> None:
     with pytest.raises(TimeoutException):
         handle.wait()
     assert sbx.commands.connect(handle.pid).wait().stdout == "late\n"
+
+
+def test_pty(sbx: Sandbox) -> None:
+    """A terminal: started with a size, resized (Update), fed through a client stream
+    (StreamInput) and by SendInput; its output comes as pty data."""
+    seen = bytearray()
+    term = sbx.pty.create(PtySize(rows=30, cols=100))
+    sbx.pty.resize(term.pid, PtySize(rows=40, cols=120))
+    sbx.pty.stream_input(term.pid, [b"stty size\n"])
+    sbx.pty.send_stdin(term.pid, b"exit\n")
+    term.wait(on_pty=seen.extend)
+    assert b"40 120\r\n" in seen, bytes(seen)
+
+    done = sbx.commands.run("echo finished", background=True)
+    done.wait()
+    assert sbx.commands.connect(done.pid).wait().stdout == "finished\n"  # a finished one too
 
 
 def test_the_async_sdk(sbx: Sandbox) -> None:

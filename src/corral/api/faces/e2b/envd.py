@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ class Envd:
         try:
             value = float(self.request.headers.get("keepalive-ping-interval", "50"))
         except ValueError:
+            value = 50.0
+        if not math.isfinite(value):
             value = 50.0
         return min(max(value, 1.0), MAX_KEEPALIVE)
 

@@ -110,18 +110,18 @@ async def _events(
 ) -> AsyncIterator[pb.ProcessEvent]:
     services, sandbox_id = ctx.services, ctx.sandbox.id
     yield pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=pid))
-    if row.status == CommandStatus.running.value:
-        source = services.commands.follow_output(sandbox_id, row.id, idle=ctx.keepalive())
-        async with contextlib.aclosing(source):  # type: ignore[type-var]
-            async for chunk in source:
-                if chunk is None:
-                    yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
-                elif tty:
-                    yield pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(pty=chunk.data))
-                elif chunk.stream == STDERR:
-                    yield pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(stderr=chunk.data))
-                else:
-                    yield pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(stdout=chunk.data))
+    # All of the output, from its start (a finished command's too), then live.
+    source = services.commands.follow_output(sandbox_id, row.id, idle=ctx.keepalive())
+    async with contextlib.aclosing(source):  # type: ignore[type-var]
+        async for chunk in source:
+            if chunk is None:
+                yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
+            elif tty:
+                yield pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(pty=chunk.data))
+            elif chunk.stream == STDERR:
+                yield pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(stderr=chunk.data))
+            else:
+                yield pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(stdout=chunk.data))
     final = await services.commands.final_row(sandbox_id, row.id)
     yield pb.ProcessEvent(end=_end(final))
 
@@ -162,10 +162,8 @@ async def start(ctx: Envd, message: pb.StartRequest) -> AsyncIterator[pb.StartRe
 @rpc(SERVICE, "Connect", "server_stream", pb.ConnectRequest)
 async def connect(ctx: Envd, message: pb.ConnectRequest) -> AsyncIterator[pb.ConnectResponse]:
     row = await _command(ctx, message.process)
-    tty = False
     execution = await ctx.services.commands.execution(row)
-    if execution is not None:
-        tty = bool(getattr(execution, "tty", False))
+    tty = execution is not None and execution.spec.tty
     async for event in _events(ctx, row, message.process.pid, tty):
         yield pb.ConnectResponse(event=event)
 
