@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -252,6 +252,8 @@ def test_timeout_list_and_connect(e2b_env: FacesServer, sbx: Sandbox) -> None:
     assert sbx.sandbox_id in [s.sandbox_id for s in running]
     paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
     assert sbx.sandbox_id not in [s.sandbox_id for s in paused]
+    later = Sandbox.list(query=SandboxQuery(started_after=datetime.now(UTC) + timedelta(hours=1)))
+    assert later.next_items() == []
     same = Sandbox.connect(sbx.sandbox_id)
     assert same.commands.run("echo connected").stdout == "connected\n"
     # Pages of at most 2, chained by the X-Next-Token header, cover every sandbox once.
@@ -266,10 +268,11 @@ def test_timeout_list_and_connect(e2b_env: FacesServer, sbx: Sandbox) -> None:
 
 def test_pause_resume_kill_with_a_scoped_token(e2b_env: FacesServer) -> None:
     token = new_token(e2b_env, scopes=["read", "exec", "files", "sandboxes"])
-    sandbox = Sandbox.create(api_key=token, timeout=120, metadata={"suite": "e2b-pause"})
-    tagged = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b-pause"}), api_key=token)
+    meta = {"suite": "e2b pause & resume"}
+    sandbox = Sandbox.create(api_key=token, timeout=120, metadata=meta)
+    tagged = Sandbox.list(query=SandboxQuery(metadata=meta, template="base"), api_key=token)
     assert [s.sandbox_id for s in tagged.next_items()] == [sandbox.sandbox_id]
-    assert sandbox.get_info().metadata == {"suite": "e2b-pause"}
+    assert sandbox.get_info().metadata == meta
     sandbox.files.write("kept.txt", "still here")
     sandbox.pause()
     assert sandbox.get_info().state is SandboxState.PAUSED

@@ -20,9 +20,9 @@ callers whose token may run commands in the sandbox.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from fastapi import Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -136,6 +136,10 @@ CONNECTED: dict[int | str, dict[str, Any]] = {
     200: {"model": CreatedSandbox, "description": "Running"},
     201: {"model": CreatedSandbox, "description": "Resumed"},
 }
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def iso(value: datetime) -> str:
@@ -305,12 +309,17 @@ async def list_sandboxes_v2(
     metadata: str | None = Query(None, description="URL-encoded key=value pairs"),
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     next_token: str | None = Query(None, alias="nextToken"),
+    template: str | None = Query(None, description="Only sandboxes of this template id"),
+    started_after: datetime | None = Query(None, alias="startedAfter"),
     services: Services = Depends(get_services),
     principal: Principal = Depends(caller),
 ) -> list[dict[str, Any]]:
     principal.require(Scope.read)
     wanted = _states(state)
-    wanted_meta = dict(parse_qsl(metadata or "", keep_blank_values=True))
+    # The SDK quotes each key and value before it encodes the pairs.
+    wanted_meta = {
+        unquote(k): unquote(v) for k, v in parse_qsl(metadata or "", keep_blank_values=True)
+    }
     page = await services.sandboxes.list(
         only=principal.sandbox_ids, limit=limit, cursor=next_token or None
     )
@@ -321,6 +330,10 @@ async def list_sandboxes_v2(
         if e2b_state(row) not in wanted:
             continue
         if any(listed["metadata"].get(k) != v for k, v in wanted_meta.items()):
+            continue
+        if template and listed["templateID"] != template:
+            continue
+        if started_after is not None and row.created_at < _aware(started_after):
             continue
         out.append(listed)
     if page.next_cursor:
@@ -336,7 +349,15 @@ async def list_sandboxes(
     principal: Principal = Depends(caller),
 ) -> list[dict[str, Any]]:
     return await list_sandboxes_v2(
-        response, "running", metadata, 1000, None, services=services, principal=principal
+        response,
+        "running",
+        metadata,
+        1000,
+        None,
+        None,
+        None,
+        services=services,
+        principal=principal,
     )
 
 
