@@ -374,6 +374,8 @@ ERROR_MODELS = {
     "Vercel Sandbox (seed 004)": "VercelError",
     "CMDOP (seed 001)": "CmdopError",
     "run-dat-sheesh (seed 002)": "RdsError",
+    "E2B (control API)": "E2BError",
+    "E2B (in-sandbox daemon)": "EnvdError",
 }
 
 

@@ -72,6 +72,8 @@ CREATES = (
     "/v1/images",
     "/v1/sandboxes/{sandbox}/snapshots",
     "/v1/sandboxes/{sandbox}/fork",
+    "/e2b/sandboxes",
+    "/e2b/v2/sandboxes",
 )
 SNAPSHOT_CREATES = ("/v1/sandboxes/{sandbox}/snapshots", "/v1/sandboxes/{sandbox}/fork")
 FILE = "/workspace/fuzz.txt"
@@ -243,7 +245,7 @@ def created_sandbox(case: Any, response: Any) -> str | None:
     if response.status_code not in (200, 201):
         return None
     body = response.json()
-    found = body.get("id") or (body.get("data") or {}).get("id")
+    found = body.get("id") or body.get("sandboxID") or (body.get("data") or {}).get("id")
     return found or (body.get("sandbox") or {}).get("id")
 
 

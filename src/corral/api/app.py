@@ -14,7 +14,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from corral import __version__
 from corral.api import errors
-from corral.api.faces import cmdio, cmdop, rundatsheesh, runta, vercel
+from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
 from corral.api.middleware import RequestContext
 from corral.api.routes import (
     commands,
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, responses=native_errors)
     app.include_router(snapshots.sandbox_router, responses=native_errors)
     app.include_router(sandboxes.templates_router, responses=native_errors)
-    for face in (cmdio, cmdop, rundatsheesh, runta, vercel):
+    for face in (cmdio, cmdop, rundatsheesh, runta, vercel, e2b):
         app.include_router(face.router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from corral import ids
 from corral.clock import utcnow
@@ -482,6 +482,33 @@ class CommandService:
             rows = list(await session.scalars(query))
         nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
         return Page[Command](items=[to_model(r) for r in rows[:limit]], next_cursor=nxt)
+
+    async def ordinal(self, sandbox_id: str, cid: str) -> int:
+        """The command's number in its sandbox: 1 for its first command, and so on (ids grow
+        with time, so the number of a stored command does not change)."""
+        async with self.db.session() as session:
+            count = await session.scalar(
+                select(func.count())
+                .select_from(CommandRow)
+                .where(CommandRow.sandbox_id == sandbox_id, CommandRow.id <= cid)
+            )
+        return int(count or 0)
+
+    async def by_ordinal(self, sandbox_id: str, number: int) -> CommandRow:
+        """The sandbox's `number`th command (see `ordinal`)."""
+        row = None
+        if number >= 1:
+            async with self.db.session() as session:
+                row = await session.scalar(
+                    select(CommandRow)
+                    .where(CommandRow.sandbox_id == sandbox_id)
+                    .order_by(CommandRow.id)
+                    .offset(number - 1)
+                    .limit(1)
+                )
+        if row is None:
+            raise NotFound(f"no command number {number} in sandbox {sandbox_id}")
+        return await self.row(sandbox_id, row.id)
 
     async def cancel(self, sandbox_id: str, cid: str) -> Command:
         row = await self.row(sandbox_id, cid)

@@ -359,6 +359,23 @@ class FileService:
             raise
         return header, Download(header, helper)
 
+    async def watch(self, sandbox_id: str, path: str, *, recursive: bool) -> Watch:
+        """Start watching a directory (inotify, inside the sandbox as its user): its changes
+        come from the returned Watch as they happen, until its `abort()`. Errors known at the
+        start (no such directory) raise here."""
+        args = {"path": path, "recursive": recursive}
+        helper = await self._start(
+            sandbox_id, "watch", args, timeout_ms=self.settings.max_timeout_ms
+        )
+        try:
+            if await helper.read_header() is None:
+                await helper.close()
+                raise await helper.failure()
+        except BaseException:
+            await helper.abort()
+            raise
+        return Watch(helper)
+
 
 class Download:
     """A download in progress: its header, then its bytes (`async for`)."""
@@ -383,4 +400,28 @@ class Download:
 
     async def abort(self) -> None:
         """Stop the helper (idempotent; nothing happens once it has ended)."""
+        await self._helper.abort()
+
+
+class Watch:
+    """A directory being watched: `events()` yields `{"name", "type"}` (the path relative to
+    the directory; create, write, remove, rename or chmod) until the watch ends (its sandbox
+    stopped, or `abort()`)."""
+
+    def __init__(self, helper: Helper) -> None:
+        self._helper = helper
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        buffer = b""
+        while data := await self._helper.read():
+            buffer += data
+            while b"\n" in buffer:
+                line, _, buffer = buffer.partition(b"\n")
+                event = _json_object(line, "event")
+                if "name" in event:  # (an overflow report has none)
+                    yield event
+            if len(buffer) > MAX_HEADER:
+                raise HelperFailed("the file helper sent an invalid event")
+
+    async def abort(self) -> None:
         await self._helper.abort()

@@ -156,6 +156,11 @@ class TokenService:
             self._bucket.take(principal.token_id)
         return principal
 
+    def derive(self, label: str) -> str:
+        """A secret for `label` that every replica computes alike and no one can guess without
+        the admin key (e.g. a sandbox's own access token)."""
+        return hmac.new(self._admin_hash.encode(), label.encode(), hashlib.sha256).hexdigest()
+
     def lease(self, principal: Principal) -> TokenLease:
         """A hold on the caller's token for a long-lived session: it ends when the token is
         revoked or expires (the admin key never does). Release it when the session ends."""

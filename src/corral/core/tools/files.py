@@ -4,12 +4,15 @@ Run by the node for the files API (never by host-root code walking sandbox paths
   - metadata operations print one JSON object on stdout;
   - `read` and `archive` print one JSON line (the header), then the raw bytes;
   - `write` and `extract` read the bytes from stdin;
+  - `watch` prints one JSON line (the header), then one JSON line per change in the directory
+    (inotify), until it is stopped;
   - a failure prints `{"error": {"code", "message"}}` as the last line of stderr and exits 1
     (before any output on stdout whenever it can be known in advance).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -347,6 +350,79 @@ def op_take_result(args: dict) -> None:
     _emit(out)
 
 
+# inotify(7): the events `watch` reports, and what each is called.
+IN_MODIFY, IN_ATTRIB = 0x2, 0x4
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_Q_OVERFLOW, IN_IGNORED, IN_ISDIR = 0x4000, 0x8000, 0x40000000
+WATCH_MASK = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+WATCH_EVENTS = (
+    (IN_CREATE | IN_MOVED_TO, "create"),
+    (IN_MODIFY, "write"),
+    (IN_DELETE, "remove"),
+    (IN_MOVED_FROM, "rename"),
+    (IN_ATTRIB, "chmod"),
+)
+MAX_WATCHES = 8192
+
+
+def op_watch(args: dict) -> None:
+    """Changes in a directory (and with `recursive` its subdirectories, as they come), as
+    `{"name": <path relative to it>, "type": create|write|remove|rename|chmod}` lines."""
+    import ctypes
+    import struct
+
+    root = absolute(args["path"])
+    if not stat.S_ISDIR(os.stat(root).st_mode):
+        raise Fail("not_a_directory", f"{root} is not a directory")
+    recursive = bool(args.get("recursive"))
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    watched: dict[int, str] = {}
+
+    def add(directory: str) -> None:
+        if len(watched) >= MAX_WATCHES:
+            return
+        wd = libc.inotify_add_watch(fd, os.fsencode(directory), WATCH_MASK)
+        if wd < 0:
+            if directory == root:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), directory)
+            return  # gone again, or not ours to read: its changes are not reported
+        watched[wd] = directory
+        if recursive:
+            with contextlib.suppress(OSError), os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        add(entry.path)
+
+    add(root)
+    _header({"path": root})
+    header = struct.Struct("iIII")
+    while True:
+        data = os.read(fd, 1 << 16)
+        at = 0
+        while at + header.size <= len(data):
+            wd, mask, _cookie, length = header.unpack_from(data, at)
+            name = data[at + header.size : at + header.size + length].split(b"\0", 1)[0]
+            at += header.size + length
+            if mask & IN_Q_OVERFLOW:
+                _header({"overflow": True})
+                continue
+            if mask & IN_IGNORED:
+                watched.pop(wd, None)
+                continue
+            directory = watched.get(wd)
+            if directory is None or not name:
+                continue
+            path = os.path.join(directory, os.fsdecode(name))
+            if recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                add(path)
+            for bit, kind in WATCH_EVENTS:
+                if mask & bit:
+                    _header({"name": os.path.relpath(path, root), "type": kind})
+
+
 OPS = {
     "stat": op_stat,
     "list": op_list,
@@ -358,6 +434,7 @@ OPS = {
     "extract": op_extract,
     "archive": op_archive,
     "take_result": op_take_result,
+    "watch": op_watch,
 }
 
 
