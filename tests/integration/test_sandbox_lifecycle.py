@@ -57,6 +57,19 @@ def test_ttl_stops_the_sandbox(api: httpx.Client) -> None:
         api.delete(f"/v1/sandboxes/{sid}")
 
 
+def listed_ids(api: httpx.Client, **params: str) -> list[str]:
+    """Every page of the list: the server is shared, and may hold more than one page."""
+    ids: list[str] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        page = api.get("/v1/sandboxes", params=query).json()
+        ids += [s["id"] for s in page["items"]]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return ids
+
+
 def test_delete_kills_everything_and_keeps_history(api: httpx.Client, server: Server) -> None:
     sid = api.post("/v1/sandboxes", json={"name": "to-delete"}).json()["id"]
     job = api.post(f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 600"}).json()
@@ -69,11 +82,8 @@ def test_delete_kills_everything_and_keeps_history(api: httpx.Client, server: Se
     assert not (server.data_dir / "sandboxes" / sid).exists()
     assert api.get("/v1/sandboxes/to-delete").status_code == 404
     assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "deleted"
-    assert sid not in [s["id"] for s in api.get("/v1/sandboxes").json()["items"]]
-    assert sid in [
-        s["id"]
-        for s in api.get("/v1/sandboxes", params={"include_deleted": "true"}).json()["items"]
-    ]
+    assert sid not in listed_ids(api)
+    assert sid in listed_ids(api, include_deleted="true")
     assert api.delete(f"/v1/sandboxes/{sid}").json()["state"] == "deleted"  # idempotent
 
 
