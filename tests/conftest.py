@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -35,7 +37,26 @@ def make_data_dir(prefix: str) -> Path:
 # share uids. Below the range tests/security/helpers.py draws dedicated servers' blocks from.
 UID_SLOTS = 127
 UID_BLOCK = SLOT_UIDS * (UID_SLOTS + 1)
-_uid_first = 300_000 + (os.getpid() % 100) * 200 * UID_BLOCK
+UID_RANGES = 100  # of 200 blocks each, one per test process running at the time
+
+
+def _take_uid_range() -> int:
+    """The index of a range no other test process on this machine holds: each one keeps an
+    exclusive lock on its range's file while it lives, so runs side by side never share uids."""
+    for index in random.sample(range(UID_RANGES), UID_RANGES):
+        fd = os.open(f"/tmp/corral-test-uids-{index}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _uid_range_locks.append(fd)  # held until this process ends
+        return index
+    raise RuntimeError(f"all {UID_RANGES} test uid ranges are taken by other test runs")
+
+
+_uid_range_locks: list[int] = []
+_uid_first = 300_000 + _take_uid_range() * 200 * UID_BLOCK
 _uid_blocks = iter(range(_uid_first, _uid_first + 200 * UID_BLOCK, UID_BLOCK))
 
 
