@@ -19,6 +19,7 @@ import httpx
 import pexpect
 import pytest
 import websockets
+from e2b import Sandbox
 
 from corral.core.coderun import find_deno
 from tests.conftest import free_port
@@ -266,6 +267,45 @@ def test_vercel(fleet: Fleet, node: str) -> None:
         stopped = b.post(f"/v2/sandboxes/{session}/stop")
         assert stopped.json()["sandbox"]["status"] == "stopped"
         assert a.delete(f"/v1/sandboxes/{session}").status_code == 200
+
+
+# --- E2B ----------------------------------------------------------------------------------------
+
+
+def e2b_options(fleet: Fleet, i: int) -> dict[str, str]:
+    """The unmodified SDK's connection settings for replica `i`."""
+    url = fleet.replicas[i % 2].url
+    return {"api_url": url + "/e2b", "sandbox_url": url + "/e2b/envd",
+            "api_key": fleet.replicas[0].admin_key}  # fmt: skip
+
+
+def test_e2b(fleet: Fleet) -> None:
+    """Made through one replica, its commands, files and timeout through the other: the access
+    token, the pids and the streams hold across replicas."""
+    node = "n2"
+    with only(fleet, node):
+        made = Sandbox.create(**e2b_options(fleet, 0))  # type: ignore[arg-type]
+    try:
+        with fleet.client(0) as api:
+            assert node_of(api, made.sandbox_id) == node
+        other = Sandbox.connect(made.sandbox_id, **e2b_options(fleet, 1))  # type: ignore[arg-type]
+        ran = other.commands.run("echo out; echo err >&2")
+        assert (ran.exit_code, ran.stdout, ran.stderr) == (0, "out\n", "err\n")
+        seen: list[str] = []
+        background = made.commands.run("for i in 1 2 3; do echo $i; sleep 0.2; done",
+                                       background=True)  # fmt: skip
+        again = other.commands.connect(background.pid)
+        assert again.wait(on_stdout=seen.append).stdout == "1\n2\n3\n"
+        assert background.wait().exit_code == 0 and "".join(seen) == "1\n2\n3\n"
+        other.files.write("/workspace/both.txt", "through replica 1")
+        assert made.files.read("/workspace/both.txt") == "through replica 1"
+        assert [e.name for e in made.files.list("/workspace")] == ["both.txt"]
+        other.set_timeout(120)
+        assert made.get_info().end_at > made.get_info().started_at
+    finally:
+        made.kill()
+    with fleet.client(1) as api:
+        assert api.get(f"/v1/sandboxes/{made.sandbox_id}").json()["state"] == "deleted"
 
 
 # --- CMDOP --------------------------------------------------------------------------------------
