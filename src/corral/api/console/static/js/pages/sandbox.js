@@ -33,11 +33,8 @@ export async function render(view, id, tab = "commands") {
         ),
       ),
       actions(sandbox, async () => {
-        try {
-          await refreshHead();
-        } catch {
-          location.hash = "#/sandboxes";  // deleted
-        }
+        const now = await refreshHead().catch(() => null);
+        if (!now || now.state === "deleted") location.hash = "#/sandboxes";
       }),
     );
     return sandbox;
