@@ -68,5 +68,6 @@ def browser_context(console_server: Server) -> Iterator[object]:
 
 def shot(page: object, name: str) -> Path:
     path = SHOTS / f"{name}.png"
+    page.evaluate("document.getElementById('flash').replaceChildren()")  # type: ignore[attr-defined]
     page.screenshot(path=str(path))  # type: ignore[attr-defined]
     return path

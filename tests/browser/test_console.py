@@ -220,15 +220,54 @@ def test_other_pages_and_the_phone_layout(
 
 
 @pytest.mark.browser
-def test_delete_the_sandbox(page: Any, sandbox: dict[str, str], console_server: Server) -> None:
+def test_tokens_are_made_and_revoked(page: Any, console_server: Server) -> None:
+    page.goto("/console#/tokens")
+    page.fill("#create-token input[name=name]", "viewer")
+    for scope in ("exec", "files"):
+        page.uncheck(f"#create-token input[value={scope}]")
+    page.click("#create-token button[type=submit]")
+    secret = page.wait_for_selector("#token-secret code").inner_text()
+    row = page.locator("#token-list tr", has_text="viewer")
+    row.wait_for()
+    assert row.locator("td[data-label=Scopes]").inner_text() == "read"
+    with httpx.Client(base_url=console_server.url) as http:
+        assert http.get("/v1/sandboxes", headers={"X-API-Key": secret}).status_code == 200
+        page.on("dialog", lambda dialog: dialog.accept())
+        row.locator("button", has_text="revoke").click()
+        row.wait_for(state="detached")
+        assert http.get("/v1/sandboxes", headers={"X-API-Key": secret}).status_code == 401
+
+
+@pytest.mark.browser
+def test_lifecycle_actions_then_delete(
+    page: Any, sandbox: dict[str, str], console_server: Server
+) -> None:
     page.goto(f"/console#/sandboxes/{sandbox['id']}/commands")
-    page.on("dialog", lambda dialog: dialog.accept())
+    state = page.locator(".page-head h1 .badge")
+    for action, after in (("pause", "paused"), ("resume", "running"), ("stop", "stopped"),
+                          ("start", "running")):  # fmt: skip
+        page.click(f".page-head button[data-action={action}]")
+        page.wait_for_selector(f".page-head h1 .badge:text-is('{after}')")
+    assert state.inner_text() == "running"
+    page.once("dialog", lambda dialog: dialog.accept())
     page.click(".page-head button[data-action=delete]")
     page.wait_for_url(re.compile(r"#/sandboxes$"))
     page.wait_for_selector("#sandbox-list :is(table, p.empty)")
     assert "console-box" not in page.inner_text("#sandbox-list")
     with console_server.client() as api:
         assert api.get(f"/v1/sandboxes/{sandbox['id']}").json()["state"] == "deleted"
+
+
+@pytest.mark.browser
+def test_sign_out(page: Any, console_server: Server) -> None:
+    signed_in(page, console_server)
+    page.goto("/console#/sandboxes")
+    page.click("#sign-out")
+    page.wait_for_selector("#signin")
+    assert not [c for c in page.context.cookies() if c["name"] == "corral_console"]
+    page.goto("/console#/nodes")
+    page.wait_for_selector("#signin")  # the pages need a session again
+    SIGNED_IN.clear()
 
 
 # --- over plain HTTP ---------------------------------------------------------------------------
