@@ -265,9 +265,13 @@ def test_sign_out(page: Any, console_server: Server) -> None:
     page.click("#sign-out")
     page.wait_for_selector("#signin")
     assert not [c for c in page.context.cookies() if c["name"] == "corral_console"]
-    page.goto("/console#/nodes")
-    page.wait_for_selector("#signin")  # the pages need a session again
     SIGNED_IN.clear()
+    # The pages need a session again; signing in goes on to the page that was asked for.
+    page.goto("/console#/nodes")
+    page.fill("#token", console_server.admin_key)
+    page.click("#signin button[type=submit]")
+    page.wait_for_selector("#node-list td:has-text('local')")
+    SIGNED_IN["yes"] = True
 
 
 # --- over plain HTTP ---------------------------------------------------------------------------
@@ -349,6 +353,18 @@ def test_the_session_cookie_is_httponly_and_strict(console_server: Server) -> No
         out = http.delete("/console/api/session", headers={"X-Corral-CSRF": me["csrf"]})
         assert out.status_code == 204 and 'corral_console=""' in out.headers["set-cookie"]
         assert http.get("/v1/sandboxes").status_code == 401
+    # The cookie is the token: revoking the token ends the session.
+    with httpx.Client(base_url=console_server.url) as http, console_server.client() as api:
+        made = api.post("/v1/tokens", json={"name": "console-session", "scopes": ["read"]}).json()
+        session = sign_in(http, console_server, made["secret"])
+        assert session["admin"] is False and session["scopes"] == ["read"]
+        assert http.get("/v1/sandboxes").status_code == 200
+        # Its scopes hold: a read token may not create, CSRF token or not.
+        refused = http.post("/v1/sandboxes", json={}, headers={"X-Corral-CSRF": session["csrf"]})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] != "csrf_refused"
+        assert api.delete(f"/v1/tokens/{made['id']}").status_code == 204
+        assert http.get("/v1/sandboxes").status_code == 401
+        assert http.get("/console/api/session").status_code == 401
 
 
 def test_a_cookie_request_without_the_csrf_token_is_refused(console_server: Server) -> None:

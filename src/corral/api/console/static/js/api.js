@@ -83,7 +83,10 @@ export async function api(method, path, options = {}) {
   });
   if (!response.ok) {
     const error = await failure(response);
-    if (response.status === 401) window.dispatchEvent(new CustomEvent("corral:signed-out"));
+    if (response.status === 401) {
+      session = null; // revoked or expired: sign in again
+      window.dispatchEvent(new CustomEvent("corral:signed-out"));
+    }
     throw error;
   }
   if (options.raw) return response;

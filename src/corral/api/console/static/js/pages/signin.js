@@ -25,7 +25,9 @@ export function render(view) {
     problem.textContent = "";
     try {
       await signIn(token.value);
-      location.hash = "#/sandboxes";
+      // On to the page that was asked for (a bookmark, a reload), else the sandboxes.
+      if (!location.hash || location.hash === "#/signin") location.hash = "#/sandboxes";
+      else window.dispatchEvent(new HashChangeEvent("hashchange"));
     } catch (error) {
       problem.textContent = error.status === 401 ? "That token is not valid." : error.message;
       token.select();
