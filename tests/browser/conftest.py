@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import BrowserContext, Page, sync_playwright
 
 from tests.conftest import Server, make_data_dir
 
@@ -42,13 +43,12 @@ def console_server() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def browser_context(console_server: Server) -> Iterator[object]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
+def browser_context(console_server: Server) -> Iterator[BrowserContext]:
+    if not CHROMIUM.exists():  # a failure, not a skip: setup installs it
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/setup.sh (Debian's chromium package)")
     SHOTS.mkdir(exist_ok=True)
     profile = tempfile.mkdtemp(prefix="corral-chromium-")
-    with sync_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             profile,
             executable_path=str(CHROMIUM),
@@ -66,8 +66,9 @@ def browser_context(console_server: Server) -> Iterator[object]:
             shutil.rmtree(profile, ignore_errors=True)
 
 
-def shot(page: object, name: str) -> Path:
+def shot(page: Page, name: str) -> Path:
+    """A screenshot of the page as it is, without passing notices."""
     path = SHOTS / f"{name}.png"
-    page.evaluate("document.getElementById('flash').replaceChildren()")  # type: ignore[attr-defined]
-    page.screenshot(path=str(path))  # type: ignore[attr-defined]
+    page.evaluate("document.getElementById('flash').replaceChildren()")
+    page.screenshot(path=str(path))
     return path

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import BrowserContext, Page
 
 from tests.browser.conftest import PHONE, shot
 from tests.conftest import Server
@@ -22,7 +23,7 @@ SIGNED_IN: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
-def page(browser_context: Any, console_server: Server) -> Iterator[Any]:
+def page(browser_context: BrowserContext, console_server: Server) -> Iterator[Page]:
     page = browser_context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -31,7 +32,7 @@ def page(browser_context: Any, console_server: Server) -> Iterator[Any]:
     page.close()
 
 
-def signed_in(page: Any, console_server: Server) -> Any:
+def signed_in(page: Page, console_server: Server) -> Page:
     if not SIGNED_IN:
         page.goto("/console")
         page.fill("#token", console_server.admin_key)
@@ -42,7 +43,7 @@ def signed_in(page: Any, console_server: Server) -> Any:
 
 
 @pytest.fixture(scope="module")
-def sandbox(page: Any, console_server: Server) -> Iterator[dict[str, str]]:
+def sandbox(page: Page, console_server: Server) -> Iterator[dict[str, str]]:
     """A sandbox made through the create form (the test of creating checks it)."""
     signed_in(page, console_server)
     page.goto("/console#/sandboxes")
@@ -62,7 +63,7 @@ def sandbox(page: Any, console_server: Server) -> Iterator[dict[str, str]]:
 
 
 @pytest.mark.browser
-def test_sign_in_refuses_a_bad_token_then_signs_in(page: Any, console_server: Server) -> None:
+def test_sign_in_refuses_a_bad_token_then_signs_in(page: Page, console_server: Server) -> None:
     page.goto("/console")
     page.wait_for_selector("#signin")
     shot(page, "sign-in")
@@ -78,7 +79,7 @@ def test_sign_in_refuses_a_bad_token_then_signs_in(page: Any, console_server: Se
 
 
 @pytest.mark.browser
-def test_create_sandbox(page: Any, sandbox: dict[str, str], console_server: Server) -> None:
+def test_create_sandbox(page: Page, sandbox: dict[str, str], console_server: Server) -> None:
     row = page.locator("#sandbox-list tr", has_text="console-box")
     assert row.locator(".badge").inner_text() == "running"
     assert "local" in row.inner_text()
@@ -90,7 +91,7 @@ def test_create_sandbox(page: Any, sandbox: dict[str, str], console_server: Serv
 
 
 @pytest.mark.browser
-def test_command_output_arrives_while_it_runs(page: Any, sandbox: dict[str, str]) -> None:
+def test_command_output_arrives_while_it_runs(page: Page, sandbox: dict[str, str]) -> None:
     page.goto(f"/console#/sandboxes/{sandbox['id']}/commands")
     # The command waits for a file the test writes only once the first line is on screen:
     # the page must show output before the command ends.
@@ -116,7 +117,7 @@ def test_command_output_arrives_while_it_runs(page: Any, sandbox: dict[str, str]
 
 @pytest.mark.browser
 def test_terminal_echoes_what_is_typed_and_follows_resize(
-    page: Any, sandbox: dict[str, str]
+    page: Page, sandbox: dict[str, str]
 ) -> None:
     page.goto(f"/console#/sandboxes/{sandbox['id']}/terminal")
     page.wait_for_selector("#terminal-status[data-connected]")
@@ -143,7 +144,7 @@ def test_terminal_echoes_what_is_typed_and_follows_resize(
 
 @pytest.mark.browser
 def test_upload_a_directory_and_download_it(
-    page: Any, sandbox: dict[str, str], console_server: Server, tmp_path: Path
+    page: Page, sandbox: dict[str, str], console_server: Server, tmp_path: Path
 ) -> None:
     local = tmp_path / "project"
     (local / "src" / "deep").mkdir(parents=True)
@@ -179,7 +180,7 @@ def test_upload_a_directory_and_download_it(
 
 @pytest.mark.browser
 def test_other_pages_and_the_phone_layout(
-    page: Any, sandbox: dict[str, str], console_server: Server
+    page: Page, sandbox: dict[str, str], console_server: Server
 ) -> None:
     for name, ready in (
         ("images", "#snapshot-list"),
@@ -220,7 +221,7 @@ def test_other_pages_and_the_phone_layout(
 
 
 @pytest.mark.browser
-def test_tokens_are_made_and_revoked(page: Any, console_server: Server) -> None:
+def test_tokens_are_made_and_revoked(page: Page, console_server: Server) -> None:
     page.goto("/console#/tokens")
     page.fill("#create-token input[name=name]", "viewer")
     for scope in ("exec", "files"):
@@ -240,7 +241,7 @@ def test_tokens_are_made_and_revoked(page: Any, console_server: Server) -> None:
 
 @pytest.mark.browser
 def test_lifecycle_actions_then_delete(
-    page: Any, sandbox: dict[str, str], console_server: Server
+    page: Page, sandbox: dict[str, str], console_server: Server
 ) -> None:
     page.goto(f"/console#/sandboxes/{sandbox['id']}/commands")
     state = page.locator(".page-head h1 .badge")
@@ -259,7 +260,7 @@ def test_lifecycle_actions_then_delete(
 
 
 @pytest.mark.browser
-def test_sign_out(page: Any, console_server: Server) -> None:
+def test_sign_out(page: Page, console_server: Server) -> None:
     signed_in(page, console_server)
     page.goto("/console#/sandboxes")
     page.click("#sign-out")
