@@ -172,7 +172,16 @@ def test_upload_a_directory_and_download_it(
         assert names == {"README.txt", "src/deep/data.bin"}
         readme = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("README.txt")))
         assert readme is not None and readme.read() == b"hello from the browser\n"
-    # One file, down as itself.
+    # Files on their own, up into the directory shown and down as themselves.
+    (tmp_path / "notes.txt").write_bytes(b"\x00binary\xffnotes")
+    page.set_input_files("#upload-files", str(tmp_path / "notes.txt"))
+    page.wait_for_selector("#file-list td:has-text('notes.txt')")
+    with console_server.client() as api:
+        got = api.get(
+            f"/v1/sandboxes/{sandbox['id']}/files",
+            params={"path": "/workspace/project/notes.txt"},
+        )
+        assert got.content == b"\x00binary\xffnotes"
     with page.expect_download() as info:
         page.locator("#file-list tr", has_text="README.txt").locator("a.button").click()
     assert Path(info.value.path()).read_bytes() == b"hello from the browser\n"
