@@ -191,6 +191,19 @@ def test_upload_a_directory_and_download_it(
 def test_other_pages_and_the_phone_layout(
     page: Page, sandbox: dict[str, str], console_server: Server
 ) -> None:
+    # A snapshot taken from the sandbox's page shows on the snapshots page.
+    page.goto(f"/console#/sandboxes/{sandbox['id']}/commands")
+    with page.expect_response(re.compile(r"/snapshots$")) as taken:
+        page.click(".page-head button[data-action=snapshot]")
+    assert taken.value.status == 201
+    snapshot = taken.value.json()["id"]
+    page.goto("/console#/images")
+    row = page.locator("#snapshot-list tr", has_text=snapshot)
+    assert sandbox["id"] in row.inner_text()
+    shot(page, "images")
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button", has_text="delete").click()
+    row.wait_for(state="detached")
     for name, ready in (
         ("images", "#snapshot-list"),
         ("nodes", "#node-list td:has-text('local')"),
@@ -199,7 +212,8 @@ def test_other_pages_and_the_phone_layout(
     ):
         page.goto(f"/console#/{name}")
         page.wait_for_selector(ready)
-        shot(page, name)
+        if name != "images":
+            shot(page, name)
     with console_server.client() as api:
         audit = api.get("/v1/audit").status_code
     if audit == 404:

@@ -74,6 +74,25 @@ export function actions(sandbox, after) {
       name,
     ),
   );
+  if (sandbox.state === "running") {
+    buttons.push(
+      h(
+        "button",
+        {
+          type: "button",
+          class: "small",
+          "data-action": "snapshot",
+          title: "Capture its files as a snapshot new sandboxes can start from",
+          onclick: (event) =>
+            act(event.target, async () => {
+              const snap = await api("POST", sandboxPath(sandbox.id, "/snapshots"), { json: {} });
+              notify(`Snapshot ${snap.id} taken (see Snapshots & images)`, "ok");
+            }),
+        },
+        "snapshot",
+      ),
+    );
+  }
   buttons.push(
     h(
       "button",
