@@ -21,6 +21,7 @@ command -v docker-registry >/dev/null || need+=(docker-registry)  # the image te
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)  # builds the tests' Debian image
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)  # mirror keys
 command -v dpkg-deb >/dev/null || need+=(dpkg)  # builds the tests' local .deb packages
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the web console's browser tests (no browser download)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing system packages (${need[*]}); run as root or install them" >&2

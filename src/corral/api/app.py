@@ -89,6 +89,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sandboxes.templates_router, responses=native_errors)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel, e2b):
         app.include_router(face.router)
+    # The web console: its pages, assets and sign-in (corral.api.console).
+    from corral.api.console import routes as console
+
+    app.mount("/console/static", console.assets(), name="console-static")
+    app.include_router(console.router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
 

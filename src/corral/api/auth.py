@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from corral.api.console.session import cookie_secret
 from corral.core.models import SandboxState
 from corral.core.sandboxes import no_sandbox
 from corral.core.tokens import Principal
@@ -40,8 +41,12 @@ def get_services(request: Request) -> Services:
 
 
 async def get_principal(request: Request) -> Principal:
+    """The request's token, else the web console's session cookie (CSRF-checked)."""
     services = get_services(request)
-    return await services.tokens.authenticate(token_from_request(request))
+    secret = token_from_request(request)
+    if secret is None:
+        secret = cookie_secret(request)
+    return await services.tokens.authenticate(secret)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -34,6 +34,7 @@ from starlette.websockets import WebSocketState
 
 from corral.api import ws_frames
 from corral.api.auth import token_from_request
+from corral.api.console.session import cookie_secret
 from corral.api.ws_frames import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
@@ -82,9 +83,13 @@ def parse_signal(value: str | int) -> int:
 
 
 async def authenticate(websocket: WebSocket, services: Services) -> Principal | None:
-    """The caller, by any token style the HTTP API takes; None once the handshake is refused."""
+    """The caller, by any token style the HTTP API takes (the console's cookie included); None
+    once the handshake is refused."""
     try:
-        return await services.tokens.authenticate(token_from_request(websocket))  # type: ignore[arg-type]
+        secret = token_from_request(websocket)  # type: ignore[arg-type]
+        if secret is None:
+            secret = cookie_secret(websocket)
+        return await services.tokens.authenticate(secret)
     except CorralError as exc:
         await refuse(websocket, exc)
         return None
