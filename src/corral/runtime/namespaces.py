@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.pipes import pipe_end
-from corral.runtime import idmap, images, rootfs, snapshots
+from corral.runtime import idmap, images, ports, rootfs, snapshots
 from corral.runtime.base import (
     NODE_PYTHON,
     ExitStatus,
@@ -634,7 +634,10 @@ class NamespacesRuntime(Runtime):
             child.close()
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
         try:
-            await asyncio.wait_for(self._map_users(config, info_r, block_w), START_TIMEOUT)
+            pid = await asyncio.wait_for(self._map_users(config, info_r, block_w), START_TIMEOUT)
+            # Its network namespace, opened now, before the sandbox runs anything: what its
+            # ports are reached through (runtime/ports.py).
+            sandbox.netns_fd = ports.open_netns(pid)
             await asyncio.wait_for(sandbox.ready, START_TIMEOUT)
         except (TimeoutError, SandboxDied, OSError, ValueError) as exc:
             detail = await sandbox.startup_error()
@@ -642,8 +645,9 @@ class NamespacesRuntime(Runtime):
             raise RuntimeError(f"sandbox did not start: {detail or exc}") from None
         return sandbox
 
-    async def _map_users(self, config: SandboxConfig, info_fd: int, block_fd: int) -> None:
-        """Map the sandbox's uids to its block of host uids (uids.py), then let bwrap go on."""
+    async def _map_users(self, config: SandboxConfig, info_fd: int, block_fd: int) -> int:
+        """Map the sandbox's uids to its block of host uids (uids.py), then let bwrap go on;
+        the host pid of the sandbox's first process."""
         loop = asyncio.get_running_loop()
         try:
             reader = asyncio.StreamReader()
@@ -660,6 +664,7 @@ class NamespacesRuntime(Runtime):
             Path(f"/proc/{pid}/uid_map").write_text(text)  # noqa: ASYNC240 - procfs
             Path(f"/proc/{pid}/gid_map").write_text(text)  # noqa: ASYNC240 - procfs
             os.write(block_fd, b"1")
+            return pid
         except asyncio.IncompleteReadError:
             raise SandboxDied("bwrap exited before creating the sandbox") from None
         finally:
@@ -1053,6 +1058,7 @@ class NamespacesSandbox(SandboxHandle):
         self._warnings = WarningLog(log)
         self._done_ids: dict[str, None] = {}
         self._resume_reading: asyncio.TimerHandle | None = None
+        self.netns_fd: int | None = None  # the sandbox's network namespace, once it exists
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
         self._watch = asyncio.ensure_future(self._watch_process())
@@ -1332,6 +1338,14 @@ class NamespacesSandbox(SandboxHandle):
         self._mark_dead()
         self._close_homes()
         self.sock.close()
+        if self.netns_fd is not None:
+            os.close(self.netns_fd)
+            self.netns_fd = None
+
+    async def connect_port(self, port: int) -> socket.socket:
+        if self.netns_fd is None or not self.alive:
+            raise SandboxDied("the sandbox is not running")
+        return await ports.connect(self.netns_fd, port)
 
     async def set_network(self, network: str, allow: tuple[str, ...]) -> None:
         if network == "none" or self.network == "none":
