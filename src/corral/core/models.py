@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     field_validator,
     model_validator,
@@ -406,6 +407,15 @@ class Sandbox(BaseModel):
     snapshot: str | None = Field(default=None, description="The snapshot it started from")
     image: str | None = Field(default=None, description="The image as asked for")
     image_id: str | None = Field(default=None, description="The image it runs on")
+    # The API it came from (set by the SDK's clients): what url() is relative to.
+    _api_url: str = PrivateAttr(default="")
+
+    def url(self, port: int) -> str:
+        """Where port `port` of this sandbox is served once exposed (the path form; a token,
+        a cookie or a signature goes with each request, see docs/ports.md)."""
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range (1-65535)")
+        return f"{self._api_url}/v1/sandboxes/{self.id}/ports/{port}/"
 
 
 # --- commands ----------------------------------------------------------------------------------
