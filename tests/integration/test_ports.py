@@ -207,6 +207,11 @@ def test_http_server_through_both_forms_with_a_token(
     assert (hosted.status_code, hosted.text) == (200, "hi")
     named = api.get("/hello.txt", headers={"Host": f"8000-web.{DOMAIN}:{ports_server.port}"})
     assert (named.status_code, named.text) == (200, "hi")
+    bare = api.get(f"/v1/sandboxes/{sandbox}/ports/8000?a=1")
+    assert (bare.status_code, bare.headers["location"]) == (
+        302,
+        f"/v1/sandboxes/{sandbox}/ports/8000/?a=1",
+    )
     # One Date and one Server: the service's are not doubled with the server's own.
     assert len(path.headers.get_list("date")) == len(path.headers.get_list("server")) == 1
 
@@ -324,8 +329,12 @@ def test_public_port_needs_no_token(api: httpx.Client, ports_server: Server) -> 
         assert api.delete(f"/v1/sandboxes/{sid}/ports/3000").status_code == 200
         assert_native_error(api.get(f"/v1/sandboxes/{sid}/ports/3000/"), 404, "not_found")
         assert api.get(f"/v1/sandboxes/{sid}/ports").json() == []
+        # A deleted sandbox's ports go with it.
+        api.post(f"/v1/sandboxes/{sid}/ports", json={"port": 3000, "public": True})
     finally:
         api.delete(f"/v1/sandboxes/{sid}")
+    assert_native_error(api.get(f"/v1/sandboxes/{sid}/ports/3000/"), 404, "not_found")
+    assert api.get(f"/v1/sandboxes/{sid}/ports").json() == []
 
 
 def test_websocket_echo_through_both_forms(ports_server: Server, sandbox: str) -> None:

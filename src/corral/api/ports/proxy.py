@@ -150,7 +150,13 @@ class PortProxy:
                     if "." not in label and dash and ref:
                         return Target(ref, port, with_query(raw, query), "", True, "/")
         match = PATH_FORM.match(raw)
-        if match is None or match.group(3) is None:
+        if match is None:
+            return None
+        if match.group(3) is None:
+            # `.../ports/P` itself: a browser is sent on to `.../ports/P/`; the rest is the API's
+            # (DELETE unexposes the port).
+            if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+                return Target(unquote(match.group(1)), unquote(match.group(2)), "", raw, False, "")
             return None
         prefix = raw[: match.start(3)]
         return Target(
@@ -250,6 +256,10 @@ class Exchange:
             message = await self.receive()
             if message["type"] != "websocket.connect":
                 return
+        if not self.target.path:
+            query = self.scope.get("query_string", b"").decode("latin-1")
+            await self._redirect_to(with_query(self.target.prefix + "/", query), [])
+            return
         try:
             row, port, grant = await self._admit()
             if grant.first_visit is not None and not self.websocket:
@@ -350,13 +360,16 @@ class Exchange:
         )
         if secure:
             cookie += "; Secure"
+        await self._redirect_to(location, [(b"set-cookie", cookie.encode("latin-1"))])
+
+    async def _redirect_to(self, location: str, headers: list[tuple[bytes, bytes]]) -> None:
         await self.send(
             {
                 "type": "http.response.start",
                 "status": 303 if self.scope["method"] not in ("GET", "HEAD") else 302,
                 "headers": [
                     (b"location", location.encode("latin-1")),
-                    (b"set-cookie", cookie.encode("latin-1")),
+                    *headers,
                     (b"cache-control", b"no-store"),
                     (b"content-length", b"0"),
                     (b"x-request-id", self.request_id.encode()),
@@ -453,7 +466,8 @@ class HttpRelay:
     async def run(self) -> None:
         ex = self.exchange
         scope = ex.scope
-        headers = ex.forwarded_headers(self.grant, frozenset({b"content-length"}))
+        # Expect: 100-continue is the server's to answer (it does on the first read).
+        headers = ex.forwarded_headers(self.grant, frozenset({b"content-length", b"expect"}))
         length = header(scope, b"content-length")
         chunked = any(
             key == b"transfer-encoding" and b"chunked" in value.lower()
