@@ -301,7 +301,10 @@ def test_signed_url_works_and_expires(
 
 
 def test_public_port_needs_no_token(api: httpx.Client, ports_server: Server) -> None:
-    sid = api.post("/v1/sandboxes", json={}).json()["id"]
+    # A sandbox with its own network link (a named namespace the node made) this time.
+    created = api.post("/v1/sandboxes", json={"network": "outbound"})
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
     try:
         api.put(f"/v1/sandboxes/{sid}/files", params={"path": "/workspace/s.py"}, content=SERVICE)
         api.post(f"/v1/sandboxes/{sid}/commands", json={"command": "python3 /workspace/s.py 3000"})

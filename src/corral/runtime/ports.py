@@ -43,15 +43,25 @@ def open_netns(pid: int) -> int:
 
 
 def _socket_in(netns_fd: int) -> socket.socket:
-    """A TCP socket made inside the namespace `netns_fd` (runs on a thread of its own)."""
-    if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"setns: {os.strerror(code)}")
+    """A TCP socket made inside the namespace `netns_fd` (runs on a thread of its own, which
+    owns the descriptor and closes it)."""
+    try:
+        if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"setns: {os.strerror(code)}")
+    finally:
+        os.close(netns_fd)
     # No way back is needed: this thread ends once the socket exists.
     return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
 
 async def socket_in(netns_fd: int) -> socket.socket:
+    """A TCP socket made inside the namespace `netns_fd`.
+
+    The thread works on a duplicate made here, before anything awaits: the sandbox's own
+    descriptor may be closed (the sandbox stopped) and its number reused for another sandbox's
+    namespace while the thread starts, and the socket must never land there."""
+    netns_fd = os.dup(netns_fd)
     loop = asyncio.get_running_loop()
     made: asyncio.Future[socket.socket] = loop.create_future()
 
@@ -72,7 +82,11 @@ async def socket_in(netns_fd: int) -> socket.socket:
         else:
             loop.call_soon_threadsafe(settle, sock, None)
 
-    threading.Thread(target=work, name="corral-port-socket", daemon=True).start()
+    try:
+        threading.Thread(target=work, name="corral-port-socket", daemon=True).start()
+    except BaseException:
+        os.close(netns_fd)
+        raise
     return await made
 
 
@@ -83,7 +97,7 @@ async def connect(netns_fd: int, port: int) -> socket.socket:
     the connection is not made within CONNECT_TIMEOUT (a frozen or overloaded sandbox)."""
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is out of range")
-    sock = await socket_in(netns_fd)
+    sock = await socket_in(netns_fd)  # duplicates the descriptor before it first awaits
     sock.setblocking(False)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
