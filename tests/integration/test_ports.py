@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import corral
@@ -319,7 +319,9 @@ def test_public_port_needs_no_token(api: httpx.Client, ports_server: Server) -> 
             # The service's own authentication is its business: passed on untouched.
             headers = {k.lower(): v for k, v in seen.json()["headers"].items()}
             assert headers["authorization"] == "Basic YXBwOng="
-            assert anonymous.get(f"/v1/sandboxes/{sid}/ports/3000/headers").status_code == 200
+            # Credentials are not looked at, and Corral's own do not reach the service.
+            stale = anonymous.get(f"/v1/sandboxes/{sid}/ports/3000/headers?access_token=x&a=1")
+            assert stale.status_code == 200 and stale.json()["path"] == "/headers?a=1"
             with ws_connect(
                 f"ws://127.0.0.1:{ports_server.port}/v1/sandboxes/{sid}/ports/3000/ws"
             ) as ws:
@@ -470,3 +472,18 @@ def test_sdk(ports_server: Server, sandbox: str) -> None:
         assert httpx.get(signed.url, follow_redirects=True).status_code == 200
         with pytest.raises(ValueError):
             found.url(0)
+
+
+def test_a_revoked_token_ends_its_websocket(
+    api: httpx.Client, ports_server: Server, sandbox: str
+) -> None:
+    token = api.post("/v1/tokens", json={"scopes": ["exec"]}).json()
+    auth = {"Authorization": f"Bearer {token['secret']}"}
+    url = f"ws://127.0.0.1:{ports_server.port}/v1/sandboxes/{sandbox}/ports/8001/ws"
+    with ws_connect(url, additional_headers=auth) as ws:
+        ws.send("before")
+        assert ws.recv(5) == "before"
+        assert api.delete(f"/v1/tokens/{token['id']}").status_code in (200, 204)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001

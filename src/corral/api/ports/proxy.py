@@ -289,11 +289,11 @@ class Exchange:
         exposed = await self.services.ports.exposed(row.id, port)
         if exposed is None:
             raise NotFound(f"port {port} of sandbox {target.ref!r} is not exposed")
-        grant = await self._authenticate(row, port, exposed.public)
         if exposed.public:
-            # Everything the client sent is the service's business, save Corral's own.
-            return row, port, Grant(first_visit=grant.first_visit, max_age=grant.max_age)
-        return row, port, grant
+            # No credentials are looked at: everything the client sent is the service's
+            # business, save Corral's own parameters and cookie (removed on the way).
+            return row, port, Grant()
+        return row, port, await self._authenticate(row, port)
 
     async def _sandbox(self, ref: str) -> SandboxRow:
         try:
@@ -303,12 +303,11 @@ class Exchange:
                 return await self.services.sandboxes.row("sb_" + ref[3:])
             raise
 
-    async def _authenticate(self, row: SandboxRow, port: int, exposed_public: bool) -> Grant:
-        """The caller's grant. Public ports take anyone; a credential given to one is still
-        checked, so that its cookie is set (and a bad one is refused) the same way."""
+    async def _authenticate(self, row: SandboxRow, port: int) -> Grant:
+        """The caller's grant to a private port, by the first credential it gave."""
         query = query_values(self.scope.get("query_string", b"").decode("latin-1"))
         token, consumed = token_of_headers(self.scope)
-        if token is not None and not exposed_public:
+        if token is not None:
             return Grant(await self._principal(token, row), consumed)
         if TOKEN_PARAM in query:
             principal = await self._principal(query[TOKEN_PARAM], row)
@@ -320,8 +319,6 @@ class Exchange:
                 raise Unauthenticated("the signed URL is invalid or has expired")
             left = int(expires) - int(time.time())
             return Grant(first_visit=f"{SIGNED_COOKIE_PREFIX}{expires}.{signature}", max_age=left)
-        if exposed_public:
-            return Grant()
         cookies = cookie_values(self.scope)
         if not cookies:
             raise Unauthenticated(
@@ -631,17 +628,24 @@ class WebSocketRelay:
             asyncio.create_task(self._from_client()),
             asyncio.create_task(self._from_service()),
         }
-        if lease is not None:
-            tasks.add(asyncio.create_task(lease.wait()))
+        ended = asyncio.create_task(lease.wait()) if lease is not None else None
+        if ended is not None:
+            tasks.add(ended)
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        code = self.protocol.close_rcvd.code if self.protocol.close_rcvd else 1000
+        if code in (1005, 1006, 1015) or not 1000 <= code <= 4999:
+            code = 1000  # codes a close frame may not carry
+        message: dict[str, Any] = {"type": "websocket.close", "code": code}
+        if ended is not None and ended.done() and not ended.cancelled():
+            # The token was revoked or expired: as every other session of it ends.
+            message = {"type": "websocket.close", "code": 4001, "reason": ended.result()[:120]}
         with contextlib.suppress(Exception):
-            code = self.protocol.close_rcvd.code if self.protocol.close_rcvd else 1000
-            await ex.send({"type": "websocket.close", "code": code})
+            await ex.send(message)
 
     async def _from_client(self) -> None:
         while True:
