@@ -404,6 +404,13 @@ def test_bad_input(api: httpx.Client, ports_server: Server, sandbox: str) -> Non
     began = time.monotonic()
     assert_native_error(api.get(f"/v1/sandboxes/{sandbox}/ports/8002/"), 502, "port_unreachable")
     assert time.monotonic() - began < 1.0
+    # The server itself listens on the host's 127.0.0.1 at this port: the sandbox's loopback is
+    # another, and the host's is never reached.
+    own = ports_server.port
+    assert api.post(f"/v1/sandboxes/{sandbox}/ports", json={"port": own}).status_code == 201
+    assert_native_error(
+        api.get(f"/v1/sandboxes/{sandbox}/ports/{own}/healthz"), 502, "port_unreachable"
+    )
     with pytest.raises(InvalidStatus) as refused:
         ws_connect(
             f"ws://127.0.0.1:{ports_server.port}/v1/sandboxes/{sandbox}/tcp/8002",
