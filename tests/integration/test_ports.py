@@ -87,6 +87,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", accept)
         self.end_headers()
+        if "greet" in self.path:  # a frame right behind the handshake's answer
+            self.wfile.write(b"\x81\x05hello")
         self.wfile.flush()
         while True:
             head = self.rfile.read(2)
@@ -350,6 +352,12 @@ def test_websocket_echo_through_both_forms(ports_server: Server, sandbox: str) -
         assert ws.recv(5) == "hello"
         ws.send(b"\x00\xff" * 1000)
         assert ws.recv(5) == b"\x00\xff" * 1000
+    with ws_connect(
+        f"{base}/v1/sandboxes/{sandbox}/ports/8001/ws?greet", additional_headers=auth
+    ) as ws:
+        assert ws.recv(5) == "hello"
+        ws.send("next")
+        assert ws.recv(5) == "next"
     # The host form: the URI names the port's host, the socket goes to the server.
     sock = socket.create_connection(("127.0.0.1", ports_server.port))
     with ws_connect(f"ws://{host(sandbox, 8001)}/ws", sock=sock, additional_headers=auth) as ws:

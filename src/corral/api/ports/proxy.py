@@ -574,6 +574,7 @@ class WebSocketRelay:
             for p in value.decode("latin-1").split(",")
             if p.strip()
         ]
+        self._early: list[Any] = []
         self.protocol = ClientProtocol(
             parse_uri(f"ws://127.0.0.1:{port}/"),
             subprotocols=subprotocols or None,  # type: ignore[arg-type]
@@ -610,14 +611,14 @@ class WebSocketRelay:
             request.headers["Host"] = host.decode("latin-1")
         self.protocol.send_request(request)
         await self._flush()
-        response: WsResponse | None = None
-        while response is None:
-            alive = await self._feed()
-            for event in self.protocol.events_received():
-                if isinstance(event, WsResponse):
-                    response = event
-            if response is None and not alive:
-                raise BadGateway("the sandbox's service closed the connection during the handshake")
+        try:
+            response = await asyncio.wait_for(
+                self._handshake(), ex.services.settings.ws_start_timeout_seconds
+            )
+        except TimeoutError:
+            raise BadGateway(
+                "the sandbox's service did not answer the WebSocket handshake"
+            ) from None
         if self.protocol.handshake_exc is not None:
             raise BadGateway(
                 f"the sandbox's service refused the WebSocket (HTTP {response.status_code})"
@@ -647,6 +648,17 @@ class WebSocketRelay:
         with contextlib.suppress(Exception):
             await ex.send(message)
 
+    async def _handshake(self) -> WsResponse:
+        while True:
+            alive = await self._feed()
+            events = self.protocol.events_received()
+            for i, event in enumerate(events):
+                if isinstance(event, WsResponse):
+                    self._early = events[i + 1 :]  # frames sent right behind the answer
+                    return event
+            if not alive:
+                raise BadGateway("the sandbox's service closed the connection during the handshake")
+
     async def _from_client(self) -> None:
         while True:
             message = await self.exchange.receive()
@@ -671,9 +683,10 @@ class WebSocketRelay:
         ex = self.exchange
         parts: list[bytes] = []
         text = False
+        events: list[Any] = self._early
+        alive = True
         while True:
-            alive = await self._feed()
-            for event in self.protocol.events_received():
+            for event in events:
                 opcode = event.opcode
                 if opcode in (Opcode.TEXT, Opcode.BINARY):
                     parts = [event.data]
@@ -693,3 +706,5 @@ class WebSocketRelay:
                         await ex.send({"type": "websocket.send", "bytes": data})
             if not alive:
                 return
+            alive = await self._feed()
+            events = self.protocol.events_received()
