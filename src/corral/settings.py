@@ -181,9 +181,21 @@ class Settings(BaseSettings):
     public_scheme: Literal["http", "https"] = Field(
         default="https", description="The scheme of the host-form URLs the API hands out"
     )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="Serve HTTPS with this certificate chain (PEM; e.g. for the domain and "
+        "*.<CORRAL_PUBLIC_DOMAIN>)",
+    )
+    tls_key: Path | None = Field(default=None, description="The certificate's private key (PEM)")
     max_port_connections: int = Field(
         default=256, ge=1, description="Open connections to one sandbox's ports at once"
     )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("CORRAL_TLS_CERT and CORRAL_TLS_KEY go together")
+        return self
 
     @field_validator("public_domain")
     @classmethod

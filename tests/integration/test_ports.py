@@ -9,10 +9,12 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -502,3 +504,60 @@ def test_a_revoked_token_ends_its_websocket(
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+
+
+def test_tls_by_corral_with_a_wildcard_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", f"/CN={DOMAIN}", "-keyout", str(key), "-out", str(cert),
+         "-addext", f"subjectAltName=DNS:{DOMAIN},DNS:*.{DOMAIN},IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    os.chmod(key, 0o600)
+    data_dir = make_data_dir("corral-ports-tls-")
+    srv = Server(
+        data_dir,
+        env={"CORRAL_PUBLIC_DOMAIN": DOMAIN, "CORRAL_TLS_CERT": str(cert),
+             "CORRAL_TLS_KEY": str(key)},
+    )  # fmt: skip
+    srv.url = srv.url.replace("http://", "https://")
+    saved = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(cert)  # what the readiness poll trusts
+    try:
+        srv.start()
+    finally:
+        if saved is None:
+            del os.environ["SSL_CERT_FILE"]
+        else:
+            os.environ["SSL_CERT_FILE"] = saved
+    try:
+        trust = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=srv.url, verify=trust, timeout=30) as api:
+            api.headers["Authorization"] = f"Bearer {srv.admin_key}"
+            sid = api.post("/v1/sandboxes", json={}).json()["id"]
+            api.put(
+                f"/v1/sandboxes/{sid}/files", params={"path": "/workspace/s.py"}, content=SERVICE
+            )
+            api.post(
+                f"/v1/sandboxes/{sid}/commands", json={"command": "python3 /workspace/s.py 8000"}
+            )
+            exposed = api.post(f"/v1/sandboxes/{sid}/ports", json={"port": 8000}).json()
+            assert exposed["host_url"] == f"https://{host(sid, 8000)}/"
+            wait_listening(api, sid, 8000)
+            # As a browser would reach https://8000-sb-....ports.test/: the name in SNI, checked
+            # against the wildcard certificate.
+            name = host(sid, 8000)
+            seen = api.get("/headers", headers={"Host": name}, extensions={"sni_hostname": name})
+            assert seen.status_code == 200, seen.text
+            assert seen.json()["headers"]["x-forwarded-proto"] == "https"
+            del api.headers["Authorization"]
+            first = api.get(
+                f"/headers?access_token={srv.admin_key}",
+                headers={"Host": name},
+                extensions={"sni_hostname": name},
+            )
+            assert first.status_code == 302 and "Secure" in first.headers["set-cookie"]
+    finally:
+        srv.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
