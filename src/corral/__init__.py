@@ -39,6 +39,7 @@ from corral.client import (
     WriteTimeout,
     raise_for_status,
 )
+from corral.client._forward import PortForward
 from corral.core.models import (
     Command,
     CommandStatus,
@@ -46,6 +47,8 @@ from corral.core.models import (
     Image,
     Node,
     NodeState,
+    Port,
+    PortUrl,
     Sandbox,
     SandboxState,
     Scope,
@@ -83,6 +86,9 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PoolTimeout",
+    "Port",
+    "PortForward",
+    "PortUrl",
     "RateLimitError",
     "ReadTimeout",
     "Sandbox",

@@ -17,6 +17,7 @@ from corral.core.models import NodeInfo
 from corral.core.named_commands import NamedCommandService
 from corral.core.node_events import NodeEvents
 from corral.core.nodes import NodeRegistry, Presence, host_capacity
+from corral.core.ports import PortService
 from corral.core.replicas import ReplicaCount
 from corral.core.results import EVERY, CommandResults
 from corral.core.sandboxes import SandboxService
@@ -98,6 +99,7 @@ class Services:
     volumes: VolumeService = None  # type: ignore[assignment]  # set in start(): needs the others
     snapshots: SnapshotService = None  # type: ignore[assignment]  # likewise
     images: ImageService = None  # type: ignore[assignment]  # set in start(): needs the others
+    ports: PortService = None  # type: ignore[assignment]  # likewise
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -215,6 +217,14 @@ class Services:
         services.sandboxes.snapshots = services.snapshots
         services.images = ImageService(db, directory, nodes)
         services.sandboxes.images = services.images
+        services.ports = PortService(
+            db,
+            services.sandboxes,
+            admin_key,
+            public_domain=settings.public_domain,
+            public_scheme=settings.public_scheme,
+            max_connections=settings.max_port_connections,
+        )
         # What an import cut short by the last stop left; what the node's store holds now.
         shutil.rmtree(settings.data_dir / "image-uploads", ignore_errors=True)
         if node is not None:

@@ -172,6 +172,41 @@ class Settings(BaseSettings):
     admin_email: str | None = Field(default=None, description="run-dat-sheesh admin login")
     admin_password: str | None = Field(default=None, description="run-dat-sheesh admin login")
 
+    # Sandbox ports served at a URL (api/ports).
+    public_domain: str | None = Field(
+        default=None,
+        description="Serve port P of sandbox S at Host <P>-<S>.<this> (a wildcard DNS name; "
+        "optionally with :port)",
+    )
+    public_scheme: Literal["http", "https"] = Field(
+        default="https", description="The scheme of the host-form URLs the API hands out"
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="Serve HTTPS with this certificate chain (PEM; e.g. for the domain and "
+        "*.<CORRAL_PUBLIC_DOMAIN>)",
+    )
+    tls_key: Path | None = Field(default=None, description="The certificate's private key (PEM)")
+    max_port_connections: int = Field(
+        default=256, ge=1, description="Open connections to one sandbox's ports at once"
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("CORRAL_TLS_CERT and CORRAL_TLS_KEY go together")
+        return self
+
+    @field_validator("public_domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().lower().strip(".")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?", value):
+            raise ValueError("CORRAL_PUBLIC_DOMAIN must be a DNS name, optionally with :port")
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

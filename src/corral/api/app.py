@@ -16,6 +16,8 @@ from corral import __version__
 from corral.api import errors
 from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
 from corral.api.middleware import RequestContext
+from corral.api.ports import PortProxy
+from corral.api.ports import router as ports_router
 from corral.api.routes import (
     commands,
     files,
@@ -87,6 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, responses=native_errors)
     app.include_router(snapshots.sandbox_router, responses=native_errors)
     app.include_router(sandboxes.templates_router, responses=native_errors)
+    # Sandbox ports: the API, and the proxy in front of everything (it streams bodies itself).
+    app.include_router(ports_router, responses=native_errors)
+    app.add_middleware(PortProxy, public_domain=settings.public_domain)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel, e2b):
         app.include_router(face.router)
     # The web console: its pages, assets and sign-in (corral.api.console).

@@ -505,6 +505,64 @@ def _read_stdin() -> str:
         raise click.UsageError("--stdin sends text: standard input is not valid UTF-8") from exc
 
 
+# --- ports -------------------------------------------------------------------------------------
+
+
+def parse_forward(value: str) -> tuple[int, int]:
+    """`[LOCAL:]PORT` into (local, remote); LOCAL 0 (`:PORT`) takes any free port."""
+    local, colon, remote = value.rpartition(":")
+    try:
+        remote_port = int(remote)
+        local_port = int(local) if local else (0 if colon else remote_port)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not [LOCAL:]PORT") from None
+    if not 1 <= remote_port <= 65535 or not 0 <= local_port <= 65535:
+        raise click.BadParameter(f"{value!r}: ports are 1-65535")
+    return local_port, remote_port
+
+
+@main.command("port-forward")
+@click.argument("sandbox")
+@click.argument("ports", metavar="[LOCAL:]PORT")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Local address to bind.")
+@pass_connection
+def port_forward(conn: Connection, sandbox: str, ports: str, address: str) -> None:
+    """Forward a local TCP port to PORT inside SANDBOX (any port; it need not be exposed).
+
+    Each local connection is its own connection to 127.0.0.1:PORT in the sandbox, made inside
+    its network namespace, so it works with "network": "none" too. Runs until interrupted.
+    """
+    import asyncio
+
+    from corral.client._forward import PortForward
+
+    local_port, remote_port = parse_forward(ports)
+    with conn.client() as client:
+        found = client.get_sandbox(sandbox)
+        url = client._ws_url(f"/v1/sandboxes/{found.id}/tcp/{remote_port}")
+        headers = client._ws_headers()
+
+    def report(message: str) -> None:
+        click.echo(f"error: {message}", err=True)
+
+    async def run() -> None:
+        forward = PortForward(url, headers, host=address, local_port=local_port, on_error=report)
+        try:
+            await forward.check()
+        except ConnectionError as exc:
+            if not str(exc).startswith("port_unreachable"):
+                raise Failure(f"error: {exc}") from None
+            report(f"{exc} (yet: forwarding anyway)")
+        async with forward:
+            click.echo(f"Forwarding from {address}:{forward.local_port} -> {remote_port}")
+            await forward.serve_forever()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
 # --- nodes -------------------------------------------------------------------------------------
 
 

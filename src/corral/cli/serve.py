@@ -66,6 +66,9 @@ def run_server(*, settings: Settings | None = None) -> None:
         ws_max_size=settings.ws_max_frame_bytes * WS_OVERSIZE_SEEN,
         ws_max_queue=WS_MAX_QUEUE,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # HTTPS by Corral itself (e.g. a wildcard certificate for the ports' host form).
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
 
 

@@ -27,6 +27,8 @@ from corral.core.models import (
     Image,
     Node,
     Page,
+    Port,
+    PortUrl,
     RunResult,
     Sandbox,
     SandboxState,
@@ -145,16 +147,19 @@ class BaseClient:
 
     # --- responses -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _parse(call: Call[T], response: httpx.Response) -> T:
+    def _parse(self, call: Call[T], response: httpx.Response) -> T:
         if not response.is_success:
             raise APIError.from_response(response)
         try:
-            return call.parse(response)
+            result = call.parse(response)
         except pydantic.ValidationError as exc:
             raise DecodingError(
                 f"unexpected response to {call.method} {call.path}: {exc}", response=response
             ) from exc
+        for item in result.items if isinstance(result, Page) else (result,):
+            if isinstance(item, Sandbox):
+                item._api_url = self.base_url.rstrip("/")  # for Sandbox.url()
+        return result
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -598,6 +603,30 @@ class BaseClient:
             headers={"content-type": "application/x-tar"},
             timeout=self._transfer_timeout(),
         )
+
+    # --- ports -------------------------------------------------------------------------------
+
+    def _expose_port_call(self, sandbox: SandboxRef, port: int, public: bool) -> Call[Port]:
+        body = {"port": port, "public": public}
+        return Call("POST", _sandbox_path(sandbox, "ports"), _model(Port), json=body)
+
+    def _list_ports_call(self, sandbox: SandboxRef) -> Call[list[Port]]:
+        parse = pydantic.TypeAdapter(list[Port]).validate_json
+        return Call("GET", _sandbox_path(sandbox, "ports"), lambda r: parse(r.content))
+
+    def _unexpose_port_call(self, sandbox: SandboxRef, port: int) -> Call[Port]:
+        return Call("DELETE", _sandbox_path(sandbox, "ports", str(port)), _model(Port))
+
+    def _signed_port_url_call(
+        self, sandbox: SandboxRef, port: int, expires_in: int
+    ) -> Call[PortUrl]:
+        def parse(response: httpx.Response) -> PortUrl:
+            signed = PortUrl.model_validate_json(response.content)
+            # The path form is relative to the API: made absolute for the caller.
+            return signed.model_copy(update={"url": self.base_url.rstrip("/") + signed.url})
+
+        body = {"port": port, "expires_in": expires_in}
+        return Call("POST", _sandbox_path(sandbox, "port-urls"), parse, json=body)
 
     def _list_images_call(self, node: str | None) -> Call[Page[Image]]:
         return Call("GET", "/v1/images", _model(Page[Image]), params=_without_none(node=node))

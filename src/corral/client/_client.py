@@ -45,6 +45,8 @@ from corral.core.models import (
     Health,
     Image,
     Node,
+    Port,
+    PortUrl,
     RunResult,
     Sandbox,
     SandboxState,
@@ -223,6 +225,23 @@ class Client(BaseClient):
     def delete_sandbox(self, sandbox: SandboxRef) -> Sandbox:
         """Delete a sandbox and everything in it; returns it in state `deleted`."""
         return self._send(self._delete_sandbox_call(sandbox))
+
+    def expose_port(self, sandbox: SandboxRef, port: int, *, public: bool = False) -> Port:
+        """Serve `port` of the sandbox at its URLs (`Sandbox.url(port)`); `public`: without a
+        token."""
+        return self._send(self._expose_port_call(sandbox, port, public))
+
+    def list_ports(self, sandbox: SandboxRef) -> list[Port]:
+        """The sandbox's exposed ports."""
+        return self._send(self._list_ports_call(sandbox))
+
+    def unexpose_port(self, sandbox: SandboxRef, port: int) -> Port:
+        """Stop serving `port` of the sandbox."""
+        return self._send(self._unexpose_port_call(sandbox, port))
+
+    def signed_port_url(self, sandbox: SandboxRef, port: int, *, expires_in: int = 3600) -> PortUrl:
+        """A URL of an exposed port that works without a token for `expires_in` seconds."""
+        return self._send(self._signed_port_url_call(sandbox, port, expires_in))
 
     def stop_sandbox(self, sandbox: SandboxRef) -> Sandbox:
         """Stop a sandbox's processes, keeping its files."""

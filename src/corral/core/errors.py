@@ -52,6 +52,12 @@ class RateLimited(CorralError):
         self.retry_after = retry_after
 
 
+class BadGateway(CorralError):
+    """What stands behind the server (a sandbox's service) did not answer as it should."""
+
+    status, code = 502, "bad_gateway"
+
+
 class Unavailable(CorralError):
     status, code = 503, "unavailable"
 

@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     field_validator,
     model_validator,
@@ -406,6 +407,15 @@ class Sandbox(BaseModel):
     snapshot: str | None = Field(default=None, description="The snapshot it started from")
     image: str | None = Field(default=None, description="The image as asked for")
     image_id: str | None = Field(default=None, description="The image it runs on")
+    # The API it came from (set by the SDK's clients): what url() is relative to.
+    _api_url: str = PrivateAttr(default="")
+
+    def url(self, port: int) -> str:
+        """Where port `port` of this sandbox is served once exposed (the path form; a token,
+        a cookie or a signature goes with each request, see docs/ports.md)."""
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range (1-65535)")
+        return f"{self._api_url}/v1/sandboxes/{self.id}/ports/{port}/"
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -889,3 +899,37 @@ class Node(BaseModel):
     epoch: int = Field(description="Grows at each registration of the node")
     registered_at: datetime
     last_heartbeat: datetime
+
+
+# --- ports -------------------------------------------------------------------------------------
+
+PortNumber = Annotated[int, Interval(ge=1, le=65535)]
+
+
+class PortExpose(Strict):
+    port: PortNumber = Field(description="A TCP port on the sandbox's own loopback (1-65535)")
+    public: bool = Field(default=False, description="Served without a token")
+
+
+class Port(BaseModel):
+    sandbox_id: str
+    port: int
+    public: bool
+    url: str = Field(description="The path form: /v1/sandboxes/{id}/ports/{port}/")
+    host_url: str | None = Field(
+        description="The host form, <port>-<id>.<CORRAL_PUBLIC_DOMAIN>, when a domain is set"
+    )
+    created_at: datetime
+
+
+class PortUrlCreate(Strict):
+    port: PortNumber
+    expires_in: Annotated[int, Interval(ge=1, le=7 * 24 * 3600)] = Field(
+        default=3600, description="Seconds the URL works for (at most a week)"
+    )
+
+
+class PortUrl(BaseModel):
+    url: str = Field(description="The path form, signed")
+    host_url: str | None = Field(description="The host form, signed, when a domain is set")
+    expires_at: datetime

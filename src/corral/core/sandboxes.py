@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -43,7 +43,7 @@ from corral.node.directory import NodeDirectory
 from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, VolumeBind
 from corral.runtime.limits import Limits
 from corral.store.db import PLACEMENT_LOCK_KEY, Database
-from corral.store.tables import SandboxRow
+from corral.store.tables import SandboxPortRow, SandboxRow
 
 if TYPE_CHECKING:
     from corral.core.images import ImageService
@@ -516,6 +516,10 @@ class SandboxService:
                     "its processes are stopped: try the delete again"
                 ) from None
             row = await self._set_state(row.id, SandboxState.deleted)
+            async with self.db.transaction() as session:  # its ports are served no more
+                await session.execute(
+                    delete(SandboxPortRow).where(SandboxPortRow.sandbox_id == row.id)
+                )
         self._locks.pop(row.id, None)
         return self.model(row)
 

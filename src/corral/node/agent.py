@@ -23,6 +23,7 @@ from corral.node.bus import Bus, BusError, RemoteError, Reply, node_subject
 from corral.node.host_exec import HostExec
 from corral.node.local import RAW_STDOUT_ORPHAN, LocalNode, public_reason
 from corral.node.output_log import Chunk
+from corral.node.tunnels import Tunnels
 from corral.runtime.images import ImageTooLargeError, RegistryAuth
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class NodeAgent:
         self._background: set[asyncio.Task[Any]] = set()
         self._event_seq = 0
         self._uploads: dict[str, float] = {}  # image archive uploads -> when last written
+        self.tunnels = Tunnels(node.open_port)  # connections to sandbox ports
         self._ops: dict[str, Op] = {
             name.removeprefix("op_"): getattr(self, name)
             for name in dir(self)
@@ -86,13 +88,17 @@ class NodeAgent:
         await self.bus.serve(node_subject(self.node.id, "in", "rpc"), self._handle)
         await self.bus.nc.flush()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._keep_registered())]
+        self._tasks = [
+            loop.create_task(self._keep_registered()),
+            loop.create_task(self._sweep_tunnels()),
+        ]
         await self._registered.wait()
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tunnels.close_all()
         # Results of what ends while the node stops: one last try to report them.
         if self._outbox:
             with contextlib.suppress(Exception):
@@ -126,6 +132,15 @@ class NodeAgent:
                     log.warning("command %s was declared lost: cancelling it", cid)
                     await execution.cancel()
         self._registered.set()
+
+    async def _sweep_tunnels(self) -> None:
+        """Close the port tunnels of replicas that went away (nobody asks about them)."""
+        while True:
+            await asyncio.sleep(p.TUNNEL_IDLE / 3)
+            try:
+                await self.tunnels.sweep()
+            except Exception:
+                log.exception("closing idle port tunnels failed")
 
     async def _keep_registered(self) -> None:
         await self._register()
@@ -466,6 +481,23 @@ class NodeAgent:
             await execution.close_stdout()
             if execution.finished:
                 self._forget(execution.spec.id)
+
+    # --- port tunnels (node/tunnels.py) ---
+
+    async def op_port_open(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.tunnels.open(args)
+
+    async def op_port_read(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.tunnels.read(args)
+
+    async def op_port_write(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.tunnels.write(args, data)
+
+    async def op_port_write_eof(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.tunnels.write_eof(args)
+
+    async def op_port_close(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.tunnels.close(args)
 
     async def op_check_offset(self, args: dict[str, Any], data: bytes) -> Any:
         await self.node.check_offset(

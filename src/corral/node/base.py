@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from corral.core.errors import Unavailable
+from corral.core.errors import BadGateway, Unavailable
 from corral.core.models import CommandStatus
 from corral.node.output_log import Chunk
 from corral.runtime.base import SandboxConfig
@@ -125,6 +125,32 @@ class Execution(abc.ABC):
     @abc.abstractmethod
     async def close_stdout(self) -> None:
         """Stop reading standard output (raw_stdout commands); the writer gets EPIPE."""
+
+
+class PortUnreachable(BadGateway):
+    """Nothing answers on the sandbox's port: 502, at once."""
+
+    code = "port_unreachable"
+
+
+class PortStream(abc.ABC):
+    """A TCP connection to a port of a sandbox, opened by its node inside the sandbox's own
+    network namespace. Bytes both ways, with back-pressure: write() returns once there is room
+    again, so neither end ever buffers more than a socket's worth."""
+
+    @abc.abstractmethod
+    async def read(self, n: int = 1 << 16) -> bytes:
+        """Up to n bytes; b"" once the sandbox's side has closed its end."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def write_eof(self) -> None:
+        """No more bytes to the sandbox (a half close); reading goes on."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
 
 
 SandboxDiedCallback = Callable[[str, str | None], Awaitable[None]]  # id, failure
@@ -245,6 +271,11 @@ class Node(abc.ABC):
     @abc.abstractmethod
     async def output(self, sandbox_id: str, command_id: str) -> tuple[bytes, bytes]:
         """All the kept stdout and stderr of a command, what it printed so far if it runs."""
+
+    async def open_port(self, sandbox_id: str, port: int) -> PortStream:
+        """A connection to 127.0.0.1:`port` inside the running sandbox's network namespace;
+        PortUnreachable when nothing listens there, SandboxDied when it does not run."""
+        raise Unavailable("this node does not open connections to sandbox ports")
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...

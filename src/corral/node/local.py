@@ -15,6 +15,7 @@ from pathlib import Path
 
 from corral import __version__
 from corral.clock import utcnow
+from corral.core.errors import Unavailable
 from corral.core.models import CommandStatus, NodeCapacity, NodeInfo
 from corral.node.base import (
     CommandOutcome,
@@ -22,6 +23,7 @@ from corral.node.base import (
     Execution,
     HostFailure,
     Node,
+    PortStream,
     SnapshotsUnsupported,
     TooManyCommands,
 )
@@ -37,6 +39,7 @@ from corral.node.output_log import (
     follow_raw,
     read_output,
 )
+from corral.node.port_stream import SocketPortStream
 from corral.pipes import pipe_end
 from corral.runtime.base import (
     ExitStatus,
@@ -633,6 +636,12 @@ class LocalNode(Node):
         if handle is None or not handle.alive:
             raise SandboxDied("the sandbox is not running")
         return handle
+
+    async def open_port(self, sandbox_id: str, port: int) -> PortStream:
+        try:
+            return await SocketPortStream.open(self._live(sandbox_id), port)
+        except NotImplementedError:
+            raise Unavailable("this node's runtime cannot reach a sandbox's ports") from None
 
     async def sandbox_running(self, sandbox_id: str) -> bool:
         handle = self._sandboxes.get(sandbox_id)

@@ -22,6 +22,7 @@ from corral.node.base import (
     CommandOutcome,
     CommandSpec,
     HostFailure,
+    PortUnreachable,
     SnapshotsUnsupported,
     TooManyCommands,
 )
@@ -44,6 +45,13 @@ REPLICAS_QUEUE = "replicas"  # the queue group of replicas taking node events
 COMMAND_DONE = "corral.command.{}.done"  # replicas -> replicas: a command's result is stored
 READ_BYTES = 256 * 1024  # the most one output or file read carries
 FOLLOW_WAIT = 2.0  # how long a read of a live log waits for more before answering
+# Port tunnels (`port_open`, then `port_read` / `port_write` / `port_write_eof` /
+# `port_close` on the tunnel id it answers): a connection to a sandbox's port, opened by its node
+# inside the sandbox's network namespace. Both directions are pulls of at most READ_BYTES, each
+# answered within FOLLOW_WAIT (`pending` when nothing moved), so a quiet connection never looks
+# like a node that does not answer; a tunnel nobody asks about for TUNNEL_IDLE seconds (its
+# replica went away) is closed by the node.
+TUNNEL_IDLE = 30.0
 
 # Node events (`out.event` requests), answered `{"ok": true}` once applied.
 EVENT_REGISTER = "register"  # {"info"} -> {"epoch", "sandboxes": [config...]}
@@ -77,6 +85,7 @@ ERRORS: dict[str, type[BaseException]] = {
     "unknown_command": UnknownCommand,
     "host_exec_refused": HostExecRefused,
     "too_many_commands": TooManyCommands,
+    "port_unreachable": PortUnreachable,
     # The image store's, each by its own name: the core maps each to its status.
     "image_in_use": ImageInUse,
     "image_not_found": image_errors.ImageNotFoundError,

@@ -18,9 +18,17 @@ from typing import Any
 from corral.clock import utcnow
 from corral.core.models import CommandStatus, NodeInfo
 from corral.node import protocol as p
-from corral.node.base import CommandOutcome, CommandSpec, Execution, Node, NodeUnavailable
+from corral.node.base import (
+    CommandOutcome,
+    CommandSpec,
+    Execution,
+    Node,
+    NodeUnavailable,
+    PortStream,
+)
 from corral.node.bus import Bus, NodeUnreachable, RemoteError, VersionMismatch, node_subject
 from corral.node.output_log import Chunk
+from corral.node.tunnels import RemotePortStream
 from corral.runtime.base import SandboxConfig
 from corral.runtime.images import Image, RegistryAuth
 
@@ -151,6 +159,10 @@ class RemoteNode(Node):
 
     async def enforceable(self) -> dict[str, str]:
         return dict(self.info.enforceable)
+
+    async def open_port(self, sandbox_id: str, port: int) -> PortStream:
+        answer = await self._call("port_open", sandbox_id=sandbox_id, port=port)
+        return RemotePortStream(self.call, str(answer["tunnel"]), CALL_TIMEOUT)
 
     async def sandbox_running(self, sandbox_id: str) -> bool:
         return bool(await self._call("sandbox_running", sandbox_id=sandbox_id))

@@ -10,6 +10,7 @@ import abc
 import errno
 import fcntl
 import os
+import socket
 import stat
 import struct
 import termios
@@ -225,6 +226,11 @@ class SandboxHandle(abc.ABC):
 
     @abc.abstractmethod
     async def resume(self) -> None: ...
+
+    async def connect_port(self, port: int) -> socket.socket:
+        """A connected, non-blocking TCP socket to 127.0.0.1:`port` inside the sandbox's own
+        network namespace (runtime/ports.py); ports.PortRefused when nothing listens there."""
+        raise NotImplementedError("this backend cannot reach a sandbox's ports")
 
 
 class Runtime(abc.ABC):

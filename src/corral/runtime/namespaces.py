@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.pipes import pipe_end
-from corral.runtime import idmap, images, rootfs, snapshots
+from corral.runtime import idmap, images, ports, rootfs, snapshots
 from corral.runtime.base import (
     NODE_PYTHON,
     ExitStatus,
@@ -639,6 +639,9 @@ class NamespacesRuntime(Runtime):
             sandbox.inner = await asyncio.wait_for(
                 self._map_users(config, info_r, block_w), START_TIMEOUT
             )
+            # Its network namespace, opened now, before the sandbox runs anything: what its
+            # ports are reached through (runtime/ports.py).
+            sandbox.netns_fd = ports.open_netns(sandbox.inner[0])
             await asyncio.wait_for(sandbox.ready, START_TIMEOUT)
         except (TimeoutError, SandboxDied, OSError, ValueError) as exc:
             detail = await sandbox.startup_error()
@@ -1073,6 +1076,7 @@ class NamespacesSandbox(SandboxHandle):
         self._warnings = WarningLog(log)
         self._done_ids: dict[str, None] = {}
         self._resume_reading: asyncio.TimerHandle | None = None
+        self.netns_fd: int | None = None  # the sandbox's network namespace, once it exists
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
         self._watch = asyncio.ensure_future(self._watch_process())
@@ -1378,6 +1382,14 @@ class NamespacesSandbox(SandboxHandle):
         self._mark_dead()
         self._close_homes()
         self.sock.close()
+        if self.netns_fd is not None:
+            os.close(self.netns_fd)
+            self.netns_fd = None
+
+    async def connect_port(self, port: int) -> socket.socket:
+        if self.netns_fd is None or not self.alive:
+            raise SandboxDied("the sandbox is not running")
+        return await ports.connect(self.netns_fd, port)
 
     async def set_network(self, network: str, allow: tuple[str, ...]) -> None:
         if network == "none" or self.network == "none":

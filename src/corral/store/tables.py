@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text, text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -253,3 +253,15 @@ class NodeImageRow(Base):
     record: Mapped[dict[str, Any]] = mapped_column(JSON)  # the store's Image, as JSON
     size: Mapped[int] = mapped_column(BigInteger)
     added_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SandboxPortRow(Base):
+    """A port of a sandbox served at a URL (api/ports): private (a token of the sandbox's) or
+    public (no token)."""
+
+    __tablename__ = "sandbox_ports"
+
+    sandbox_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    port: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
