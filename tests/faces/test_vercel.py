@@ -239,6 +239,26 @@ def test_create_answers_the_sdk_shapes(fapi: httpx.Client) -> None:
             fapi.delete(f"/v1/sandboxes/{sandbox['id']}")
 
 
+def test_ports_become_routes(fapi: httpx.Client) -> None:
+    made = fapi.post("/v3/sandboxes", json={"ports": [3001, 3000]})
+    assert made.status_code == 200, made.text
+    sid = made.json()["sandbox"]["id"]
+    try:
+        assert [r["port"] for r in made.json()["routes"]] == [3000, 3001]
+        exposed = fapi.get(f"/v1/sandboxes/{sid}/ports").json()
+        assert all(p["public"] for p in exposed) and len(exposed) == 2
+        changed = fapi.patch(f"/v2/sandboxes/{sid}", json={"ports": [3001, 8080]})
+        assert [r["port"] for r in changed.json()["routes"]] == [3001, 8080], changed.text
+        session = fapi.get(f"/v2/sandboxes/sessions/{sid}").json()
+        assert session["routes"] == changed.json()["routes"]
+    finally:
+        fapi.delete(f"/v1/sandboxes/{sid}")
+    for bad in ([0], [70000], ["x"]):
+        refused = fapi.post("/v3/sandboxes", json={"ports": bad})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "bad_request"
+
+
 def test_get_list_resume_and_delete(fapi: httpx.Client, session: str) -> None:
     got = fapi.get(f"/v2/sandboxes/{session}").json()
     assert got["session"]["id"] == session and got["routes"] == [] and got["resumed"] is False

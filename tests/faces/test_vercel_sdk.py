@@ -77,7 +77,11 @@ def test_create_v3(steps: dict[str, dict[str, Any]]) -> None:
     assert created["persistent"] is True and created["cwd"] == "/workspace"
     assert created["timeout"] == 600_000 and created["sessionTimeout"] == 600_000
     assert created["vcpus"] == 1 and created["memory"] == 2048
-    assert created["tags"] == {"suite": "sdk"} and created["routes"] == []
+    assert created["tags"] == {"suite": "sdk"}
+    [route] = created["routes"]
+    sandbox = created["sessionId"]
+    assert route["port"] == 3000 and route["subdomain"] == f"3000-{sandbox.replace('_', '-', 1)}"
+    assert route["url"].endswith(f"/v1/sandboxes/{sandbox}/ports/3000")
     assert created["sessionId"].startswith("sb_") and created["networkPolicy"] == "deny-all"
 
 
@@ -177,11 +181,18 @@ def test_as_user_runs_through_sudo(steps: dict[str, dict[str, Any]]) -> None:
     assert "nobody-here" in done["stranger"]["stderr"]
 
 
+def test_a_port_is_served_at_its_route(steps: dict[str, dict[str, Any]]) -> None:
+    """A port given at create is served at its route's URL without a token, as Vercel's are."""
+    assert ok(steps, "port_route") == {"status": 200, "body": "served\n"}
+
+
 def test_get_list_and_sessions(steps: dict[str, dict[str, Any]]) -> None:
     created, got = ok(steps, "create"), ok(steps, "get")
     assert got["name"] == created["name"] and got["sessionId"] == created["sessionId"]
-    assert got["status"] == "running" and got["routes"] == []
-    assert got["domain"] == "No route for port 3000"
+    assert got["status"] == "running" and got["routes"] == created["routes"]
+    # The SDK makes the domain itself, from the route's subdomain, always under vercel.run.
+    assert got["domain"] == f"https://{created['routes'][0]['subdomain']}.vercel.run"
+    assert got["missing"] == "No route for port 4000"
     listed = ok(steps, "list")
     assert created["name"] in listed["names"]
     assert all(n.startswith("sdk-") for n in listed["names"])

@@ -286,13 +286,30 @@ await step("as_user", async () => {
 
 await step("get", async () => {
   const got = await Sandbox.get({ ...creds, name });
-  let domain;
+  let missing;
   try {
-    got.domain(3000);
+    got.domain(4000);
   } catch (err) {
-    domain = err.message;
+    missing = err.message;
   }
-  return { ...summary(got), domain };
+  return { ...summary(got), domain: got.domain(3000), missing };
+});
+
+await step("port_route", async () => {
+  // A server on the port the sandbox was made with, reached through its route's URL by anyone.
+  await sandbox.writeFiles([{ path: "site/index.html", content: Buffer.from("served\n") }]);
+  await sandbox.runCommand({
+    cmd: "python3",
+    args: ["-m", "http.server", "3000", "--bind", "127.0.0.1", "--directory", "site"],
+    detached: true,
+  });
+  const url = sandbox.routes.find((route) => route.port === 3000).url;
+  for (let i = 0; i < 100; i++) {
+    const answer = await globalThis.fetch(`${url}/index.html`);
+    if (answer.status !== 502) return { status: answer.status, body: await answer.text() };
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return { status: 502 };
 });
 
 await step("list", async () => {

@@ -33,8 +33,9 @@ Where Corral differs from Vercel:
   command whose program is `sudo` (as `asUser()` sends) is run as the user it names by Corral
   itself: a setuid sudo cannot work under no_new_privs.
 - `runtime` is ignored (the host's /usr); `image` is a container image Corral pulls; `source`
-  only takes a snapshot (git and tarball sources are 400 `unsupported`). `ports` are accepted
-  but no routes are made, so `domain(port)` throws the SDK's "No route for port".
+  only takes a snapshot (git and tarball sources are 400 `unsupported`). `ports` are Corral's
+  sandbox ports, exposed public as Vercel's are; their `routes` carry Corral's URLs (the SDK's
+  `domain(port)` makes a vercel.run name of its own).
 - `timeout` defaults to Vercel's 5 minutes and is kept in whole seconds; a sandbox made
   outside this face without a lifetime reports ten years. `vcpus` are a CPU quota, `memory`
   2048 MiB per vCPU unless given; a sandbox without limits reports the host's.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Depends, Query
+from fastapi import Depends, Query, Request
 
 from corral.api.auth import get_services
 from corral.api.faces.vercel.wire import (
@@ -30,7 +30,8 @@ from corral.api.faces.vercel.wire import (
     snapshot_json,
 )
 from corral.core.errors import NotFound, PermissionDenied
-from corral.core.models import SandboxCreate, SandboxUpdate, Scope, SnapshotCreate
+from corral.core.models import PortExpose, SandboxCreate, SandboxUpdate, Scope, SnapshotCreate
+from corral.core.ports import host_label
 from corral.core.tokens import Principal
 from corral.services import Services
 from corral.store.tables import SandboxRow
@@ -74,15 +75,36 @@ def _create_request(body: CreateSandbox, *, fork: bool = False) -> SandboxCreate
     return SandboxCreate(**fields)
 
 
-def _both(row: SandboxRow, *, resumed: bool | None = None) -> dict[str, Any]:
+async def _routes(services: Services, request: Request, sandbox_id: str) -> list[dict[str, Any]]:
+    """The sandbox's exposed ports, as Vercel's routes: the host form's URL when the server has a
+    public domain, the path form's otherwise."""
+    routes = []
+    for port in await services.ports.list(sandbox_id):
+        url = port.host_url or str(request.base_url).rstrip("/") + port.url
+        subdomain = f"{port.port}-{host_label(sandbox_id)}"
+        routes.append({"port": port.port, "subdomain": subdomain, "url": url.rstrip("/")})
+    return routes
+
+
+async def _expose(services: Services, row: SandboxRow, ports: list[int] | None) -> None:
+    """Vercel's ports are served to anyone with the URL: exposed `public`."""
+    for port in ports or ():
+        await services.ports.expose(row, PortExpose(port=port, public=True))
+
+
+async def _both(
+    services: Services, request: Request, row: SandboxRow, *, resumed: bool | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {"sandbox": sandbox_json(row), "session": session_json(row)}
-    out["routes"] = []  # sandbox ports are not served: `domain(port)` throws "No route"
+    out["routes"] = await _routes(services, request, row.id)
     if resumed is not None:
         out["resumed"] = resumed
     return out
 
 
-async def _create(services: Services, principal: Principal, body: CreateSandbox) -> Any:
+async def _create(
+    services: Services, request: Request, principal: Principal, body: CreateSandbox
+) -> Any:
     principal.require(Scope.sandboxes)
     if principal.sandbox_ids is not None:
         raise PermissionDenied("a token limited to certain sandboxes cannot create sandboxes")
@@ -93,21 +115,29 @@ async def _create(services: Services, principal: Principal, body: CreateSandbox)
         except NotFound:
             raise SnapshotGone(f"no snapshot {req.snapshot!r}") from None
     created = await services.sandboxes.create(req)
-    return _both(await services.sandboxes.row(created.id))
+    row = await services.sandboxes.row(created.id)
+    await _expose(services, row, body.ports)
+    return await _both(services, request, row)
 
 
 @router.post("/v3/sandboxes", summary="Create a sandbox and its session")
 async def create_sandbox_v3(
-    body: CreateSandbox, services: Services = ServicesDep, principal: Principal = Caller
+    body: CreateSandbox,
+    request: Request,
+    services: Services = ServicesDep,
+    principal: Principal = Caller,
 ) -> dict[str, Any]:
-    return await _create(services, principal, body)
+    return await _create(services, request, principal, body)
 
 
 @router.post("/v2/sandboxes", summary="Create a sandbox and its session (with a runtime)")
 async def create_sandbox(
-    body: CreateSandbox, services: Services = ServicesDep, principal: Principal = Caller
+    body: CreateSandbox,
+    request: Request,
+    services: Services = ServicesDep,
+    principal: Principal = Caller,
 ) -> dict[str, Any]:
-    return await _create(services, principal, body)
+    return await _create(services, request, principal, body)
 
 
 @router.get("/v2/sandboxes", summary="Sandboxes, a page at a time (oldest first)")
@@ -152,11 +182,14 @@ async def list_sessions(
 
 @router.get("/v2/sandboxes/sessions/{session_id}", summary="A session and its routes")
 async def get_session(
-    session_id: str, services: Services = ServicesDep, principal: Principal = Caller
+    session_id: str,
+    request: Request,
+    services: Services = ServicesDep,
+    principal: Principal = Caller,
 ) -> dict[str, Any]:
     principal.require(Scope.read)
     row = await live_sandbox(services, principal, session_id)
-    return {"session": session_json(row), "routes": []}
+    return {"session": session_json(row), "routes": await _routes(services, request, row.id)}
 
 
 @router.post("/v2/sandboxes/sessions/{session_id}/stop", summary="Stop a session")
@@ -270,6 +303,7 @@ async def delete_snapshot(
 @router.get("/v2/sandboxes/{name}", summary="A sandbox and its session; `resume` starts it")
 async def get_sandbox(
     name: str,
+    request: Request,
     resume: bool = Query(False, description="Start the sandbox if it is stopped"),
     projectId: str | None = Query(None, description="Accepted and ignored"),
     services: Services = ServicesDep,
@@ -285,13 +319,14 @@ async def get_sandbox(
         else:
             await services.sandboxes.start(row.id, renew=True)
         row, resumed = await services.sandboxes.row(row.id), True
-    return _both(row, resumed=resumed)
+    return await _both(services, request, row, resumed=resumed)
 
 
 @router.patch("/v2/sandboxes/{name}", summary="Change a sandbox (its timeout and network)")
 async def update_sandbox(
     name: str,
     body: UpdateSandbox,
+    request: Request,
     services: Services = ServicesDep,
     principal: Principal = Caller,
 ) -> dict[str, Any]:
@@ -306,9 +341,15 @@ async def update_sandbox(
         raise Unsupported(f"a sandbox's {', '.join(fixed)} cannot be changed here")
     if body.networkPolicy is not None:
         corral_network(body.networkPolicy)  # refused now if it cannot be applied later
+    if body.ports is not None:  # the sandbox's ports become those listed
+        listed = set(body.ports)
+        for port in await services.ports.list(row.id):
+            if port.port not in listed:
+                await services.ports.remove(row.id, port.port)
+        await _expose(services, row, body.ports)
     # The timeout and the network policy take effect through the session's own routes, which
     # the SDK calls next (Corral keeps one lifetime and one policy per sandbox).
-    return {"sandbox": sandbox_json(row), "routes": []}
+    return {"sandbox": sandbox_json(row), "routes": await _routes(services, request, row.id)}
 
 
 @router.delete("/v2/sandboxes/{name}", summary="Delete a sandbox")
@@ -324,6 +365,7 @@ async def delete_sandbox(
 @router.post("/v2/sandboxes/{name}/fork", summary="A new sandbox from this one's files")
 async def fork_sandbox(
     name: str,
+    request: Request,
     body: CreateSandbox | None = None,
     services: Services = ServicesDep,
     principal: Principal = Caller,
@@ -348,7 +390,9 @@ async def fork_sandbox(
     finally:
         if stopped:
             await services.sandboxes.stop(source.id)
-    return _both(await services.sandboxes.row(created.id))
+    row = await services.sandboxes.row(created.id)
+    await _expose(services, row, body.ports if body is not None else None)
+    return await _both(services, request, row)
 
 
 @router.post("/v2/sandboxes/{name}/stop", summary="Stop a sandbox")

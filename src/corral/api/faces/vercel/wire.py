@@ -25,6 +25,7 @@ from corral.core.models import (
     MemoryMb,
     Milliseconds,
     NetworkMode,
+    PortNumber,
     Snapshot,
     SnapshotState,
 )
@@ -152,7 +153,9 @@ class CreateSandbox(BaseModel):
     image: str | None = Field(default=None, description="A container image Corral can pull")
     persistent: bool | None = Field(default=None, description="Always true in Corral")
     networkPolicy: NetworkPolicy | None = None
-    ports: list[int] | None = Field(default=None, description="Accepted; no routes are made")
+    ports: list[PortNumber] | None = Field(
+        default=None, max_length=64, description="Served to anyone with the URL (`routes`)"
+    )
     network: Literal["none", "allow", "outbound"] | None = Field(
         default=None, description="Corral: no network (default), `allow` CIDRs, or `outbound`"
     )
@@ -167,7 +170,7 @@ class UpdateSandbox(BaseModel):
     timeout: Annotated[Milliseconds, Field(ge=1000)] | None = None
     networkPolicy: NetworkPolicy | None = None
     persistent: bool | None = None
-    ports: list[int] | None = None
+    ports: list[PortNumber] | None = Field(default=None, max_length=64)
     tags: dict[str, str] | None = None
     resources: dict[str, Any] | None = None
     mounts: dict[str, Any] | None = None
