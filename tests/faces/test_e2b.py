@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 import struct
 import threading
 import time
@@ -28,6 +29,7 @@ from e2b import (
     TimeoutException,
 )
 
+from tests.conftest import Server, make_data_dir
 from tests.faces.conftest import FacesServer, new_token
 
 pytestmark = pytest.mark.sandbox
@@ -404,3 +406,50 @@ def test_stream_input_and_keepalive(e2b_env: FacesServer, sbx: Sandbox) -> None:
                    if f == 0 and "data" in e["event"])  # fmt: skip
     assert out == b"streamed"
     assert events[-1] == (2, {})
+
+
+# --- E2B's host names under the server's public domain -----------------------------------------
+
+DOMAIN = "e2b.test"
+
+
+@pytest.fixture(scope="module")
+def domain_server() -> Iterator[Server]:
+    data_dir = make_data_dir("corral-test-e2b-domain-")
+    srv = Server(data_dir, env={"CORRAL_PUBLIC_DOMAIN": DOMAIN})
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_api_and_envd_host_names(domain_server: Server) -> None:
+    """What an SDK given only E2B_DOMAIN calls: https://api.<domain> and
+    https://49983-<id>.<domain>, here as their Host headers over plain HTTP."""
+    key = {"X-API-KEY": domain_server.admin_key}
+    with httpx.Client(base_url=domain_server.url, timeout=30) as http:
+        made = http.post("/sandboxes", json={"templateID": "base"},
+                         headers=key | {"Host": f"api.{DOMAIN}"})  # fmt: skip
+        assert made.status_code == 201, made.text
+        sandbox_id, access = made.json()["sandboxID"], made.json()["envdAccessToken"]
+        try:
+            for label in (sandbox_id, sandbox_id.replace("_", "-", 1)):
+                envd = {"Host": f"49983-{label}.{DOMAIN}", "X-Access-Token": access}
+                stat = http.post("/filesystem.Filesystem/Stat", json={"path": "/workspace"},
+                                 headers=envd)  # fmt: skip
+                assert stat.status_code == 200, stat.text
+                assert stat.json()["entry"]["path"] == "/workspace"
+            # The host names the sandbox: a header naming another does not move the call.
+            spoofed = envd | {"E2b-Sandbox-Id": "sb_someone_else"}
+            stat = http.post("/filesystem.Filesystem/Stat", json={"path": "/"}, headers=spoofed)
+            assert stat.status_code == 200, stat.text
+            wrong = envd | {"X-Access-Token": "e2b_envd_wrong"}
+            refused = http.post("/filesystem.Filesystem/Stat", json={"path": "/"}, headers=wrong)
+            assert refused.status_code == 401, refused.text
+            # Another port of the sandbox is the port proxy's: not exposed, so 404.
+            other = http.get("/", headers={"Host": f"8000-{sandbox_id}.{DOMAIN}"} | key)
+            assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
+        finally:
+            api_host = key | {"Host": f"api.{DOMAIN}"}
+            killed = http.delete(f"/sandboxes/{sandbox_id}", headers=api_host)
+            assert killed.status_code == 204, killed.text

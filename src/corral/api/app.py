@@ -15,6 +15,7 @@ from swagger_ui_bundle import swagger_ui_path
 from corral import __version__
 from corral.api import errors
 from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
+from corral.api.faces.e2b.hosts import E2bHosts
 from corral.api.middleware import RequestContext
 from corral.api.ports import PortProxy
 from corral.api.ports import router as ports_router
@@ -92,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Sandbox ports: the API, and the proxy in front of everything (it streams bodies itself).
     app.include_router(ports_router, responses=native_errors)
     app.add_middleware(PortProxy, public_domain=settings.public_domain)
+    # In front of the proxy: E2B's api.<domain> and 49983-<id>.<domain> are the E2B face's.
+    app.add_middleware(E2bHosts, public_domain=settings.public_domain)
     for face in (cmdio, cmdop, rundatsheesh, runta, vercel, e2b):
         app.include_router(face.router)
     # The web console: its pages, assets and sign-in (corral.api.console).
