@@ -209,7 +209,9 @@ def agent(**options: Any) -> None:
 
     settings = _settings(options)
     # Through the redacting filter, as the server's: a NATS URL may hold a password.
-    logging.config.dictConfig(log_config(settings.log_level, Redactor([settings.nats_url])))
+    logging.config.dictConfig(
+        log_config(settings.log_level, Redactor([settings.nats_url]), settings.log_format)
+    )
 
     async def run() -> None:
         stop = asyncio.Event()

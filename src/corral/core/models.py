@@ -84,6 +84,8 @@ class Scope(enum.StrEnum):
     files = "files"  # move files in and out
     sandboxes = "sandboxes"  # create, change and delete sandboxes
     admin = "admin"  # everything, tokens included
+    metrics = "metrics"  # read /metrics
+    audit = "audit"  # read the audit log
 
 
 NetworkMode = Literal["none", "allow", "outbound"]
