@@ -21,11 +21,11 @@ import time
 from datetime import datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel
 from sqlalchemy import delete, select
 
 from corral import ids
 from corral.clock import utcnow
+from corral.core.models import AuditEntry, Page
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.store.db import Database
 from corral.store.tables import AuditRow
@@ -37,26 +37,6 @@ FLUSH_SECONDS = 0.25
 PRUNE_SECONDS = 3600.0
 MAX_QUEUED = 100_000
 AUDIT_ID = "aud"
-
-
-class AuditEntry(BaseModel):
-    id: str
-    at: datetime
-    token_id: str | None
-    token_name: str | None
-    action: str
-    target: str | None
-    method: str
-    path: str
-    status: int
-    result: Literal["ok", "error"]
-    address: str | None
-    request_id: str | None
-
-
-class AuditPage(BaseModel):
-    items: list[AuditEntry]
-    next_cursor: str | None = None
 
 
 def result_of(status: int) -> Literal["ok", "error"]:
@@ -177,7 +157,7 @@ class AuditLog:
         until: datetime | None = None,
         limit: int = 100,
         cursor: str | None = None,
-    ) -> AuditPage:
+    ) -> Page[AuditEntry]:
         """Newest first. `action` ending in `*` matches a prefix (`sandbox.*`)."""
         query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit + 1)
         if token is not None:
@@ -201,7 +181,7 @@ class AuditLog:
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
         nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
-        return AuditPage(
+        return Page[AuditEntry](
             items=[AuditEntry.model_validate(row, from_attributes=True) for row in rows[:limit]],
             next_cursor=nxt,
         )

@@ -7,14 +7,13 @@ from typing import Literal
 from fastapi import APIRouter, Query
 
 from corral.api.auth import Caller, ServicesDep
-from corral.core.audit import AuditPage
 from corral.core.errors import PermissionDenied, Unavailable
-from corral.core.models import Scope, Timestamp
+from corral.core.models import AuditEntry, Page, Scope, Timestamp
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 
-@router.get("", response_model=AuditPage)
+@router.get("", response_model=Page[AuditEntry])
 async def list_audit(
     services: ServicesDep,
     caller: Caller,
@@ -29,7 +28,7 @@ async def list_audit(
     until: Timestamp | None = None,
     limit: int = Query(100, ge=1, le=1000),
     cursor: str | None = None,
-) -> AuditPage:
+) -> Page[AuditEntry]:
     """State-changing calls, newest first: who (token id and name), what (action, method,
     path with secrets masked), on what (target), with what result, when and from where."""
     if not caller.is_admin and Scope.audit not in caller.scopes:
