@@ -190,3 +190,16 @@ def test_cli_audit(ops_server: Server, ops_api: httpx.Client) -> None:
     assert "token.create" in table.stdout and made["id"] in table.stdout
     refused = run_cli(ops_server, "audit", token=made["secret"])
     assert refused.returncode != 0 and "audit" in refused.stderr
+
+
+def test_a_clean_shutdown_loses_no_entry() -> None:
+    from tests.security.helpers import dedicated_server
+
+    with dedicated_server("corral-ops-stop-", env={"CORRAL_RUNTIME": "fake"}) as srv:
+        with srv.client() as api:
+            made = [new_token(api, ["read"], name=f"stop-{n}")["id"] for n in range(20)]
+        srv.stop()  # at once: the entries may still be queued, and must be stored on the way out
+        srv.start()
+        with srv.client() as api:
+            stored = {e["target"] for e in entries(api, action="token.create")}
+    assert set(made) <= stored
