@@ -20,6 +20,7 @@ when the level allows it, and for a change an entry appended to a queue. No stor
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -45,6 +46,7 @@ from corral.redaction import Redactor
 
 CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UNROUTED = "(unrouted)"  # the route label of a request no route took (a 404, a 413 ...)
+CLIENT_GONE = 499  # the status of a request whose client left before any answer (nginx's)
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 MAX_CAPTURE = 64 * 1024  # of a create's answer, read for the new object's id
 
@@ -217,9 +219,10 @@ class Observe:
         capture: list[bytes] | None = None
         header_id = request_id.encode()
         changing = not websocket and scope["method"] in CHANGING
+        audited = False
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, capture
+            nonlocal status, capture, audited
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
@@ -231,38 +234,42 @@ class Observe:
                     capture.append(message.get("body", b""))
             elif kind == "websocket.accept":
                 status = 101
+                # A session that starts a command is audited as it starts, not when it ends.
+                try:
+                    audited = self._audit(scope, status, note, request_id, None, None)
+                except Exception:  # never let watching fail a session
+                    request_log.exception("could not audit request %s", request_id)
+            elif kind == "websocket.http.response.start":
+                status = message["status"]  # a handshake refused with an HTTP answer
             elif kind == "websocket.close" and status == 0:
                 status = 403  # refused before it was accepted
             await send(message)
 
         try:
             await self.app(scope, receive, observed_send)
-        except BaseException:
-            if status == 0:
-                status = 500
+        except BaseException as exc:
+            if status == 0:  # a client that left cancels its request; anything else is a 500
+                status = CLIENT_GONE if isinstance(exc, asyncio.CancelledError) else 500
             raise
         finally:
             CALLER.reset(reset)
             try:
-                self._done(scope, status, time.perf_counter() - started, note, request_id, capture)
+                path = self._done(scope, status, time.perf_counter() - started, note, request_id)
+                if not audited:
+                    self._audit(scope, status, note, request_id, capture, path)
             except Exception:  # never let watching fail a request
                 request_log.exception("could not record request %s", request_id)
 
     def _done(
-        self,
-        scope: Scope,
-        status: int,
-        seconds: float,
-        note: CallerNote,
-        request_id: str,
-        capture: list[bytes] | None,
-    ) -> None:
+        self, scope: Scope, status: int, seconds: float, note: CallerNote, request_id: str
+    ) -> str | None:
+        """Count the request and write its log line; the masked path, if it was needed."""
         facts = self.facts(scope)
-        websocket = scope["type"] == "websocket"
-        method = "WS" if websocket else scope["method"]
+        method = "WS" if scope["type"] == "websocket" else scope["method"]
         services = getattr(scope["app"].state, "services", None)
         if services is None:  # before start-up or after shutdown
-            return
+            return None
+        status = status or CLIENT_GONE
         services.metrics.request(method, facts.template, status, seconds)
         client = scope.get("client")
         address = client[0] if client else None
@@ -285,8 +292,23 @@ class Observe:
                 line = processor(None, "info", line)
             self.out.write(line + "\n")
             self.out.flush()
-        if facts.action is None or services.audit is None:
-            return
+        return path
+
+    def _audit(
+        self,
+        scope: Scope,
+        status: int,
+        note: CallerNote,
+        request_id: str,
+        capture: list[bytes] | None,
+        path: str | None,
+    ) -> bool:
+        """Hand the request's audit entry to the audit log, if it is audited; whether it was."""
+        facts = self.facts(scope)
+        services = getattr(scope["app"].state, "services", None)
+        if facts.action is None or services is None or services.audit is None:
+            return False
+        client = scope.get("client")
         target = None
         if facts.target_param is not None:
             target = str(scope.get("path_params", {}).get(facts.target_param, ""))[:200] or None
@@ -298,12 +320,13 @@ class Observe:
             token_name=note.token_name,
             action=facts.action,
             target=target,
-            method="GET" if websocket else scope["method"],
+            method="GET" if scope["type"] == "websocket" else scope["method"],
             path=path if path is not None else self._path(scope),
-            status=status,
-            address=address,
+            status=status or CLIENT_GONE,
+            address=client[0] if client else None,
             request_id=request_id,
         )
+        return True
 
     def _client_request_id(self, scope: Scope) -> str | None:
         """The client's X-Request-Id, if it is a plain token and holds nothing secret-like."""
