@@ -89,7 +89,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
     app.include_router(system.router)
-    app.include_router(observe.router)
     # Ahead of the native routes of the same paths: run-dat-sheesh's /v1/images and
     # /v1/snapshots, for requests in its auth style only (faces/rundatsheesh/stores.py).
     app.include_router(rundatsheesh.claimed)
@@ -98,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots,
                    images, audit):  # fmt: skip
         app.include_router(module.router, responses=native_errors)
+    app.include_router(observe.router, responses=native_errors)  # /metrics
     app.include_router(snapshots.sandbox_router, responses=native_errors)
     app.include_router(sandboxes.templates_router, responses=native_errors)
     # Sandbox ports: the API, and the proxy in front of everything (it streams bodies itself).
