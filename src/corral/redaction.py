@@ -170,7 +170,7 @@ def _formatters(log_format: str) -> dict[str, Any]:
         rendered = {
             "()": stdlib.ProcessorFormatter,
             "processors": [stdlib.ProcessorFormatter.remove_processors_meta,
-                           processors.JSONRenderer()],
+                           processors.JSONRenderer(ensure_ascii=False)],
             "foreign_pre_chain": chain,
         }  # fmt: skip
         return {"default": rendered}

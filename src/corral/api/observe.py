@@ -188,7 +188,7 @@ class Observe:
         # masked here (the path) or is not the client's to choose (ids, numbers, templates).
         self.out = stream or sys.stdout
         renderer: Any = (
-            structlog.processors.JSONRenderer()
+            structlog.processors.JSONRenderer(ensure_ascii=False)
             if log_format == "json"
             else structlog.dev.ConsoleRenderer(colors=self.out.isatty(), sort_keys=False)
         )
