@@ -61,6 +61,13 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bcrl_[A-Za-z0-9_\-]{4,}"), f"crl_{MASK}"),
 )
 
+# Every pattern above needs one of these in the text: most text has none, and is let through
+# after this one search instead of every substitution.
+_TRIGGER = re.compile(
+    r"(?i)token|key|secret|passw|pwd|auth|credential|session|signature|bearer|basic|digest|"
+    r"cookie|://|crl_"
+)
+
 
 class Redactor:
     """Removes secrets from text: the patterns above and the literal secrets it was given."""
@@ -80,6 +87,8 @@ class Redactor:
         for literal in self._literals:
             if literal in text:
                 text = text.replace(literal, MASK)
+        if _TRIGGER.search(text) is None:
+            return text
         for pattern, replacement in _PATTERNS:
             text = pattern.sub(replacement, text)
         return text
@@ -95,6 +104,8 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
             record.msg = self.redact(record.msg)
+        elif isinstance(record.msg, dict):  # a structlog event
+            record.msg = {k: self._arg(v) for k, v in record.msg.items()}
         elif record.msg is not None and not isinstance(record.msg, int | float):
             record.msg = self.redact(str(record.msg))
         if isinstance(record.args, tuple):
@@ -134,25 +145,55 @@ class _Rendered:
         return self._repr
 
 
-def log_config(level: str, redactor: Redactor) -> dict[str, Any]:
+def _redacted_exception(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A record's traceback as the redacting filter left it, never rendered again from the
+    exception itself (whose text may hold a secret)."""
+    record = event.get("_record")
+    event.pop("exc_info", None)
+    if record is not None and record.exc_text:
+        event["exception"] = record.exc_text
+    return event
+
+
+def _formatters(log_format: str) -> dict[str, Any]:
+    """json: every record one JSON object a line (structlog's renderer), as the request lines
+    api/observe.py writes. text: uvicorn's lines."""
+    from structlog import processors, stdlib
+
+    chain = [
+        stdlib.add_log_level,
+        stdlib.add_logger_name,
+        processors.TimeStamper(fmt="iso", utc=True),
+        _redacted_exception,
+    ]
+    if log_format == "json":
+        rendered = {
+            "()": stdlib.ProcessorFormatter,
+            "processors": [stdlib.ProcessorFormatter.remove_processors_meta,
+                           processors.JSONRenderer(ensure_ascii=False)],
+            "foreign_pre_chain": chain,
+        }  # fmt: skip
+        return {"default": rendered}
+    return {
+        "default": {
+            "()": "uvicorn.logging.DefaultFormatter",
+            "fmt": "%(levelprefix)s %(message)s",
+            "use_colors": None,
+        },
+    }
+
+
+def log_config(level: str, redactor: Redactor, log_format: str = "json") -> dict[str, Any]:
     """uvicorn's logging configuration, with the redacting filter on every handler and
-    Corral's own loggers (and, at warning, everything else) written through them."""
+    Corral's own loggers (and, at warning, everything else) written through them. uvicorn's
+    access log is off: api/observe.py writes one line per request instead (to standard output,
+    at level info of logger `corral.request`)."""
     level = level.upper()
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"redact": {"()": RedactingFilter, "redactor": redactor}},
-        "formatters": {
-            "default": {
-                "()": "uvicorn.logging.DefaultFormatter",
-                "fmt": "%(levelprefix)s %(message)s",
-                "use_colors": None,
-            },
-            "access": {
-                "()": "uvicorn.logging.AccessFormatter",
-                "fmt": '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s',
-            },
-        },
+        "formatters": _formatters(log_format),
         "handlers": {
             "default": {
                 "formatter": "default",
@@ -160,17 +201,11 @@ def log_config(level: str, redactor: Redactor) -> dict[str, Any]:
                 "stream": "ext://sys.stderr",
                 "filters": ["redact"],
             },
-            "access": {
-                "formatter": "access",
-                "class": "logging.StreamHandler",
-                "stream": "ext://sys.stdout",
-                "filters": ["redact"],
-            },
         },
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
             "uvicorn.error": {"level": level},
-            "uvicorn.access": {"handlers": ["access"], "level": level, "propagate": False},
+            "uvicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
             "corral": {"handlers": ["default"], "level": level, "propagate": False},
         },
         "root": {"handlers": ["default"], "level": "WARNING"},

@@ -7,12 +7,14 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 
+from corral.core.audit import AuditLog
 from corral.core.coderun import RunService, install_tools
 from corral.core.commands import CommandService
 from corral.core.files import FileService
 from corral.core.images import ImageService
 from corral.core.leases import LeaderLoop, process_identity
 from corral.core.logins import LoginThrottle
+from corral.core.metrics import Metrics
 from corral.core.models import NodeInfo
 from corral.core.named_commands import NamedCommandService
 from corral.core.node_events import NodeEvents
@@ -89,6 +91,8 @@ class Services:
     logins: LoginThrottle
     nodes: NodeRegistry
     presence: Presence | None
+    metrics: Metrics
+    audit: AuditLog | None = None  # set in start()
     host_lock: hostlock.NodeLock | None = None
     bus: Bus | None = None
     results: CommandResults | None = None
@@ -149,7 +153,8 @@ class Services:
             await results.start()
         # 5. The node in the store, online while this process runs (in a fleet it registers
         #    over NATS like any agent's, once this replica takes node events: step 7).
-        nodes = NodeRegistry(db, lost_after=settings.node_lost_after_s)
+        metrics = Metrics()  # this process's series, served at /metrics
+        nodes = NodeRegistry(db, lost_after=settings.node_lost_after_s, metrics=metrics)
         presence: Presence | None = None
         capacity = host_capacity(min(settings.max_sandboxes, settings.uid_count))
         if node is not None and bus is None:
@@ -170,7 +175,9 @@ class Services:
         )
         writer = BatchWriter(db)
         writer.start()
-        commands = CommandService(db, directory, settings, writer, results)
+        audit = AuditLog(db, writer, retention_days=settings.audit_retention_days)
+        audit.start()
+        commands = CommandService(db, directory, settings, writer, results, metrics)
         files = FileService(directory, settings)
         services = cls(
             settings=settings,
@@ -178,7 +185,7 @@ class Services:
             node=node,
             directory=directory,
             tokens=TokenService(
-                db, admin_key, settings.rate_limit_per_second, settings.rate_limit_burst
+                db, admin_key, settings.rate_limit_per_second, settings.rate_limit_burst, metrics
             ),
             sandboxes=SandboxService(
                 db,
@@ -194,14 +201,17 @@ class Services:
                 ),
                 warm_pool=settings.warm_pool,
                 nodes=nodes,
+                metrics=metrics,
             ),
             commands=commands,
             files=files,
             runs=RunService(commands, files, deno=deno),
             named=None,  # type: ignore[arg-type]  # set just below: it needs the others
-            logins=LoginThrottle(db),
+            logins=LoginThrottle(db, metrics),
             nodes=nodes,
             presence=presence,
+            metrics=metrics,
+            audit=audit,
             host_lock=host_lock,
             bus=bus,
             results=results,
@@ -285,6 +295,8 @@ class Services:
             return
         for node_id, lost in await self.nodes.sweep():
             log.warning("node %s stopped answering: offline, %d command(s) lost", node_id, lost)
+            if lost:
+                self.metrics.command_finished("lost", lost)
             if lost and self.results is not None:
                 await self.results.announce(EVERY)
 
@@ -310,6 +322,8 @@ class Services:
             await self.presence.stop()
         # 3. Record those results, then close the store.
         await self.commands.drain(SHUTDOWN_DRAIN_SECONDS)
+        if self.audit is not None:
+            await self.audit.close()  # the entries of every request answered so far
         await self.commands.writer.close()
         if self.results is not None:
             await self.results.close()

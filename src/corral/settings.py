@@ -33,6 +33,19 @@ class Settings(BaseSettings):
         default=None, description="Admin token; generated on first start when unset"
     )
     log_level: str = "info"
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="json: one JSON object a line (every request, and every other record); "
+        "text: lines for a terminal",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        description="Who may read /metrics: unset, the admin key or a token with the metrics "
+        "scope; 'public', anyone; any other value, also a bearer of that value",
+    )
+    audit_retention_days: float = Field(
+        default=90, ge=0, description="Audit entries older than this are pruned; 0 keeps them all"
+    )
 
     runtime: Literal["namespaces", "fake"] = "namespaces"
     nats_url: str | None = Field(

@@ -13,13 +13,15 @@ from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from corral import __version__
-from corral.api import errors
+from corral.api import errors, observe
 from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
 from corral.api.faces.e2b.hosts import E2bHosts
 from corral.api.middleware import RequestContext
+from corral.api.observe import Observe
 from corral.api.ports import PortProxy
 from corral.api.ports import router as ports_router
 from corral.api.routes import (
+    audit,
     commands,
     files,
     images,
@@ -33,6 +35,7 @@ from corral.api.routes import (
     volumes,
 )
 from corral.core.models import ErrorResponse
+from corral.redaction import Redactor
 from corral.services import Services
 from corral.settings import Settings
 
@@ -78,6 +81,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
+    # In front of it: request ids, metrics, the request log line and the audit log.
+    app.add_middleware(
+        Observe,
+        redactor=Redactor([settings.admin_key, settings.admin_password]),
+        log_format=settings.log_format,
+    )
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
     app.include_router(system.router)
     # Ahead of the native routes of the same paths: run-dat-sheesh's /v1/images and
@@ -86,8 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every native operation documents the errors it may answer (the faces document their own).
     native_errors = errors.error_responses()
     for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots,
-                   images):  # fmt: skip
+                   images, audit):  # fmt: skip
         app.include_router(module.router, responses=native_errors)
+    app.include_router(observe.router, responses=native_errors)  # /metrics
     app.include_router(snapshots.sandbox_router, responses=native_errors)
     app.include_router(sandboxes.templates_router, responses=native_errors)
     # Sandbox ports: the API, and the proxy in front of everything (it streams bodies itself).

@@ -1,8 +1,7 @@
-"""ASGI middleware: request ids and the request body limit."""
+"""ASGI middleware: the request body limit (request ids are api/observe.py's)."""
 
 from __future__ import annotations
 
-import os
 import re
 
 from starlette.exceptions import HTTPException
@@ -24,7 +23,7 @@ STREAMING_BODY_ROUTES: tuple[re.Pattern[str], ...] = (
 
 
 class RequestContext:
-    """Gives each request an id (echoed as X-Request-Id) and bounds its body.
+    """Bounds each request's body.
 
     Routes that stream large bodies (file uploads) are exempt, by path prefix (`exempt`) or by a
     pattern matching the whole path (`exempt_patterns`), and enforce their own limits.
@@ -52,15 +51,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = "req_" + os.urandom(8).hex()
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
+        send_with_id = send  # Observe, in front, adds the request's id to the answer
         limit = self.max_body
         if self._exempt(scope["path"]):
             await self.app(scope, receive, send_with_id)

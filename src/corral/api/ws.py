@@ -163,8 +163,10 @@ class Session:
         self._send_lock = asyncio.Lock()
 
     async def send(self, frame: dict[str, Any]) -> None:
+        text = json.dumps(frame, separators=(",", ":"))
         async with self._send_lock:
-            await self.websocket.send_text(json.dumps(frame, separators=(",", ":")))
+            await self.websocket.send_text(text)
+        self.services.metrics.streamed("websocket", len(text))
 
     async def run(self) -> None:
         output = asyncio.create_task(self._output())

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.client import APIError, CorralError
-from corral.core.models import Image, Node, Sandbox, Snapshot, Token, Volume
+from corral.core.models import AuditEntry, Image, Node, Sandbox, Snapshot, Token, Volume
 
 
 def print_table(table: Table) -> None:
@@ -142,6 +142,17 @@ def token_table(tokens: Iterable[Token]) -> Table:
             when(token.expires_at),
             when(token.last_used_at),
         )
+    return table
+
+
+def audit_table(entries: Iterable[AuditEntry]) -> Table:
+    table = _table("AT", "TOKEN", "ACTION", "TARGET", "STATUS", "RESULT", "ADDRESS")
+    for e in entries:
+        who = e.token_id or "-"
+        if e.token_name and e.token_name != e.token_id:
+            who += f" ({e.token_name})"
+        table.add_row(when(e.at), who, e.action, e.target or "-", str(e.status), e.result,
+                      e.address or "-")  # fmt: skip
     return table
 
 

@@ -209,7 +209,9 @@ def agent(**options: Any) -> None:
 
     settings = _settings(options)
     # Through the redacting filter, as the server's: a NATS URL may hold a password.
-    logging.config.dictConfig(log_config(settings.log_level, Redactor([settings.nats_url])))
+    logging.config.dictConfig(
+        log_config(settings.log_level, Redactor([settings.nats_url]), settings.log_format)
+    )
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -956,6 +958,48 @@ def token_rm(connection: Connection, token_ids: tuple[str, ...]) -> None:
                 failed = True
     if failed:
         raise click.exceptions.Exit(EXIT_API_ERROR)
+
+
+# --- audit log ---------------------------------------------------------------------------------
+
+
+@main.command("audit")
+@click.option("--token", metavar="ID", help="Calls made with this token id (admin: the key).")
+@click.option("--action", help="This action, or a prefix ending in * (e.g. 'sandbox.*').")
+@click.option("--target", "--sandbox", "target", metavar="ID", help="Calls about this id.")
+@click.option("--result", type=click.Choice(["ok", "error"]), help="Only these outcomes.")
+@click.option("--since", metavar="TIME", help="From this ISO 8601 time on.")
+@click.option("--until", metavar="TIME", help="Before this ISO 8601 time.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@pass_connection
+def audit(
+    connection: Connection,
+    token: str | None,
+    action: str | None,
+    target: str | None,
+    result: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """State-changing calls, newest first: who, what, on what, the outcome, when, from where
+    (needs the admin key or the audit scope)."""
+    with connection.client() as client:
+        entries = client.list_audit(
+            token=token,
+            action=action,
+            target=target,
+            result=result,
+            since=since,
+            until=until,
+            limit=limit,
+        )
+    if as_json:
+        output.print_json(entries)
+    else:
+        output.print_table(output.audit_table(entries))
 
 
 main.add_command(__import__("corral.cli.named", fromlist=["user"]).user)  # cmd.io: users, commands

@@ -57,7 +57,8 @@ def run_server(*, settings: Settings | None = None) -> None:
         backlog=LISTEN_BACKLOG,
         # Off: the server sees peers directly; a proxy's X-Forwarded-For must not be trusted.
         proxy_headers=False,
-        log_config=log_config(settings.log_level, redactor),
+        log_config=log_config(settings.log_level, redactor, settings.log_format),
+        access_log=False,  # api/observe.py writes one line per request instead
         log_level=settings.log_level.lower(),
         timeout_keep_alive=settings.keep_alive_seconds,
         # The routes refuse a frame over CORRAL_WS_MAX_FRAME_BYTES in their face's shape; the

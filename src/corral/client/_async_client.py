@@ -43,6 +43,7 @@ from corral.client._transfer import (
 from corral.client._ws import AsyncExecSession as ExecSession
 from corral.core.models import (
     ArchiveUploaded,
+    AuditEntry,
     Command,
     CommandStatus,
     FileInfo,
@@ -717,6 +718,35 @@ class AsyncClient(BaseClient):
     async def delete_token(self, token_id: str | Token) -> None:
         """Revoke a token at once."""
         await self._send(self._delete_token_call(token_id))
+
+    # --- audit log -----------------------------------------------------------------------------
+
+    async def list_audit(
+        self,
+        *,
+        token: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        result: str | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        limit: int | None = None,
+    ) -> list[AuditEntry]:
+        """State-changing calls, newest first, fetching page after page; at most `limit`.
+
+        Filters: `token` (a token id, `admin` for the admin key), `action` (exact, or a prefix
+        ending in `*`), `target` (a sandbox, token ... id), `result` (ok or error), and a
+        time range. Needs the admin key or a token with the `audit` scope."""
+        pager = self._list_audit_pager(
+            token=token,
+            action=action,
+            target=target,
+            result=result,
+            since=since,
+            until=until,
+            limit=limit,
+        )
+        return await self._collect(pager)
 
     # --- nodes ---------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import pydantic
 from corral.client._exceptions import APIError, ConfigError, DecodingError
 from corral.core.models import (
     ArchiveUploaded,
+    AuditEntry,
     Command,
     CommandStatus,
     FileInfo,
@@ -503,6 +504,32 @@ class BaseClient:
             return Call("GET", "/v1/tokens", _model(Page[Token]), params=params)
 
         return Pager(make_call, None)
+
+    def _list_audit_pager(
+        self,
+        *,
+        token: str | None,
+        action: str | None,
+        target: str | None,
+        result: str | None,
+        since: datetime | str | None,
+        until: datetime | str | None,
+        limit: int | None,
+    ) -> Pager[AuditEntry]:
+        def make_call(cursor: str | None, size: int) -> Call[Page[AuditEntry]]:
+            params = _without_none(
+                limit=size,
+                cursor=cursor,
+                token=token,
+                action=action,
+                target=target,
+                result=result,
+                since=_timestamp(since),
+                until=_timestamp(until),
+            )
+            return Call("GET", "/v1/audit", _model(Page[AuditEntry]), params=params)
+
+        return Pager(make_call, limit)
 
     def _delete_token_call(self, token: str | Token) -> Call[None]:
         return Call("DELETE", f"/v1/tokens/{_segment(_ref(token))}", _nothing)

@@ -38,6 +38,7 @@ from corral.client._transfer import (
 from corral.client._ws import ExecSession
 from corral.core.models import (
     ArchiveUploaded,
+    AuditEntry,
     Command,
     CommandStatus,
     FileInfo,
@@ -695,6 +696,35 @@ class Client(BaseClient):
     def delete_token(self, token_id: str | Token) -> None:
         """Revoke a token at once."""
         self._send(self._delete_token_call(token_id))
+
+    # --- audit log -----------------------------------------------------------------------------
+
+    def list_audit(
+        self,
+        *,
+        token: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        result: str | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        limit: int | None = None,
+    ) -> list[AuditEntry]:
+        """State-changing calls, newest first, fetching page after page; at most `limit`.
+
+        Filters: `token` (a token id, `admin` for the admin key), `action` (exact, or a prefix
+        ending in `*`), `target` (a sandbox, token ... id), `result` (ok or error), and a
+        time range. Needs the admin key or a token with the `audit` scope."""
+        pager = self._list_audit_pager(
+            token=token,
+            action=action,
+            target=target,
+            result=result,
+            since=since,
+            until=until,
+            limit=limit,
+        )
+        return self._collect(pager)
 
     # --- nodes ---------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -14,6 +15,7 @@ from sqlalchemy import func, select, update
 from corral import ids
 from corral.clock import utcnow
 from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited, Unavailable
+from corral.core.metrics import Metrics
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.nodes import lose_commands
 from corral.core.paging import decode_cursor, encode_cursor
@@ -110,9 +112,11 @@ class CommandService:
         settings: Settings,
         writer: BatchWriter | None = None,
         results: CommandResults | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.db = db
         self.writer = writer or BatchWriter(db)
+        self.metrics = metrics or Metrics()
         self.directory = directory
         self.results = results
         self.settings = settings
@@ -247,6 +251,7 @@ class CommandService:
                 await self._record_failure(row.id, row.error, row.status)
             else:
                 await self._insert(row)
+            self.metrics.command_finished(row.status)
             return row, None
         if node.remote:
             pass  # stored above
@@ -319,6 +324,8 @@ class CommandService:
         except Exception:
             log.exception("could not record the result of %s", row.id)
         finally:
+            if recorded is not None:
+                self.metrics.command_finished(recorded.status)
             self._live.pop(row.id, None)
             done_future = self._finished.pop(row.id, None)
             if done_future is not None and not done_future.done():
@@ -338,6 +345,7 @@ class CommandService:
         """Start a command and wait for its result, output included.
 
         The reply is built from memory; it is sent only once the result is stored."""
+        started = time.perf_counter()
         row, execution = await self.start(
             sandbox, req, source=source, stdin=stdin, defer_store=True
         )
@@ -346,7 +354,9 @@ class CommandService:
         final = await asyncio.shield(self._finished[row.id])
         if final is None:
             raise Unavailable(f"command {row.id} ended but its result could not be stored")
-        return to_model(final, await self.output(row.sandbox_id, row.id))
+        output = await self.output(row.sandbox_id, row.id)
+        self.metrics.exec_done(source, time.perf_counter() - started)
+        return to_model(final, output)
 
     async def wait_finished(self, cid: str, timeout: float | None = None) -> bool:
         done = self._finished.get(cid)
@@ -525,9 +535,12 @@ class CommandService:
         """At start-up: whatever was running on the built-in node when the server died has an
         unknown result."""
         async with self.db.transaction() as session:
-            return await lose_commands(
+            lost = await lose_commands(
                 session, node_id, "the server stopped while the command ran; its result is unknown"
             )
+        if lost:
+            self.metrics.command_finished(CommandStatus.lost.value, lost)
+        return lost
 
     def stop_accepting(self) -> None:
         self._accepting = False

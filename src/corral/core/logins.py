@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select
 
 from corral.core.errors import RateLimited
+from corral.core.metrics import Metrics
 from corral.store.db import Database
 from corral.store.tables import LoginFailureRow
 
@@ -53,8 +54,9 @@ def wait_after(failures: int) -> float:
 
 
 class LoginThrottle:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, metrics: Metrics | None = None) -> None:
         self.db = db
+        self.metrics = metrics or Metrics()
         self._lock = asyncio.Lock()
         # Keys this process saw closed, and until when: a flood of attempts on a closed key is
         # refused without the store. (No success can reopen a key early anywhere: successes
@@ -64,6 +66,13 @@ class LoginThrottle:
     async def attempt(self, keys: Sequence[str], verify: Callable[[], bool]) -> bool:
         """`verify()` (the password check), unless a key is closed (LoginThrottled); its failure
         is counted against every key, its success forgets them."""
+        try:
+            return await self._attempt(keys, verify)
+        except LoginThrottled:
+            self.metrics.refused("login")
+            raise
+
+    async def _attempt(self, keys: Sequence[str], verify: Callable[[], bool]) -> bool:
         self._refuse_if_closed(keys, self._closed)
         async with self._lock:
             self._refuse_if_closed(keys, self._closed)  # closed while this one queued

@@ -84,6 +84,8 @@ class Scope(enum.StrEnum):
     files = "files"  # move files in and out
     sandboxes = "sandboxes"  # create, change and delete sandboxes
     admin = "admin"  # everything, tokens included
+    metrics = "metrics"  # read /metrics
+    audit = "audit"  # read the audit log
 
 
 NetworkMode = Literal["none", "allow", "outbound"]
@@ -558,6 +560,23 @@ T = TypeVar("T")
 class Page(BaseModel, Generic[T]):
     items: list[T]
     next_cursor: str | None = None
+
+
+class AuditEntry(BaseModel):
+    """One state-changing call (docs/operations.md names the actions)."""
+
+    id: str
+    at: datetime
+    token_id: str | None  # "admin" for the admin key; None when no token was accepted
+    token_name: str | None
+    action: str  # e.g. sandbox.create, command.exec, token.revoke, vercel.sandbox.create
+    target: str | None  # the sandbox, token, volume ... the call was about
+    method: str
+    path: str  # with secrets (access_token=, signatures) masked
+    status: int
+    result: Literal["ok", "error"]
+    address: str | None
+    request_id: str | None
 
 
 class ErrorBody(BaseModel):

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral.clock import utcnow
 from corral.core.errors import CorralError, InvalidArgument, NotFound, RateLimited, Unavailable
+from corral.core.metrics import Metrics
 from corral.core.models import (
     CommandStatus,
     Node,
@@ -44,8 +45,11 @@ RUNNING = CommandRow.status.in_([CommandStatus.queued.value, CommandStatus.runni
 
 
 class NodeRegistry:
-    def __init__(self, db: Database, *, lost_after: float = 15.0) -> None:
+    def __init__(
+        self, db: Database, *, lost_after: float = 15.0, metrics: Metrics | None = None
+    ) -> None:
         self.db = db
+        self.metrics = metrics or Metrics()
         self.lost_after = lost_after
         self._usable: dict[str, tuple[NodeRow, float]] = {}
 
@@ -90,7 +94,9 @@ class NodeRegistry:
                 )
                 .values(last_seen_at=now, load=load)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            taken = bool(result.rowcount)  # type: ignore[attr-defined]
+        self.metrics.heartbeat(node_id, taken)
+        return taken
 
     # --- what operators see and do ---
 

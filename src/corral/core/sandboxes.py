@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +27,7 @@ from corral.core.errors import (
     Unavailable,
 )
 from corral.core.images import env_pairs
+from corral.core.metrics import Metrics
 from corral.core.models import (
     MAX_SECONDS,
     CommandStatus,
@@ -148,8 +150,10 @@ class SandboxService:
         default_limits: Limits | None = None,
         warm_pool: int = 0,
         nodes: NodeRegistry | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.default_limits = default_limits or Limits()
+        self.metrics = metrics or Metrics()
         self.nodes = nodes
         self.db = db
         self.directory = directory
@@ -381,6 +385,7 @@ class SandboxService:
         )
 
     async def create(self, req: SandboxCreate) -> Sandbox:
+        started = time.perf_counter()
         wanted, mounts = req.node, []
         if req.snapshot is not None:
             if self.snapshots is None:
@@ -411,6 +416,7 @@ class SandboxService:
         if self._warm and _poolable(req):
             claimed = await self._claim(req)
             if claimed is not None:
+                self.metrics.created(time.perf_counter() - started, warm=True)
                 return claimed
         image_spec: dict[str, Any] | None = None
         if req.image is not None and self.images is not None:
@@ -467,6 +473,7 @@ class SandboxService:
             self._written(row.id)
             self._remember(row)
         await self._boot(row)
+        self.metrics.created(time.perf_counter() - started, warm=False)
         return await self.get(row.id)
 
     async def _boot(self, row: SandboxRow) -> None:
@@ -683,6 +690,16 @@ class SandboxService:
             )
 
     # --- warm pool ---
+
+    async def count_by_state_and_node(self) -> list[tuple[str, str, int]]:
+        """(state, node, count) of the sandboxes that are not deleted: one grouped query."""
+        query = (
+            select(SandboxRow.state, SandboxRow.node_id, func.count())
+            .where(SandboxRow.state != SandboxState.deleted.value)
+            .group_by(SandboxRow.state, SandboxRow.node_id)
+        )
+        async with self.db.session() as session:
+            return [(state, node, int(n)) for state, node, n in await session.execute(query)]
 
     @property
     def warm_count(self) -> int:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +18,7 @@ from sqlalchemy import delete, select, update
 
 from corral import ids
 from corral.core.errors import NotFound, PermissionDenied, RateLimited, Unauthenticated
+from corral.core.metrics import Metrics
 from corral.core.models import Scope, Token, TokenCreate, TokenCreated
 from corral.core.token_watch import REVOKED, UNKNOWN, TokenLease, TokenWatcher
 from corral.store.db import Database
@@ -26,6 +28,18 @@ SECRET_PREFIX = "crl_"
 ADMIN_TOKEN_ID = "admin"  # the admin key's Principal.token_id: it is not in the store
 CACHE_SECONDS = 5.0  # a revoked token stops working on other replicas within this time
 LAST_USED_EVERY = 60.0  # last_used_at is written at most this often per token
+
+
+@dataclass
+class CallerNote:
+    """Who a request turned out to be, noted by `authenticate` for the request's log line and
+    audit entry (api/observe.py sets one per request in `CALLER`)."""
+
+    token_id: str | None = None
+    token_name: str | None = None
+
+
+CALLER: ContextVar[CallerNote | None] = ContextVar("corral_caller", default=None)
 
 
 @dataclass(frozen=True)
@@ -123,8 +137,16 @@ class TokenBucket:
 
 
 class TokenService:
-    def __init__(self, db: Database, admin_key: str, rate: float = 0.0, burst: int = 200) -> None:
+    def __init__(
+        self,
+        db: Database,
+        admin_key: str,
+        rate: float = 0.0,
+        burst: int = 200,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.db = db
+        self.metrics = metrics or Metrics()
         self._admin_hash = hash_secret(admin_key)
         self._cache: dict[str, tuple[float, TokenRow | None]] = {}
         self._last_used: dict[str, float] = {}
@@ -138,6 +160,7 @@ class TokenService:
         digest = hash_secret(secret)
         if hmac.compare_digest(digest, self._admin_hash):
             principal = Principal(ADMIN_TOKEN_ID, frozenset(Scope))
+            name: str | None = ADMIN_TOKEN_ID
         else:
             row = await self._lookup(digest)
             now = datetime.now(UTC)
@@ -152,8 +175,16 @@ class TokenService:
                 frozenset(Scope(s) for s in row.scopes),
                 frozenset(row.sandbox_ids) if row.sandbox_ids is not None else None,
             )
+            name = row.name
+        note = CALLER.get()
+        if note is not None:
+            note.token_id, note.token_name = principal.token_id, name
         if self._bucket is not None:
-            self._bucket.take(principal.token_id)
+            try:
+                self._bucket.take(principal.token_id)
+            except TokenRateLimited:
+                self.metrics.refused("token")
+                raise
         return principal
 
     def derive(self, label: str) -> str:

@@ -265,3 +265,29 @@ class SandboxPortRow(Base):
     port: Mapped[int] = mapped_column(Integer, primary_key=True)
     public: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditRow(Base):
+    """One state-changing call: who, what, on what, with what result, when, from where."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # time-ordered
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    token_id: Mapped[str | None] = mapped_column(String(64))
+    token_name: Mapped[str | None] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    target: Mapped[str | None] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    result: Mapped[str] = mapped_column(String(8))
+    address: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(140))
+
+    __table_args__ = (
+        Index("ix_audit_at", "at"),
+        Index("ix_audit_token", "token_id", "id"),
+        Index("ix_audit_action", "action", "id"),
+        Index("ix_audit_target", "target", "id"),
+    )

@@ -74,6 +74,19 @@ class BatchWriter:
     async def insert(self, table: Table, values: dict[str, Any]) -> None:
         await self._submit(_Write(table, values, None))
 
+    async def insert_many(self, table: Table, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert `rows` in one batch (with whatever else is queued); how many failed."""
+        writes = [_Write(table, values, None) for values in rows]
+        if self._task is None or self._task.done():
+            await self._write(writes)
+        else:
+            self._queue.extend(writes)
+            self._wake.set()
+        outcomes = await asyncio.gather(
+            *(asyncio.shield(w.done) for w in writes), return_exceptions=True
+        )
+        return sum(isinstance(o, BaseException) for o in outcomes)
+
     async def update(self, table: Table, key: str, values: dict[str, Any]) -> None:
         """Update the row whose `key` column equals values[key] with the other values."""
         await self._submit(_Write(table, values, key))

@@ -130,6 +130,7 @@ async def command_logs(
     start = await _validated_offset(services, row, start or 0)
     streams = STREAM_SETS[stream]
     heartbeat = services.settings.heartbeat_seconds
+    sent = services.metrics.streamed
 
     if kind == "raw":
         pieces_from = services.commands.follow_raw(row.sandbox_id, row.id, start, streams)
@@ -145,6 +146,7 @@ async def command_logs(
                             continue
                         data = data[to_skip:]
                         to_skip = 0
+                    sent("raw", len(data))
                     yield data
 
         headers = {**STREAM_HEADERS, "X-Corral-Offset": str(start)}
@@ -163,7 +165,9 @@ async def command_logs(
         async def sse() -> AsyncIterator[bytes]:
             yield b"retry: 1000\n\n"
             async for event in events:
-                yield sse_frame(event)
+                frame = sse_frame(event)
+                sent("sse", len(frame))
+                yield frame
 
         return TokenBoundStream(
             sse(),
@@ -175,7 +179,9 @@ async def command_logs(
 
     async def ndjson() -> AsyncIterator[bytes]:
         async for event in events:
-            yield ndjson_line(event)
+            line = ndjson_line(event)
+            sent("ndjson", len(line))
+            yield line
 
     return TokenBoundStream(
         ndjson(),
