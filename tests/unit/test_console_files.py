@@ -61,3 +61,13 @@ def test_vendored_versions_match_the_lock_file() -> None:
             "Permission is hereby granted, free of charge"
             in (STATIC / "vendor" / directory / "LICENSE").read_text()
         )
+
+
+def test_the_tokens_page_offers_every_scope() -> None:
+    from corral.core.models import Scope
+
+    page = (STATIC / "js" / "pages" / "tokens.js").read_text()
+    listed = re.search(r"const SCOPES = \[([^\]]*)\]", page)
+    assert listed, "tokens.js has no SCOPES list"
+    offered = re.findall(r'"([a-z_]+)"', listed.group(1))
+    assert sorted(offered) == sorted(s.value for s in Scope)
