@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from corral.core.coderun import RunService, install_tools
 from corral.core.commands import CommandService
 from corral.core.files import FileService
+from corral.core.idempotency import IdempotencyKeys
 from corral.core.images import ImageService
 from corral.core.leases import LeaderLoop, process_identity
 from corral.core.logins import LoginThrottle
@@ -100,6 +101,7 @@ class Services:
     snapshots: SnapshotService = None  # type: ignore[assignment]  # likewise
     images: ImageService = None  # type: ignore[assignment]  # set in start(): needs the others
     ports: PortService = None  # type: ignore[assignment]  # likewise
+    idempotency: IdempotencyKeys = None  # type: ignore[assignment]  # likewise
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -238,10 +240,11 @@ class Services:
                 log.warning("%d command(s) were running when the server stopped: marked lost", lost)
             await services.sandboxes.reconcile(node.id)
         # 7. What nodes report, and the loops one replica of a fleet runs for all.
+        holder = process_identity()  # this replica's leases; the owner of its idempotency keys
+        services.idempotency = IdempotencyKeys(db, holder, fleet=bus is not None)
         if bus is not None and results is not None:
             services.node_events = NodeEvents(db, bus, nodes, results, services.sandboxes)
             await services.node_events.start()
-            holder = process_identity()
             services.leaders = [
                 LeaderLoop(db, "ttl-reaper", holder, services.sandboxes.reap_expired, interval=1.0),
                 LeaderLoop(

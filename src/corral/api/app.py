@@ -16,6 +16,7 @@ from corral import __version__
 from corral.api import errors
 from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
 from corral.api.faces.e2b.hosts import E2bHosts
+from corral.api.idempotency import Idempotency
 from corral.api.middleware import RequestContext
 from corral.api.ports import PortProxy
 from corral.api.ports import router as ports_router
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
+    app.add_middleware(Idempotency)  # inside RequestContext: bodies bounded, ids given
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
     app.include_router(system.router)

@@ -5,7 +5,10 @@ Nothing here does I/O, so the two clients differ only in how they send a `Call`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,6 +54,13 @@ DEFAULT_TIMEOUT = 30.0
 WAIT_MARGIN_SECONDS = 30.0
 PAGE_SIZE = 100
 STREAM_READ_TIMEOUT = 120.0  # seconds a stream may stay silent (the server sends heartbeats)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+DEFAULT_RETRIES = 2  # of a call made with an idempotency key, when the exchange broke
+RETRY_BASE_SECONDS = 0.5
+# Answers after which a keyed call is sent again: the server was briefly away, or the first
+# request with the key is still being answered (the retry then gets its answer).
+RETRY_STATUSES = frozenset({502, 503, 504})
+RETRY_CODES = frozenset({"idempotency_in_flight"})
 
 SandboxRef = str | Sandbox
 CommandRef = str | Command
@@ -114,6 +124,7 @@ class BaseClient:
         token: str | None,
         timeout: TimeoutValue,
         headers: Mapping[str, str] | None,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         from corral import __version__  # here, not at import time: corral imports this module
 
@@ -126,6 +137,9 @@ class BaseClient:
         if token:
             self._headers["authorization"] = f"Bearer {token}"
         self._headers.update(headers or {})
+        if retries < 0:
+            raise ValueError("retries must not be negative")
+        self.retries = retries
 
     # --- timeouts ------------------------------------------------------------------------------
 
@@ -144,6 +158,42 @@ class BaseClient:
             write=self.timeout.write,
             pool=self.timeout.pool,
         )
+
+    # --- idempotency and retries ---------------------------------------------------------------
+
+    @staticmethod
+    def _keyed(call: Call[T], key: str | None) -> Call[T]:
+        """`call` with an Idempotency-Key (`key`, else a new random one): the server does it
+        once, and answers every retry of it (with the same key) as it answered the first."""
+        key = key or str(uuid.uuid4())
+        return dataclasses.replace(call, headers={**(call.headers or {}), IDEMPOTENCY_HEADER: key})
+
+    def _attempts(self, call: Call[Any]) -> int:
+        """How often `call` may be sent: only one with a key is safe to send again."""
+        keyed = call.headers is not None and IDEMPOTENCY_HEADER in call.headers
+        return 1 + self.retries if keyed else 1
+
+    @staticmethod
+    def _retry_answer(response: httpx.Response) -> bool:
+        if response.status_code in RETRY_STATUSES:
+            return True
+        if response.status_code != 409:
+            return False
+        try:
+            return response.json()["error"]["code"] in RETRY_CODES  # type: ignore[no-any-return]
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    @staticmethod
+    def _retry_delay(attempt: int, response: httpx.Response | None = None) -> float:
+        """Seconds before attempt `attempt + 1`: Retry-After if the server gave one (bounded),
+        else exponential with jitter."""
+        if response is not None:
+            try:
+                return min(10.0, max(0.0, float(response.headers.get("retry-after", ""))))
+            except ValueError:
+                pass
+        return RETRY_BASE_SECONDS * (2**attempt) * random.uniform(0.5, 1.0)
 
     # --- responses -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import ids
 from corral.clock import utcnow
+from corral.core import idempotency
 from corral.core.errors import (
     Conflict,
     InvalidArgument,
@@ -44,6 +45,7 @@ from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, Volume
 from corral.runtime.limits import Limits
 from corral.store.db import PLACEMENT_LOCK_KEY, Database
 from corral.store.tables import SandboxPortRow, SandboxRow
+from corral.testhooks import SANDBOX_CREATED, crash_point
 
 if TYPE_CHECKING:
     from corral.core.images import ImageService
@@ -464,8 +466,10 @@ class SandboxService:
                     await session.flush()
                 except IntegrityError:
                     raise Conflict(f"a sandbox named {req.name!r} exists already") from None
+                await idempotency.bind(session, "sandbox", row.id)  # with the row, or neither
             self._written(row.id)
             self._remember(row)
+        crash_point(SANDBOX_CREATED)
         await self._boot(row)
         return await self.get(row.id)
 
@@ -731,6 +735,7 @@ class SandboxService:
                         await self._admit(session)
                         session.add(row)
                         await session.flush()
+                        await idempotency.bind(session, "sandbox", row.id)
                     self._reserved.discard(warm.slot)  # the row holds the slot now
             except BaseException as exc:
                 await local.set_env(warm.id, {})

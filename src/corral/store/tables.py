@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -265,3 +276,30 @@ class SandboxPortRow(Base):
     port: Mapped[int] = mapped_column(Integer, primary_key=True)
     public: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# --- idempotency keys (migration 0011) -----------------------------------------------------------
+
+
+class IdempotencyKeyRow(Base):
+    """A create or command start made with an `Idempotency-Key`: claimed (with the request's
+    fingerprint) before the work, tied to what it made in the same transaction, and holding the
+    answer once it is given (api/idempotency.py)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    token_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # pending, done
+    owner: Mapped[str] = mapped_column(String(80))  # the process doing the work
+    resource_kind: Mapped[str | None] = mapped_column(String(16), default=None)
+    resource_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    headers: Mapped[list[list[str]] | None] = mapped_column(JSON, default=None)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
