@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 
@@ -34,11 +34,15 @@ from corral.store.db import Database
 from corral.store.tables import CommandRow, SandboxRow
 from corral.store.writer import BatchWriter
 
+if TYPE_CHECKING:
+    from corral.core.webhooks import EventSink
+
 log = logging.getLogger(__name__)
 SHELL = "/bin/bash"
 DEFER_STORE_SECONDS = 0.1
 COMMANDS = CommandRow.__table__
 DEFAULT_CWD = "/workspace"
+COMMAND_FINISHED_EVENT = "command.finished"  # core/webhooks.py
 
 
 def default_cwd(sandbox: SandboxRow) -> str:
@@ -83,6 +87,11 @@ def to_model(row: CommandRow, output: tuple[bytes, bytes] | None = None) -> Comm
     )
 
 
+def command_event(row: CommandRow) -> dict[str, Any]:
+    """A finished command as a webhook event's data: its result, without its output."""
+    return {"command": to_model(row).model_dump(mode="json", exclude={"stdout", "stderr"})}
+
+
 def outcome_values(outcome: CommandOutcome) -> dict[str, Any]:
     """The columns of a command's row that its result fills in."""
     return {
@@ -124,6 +133,7 @@ class CommandService:
         self._live: dict[str, CommandRow] = {}
         self._cache_rows = not directory.fleet
         self._accepting = True
+        self.events: EventSink | None = None  # webhooks' command.finished; set by the server
 
     # --- starting ---
 
@@ -247,6 +257,7 @@ class CommandService:
                 await self._record_failure(row.id, row.error, row.status)
             else:
                 await self._insert(row)
+            await self.announce(row)
             return row, None
         if node.remote:
             pass  # stored above
@@ -316,6 +327,7 @@ class CommandService:
             recorded = final
             if self.results is not None:
                 await self.results.announce(row.id)  # waiters on other replicas
+            await self.announce(final)
         except Exception:
             log.exception("could not record the result of %s", row.id)
         finally:
@@ -323,6 +335,16 @@ class CommandService:
             done_future = self._finished.pop(row.id, None)
             if done_future is not None and not done_future.done():
                 done_future.set_result(recorded)
+
+    async def announce(self, row: CommandRow) -> None:
+        """A command.finished event for webhooks, once its result is stored (a result that
+        comes from a remote node is announced by the replica that stores it)."""
+        if self.events is None:
+            return
+        try:
+            await self.events(COMMAND_FINISHED_EVENT, row.sandbox_id, command_event(row), None)
+        except Exception:
+            log.exception("the command.finished event of %s was not stored", row.id)
 
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
         await self.writer.update(COMMANDS, "id", {"id": cid, **outcome_values(outcome)})

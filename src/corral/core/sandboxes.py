@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from corral.core.images import ImageService
     from corral.core.snapshots import SnapshotService
     from corral.core.volumes import VolumeService
+    from corral.core.webhooks import EventSink
 
 log = logging.getLogger(__name__)
 # Run on the sandbox's row under its lock, before a change: raises to refuse the change (e.g. a
@@ -60,6 +61,7 @@ RECONCILE_CONCURRENCY = 8
 POOL_RETRY_SECONDS = 5.0
 REFILL_DELAY_SECONDS = 0.25
 WARM_MARKER = ".warm"  # in a warm sandbox's directory until it is claimed
+SANDBOX_STATE_EVENT = "sandbox.state"  # core/webhooks.py
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class SandboxService:
         self.volumes: VolumeService | None = None  # set by the server once it has one
         self.snapshots: SnapshotService | None = None  # likewise
         self.images: ImageService | None = None  # set by the server once it has one
+        self.events: EventSink | None = None  # webhooks' sandbox.state; set by the server
         self.data_dir = data_dir
         self.max_sandboxes = max_sandboxes
         self.uid_count = uid_count
@@ -467,11 +470,22 @@ class SandboxService:
                 except IntegrityError:
                     raise Conflict(f"a sandbox named {req.name!r} exists already") from None
                 await idempotency.bind(session, "sandbox", row.id)  # with the row, or neither
+                await self._announce(session, row, None)
             self._written(row.id)
             self._remember(row)
         crash_point(SANDBOX_CREATED)
         await self._boot(row)
         return await self.get(row.id)
+
+    async def _announce(self, session: AsyncSession, row: SandboxRow, previous: str | None) -> None:
+        """A sandbox.state event for webhooks, stored with the change (in its transaction)."""
+        if self.events is None:
+            return
+        data = {"sandbox": self.model(row).model_dump(mode="json"), "previous_state": previous}
+        try:
+            await self.events(SANDBOX_STATE_EVENT, row.id, data, session)
+        except Exception:
+            log.exception("the sandbox.state event of %s was not stored", row.id)
 
     async def _boot(self, row: SandboxRow) -> None:
         """Start the sandbox's processes and record the outcome."""
@@ -499,6 +513,8 @@ class SandboxService:
             row.state = state.value
             row.error = error
             row.updated_at = utcnow()
+            if current != state:
+                await self._announce(session, row, current.value)
         self._written(sandbox_id)
         self._remember(row)
         return row
@@ -736,6 +752,7 @@ class SandboxService:
                         session.add(row)
                         await session.flush()
                         await idempotency.bind(session, "sandbox", row.id)
+                        await self._announce(session, row, None)
                     self._reserved.discard(warm.slot)  # the row holds the slot now
             except BaseException as exc:
                 await local.set_env(warm.id, {})
