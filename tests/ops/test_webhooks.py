@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+import corral
 from corral.core.webhooks import address_allowed
 from tests.conftest import Server, make_data_dir
 from tests.integration.helpers import wait_for
@@ -272,3 +276,51 @@ def test_address_allowed() -> None:
         assert address_allowed(private, True), private
     assert not address_allowed("0.0.0.0", True)
     assert not address_allowed("224.0.0.1", True)
+
+
+def run_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CORRAL_URL": server.url, "CORRAL_TOKEN": server.admin_key}
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli.main", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_sdk_and_cli(hook_server: Server, receiver: Receiver) -> None:
+    with corral.Client(hook_server.url, token=hook_server.admin_key) as client:
+        sandbox = client.create_sandbox()
+        hook = client.create_webhook(receiver.url, ["command.finished"], sandbox=sandbox)
+        assert isinstance(hook, corral.Webhook) and hook.secret and hook.sandbox == sandbox.id
+        assert hook.id in [h.id for h in client.list_webhooks()]
+        assert client.get_webhook(hook).secret is None
+        ran = client.exec(sandbox, "true")
+        assert wait_for(lambda: len(client.list_webhook_deliveries(hook)) == 1, 20)
+        (attempt,) = client.list_webhook_deliveries(hook)
+        assert isinstance(attempt, corral.WebhookAttempt)
+        assert attempt.status_code == 200 and attempt.attempt == 1
+        headers, body, event = receiver.events()[-1]
+        assert event["data"]["command"]["id"] == ran.id
+        assert corral.verify_webhook(hook.secret, headers["corral-signature"], body)
+        assert not corral.verify_webhook(hook.secret, headers["corral-signature"], body + b" ")
+        # An old signature is refused by the tolerance.
+        assert not corral.verify_webhook(
+            hook.secret, headers["corral-signature"], body, now=time.time() + 3600
+        )
+        assert client.delete_webhook(hook).id == hook.id
+
+        made = run_cli(hook_server, "webhooks", "create", receiver.url, "-e", "sandbox.state",
+                       "--sandbox", sandbox.id, "--secret", SECRET)  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        assert made.stdout.strip() == SECRET
+        hook_id = made.stderr.split()[2].rstrip(".")
+        listed = run_cli(hook_server, "webhooks", "list", "--json")
+        assert hook_id in [h["id"] for h in json.loads(listed.stdout)]
+        client.stop_sandbox(sandbox)
+        assert wait_for(lambda: len(client.list_webhook_deliveries(hook_id)) >= 1, 20)
+        table = run_cli(hook_server, "webhooks", "deliveries", hook_id)
+        assert table.returncode == 0 and "sandbox.state" in table.stdout and "200" in table.stdout
+        gone = run_cli(hook_server, "webhooks", "delete", hook_id)
+        assert gone.returncode == 0 and gone.stdout.strip() == hook_id
+        missing = run_cli(hook_server, "webhooks", "deliveries", hook_id)
+        assert missing.returncode != 0 and "not_found" in missing.stderr
+        client.delete_sandbox(sandbox)

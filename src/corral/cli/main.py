@@ -959,6 +959,7 @@ def token_rm(connection: Connection, token_ids: tuple[str, ...]) -> None:
 
 
 main.add_command(__import__("corral.cli.named", fromlist=["user"]).user)  # cmd.io: users, commands
+main.add_command(__import__("corral.cli.webhooks", fromlist=["webhooks"]).webhooks)
 
 # --- live output, terminals, files and code runs (corral.cli.live) -----------------------------
 

@@ -70,6 +70,7 @@ from corral.core.models import (
     Volume,
     VolumeMount,
 )
+from corral.core.webhook_wire import Webhook, WebhookAttempt
 
 T = TypeVar("T")
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -833,6 +834,40 @@ class AsyncClient(BaseClient):
     async def delete_volume(self, volume: str | Volume) -> None:
         """Its data goes with it (refused while a live sandbox mounts it)."""
         await self._send(self._delete_volume_call(volume))
+
+    # --- webhooks ------------------------------------------------------------------------------
+
+    async def create_webhook(
+        self,
+        url: str,
+        events: Iterable[str],
+        *,
+        sandbox: SandboxRef | None = None,
+        secret: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Webhook:
+        """POST `events` ("command.finished", "sandbox.state"; of `sandbox` only, if given) to
+        `url`, signed with `secret` (default: a random one, in this answer only); check
+        deliveries with `corral.verify_webhook`."""
+        call = self._create_webhook_call(url, events, sandbox=sandbox, secret=secret)
+        return await self._send(self._keyed(call, idempotency_key))
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """This token's webhooks (every one, for an admin token); without their secrets."""
+        return await self._send(self._list_webhooks_call())
+
+    async def get_webhook(self, webhook: str | Webhook) -> Webhook:
+        return await self._send(self._get_webhook_call(webhook))
+
+    async def delete_webhook(self, webhook: str | Webhook) -> Webhook:
+        """No more deliveries to it, pending ones included."""
+        return await self._send(self._delete_webhook_call(webhook))
+
+    async def list_webhook_deliveries(
+        self, webhook: str | Webhook, *, limit: int | None = None
+    ) -> list[WebhookAttempt]:
+        """Every delivery attempt to the webhook, newest first; at most `limit`."""
+        return await self._collect(self._webhook_deliveries_pager(webhook, limit))
 
     # --- snapshots -----------------------------------------------------------------------------
 

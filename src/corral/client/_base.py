@@ -43,6 +43,7 @@ from corral.core.models import (
     Volume,
     VolumeMount,
 )
+from corral.core.webhook_wire import Webhook, WebhookAttempt
 
 T = TypeVar("T")
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -587,6 +588,42 @@ class BaseClient:
     def _delete_volume_call(self, volume: str | Volume) -> Call[None]:
         return Call("DELETE", f"/v1/volumes/{_segment(_volume_ref(volume))}", _nothing)
 
+    def _create_webhook_call(
+        self,
+        url: str,
+        events: Iterable[str],
+        *,
+        sandbox: SandboxRef | None,
+        secret: str | None,
+    ) -> Call[Webhook]:
+        body = _without_none(
+            url=url,
+            events=list(events),
+            sandbox=None if sandbox is None else _ref(sandbox),
+            secret=secret,
+        )
+        return Call("POST", "/v1/webhooks", _model(Webhook), json=body)
+
+    def _list_webhooks_call(self) -> Call[list[Webhook]]:
+        return Call("GET", "/v1/webhooks", _model_list(Webhook))
+
+    def _get_webhook_call(self, webhook: str | Webhook) -> Call[Webhook]:
+        return Call("GET", f"/v1/webhooks/{_segment(_webhook_ref(webhook))}", _model(Webhook))
+
+    def _delete_webhook_call(self, webhook: str | Webhook) -> Call[Webhook]:
+        return Call("DELETE", f"/v1/webhooks/{_segment(_webhook_ref(webhook))}", _model(Webhook))
+
+    def _webhook_deliveries_pager(
+        self, webhook: str | Webhook, limit: int | None
+    ) -> Pager[WebhookAttempt]:
+        path = f"/v1/webhooks/{_segment(_webhook_ref(webhook))}/deliveries"
+
+        def make_call(cursor: str | None, size: int) -> Call[Page[WebhookAttempt]]:
+            params = _without_none(limit=size, cursor=cursor)
+            return Call("GET", path, _model(Page[WebhookAttempt]), params=params)
+
+        return Pager(make_call, limit)
+
     def _create_snapshot_call(
         self,
         sandbox: SandboxRef,
@@ -723,6 +760,19 @@ def _model(model: type[M]) -> Callable[[httpx.Response], M]:
         return model.model_validate_json(response.content)
 
     return parse
+
+
+def _model_list(model: type[M]) -> Callable[[httpx.Response], list[M]]:
+    adapter = pydantic.TypeAdapter(list[model])  # type: ignore[valid-type]
+
+    def parse(response: httpx.Response) -> list[M]:
+        return adapter.validate_json(response.content)  # type: ignore[no-any-return]
+
+    return parse
+
+
+def _webhook_ref(webhook: str | Webhook) -> str:
+    return webhook.id if isinstance(webhook, Webhook) else webhook
 
 
 def _nothing(response: httpx.Response) -> None:

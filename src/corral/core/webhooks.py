@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -39,12 +37,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from pydantic import BaseModel, Field
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -52,9 +49,17 @@ from corral import __version__, ids
 from corral.clock import utcnow
 from corral.core.errors import InvalidArgument, NotFound, PermissionDenied
 from corral.core.leases import Lease
-from corral.core.models import Page, Scope, Strict, Timestamp
+from corral.core.models import Page, Scope
 from corral.core.paging import decode_cursor, encode_cursor
 from corral.core.tokens import Principal
+from corral.core.webhook_wire import (
+    EVENT_ID_HEADER,
+    SIGNATURE_HEADER,
+    Webhook,
+    WebhookAttempt,
+    WebhookCreate,
+    signature_header,
+)
 from corral.store.db import Database
 from corral.store.tables import WebhookAttemptRow, WebhookDeliveryRow, WebhookRow
 
@@ -62,10 +67,7 @@ log = logging.getLogger(__name__)
 
 COMMAND_FINISHED = "command.finished"
 SANDBOX_STATE = "sandbox.state"
-EventType = Literal["command.finished", "sandbox.state"]
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-SIGNATURE_HEADER = "Corral-Signature"
-EVENT_ID_HEADER = "Corral-Event-Id"
 MAX_ANSWER_BYTES = 64 * 1024  # read of a receiver's answer; the rest is dropped
 MAX_DELAY_SECONDS = 3600.0  # the longest wait between two attempts
 POLL_SECONDS = 0.5  # how often the store is asked for due deliveries (also woken at once)
@@ -79,73 +81,6 @@ EventSink = Callable[[str, str | None, dict[str, Any], AsyncSession | None], Awa
 
 
 # --- the wire --------------------------------------------------------------------------------
-
-
-class WebhookCreate(Strict):
-    url: str = Field(min_length=1, max_length=2000)
-    events: list[EventType] = Field(min_length=1, max_length=2)
-    sandbox: str | None = Field(default=None, max_length=64, description="Only its events")
-    secret: str | None = Field(
-        default=None,
-        min_length=16,
-        max_length=200,
-        pattern=r"^[\x21-\x7e]+$",
-        description="The signing secret; default: a random one, shown in this answer only",
-    )
-
-
-class Webhook(BaseModel):
-    id: str
-    url: str
-    events: list[EventType]
-    sandbox: str | None = None
-    created_at: Timestamp
-    secret: str | None = Field(default=None, description="In the create answer only")
-
-
-class WebhookAttempt(BaseModel):
-    """One attempt at delivering one event."""
-
-    id: str
-    delivery_id: str
-    event_id: str
-    event_type: EventType
-    attempt: int
-    at: Timestamp
-    duration_ms: int
-    status_code: int | None = None
-    error: str | None = None
-    next_retry_at: Timestamp | None = Field(
-        default=None, description="When the next attempt is due; none after a 2xx or the last"
-    )
-
-
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
-    return mac.hexdigest()
-
-
-def signature_header(secret: str, timestamp: int, body: bytes) -> str:
-    return f"t={timestamp},v1={sign(secret, timestamp, body)}"
-
-
-def verify(
-    secret: str, header: str, body: bytes, *, tolerance: float = 300.0, now: float | None = None
-) -> bool:
-    """Whether `header` (Corral-Signature) signs `body` with `secret`, made within `tolerance`
-    seconds of `now`."""
-    fields: dict[str, list[str]] = {}
-    for part in header.split(","):
-        name, _, value = part.strip().partition("=")
-        fields.setdefault(name, []).append(value)
-    try:
-        timestamp = int(fields["t"][0])
-    except (KeyError, ValueError):
-        return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance:
-        return False
-    expected = sign(secret, timestamp, body)
-    return any(hmac.compare_digest(expected, v) for v in fields.get("v1", []))
 
 
 # --- destinations ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query
 
 from corral.api.auth import Caller, ServicesDep
 from corral.core.models import Page
-from corral.core.webhooks import Webhook, WebhookAttempt, WebhookCreate
+from corral.core.webhook_wire import Webhook, WebhookAttempt, WebhookCreate
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
