@@ -5,6 +5,7 @@ create and its answer survived by the retry (a real server SIGKILLed at that poi
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -244,3 +245,21 @@ def test_a_crash_between_create_and_answer(tmp_path_factory: pytest.TempPathFact
     finally:
         srv.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_replayed_token_keeps_its_secret_sealed(api: httpx.Client, own_server: Server) -> None:
+    """A token create's answer holds the token's secret: the store keeps it sealed under a key
+    only the caller's own secret gives, so the database never shows it."""
+    key = str(uuid.uuid4())
+    body = {"name": "sealed", "scopes": ["read"]}
+    first = api.post("/v1/tokens", json=body, headers=keyed(key))
+    assert first.status_code == 201, first.text
+    again = api.post("/v1/tokens", json=body, headers=keyed(key))
+    assert again.json() == first.json()
+    secret = first.json()["secret"].encode()
+    names = [t["name"] for t in api.get("/v1/tokens").json()["items"]]
+    assert names.count("sealed") == 1
+    with sqlite3.connect(own_server.data_dir / "corral.db") as db:
+        stored = db.execute("SELECT body FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
+    assert stored is not None and stored[0]
+    assert secret not in stored[0] and b"sealed" not in stored[0]

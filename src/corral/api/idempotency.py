@@ -86,8 +86,11 @@ class Idempotency:
         print_ = idempotency.fingerprint(
             scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), body
         )
+        sealer = idempotency.answer_key(secret or "")
         try:
-            response = await self._answer(services, scope, replay, send, token_id, key, print_)
+            response = await self._answer(
+                services, scope, replay, send, token_id, key, print_, sealer
+            )
         except CorralError as exc:
             problem = Problem.of(exc)
             assert problem is not None
@@ -104,6 +107,7 @@ class Idempotency:
         token_id: str,
         key: str,
         print_: str,
+        sealer: bytes,
     ) -> Response | None:
         """Run the route under a claim of the key (None: it has answered), or the answer the
         key holds already."""
@@ -112,7 +116,7 @@ class Idempotency:
         for _ in range(2):
             got = await keys.claim(token_id, key, print_, scope["method"], scope["path"])
             if isinstance(got, idempotency.Claim):
-                await self._run(services, got, scope, receive, send)
+                await self._run(services, got, scope, receive, send, sealer)
                 return None
             if got.kind == "mismatch":
                 return problem_response(
@@ -125,9 +129,21 @@ class Idempotency:
                     ),
                 )
             if got.kind == "replay" and got.row.body is not None:
-                return _stored(got.row.status_code or 200, got.row.headers or [], got.row.body)
-            if got.kind in ("replay", "orphan"):
-                return await _from_resource(services, keys, got.row)
+                body = idempotency.unseal(sealer, got.row.body)
+                if body is not None:
+                    return _stored(got.row.status_code or 200, got.row.headers or [], body)
+            if got.kind in ("replay", "orphan") and got.row.resource_kind in RESOURCES:
+                return await _from_resource(services, keys, got.row, sealer)
+            if got.kind == "replay":
+                return problem_response(
+                    request,
+                    Problem(
+                        409,
+                        "idempotency_answer_unavailable",
+                        f"the request with this {HEADER.title()} was done, but its answer was "
+                        f"too large to keep (over {MAX_KEPT_BODY} bytes); look the result up",
+                    ),
+                )
             waited = await keys.wait(token_id, key, WAIT_SECONDS)
             if (
                 waited is not None
@@ -152,6 +168,7 @@ class Idempotency:
         scope: Scope,
         receive: Receive,
         send: Send,
+        sealer: bytes,
     ) -> None:
         status = 0
         headers: list[list[str]] = []
@@ -184,7 +201,8 @@ class Idempotency:
                 if body is None and not made:
                     await services.idempotency.release(claim)
                 else:
-                    await services.idempotency.finish(claim, status, headers, body)
+                    sealed = None if body is None else idempotency.seal(sealer, body)
+                    await services.idempotency.finish(claim, status, headers, sealed)
             elif made:
                 # Stored, never answered (the route failed after the create): retries are
                 # answered from the resource.
@@ -247,7 +265,7 @@ RESOURCES = {"sandbox": _sandbox}
 
 
 async def _from_resource(
-    services: Services, keys: idempotency.IdempotencyKeys, row: Any
+    services: Services, keys: idempotency.IdempotencyKeys, row: Any, sealer: bytes
 ) -> Response:
     render = RESOURCES.get(row.resource_kind or "")
     if render is None or row.resource_id is None:
@@ -256,5 +274,5 @@ async def _from_resource(
     body = json.dumps(jsonable_encoder(model), separators=(",", ":")).encode()
     headers = [["content-type", "application/json"]]
     claim = idempotency.Claim(row.token_id, row.key, (row.resource_kind, row.resource_id))
-    await keys.finish_orphan(claim, row.owner, status, headers, body)
+    await keys.finish_orphan(claim, row.owner, status, headers, idempotency.seal(sealer, body))
     return _stored(status, headers, body)

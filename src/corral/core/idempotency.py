@@ -10,6 +10,10 @@ The order is what makes it hold across a crash:
    after step 2, before step 3) is answered from the resource itself; one that finds no
    resource either takes the claim over and does the work.
 
+Answers are kept sealed (AES-GCM) under a key derived from the caller's token secret, which the
+store never holds: a stored answer (a new token's secret, a command's output) is readable only
+by a retry that carries that token.
+
 A claim's process is alive while it is this process, or, in a fleet, while its replica lease
 (core/replicas.py) is unexpired; one server on a data dir is the only process there (host lock).
 """
@@ -19,12 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import hmac
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -62,6 +70,24 @@ def fingerprint(method: str, path: str, query: str, body: bytes) -> str:
     for part in (method.encode(), path.encode(), query.encode(), canonical):
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
+
+
+def answer_key(secret: str) -> bytes:
+    """The key a token's answers are sealed with: not derivable from what the store keeps of
+    the token (a SHA-256 of its secret)."""
+    return hmac.new(secret.encode(), b"corral idempotent answer", hashlib.sha256).digest()
+
+
+def seal(key: bytes, plain: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plain, None)
+
+
+def unseal(key: bytes, sealed: bytes) -> bytes | None:
+    try:
+        return AESGCM(key).decrypt(sealed[:12], sealed[12:], None)
+    except (InvalidTag, ValueError):
+        return None
 
 
 @dataclass
