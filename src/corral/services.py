@@ -250,6 +250,7 @@ class Services:
         await services.webhooks.start()
         services.sandboxes.events = services.webhooks.emit
         services.commands.events = services.webhooks.emit
+        nodes.on_lost = services.commands.announce_in  # commands declared lost in bulk
         # 6. Whatever ran on the built-in node when the server last stopped has an unknown
         #    result; sandboxes that should run come back with their files. (In a fleet its
         #    registration does both.)

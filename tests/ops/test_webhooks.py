@@ -231,13 +231,27 @@ def test_deliveries_survive_a_killed_server(receiver: Receiver) -> None:
             cid = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "true"}).json()["id"]
             deliveries = f"/v1/webhooks/{hook['id']}/deliveries"
             assert wait_for(lambda: len(api.get(deliveries).json()["items"]) == 1, 10)
+            # Running when the server dies: its result is unknown, and that is an event too.
+            started = api.post(f"/v1/sandboxes/{sid}/commands", json={"command": "sleep 600"})
+            running = started.json()["id"]
         srv.kill9()
         srv.start()
-        assert wait_for(lambda: len(receiver.events()) == 2, 20), receiver.received
+
+        def of(command_id: str) -> list[Any]:
+            return receiver.events(lambda e: e["data"]["command"]["id"] == command_id)
+
+        assert wait_for(lambda: len(of(cid)) == 2 and len(of(running)) == 1, 20), receiver.received
         with srv.client() as api:
             attempts = api.get(deliveries).json()["items"]
-        assert [(a["attempt"], a["status_code"]) for a in attempts] == [(2, 200), (1, 503)]
-        (_, b1, e1), (h2, b2, e2) = receiver.events()
+        tried = sorted((a["event_id"], a["attempt"], a["status_code"]) for a in attempts)
+        first_event = of(cid)[0][2]["id"]
+        assert [t for t in tried if t[0] == first_event] == [
+            (first_event, 1, 503),
+            (first_event, 2, 200),
+        ]
+        ((_, _, lost),) = of(running)
+        assert lost["data"]["command"]["status"] == "lost"
+        (_, b1, e1), (h2, b2, e2) = of(cid)
         assert e1["id"] == e2["id"] and e2["data"]["command"]["id"] == cid
         assert b1 == b2
         assert h2["corral-delivery-attempt"] == "2"

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import ids
 from corral.clock import utcnow
@@ -346,6 +347,11 @@ class CommandService:
         except Exception:
             log.exception("the command.finished event of %s was not stored", row.id)
 
+    async def announce_in(self, session: AsyncSession, row: CommandRow) -> None:
+        """As `announce`, in `session`'s transaction (commands declared lost in bulk)."""
+        if self.events is not None:
+            await self.events(COMMAND_FINISHED_EVENT, row.sandbox_id, command_event(row), session)
+
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
         await self.writer.update(COMMANDS, "id", {"id": cid, **outcome_values(outcome)})
 
@@ -548,7 +554,10 @@ class CommandService:
         unknown result."""
         async with self.db.transaction() as session:
             return await lose_commands(
-                session, node_id, "the server stopped while the command ran; its result is unknown"
+                session,
+                node_id,
+                "the server stopped while the command ran; its result is unknown",
+                self.announce_in,
             )
 
     def stop_accepting(self) -> None:

@@ -93,6 +93,7 @@ class NodeEvents:
                 session,
                 node_id,
                 f"node {node_id} restarted while the command ran; its result is unknown",
+                self.registry.on_lost,
             )
         if lost:
             await self.results.announce(EVERY)
