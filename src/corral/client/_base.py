@@ -176,6 +176,8 @@ class BaseClient:
 
     @staticmethod
     def _retry_answer(response: httpx.Response) -> bool:
+        if response.headers.get("idempotent-replayed") == "true":
+            return False  # the first request's own answer: it stays what it is
         if response.status_code in RETRY_STATUSES:
             return True
         if response.status_code != 409:

@@ -29,6 +29,7 @@ from corral.client._base import (
 from corral.client._exceptions import (
     APIError,
     ClientClosedError,
+    ReadTimeout,
     TransportError,
     map_httpx_errors,
 )
@@ -149,8 +150,9 @@ class Client(BaseClient):
                         headers=call.headers,
                         timeout=timeout,
                     )
-            except TransportError:
-                if last:
+            except TransportError as exc:
+                # A read that timed out may still be answered by the server: not sent again.
+                if last or isinstance(exc, ReadTimeout):
                     raise
                 time.sleep(self._retry_delay(attempt))
                 continue

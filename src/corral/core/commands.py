@@ -343,14 +343,18 @@ class CommandService:
         if self.events is None:
             return
         try:
-            await self.events(COMMAND_FINISHED_EVENT, row.sandbox_id, command_event(row), None)
+            await self.events(
+                COMMAND_FINISHED_EVENT, row.sandbox_id, lambda: command_event(row), None
+            )
         except Exception:
             log.exception("the command.finished event of %s was not stored", row.id)
 
     async def announce_in(self, session: AsyncSession, row: CommandRow) -> None:
         """As `announce`, in `session`'s transaction (commands declared lost in bulk)."""
         if self.events is not None:
-            await self.events(COMMAND_FINISHED_EVENT, row.sandbox_id, command_event(row), session)
+            await self.events(
+                COMMAND_FINISHED_EVENT, row.sandbox_id, lambda: command_event(row), session
+            )
 
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
         await self.writer.update(COMMANDS, "id", {"id": cid, **outcome_values(outcome)})

@@ -139,8 +139,12 @@ class NodeEvents:
                 # With the result, in its transaction: this replica is the one that applied it.
                 stored = await session.get(CommandRow, cid, populate_existing=True)
                 if stored is not None:
+                    finished = stored
                     await self.events(
-                        COMMAND_FINISHED_EVENT, stored.sandbox_id, command_event(stored), session
+                        COMMAND_FINISHED_EVENT,
+                        finished.sandbox_id,
+                        lambda: command_event(finished),
+                        session,
                     )
         if not exists:
             return {"retry": True}  # its row is being written by the replica that started it

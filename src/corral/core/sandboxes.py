@@ -481,7 +481,10 @@ class SandboxService:
         """A sandbox.state event for webhooks, stored with the change (in its transaction)."""
         if self.events is None:
             return
-        data = {"sandbox": self.model(row).model_dump(mode="json"), "previous_state": previous}
+
+        def data() -> dict[str, Any]:
+            return {"sandbox": self.model(row).model_dump(mode="json"), "previous_state": previous}
+
         try:
             await self.events(SANDBOX_STATE_EVENT, row.id, data, session)
         except Exception:

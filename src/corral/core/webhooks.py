@@ -76,8 +76,10 @@ BATCH = 50
 CONCURRENCY = 16
 MAX_WEBHOOKS_PER_TOKEN = 100
 
-# Emits an event: (type, sandbox id, data, the session of the change it reports, if any).
-EventSink = Callable[[str, str | None, dict[str, Any], AsyncSession | None], Awaitable[None]]
+# Emits an event: (type, sandbox id, its data (made only if a webhook wants the event), the
+# session of the change it reports, if any).
+EventData = Callable[[], dict[str, Any]]
+EventSink = Callable[[str, str | None, EventData, AsyncSession | None], Awaitable[None]]
 
 
 # --- the wire --------------------------------------------------------------------------------
@@ -135,6 +137,8 @@ async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ConnectionRefusedError(f"cannot resolve {host}: {exc.strerror}") from None
+    except (UnicodeError, ValueError, OSError) as exc:  # e.g. a label over 63 characters
+        raise ConnectionRefusedError(f"cannot resolve {host}: {exc}") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     refused = [a for a in addresses if not address_allowed(a, allow_private)]
     if refused or not addresses:
@@ -337,7 +341,7 @@ class WebhookService:
         self,
         event_type: str,
         sandbox_id: str | None,
-        data: dict[str, Any],
+        data: EventData,
         session: AsyncSession | None = None,
     ) -> None:
         """Store the event for every webhook that wants it (in `session`'s transaction, if
@@ -356,7 +360,7 @@ class WebhookService:
                 "id": event_id,
                 "type": event_type,
                 "created_at": now.isoformat().replace("+00:00", "Z"),
-                "data": data,
+                "data": data(),
             },
             separators=(",", ":"),
         ).encode()
