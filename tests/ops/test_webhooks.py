@@ -207,6 +207,8 @@ def test_bad_webhooks_are_422(api: httpx.Client) -> None:
         {"url": "ftp://127.0.0.1/x", "events": ["sandbox.state"]},
         {"url": "http://user:pw@127.0.0.1/x", "events": ["sandbox.state"]},
         {"url": "http:///nohost", "events": ["sandbox.state"]},
+        {"url": "http://" + "a" * 64 + ".example/x", "events": ["sandbox.state"]},
+        {"url": "http://a..b/x", "events": ["sandbox.state"]},
         {"url": "http://127.0.0.1/x", "events": []},
         {"url": "http://127.0.0.1/x", "events": ["sandbox.created"]},
         {"url": "http://127.0.0.1/x", "events": ["sandbox.state"], "secret": "short"},

@@ -127,6 +127,10 @@ def check_url(url: str) -> tuple[str, int]:
         raise bad("credentials in the URL are refused; check the signature instead")
     if any(c.isspace() for c in url) or not url.isascii():
         raise bad("the URL must be ASCII without spaces (punycode and percent-encoding)")
+    try:
+        parts.hostname.encode("idna")  # what resolving it does first (labels of 1 to 63)
+    except UnicodeError:
+        raise bad("not a valid host name") from None
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
