@@ -75,6 +75,8 @@ CACHE_SECONDS = 2.0  # a webhook made on another replica gets this one's events 
 BATCH = 50
 CONCURRENCY = 16
 MAX_WEBHOOKS_PER_TOKEN = 100
+KEEP_SECONDS = 7 * 86_400  # finished deliveries and their attempts are listed this long
+PURGE_EVERY_SECONDS = 600.0
 
 # Emits an event: (type, sandbox id, its data (made only if a webhook wants the event), the
 # session of the change it reports, if any).
@@ -258,6 +260,7 @@ class WebhookService:
         self._sending: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._http: httpx.AsyncClient | None = None
+        self._purged = 0.0
 
     # --- webhooks ---
 
@@ -447,12 +450,32 @@ class WebhookService:
             try:
                 if not self.fleet or await self.lease.acquire():
                     await self._send_due()
+                    await self._purge()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("webhook delivery failed; trying again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+
+    async def _purge(self) -> None:
+        """Forget deliveries that ended (delivered or failed) over KEEP_SECONDS ago."""
+        if time.monotonic() - self._purged < PURGE_EVERY_SECONDS:
+            return
+        self._purged = time.monotonic()
+        cutoff = utcnow() - timedelta(seconds=KEEP_SECONDS)
+        ended = select(WebhookDeliveryRow.id).where(
+            WebhookDeliveryRow.state != PENDING, WebhookDeliveryRow.created_at < cutoff
+        )
+        async with self.db.transaction() as session:
+            await session.execute(
+                delete(WebhookAttemptRow).where(WebhookAttemptRow.delivery_id.in_(ended))
+            )
+            await session.execute(
+                delete(WebhookDeliveryRow).where(
+                    WebhookDeliveryRow.state != PENDING, WebhookDeliveryRow.created_at < cutoff
+                )
+            )
 
     async def _send_due(self) -> None:
         now = utcnow()
