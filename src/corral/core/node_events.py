@@ -139,11 +139,10 @@ class NodeEvents:
                 # With the result, in its transaction: this replica is the one that applied it.
                 stored = await session.get(CommandRow, cid, populate_existing=True)
                 if stored is not None:
-                    finished = stored
                     await self.events(
                         COMMAND_FINISHED_EVENT,
-                        finished.sandbox_id,
-                        lambda: command_event(finished),
+                        stored.sandbox_id,
+                        lambda: command_event(stored),
                         session,
                     )
         if not exists:
