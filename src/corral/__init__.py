@@ -59,6 +59,8 @@ from corral.core.models import (
     Volume,
     VolumeMount,
 )
+from corral.core.webhook_wire import Webhook, WebhookAttempt
+from corral.core.webhook_wire import verify as verify_webhook
 
 __version__ = "0.1.0"
 
@@ -106,7 +108,10 @@ __all__ = [
     "ValidationError",
     "Volume",
     "VolumeMount",
+    "Webhook",
+    "WebhookAttempt",
     "WriteTimeout",
     "__version__",
     "raise_for_status",
+    "verify_webhook",
 ]

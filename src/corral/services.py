@@ -11,6 +11,7 @@ from corral.core.audit import AuditLog
 from corral.core.coderun import RunService, install_tools
 from corral.core.commands import CommandService
 from corral.core.files import FileService
+from corral.core.idempotency import IdempotencyKeys
 from corral.core.images import ImageService
 from corral.core.leases import LeaderLoop, process_identity
 from corral.core.logins import LoginThrottle
@@ -26,6 +27,7 @@ from corral.core.sandboxes import SandboxService
 from corral.core.snapshots import SnapshotService
 from corral.core.tokens import TokenService
 from corral.core.volumes import VolumeService
+from corral.core.webhooks import WebhookService
 from corral.node.agent import NodeAgent
 from corral.node.bus import Bus, tls_context
 from corral.node.directory import NodeDirectory
@@ -104,6 +106,8 @@ class Services:
     snapshots: SnapshotService = None  # type: ignore[assignment]  # likewise
     images: ImageService = None  # type: ignore[assignment]  # set in start(): needs the others
     ports: PortService = None  # type: ignore[assignment]  # likewise
+    idempotency: IdempotencyKeys = None  # type: ignore[assignment]  # likewise
+    webhooks: WebhookService = None  # type: ignore[assignment]  # likewise
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -239,6 +243,24 @@ class Services:
         shutil.rmtree(settings.data_dir / "image-uploads", ignore_errors=True)
         if node is not None:
             await services.images.sync(node)
+        # 5b. Idempotency keys (owned by this process while it answers them), and webhooks:
+        #     events of sandboxes and commands, stored as they happen and delivered from the
+        #     store (in a fleet, by the one replica that holds the delivery lease).
+        holder = process_identity()  # this replica's leases
+        services.idempotency = IdempotencyKeys(db, holder, fleet=bus is not None)
+        services.webhooks = WebhookService(
+            db,
+            holder,
+            fleet=bus is not None,
+            allow_private=settings.webhook_allow_private,
+            retry_base=settings.webhook_retry_base_seconds,
+            retry_for=settings.webhook_retry_for_seconds,
+            timeout=settings.webhook_timeout_seconds,
+        )
+        await services.webhooks.start()
+        services.sandboxes.events = services.webhooks.emit
+        services.commands.events = services.webhooks.emit
+        nodes.on_lost = services.commands.announce_in  # commands declared lost in bulk
         # 6. Whatever ran on the built-in node when the server last stopped has an unknown
         #    result; sandboxes that should run come back with their files. (In a fleet its
         #    registration does both.)
@@ -250,8 +272,8 @@ class Services:
         # 7. What nodes report, and the loops one replica of a fleet runs for all.
         if bus is not None and results is not None:
             services.node_events = NodeEvents(db, bus, nodes, results, services.sandboxes)
+            services.node_events.events = services.webhooks.emit
             await services.node_events.start()
-            holder = process_identity()
             services.leaders = [
                 LeaderLoop(db, "ttl-reaper", holder, services.sandboxes.reap_expired, interval=1.0),
                 LeaderLoop(
@@ -310,6 +332,8 @@ class Services:
         if self.replicas is not None:
             await self.replicas.stop()
         await self.tokens.stop_watcher()
+        if self.webhooks is not None:
+            await self.webhooks.close()  # what it was sending stays pending, for the next start
         await self.sandboxes.stop_reaper()
         await self.sandboxes.close_pool()
         # 2. Stop the sandboxes (their files stay; they come back at the next start). Commands

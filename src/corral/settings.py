@@ -204,6 +204,21 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Open connections to one sandbox's ports at once"
     )
 
+    # Webhooks (core/webhooks.py).
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let webhooks reach loopback, private and link-local addresses (off: SSRF)",
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="First retry delay of a failed delivery"
+    )
+    webhook_retry_for_seconds: float = Field(
+        default=86_400.0, gt=0, le=7 * 86_400, description="How long an event is retried"
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="Time a receiver has to answer one delivery"
+    )
+
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -16,6 +16,7 @@ from corral import __version__
 from corral.api import errors, observe
 from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
 from corral.api.faces.e2b.hosts import E2bHosts
+from corral.api.idempotency import Idempotency
 from corral.api.middleware import RequestContext
 from corral.api.observe import Observe
 from corral.api.ports import PortProxy
@@ -33,6 +34,7 @@ from corral.api.routes import (
     system,
     tokens,
     volumes,
+    webhooks,
 )
 from corral.core.models import ErrorResponse
 from corral.redaction import Redactor
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
+    app.add_middleware(Idempotency)  # inside RequestContext: bodies bounded, ids given
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     # In front of it: request ids, metrics, the request log line and the audit log.
     app.add_middleware(
@@ -95,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every native operation documents the errors it may answer (the faces document their own).
     native_errors = errors.error_responses()
     for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots,
-                   images, audit):  # fmt: skip
+                   images, audit, webhooks):  # fmt: skip
         app.include_router(module.router, responses=native_errors)
     app.include_router(observe.router, responses=native_errors)  # /metrics
     app.include_router(snapshots.sandbox_router, responses=native_errors)

@@ -1003,6 +1003,7 @@ def audit(
 
 
 main.add_command(__import__("corral.cli.named", fromlist=["user"]).user)  # cmd.io: users, commands
+main.add_command(__import__("corral.cli.webhooks", fromlist=["webhooks"]).webhooks)
 
 # --- live output, terminals, files and code runs (corral.cli.live) -----------------------------
 

@@ -5,7 +5,10 @@ Nothing here does I/O, so the two clients differ only in how they send a `Call`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +44,7 @@ from corral.core.models import (
     Volume,
     VolumeMount,
 )
+from corral.core.webhook_wire import Webhook, WebhookAttempt
 
 T = TypeVar("T")
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -52,6 +56,13 @@ DEFAULT_TIMEOUT = 30.0
 WAIT_MARGIN_SECONDS = 30.0
 PAGE_SIZE = 100
 STREAM_READ_TIMEOUT = 120.0  # seconds a stream may stay silent (the server sends heartbeats)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+DEFAULT_RETRIES = 2  # of a call made with an idempotency key, when the exchange broke
+RETRY_BASE_SECONDS = 0.5
+# Answers after which a keyed call is sent again: the server was briefly away, or the first
+# request with the key is still being answered (the retry then gets its answer).
+RETRY_STATUSES = frozenset({502, 503, 504})
+RETRY_CODES = frozenset({"idempotency_in_flight"})
 
 SandboxRef = str | Sandbox
 CommandRef = str | Command
@@ -115,6 +126,7 @@ class BaseClient:
         token: str | None,
         timeout: TimeoutValue,
         headers: Mapping[str, str] | None,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         from corral import __version__  # here, not at import time: corral imports this module
 
@@ -127,6 +139,9 @@ class BaseClient:
         if token:
             self._headers["authorization"] = f"Bearer {token}"
         self._headers.update(headers or {})
+        if retries < 0:
+            raise ValueError("retries must not be negative")
+        self.retries = retries
 
     # --- timeouts ------------------------------------------------------------------------------
 
@@ -145,6 +160,44 @@ class BaseClient:
             write=self.timeout.write,
             pool=self.timeout.pool,
         )
+
+    # --- idempotency and retries ---------------------------------------------------------------
+
+    @staticmethod
+    def _keyed(call: Call[T], key: str | None) -> Call[T]:
+        """`call` with an Idempotency-Key (`key`, else a new random one): the server does it
+        once, and answers every retry of it (with the same key) as it answered the first."""
+        key = key or str(uuid.uuid4())
+        return dataclasses.replace(call, headers={**(call.headers or {}), IDEMPOTENCY_HEADER: key})
+
+    def _attempts(self, call: Call[Any]) -> int:
+        """How often `call` may be sent: only one with a key is safe to send again."""
+        keyed = call.headers is not None and IDEMPOTENCY_HEADER in call.headers
+        return 1 + self.retries if keyed else 1
+
+    @staticmethod
+    def _retry_answer(response: httpx.Response) -> bool:
+        if response.headers.get("idempotent-replayed") == "true":
+            return False  # the first request's own answer: it stays what it is
+        if response.status_code in RETRY_STATUSES:
+            return True
+        if response.status_code != 409:
+            return False
+        try:
+            return response.json()["error"]["code"] in RETRY_CODES  # type: ignore[no-any-return]
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    @staticmethod
+    def _retry_delay(attempt: int, response: httpx.Response | None = None) -> float:
+        """Seconds before attempt `attempt + 1`: Retry-After if the server gave one (bounded),
+        else exponential with jitter."""
+        if response is not None:
+            try:
+                return min(10.0, max(0.0, float(response.headers.get("retry-after", ""))))
+            except ValueError:
+                pass
+        return RETRY_BASE_SECONDS * (2**attempt) * random.uniform(0.5, 1.0)
 
     # --- responses -----------------------------------------------------------------------------
 
@@ -564,6 +617,42 @@ class BaseClient:
     def _delete_volume_call(self, volume: str | Volume) -> Call[None]:
         return Call("DELETE", f"/v1/volumes/{_segment(_volume_ref(volume))}", _nothing)
 
+    def _create_webhook_call(
+        self,
+        url: str,
+        events: Iterable[str],
+        *,
+        sandbox: SandboxRef | None,
+        secret: str | None,
+    ) -> Call[Webhook]:
+        body = _without_none(
+            url=url,
+            events=list(events),
+            sandbox=None if sandbox is None else _ref(sandbox),
+            secret=secret,
+        )
+        return Call("POST", "/v1/webhooks", _model(Webhook), json=body)
+
+    def _list_webhooks_call(self) -> Call[list[Webhook]]:
+        return Call("GET", "/v1/webhooks", _model_list(Webhook))
+
+    def _get_webhook_call(self, webhook: str | Webhook) -> Call[Webhook]:
+        return Call("GET", f"/v1/webhooks/{_segment(_webhook_ref(webhook))}", _model(Webhook))
+
+    def _delete_webhook_call(self, webhook: str | Webhook) -> Call[Webhook]:
+        return Call("DELETE", f"/v1/webhooks/{_segment(_webhook_ref(webhook))}", _model(Webhook))
+
+    def _webhook_deliveries_pager(
+        self, webhook: str | Webhook, limit: int | None
+    ) -> Pager[WebhookAttempt]:
+        path = f"/v1/webhooks/{_segment(_webhook_ref(webhook))}/deliveries"
+
+        def make_call(cursor: str | None, size: int) -> Call[Page[WebhookAttempt]]:
+            params = _without_none(limit=size, cursor=cursor)
+            return Call("GET", path, _model(Page[WebhookAttempt]), params=params)
+
+        return Pager(make_call, limit)
+
     def _create_snapshot_call(
         self,
         sandbox: SandboxRef,
@@ -700,6 +789,19 @@ def _model(model: type[M]) -> Callable[[httpx.Response], M]:
         return model.model_validate_json(response.content)
 
     return parse
+
+
+def _model_list(model: type[M]) -> Callable[[httpx.Response], list[M]]:
+    adapter = pydantic.TypeAdapter(list[model])  # type: ignore[valid-type]
+
+    def parse(response: httpx.Response) -> list[M]:
+        return adapter.validate_json(response.content)  # type: ignore[no-any-return]
+
+    return parse
+
+
+def _webhook_ref(webhook: str | Webhook) -> str:
+    return webhook.id if isinstance(webhook, Webhook) else webhook
 
 
 def _nothing(response: httpx.Response) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -13,6 +14,7 @@ import httpx
 import pydantic
 
 from corral.client._base import (
+    DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     BaseClient,
     Call,
@@ -24,7 +26,13 @@ from corral.client._base import (
     _ref,
     _sandbox_path,
 )
-from corral.client._exceptions import APIError, ClientClosedError, map_httpx_errors
+from corral.client._exceptions import (
+    APIError,
+    ClientClosedError,
+    ReadTimeout,
+    TransportError,
+    map_httpx_errors,
+)
 from corral.client._streams import ByteStream, EventStream
 from corral.client._transfer import (
     CHUNK,
@@ -60,6 +68,7 @@ from corral.core.models import (
     Volume,
     VolumeMount,
 )
+from corral.core.webhook_wire import Webhook, WebhookAttempt
 
 T = TypeVar("T")
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -73,6 +82,11 @@ class Client(BaseClient):
     `get_command` calls get the command's own deadline plus a margin. Pass `transport` to route
     requests elsewhere, e.g. `httpx.MockTransport` in tests.
 
+    Creates and command starts carry an `Idempotency-Key` (a new uuid4 each, or the
+    `idempotency_key` given); when the exchange breaks, or the server answers 502/503/504, such a
+    call is sent again with the same key up to `retries` times, and the server answers the
+    retry as it answered (or would have answered) the first.
+
     Use it as a context manager, or call `close()`, to release its connections.
     """
 
@@ -84,8 +98,11 @@ class Client(BaseClient):
         timeout: TimeoutValue = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
-        super().__init__(base_url=base_url, token=token, timeout=timeout, headers=headers)
+        super().__init__(
+            base_url=base_url, token=token, timeout=timeout, headers=headers, retries=retries
+        )
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=self._headers,
@@ -119,17 +136,32 @@ class Client(BaseClient):
     def _send(self, call: Call[T]) -> T:
         if self._http.is_closed:
             raise ClientClosedError("the client is closed")
-        with map_httpx_errors():
-            response = self._http.request(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=call.content,
-                headers=call.headers,
-                timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-        return self._parse(call, response)
+        attempts = self._attempts(call)
+        timeout = call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT
+        for attempt in range(attempts):
+            last = attempt + 1 == attempts
+            try:
+                with map_httpx_errors():
+                    response = self._http.request(
+                        call.method,
+                        call.path,
+                        params=call.params,
+                        json=call.json,
+                        content=call.content,
+                        headers=call.headers,
+                        timeout=timeout,
+                    )
+            except TransportError as exc:
+                # A read that timed out may still be answered by the server: not sent again.
+                if last or isinstance(exc, ReadTimeout):
+                    raise
+                time.sleep(self._retry_delay(attempt))
+                continue
+            if not last and self._retry_answer(response):
+                time.sleep(self._retry_delay(attempt, response))
+                continue
+            return self._parse(call, response)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _collect(self, pager: Pager[M]) -> list[M]:
         while (call := pager.next_call()) is not None:
@@ -192,6 +224,7 @@ class Client(BaseClient):
         volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
         snapshot: str | Snapshot | None = None,
         image: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Sandbox:
         """Create a sandbox; options left out take the server's defaults (`node`: the node to
         place it on; default: the least loaded online node with room; `snapshot`: start from
@@ -211,7 +244,7 @@ class Client(BaseClient):
             volumes=volumes,
             image=image,
         )
-        return self._send(call)
+        return self._send(self._keyed(call, idempotency_key))
 
     def list_sandboxes(
         self, *, state: SandboxState | str | None = None, limit: int | None = None
@@ -266,6 +299,7 @@ class Client(BaseClient):
         stdin: str | None = None,
         timeout_ms: int | None = None,
         max_output_bytes: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Command:
         """Run a command and wait for its end.
 
@@ -285,7 +319,7 @@ class Client(BaseClient):
             max_output_bytes=max_output_bytes,
             background=False,
         )
-        return self._send(call)
+        return self._send(self._keyed(call, idempotency_key))
 
     def start_command(
         self,
@@ -303,6 +337,7 @@ class Client(BaseClient):
         tty: bool = False,
         rows: int | None = None,
         cols: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Command:
         """Start a command without waiting; follow it with `get_command(..., wait=True)`, or its
         output with `stream_logs`. With `interactive`, its standard input stays open for
@@ -323,7 +358,7 @@ class Client(BaseClient):
             rows=rows,
             cols=cols,
         )
-        return self._send(call)
+        return self._send(self._keyed(call, idempotency_key))
 
     def get_command(
         self,
@@ -679,6 +714,7 @@ class Client(BaseClient):
         scopes: Iterable[Scope | str] | None = None,
         sandbox_ids: Iterable[SandboxRef] | None = None,
         expires_in_seconds: int | None = None,
+        idempotency_key: str | None = None,
     ) -> TokenCreated:
         """Create a token; its `secret` is in this response only."""
         call = self._create_token_call(
@@ -687,7 +723,7 @@ class Client(BaseClient):
             sandbox_ids=sandbox_ids,
             expires_in_seconds=expires_in_seconds,
         )
-        return self._send(call)
+        return self._send(self._keyed(call, idempotency_key))
 
     def list_tokens(self) -> list[Token]:
         """Every token (without secrets)."""
@@ -793,10 +829,12 @@ class Client(BaseClient):
         size_mb: int | None = None,
         node: str | None = None,
         labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Volume:
         """A named file system of `size_mb` MiB on a node that outlives sandboxes; mount it
         with `create_sandbox(volumes=[{"name": ..., "path": "/data"}])`."""
-        return self._send(self._create_volume_call(name, size_mb=size_mb, node=node, labels=labels))
+        call = self._create_volume_call(name, size_mb=size_mb, node=node, labels=labels)
+        return self._send(self._keyed(call, idempotency_key))
 
     def list_volumes(self) -> list[Volume]:
         return (self._send(self._list_volumes_call())).items
@@ -808,6 +846,40 @@ class Client(BaseClient):
         """Its data goes with it (refused while a live sandbox mounts it)."""
         self._send(self._delete_volume_call(volume))
 
+    # --- webhooks ------------------------------------------------------------------------------
+
+    def create_webhook(
+        self,
+        url: str,
+        events: Iterable[str],
+        *,
+        sandbox: SandboxRef | None = None,
+        secret: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Webhook:
+        """POST `events` ("command.finished", "sandbox.state"; of `sandbox` only, if given) to
+        `url`, signed with `secret` (default: a random one, in this answer only); check
+        deliveries with `corral.verify_webhook`."""
+        call = self._create_webhook_call(url, events, sandbox=sandbox, secret=secret)
+        return self._send(self._keyed(call, idempotency_key))
+
+    def list_webhooks(self) -> list[Webhook]:
+        """This token's webhooks (every one, for an admin token); without their secrets."""
+        return self._send(self._list_webhooks_call())
+
+    def get_webhook(self, webhook: str | Webhook) -> Webhook:
+        return self._send(self._get_webhook_call(webhook))
+
+    def delete_webhook(self, webhook: str | Webhook) -> Webhook:
+        """No more deliveries to it, pending ones included."""
+        return self._send(self._delete_webhook_call(webhook))
+
+    def list_webhook_deliveries(
+        self, webhook: str | Webhook, *, limit: int | None = None
+    ) -> list[WebhookAttempt]:
+        """Every delivery attempt to the webhook, newest first; at most `limit`."""
+        return self._collect(self._webhook_deliveries_pager(webhook, limit))
+
     # --- snapshots -----------------------------------------------------------------------------
 
     def create_snapshot(
@@ -818,13 +890,14 @@ class Client(BaseClient):
         expires_in: int | None = None,
         expires_at: datetime | None = None,
         labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Snapshot:
         """Capture a running sandbox's files (its processes frozen for the moment); it is
         removed `expires_in` seconds on, or at `expires_at`, if given."""
         call = self._create_snapshot_call(
             sandbox, name=name, expires_in=expires_in, expires_at=expires_at, labels=labels
         )
-        return self._send(call)
+        return self._send(self._keyed(call, idempotency_key))
 
     def list_snapshots(
         self, *, sandbox: SandboxRef | None = None, limit: int | None = None
@@ -853,6 +926,7 @@ class Client(BaseClient):
         disk_mb: int | None = None,
         ttl_seconds: int | None = None,
         volumes: Iterable[VolumeMount | Mapping[str, Any]] | None = None,
+        idempotency_key: str | None = None,
     ) -> Sandbox:
         """A snapshot of the running sandbox and a new sandbox from it, on its node, with the
         source's env, limits and network unless given here; the new sandbox's `snapshot` names
@@ -870,4 +944,4 @@ class Client(BaseClient):
             ttl_seconds=ttl_seconds,
             volumes=volumes,
         )
-        return self._send(call)
+        return self._send(self._keyed(call, idempotency_key))

@@ -8,9 +8,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import ids
 from corral.clock import utcnow
@@ -36,11 +37,15 @@ from corral.store.db import Database
 from corral.store.tables import CommandRow, SandboxRow
 from corral.store.writer import BatchWriter
 
+if TYPE_CHECKING:
+    from corral.core.webhooks import EventSink
+
 log = logging.getLogger(__name__)
 SHELL = "/bin/bash"
 DEFER_STORE_SECONDS = 0.1
 COMMANDS = CommandRow.__table__
 DEFAULT_CWD = "/workspace"
+COMMAND_FINISHED_EVENT = "command.finished"  # core/webhooks.py
 
 
 def default_cwd(sandbox: SandboxRow) -> str:
@@ -83,6 +88,11 @@ def to_model(row: CommandRow, output: tuple[bytes, bytes] | None = None) -> Comm
         peak_memory_bytes=row.peak_memory_bytes,
         oom_killed=bool(row.oom_killed),
     )
+
+
+def command_event(row: CommandRow) -> dict[str, Any]:
+    """A finished command as a webhook event's data: its result, without its output."""
+    return {"command": to_model(row).model_dump(mode="json", exclude={"stdout", "stderr"})}
 
 
 def outcome_values(outcome: CommandOutcome) -> dict[str, Any]:
@@ -128,6 +138,7 @@ class CommandService:
         self._live: dict[str, CommandRow] = {}
         self._cache_rows = not directory.fleet
         self._accepting = True
+        self.events: EventSink | None = None  # webhooks' command.finished; set by the server
 
     # --- starting ---
 
@@ -252,6 +263,7 @@ class CommandService:
             else:
                 await self._insert(row)
             self.metrics.command_finished(row.status)
+            await self.announce(row)
             return row, None
         if node.remote:
             pass  # stored above
@@ -321,6 +333,7 @@ class CommandService:
             recorded = final
             if self.results is not None:
                 await self.results.announce(row.id)  # waiters on other replicas
+            await self.announce(final)
         except Exception:
             log.exception("could not record the result of %s", row.id)
         finally:
@@ -330,6 +343,25 @@ class CommandService:
             done_future = self._finished.pop(row.id, None)
             if done_future is not None and not done_future.done():
                 done_future.set_result(recorded)
+
+    async def announce(self, row: CommandRow) -> None:
+        """A command.finished event for webhooks, once its result is stored (a result that
+        comes from a remote node is announced by the replica that stores it)."""
+        if self.events is None:
+            return
+        try:
+            await self.events(
+                COMMAND_FINISHED_EVENT, row.sandbox_id, lambda: command_event(row), None
+            )
+        except Exception:
+            log.exception("the command.finished event of %s was not stored", row.id)
+
+    async def announce_in(self, session: AsyncSession, row: CommandRow) -> None:
+        """As `announce`, in `session`'s transaction (commands declared lost in bulk)."""
+        if self.events is not None:
+            await self.events(
+                COMMAND_FINISHED_EVENT, row.sandbox_id, lambda: command_event(row), session
+            )
 
     async def _record(self, cid: str, outcome: CommandOutcome) -> None:
         await self.writer.update(COMMANDS, "id", {"id": cid, **outcome_values(outcome)})
@@ -536,7 +568,10 @@ class CommandService:
         unknown result."""
         async with self.db.transaction() as session:
             lost = await lose_commands(
-                session, node_id, "the server stopped while the command ran; its result is unknown"
+                session,
+                node_id,
+                "the server stopped while the command ran; its result is unknown",
+                self.announce_in,
             )
         if lost:
             self.metrics.command_finished(CommandStatus.lost.value, lost)

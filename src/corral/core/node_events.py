@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.subscription import Subscription
 from sqlalchemy import select, update
 
-from corral.core.commands import outcome_values
+from corral.core.commands import COMMAND_FINISHED_EVENT, command_event, outcome_values
 from corral.core.models import NodeInfo
 from corral.core.nodes import RUNNING, NodeRegistry, lose_commands
 from corral.core.results import EVERY, CommandResults
@@ -29,6 +29,7 @@ from corral.store.tables import CommandRow, NodeRow, SandboxRow
 
 if TYPE_CHECKING:
     from corral.core.sandboxes import SandboxService
+    from corral.core.webhooks import EventSink
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class NodeEvents:
         self.registry = registry
         self.results = results
         self.sandboxes = sandboxes
+        self.events: EventSink | None = None  # webhooks' command.finished; set by the server
         self._sub: Subscription | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -91,6 +93,7 @@ class NodeEvents:
                 session,
                 node_id,
                 f"node {node_id} restarted while the command ran; its result is unknown",
+                self.registry.on_lost,
             )
         if lost:
             await self.results.announce(EVERY)
@@ -132,6 +135,16 @@ class NodeEvents:
             )
             applied = bool(taken.rowcount)  # type: ignore[attr-defined]
             exists = applied or await session.get(CommandRow, cid) is not None
+            if applied and self.events is not None:
+                # With the result, in its transaction: this replica is the one that applied it.
+                stored = await session.get(CommandRow, cid, populate_existing=True)
+                if stored is not None:
+                    await self.events(
+                        COMMAND_FINISHED_EVENT,
+                        stored.sandbox_id,
+                        lambda: command_event(stored),
+                        session,
+                    )
         if not exists:
             return {"retry": True}  # its row is being written by the replica that started it
         if not applied and await self._epoch(node_id) != epoch:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,7 @@ class NodeRegistry:
         self.db = db
         self.metrics = metrics or Metrics()
         self.lost_after = lost_after
+        self.on_lost: LostSink | None = None  # set by the server (webhooks)
         self._usable: dict[str, tuple[NodeRow, float]] = {}
 
     # --- what nodes say ---
@@ -275,20 +276,44 @@ class NodeRegistry:
                 if not taken.rowcount:  # type: ignore[attr-defined]
                     continue
                 lost = await lose_commands(
-                    session, node_id, f"node {node_id} stopped answering; the result is unknown"
+                    session,
+                    node_id,
+                    f"node {node_id} stopped answering; the result is unknown",
+                    self.on_lost,
                 )
                 declared.append((node_id, lost))
         return declared
 
 
-async def lose_commands(session: AsyncSession, node_id: str, error: str) -> int:
+# Told of each command declared lost, in the transaction that declares it (webhooks).
+LostSink = Callable[[AsyncSession, CommandRow], Awaitable[None]]
+
+
+async def lose_commands(
+    session: AsyncSession, node_id: str, error: str, announce: LostSink | None = None
+) -> int:
     """Declare every command still running on `node_id` lost: its result is unknown. How many
     there were."""
+    ids: list[str] = []
+    if announce is not None:
+        ids = list(
+            await session.scalars(
+                select(CommandRow.id).where(CommandRow.node_id == node_id, RUNNING)
+            )
+        )
     result = await session.execute(
         update(CommandRow)
         .where(CommandRow.node_id == node_id, RUNNING)
         .values(status=CommandStatus.lost.value, finished_at=utcnow(), error=error)
     )
+    if announce is not None and ids:
+        lost = await session.scalars(
+            select(CommandRow)
+            .where(CommandRow.id.in_(ids), CommandRow.status == CommandStatus.lost.value)
+            .execution_options(populate_existing=True)
+        )
+        for row in list(lost):
+            await announce(session, row)
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 

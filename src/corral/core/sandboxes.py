@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from corral import ids
 from corral.clock import utcnow
+from corral.core import idempotency
 from corral.core.errors import (
     Conflict,
     InvalidArgument,
@@ -46,11 +47,13 @@ from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, Volume
 from corral.runtime.limits import Limits
 from corral.store.db import PLACEMENT_LOCK_KEY, Database
 from corral.store.tables import SandboxPortRow, SandboxRow
+from corral.testhooks import SANDBOX_CREATED, crash_point
 
 if TYPE_CHECKING:
     from corral.core.images import ImageService
     from corral.core.snapshots import SnapshotService
     from corral.core.volumes import VolumeService
+    from corral.core.webhooks import EventSink
 
 log = logging.getLogger(__name__)
 # Run on the sandbox's row under its lock, before a change: raises to refuse the change (e.g. a
@@ -60,6 +63,7 @@ RECONCILE_CONCURRENCY = 8
 POOL_RETRY_SECONDS = 5.0
 REFILL_DELAY_SECONDS = 0.25
 WARM_MARKER = ".warm"  # in a warm sandbox's directory until it is claimed
+SANDBOX_STATE_EVENT = "sandbox.state"  # core/webhooks.py
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class SandboxService:
         self.volumes: VolumeService | None = None  # set by the server once it has one
         self.snapshots: SnapshotService | None = None  # likewise
         self.images: ImageService | None = None  # set by the server once it has one
+        self.events: EventSink | None = None  # webhooks' sandbox.state; set by the server
         self.data_dir = data_dir
         self.max_sandboxes = max_sandboxes
         self.uid_count = uid_count
@@ -470,11 +475,27 @@ class SandboxService:
                     await session.flush()
                 except IntegrityError:
                     raise Conflict(f"a sandbox named {req.name!r} exists already") from None
+                await idempotency.bind(session, "sandbox", row.id)  # with the row, or neither
+                await self._announce(session, row, None)
             self._written(row.id)
             self._remember(row)
+        crash_point(SANDBOX_CREATED)
         await self._boot(row)
         self.metrics.created(time.perf_counter() - started, warm=False)
         return await self.get(row.id)
+
+    async def _announce(self, session: AsyncSession, row: SandboxRow, previous: str | None) -> None:
+        """A sandbox.state event for webhooks, stored with the change (in its transaction)."""
+        if self.events is None:
+            return
+
+        def data() -> dict[str, Any]:
+            return {"sandbox": self.model(row).model_dump(mode="json"), "previous_state": previous}
+
+        try:
+            await self.events(SANDBOX_STATE_EVENT, row.id, data, session)
+        except Exception:
+            log.exception("the sandbox.state event of %s was not stored", row.id)
 
     async def _boot(self, row: SandboxRow) -> None:
         """Start the sandbox's processes and record the outcome."""
@@ -502,6 +523,8 @@ class SandboxService:
             row.state = state.value
             row.error = error
             row.updated_at = utcnow()
+            if current != state:
+                await self._announce(session, row, current.value)
         self._written(sandbox_id)
         self._remember(row)
         return row
@@ -748,6 +771,8 @@ class SandboxService:
                         await self._admit(session)
                         session.add(row)
                         await session.flush()
+                        await idempotency.bind(session, "sandbox", row.id)
+                        await self._announce(session, row, None)
                     self._reserved.discard(warm.slot)  # the row holds the slot now
             except BaseException as exc:
                 await local.set_env(warm.id, {})

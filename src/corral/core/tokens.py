@@ -187,6 +187,19 @@ class TokenService:
                 raise
         return principal
 
+    async def identify(self, secret: str | None) -> str | None:
+        """The id of the live token `secret` is, or None; no rate limit is taken and nothing
+        is written (what a key is scoped by, ahead of the route's own authentication)."""
+        if not secret:
+            return None
+        digest = hash_secret(secret)
+        if hmac.compare_digest(digest, self._admin_hash):
+            return ADMIN_TOKEN_ID
+        row = await self._lookup(digest)
+        if row is None or (row.expires_at is not None and row.expires_at <= datetime.now(UTC)):
+            return None
+        return row.id
+
     def derive(self, label: str) -> str:
         """A secret for `label` that every replica computes alike and no one can guess without
         the admin key (e.g. a sandbox's own access token)."""
