@@ -16,6 +16,7 @@ from corral import __version__
 from corral.api import errors
 from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
 from corral.api.faces.e2b.hosts import E2bHosts
+from corral.api.fast_exec import ExecFastPath
 from corral.api.middleware import RequestContext
 from corral.api.ports import PortProxy
 from corral.api.ports import router as ports_router
@@ -77,6 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
+    # Innermost of the middleware (added first): behind the request id, the body limit and any
+    # middleware added later, in front of the router.
+    app.add_middleware(ExecFastPath)
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
     app.include_router(system.router)
