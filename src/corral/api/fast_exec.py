@@ -11,6 +11,9 @@ Anything out of the ordinary goes on to the route, unchanged and with its body r
 that its answer (a 422's details, a face's claim on the path, a non-JSON body) is exactly the
 route's: the fast path decides nothing the route would decide otherwise. Errors from the
 service (401, 403, 404, 409, 429, 503) are rendered as the route's error handlers render them.
+The request's scope names the route and its path parameters as the router would have set them,
+so that whatever looks at `scope["route"]` afterwards (metrics by route template, the request
+log, audit actions) sees an exec as it would have seen it through the router.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.api.auth import get_principal, running_sandbox
 from corral.api.errors import Problem, problem_response
+from corral.api.routes import commands
 from corral.core.errors import CorralError
 from corral.core.models import ExecRequest
 from corral.core.models import Scope as TokenScope
@@ -35,6 +39,12 @@ JSON_TYPE = b"application/json"
 class ExecFastPath:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # The route the router would have taken (it sets the same object in the scope).
+        self.route = next(
+            r
+            for r in commands.router.routes
+            if getattr(r, "endpoint", None) is commands.exec_command
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -57,6 +67,9 @@ class ExecFastPath:
         if services is None:
             await self.app(scope, replay, send)
             return
+        scope["route"] = self.route
+        scope["endpoint"] = commands.exec_command
+        scope["path_params"] = {"sandbox": match.group(1)}
         request = Request(scope, replay)
         try:
             caller = await get_principal(request)
