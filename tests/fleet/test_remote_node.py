@@ -19,7 +19,13 @@ from corral.node.agent import NodeAgent
 from corral.node.base import CommandOutcome, CommandSpec, NodeUnavailable
 from corral.node.bus import PREFIX, Bus, node_inbox_prefix
 from corral.node.local import LocalNode
-from corral.node.protocol import EVENT_ENDED, EVENT_HEARTBEAT, EVENT_REGISTER, outcome_from_wire
+from corral.node.protocol import (
+    EVENT_ENDED,
+    EVENT_HEARTBEAT,
+    EVENT_REGISTER,
+    outcome_from_wire,
+    output_from_wire,
+)
 from corral.node.remote import RemoteNode
 from corral.runtime.base import SandboxConfig, SandboxDied
 from corral.runtime.fake import FakeRuntime
@@ -35,6 +41,7 @@ class Replicas:
 
     registrations: int = 0
     ended: dict[str, CommandOutcome] = field(default_factory=dict)
+    outputs: dict[str, tuple[bytes, bytes] | None] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, subject: str, op: str, args: dict[str, Any], data: bytes) -> Any:
@@ -45,6 +52,7 @@ class Replicas:
             return {"ok": True}
         if op == EVENT_ENDED:
             self.ended[args["command_id"]] = outcome_from_wire(args["outcome"])
+            self.outputs[args["command_id"]] = output_from_wire(args.get("output"))
             self.arrived.set()
             return {"ok": True}
         return {"ok": True}
@@ -107,12 +115,16 @@ def test_calls_output_and_results_through_the_remote_node(nats: NatsServer, tmp_
             outcome = await execution.outcome()
             assert outcome.status == CommandStatus.completed and outcome.exit_code == 3
             assert await remote.output(SANDBOX, "cmd_a") == (b"hello\n", b"oops\n")
+            # Small output comes along with the result: a sync exec's reply needs no call.
+            assert replicas.outputs["cmd_a"] == (b"hello\n", b"oops\n")
             # Output larger than one answer comes in pages, byte for byte.
             big = await remote.run(spec("yes", "cmd_big", timeout_ms=400))
             assert (await big.outcome()).status == CommandStatus.timed_out
             expected = await local.output(SANDBOX, "cmd_big")
             assert len(expected[0]) > 1 << 20
             assert await remote.output(SANDBOX, "cmd_big") == expected
+            await replicas.wait("cmd_big")
+            assert replicas.outputs["cmd_big"] is None  # too large to come along
             # Following the log, and its raw view, give what the node's own reads give.
             remote_chunks = [c async for c in remote.follow_output(SANDBOX, "cmd_big") if c]
             local_chunks = [c async for c in local.follow_output(SANDBOX, "cmd_big") if c]

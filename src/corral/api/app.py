@@ -16,6 +16,7 @@ from corral import __version__
 from corral.api import errors, observe
 from corral.api.faces import cmdio, cmdop, e2b, rundatsheesh, runta, vercel
 from corral.api.faces.e2b.hosts import E2bHosts
+from corral.api.fast_exec import ExecFastPath
 from corral.api.idempotency import Idempotency
 from corral.api.middleware import RequestContext
 from corral.api.observe import Observe
@@ -82,6 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
+    # Innermost of the middleware (added first): behind the request id, the body limit,
+    # idempotency keys and the rest, in front of the router.
+    app.add_middleware(ExecFastPath)
     app.add_middleware(Idempotency)  # inside RequestContext: bodies bounded, ids given
     app.add_middleware(RequestContext, max_body=settings.max_request_bytes)
     # In front of it: request ids, metrics, the request log line and the audit log.

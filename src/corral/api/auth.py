@@ -71,4 +71,4 @@ async def usable_sandbox(services: Services, caller: Principal, ref: str) -> San
 async def running_sandbox(services: Services, caller: Principal, ref: str) -> SandboxRow:
     """As usable_sandbox, and running (409 otherwise, 503 while it restarts)."""
     row = await usable_sandbox(services, caller, ref)
-    return await services.sandboxes.running_row(row.id)
+    return await services.sandboxes.check_running(row)

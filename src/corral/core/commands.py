@@ -20,7 +20,7 @@ from corral.core.metrics import Metrics
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.nodes import lose_commands
 from corral.core.paging import decode_cursor, encode_cursor
-from corral.core.results import CommandResults
+from corral.core.results import CommandResults, outcome_values
 from corral.node.base import (
     CommandOutcome,
     CommandSpec,
@@ -95,25 +95,6 @@ def command_event(row: CommandRow) -> dict[str, Any]:
     return {"command": to_model(row).model_dump(mode="json", exclude={"stdout", "stderr"})}
 
 
-def outcome_values(outcome: CommandOutcome) -> dict[str, Any]:
-    """The columns of a command's row that its result fills in."""
-    return {
-        "status": outcome.status.value,
-        "exit_code": outcome.exit_code,
-        "signal": outcome.signal,
-        "stdout_bytes": outcome.stdout_bytes,
-        "stderr_bytes": outcome.stderr_bytes,
-        "stdout_truncated": outcome.stdout_truncated,
-        "stderr_truncated": outcome.stderr_truncated,
-        "finished_at": outcome.finished_at,
-        "duration_ms": outcome.duration_ms,
-        "error": outcome.error,
-        "cpu_ms": outcome.cpu_ms,
-        "peak_memory_bytes": outcome.peak_memory_bytes,
-        "oom_killed": outcome.oom_killed,
-    }
-
-
 class CommandService:
     def __init__(
         self,
@@ -136,6 +117,8 @@ class CommandService:
         # Rows of commands running here, served from memory: this server is their only writer
         # until their result is stored. Not in fleet mode: any replica may store the result.
         self._live: dict[str, CommandRow] = {}
+        # Output that came with a remote command's result, for run()'s reply.
+        self._outputs: dict[str, tuple[bytes, bytes]] = {}
         self._cache_rows = not directory.fleet
         self._accepting = True
         self.events: EventSink | None = None  # webhooks' command.finished; set by the server
@@ -226,12 +209,21 @@ class CommandService:
             max_running=self.settings.max_running_commands_per_sandbox,  # the node refuses more
         )
         execution: Execution | None = None
+        reply = defer_store  # run() answers with the output: keep it if it comes with the result
+        inserted: dict[str, Any] | None = None
         if node.remote:
             # The node's `ended` event may come before run() returns here: the row is there
             # first, for whichever replica takes the event.
             defer_store = False
             row.started_at = now
-            await self._insert(row)
+            inserted = self._values(row)
+            if self.results is not None:
+                self.results.expect(cid)
+            try:
+                await self.writer.insert(COMMANDS, inserted)
+            except BaseException:
+                self._forget_expected(cid)
+                raise
         try:
             execution = await node.run(spec)
             row.started_at = execution.started_at
@@ -246,19 +238,23 @@ class CommandService:
             row.finished_at = utcnow()
         except SandboxDied as exc:
             if node.remote:
+                self._forget_expected(cid)
                 await self._delete(row.id)
             raise Unavailable(f"sandbox {sandbox.id} is not running: {exc}") from None
         except TooManyCommands as exc:
             if node.remote:
+                self._forget_expected(cid)
                 await self._delete(row.id)
             raise RateLimited(str(exc)) from None
         except BaseException:
             if node.remote:
+                self._forget_expected(cid)
                 with contextlib.suppress(Exception):
                     await self._record_failure(row.id, "the node did not answer as it started")
             raise
         if execution is None:
             if node.remote:
+                self._forget_expected(cid)
                 await self._record_failure(row.id, row.error, row.status)
             else:
                 await self._insert(row)
@@ -277,14 +273,22 @@ class CommandService:
             self._live[cid] = row
         self._finished[cid] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(
-            self._finish(row, execution, stored=not defer_store, remote=node.remote)
+            self._finish(row, execution, stored=not defer_store, remote=inserted, keep_output=reply)
         )
         self._finishers.add(task)
         task.add_done_callback(self._finishers.discard)
         return row, execution
 
+    @staticmethod
+    def _values(row: CommandRow) -> dict[str, Any]:
+        return {c.key: getattr(row, c.key) for c in COMMANDS.columns}
+
     async def _insert(self, row: CommandRow) -> None:
-        await self.writer.insert(COMMANDS, {c.key: getattr(row, c.key) for c in COMMANDS.columns})
+        await self.writer.insert(COMMANDS, self._values(row))
+
+    def _forget_expected(self, cid: str) -> None:
+        if self.results is not None:
+            self.results.forget(cid)
 
     async def _delete(self, cid: str) -> None:
         async with self.db.transaction() as session:
@@ -303,14 +307,27 @@ class CommandService:
             )
 
     async def _finish(
-        self, row: CommandRow, execution: Execution, *, stored: bool, remote: bool = False
+        self,
+        row: CommandRow,
+        execution: Execution,
+        *,
+        stored: bool,
+        remote: dict[str, Any] | None = None,
+        keep_output: bool = False,
     ) -> None:
+        """Record the result (`remote`: the row as inserted, for a command on a remote node)."""
         recorded: CommandRow | None = None
         try:
-            if remote:
-                # Stored by the replica that took the node's event: waited for in the store.
+            if remote is not None:
+                # Stored by the replica that took the node's event: waited for in the store,
+                # or handed over by this replica's event handler.
                 assert self.results is not None
-                recorded = await self.results.wait_row(row.id)
+                try:
+                    recorded = await self.results.wait_row(row.id, stored=remote)
+                finally:
+                    output = self.results.delivered_output(row.id)
+                if keep_output and output is not None:
+                    self._outputs[row.id] = output
                 return
             if not stored:
                 # A sync command that ends within the grace is stored once, with its result;
@@ -324,8 +341,7 @@ class CommandService:
             else:
                 outcome = await execution.outcome()
             # The result goes on a copy: readers keep seeing the running row until it is stored.
-            values = {c.key: getattr(row, c.key) for c in COMMANDS.columns}
-            final = CommandRow(**{**values, **outcome_values(outcome)})
+            final = CommandRow(**{**self._values(row), **outcome_values(outcome)})
             if stored:
                 await self._record(row.id, outcome)
             else:
@@ -383,10 +399,15 @@ class CommandService:
         )
         if execution is None:
             return to_model(row, (b"", b""))
-        final = await asyncio.shield(self._finished[row.id])
+        try:
+            final = await asyncio.shield(self._finished[row.id])
+            output = self._outputs.pop(row.id, None)
+        finally:
+            self._outputs.pop(row.id, None)
         if final is None:
             raise Unavailable(f"command {row.id} ended but its result could not be stored")
-        output = await self.output(row.sandbox_id, row.id)
+        if output is None:
+            output = await self.output(row.sandbox_id, row.id)
         self.metrics.exec_done(source, time.perf_counter() - started)
         return to_model(final, output)
 

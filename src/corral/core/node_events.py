@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.subscription import Subscription
 from sqlalchemy import select, update
 
-from corral.core.commands import COMMAND_FINISHED_EVENT, command_event, outcome_values
+from corral.core.commands import COMMAND_FINISHED_EVENT, command_event
 from corral.core.models import NodeInfo
 from corral.core.nodes import RUNNING, NodeRegistry, lose_commands
-from corral.core.results import EVERY, CommandResults
+from corral.core.results import EVERY, CommandResults, outcome_values
 from corral.node import protocol as p
 from corral.node.bus import PREFIX, Bus
 from corral.store.db import Database
@@ -151,6 +151,7 @@ class NodeEvents:
             log.info("result of %s from an earlier life of node %s: not applied", cid, node_id)
             return {"ok": False}
         if applied:
+            self.results.deliver(cid, outcome, p.output_from_wire(args.get("output")))
             await self.results.announce(cid)
         else:
             log.info("result of %s not applied: it was no longer running", cid)

@@ -306,7 +306,11 @@ class SandboxService:
         return self.model(await self.row(ref))
 
     async def running_row(self, ref: str) -> SandboxRow:
-        row = await self.row(ref)
+        return await self.check_running(await self.row(ref))
+
+    async def check_running(self, row: SandboxRow) -> SandboxRow:
+        """`row`, just read, if its sandbox is running (as running_row, without reading it
+        again: on a remote node's sandbox every read is a round trip to the store)."""
         if row.state != SandboxState.running.value:
             raise SandboxNotRunning(f"sandbox {row.id} is {row.state}")
         node = await self.node_of(row)

@@ -214,15 +214,19 @@ class NodeAgent:
             outcome = await execution.outcome()
             spec = execution.spec
             if spec.report:
-                self._post(
-                    p.EVENT_ENDED,
-                    {
-                        "epoch": epoch,
-                        "command_id": spec.id,
-                        "sandbox_id": spec.sandbox_id,
-                        "outcome": p.outcome_to_wire(outcome),
-                    },
-                )
+                event = {
+                    "epoch": epoch,
+                    "command_id": spec.id,
+                    "sandbox_id": spec.sandbox_id,
+                    "outcome": p.outcome_to_wire(outcome),
+                }
+                if outcome.stdout_bytes + outcome.stderr_bytes <= p.INLINE_OUTPUT_BYTES:
+                    # Small output comes along: the replica's reply needs no `output` call.
+                    with contextlib.suppress(Exception):
+                        output = p.output_to_wire(await self.node.output(spec.sandbox_id, spec.id))
+                        if output is not None:
+                            event["output"] = output
+                self._post(p.EVENT_ENDED, event)
             keep = RAW_STDOUT_ORPHAN if spec.raw_stdout else KEEP_ENDED_SECONDS
             asyncio.get_running_loop().call_later(keep, self._forget, spec.id)
 

@@ -13,6 +13,7 @@ the same node-level types.
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,35 @@ def outcome_to_wire(outcome: CommandOutcome) -> dict[str, Any]:
         "peak_memory_bytes": outcome.peak_memory_bytes,
         "oom_killed": outcome.oom_killed,
     }
+
+
+# A command's output up to this size (both streams) travels with its `ended` event, so that
+# the replica answering a sync exec needs no `output` call (larger output: one or more calls).
+INLINE_OUTPUT_BYTES = 64 * 1024
+
+
+def output_to_wire(output: tuple[bytes, bytes]) -> dict[str, str] | None:
+    stdout, stderr = output
+    if len(stdout) + len(stderr) > INLINE_OUTPUT_BYTES:
+        return None
+    return {
+        "stdout": base64.b64encode(stdout).decode(),
+        "stderr": base64.b64encode(stderr).decode(),
+    }
+
+
+def output_from_wire(data: Any) -> tuple[bytes, bytes] | None:
+    """The output an event carried, if any and well formed (otherwise asked for by a call)."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        stdout = base64.b64decode(data["stdout"], validate=True)
+        stderr = base64.b64decode(data["stderr"], validate=True)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(stdout) + len(stderr) > INLINE_OUTPUT_BYTES:
+        return None
+    return stdout, stderr
 
 
 def outcome_from_wire(data: dict[str, Any]) -> CommandOutcome:

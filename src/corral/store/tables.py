@@ -302,6 +302,8 @@ class AuditRow(Base):
         Index("ix_audit_action", "action", "id"),
         Index("ix_audit_target", "target", "id"),
     )
+
+
 # --- idempotency keys (migration 0011) -----------------------------------------------------------
 
 

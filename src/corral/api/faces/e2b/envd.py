@@ -159,7 +159,7 @@ async def sandbox_call(request: Request, username: str | None = None) -> Envd:
         raise Unavailable(f"sandbox {row.id} is starting; try again")
     if row.state != SandboxState.running.value:
         raise NotFound(f"sandbox {row.id} was not found ({row.state})")
-    row = await services.sandboxes.running_row(row.id)
+    row = await services.sandboxes.check_running(row)
     return Envd(services, row, _user(request, username), request)
 
 

@@ -229,7 +229,7 @@ async def session_row(services: Services, principal: Principal, ref: str) -> San
     row = await live_sandbox(services, principal, ref)
     if row.state in ("stopped", "error", "paused"):
         raise SandboxGone(f"sandbox {row.id} is {row.state}")
-    return await services.sandboxes.running_row(row.id)
+    return await services.sandboxes.check_running(row)
 
 
 # --- answers -----------------------------------------------------------------------------------
