@@ -157,8 +157,8 @@ def test_admin_session_cookie(faces_server: FacesServer, vm: str) -> None:
 
 def test_public_docs(faces_server: FacesServer) -> None:
     for path in ("/docs", "/swagger", "/openapi.json", "/docs/static/swagger-ui.css"):
-        assert httpx.get(faces_server.url + path).status_code == 200, path
-    spec = httpx.get(faces_server.url + "/openapi.json").json()
+        assert httpx.get(faces_server.url + path, timeout=60).status_code == 200, path
+    spec = httpx.get(faces_server.url + "/openapi.json", timeout=60).json()
     tags = {tag for path in spec["paths"].values() for op in path.values() for tag in op["tags"]}
     assert {
         "cmd.io (seed 000)",

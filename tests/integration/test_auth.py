@@ -36,7 +36,7 @@ PROTECTED = [
 
 
 def test_every_documented_native_route_needs_a_token(server: Server) -> None:
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = httpx.get(server.url + "/openapi.json", timeout=60).json()  # built on first use
     documented = {
         (method.upper(), path.replace("{sandbox}", "sb_x").replace("{command_id}", "cmd_x")
          .replace("{token_id}", "tok_x"))
@@ -61,7 +61,7 @@ def test_no_token_is_401(server: Server, method: str, path: str) -> None:
 
 @pytest.mark.parametrize("path", ["/healthz", "/docs", "/openapi.json"])
 def test_public_routes(server: Server, path: str) -> None:
-    assert httpx.get(server.url + path).status_code == 200
+    assert httpx.get(server.url + path, timeout=60).status_code == 200
 
 
 def test_docs_served_from_the_package(server: Server) -> None:
