@@ -47,16 +47,22 @@ Supervisor -> node:
   {"ev": "exit", "id", "code", "signal"}
 """
 
+# Every sandbox has two processes of this file (the supervisor and its launcher): what it
+# imports is paid in each sandbox's memory and start time. So the C modules where the Python
+# ones add only conveniences: _signal and _socket without signal.py's and socket.py's enums,
+# _json without the json package, which imports re (together ~1 MiB of heap per process and
+# several ms at start).
+import _json
+import _signal as signal
+import _socket as socket
 import array
 import ctypes
 import errno
 import fcntl
-import json
+import gc
 import os
 import resource
 import selectors
-import signal
-import socket
 import sys
 import termios
 import warnings  # noqa: F401 - os.execvpe/get_exec_path import it lazily; here it costs nothing
@@ -121,8 +127,47 @@ def _become_user(uid=None, gid=None, groups=()) -> None:
             raise OSError(1, "the bounding set could not be emptied")
 
 
+class _Scanning:
+    """What _json's scanner reads off its context (json.JSONDecoder's defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError(f"not JSON: {name}")
+
+
+_scan = _json.make_scanner(_Scanning())
+_encode = _json.make_encoder(
+    None, None, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+)
+_SPACE = " \t\n\r"
+
+
+def dumps(value):
+    """json.dumps(value, separators=(",", ":")) for the plain data of this protocol."""
+    return "".join(_encode(value, 0))
+
+
+def loads(data):
+    """json.loads of one message (bytes or str); ValueError if it is not exactly one value."""
+    text = data.decode() if isinstance(data, (bytes, bytearray)) else data
+    start = len(text) - len(text.lstrip(_SPACE))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration as exc:
+        raise ValueError(f"not JSON at {exc.value}") from None
+    if text[end:].strip(_SPACE):
+        raise ValueError(f"extra data at {end}")
+    return value
+
+
 def _send(sock, message):
-    sock.send(json.dumps(message, separators=(",", ":")).encode())
+    sock.send(dumps(message).encode())
 
 
 def _recv(sock):
@@ -339,7 +384,7 @@ def _launcher_main(chan_fd, node_fd):
         node.setblocking(True)
 
         def tell(event):
-            data = json.dumps(event, separators=(",", ":")).encode()
+            data = dumps(event).encode()
             if event["ev"] == "started":
                 # The supervisor first: once the node knows of a start it may ask for a
                 # signal, and the supervisor must be able to find the command by then.
@@ -365,7 +410,7 @@ def _launcher_main(chan_fd, node_fd):
                     if not data:
                         os._exit(0)  # the supervisor is gone
                     try:
-                        event, pid = _launch(json.loads(data), fds)
+                        event, pid = _launch(loads(data), fds)
                     except _Stranded as exc:
                         tell(exc.args[0])
                         os._exit(3)
@@ -469,6 +514,9 @@ class Supervisor:
         if not self.launcher_usable or self.everyone_root:
             return
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Out of the collector's reach first: the launcher shares this process's heap
+        # copy-on-write, and a collection that walked it would copy every page it touched.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             _launcher_main(theirs.fileno(), self.sock.fileno())
@@ -501,7 +549,7 @@ class Supervisor:
                 data = chan.recv(MAX_MESSAGE)
                 if not data:
                     break
-                self._launcher_event(json.loads(data))
+                self._launcher_event(loads(data))
         except (BlockingIOError, ConnectionError, ValueError):
             pass
         chan.close()
@@ -558,7 +606,7 @@ class Supervisor:
         if not data:
             self._launcher_gone()
             return False
-        self._launcher_event(json.loads(data))
+        self._launcher_event(loads(data))
         return True
 
     def _launcher_event(self, event):
@@ -636,7 +684,7 @@ class Supervisor:
     # node messages
 
     def _handle(self, data, fds):
-        message = json.loads(data)
+        message = loads(data)
         op = message.get("op")
         cid = message.get("id")
         if op == "spawn":
@@ -659,12 +707,12 @@ class Supervisor:
                 if isinstance(message.get("env"), dict):
                     for key, value in _identity(0 if named is None else named[0]).items():
                         message["env"].setdefault(key, value)
-                data = json.dumps(message, separators=(",", ":")).encode()
+                data = dumps(message).encode()
             elif self.identity is not None and isinstance(message.get("env"), dict):
                 who = self.identity["root" if message.get("user") == "root" else "user"]
                 for key, value in who.items():
                     message["env"].setdefault(key, value)
-                data = json.dumps(message, separators=(",", ":")).encode()
+                data = dumps(message).encode()
             if self._forward(message, data, fds):
                 return
             try:
