@@ -50,19 +50,19 @@ Supervisor -> node:
 # Every sandbox has two processes of this file (the supervisor and its launcher): what it
 # imports is paid in each sandbox's memory and start time. So the C modules where the Python
 # ones add only conveniences: _signal and _socket without signal.py's and socket.py's enums,
-# _json without the json package, which imports re (together ~1 MiB of heap per process and
-# several ms at start).
+# _json without the json package, which imports re, select.epoll without selectors and byte
+# strings for descriptors without array, which import collections (together ~1.4 MiB of heap
+# per process and several ms at start).
 import _json
 import _signal as signal
 import _socket as socket
-import array
 import ctypes
 import errno
 import fcntl
 import gc
 import os
 import resource
-import selectors
+import select
 import sys
 import termios
 import warnings  # noqa: F401 - os.execvpe/get_exec_path import it lazily; here it costs nothing
@@ -170,15 +170,49 @@ def _send(sock, message):
     sock.send(dumps(message).encode())
 
 
+INT = 4  # bytes of a C int: a descriptor in SCM_RIGHTS
+
+
 def _recv(sock):
-    fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
-    )
+    fds = []
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * INT))
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-    return data, list(fds)
+            whole = len(payload) - len(payload) % INT
+            fds += [
+                int.from_bytes(payload[i : i + INT], sys.byteorder, signed=True)
+                for i in range(0, whole, INT)
+            ]
+    return data, fds
+
+
+def _fd_bytes(fds):
+    return b"".join(fd.to_bytes(INT, sys.byteorder, signed=True) for fd in fds)
+
+
+class _Poller:
+    """The little of selectors.DefaultSelector used here, on select.epoll: readable
+    descriptors, each with its data; `select` returns the data of those ready."""
+
+    def __init__(self):
+        self.epoll = select.epoll()
+        self.data = {}
+
+    def register(self, fileobj, data):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self.epoll.register(fd, select.EPOLLIN)
+        self.data[fd] = data
+
+    def unregister(self, fileobj):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self.data.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except OSError:  # closed since (as selectors allows)
+            pass
+
+    def select(self):
+        return [self.data[fd] for fd, _events in self.epoll.poll() if fd in self.data]
 
 
 def _exit_event(cid, info, **extra):
@@ -401,11 +435,11 @@ def _launcher_main(chan_fd, node_fd):
             _send(chan, {"ev": "launcher_unusable"})
             os._exit(0)
         _send(chan, {"ev": "launcher_ready"})
-        selector = selectors.DefaultSelector()
-        selector.register(chan, selectors.EVENT_READ, None)
+        selector = _Poller()
+        selector.register(chan, None)
         while True:
-            for key, _ in selector.select():
-                if key.data is None:
+            for ready in selector.select():
+                if ready is None:
                     data, fds = _recv(chan)
                     if not data:
                         os._exit(0)  # the supervisor is gone
@@ -420,9 +454,9 @@ def _launcher_main(chan_fd, node_fd):
                     tell(event)
                     if pid is not None:
                         pidfd = os.pidfd_open(pid)
-                        selector.register(pidfd, selectors.EVENT_READ, (pid, pidfd, event["id"]))
+                        selector.register(pidfd, (pid, pidfd, event["id"]))
                 else:
-                    pid, pidfd, cid = key.data
+                    pid, pidfd, cid = ready
                     selector.unregister(pidfd)
                     os.close(pidfd)
                     # Report before reaping: if this process dies in between, the supervisor
@@ -441,7 +475,7 @@ def _launcher_main(chan_fd, node_fd):
 class Supervisor:
     def __init__(self, sock):
         self.sock = sock
-        self.selector = selectors.DefaultSelector()
+        self.selector = _Poller()
         self.children = {}  # pid -> command id, reaped here (forked here, or adopted)
         self.launched = {}  # pid -> command id, started and reaped by the launcher
         self.groups = {}  # command id -> pid (its process group)
@@ -477,16 +511,16 @@ class Supervisor:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, _ignore)
         self.wake_r = wake_r
-        self.selector.register(self.sock, selectors.EVENT_READ, "node")
-        self.selector.register(wake_r, selectors.EVENT_READ, "wake")
+        self.selector.register(self.sock, "node")
+        self.selector.register(wake_r, "wake")
         self._start_launcher()
 
     def run(self):
         self.setup()
         _send(self.sock, {"ev": "ready"})
         while True:
-            for key, _ in self.selector.select():
-                if key.data == "node":
+            for ready in self.selector.select():
+                if ready == "node":
                     try:
                         data, fds = _recv(self.sock)
                     except ConnectionError:
@@ -498,7 +532,7 @@ class Supervisor:
                     finally:
                         for fd in fds:
                             os.close(fd)
-                elif key.data == "wake":
+                elif ready == "wake":
                     try:
                         while os.read(self.wake_r, 4096):
                             pass
@@ -525,7 +559,7 @@ class Supervisor:
         self.launcher_chan = mine
         self.launcher_up = False
         mine.settimeout(2.0)  # a stopped launcher must not hang the supervisor
-        self.selector.register(mine, selectors.EVENT_READ, "launcher")
+        self.selector.register(mine, "launcher")
         # Wait for it (a millisecond or two), so that the next command already uses it.
         try:
             first = mine.recv(MAX_MESSAGE)
@@ -756,7 +790,7 @@ class Supervisor:
             return False  # more than the pair's buffer takes in one message: fork it here
         try:
             self.launcher_chan.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(fds))]
             )
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
