@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         # 2,000 is the target; the budget keeps the whole run under 10 minutes on 2 cores, and
         # the phase stops at whichever comes first.
         "density": args.density_target or (100 if q else 2000),
-        "density_budget": args.density_budget or (30.0 if q else 170.0),
+        "density_budget": args.density_budget or (30.0 if q else 120.0),
         "idle_bare": 20 if q else 100,
         "fleet_exec": 40 if q else 200,
         "peer_exec": 50 if q else 200,
