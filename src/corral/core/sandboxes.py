@@ -877,6 +877,9 @@ class SandboxService:
                             await asyncio.sleep(POOL_RETRY_SECONDS)
                 if starts:
                     await asyncio.wait(starts)
+                    for task in starts:
+                        if not task.cancelled() and task.exception() is not None:
+                            log.warning("could not start a warm sandbox: %s", task.exception())
                     starts.clear()
         finally:
             for task in starts:
