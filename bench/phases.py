@@ -308,14 +308,15 @@ class CorralBench:
     # --- create to first exec ---
 
     def create_to_first(self, n: int, *, pause: float = 0.0, client: httpx.Client | None = None,
-                        pair: Callable[[], Any] | None = None) -> Sample:  # fmt: skip
+                        pair: Callable[[], Any] | None = None,
+                        warmup: int = 2) -> Sample:  # fmt: skip
         http = client or self.http
         creates = []
         out = []
         made = []
         paired = []
         try:
-            for i in range(n + 2):
+            for i in range(n + warmup):
                 if pause:
                     time.sleep(pause)
                 t0 = time.perf_counter()
@@ -326,13 +327,13 @@ class CorralBench:
                 if r.status_code != 200 or r.json().get("status") != "completed":
                     raise RuntimeError(f"first exec failed: {r.status_code} {r.text[:300]}")
                 made.append(sid)
-                if i >= 2:  # two warm-ups
+                if i >= warmup:
                     creates.append((t1 - t0) * 1000)
                     out.append((t2 - t0) * 1000)
                 # Delete out of the timed path, one by one (density is measured elsewhere).
                 http.delete(f"/v1/sandboxes/{sid}")
                 made.remove(sid)
-                if pair is not None and i >= 2:
+                if pair is not None and i >= warmup:
                     t0 = time.perf_counter()
                     pair()
                     paired.append((time.perf_counter() - t0) * 1000)

@@ -78,7 +78,7 @@ def install() -> list[str]:
 
     from corral.core import commands, sandboxes, tokens
     from corral.node import local, output_log
-    from corral.runtime import cgroups, limits, namespaces
+    from corral.runtime import cgroups, limits, namespaces, rootfs
 
     wrapped = []
     targets = [
@@ -115,6 +115,11 @@ def install() -> list[str]:
         (namespaces.NamespacesRuntime, "_make_dirs", "create: NamespacesRuntime._make_dirs"),
         (namespaces.NamespacesRuntime, "_map_users", "create: _map_users (bwrap to uid_map)"),
         (limits.ResourceControl, "create", "create: ResourceControl.create (v1 cgroups)"),
+        (namespaces.NamespacesRuntime, "_mount_disk", "create: _mount_disk (mkfs + loop mount)"),
+        (namespaces.NamespacesRuntime, "_make_overlay_root", "create: _make_overlay_root"),
+        (rootfs, "mount_root", "create: rootfs.mount_root (idmapped + overlays)"),
+        (rootfs, "secure_mount_points", "create: rootfs.secure_mount_points"),
+        (rootfs, "prepare_writable", "create: rootfs.prepare_writable"),
         (cgroups.CgroupTree, "kill_and_remove", "CgroupTree.kill_and_remove"),
         (sandboxes.SandboxService, "delete", "delete: SandboxService.delete"),
         (namespaces.NamespacesSandbox, "stop", "delete: NamespacesSandbox.stop"),

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.integration.helpers import sandbox_mounts
+from tests.integration.helpers import sandbox_mounts, wait_for
 
 pytestmark = pytest.mark.sandbox
 MiB = 1024 * 1024
@@ -46,3 +46,42 @@ def test_disk_fills_at_its_limit_across_every_writable_place(
         api.delete(f"/v1/sandboxes/{sid}")
     assert [m for m in sandbox_mounts() if sid in m] == []
     assert not (server.data_dir / "sandboxes" / sid).exists()
+
+
+def test_a_disk_made_ahead_is_the_sandbox_own_empty_and_bounded(
+    api: httpx.Client, server: Server
+) -> None:
+    """A start takes a disk the node made ahead of that size (disks.py): it is empty, owned by
+    the sandbox's user, holds its limit, and stays the sandbox's across a stop and start."""
+    spares = server.data_dir / "runtime" / "disk-images"
+    first = api.post("/v1/sandboxes", json={"disk_mb": 24})  # asks for spares of 24 MiB
+    assert first.status_code == 201, first.text
+    made: list[str] = []
+    try:
+        made.append(first.json()["id"])
+        run(api, made[0], "echo mine > /workspace/secret")
+
+        def made_ahead() -> set[int]:  # spares of 24 MiB (the node keeps others too)
+            found = [p.stat() for p in spares.glob("*.img")]
+            return {st.st_ino for st in found if st.st_size == 24 * MiB}
+
+        assert wait_for(lambda: bool(made_ahead()), 30.0)
+        ahead = made_ahead()
+        second = api.post("/v1/sandboxes", json={"disk_mb": 24})
+        assert second.status_code == 201, second.text
+        sid = second.json()["id"]
+        made.append(sid)
+        assert (server.data_dir / "sandboxes" / sid / "disk.img").stat().st_ino in ahead
+        seen = run(api, sid, "ls -A /workspace; stat -c %u:%g /workspace; id -u")
+        assert seen["stdout"].split() == ["1000:1000", "1000"], seen
+        fill = run(api, sid, "head -c 40M /dev/zero > /workspace/x; sync; du -b /workspace/x")
+        assert "No space left on device" in fill["stderr"]
+        assert 18 * MiB <= int(fill["stdout"].split()[0]) <= 24 * MiB, fill
+        api.post(f"/v1/sandboxes/{sid}/stop")
+        assert api.post(f"/v1/sandboxes/{sid}/start").json()["state"] == "running"
+        assert run(api, sid, "ls /workspace")["stdout"].split() == ["x"]
+    finally:
+        for sid in made:
+            api.delete(f"/v1/sandboxes/{sid}")
+    for sid in made:
+        assert [m for m in sandbox_mounts() if sid in m] == []

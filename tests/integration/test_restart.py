@@ -62,9 +62,11 @@ def test_kill9_and_restart() -> None:
             # The only mounts are the live sandboxes' own: their file systems (disk_mb), the
             # idmapped views of their base layers and their overlays (docs/root-filesystem.md),
             # once each; and the node's read-only views of the supervisor, the tools and an
-            # empty directory, once each.
+            # empty directory, once each; and its spare disks (made ahead, no sandbox's yet).
             mine = [m.split()[1] for m in sandbox_mounts() if str(srv.data_dir) in m]
             views = str(srv.data_dir / "runtime" / "views") + "/"
+            spares = str(srv.data_dir / "runtime" / "disks")
+            mine = [m for m in mine if not m.startswith(spares)]
             assert sorted(m for m in mine if not m.startswith(views)) == sorted(
                 str(srv.data_dir / "sandboxes" / sid / name)
                 for sid in sandboxes

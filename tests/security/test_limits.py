@@ -409,10 +409,16 @@ def test_zz_nothing_left_behind(lapi: httpx.Client, limits_server: Server) -> No
     assert wait_until(lambda: not server_processes(limits_server.uid_base), 20.0), server_processes(
         limits_server.uid_base
     )
-    # Only the node's own read-only views (the supervisor, the tools) stay while it runs.
-    views = f" {data_dir}/runtime/views/"
-    assert [m for m in sandbox_mounts() if data_dir.name in m and views not in m] == []
-    assert wait_until(lambda: not loop_devices(data_dir), 20.0), loop_devices(data_dir)
+    # Only the node's own read-only views (the supervisor, the tools) and its spare disks
+    # (made ahead, of no sandbox yet) stay while it runs.
+    node = (f" {data_dir}/runtime/views/", f" {data_dir}/runtime/disks")
+    assert [
+        m for m in sandbox_mounts() if data_dir.name in m and not any(n in m for n in node)
+    ] == []
+    spares = f"{data_dir}/runtime/disk-images/"
+    assert wait_until(lambda: not [d for d in loop_devices(data_dir) if spares not in d], 20.0), (
+        loop_devices(data_dir)
+    )
     assert list((data_dir / "sandboxes").iterdir()) == []  # disk images and all
     assert cgroup_dirs(name) == []
     for controller in V1_CONTROLLERS:
@@ -421,6 +427,7 @@ def test_zz_nothing_left_behind(lapi: httpx.Client, limits_server: Server) -> No
         assert left == [], left
     limits_server.stop()
     assert [m for m in sandbox_mounts() if data_dir.name in m] == []
+    assert wait_until(lambda: not loop_devices(data_dir), 20.0), loop_devices(data_dir)
     assert not Path("/sys/fs/cgroup/unified", name).exists()
     for controller in V1_CONTROLLERS:
         assert not Path("/sys/fs/cgroup", controller, name).exists(), controller

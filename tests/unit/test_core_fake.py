@@ -877,3 +877,34 @@ def test_warm_sandboxes_count_towards_the_sandbox_limit(tmp_path: Path) -> None:
             assert len(made) == 4
 
     run(main())
+
+
+def test_a_create_finding_the_pool_empty_takes_the_sandbox_it_is_starting(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with corral(tmp_path, warm_pool=1) as services:
+            sandboxes = services.sandboxes
+            runtime = fake_runtime(services)
+            await eventually(lambda: sandboxes.warm_count == 1)
+            fast = runtime.start
+
+            async def slow_start(config: Any) -> Any:  # a start as long as a real one
+                await asyncio.sleep(0.6)
+                return await fast(config)
+
+            runtime.start = slow_start  # type: ignore[method-assign]
+            first = await sandboxes.create(SandboxCreate())
+            assert first.id == runtime.started[0]  # the warm one
+            # The refill starts another a moment after the claim; a create meanwhile waits
+            # for it instead of starting one of its own beside it.
+            await eventually(lambda: sandboxes._starting == 1)
+            second = await sandboxes.create(SandboxCreate())
+            assert runtime.started == [first.id, second.id]
+            assert (await sandboxes.get(second.id)).state == SandboxState.running
+            # One more, with nothing warm or starting for it: a start of its own.
+            await eventually(lambda: sandboxes._starting == 1)
+            third = await sandboxes.create(SandboxCreate(memory_mb=64))
+            assert third.id not in runtime.started[:2]
+
+    run(main())

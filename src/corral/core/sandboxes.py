@@ -62,6 +62,10 @@ RowCheck = Callable[[SandboxRow], None]
 RECONCILE_CONCURRENCY = 8
 POOL_RETRY_SECONDS = 5.0
 REFILL_DELAY_SECONDS = 0.25
+# Warm sandboxes started at once by the refill: while creates come in a row, one start waits on
+# its mounts and processes while another runs.
+REFILL_PARALLEL = 2
+CLAIM_WAIT_SECONDS = 15.0  # at most this long for a warm sandbox already starting
 WARM_MARKER = ".warm"  # in a warm sandbox's directory until it is claimed
 SANDBOX_STATE_EVENT = "sandbox.state"  # core/webhooks.py
 
@@ -187,6 +191,9 @@ class SandboxService:
         self._warm: list[WarmSandbox] = []
         self._reserved: set[int] = set()  # uid slots of warm sandboxes, started or starting
         self._refill = asyncio.Event()
+        self._starting = 0  # warm sandboxes being started
+        self._waiting = 0  # creates waiting for one of them
+        self._pool_change: asyncio.Event = asyncio.Event()  # a warm one is ready, or failed
         self._filler: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._pool_closed = False
@@ -422,8 +429,8 @@ class SandboxService:
             if wanted is None:
                 holders = await self.images.holders(req.image)  # else it is pulled there
         node = await self._place(req, wanted, holders)
-        if self._warm and _poolable(req):
-            claimed = await self._claim(req)
+        if (self._warm or self._starting) and _poolable(req):
+            claimed = await self._claim_or_wait(req)
             if claimed is not None:
                 self.metrics.created(time.perf_counter() - started, warm=True)
                 return claimed
@@ -746,6 +753,26 @@ class SandboxService:
             raise Unavailable("this server runs no node")
         return self.local
 
+    async def _claim_or_wait(self, req: SandboxCreate) -> Sandbox | None:
+        """A warm sandbox; if none is ready but one is starting that no other create waits
+        for, that one once it is ready (it is further along than a cold start would be)."""
+        deadline = asyncio.get_running_loop().time() + CLAIM_WAIT_SECONDS
+        while True:
+            if self._warm:
+                claimed = await self._claim(req)
+                if claimed is not None:
+                    return claimed
+            left = deadline - asyncio.get_running_loop().time()
+            if self._waiting >= self._starting or left <= 0:
+                return None
+            self._waiting += 1
+            try:
+                self._pool_change.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pool_change.wait(), left)
+            finally:
+                self._waiting -= 1
+
     async def _claim(self, req: SandboxCreate) -> Sandbox | None:
         """Give a warm sandbox the request's name, env, labels and ttl; None if none is left."""
         local = self._local()
@@ -814,6 +841,14 @@ class SandboxService:
 
     async def _warm_one(self) -> bool:
         """Start one more warm sandbox; False when capacity is used up."""
+        self._starting += 1
+        try:
+            return await self._start_warm()
+        finally:
+            self._starting -= 1
+            self._pool_change.set()  # ready, or not coming: waiting creates look again
+
+    async def _start_warm(self) -> bool:
         async with self._alloc_lock:
             async with self.db.session() as session:
                 count = await self._live_count(session)
@@ -860,19 +895,43 @@ class SandboxService:
         return True
 
     async def _keep_warm(self) -> None:
-        while True:
-            await self._refill.wait()
-            # Refill a moment after the claim: starting a sandbox takes most of a core for
-            # ~100 ms, which the claimer's first commands should not have to share.
-            await asyncio.sleep(REFILL_DELAY_SECONDS)
-            self._refill.clear()
-            try:
-                while len(self._warm) < self.warm_pool and await self._warm_one():
-                    pass
-            except Exception as exc:
-                log.warning("could not start a warm sandbox: %s", exc)
-                await asyncio.sleep(POOL_RETRY_SECONDS)
-                self._refill.set()
+        starts: set[asyncio.Task[bool]] = set()
+        try:
+            while True:
+                await self._refill.wait()
+                # Refill a moment after the claim: starting a sandbox takes most of a core for
+                # ~100 ms, which the claimer's first commands should not have to share.
+                await asyncio.sleep(REFILL_DELAY_SECONDS)
+                self._refill.clear()
+                full = False
+                while not full:
+                    while (
+                        len(starts) < REFILL_PARALLEL
+                        and len(self._warm) + len(starts) < self.warm_pool
+                    ):
+                        starts.add(asyncio.ensure_future(self._warm_one()))
+                    if not starts:
+                        break
+                    done, starts = await asyncio.wait(starts, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        try:
+                            full = full or not task.result()  # capacity used up
+                        except Exception as exc:
+                            log.warning("could not start a warm sandbox: %s", exc)
+                            full = True
+                            self._refill.set()
+                            await asyncio.sleep(POOL_RETRY_SECONDS)
+                if starts:
+                    await asyncio.wait(starts)
+                    for task in starts:
+                        if not task.cancelled() and task.exception() is not None:
+                            log.warning("could not start a warm sandbox: %s", task.exception())
+                    starts.clear()
+        finally:
+            for task in starts:
+                task.cancel()
+            # Each removes its sandbox (in the background) as it ends: before close_pool waits.
+            await asyncio.gather(*starts, return_exceptions=True)
 
     def start_pool(self) -> None:
         if self.warm_pool > 0:

@@ -44,6 +44,7 @@ from corral.runtime.base import (
     open_pty_in,
 )
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
+from corral.runtime.disks import SpareDisks, loop_mount, mkfs_command
 from corral.runtime.frames import (
     FRAMES_PER_WAKE,
     MAX_FRAME,
@@ -200,6 +201,7 @@ class NamespacesRuntime(Runtime):
         self.resources: ResourceControl | None = None
         self.net = NetworkManager(cgroup_name, subnet=link_subnet, open_to_sandboxes=network_open)
         self.seccomp_bpf = b""
+        self.spares = SpareDisks(data_dir / "runtime")  # disks made ahead (disks.py)
 
     async def prepare(self) -> list[str]:
         warnings: list[str] = []
@@ -226,6 +228,8 @@ class NamespacesRuntime(Runtime):
         sandboxes = self.data_dir / "sandboxes"
         sandboxes.mkdir(exist_ok=True)
         sandboxes.chmod(0o711)
+        if shutil.which("mkfs.ext4"):
+            await asyncio.to_thread(self.spares.setup)
         await asyncio.to_thread(self._show_shared_dirs)
         if not self.views.available:
             warnings.append(
@@ -575,6 +579,10 @@ class NamespacesRuntime(Runtime):
         ]  # fmt: skip
 
     async def start(self, config: SandboxConfig) -> SandboxHandle:
+        with self.spares.starting():
+            return await self._start(config)
+
+    async def _start(self, config: SandboxConfig) -> SandboxHandle:
         uid = self.host_uid(config)
         await asyncio.to_thread(self._make_dirs, config, uid)
         if config.volumes:
@@ -935,21 +943,16 @@ class NamespacesRuntime(Runtime):
         disk.mkdir(exist_ok=True)
         if os.path.ismount(disk):
             return
+        size = config.limits.disk_mb
+        assert size is not None
+        if not image.exists() and self.spares.take(size, image, disk):
+            os.chown(disk, uid, uid)  # made for no one in particular: the root is the user's
+            return
         if not image.exists():
             with open(image, "wb") as f:
-                f.truncate(config.limits.disk_mb * 1024 * 1024)  # type: ignore[operator]
-            subprocess.run(
-                ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal,^resize_inode",
-                 # One inode per 64 KiB (most of disk_mb stays usable), but never fewer than a
-                 # root's layers and mount points need on the smallest disk.
-                 "-N", str(max(1024, config.limits.disk_mb * 16)),  # type: ignore[operator]
-                 "-E", f"root_owner={uid}:{uid}", str(image)],
-                check=True, capture_output=True,
-            )  # fmt: skip
-        subprocess.run(
-            ["mount", "-o", "loop,nosuid,nodev", str(image), str(disk)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+                f.truncate(size * 1024 * 1024)
+            subprocess.run(mkfs_command(image, size, uid), check=True, capture_output=True)
+        loop_mount(image, disk)
         lost = disk / "lost+found"
         if lost.is_dir():
             lost.rmdir()
@@ -968,6 +971,7 @@ class NamespacesRuntime(Runtime):
 
     async def close(self) -> None:
         await self.sweep()
+        await asyncio.to_thread(self.spares.close)
         for fd in self._namespaces.values():
             os.close(fd)
         self._namespaces.clear()

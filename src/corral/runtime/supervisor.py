@@ -47,16 +47,22 @@ Supervisor -> node:
   {"ev": "exit", "id", "code", "signal"}
 """
 
-import array
+# Every sandbox has two processes of this file (the supervisor and its launcher): what it
+# imports is paid in each sandbox's memory and start time. So the C modules where the Python
+# ones add only conveniences: _signal and _socket without signal.py's and socket.py's enums,
+# _json without the json package, which imports re, select.epoll without selectors and byte
+# strings for descriptors without array, which import collections (together ~1.4 MiB of heap
+# per process and several ms at start).
+import _json
+import _signal as signal
+import _socket as socket
 import ctypes
 import errno
 import fcntl
-import json
+import gc
 import os
 import resource
-import selectors
-import signal
-import socket
+import select
 import sys
 import termios
 import warnings  # noqa: F401 - os.execvpe/get_exec_path import it lazily; here it costs nothing
@@ -121,19 +127,92 @@ def _become_user(uid=None, gid=None, groups=()) -> None:
             raise OSError(1, "the bounding set could not be emptied")
 
 
+class _Scanning:
+    """What _json's scanner reads off its context (json.JSONDecoder's defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError(f"not JSON: {name}")
+
+
+_scan = _json.make_scanner(_Scanning())
+_encode = _json.make_encoder(
+    None, None, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+)
+_SPACE = " \t\n\r"
+
+
+def dumps(value):
+    """json.dumps(value, separators=(",", ":")) for the plain data of this protocol."""
+    return "".join(_encode(value, 0))
+
+
+def loads(data):
+    """json.loads of one message (bytes or str); ValueError if it is not exactly one value."""
+    text = data.decode() if isinstance(data, (bytes, bytearray)) else data
+    start = len(text) - len(text.lstrip(_SPACE))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration as exc:
+        raise ValueError(f"not JSON at {exc.value}") from None
+    if text[end:].strip(_SPACE):
+        raise ValueError(f"extra data at {end}")
+    return value
+
+
 def _send(sock, message):
-    sock.send(json.dumps(message, separators=(",", ":")).encode())
+    sock.send(dumps(message).encode())
+
+
+INT = 4  # bytes of a C int: a descriptor in SCM_RIGHTS
 
 
 def _recv(sock):
-    fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
-    )
+    fds = []
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * INT))
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-    return data, list(fds)
+            whole = len(payload) - len(payload) % INT
+            fds += [
+                int.from_bytes(payload[i : i + INT], sys.byteorder, signed=True)
+                for i in range(0, whole, INT)
+            ]
+    return data, fds
+
+
+def _fd_bytes(fds):
+    return b"".join(fd.to_bytes(INT, sys.byteorder, signed=True) for fd in fds)
+
+
+class _Poller:
+    """The little of selectors.DefaultSelector used here, on select.epoll: readable
+    descriptors, each with its data; `select` returns the data of those ready."""
+
+    def __init__(self):
+        self.epoll = select.epoll()
+        self.data = {}
+
+    def register(self, fileobj, data):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self.epoll.register(fd, select.EPOLLIN)
+        self.data[fd] = data
+
+    def unregister(self, fileobj):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self.data.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except OSError:  # closed since (as selectors allows)
+            pass
+
+    def select(self):
+        return [self.data[fd] for fd, _events in self.epoll.poll() if fd in self.data]
 
 
 def _exit_event(cid, info, **extra):
@@ -339,7 +418,7 @@ def _launcher_main(chan_fd, node_fd):
         node.setblocking(True)
 
         def tell(event):
-            data = json.dumps(event, separators=(",", ":")).encode()
+            data = dumps(event).encode()
             if event["ev"] == "started":
                 # The supervisor first: once the node knows of a start it may ask for a
                 # signal, and the supervisor must be able to find the command by then.
@@ -356,16 +435,16 @@ def _launcher_main(chan_fd, node_fd):
             _send(chan, {"ev": "launcher_unusable"})
             os._exit(0)
         _send(chan, {"ev": "launcher_ready"})
-        selector = selectors.DefaultSelector()
-        selector.register(chan, selectors.EVENT_READ, None)
+        selector = _Poller()
+        selector.register(chan, None)
         while True:
-            for key, _ in selector.select():
-                if key.data is None:
+            for ready in selector.select():
+                if ready is None:
                     data, fds = _recv(chan)
                     if not data:
                         os._exit(0)  # the supervisor is gone
                     try:
-                        event, pid = _launch(json.loads(data), fds)
+                        event, pid = _launch(loads(data), fds)
                     except _Stranded as exc:
                         tell(exc.args[0])
                         os._exit(3)
@@ -375,9 +454,9 @@ def _launcher_main(chan_fd, node_fd):
                     tell(event)
                     if pid is not None:
                         pidfd = os.pidfd_open(pid)
-                        selector.register(pidfd, selectors.EVENT_READ, (pid, pidfd, event["id"]))
+                        selector.register(pidfd, (pid, pidfd, event["id"]))
                 else:
-                    pid, pidfd, cid = key.data
+                    pid, pidfd, cid = ready
                     selector.unregister(pidfd)
                     os.close(pidfd)
                     # Report before reaping: if this process dies in between, the supervisor
@@ -396,7 +475,7 @@ def _launcher_main(chan_fd, node_fd):
 class Supervisor:
     def __init__(self, sock):
         self.sock = sock
-        self.selector = selectors.DefaultSelector()
+        self.selector = _Poller()
         self.children = {}  # pid -> command id, reaped here (forked here, or adopted)
         self.launched = {}  # pid -> command id, started and reaped by the launcher
         self.groups = {}  # command id -> pid (its process group)
@@ -432,16 +511,16 @@ class Supervisor:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, _ignore)
         self.wake_r = wake_r
-        self.selector.register(self.sock, selectors.EVENT_READ, "node")
-        self.selector.register(wake_r, selectors.EVENT_READ, "wake")
+        self.selector.register(self.sock, "node")
+        self.selector.register(wake_r, "wake")
         self._start_launcher()
 
     def run(self):
         self.setup()
         _send(self.sock, {"ev": "ready"})
         while True:
-            for key, _ in self.selector.select():
-                if key.data == "node":
+            for ready in self.selector.select():
+                if ready == "node":
                     try:
                         data, fds = _recv(self.sock)
                     except ConnectionError:
@@ -453,7 +532,7 @@ class Supervisor:
                     finally:
                         for fd in fds:
                             os.close(fd)
-                elif key.data == "wake":
+                elif ready == "wake":
                     try:
                         while os.read(self.wake_r, 4096):
                             pass
@@ -469,6 +548,9 @@ class Supervisor:
         if not self.launcher_usable or self.everyone_root:
             return
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Out of the collector's reach first: the launcher shares this process's heap
+        # copy-on-write, and a collection that walked it would copy every page it touched.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             _launcher_main(theirs.fileno(), self.sock.fileno())
@@ -477,7 +559,7 @@ class Supervisor:
         self.launcher_chan = mine
         self.launcher_up = False
         mine.settimeout(2.0)  # a stopped launcher must not hang the supervisor
-        self.selector.register(mine, selectors.EVENT_READ, "launcher")
+        self.selector.register(mine, "launcher")
         # Wait for it (a millisecond or two), so that the next command already uses it.
         try:
             first = mine.recv(MAX_MESSAGE)
@@ -501,7 +583,7 @@ class Supervisor:
                 data = chan.recv(MAX_MESSAGE)
                 if not data:
                     break
-                self._launcher_event(json.loads(data))
+                self._launcher_event(loads(data))
         except (BlockingIOError, ConnectionError, ValueError):
             pass
         chan.close()
@@ -558,7 +640,7 @@ class Supervisor:
         if not data:
             self._launcher_gone()
             return False
-        self._launcher_event(json.loads(data))
+        self._launcher_event(loads(data))
         return True
 
     def _launcher_event(self, event):
@@ -636,7 +718,7 @@ class Supervisor:
     # node messages
 
     def _handle(self, data, fds):
-        message = json.loads(data)
+        message = loads(data)
         op = message.get("op")
         cid = message.get("id")
         if op == "spawn":
@@ -659,12 +741,12 @@ class Supervisor:
                 if isinstance(message.get("env"), dict):
                     for key, value in _identity(0 if named is None else named[0]).items():
                         message["env"].setdefault(key, value)
-                data = json.dumps(message, separators=(",", ":")).encode()
+                data = dumps(message).encode()
             elif self.identity is not None and isinstance(message.get("env"), dict):
                 who = self.identity["root" if message.get("user") == "root" else "user"]
                 for key, value in who.items():
                     message["env"].setdefault(key, value)
-                data = json.dumps(message, separators=(",", ":")).encode()
+                data = dumps(message).encode()
             if self._forward(message, data, fds):
                 return
             try:
@@ -708,7 +790,7 @@ class Supervisor:
             return False  # more than the pair's buffer takes in one message: fork it here
         try:
             self.launcher_chan.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(fds))]
             )
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
