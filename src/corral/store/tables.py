@@ -265,3 +265,15 @@ class SandboxPortRow(Base):
     port: Mapped[int] = mapped_column(Integer, primary_key=True)
     public: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SecretRow(Base):
+    """A stored secret (core/secrets.py): its value encrypted when the server has a key
+    (`enc:` and a Fernet token), else `raw:` and the text."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
