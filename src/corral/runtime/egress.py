@@ -196,10 +196,8 @@ class Egress:
     # --- sandboxes ---
 
     def ca(self, slot: int, label: str) -> SandboxCA:
-        """The slot's CA for its next sandbox (made now; kept until the slot is removed)."""
-        state = self.slots.get(slot)
-        if state is not None and state.ca is not None:
-            return state.ca
+        """A new CA for the slot's next sandbox, which add_slot gives it (at most one waits
+        per slot)."""
         ca = SandboxCA(label, self.scratch)
         self._pending_cas[slot] = ca
         return ca
@@ -212,7 +210,6 @@ class Egress:
 
     def remove_slot(self, slot: int) -> None:
         state = self.slots.pop(slot, None)
-        self._pending_cas.pop(slot, None)
         if state is None:
             return
         self.by_address.pop(state.address, None)
@@ -578,11 +575,12 @@ async def _streams(
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_REQUEST_HEAD)
     protocol = asyncio.StreamReaderProtocol(reader)
-    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock.dup())
-    if tls is not None:
-        transport = await loop.start_tls(
-            transport, protocol, tls, server_side=True, ssl_handshake_timeout=FIRST_BYTES_TIMEOUT
-        )
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol,
+        sock.dup(),
+        ssl=tls,
+        ssl_handshake_timeout=FIRST_BYTES_TIMEOUT if tls is not None else None,
+    )
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
