@@ -3,14 +3,19 @@ ClientHello's SNI (made by Python's own ssl), an HTTP request's Host."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from pathlib import Path
 
+import dns.message
+import dns.rrset
 import pytest
 
 from corral import hostnames
 from corral.node import protocol
 from corral.runtime.base import Injection
-from corral.runtime.egress import _MORE, _client_hello_sni, _http_host, _with_headers
+from corral.runtime.egress import _MORE, Egress, _client_hello_sni, _http_host, _with_headers
+from corral.runtime.netpolicy import ALWAYS_DENIED
 
 
 @pytest.mark.parametrize(
@@ -69,3 +74,32 @@ def test_injections_cross_the_wire_and_stay_out_of_reprs() -> None:
     rules = (Injection("a.test", "X-Api-Key", "s3cr3t"),)
     assert protocol.injections_from_wire(protocol.injections_to_wire(rules)) == rules
     assert "s3cr3t" not in repr(rules)
+
+
+def test_private_answers_are_not_made_reachable(tmp_path: Path) -> None:
+    asyncio.run(private_answers(tmp_path))
+
+
+async def private_answers(tmp_path: Path) -> None:
+    opened: list[str] = []
+
+    async def open_addresses(slot: int, addresses: list[str]) -> None:
+        opened.extend(addresses)
+
+    egress = Egress(upstream="127.0.0.1", scratch=tmp_path, denied=ALWAYS_DENIED)
+    egress.open_addresses = open_addresses
+    egress.add_slot(3, "10.200.0.14")
+    await egress.set_policy(3, "allow", ("*.example.com",), ())
+    state = egress.slots[3]
+    query = dns.message.make_query("a.example.com", "A")
+    response = dns.message.make_response(query)
+    response.answer.append(
+        dns.rrset.from_text("a.example.com.", 300, "IN", "A", "10.1.2.3", "203.0.113.9")
+    )
+    await egress._record(state, "a.example.com", response)
+    assert opened == ["203.0.113.9"]
+    assert state.address_allowed("203.0.113.9") and not state.address_allowed("10.1.2.3")
+    assert state.refusals[-1]["reason"] == "resolved to a private address 10.1.2.3"
+    # A list without the name no longer reaches its addresses.
+    await egress.set_policy(3, "allow", ("other.example.com",), ())
+    assert not state.address_allowed("203.0.113.9") and state.resolved == {}

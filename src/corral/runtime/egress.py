@@ -33,6 +33,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -61,7 +62,8 @@ CONNECT_TIMEOUT = 10.0
 MAX_PEEK = 16384
 MAX_REQUEST_HEAD = 65536
 RECENT_REFUSALS = 50
-MAX_DNS_IN_FLIGHT = 256
+MAX_DNS_IN_FLIGHT = 256  # questions being answered, all sandboxes together; more are dropped
+MAX_FLOWS = 512  # proxied connections of one sandbox at once; more are refused
 SO_ORIGINAL_DST = 80
 
 
@@ -129,16 +131,14 @@ class Egress:
         self._udp: asyncio.DatagramTransport | None = None
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._dns_slots = asyncio.Semaphore(MAX_DNS_IN_FLIGHT)
+        self.dns_in_flight = 0
         self._sweeper: asyncio.Task[None] | None = None
-        self._client_context: Any = None
+        self._client_context: ssl.SSLContext | None = None
         self._pending_cas: dict[int, SandboxCA] = {}  # made for a start, before attach
 
     # --- lifetime ---
 
     async def start(self) -> None:
-        import ssl
-
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.scratch.chmod(0o700)
         self._client_context = ssl.create_default_context(cafile=self.upstream_ca_file or None)
@@ -229,7 +229,7 @@ class Egress:
         if gone and self.close_addresses is not None:
             await self.close_addresses(slot, gone)
         for task, host in list(state.flows.items()):
-            if not state.name_allowed(host):
+            if host and not state.name_allowed(host):
                 task.cancel()  # a host no longer allowed: its open connections end too
 
     def status(self, slot: int) -> dict[str, Any]:
@@ -300,8 +300,7 @@ class Egress:
         if question.rdtype == dns.rdatatype.AAAA:
             state.counters["dns_answered"] += 1
             return dns.message.make_response(query).to_wire()  # no IPv6 path: no addresses
-        async with self._dns_slots:
-            response = await self._forward(query)
+        response = await self._forward(query)
         if response is None:
             failed = dns.message.make_response(query)
             failed.set_rcode(dns.rcode.SERVFAIL)
@@ -369,7 +368,9 @@ class Egress:
                 await asyncio.sleep(0.1)
                 continue
             state = self.by_address.get(peer[0])
-            if state is None:
+            if state is None or len(state.flows) >= MAX_FLOWS:
+                if state is not None:
+                    state.refuse("connections_refused", "", "too many open connections")
                 sock.close()
                 continue
             task = self._spawn(self._proxy(state, sock))
@@ -453,11 +454,15 @@ class _DnsProtocol(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if addr[0] in self.egress.by_address:
+        if addr[0] in self.egress.by_address and self.egress.dns_in_flight < MAX_DNS_IN_FLIGHT:
+            self.egress.dns_in_flight += 1
             self.egress._spawn(self._answer(data, addr))
 
     async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
-        answer = await self.egress.answer(data, addr[0])
+        try:
+            answer = await self.egress.answer(data, addr[0])
+        finally:
+            self.egress.dns_in_flight -= 1
         if answer is not None and self.transport is not None:
             self.transport.sendto(answer, addr)
 
