@@ -498,7 +498,7 @@ async def _peek_name(sock: socket.socket) -> tuple[str, str | None]:
         if len(data) >= MAX_PEEK:
             return kind, None
         if len(data) == seen:
-            await asyncio.sleep(0.005)  # still readable: nothing new yet
+            await asyncio.sleep(0.02)  # still readable: nothing new yet
         seen = len(data)
 
 
