@@ -24,6 +24,7 @@ from corral.core.ports import PortService
 from corral.core.replicas import ReplicaCount
 from corral.core.results import EVERY, CommandResults
 from corral.core.sandboxes import SandboxService
+from corral.core.secrets import SecretService
 from corral.core.snapshots import SnapshotService
 from corral.core.tokens import TokenService
 from corral.core.volumes import VolumeService
@@ -50,7 +51,7 @@ def build_runtime(settings: Settings, host_lock: hostlock.NodeLock | None = None
 
         return FakeRuntime()
     from corral.runtime.namespaces import NamespacesRuntime
-    from corral.runtime.netpolicy import parse_open
+    from corral.runtime.netpolicy import EgressOptions, parse_open
 
     return NamespacesRuntime(
         data_dir=settings.data_dir,
@@ -60,6 +61,11 @@ def build_runtime(settings: Settings, host_lock: hostlock.NodeLock | None = None
         templates_dir=settings.effective_templates_dir,
         network_open=parse_open(settings.network_open),
         link_subnet=host_lock.link_subnet if host_lock else None,
+        egress=EgressOptions(
+            dns_upstream=settings.dns_upstream,
+            upstream_ca_file=settings.egress_ca_file,
+            private_answers=settings.egress_private_answers,
+        ),
     )
 
 
@@ -108,6 +114,7 @@ class Services:
     ports: PortService = None  # type: ignore[assignment]  # likewise
     idempotency: IdempotencyKeys = None  # type: ignore[assignment]  # likewise
     webhooks: WebhookService = None  # type: ignore[assignment]  # likewise
+    secrets: SecretService = None  # type: ignore[assignment]  # likewise
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -127,6 +134,12 @@ class Services:
         # 1. The store, migrated to the current schema (once, whichever replica comes first).
         db = Database(settings.effective_database_url, pool_size=settings.database_connections)
         await db.migrate()
+        # The SQLite file holds secrets and token hashes: its owner's alone.
+        if db.is_sqlite and not settings.database_url:
+            for suffix in ("", "-wal", "-shm"):
+                path = settings.data_dir / f"corral.db{suffix}"
+                if path.exists():
+                    path.chmod(0o600)
         # 2. The admin key (printed once when generated).
         admin_key, generated = settings.resolve_admin_key()
         if generated:
@@ -231,6 +244,8 @@ class Services:
         services.sandboxes.snapshots = services.snapshots
         services.images = ImageService(db, directory, nodes)
         services.sandboxes.images = services.images
+        services.secrets = SecretService(db, settings.secrets_key)
+        services.sandboxes.secrets = services.secrets
         services.ports = PortService(
             db,
             services.sandboxes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from pathlib import Path
@@ -116,6 +117,27 @@ class Settings(BaseSettings):
         description="Protected destinations (host addresses, 169.254.0.0/16) that sandboxes may "
         "reach when their own allow list includes them: comma-separated ADDRESS:PORT (TCP and "
         "UDP) or ADDRESS (every port), e.g. 169.254.169.254:80,10.0.0.5:5432",
+    )
+
+    dns_upstream: str = Field(
+        default="",
+        description="The resolver (an IPv4 address) a node's DNS forwarder asks for sandboxes "
+        "whose allow-list names hosts; default: the host's first resolv.conf name server",
+    )
+    egress_ca_file: str = Field(
+        default="",
+        description="CA certificates (PEM) the egress proxy verifies the servers of intercepted "
+        "HTTPS against (requests with injected headers); default: the host's trust store",
+    )
+    egress_private_answers: bool = Field(
+        default=False,
+        description="Let allowed host names resolve to private addresses (RFC 1918, "
+        "100.64.0.0/10): off, an answer naming one is not made reachable (DNS rebinding)",
+    )
+    secrets_key: str = Field(
+        default="",
+        description="A key that encrypts stored secrets at rest (any text; a Fernet key is "
+        "derived from it); without it secrets are stored in the clear in the 0600 database",
     )
 
     warm_pool: int = Field(
@@ -249,6 +271,13 @@ class Settings(BaseSettings):
                 f"({last}): lower one of them"
             )
         return self
+
+    @field_validator("dns_upstream")
+    @classmethod
+    def _dns_upstream(cls, value: str) -> str:
+        if value:
+            ipaddress.IPv4Address(value.strip())
+        return value.strip()
 
     @field_validator("network_open")
     @classmethod

@@ -27,7 +27,7 @@ from corral.node.protocol import (
     output_from_wire,
 )
 from corral.node.remote import RemoteNode
-from corral.runtime.base import SandboxConfig, SandboxDied
+from corral.runtime.base import Injection, SandboxConfig, SandboxDied
 from corral.runtime.fake import FakeRuntime
 from tests.engines import NatsServer
 
@@ -151,6 +151,40 @@ def test_calls_output_and_results_through_the_remote_node(nats: NatsServer, tmp_
             assert not await remote.sandbox_running(SANDBOX)
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_network_policy_and_status_through_the_remote_node(
+    nats: NatsServer, tmp_path: Path
+) -> None:
+    """Injection rules (secrets filled in) reach the node's sandbox as given, both at the start
+    and with set_network; its network status comes back."""
+    seen: list[tuple[str, tuple[str, ...], tuple[Injection, ...]]] = []
+
+    async def set_network(network: str, allow: tuple[str, ...], inject: tuple = ()) -> None:
+        seen.append((network, allow, inject))
+
+    async def network_status() -> dict[str, Any]:
+        return {"counters": {"dns_refused": 2}}
+
+    rule = Injection("api.example.com", "Authorization", "Bearer s3cr3t")
+
+    async def main() -> None:
+        async with fleet_of_one(nats, tmp_path) as (remote, local, _):
+            config = SandboxConfig(
+                id=SANDBOX, slot=1, dir=Path("/nowhere"), network="allow",
+                allow=("*.example.com",), inject=(rule,),
+            )  # fmt: skip
+            await remote.start_sandbox(config)
+            handle = local._sandboxes[SANDBOX]
+            assert handle.config.inject == (rule,) and handle.config.allow == ("*.example.com",)
+            handle.set_network = set_network  # type: ignore[method-assign]
+            handle.network_status = network_status  # type: ignore[method-assign]
+            await remote.set_network(SANDBOX, "allow", ("a.example.com",), (rule,))
+            assert seen == [("allow", ("a.example.com",), (rule,))]
+            assert await remote.network_status(SANDBOX) == {"counters": {"dns_refused": 2}}
+            await remote.stop_sandbox(SANDBOX)
+
+    asyncio.run(main())
 
 
 def test_a_node_that_does_not_answer_is_unavailable_at_once(nats: NatsServer) -> None:

@@ -30,6 +30,7 @@ from corral.api.routes import (
     nodes,
     run,
     sandboxes,
+    secrets,
     snapshots,
     streams,
     system,
@@ -102,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every native operation documents the errors it may answer (the faces document their own).
     native_errors = errors.error_responses()
     for module in (sandboxes, commands, streams, files, run, tokens, nodes, volumes, snapshots,
-                   images, audit, webhooks):  # fmt: skip
+                   images, audit, webhooks, secrets):  # fmt: skip
         app.include_router(module.router, responses=native_errors)
     app.include_router(observe.router, responses=native_errors)  # /metrics
     app.include_router(snapshots.sandbox_router, responses=native_errors)

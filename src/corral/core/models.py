@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from corral import hostnames
+
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # one NATS subject token
@@ -83,12 +85,16 @@ class Scope(enum.StrEnum):
     exec = "exec"  # run and cancel commands
     files = "files"  # move files in and out
     sandboxes = "sandboxes"  # create, change and delete sandboxes
+    secrets = "secrets"  # store and delete secrets (never read them back)
     admin = "admin"  # everything, tokens included
     metrics = "metrics"  # read /metrics
     audit = "audit"  # read the audit log
 
 
 NetworkMode = Literal["none", "allow", "outbound"]
+MAX_INJECT_RULES = 32
+SECRET_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+SECRET_REF = re.compile(r"\{\{secret:([^}]*)\}\}")
 
 
 class Strict(BaseModel):
@@ -300,6 +306,79 @@ class Image(BaseModel):
     used_by: list[str] = Field(description="Live sandboxes of this node that run on it")
 
 
+class InjectRule(Strict):
+    """A header the node's egress proxy adds to the sandbox's HTTPS requests to `host`;
+    `{{secret:NAME}}` in the value stands for a stored secret, which the sandbox never sees."""
+
+    host: str = Field(description="A host name the sandbox's allow-list allows")
+    header: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")]
+    value: Annotated[str, Field(max_length=8192)]
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return hostnames.check_name(value)
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: str) -> str:
+        if any(c in value for c in "\r\n\x00"):
+            raise ValueError("a header value cannot hold CR, LF or NUL")
+        for name in SECRET_REF.findall(value):
+            if not re.match(SECRET_NAME_PATTERN, name):
+                raise ValueError(f"not a secret name: {name!r}")
+        return value
+
+    def secret_names(self) -> list[str]:
+        return SECRET_REF.findall(self.value)
+
+
+class SecretCreate(Strict):
+    name: Annotated[str, Field(pattern=SECRET_NAME_PATTERN)]
+    value: Annotated[str, Field(min_length=1, max_length=8192)]
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: str) -> str:
+        if any(c in value for c in "\r\n\x00"):
+            raise ValueError("a secret cannot hold CR, LF or NUL (it goes into a header)")
+        return value
+
+
+class Secret(BaseModel):
+    """A stored secret: its name and times, never its value."""
+
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class InjectionCount(InjectRule):
+    count: int = Field(description="Requests the header was added to while the sandbox runs")
+
+
+class SandboxNetwork(BaseModel):
+    """A sandbox's network policy and what its node counted of it (since the sandbox last
+    started; empty while it does not run)."""
+
+    id: str
+    network: str
+    allow: list[str]
+    inject: list[InjectionCount]
+    counters: dict[str, int] = Field(
+        description="connections_allowed and connections_refused (by the egress proxy), "
+        "dns_answered and dns_refused (by the DNS forwarder), packets_rejected (by the "
+        "sandbox's nftables chain: addresses nothing allowed)"
+    )
+    resolved: dict[str, list[str]] = Field(
+        description="Addresses allowed names resolved to, with those names (until their TTL)"
+    )
+    recent_refusals: list[dict[str, Any]] = Field(
+        description="The latest refusals: at (epoch seconds), kind (dns, connections), host, reason"
+    )
+    open_connections: int = 0
+
+
 class SandboxCreate(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     template: str = Field(default="host", description="Root filesystem template")
@@ -317,11 +396,20 @@ class SandboxCreate(Strict):
     )
     network: NetworkMode = Field(
         default="none",
-        description="none: no network; allow: only the `allow` CIDRs; outbound: public "
+        description="none: no network; allow: only what `allow` lists; outbound: public "
         "addresses (private ranges only if in `allow`). Never the host, other sandboxes or "
         "169.254.0.0/16, whatever `allow` says, unless the operator opened them",
     )
-    allow: list[str] = Field(default_factory=list, description="IPv4 CIDRs the sandbox may reach")
+    allow: list[str] = Field(
+        default_factory=list,
+        description="What the sandbox may reach: IPv4 CIDRs, host names (api.example.com) and "
+        "wildcards (*.example.com: names under it, not the domain itself)",
+    )
+    inject: list[InjectRule] = Field(
+        default_factory=list,
+        max_length=MAX_INJECT_RULES,
+        description="Headers the node adds to the sandbox's HTTPS requests to a host",
+    )
     node: Annotated[str, Field(pattern=NODE_ID_PATTERN)] | None = Field(
         default=None,
         description="The node to place it on; default: the least loaded online node with room",
@@ -356,7 +444,7 @@ class SandboxCreate(Strict):
     @field_validator("allow")
     @classmethod
     def _allow(cls, value: list[str]) -> list[str]:
-        return check_cidrs(value)
+        return check_allow(value)
 
     @field_validator("volumes")
     @classmethod
@@ -375,11 +463,12 @@ class SandboxUpdate(Strict):
 
     network: NetworkMode | None = None
     allow: list[str] | None = None
+    inject: list[InjectRule] | None = Field(default=None, max_length=MAX_INJECT_RULES)
 
     @field_validator("allow")
     @classmethod
     def _allow(cls, value: list[str] | None) -> list[str] | None:
-        return check_cidrs(value) if value is not None else None
+        return check_allow(value) if value is not None else None
 
 
 class Sandbox(BaseModel):
@@ -397,6 +486,7 @@ class Sandbox(BaseModel):
     ttl_seconds: int | None = None
     network: str = "none"
     allow: list[str] = Field(default_factory=list)
+    inject: list[InjectRule] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
     expires_at: datetime | None = None
@@ -596,6 +686,19 @@ class Health(BaseModel):
     node: str
     runtime: str
     warm_sandboxes: int = Field(0, description="Started sandboxes waiting to be claimed")
+
+
+def check_allow(entries: list[str]) -> list[str]:
+    """An allow-list: its CIDRs normalized (check_cidrs), then its host names and wildcards
+    (hostnames.py), each deduplicated and sorted."""
+    cidrs, names = [], set()
+    for entry in entries:
+        text = entry.strip()
+        if hostnames.is_cidr(text) or not any(c.isalpha() or c == "*" for c in text):
+            cidrs.append(text)
+        else:
+            names.add(hostnames.check_pattern(text))
+    return check_cidrs(cidrs) + sorted(names)
 
 
 def check_cidrs(cidrs: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from corral import ids
+from corral import hostnames, ids
 from corral.clock import utcnow
 from corral.core import idempotency
 from corral.core.errors import (
+    BadRequest,
     Conflict,
     InvalidArgument,
     NotFound,
@@ -32,9 +34,12 @@ from corral.core.metrics import Metrics
 from corral.core.models import (
     MAX_SECONDS,
     CommandStatus,
+    InjectionCount,
+    InjectRule,
     Page,
     Sandbox,
     SandboxCreate,
+    SandboxNetwork,
     SandboxState,
     SandboxUpdate,
     VolumeMount,
@@ -51,6 +56,7 @@ from corral.testhooks import SANDBOX_CREATED, crash_point
 
 if TYPE_CHECKING:
     from corral.core.images import ImageService
+    from corral.core.secrets import SecretService
     from corral.core.snapshots import SnapshotService
     from corral.core.volumes import VolumeService
     from corral.core.webhooks import EventSink
@@ -108,6 +114,7 @@ def to_model(row: SandboxRow, enforced: dict[str, str] | None = None) -> Sandbox
         ttl_seconds=spec.get("ttl_seconds"),
         network=spec.get("network", "none"),
         allow=spec.get("allow", []),
+        inject=[InjectRule(**r) for r in spec.get("inject") or ()],
         created_at=row.created_at,
         updated_at=row.updated_at,
         expires_at=row.expires_at,
@@ -136,6 +143,7 @@ def _poolable(req: SandboxCreate) -> bool:
         and req.node is None
         and req.network == "none"
         and not req.allow
+        and not req.inject
         and req.cpu is None
         and req.memory_mb is None
         and req.pids is None
@@ -170,6 +178,7 @@ class SandboxService:
         self.snapshots: SnapshotService | None = None  # likewise
         self.images: ImageService | None = None  # set by the server once it has one
         self.events: EventSink | None = None  # webhooks' sandbox.state; set by the server
+        self.secrets: SecretService | None = None  # likewise
         self.data_dir = data_dir
         self.max_sandboxes = max_sandboxes
         self.uid_count = uid_count
@@ -465,6 +474,7 @@ class SandboxService:
             raise Conflict(f"unknown template {req.template!r}; available: {', '.join(available)}")
         if req.network != "none" and not (await node.enforceable()).get("network"):
             raise Unavailable("this host cannot give sandboxes a network policy")
+        await self._check_inject(req.inject, req.allow, req.network)
         async with self._alloc_lock:
             async with self.db.transaction() as session:
                 await self.db.serialize(session, PLACEMENT_LOCK_KEY)  # against other replicas
@@ -511,7 +521,7 @@ class SandboxService:
     async def _boot(self, row: SandboxRow) -> None:
         """Start the sandbox's processes and record the outcome."""
         try:
-            await (await self.node_of(row)).start_sandbox(self.config(row))
+            await (await self.node_of(row)).start_sandbox(await self._start_config(row))
         except Exception as exc:
             log.warning("sandbox %s failed to start: %s", row.id, exc)
             await self._set_state(row.id, SandboxState.error, error=str(exc)[:2000])
@@ -588,6 +598,13 @@ class SandboxService:
                 spec["network"] = change.network
             if change.allow is not None:
                 spec["allow"] = change.allow
+            if change.inject is not None:
+                spec["inject"] = [r.model_dump() for r in change.inject]
+            await self._check_inject(
+                [InjectRule(**r) for r in spec.get("inject") or ()],
+                spec.get("allow", []),
+                spec.get("network", "none"),
+            )
             node = await self.node_of(row)
             if spec.get("network", "none") != "none" and not (await node.enforceable()).get(
                 "network"
@@ -603,9 +620,9 @@ class SandboxService:
             row = await self.row(row.id)
             if row.state != SandboxState.running.value or not await node.sandbox_running(row.id):
                 return self.model(row)  # applies at the next start
-            config = self.config(row)
+            config = await self._start_config(row)
             try:
-                await node.set_network(row.id, config.network, config.allow)
+                await node.set_network(row.id, config.network, config.allow, config.inject)
             except SandboxDied as exc:
                 raise Unavailable(f"sandbox {row.id} is restarting: {exc}") from None
             except NeedsRestart:
@@ -617,6 +634,52 @@ class SandboxService:
                 await self._set_state(row.id, SandboxState.creating)
                 await self._boot(row)
         return await self.get(row.id)
+
+    async def _check_inject(self, rules: list[InjectRule], allow: list[str], network: str) -> None:
+        """Each rule's host is one the sandbox may reach by name; its secrets exist."""
+        names = [a for a in allow if not hostnames.is_cidr(a)]
+        for rule in rules:
+            if network == "none" or not hostnames.allowed(names, rule.host):
+                raise BadRequest(
+                    f"inject: {rule.host} is not a host the sandbox's allow-list names"
+                )
+        if rules:
+            if self.secrets is None:
+                raise Unavailable("this server keeps no secrets")
+            await self.secrets.check(rules)
+
+    async def _start_config(self, row: SandboxRow) -> SandboxConfig:
+        """The sandbox's config with its injection rules' secrets filled in: for its node only."""
+        config = self.config(row)
+        rules = [InjectRule(**r) for r in row.spec.get("inject") or ()]
+        if not rules or self.secrets is None or config.network == "none":
+            return config
+        return dataclasses.replace(config, inject=await self.secrets.fill(row.id, rules))
+
+    async def network(self, ref: str) -> SandboxNetwork:
+        """The sandbox's network policy, and what its node counted of it while it runs."""
+        row = await self.row(ref)
+        spec = row.spec
+        rules = [InjectRule(**r) for r in spec.get("inject") or ()]
+        status: dict[str, Any] = {}
+        if row.state == SandboxState.running.value and spec.get("network", "none") != "none":
+            node = await self.node_of(row)
+            with contextlib.suppress(SandboxDied, Unavailable):
+                status = await node.network_status(row.id)
+        counts = {(i["host"], i["header"]): i["count"] for i in status.get("injections", ())}
+        return SandboxNetwork(
+            id=row.id,
+            network=spec.get("network", "none"),
+            allow=spec.get("allow", []),
+            inject=[
+                InjectionCount(**r.model_dump(), count=counts.get((r.host, r.header), 0))
+                for r in rules
+            ],
+            counters=status.get("counters", {}),
+            resolved=status.get("resolved", {}),
+            recent_refusals=status.get("recent_refusals", []),
+            open_connections=status.get("open_connections", 0),
+        )
 
     async def set_deadline(self, ref: str, seconds: int) -> Sandbox:
         """Stop the sandbox `seconds` from now (instead of at its old deadline, if it had one);

@@ -283,7 +283,11 @@ class NodeAgent:
 
     async def op_set_network(self, args: dict[str, Any], data: bytes) -> Any:
         allow = tuple(str(a) for a in args["allow"])
-        await self.node.set_network(str(args["sandbox_id"]), str(args["network"]), allow)
+        inject = p.injections_from_wire(args.get("inject"))
+        await self.node.set_network(str(args["sandbox_id"]), str(args["network"]), allow, inject)
+
+    async def op_network_status(self, args: dict[str, Any], data: bytes) -> Any:
+        return await self.node.network_status(str(args["sandbox_id"]))
 
     async def op_set_env(self, args: dict[str, Any], data: bytes) -> Any:
         env = {str(k): str(v) for k, v in args["env"].items()}

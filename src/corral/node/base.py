@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from corral.core.errors import BadGateway, Unavailable
 from corral.core.models import CommandStatus
 from corral.node.output_log import Chunk
-from corral.runtime.base import SandboxConfig
+from corral.runtime.base import Injection, SandboxConfig
 from corral.runtime.images import Image, RegistryAuth
 
 
@@ -176,8 +177,19 @@ class Node(abc.ABC):
     async def remove_sandbox(self, config: SandboxConfig) -> None: ...
 
     @abc.abstractmethod
-    async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
+    async def set_network(
+        self,
+        sandbox_id: str,
+        network: str,
+        allow: tuple[str, ...],
+        inject: tuple[Injection, ...] = (),
+    ) -> None:
         """Change a running sandbox's network policy; NeedsRestart if not possible live."""
+
+    async def network_status(self, sandbox_id: str) -> dict[str, Any]:
+        """What a running sandbox's egress policy allowed and refused (runtime/egress.py);
+        {} when it has no network."""
+        return {}
 
     @abc.abstractmethod
     async def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from corral import __version__
 from corral.clock import utcnow
@@ -43,6 +44,7 @@ from corral.node.port_stream import SocketPortStream
 from corral.pipes import pipe_end
 from corral.runtime.base import (
     ExitStatus,
+    Injection,
     ProcessHandle,
     ProcessSpec,
     Runtime,
@@ -532,8 +534,17 @@ class LocalNode(Node):
         handle = self._live(sandbox_id)
         handle.config = dataclasses.replace(handle.config, env=dict(env))
 
-    async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
-        await self._live(sandbox_id).set_network(network, allow)
+    async def set_network(
+        self,
+        sandbox_id: str,
+        network: str,
+        allow: tuple[str, ...],
+        inject: tuple[Injection, ...] = (),
+    ) -> None:
+        await self._live(sandbox_id).set_network(network, allow, inject)
+
+    async def network_status(self, sandbox_id: str) -> dict[str, Any]:
+        return await self._live(sandbox_id).network_status()
 
     async def create_volume(self, volume_id: str, size_mb: int) -> None:
         try:

@@ -31,6 +31,7 @@ from corral.node.bus import RemoteError
 from corral.node.images import ImageInUse
 from corral.node.output_log import CorruptLog
 from corral.runtime.base import (
+    Injection,
     NeedsRestart,
     SandboxConfig,
     SandboxDied,
@@ -139,11 +140,21 @@ def config_to_wire(config: SandboxConfig) -> dict[str, Any]:
         "template": config.template,
         "network": config.network,
         "allow": list(config.allow),
+        "inject": injections_to_wire(config.inject),
         "volumes": [{"id": v.id, "path": v.path, "read_only": v.read_only} for v in config.volumes],
         "snapshot": config.snapshot,
         "image": config.image,
         "user": config.user,
     }
+
+
+def injections_to_wire(inject: tuple[Injection, ...]) -> list[dict[str, str]]:
+    # Header values hold secrets: they cross only to the sandbox's node, never into a log.
+    return [{"host": i.host, "header": i.header, "value": i.value} for i in inject]
+
+
+def injections_from_wire(data: Any) -> tuple[Injection, ...]:
+    return tuple(Injection(str(i["host"]), str(i["header"]), str(i["value"])) for i in data or ())
 
 
 def config_from_wire(data: dict[str, Any], sandboxes_dir: Path) -> SandboxConfig:
@@ -165,6 +176,7 @@ def config_from_wire(data: dict[str, Any], sandboxes_dir: Path) -> SandboxConfig
         template=str(data.get("template", "host")),
         network=str(data.get("network", "none")),
         allow=tuple(str(a) for a in data.get("allow") or ()),
+        inject=injections_from_wire(data.get("inject")),
         volumes=tuple(
             VolumeBind(str(v["id"]), str(v["path"]), bool(v.get("read_only")))
             for v in data.get("volumes") or ()

@@ -29,7 +29,7 @@ from corral.node.base import (
 from corral.node.bus import Bus, NodeUnreachable, RemoteError, VersionMismatch, node_subject
 from corral.node.output_log import Chunk
 from corral.node.tunnels import RemotePortStream
-from corral.runtime.base import SandboxConfig
+from corral.runtime.base import Injection, SandboxConfig
 from corral.runtime.images import Image, RegistryAuth
 
 CALL_TIMEOUT = 5.0
@@ -88,8 +88,20 @@ class RemoteNode(Node):
     async def remove_sandbox(self, config: SandboxConfig) -> None:
         await self._call("remove_sandbox", STOP_TIMEOUT, config=p.config_to_wire(config))
 
-    async def set_network(self, sandbox_id: str, network: str, allow: tuple[str, ...]) -> None:
-        await self._call("set_network", sandbox_id=sandbox_id, network=network, allow=list(allow))
+    async def set_network(
+        self,
+        sandbox_id: str,
+        network: str,
+        allow: tuple[str, ...],
+        inject: tuple[Injection, ...] = (),
+    ) -> None:
+        await self._call(
+            "set_network", sandbox_id=sandbox_id, network=network, allow=list(allow),
+            inject=p.injections_to_wire(inject),
+        )  # fmt: skip
+
+    async def network_status(self, sandbox_id: str) -> dict[str, Any]:
+        return dict(await self._call("network_status", sandbox_id=sandbox_id))
 
     async def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
         await self._call("set_env", sandbox_id=sandbox_id, env=env)

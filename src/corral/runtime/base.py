@@ -16,6 +16,7 @@ import struct
 import termios
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from corral.runtime.limits import Limits, Usage
 
@@ -96,6 +97,16 @@ class VolumeBind:
 
 
 @dataclass(frozen=True)
+class Injection:
+    """A header the node's egress proxy adds to a sandbox's HTTPS requests to `host`, its
+    value complete (secrets filled in): it never enters the sandbox."""
+
+    host: str
+    header: str
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class SandboxConfig:
     id: str
     slot: int  # index into the host uid pool
@@ -104,7 +115,8 @@ class SandboxConfig:
     limits: Limits = field(default_factory=Limits)
     template: str = "host"  # root file system: the host's /usr, or a registered template
     network: str = "none"  # none | allow | outbound
-    allow: tuple[str, ...] = ()  # CIDRs the sandbox may reach
+    allow: tuple[str, ...] = ()  # CIDRs and host name patterns the sandbox may reach
+    inject: tuple[Injection, ...] = field(default=(), repr=False)
     volumes: tuple[VolumeBind, ...] = ()
     # An image's root instead of the template's (its id, the config digest, in the node's image
     # store), and the image's User ("", "root", "1000", "name", "uid:gid"): who commands run as.
@@ -216,7 +228,9 @@ class SandboxHandle(abc.ABC):
     async def stop(self) -> None:
         """Kill every process of the sandbox; its files stay."""
 
-    async def set_network(self, network: str, allow: tuple[str, ...]) -> None:
+    async def set_network(
+        self, network: str, allow: tuple[str, ...], inject: tuple[Injection, ...] = ()
+    ) -> None:
         """Change the policy of a running sandbox; NeedsRestart when it cannot be done live."""
         raise NeedsRestart("this backend changes network policy only by restarting")
 
@@ -226,6 +240,10 @@ class SandboxHandle(abc.ABC):
 
     @abc.abstractmethod
     async def resume(self) -> None: ...
+
+    async def network_status(self) -> dict[str, Any]:
+        """What the sandbox's egress policy allowed and refused ({} without a network)."""
+        return {}
 
     async def connect_port(self, port: int) -> socket.socket:
         """A connected, non-blocking TCP socket to 127.0.0.1:`port` inside the sandbox's own

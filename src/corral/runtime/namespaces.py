@@ -31,6 +31,7 @@ from corral.runtime import idmap, images, ports, rootfs, snapshots
 from corral.runtime.base import (
     NODE_PYTHON,
     ExitStatus,
+    Injection,
     NeedsRestart,
     ProcessHandle,
     ProcessSpec,
@@ -64,7 +65,7 @@ from corral.runtime.loader import (
     trusted_python,
 )
 from corral.runtime.mounts import SharedViews, mount_private_overlay, unmount
-from corral.runtime.netpolicy import NetworkManager, OpenDestination
+from corral.runtime.netpolicy import EgressOptions, NetworkManager, OpenDestination
 from corral.runtime.seccomp import build_filter
 from corral.runtime.uids import SANDBOX_UID, mapping, slot_base, to_host
 
@@ -144,6 +145,14 @@ DEFAULT_ENV = {
 }
 
 
+# A sandbox with a network trusts its own CA too (egress_ca.py), through this bundle.
+TRUST_BUNDLE = "/.corral/ca-certificates.crt"
+TRUST_ENV = {
+    name: TRUST_BUNDLE
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                 "DENO_CERT")
+}  # fmt: skip
+
 # A template sandbox's own directories (in its storage): what its snapshots copy.
 TEMPLATE_DIRS = ("workspace", "etc", "usr-local", "root-home", "home")
 
@@ -172,6 +181,7 @@ class NamespacesRuntime(Runtime):
         tmp_mb: int = 1024,
         network_open: tuple[OpenDestination, ...] = (),
         link_subnet: ipaddress.IPv4Network | None = None,
+        egress: EgressOptions | None = None,
     ):
         self.templates_dir = templates_dir
         self.data_dir = data_dir
@@ -199,7 +209,10 @@ class NamespacesRuntime(Runtime):
         self.tools_dir = tools_dir  # bound at /opt/corral; set by prepare
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
-        self.net = NetworkManager(cgroup_name, subnet=link_subnet, open_to_sandboxes=network_open)
+        self.net = NetworkManager(
+            cgroup_name, subnet=link_subnet, open_to_sandboxes=network_open, egress=egress,
+            scratch=data_dir / "runtime" / "egress",
+        )  # fmt: skip
         self.seccomp_bpf = b""
         self.spares = SpareDisks(data_dir / "runtime")  # disks made ahead (disks.py)
 
@@ -437,13 +450,17 @@ class NamespacesRuntime(Runtime):
         if self.tools_dir:
             dirs.append(TOOLS_MOUNT)
         node_tree: dict[str, bool] = {"host": True, "host/usr": True, "supervisor.py": False}
+        files = [f"/etc/{LD_PRELOAD_FILE}"]
+        if config.network != "none":
+            node_tree["ca-certificates.crt"] = False
+            files.append("/etc/resolv.conf")
         if config.image is None:
             dirs.append("/usr")
             node_tree["host-etc"] = True
             for name in dict.fromkeys(HOST_ETC):
                 if (Path("/etc") / name).exists():
                     node_tree[f"host-etc/{name}"] = (Path("/etc") / name).is_dir()
-        return {"dirs": dirs, "files": [f"/etc/{LD_PRELOAD_FILE}"], "node_tree": node_tree}
+        return {"dirs": dirs, "files": files, "node_tree": node_tree}
 
     def _volume_options(self, config: SandboxConfig) -> list[str]:
         args = []
@@ -592,19 +609,28 @@ class NamespacesRuntime(Runtime):
                 clear_mount_point, self.storage(config) / "etc", LD_PRELOAD_FILE,
                 self.host_root_uid(config),
             )  # fmt: skip
+            if config.network != "none":
+                await asyncio.to_thread(
+                    clear_mount_point, self.storage(config) / "etc", "resolv.conf",
+                    self.host_root_uid(config),
+                )  # fmt: skip
         cgroup: Path | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with contextlib.suppress(OSError):
             parent.setsockopt(socket.SOL_SOCKET, 32, 2 * MAX_MESSAGE)  # SO_SNDBUFFORCE
         seccomp_fd = _pipe_with(self.seccomp_bpf)
         preload_fd = _pipe_with(b"")
-        options = [*self._bwrap_options(config, preload_fd), "--add-seccomp-fd", str(seccomp_fd)]
+        options = self._bwrap_options(config, preload_fd)
+        net_fds = self._network_files(config, options)
+        options += ["--add-seccomp-fd", str(seccomp_fd)]
         args_r = _pipe_with(("\0".join(options) + "\0").encode())
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
         argv = self._command_line(config, args_r, child.fileno(), info_w, block_r)
         if config.network != "none":
-            netns = await self.net.attach(config.slot, config.network, list(config.allow))
+            netns = await self.net.attach(
+                config.slot, config.network, list(config.allow), config.inject
+            )
             argv = ["nsenter", f"--net={netns}", "--", *argv]
         joins: list[Path] = []
         if self.cgroups is not None:
@@ -627,7 +653,15 @@ class NamespacesRuntime(Runtime):
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=[args_r, seccomp_fd, preload_fd, child.fileno(), info_w, block_r],
+                pass_fds=[
+                    args_r,
+                    seccomp_fd,
+                    preload_fd,
+                    child.fileno(),
+                    info_w,
+                    block_r,
+                    *net_fds,
+                ],
                 start_new_session=True,
                 # bwrap stays the sandbox's pid 1, readable in /proc/1/environ: give it nothing
                 # of the server's environment.
@@ -639,7 +673,7 @@ class NamespacesRuntime(Runtime):
             os.close(block_w)
             raise
         finally:
-            for fd in (args_r, seccomp_fd, preload_fd, info_w, block_r):
+            for fd in (args_r, seccomp_fd, preload_fd, info_w, block_r, *net_fds):
                 os.close(fd)
             child.close()
         sandbox = NamespacesSandbox(self, config, proc, parent, cgroup)
@@ -656,6 +690,27 @@ class NamespacesRuntime(Runtime):
             await sandbox.stop()
             raise RuntimeError(f"sandbox did not start: {detail or exc}") from None
         return sandbox
+
+    def _network_files(self, config: SandboxConfig, options: list[str]) -> list[int]:
+        """A sandbox with a network gets a read-only /etc/resolv.conf naming the node's DNS
+        forwarder, and a trust store with its own CA (TRUST_BUNDLE, and over the host's bundle
+        where it shows the host's /etc/ssl); mounted ahead of `--chdir`, the last option before
+        the root turns read-only. Returns the descriptors to pass."""
+        if config.network == "none":
+            return []
+        bundle = self.net.trust_bundle(config.slot, config.id)
+        fds = [_pipe_with(self.net.resolv_conf(config.slot)), _pipe_with(bundle)]
+        extra = ["--perms", "0644", "--ro-bind-data", str(fds[0]), "/etc/resolv.conf",
+                 "--perms", "0644", "--ro-bind-data", str(fds[1]), TRUST_BUNDLE]  # fmt: skip
+        host_bundle = "ssl/certs/ca-certificates.crt"
+        shown = f"--ro-bind-try /etc/ssl {HOST_ETC_MOUNT}/ssl" in " ".join(options)
+        if shown and os.path.isfile(f"/etc/{host_bundle}"):
+            fds.append(_pipe_with(bundle))
+            extra += ["--perms", "0644", "--ro-bind-data", str(fds[2]),
+                      f"{HOST_ETC_MOUNT}/{host_bundle}"]  # fmt: skip
+        at = len(options) - options[::-1].index("--chdir") - 1
+        options[at:at] = extra
+        return fds
 
     async def _map_users(
         self, config: SandboxConfig, info_fd: int, block_fd: int
@@ -1027,9 +1082,12 @@ def remove_tree(path: Path) -> None:
 
 
 def _pipe_with(data: bytes) -> int:
-    """A pipe holding `data` (a few KiB: it fits the pipe's buffer); returns the read end."""
+    """A pipe holding `data` (up to PIPE_SIZE: the pipe is grown to fit); returns the read
+    end."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
+        if len(data) > 60000:
+            fcntl.fcntl(w, F_SETPIPE_SZ, max(len(data), 65536))
         view = memoryview(data)
         while view:
             view = view[os.write(w, view) :]
@@ -1282,6 +1340,8 @@ class NamespacesSandbox(SandboxHandle):
                     env.pop(key, None)
         else:
             env = {**DEFAULT_ENV, **self.config.env, **spec.env}
+        if self.config.network != "none":
+            env = {**TRUST_ENV, **env}
         started = self.loop.create_future()
         exited: asyncio.Future[ExitStatus] = self.loop.create_future()
         self._spawns[spec.id] = started
@@ -1395,11 +1455,18 @@ class NamespacesSandbox(SandboxHandle):
             raise SandboxDied("the sandbox is not running")
         return await ports.connect(self.netns_fd, port)
 
-    async def set_network(self, network: str, allow: tuple[str, ...]) -> None:
+    async def set_network(
+        self, network: str, allow: tuple[str, ...], inject: tuple[Injection, ...] = ()
+    ) -> None:
         if network == "none" or self.network == "none":
             raise NeedsRestart("switching to or from network 'none' restarts the sandbox")
-        await self.runtime.net.update(self.config.slot, network, list(allow))
+        await self.runtime.net.update(self.config.slot, network, list(allow), inject)
         self.network = network
+
+    async def network_status(self) -> dict[str, Any]:
+        if self.network == "none" or not self.alive:
+            return {}
+        return await self.runtime.net.status(self.config.slot)
 
     async def pause(self) -> None:
         await self._freeze(True)

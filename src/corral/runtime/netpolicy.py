@@ -15,6 +15,12 @@ the host's), in forward (after DNAT) and in input, which takes nothing at all fr
 The only exceptions are the destinations the operator opens (`OpenDestination`), and a sandbox
 reaches one of them only when its own list includes it too. IPv6 has no path: the veth ends get no
 addresses, and the table drops every IPv6 packet from a sandbox link.
+
+Host names in a list (egress.py) are enforced by the node's DNS forwarder, which a sandbox reaches
+at its gateway's port 53 (redirected to the forwarder's own port; its resolv.conf names the
+gateway), and by the egress proxy: TCP to an address an allowed name resolved to (the slot's
+`resolved` set), when no listed CIDR covers it, is redirected to the proxy. A packet from a
+sandbox link with another source address than the sandbox's is dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from corral import hostnames
+from corral.runtime.base import Injection
+from corral.runtime.egress import Egress
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,35 @@ OPEN_PORT = "ip daddr . th dport @open_ports"
 
 class NetworkError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class EgressOptions:
+    """How the node resolves and proxies for sandboxes allowed host names."""
+
+    dns_upstream: str = ""  # ADDRESS of the resolver to forward to; default: resolv.conf's
+    upstream_ca_file: str = ""  # roots the proxy verifies intercepted servers against
+    private_answers: bool = False  # names may resolve to private addresses (ALWAYS_DENIED)
+
+
+def host_resolver(path: Path = Path("/etc/resolv.conf")) -> str:
+    """The host's first IPv4 name server (127.0.0.1 if it names none)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.IPv4Address(parts[1]))
+    return "127.0.0.1"
+
+
+def split_allow(allow: list[str] | tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+    """An allow-list's CIDRs and its host name patterns."""
+    cidrs = [a for a in allow if hostnames.is_cidr(a)]
+    return cidrs, tuple(a for a in allow if not hostnames.is_cidr(a))
 
 
 @dataclass(frozen=True)
@@ -117,6 +157,8 @@ class NetworkManager:
         *,
         subnet: ipaddress.IPv4Network | None = None,
         open_to_sandboxes: tuple[OpenDestination, ...] = (),
+        egress: EgressOptions | None = None,
+        scratch: Path | None = None,
     ) -> None:
         self.subnet = subnet or next(SUBNET.subnets(new_prefix=14))  # this node's links
         tag = hashlib.sha256(node_name.encode()).hexdigest()[:4]
@@ -124,6 +166,17 @@ class NetworkManager:
         self.prefix = f"crl{tag}"  # netns names and host-side veth names
         self.open = open_to_sandboxes
         self.available = False
+        options = egress or EgressOptions()
+        self.egress = Egress(
+            upstream=options.dns_upstream or host_resolver(),
+            scratch=scratch or Path("/run") / f"corral-egress-{tag}",
+            upstream_ca_file=options.upstream_ca_file or None,
+            private_answers=options.private_answers,
+            denied=ALWAYS_DENIED,
+        )
+        self.egress.open_addresses = self._open_addresses
+        self.egress.close_addresses = self._close_addresses
+        self._egress_started = False
 
     # --- naming ---
 
@@ -154,6 +207,9 @@ class NetworkManager:
         try:
             await self.sweep()
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1")  # noqa: ASYNC240 - procfs
+            if not self._egress_started:
+                await self.egress.start()
+                self._egress_started = True
             await _run("nft", "-f", "-", stdin=self._table_script().encode())
         except (NetworkError, OSError) as exc:
             return f"network policy unavailable: {exc}"
@@ -166,6 +222,7 @@ class NetworkManager:
         ports = ", ".join(f"{o.address} . {o.port}" for o in self.open if o.port is not None)
         hosts = f"elements = {{ {hosts} }}" if hosts else ""
         ports = f"elements = {{ {ports} }}" if ports else ""
+        dns, proxy = self.egress.dns_port, self.egress.proxy_port
         return f"""
 table inet {self.table} {{
     set denied {{ type ipv4_addr; flags interval; elements = {{ {", ".join(ALWAYS_DENIED)} }} }}
@@ -192,7 +249,14 @@ table inet {self.table} {{
     }}
     chain input {{
         type filter hook input priority {GUARD_PRIORITY}; policy accept;
+        iifname != {links} meta l4proto {{ tcp, udp }} th dport {dns} drop
+        iifname != {links} tcp dport {proxy} drop
+        iifname {links} meta l4proto {{ tcp, udp }} th dport {dns} accept
+        iifname {links} tcp dport {proxy} accept
         iifname {links} drop
+    }}
+    chain egress {{
+        type nat hook prerouting priority -100; policy accept;
     }}
     chain postrouting {{
         type nat hook postrouting priority 100; policy accept;
@@ -219,10 +283,21 @@ table inet {self.table} {{
 
     async def close(self) -> None:
         await self.sweep()
+        await self.egress.close()
 
     # --- sandboxes ---
 
-    async def attach(self, slot: int, mode: str, allow: list[str]) -> Path:
+    def resolv_conf(self, slot: int) -> bytes:
+        """The sandbox's /etc/resolv.conf: its gateway, where the node's forwarder answers."""
+        return f"nameserver {self.addresses(slot)[0]}\noptions timeout:2 attempts:2\n".encode()
+
+    def trust_bundle(self, slot: int, label: str) -> bytes:
+        """The trust store of the slot's next sandbox: the host's roots and its own CA."""
+        return self.egress.ca(slot, label).bundle()
+
+    async def attach(
+        self, slot: int, mode: str, allow: list[str], inject: tuple[Injection, ...] = ()
+    ) -> Path:
         """Give a sandbox slot its namespace, veth and rules; returns the namespace's path."""
         if not self.available:
             raise NetworkError("network policy is not available on this host")
@@ -245,29 +320,47 @@ table inet {self.table} {{
         ):
             await _run("ip", "-n", ns, *args)
         chain, allowed = f"sb{slot}", f'iifname "{veth}" ip daddr @allow{slot}'
+        link, t = f'iifname "{veth}"', self.table
+        dns, proxy = self.egress.dns_port, self.egress.proxy_port
         # Input takes only what the operator opened on the host, and only when the sandbox's
-        # own list includes it; the general drop after these takes the rest.
+        # own list includes it; the general drop after these takes the rest. DNS to the
+        # gateway goes to the forwarder; TCP to what allowed names resolved to, to the proxy.
         await _run(
             "nft",
             "-f",
             "-",
             stdin=f"""
-add set inet {self.table} allow{slot} {{ type ipv4_addr; flags interval; }}
-add chain inet {self.table} {chain}
-add rule inet {self.table} forward iifname "{veth}" jump {chain}
-insert rule inet {self.table} input {allowed} ip daddr @open_hosts accept
-insert rule inet {self.table} input {allowed} meta l4proto {{ tcp, udp }} {OPEN_PORT} accept
+add set inet {t} allow{slot} {{ type ipv4_addr; flags interval; }}
+add set inet {t} resolved{slot} {{ type ipv4_addr; }}
+add chain inet {t} {chain}
+add rule inet {t} forward {link} jump {chain}
+insert rule inet {t} input {allowed} ip daddr @open_hosts accept
+insert rule inet {t} input {allowed} meta l4proto {{ tcp, udp }} {OPEN_PORT} accept
+insert rule inet {t} guard {link} ip daddr {host_ip} meta l4proto {{ tcp, udp }} th dport 53 accept
+insert rule inet {t} guard {link} ip saddr != {sandbox_ip} drop
+add rule inet {t} egress {link} ip daddr {host_ip} meta l4proto {{ tcp, udp }} th dport 53 \
+    redirect to :{dns}
+add rule inet {t} egress {link} ip daddr @resolved{slot} ip daddr != @allow{slot} \
+    meta l4proto tcp redirect to :{proxy}
 """.encode(),
         )
-        await self.update(slot, mode, allow)
+        self.egress.add_slot(slot, sandbox_ip)
+        await self.update(slot, mode, allow, inject)
         return self.netns_path(slot)
 
-    async def update(self, slot: int, mode: str, allow: list[str]) -> None:
+    async def update(
+        self, slot: int, mode: str, allow: list[str], inject: tuple[Injection, ...] = ()
+    ) -> None:
         """Replace a sandbox's rules and allow-list in one transaction."""
+        allow, names = split_allow(allow)
         chain, rules = f"sb{slot}", [f"ip daddr @allow{slot} accept"]
         if mode == "outbound":
-            rules += ["ip daddr @denied reject", "tcp dport 25 reject", "meta nfproto ipv4 accept"]
-        rules.append("reject")
+            rules += [
+                "ip daddr @denied counter reject",
+                "tcp dport 25 counter reject",
+                "meta nfproto ipv4 accept",
+            ]
+        rules.append("counter reject")
         elements = f"add element inet {self.table} allow{slot} {{ {', '.join(allow)} }}\n"
         script = (
             f"flush chain inet {self.table} {chain}\n"
@@ -276,21 +369,56 @@ insert rule inet {self.table} input {allowed} meta l4proto {{ tcp, udp }} {OPEN_
             + "".join(f"add rule inet {self.table} {chain} {r}\n" for r in rules)
         )
         await _run("nft", "-f", "-", stdin=script.encode())
+        await self.egress.set_policy(slot, mode, names, inject)
+
+    async def _open_addresses(self, slot: int, addresses: list[str]) -> None:
+        elements = ", ".join(addresses)
+        await _run(
+            "nft", "add", "element", "inet", self.table, f"resolved{slot}", f"{{ {elements} }}"
+        )
+
+    async def _close_addresses(self, slot: int, addresses: list[str]) -> None:
+        for address in addresses:
+            with contextlib.suppress(NetworkError):
+                await _run(
+                    "nft", "delete", "element", "inet", self.table, f"resolved{slot}",
+                    f"{{ {address} }}",
+                )  # fmt: skip
+
+    async def status(self, slot: int) -> dict[str, Any]:
+        """What the slot's sandbox reached and was refused (egress.py), and the packets its
+        forward chain rejected."""
+        found = self.egress.status(slot)
+        if not found:
+            return {}
+        rejected = 0
+        with contextlib.suppress(NetworkError):
+            listing = await _run("nft", "list", "chain", "inet", self.table, f"sb{slot}")
+            for line in listing.splitlines():
+                words = line.split()
+                if "counter" in words and "packets" in words:
+                    rejected += int(words[words.index("packets") + 1])
+        found["counters"]["packets_rejected"] = rejected
+        return found
 
     async def detach(self, slot: int) -> None:
         veth, chain = self.veth(slot), f"sb{slot}"
+        self.egress.remove_slot(slot)
         with contextlib.suppress(NetworkError):
             handles = await _run("nft", "-a", "list", "table", "inet", self.table)
-            script = ""
+            script, current = "", ""
             for line in handles.splitlines():
+                words = line.split()
+                if words[:1] == ["chain"] and len(words) >= 2:
+                    current = words[1]
                 if f'"{veth}"' in line and "# handle" in line:
-                    hook = "forward" if "jump" in line else "input"
                     handle = line.rsplit("# handle", 1)[1].strip()
-                    script += f"delete rule inet {self.table} {hook} handle {handle}\n"
+                    script += f"delete rule inet {self.table} {current} handle {handle}\n"
             if f"chain {chain} " in handles:
                 script += f"delete chain inet {self.table} {chain}\n"
-            if f"set allow{slot} " in handles:
-                script += f"delete set inet {self.table} allow{slot}\n"
+            for name in (f"allow{slot}", f"resolved{slot}"):
+                if f"set {name} " in handles:
+                    script += f"delete set inet {self.table} {name}\n"
             if script:
                 await _run("nft", "-f", "-", stdin=script.encode())
         with contextlib.suppress(NetworkError):

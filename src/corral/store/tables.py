@@ -387,3 +387,15 @@ class WebhookAttemptRow(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class SecretRow(Base):
+    """A stored secret (core/secrets.py): its value encrypted when the server has a key
+    (`enc:` and a Fernet token), else `raw:` and the text."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

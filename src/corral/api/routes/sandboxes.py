@@ -6,12 +6,27 @@ from fastapi import APIRouter, Query
 
 from corral.api.auth import Caller, ServicesDep, usable_sandbox
 from corral.core.errors import PermissionDenied
-from corral.core.models import Page, Sandbox, SandboxCreate, SandboxState, SandboxUpdate, Scope
+from corral.core.models import (
+    InjectRule,
+    Page,
+    Sandbox,
+    SandboxCreate,
+    SandboxNetwork,
+    SandboxState,
+    SandboxUpdate,
+    Scope,
+)
 from corral.core.tokens import Principal
 from corral.services import Services
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 templates_router = APIRouter(tags=["sandboxes"])
+
+
+def _may_inject(caller: Principal, rules: list[InjectRule] | None) -> None:
+    # A rule sends a secret to a host of the caller's choosing: only for who may hold secrets.
+    if rules and any(r.secret_names() for r in rules):
+        caller.require(Scope.secrets)
 
 
 async def visible_sandbox(services: Services, caller: Principal, ref: str) -> Sandbox:
@@ -23,6 +38,7 @@ async def create_sandbox(body: SandboxCreate, services: ServicesDep, caller: Cal
     caller.require(Scope.sandboxes)
     if caller.sandbox_ids is not None:
         raise PermissionDenied("a token limited to certain sandboxes cannot create sandboxes")
+    _may_inject(caller, body.inject)
     return await services.sandboxes.create(body)
 
 
@@ -72,8 +88,19 @@ async def update_sandbox(
 ) -> Sandbox:
     """Change the network policy; allow-list changes apply at once to a running sandbox."""
     caller.require(Scope.sandboxes)
+    _may_inject(caller, body.inject)
     found = await visible_sandbox(services, caller, sandbox)
     return await services.sandboxes.update(found.id, body)
+
+
+@router.get("/{sandbox}/network", response_model=SandboxNetwork)
+async def sandbox_network(sandbox: str, services: ServicesDep, caller: Caller) -> SandboxNetwork:
+    """The allow-list and injection rules, and what the node counted while the sandbox runs:
+    connections allowed and refused, DNS answers and refusals, recent refusals with host and
+    reason, injections per rule."""
+    caller.require(Scope.read)
+    found = await visible_sandbox(services, caller, sandbox)
+    return await services.sandboxes.network(found.id)
 
 
 @router.post("/{sandbox}/stop", response_model=Sandbox)

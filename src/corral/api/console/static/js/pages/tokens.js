@@ -3,7 +3,7 @@ import { api } from "../api.js";
 import { act, clear, field, h, notify, table, when } from "../dom.js";
 
 // Every scope of core/models.py Scope (a unit test keeps them equal); the first three are ticked.
-const SCOPES = ["read", "exec", "files", "sandboxes", "metrics", "audit", "admin"];
+const SCOPES = ["read", "exec", "files", "sandboxes", "metrics", "audit", "secrets", "admin"];
 const TICKED = ["read", "exec", "files"];
 
 export async function render(view) {
