@@ -304,6 +304,9 @@ def test_session_routes_errors(fapi: httpx.Client, session: str) -> None:
     error_of(fapi.post(f"{base}/network-policy", json={"mode": "sometimes"}), 400, "bad_request")
     denied = fapi.post(f"{base}/network-policy", json={"subnets": {"deny": ["10.0.0.0/8"]}})
     error_of(denied, 400, "unsupported")
+    for bad in (["bad..example.com"], ["*"], ["a.*.example.com"], [""]):
+        malformed = fapi.post(f"{base}/network-policy", json={"allow": bad})
+        error_of(malformed, 400, "bad_request")
     git = fapi.post("/v3/sandboxes", json={"source": {"type": "git", "url": "https://x/y.git"}})
     error_of(git, 400, "unsupported")
     error_of(fapi.get("/v2/sandboxes/snapshots/snap_nope"), 404, "not_found")

@@ -151,7 +151,11 @@ def test_network_policy(steps: dict[str, dict[str, Any]]) -> None:
         "allow-all",
         "deny-all",
     ]
-    error = failed(steps, "network_policy_domains")
+    domains = ok(steps, "network_policy_domains")
+    # Corral keeps an allow-list sorted.
+    want = {"allow": ["*.example.org", "example.com"], "subnets": {"allow": ["10.9.8.0/24"]}}
+    assert domains == {"policy": want, "stored": want}
+    error = failed(steps, "network_policy_transform")
     assert error["status"] == 400 and error["json"]["error"]["code"] == "unsupported"
 
 

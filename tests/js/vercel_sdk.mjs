@@ -235,7 +235,18 @@ await step("network_policy", async () => {
 });
 
 await step("network_policy_domains", async () => {
-  await sandbox.updateNetworkPolicy({ allow: ["example.com"] });
+  const policy = await sandbox.updateNetworkPolicy({
+    allow: ["example.com", "*.example.org"],
+    subnets: { allow: ["10.9.8.0/24"] },
+  });
+  const again = await Sandbox.get({ ...creds, name: sandbox.name });
+  return { policy, stored: again.networkPolicy };
+});
+
+await step("network_policy_transform", async () => {
+  await sandbox.updateNetworkPolicy({
+    allow: { "api.example.com": [{ transform: [{ headers: { authorization: "Bearer x" } }] }] },
+  });
 });
 
 await step("users_groups", async () => {

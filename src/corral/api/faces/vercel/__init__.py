@@ -40,8 +40,10 @@ Where Corral differs from Vercel:
   outside this face without a lifetime reports ten years. `vcpus` are a CPU quota, `memory`
   2048 MiB per vCPU unless given; a sandbox without limits reports the host's.
 - Unlike Vercel's, a sandbox has no network unless asked for. `networkPolicy` maps to Corral's
-  modes: `deny-all` is `none`, `allow-all` is `outbound`, `subnets.allow` is `allow` with those
-  CIDRs; domain rules and denied subnets are 400 `unsupported`. Switching to or from
+  modes: `deny-all` is `none`, `allow-all` is `outbound`, allowed domains (`*.` wildcards too)
+  and `subnets.allow` are `allow` with those names and CIDRs (enforced by the node's DNS
+  forwarder and egress proxy, docs/network.md); header transforms, forwards and denied subnets
+  are 400 `unsupported`. Switching to or from
   `deny-all` restarts the sandbox (409 while commands run).
 - A snapshot stops its session, as on Vercel; `expiration` is kept in whole seconds, none by
   default. Deleting a snapshot that sandboxes were started from is 409. A fork of a stopped

@@ -30,6 +30,7 @@ from corral.core.models import (
     SnapshotState,
 )
 from corral.core.tokens import Principal
+from corral.hostnames import check_pattern, is_cidr
 from corral.services import Services
 from corral.store.tables import SandboxRow
 
@@ -261,26 +262,45 @@ def network_policy(spec: dict[str, Any]) -> dict[str, Any]:
     if network == "outbound":
         return {"mode": "allow-all"}
     if network == "allow":
-        return {"mode": "custom", "allowedCIDRs": allow}
+        policy: dict[str, Any] = {"mode": "custom"}
+        domains = [entry for entry in allow if not is_cidr(entry)]
+        cidrs = [entry for entry in allow if is_cidr(entry)]
+        if domains:
+            policy["allowedDomains"] = domains
+        if cidrs or not domains:
+            policy["allowedCIDRs"] = cidrs
+        return policy
     return {"mode": "deny-all"}
 
 
 def corral_network(policy: NetworkPolicy) -> tuple[NetworkMode, list[str]]:
-    """A Vercel network policy as Corral's (network, allow). Domain rules and denied subnets
-    have no equivalent: 400 rather than a policy that lets through more than was asked."""
+    """A Vercel network policy as Corral's (network, allow): allowed domains (`*.` wildcards
+    too) and subnets are one allow-list. Header transforms, forwards and denied subnets have no
+    equivalent here: 400 rather than a policy that does less or lets through more than asked."""
     if policy.mode == "allow-all":
         return "outbound", []
     if policy.mode == "deny-all":
         return "none", []
-    domains = policy.allow if policy.allow is not None else policy.allowedDomains
-    if domains:
-        raise Unsupported("domain rules are not supported: give subnets.allow (IPv4 CIDRs)")
+    domains = policy.allow if policy.allow is not None else policy.allowedDomains or []
+    if isinstance(domains, dict):
+        if any(rules for rules in domains.values()):
+            raise Unsupported(
+                "domain rules (transform, forwardURL) are not supported: give the domains "
+                "alone, and Corral's inject rules for headers (docs/secrets.md)"
+            )
+        domains = list(domains)
+    for domain in domains:
+        try:
+            check_pattern(domain)
+        except ValueError as exc:
+            raise BadRequest(f"networkPolicy.allow: {exc}") from None
     subnets = policy.subnets or NetworkSubnets(
         allow=policy.allowedCIDRs or [], deny=policy.deniedCIDRs or []
     )
     if subnets.deny:
         raise Unsupported("denied subnets are not supported: give only subnets.allow")
-    return ("allow", subnets.allow) if subnets.allow else ("none", [])
+    allow = [*domains, *subnets.allow]
+    return ("allow", allow) if allow else ("none", [])
 
 
 def _lifetime(row: SandboxRow) -> tuple[int, int | None]:
