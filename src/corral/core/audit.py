@@ -26,7 +26,7 @@ from sqlalchemy import delete, select
 from corral import ids
 from corral.clock import utcnow
 from corral.core.models import AuditEntry, Page
-from corral.core.paging import decode_cursor, encode_cursor
+from corral.core.paging import decode_cursor, next_cursor
 from corral.store.db import Database
 from corral.store.tables import AuditRow
 from corral.store.writer import MAX_BATCH, BatchWriter
@@ -180,7 +180,7 @@ class AuditLog:
             query = query.where(AuditRow.id < decode_cursor(cursor))
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
-        nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+        nxt = next_cursor(rows, limit)
         return Page[AuditEntry](
             items=[AuditEntry.model_validate(row, from_attributes=True) for row in rows[:limit]],
             next_cursor=nxt,

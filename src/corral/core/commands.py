@@ -19,7 +19,7 @@ from corral.core.errors import Conflict, InvalidArgument, NotFound, RateLimited,
 from corral.core.metrics import Metrics
 from corral.core.models import Command, CommandStatus, ExecRequest, Page
 from corral.core.nodes import lose_commands
-from corral.core.paging import decode_cursor, encode_cursor
+from corral.core.paging import decode_cursor, next_cursor
 from corral.core.results import CommandResults, outcome_values
 from corral.node.base import (
     CommandOutcome,
@@ -543,7 +543,7 @@ class CommandService:
             query = query.where(CommandRow.id < decode_cursor(cursor))
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
-        nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+        nxt = next_cursor(rows, limit)
         return Page[Command](items=[to_model(r) for r in rows[:limit]], next_cursor=nxt)
 
     async def ordinal(self, sandbox_id: str, cid: str) -> int:

@@ -45,7 +45,7 @@ from corral.core.models import (
     VolumeMount,
 )
 from corral.core.nodes import NodeRegistry
-from corral.core.paging import decode_cursor, encode_cursor
+from corral.core.paging import decode_cursor, next_cursor
 from corral.node.base import CommandSpec, Node
 from corral.node.directory import NodeDirectory
 from corral.runtime.base import NeedsRestart, SandboxConfig, SandboxDied, VolumeBind
@@ -362,7 +362,7 @@ class SandboxService:
             query = query.where(SandboxRow.id > decode_cursor(cursor))
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
-        nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+        nxt = next_cursor(rows, limit)
         return Page[Sandbox](items=[self.model(r) for r in rows[:limit]], next_cursor=nxt)
 
     # --- lifecycle ---

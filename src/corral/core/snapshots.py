@@ -29,7 +29,7 @@ from corral.core.models import (
     SnapshotCreate,
     SnapshotState,
 )
-from corral.core.paging import decode_cursor, encode_cursor
+from corral.core.paging import decode_cursor, next_cursor
 from corral.core.sandboxes import SandboxService, image_spec
 from corral.node.base import HostFailure, SnapshotsUnsupported
 from corral.node.directory import NodeDirectory
@@ -114,7 +114,7 @@ class SnapshotService:
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
             users = await _users(session)
-        nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+        nxt = next_cursor(rows, limit)
         items = [to_model(r, users.get(r.id, [])) for r in rows[:limit]]
         return Page[Snapshot](items=items, next_cursor=nxt)
 

@@ -50,7 +50,7 @@ from corral.clock import utcnow
 from corral.core.errors import InvalidArgument, NotFound, PermissionDenied
 from corral.core.leases import Lease
 from corral.core.models import Page, Scope
-from corral.core.paging import decode_cursor, encode_cursor
+from corral.core.paging import decode_cursor, next_cursor
 from corral.core.tokens import Principal
 from corral.core.webhook_wire import (
     EVENT_ID_HEADER,
@@ -338,9 +338,8 @@ class WebhookService:
         query = query.order_by(WebhookAttemptRow.id.desc()).limit(limit + 1)
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
-        more = len(rows) > limit
         items = [attempt_model(r) for r in rows[:limit]]
-        return Page(items=items, next_cursor=encode_cursor(rows[limit - 1].id) if more else None)
+        return Page(items=items, next_cursor=next_cursor(rows, limit))
 
     # --- events ---
 
