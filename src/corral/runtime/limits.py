@@ -32,6 +32,23 @@ class Usage:
     oom_kills: int = 0
 
 
+def _read(path: str) -> bytes:
+    """A small cgroup file's contents (they are all well under a page)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 8192)
+    finally:
+        os.close(fd)
+
+
+def _oom_kill_count(oom_control: str) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        data = _read(oom_control)
+        if b"oom_kill " in data:
+            return int(data.split(b"oom_kill ", 1)[1].split(None, 1)[0])
+    return 0
+
+
 def _v1_mounts() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for line in Path("/proc/self/mounts").read_text().splitlines():
@@ -129,23 +146,23 @@ class ResourceControl:
         return []
 
     def command_usage(self, sandbox_id: str, command_id: str, unified_dir: Path | None) -> Usage:
+        # Read on every command's end, on the event loop: plain descriptors, no pathlib or io.
         cpu_ms = None
         if unified_dir is not None:
-            with contextlib.suppress(OSError, ValueError):
-                for line in (unified_dir / "cpu.stat").read_text().splitlines():
-                    if line.startswith("usage_usec "):
-                        cpu_ms = int(line.split()[1]) // 1000
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = _read(f"{unified_dir}/cpu.stat")
+                cpu_ms = int(stat.split(b"usage_usec ", 1)[1].split(None, 1)[0]) // 1000
         peak = None
         oom = 0
         base = self.v1.get("memory")
         if base is not None:
-            path = base / sandbox_id / command_id
+            path = f"{base}/{sandbox_id}/{command_id}"
             with contextlib.suppress(OSError, ValueError):
-                peak = int((path / "memory.max_usage_in_bytes").read_text())
-            oom = self._oom_kills(path)
+                peak = int(_read(f"{path}/memory.max_usage_in_bytes"))
+            oom = _oom_kill_count(f"{path}/memory.oom_control")
         elif unified_dir is not None:
             with contextlib.suppress(OSError, ValueError):
-                peak = int((unified_dir / "memory.peak").read_text())
+                peak = int(_read(f"{unified_dir}/memory.peak"))
         return Usage(cpu_ms=cpu_ms, peak_memory_bytes=peak, oom_kills=oom)
 
     def sandbox_oom_kills(self, sandbox_id: str) -> int:
@@ -161,11 +178,7 @@ class ResourceControl:
 
     @staticmethod
     def _oom_kills(path: Path) -> int:
-        with contextlib.suppress(OSError, ValueError):
-            for line in (path / "memory.oom_control").read_text().splitlines():
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-        return 0
+        return _oom_kill_count(f"{path}/memory.oom_control")
 
     def remove_command(self, sandbox_id: str, command_id: str) -> None:
         base = self.v1.get("memory")

@@ -44,6 +44,7 @@ from corral.runtime.base import (
     open_pty,
     open_pty_in,
 )
+from corral.runtime.cgroup_reaper import CgroupReaper
 from corral.runtime.cgroups import CgroupTree, find_cgroup2
 from corral.runtime.disks import SpareDisks, loop_mount, mkfs_command
 from corral.runtime.frames import (
@@ -209,6 +210,7 @@ class NamespacesRuntime(Runtime):
         self.tools_dir = tools_dir  # bound at /opt/corral; set by prepare
         self.cgroups: CgroupTree | None = None
         self.resources: ResourceControl | None = None
+        self.reaper = CgroupReaper()  # removes finished commands' cgroups, in batches
         self.net = NetworkManager(
             cgroup_name, subnet=link_subnet, open_to_sandboxes=network_open, egress=egress,
             scratch=data_dir / "runtime" / "egress",
@@ -1025,6 +1027,7 @@ class NamespacesRuntime(Runtime):
         await asyncio.to_thread(remove_tree, config.dir)
 
     async def close(self) -> None:
+        await asyncio.to_thread(self.reaper.close)
         await self.sweep()
         await asyncio.to_thread(self.spares.close)
         for fd in self._namespaces.values():
@@ -1129,9 +1132,6 @@ class NamespacesSandbox(SandboxHandle):
         # The host pid of its pid 1 and that process's start time (None until it has started):
         # whose /proc/PID/root its terminals come from.
         self.inner: tuple[int, int] | None = None
-        # Command cgroups still populated when released (a zombie not yet reaped, or processes
-        # left in the background): removed once empty, a few per spawn.
-        self._retired: list[tuple[Path, str]] = []
         # What the supervisor says is hostile input (frames.py): a budget, rate-limited
         # warnings, and the ids of commands it may speak of (asked, or recently done).
         self._budget = FrameBudget()
@@ -1298,11 +1298,9 @@ class NamespacesSandbox(SandboxHandle):
         cgroup = None
         runtime = self.runtime
         joins: list[Path] = []
-        if self._retired:
-            self._remove_retired(4)
         if runtime.cgroups is not None and self.cgroup is not None:
             cgroup = runtime.cgroups.command(self.config.id, spec.id)
-            cgroup.mkdir()
+            os.mkdir(cgroup)
             joins.append(cgroup / "cgroup.procs")
         if runtime.resources is not None:
             joins += runtime.resources.command_procs(self.config.id, spec.id)
@@ -1396,17 +1394,6 @@ class NamespacesSandbox(SandboxHandle):
             except OSError as exc:
                 log.info("sandbox %s: a host terminal instead of its own: %s", self.config.id, exc)
         return open_pty(rows, cols)
-
-    def _remove_retired(self, count: int) -> None:
-        cgroups, resources = self.runtime.cgroups, self.runtime.resources
-        if cgroups is None:
-            return
-        for _ in range(min(count, len(self._retired))):
-            cgroup, command_id = self._retired.pop(0)
-            if cgroups.populated(cgroup) or not cgroups.remove(cgroup):
-                self._retired.append((cgroup, command_id))
-            elif resources is not None:
-                resources.remove_command(self.config.id, command_id)
 
     def _homes(self) -> list[int]:
         """Write-only fds of the sandbox's own cgroup.procs (cgroup2 and the v1 memory one)."""
@@ -1537,12 +1524,10 @@ class NamespacesProcess(ProcessHandle):
 
     async def release(self) -> None:
         self.sandbox._forget(self.command_id)
-        cgroups = self.sandbox.runtime.cgroups
-        if cgroups is None or self.cgroup is None:
+        if self.sandbox.runtime.cgroups is None or self.cgroup is None:
             return
-        # rmdir of a cgroup waits in the kernel (~0.5 ms for a v1 memory one): not on the loop.
-        if not await asyncio.to_thread(self._remove_cgroups):
-            self.sandbox._retired.append((self.cgroup, self.command_id))
+        # rmdir of a cgroup waits in the kernel: removed by the reaper's thread, in batches.
+        self.sandbox.runtime.reaper.add(self._remove_cgroups)
 
     def _remove_cgroups(self) -> bool:
         cgroups = self.sandbox.runtime.cgroups
