@@ -54,11 +54,24 @@ def mkfs_command(image: Path, disk_mb: int, owner: int) -> list[str]:
     ]  # fmt: skip
 
 
+# mount(8) picks a free loop device and then binds it: two loop mounts at once on one host (a
+# node's start and its spare-disk thread, or another node) can pick the same device, and the
+# loser fails with one of these. The device is taken by then, so trying again picks another.
+_LOOP_RACE = (b"already mounted or mount point busy", b"failed to setup loop device")
+LOOP_MOUNT_TRIES = 3
+
+
 def loop_mount(image: Path, target: Path, *, nice: bool = False) -> None:
-    subprocess.run(
-        [*(NICE if nice else []), "mount", "-o", "loop,nosuid,nodev", str(image), str(target)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    argv = [*(NICE if nice else []), "mount", "-o", "loop,nosuid,nodev", str(image), str(target)]
+    for attempt in range(1, LOOP_MOUNT_TRIES + 1):
+        try:
+            subprocess.run(argv, check=True, capture_output=True)
+            return
+        except subprocess.CalledProcessError as exc:
+            lost_race = any(text in (exc.stderr or b"") for text in _LOOP_RACE)
+            if attempt == LOOP_MOUNT_TRIES or not lost_race or os.path.ismount(target):
+                raise
+            time.sleep(0.01 * attempt)
 
 
 @dataclass
