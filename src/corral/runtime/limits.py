@@ -41,11 +41,19 @@ def _read(path: str) -> bytes:
         os.close(fd)
 
 
-def _oom_kill_count(oom_control: str) -> int:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        data = _read(oom_control)
-        if b"oom_kill " in data:
-            return int(data.split(b"oom_kill ", 1)[1].split(None, 1)[0])
+def _field(path: str, key: bytes) -> int | None:
+    """The value of `key` in a cgroup file of "key value" lines (cpu.stat, memory.events,
+    memory.oom_control); None if the file has no such line."""
+    data = b"\n" + _read(path)
+    at = data.find(b"\n" + key + b" ")
+    if at < 0:
+        return None
+    return int(data[at + len(key) + 2 :].split(None, 1)[0])
+
+
+def _oom_kill_count(path: str) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return _field(path, b"oom_kill") or 0
     return 0
 
 
@@ -149,9 +157,9 @@ class ResourceControl:
         # Read on every command's end, on the event loop: plain descriptors, no pathlib or io.
         cpu_ms = None
         if unified_dir is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = _read(f"{unified_dir}/cpu.stat")
-                cpu_ms = int(stat.split(b"usage_usec ", 1)[1].split(None, 1)[0]) // 1000
+            with contextlib.suppress(OSError, ValueError):
+                usec = _field(f"{unified_dir}/cpu.stat", b"usage_usec")
+                cpu_ms = usec // 1000 if usec is not None else None
         peak = None
         oom = 0
         base = self.v1.get("memory")
@@ -168,17 +176,10 @@ class ResourceControl:
     def sandbox_oom_kills(self, sandbox_id: str) -> int:
         base = self.v1.get("memory")
         if base is not None:
-            return self._oom_kills(base / sandbox_id)
+            return _oom_kill_count(f"{base}/{sandbox_id}/memory.oom_control")
         if "memory" in self.v2 and self.unified is not None:
-            with contextlib.suppress(OSError, ValueError):
-                for line in (self.unified / sandbox_id / "memory.events").read_text().splitlines():
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
+            return _oom_kill_count(f"{self.unified}/{sandbox_id}/memory.events")
         return 0
-
-    @staticmethod
-    def _oom_kills(path: Path) -> int:
-        return _oom_kill_count(f"{path}/memory.oom_control")
 
     def remove_command(self, sandbox_id: str, command_id: str) -> None:
         base = self.v1.get("memory")
