@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from corral.store.db import Database
@@ -43,18 +42,11 @@ async def open_db(tmp_path: Path) -> Database:
 def test_concurrent_writes_are_stored_in_shared_transactions(tmp_path: Path) -> None:
     async def main() -> None:
         db = await open_db(tmp_path)
-        commits = []
-
-        def count(_conn: Any) -> None:
-            commits.append(1)
-
-        # Every engine's commits: the writer may use an engine of its own.
-        event.listen(Engine, "commit", count)
         writer = BatchWriter(db)
         writer.start()
         ids = [f"cmd_{i:04d}" for i in range(200)]
         await asyncio.gather(*(writer.insert(COMMANDS, command(i)) for i in ids))
-        after_inserts = len(commits)
+        after_inserts = writer.transactions
         await asyncio.gather(
             *(
                 writer.update(COMMANDS, "id", {"id": i, "status": "completed", "exit_code": n})
@@ -69,8 +61,7 @@ def test_concurrent_writes_are_stored_in_shared_transactions(tmp_path: Path) -> 
         assert [rows[i].exit_code for i in ids] == list(range(200))
         assert rows[ids[0]].env_keys == ["A"] and rows[ids[0]].created_at.tzinfo is not None
         # 400 writes, far fewer transactions.
-        event.remove(Engine, "commit", count)
-        assert 0 < after_inserts < 20 and after_inserts < len(commits) < 40
+        assert 0 < after_inserts < 20 and after_inserts < writer.transactions < 40
         await db.close()
 
     run(main())
@@ -109,6 +100,33 @@ def test_without_its_task_each_write_is_a_transaction_of_its_own(tmp_path: Path)
         async with db.session() as session:
             assert list(await session.scalars(select(CommandRow.id))) == ["cmd_one"]
         await writer.close()
+        await db.close()
+
+    run(main())
+
+
+def test_rows_are_stored_as_sqlalchemy_stores_them(tmp_path: Path) -> None:
+    """The SQLite path runs compiled statements on the DB-API connection: what lands in the
+    file (JSON, booleans, UTC times, NULLs) is what the ORM itself writes for the same values."""
+
+    async def main() -> None:
+        db = await open_db(tmp_path)
+        writer = BatchWriter(db)
+        writer.start()
+        values = {**command("cmd_writer"), "args": None, "stderr_truncated": True}
+        await writer.insert(COMMANDS, values)
+        finished = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+        update = {"id": "cmd_writer", "status": "completed", "finished_at": finished}
+        await writer.update(COMMANDS, "id", update)
+        async with db.transaction() as session:
+            session.add(CommandRow(**{**values, **update, "id": "cmd_orm"}))
+        await writer.close()
+        async with db.session() as session:
+            raw = {
+                row[0]: row[1:]
+                for row in (await session.execute(text("SELECT * FROM commands"))).all()
+            }
+        assert raw["cmd_writer"] == raw["cmd_orm"]
         await db.close()
 
     run(main())

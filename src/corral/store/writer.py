@@ -7,7 +7,11 @@ several thread hops apiece; batched, they share them. A caller's write is commit
 `await` returns, as with its own transaction.
 
 With SQLite, a batch is one hop to a thread of its own, which runs the whole transaction on its
-own connection (the async driver would hop once per call). Other databases use the async engine.
+own connection (the async driver would hop once per call). There each statement shape is
+compiled once, to its SQL and the bind processors of its columns (as SQLAlchemy's own execution
+would apply them), and run on the DB-API connection: an exec's one write went from 0.33 ms
+through `Connection.execute` to about 0.1 ms, on the exec's critical path. Other databases use
+the async engine.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 from sqlalchemy import Executable, Table, bindparam, create_engine, event, insert, make_url, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.expression import Insert, Update
 
 from corral.store.db import Database, sqlite_pragmas
 
@@ -50,6 +56,9 @@ class BatchWriter:
         self._closing = False
         self._engine: Engine | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._raw: Any = None  # the writer thread's DB-API connection (SQLite)
+        self._compiled: dict[tuple[str, str | None, tuple[str, ...]], _Compiled | None] = {}
+        self.transactions = 0  # committed, for tests and the curious
         if db.is_sqlite:
             url = make_url(db.url).set(drivername="sqlite")
             self._engine = create_engine(url, connect_args={"timeout": 30})
@@ -67,6 +76,9 @@ class BatchWriter:
             await self._task
             self._task = None
         if self._thread is not None:
+            if self._raw is not None:
+                self._thread.submit(self._raw.close).result()
+                self._raw = None
             self._thread.shutdown(wait=True)
         if self._engine is not None:
             self._engine.dispose()
@@ -129,30 +141,110 @@ class BatchWriter:
 
     def _transaction_in_thread(self, batch: Sequence[_Write]) -> None:
         assert self._engine is not None
-        with self._engine.begin() as conn:
-            for statement, params in _statements(batch):
-                conn.execute(statement, params)
+        groups = _groups(batch)
+        compiled = [self._compile(first) for first, _ in groups]
+        if None in compiled:  # a shape the DB-API path does not cover: SQLAlchemy runs it all
+            with self._engine.begin() as conn:
+                for statement, params in _statements(batch):
+                    conn.execute(statement, params)
+            self.transactions += 1
+            return
+        if self._raw is None:
+            self._raw = self._engine.raw_connection()
+        raw = self._raw
+        sql = ""
+        try:
+            cursor = raw.cursor()
+            try:
+                for plan, (_, rows) in zip(compiled, groups, strict=True):
+                    assert plan is not None
+                    sql = plan.sql
+                    cursor.executemany(sql, [plan.parameters(row) for row in rows])
+            finally:
+                cursor.close()
+            sql = "COMMIT"
+            raw.commit()
+        except BaseException as exc:
+            try:
+                raw.rollback()
+            except Exception:  # a connection that broke is opened again for the next batch
+                raw.invalidate()
+                self._raw = None
+            dbapi_error = self._engine.dialect.loaded_dbapi.Error
+            if isinstance(exc, dbapi_error):  # as SQLAlchemy raises it (IntegrityError, ...)
+                raise DBAPIError.instance(sql, None, exc, dbapi_error) from exc
+            raise
+        self.transactions += 1
+
+    def _compile(self, first: _Write) -> _Compiled | None:
+        shape = first.shape
+        if shape not in self._compiled:
+            self._compiled[shape] = _Compiled.of(first, self._engine)
+        return self._compiled[shape]
 
     async def _transaction(self, batch: Sequence[_Write]) -> None:
         async with self.db.engine.begin() as conn:
             for statement, params in _statements(batch):
                 await conn.execute(statement, params)
+        self.transactions += 1
+
+
+@dataclass
+class _Compiled:
+    """A statement shape as the DB-API runs it: its SQL, and per positional parameter the value's
+    name and the bind processor of its type (None where the value goes as it is)."""
+
+    sql: str
+    columns: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, first: _Write, engine: Engine | None) -> _Compiled | None:
+        assert engine is not None
+        dialect = engine.dialect
+        if dialect.paramstyle != "qmark":
+            return None
+        statement = _statement(first)
+        if isinstance(statement, Insert):
+            # A column left out would take its Python-side default, which only SQLAlchemy's
+            # execution applies.
+            if any(c.default is not None and c.key not in first.values for c in first.table.c):
+                return None
+        compiled = statement.compile(dialect=dialect, column_keys=sorted(first.values))
+        names = tuple(compiled.positiontup or ())
+        expected = set(first.values) if first.key is None else {*first.values, KEY} - {first.key}
+        if set(names) != expected or len(names) != len(expected):
+            return None
+        columns = tuple((n, compiled.binds[n].type.bind_processor(dialect)) for n in names)
+        return cls(str(compiled), columns)
+
+    def parameters(self, row: dict[str, Any]) -> list[Any]:
+        return [row[n] if process is None else process(row[n]) for n, process in self.columns]
+
+
+def _groups(batch: Sequence[_Write]) -> list[tuple[_Write, list[dict[str, Any]]]]:
+    """Runs of writes of one shape, in arrival order (a row's insert precedes its update), each
+    with its rows as its statement takes them (an update's key under KEY)."""
+    groups: list[tuple[_Write, list[dict[str, Any]]]] = []
+    for write in batch:
+        values = write.values
+        if write.key is not None:
+            values = {**{n: v for n, v in values.items() if n != write.key}, KEY: values[write.key]}
+        if groups and groups[-1][0].shape == write.shape:
+            groups[-1][1].append(values)
+        else:
+            groups.append((write, [values]))
+    return groups
+
+
+def _statement(first: _Write) -> Insert | Update:
+    if first.key is None:
+        return insert(first.table)
+    key = first.key
+    values = {name: bindparam(name) for name in first.values if name != key}
+    return update(first.table).where(first.table.c[key] == bindparam(KEY)).values(values)
 
 
 def _statements(batch: Sequence[_Write]) -> Iterator[tuple[Executable, list[dict[str, Any]]]]:
-    """One executemany per run of writes of one shape, in arrival order (a row's insert
-    precedes its update)."""
-    groups: list[tuple[_Write, list[dict[str, Any]]]] = []
-    for write in batch:
-        if groups and groups[-1][0].shape == write.shape:
-            groups[-1][1].append(write.values)
-        else:
-            groups.append((write, [write.values]))
-    for first, rows in groups:
-        if first.key is None:
-            yield insert(first.table), rows
-            continue
-        key = first.key
-        values = {name: bindparam(name) for name in first.values if name != key}
-        statement = update(first.table).where(first.table.c[key] == bindparam(KEY)).values(values)
-        yield statement, [{**{n: v for n, v in r.items() if n != key}, KEY: r[key]} for r in rows]
+    """One executemany per run of writes of one shape."""
+    for first, rows in _groups(batch):
+        yield _statement(first), rows
