@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 SHELL = "/bin/bash"
 DEFER_STORE_SECONDS = 0.1
 COMMANDS = CommandRow.__table__
+# The row's attributes as its table's columns (a ColumnCollection builds a list per iteration).
+COLUMN_KEYS = tuple(c.key for c in COMMANDS.columns)
 DEFAULT_CWD = "/workspace"
 COMMAND_FINISHED_EVENT = "command.finished"  # core/webhooks.py
 
@@ -281,10 +283,10 @@ class CommandService:
 
     @staticmethod
     def _values(row: CommandRow) -> dict[str, Any]:
-        return {c.key: getattr(row, c.key) for c in COMMANDS.columns}
+        return {key: getattr(row, key) for key in COLUMN_KEYS}
 
-    async def _insert(self, row: CommandRow) -> None:
-        await self.writer.insert(COMMANDS, self._values(row))
+    async def _insert(self, row: CommandRow, values: dict[str, Any] | None = None) -> None:
+        await self.writer.insert(COMMANDS, values if values is not None else self._values(row))
 
     def _forget_expected(self, cid: str) -> None:
         if self.results is not None:
@@ -341,11 +343,12 @@ class CommandService:
             else:
                 outcome = await execution.outcome()
             # The result goes on a copy: readers keep seeing the running row until it is stored.
-            final = CommandRow(**{**self._values(row), **outcome_values(outcome)})
+            values = {**self._values(row), **outcome_values(outcome)}
+            final = CommandRow(**values)
             if stored:
                 await self._record(row.id, outcome)
             else:
-                await self._insert(final)
+                await self._insert(final, values)
             recorded = final
             if self.results is not None:
                 await self.results.announce(row.id)  # waiters on other replicas

@@ -142,16 +142,17 @@ class ResourceControl:
                 (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
                 (path / "cpu.cfs_quota_us").write_text(str(quota))
 
-    def command_procs(self, sandbox_id: str, command_id: str) -> list[Path]:
+    def command_procs(self, sandbox_id: str, command_id: str) -> list[str]:
         """A v1 memory cgroup per command, for its peak memory; returns procs files to join."""
         base = self.v1.get("memory")
         if base is None:
             return []
-        path = base / sandbox_id / command_id
-        with contextlib.suppress(OSError):
-            path.mkdir()
-            return [path / "cgroup.procs"]
-        return []
+        path = f"{base}/{sandbox_id}/{command_id}"  # every exec: plain strings, no pathlib
+        try:
+            os.mkdir(path)
+        except OSError:
+            return []
+        return [path + "/cgroup.procs"]
 
     def command_usage(self, sandbox_id: str, command_id: str, unified_dir: Path | None) -> Usage:
         # Read on every command's end, on the event loop: plain descriptors, no pathlib or io.

@@ -634,7 +634,7 @@ class NamespacesRuntime(Runtime):
                 config.slot, config.network, list(config.allow), config.inject
             )
             argv = ["nsenter", f"--net={netns}", "--", *argv]
-        joins: list[Path] = []
+        joins: list[str] = []
         if self.cgroups is not None:
             cgroup = self.cgroups.sandbox(config.id)
             await self.cgroups.kill_and_remove(cgroup)
@@ -1297,11 +1297,12 @@ class NamespacesSandbox(SandboxHandle):
             raise SandboxDied("the sandbox is not running")
         cgroup = None
         runtime = self.runtime
-        joins: list[Path] = []
+        joins: list[str] = []
         if runtime.cgroups is not None and self.cgroup is not None:
             cgroup = runtime.cgroups.command(self.config.id, spec.id)
-            os.mkdir(cgroup)
-            joins.append(cgroup / "cgroup.procs")
+            directory = str(cgroup)  # every exec passes here: plain strings for the syscalls
+            os.mkdir(directory)
+            joins.append(directory + "/cgroup.procs")
         if runtime.resources is not None:
             joins += runtime.resources.command_procs(self.config.id, spec.id)
         cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in joins]
