@@ -110,6 +110,8 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        self.proc.kill()  # never left behind, holding its uids and cgroup, by a failed start
+        self.proc.wait()
         raise RuntimeError(f"server did not become ready: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:

@@ -57,6 +57,7 @@ def build_runtime(settings: Settings, host_lock: hostlock.NodeLock | None = None
         data_dir=settings.data_dir,
         uid_base=settings.uid_base,
         cgroup_name=settings.cgroup_root,
+        favor_dynmods=settings.cgroup_favor_dynmods,
         tools_dir=settings.effective_tools_dir,
         templates_dir=settings.effective_templates_dir,
         network_open=parse_open(settings.network_open),

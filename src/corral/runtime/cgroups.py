@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 _CANDIDATES = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+FAVOR_DYNMODS = "favordynmods"
 
 
 def find_cgroup2() -> Path | None:
@@ -24,6 +26,44 @@ def find_cgroup2() -> Path | None:
         if path in cgroup2 and os.access(path, os.W_OK):
             return path
     return None
+
+
+def super_options(mount: Path) -> set[str] | None:
+    """The super block options of the file system mounted at `mount` (None: not a mount)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == str(mount) and "-" in fields:
+            rest = fields[fields.index("-") + 1 :]
+            return set(rest[2].split(",")) if len(rest) > 2 else set()
+    return None
+
+
+def favor_dynamic_modifications(mount: Path) -> str | None:
+    """Remount the cgroup hierarchy at `mount` with favordynmods; why not, if it could not be.
+
+    Every command's start moves its launcher into the command's cgroups and back. A move takes
+    the kernel's cgroup threadgroup lock for writing, which, unless a hierarchy favors dynamic
+    modifications, first waits for an RCU grace period whenever no move happened for a while:
+    15-25 ms on the first exec after a quiet spell (a claimed warm sandbox's first command, an
+    agent's occasional one), against 0.05 ms for the next. With the option, that wait is gone;
+    forks and exits pay a little more (not measurable here: posix_spawn of /bin/true 0.70 ms
+    either way). util-linux's remount keeps every other option of the mount.
+    """
+    options = super_options(mount)
+    if options is None or FAVOR_DYNMODS in options:
+        return None
+    done = subprocess.run(
+        ["mount", "-o", f"remount,{FAVOR_DYNMODS}", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode == 0 and FAVOR_DYNMODS in (super_options(mount) or set()):
+        return None
+    why = done.stderr.strip().splitlines()[-1:] or ["the kernel kept it off"]
+    return (
+        f"the cgroup hierarchy could not be set to favor dynamic modifications ({why[0]}): "
+        "the first command after a quiet spell waits for the kernel (an RCU grace period)"
+    )
 
 
 class CgroupTree:

@@ -45,7 +45,7 @@ from corral.runtime.base import (
     open_pty_in,
 )
 from corral.runtime.cgroup_reaper import CgroupReaper
-from corral.runtime.cgroups import CgroupTree, find_cgroup2
+from corral.runtime.cgroups import CgroupTree, favor_dynamic_modifications, find_cgroup2
 from corral.runtime.disks import SpareDisks, loop_mount, mkfs_command
 from corral.runtime.frames import (
     FRAMES_PER_WAKE,
@@ -177,6 +177,7 @@ class NamespacesRuntime(Runtime):
         data_dir: Path,
         uid_base: int,
         cgroup_name: str,
+        favor_dynmods: bool = False,
         tools_dir: Path | None = None,
         templates_dir: Path | None = None,
         tmp_mb: int = 1024,
@@ -201,6 +202,7 @@ class NamespacesRuntime(Runtime):
         self.tools_source = tools_dir  # shown read-only at /opt/corral (interpreters, helpers)
         self.uid_base = uid_base
         self.cgroup_name = cgroup_name
+        self.favor_dynmods = favor_dynmods
         self.tmp_bytes = tmp_mb * 1024 * 1024
         # What sandboxes are shown of the host's directories comes from views of them
         # (mounts.py), so that their mountinfo says nothing of where the data dir is.
@@ -265,6 +267,10 @@ class NamespacesRuntime(Runtime):
                 "group and its sandbox-wide descendants only through the supervisor"
             )
         else:
+            if self.favor_dynmods:
+                refused = await asyncio.to_thread(favor_dynamic_modifications, mount)
+                if refused:
+                    warnings.append(refused)
             self.cgroups = CgroupTree(mount, self.cgroup_name)
             self.cgroups.setup()
             if not self.cgroups.has_kill:
