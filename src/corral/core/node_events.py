@@ -127,24 +127,29 @@ class NodeEvents:
             select(NodeRow.id).where(NodeRow.id == node_id, NodeRow.epoch == epoch).exists()
         )
         async with self.db.transaction() as session:
-            # One statement: the node's epoch and the command's state are both checked by it.
-            taken = await session.execute(
-                update(CommandRow)
-                .where(CommandRow.id == cid, CommandRow.node_id == node_id, RUNNING, current_life)
-                .values(**outcome_values(outcome))
-            )
-            applied = bool(taken.rowcount)  # type: ignore[attr-defined]
-            exists = applied or await session.get(CommandRow, cid) is not None
-            if applied and self.events is not None:
-                # With the result, in its transaction: this replica is the one that applied it.
-                stored = await session.get(CommandRow, cid, populate_existing=True)
-                if stored is not None:
-                    await self.events(
-                        COMMAND_FINISHED_EVENT,
-                        stored.sandbox_id,
-                        lambda: command_event(stored),
-                        session,
+            # One statement: the node's epoch and the command's state are both checked by it,
+            # and the row as stored comes back with it (for the webhook event), no second read.
+            stored = (
+                await session.execute(
+                    update(CommandRow)
+                    .where(
+                        CommandRow.id == cid, CommandRow.node_id == node_id, RUNNING, current_life
                     )
+                    .values(**outcome_values(outcome))
+                    .returning(CommandRow),
+                    execution_options={"synchronize_session": False},
+                )
+            ).scalar_one_or_none()
+            applied = stored is not None
+            exists = applied or await session.get(CommandRow, cid) is not None
+            if stored is not None and self.events is not None:
+                # With the result, in its transaction: this replica is the one that applied it.
+                await self.events(
+                    COMMAND_FINISHED_EVENT,
+                    stored.sandbox_id,
+                    lambda: command_event(stored),
+                    session,
+                )
         if not exists:
             return {"retry": True}  # its row is being written by the replica that started it
         if not applied and await self._epoch(node_id) != epoch:
