@@ -316,7 +316,11 @@ def test_stop_kills_everything_inside_and_leaves_nothing() -> None:
     netns, veth = host.netns_path, host.veth
     # popen's pid is the program's own (nsenter execs it): kill -9 of it is an agent's crash.
     proc = host.popen(["sleep", "600"])
-    assert proc.pid in host.pids() and Path(f"/proc/{proc.pid}/comm").read_text() == "sleep\n"
+    comm = Path(f"/proc/{proc.pid}/comm")
+    deadline = time.monotonic() + 5
+    while comm.read_text() != "sleep\n" and time.monotonic() < deadline:
+        time.sleep(0.01)  # nsenter has not exec'd the program yet
+    assert proc.pid in host.pids() and comm.read_text() == "sleep\n"
     proc.kill()
     proc.wait()
     # A process that detaches itself (setsid, its own child) is found through its namespace.
