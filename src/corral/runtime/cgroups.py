@@ -44,8 +44,8 @@ def favor_dynamic_modifications(mount: Path) -> str | None:
     Every command's start moves its launcher into the command's cgroups and back. A move takes
     the kernel's cgroup threadgroup lock for writing, which, unless a hierarchy favors dynamic
     modifications, first waits for an RCU grace period whenever no move happened for a while:
-    15-25 ms on the first exec after a quiet spell (a claimed warm sandbox's first command, an
-    agent's occasional one), against 0.05 ms for the next. With the option, that wait is gone;
+    15-25 ms on the first exec after a quiet spell (a claimed warm sandbox's first command, any
+    command after a pause), against 0.04 ms for the next. With the option, that wait is gone;
     forks and exits pay a little more (not measurable here: posix_spawn of /bin/true 0.70 ms
     either way). util-linux's remount keeps every other option of the mount.
     """
