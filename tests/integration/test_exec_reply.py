@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import httpx
 import pytest
 
@@ -71,3 +74,64 @@ def test_exec_refusals_keep_the_native_shape(
     big = api.post(url, content=chunks(), headers={"content-type": "application/json"})
     assert big.status_code == 413, big.text
     assert big.json()["error"]["code"] == "payload_too_large"
+
+
+def _raw_request(server: Server, head: str, body: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(head.encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def _head_of(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, data
+    lines = head.decode().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, rest
+
+
+def test_the_reply_comes_as_one_write(server: Server, sandbox_id: str) -> None:
+    # The head is held for the body's first write: a client's first read after the request
+    # gets the whole answer, not a head to wait on the body after.
+    body = json.dumps({"command": "true", "args": []}).encode()
+    request = (
+        f"POST /v1/sandboxes/{sandbox_id}/exec HTTP/1.1\r\nHost: t\r\n"
+        f"Authorization: Bearer {server.admin_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(20):  # one kept connection, as a client would use it
+            sock.sendall(request)
+            first = sock.recv(1 << 16)
+            status, fields, rest = _head_of(first)
+            assert status == 200
+            assert len(rest) == int(fields["content-length"]), first
+            assert json.loads(rest)["exit_code"] == 0
+
+
+def test_a_streamed_reply_sends_its_head_before_any_output(
+    server: Server, api: httpx.Client, sandbox_id: str
+) -> None:
+    # Nothing follows the head for seconds: it is not held back waiting for a body.
+    resp = api.post(f"/v1/sandboxes/{sandbox_id}/commands", json={"command": "sleep 3; echo late"})
+    assert resp.status_code == 202, resp.text
+    cid = resp.json()["id"]
+    sock = _raw_request(
+        server,
+        f"GET /v1/sandboxes/{sandbox_id}/commands/{cid}/logs?format=raw HTTP/1.1\r\n"
+        f"Host: t\r\nAuthorization: Bearer {server.admin_key}",
+    )
+    with sock:
+        sock.settimeout(2.0)
+        first = sock.recv(1 << 16)
+        status, fields, rest = _head_of(first)
+        assert status == 200 and fields["transfer-encoding"] == "chunked"
+        assert b"late" not in rest
+        later = b""
+        sock.settimeout(10)
+        while b"late" not in later:
+            chunk = sock.recv(1 << 16)
+            assert chunk, later
+            later += chunk

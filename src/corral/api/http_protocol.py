@@ -53,6 +53,9 @@ LINGER_MAX_BYTES = 1024 * 1024
 # otherwise hand every sandbox a soft limit in the billions).
 MAX_NOFILE = 1 << 20
 
+# A body up to this size is joined to its held head; a larger one is written beside it.
+COALESCE_MAX_BYTES = 64 * 1024
+
 # Warnings about the connection bound, at most one per this many seconds.
 WARN_EVERY_SECONDS = 10.0
 
@@ -132,6 +135,56 @@ class _Refused(Exception):
     """Raised from a parser callback to stop parsing; the answer is already sent."""
 
 
+class HeadHolder:
+    """A request's view of the connection's transport that sends a response's head with the
+    first write of its body, as one segment.
+
+    uvicorn writes the head and the body separately: two syscalls and two TCP segments for
+    every response, and a client that wakes for the head only to wait for the body. A held head
+    goes out with the next write, or at the event loop's next turn if none comes in the same
+    turn (a streamed response whose first chunk is not ready yet), so nothing waits on it.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= COALESCE_MAX_BYTES:
+                self._transport.write(held + data)
+            else:
+                self._transport.writelines((held, data))  # one writev, no copy of the body
+            return
+        if data.endswith(b"\r\n\r\n") and data.startswith(b"HTTP/1.1 ") and data[9:10] != b"1":
+            self._held = data  # a final response's head (an interim 100 Continue goes at once)
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a head deadline, head caps and a connection bound.
 
@@ -162,6 +215,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._over_bound = False
         self._refused = False
         self._drained = 0
+        self._head_holder: HeadHolder | None = None
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -262,6 +316,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._answer_and_linger(busy_response())
             raise _Refused
         super().on_headers_complete()
+        if self.cycle is not None:  # its task has not run yet: nothing is written so far
+            if self._head_holder is None:
+                self._head_holder = HeadHolder(self.transport, self.loop)
+            self.cycle.transport = self._head_holder  # type: ignore[assignment]
 
     def on_chunk_header(self) -> None:
         # The last chunk's header is followed by trailers, which the parser buffers.
