@@ -289,6 +289,7 @@ class Services:
         if bus is not None and results is not None:
             services.node_events = NodeEvents(db, bus, nodes, results, services.sandboxes)
             services.node_events.events = services.webhooks.emit
+            services.node_events.events_wanted = services.webhooks.wanted
             await services.node_events.start()
             services.leaders = [
                 LeaderLoop(db, "ttl-reaper", holder, services.sandboxes.reap_expired, interval=1.0),

@@ -71,3 +71,55 @@ def test_one_lease_holder_among_racing_replicas(postgres: PostgresCluster) -> No
     total, took, refused = asyncio.run(main())
     assert total == 3  # one winner per round, the same one renewing
     assert took and refused
+
+
+def test_single_statements_commit_as_they_run_and_batches_keep_their_transaction(
+    postgres: PostgresCluster,
+) -> None:
+    from sqlalchemy import select, update
+    from sqlalchemy.exc import IntegrityError
+
+    from corral.store.tables import CommandRow
+    from corral.store.writer import BatchWriter
+    from tests.unit.test_writer import COMMANDS, command
+
+    async def main() -> None:
+        url = await _fresh_database(postgres)
+        db, other = Database(url), Database(url)
+        try:
+            await db.migrate()
+            writer = BatchWriter(db)  # no task: each write is a batch of one
+            await writer.insert(COMMANDS, command("cmd_one"))
+            async with other.statements() as session:
+                assert await session.get(CommandRow, "cmd_one") is not None
+            # A bad row alone still fails as SQLAlchemy raises it, and leaves nothing behind.
+            bad = {**command("cmd_one"), "command": "changed"}
+            try:
+                await writer.insert(COMMANDS, bad)
+            except IntegrityError:
+                pass
+            else:
+                raise AssertionError("a duplicate id was accepted")
+            # A batch of several is one transaction: a bad row fails alone, its neighbour is
+            # stored.
+            failed = await writer.insert_many(COMMANDS, [command("cmd_two"), bad])
+            assert failed == 1
+            # A write through statements() is visible to others before its session ends.
+            async with db.statements() as session:
+                await session.execute(
+                    update(CommandRow).where(CommandRow.id == "cmd_two").values(status="lost")
+                )
+                async with other.statements() as seen:
+                    status = await seen.scalar(
+                        select(CommandRow.status).where(CommandRow.id == "cmd_two")
+                    )
+                assert status == "lost"
+            async with other.statements() as session:
+                rows = {r.id: r for r in await session.scalars(select(CommandRow))}
+            assert sorted(rows) == ["cmd_one", "cmd_two"]
+            assert rows["cmd_one"].command == "true"
+        finally:
+            await db.close()
+            await other.close()
+
+    asyncio.run(main())

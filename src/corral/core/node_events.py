@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.subscription import Subscription
@@ -49,6 +50,8 @@ class NodeEvents:
         self.results = results
         self.sandboxes = sandboxes
         self.events: EventSink | None = None  # webhooks' command.finished; set by the server
+        # Whether any webhook takes an event type (set by the server with `events`).
+        self.events_wanted: Callable[[str], bool] = lambda _event_type: True
         self._sub: Subscription | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -126,30 +129,42 @@ class NodeEvents:
         current_life = (
             select(NodeRow.id).where(NodeRow.id == node_id, NodeRow.epoch == epoch).exists()
         )
-        async with self.db.transaction() as session:
-            # One statement: the node's epoch and the command's state are both checked by it,
-            # and the row as stored comes back with it (for the webhook event), no second read.
-            stored = (
-                await session.execute(
-                    update(CommandRow)
-                    .where(
-                        CommandRow.id == cid, CommandRow.node_id == node_id, RUNNING, current_life
+        # One statement: the node's epoch and the command's state are both checked by it, and
+        # the row as stored comes back with it (for the webhook event), no second read.
+        ended = (
+            update(CommandRow)
+            .where(CommandRow.id == cid, CommandRow.node_id == node_id, RUNNING, current_life)
+            .values(**outcome_values(outcome))
+            .returning(CommandRow)
+        )
+        options = {"synchronize_session": False}
+        if self.db.is_sqlite or (
+            self.events is not None and self.events_wanted(COMMAND_FINISHED_EVENT)
+        ):
+            async with self.db.transaction() as session:
+                stored = (
+                    await session.execute(ended, execution_options=options)
+                ).scalar_one_or_none()
+                applied = stored is not None
+                exists = applied or await session.get(CommandRow, cid) is not None
+                if stored is not None and self.events is not None:
+                    # With the result, in its transaction: this replica is the one that
+                    # applied it.
+                    await self.events(
+                        COMMAND_FINISHED_EVENT,
+                        stored.sandbox_id,
+                        lambda: command_event(stored),
+                        session,
                     )
-                    .values(**outcome_values(outcome))
-                    .returning(CommandRow),
-                    execution_options={"synchronize_session": False},
-                )
-            ).scalar_one_or_none()
-            applied = stored is not None
-            exists = applied or await session.get(CommandRow, cid) is not None
-            if stored is not None and self.events is not None:
-                # With the result, in its transaction: this replica is the one that applied it.
-                await self.events(
-                    COMMAND_FINISHED_EVENT,
-                    stored.sandbox_id,
-                    lambda: command_event(stored),
-                    session,
-                )
+        else:
+            # No webhook wants the event: the update alone is the whole change, committed as
+            # it runs (one round trip, not three).
+            async with self.db.statements() as session:
+                stored = (
+                    await session.execute(ended, execution_options=options)
+                ).scalar_one_or_none()
+                applied = stored is not None
+                exists = applied or await session.get(CommandRow, cid) is not None
         if not exists:
             return {"retry": True}  # its row is being written by the replica that started it
         if not applied and await self._epoch(node_id) != epoch:

@@ -301,7 +301,7 @@ class SandboxService:
         if cached is not None:
             return cached
         generation = self._generation
-        async with self.db.session() as session:
+        async with self.db.statements() as session:
             row = await session.get(SandboxRow, ref)
             if row is None:
                 row = await session.scalar(

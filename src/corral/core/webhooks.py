@@ -343,6 +343,11 @@ class WebhookService:
 
     # --- events ---
 
+    def wanted(self, event_type: str) -> bool:
+        """Whether any webhook takes `event_type` (from any sandbox): if none does, a change
+        need not carry the event in its transaction."""
+        return any(event_type in h.events for h in self._hooks)
+
     async def emit(
         self,
         event_type: str,

@@ -45,6 +45,16 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # PostgreSQL runs a lone statement as a transaction of its own. Through this engine a
+        # read or a single write is one round trip; a session's BEGIN and its ROLLBACK (or
+        # COMMIT) at the end were two more, on the fleet's hot path (the sandbox's row on
+        # every exec). SQLite's driver begins a transaction only to write: nothing to save.
+        self.single_statements: AsyncEngine = (
+            self.engine
+            if self.is_sqlite
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        self._statements = async_sessionmaker(self.single_statements, expire_on_commit=False)
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:
@@ -58,6 +68,15 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def statements(self) -> AsyncIterator[AsyncSession]:
+        """A session whose statements run each on its own: for reads that need no snapshot
+        across statements. On PostgreSQL a write through it is committed as it runs (nothing
+        else is atomic with it); on SQLite it is rolled back at the end, so write there only
+        through `transaction()`."""
+        async with self._statements() as session:
             yield session
 
     @asynccontextmanager

@@ -185,9 +185,17 @@ class BatchWriter:
         return self._compiled[shape]
 
     async def _transaction(self, batch: Sequence[_Write]) -> None:
-        async with self.db.engine.begin() as conn:
-            for statement, params in _statements(batch):
-                await conn.execute(statement, params)
+        if len(batch) == 1:
+            # One row, one statement: atomic on its own, without a BEGIN and a COMMIT around
+            # it (two round trips of three, on every remote exec's critical path).
+            ((statement, params),) = _statements(batch)
+            async with self.db.single_statements.connect() as conn:
+                await conn.execute(statement, params[0])
+                await conn.commit()  # nothing to send in autocommit; ends SQLAlchemy's own
+        else:
+            async with self.db.engine.begin() as conn:
+                for statement, params in _statements(batch):
+                    await conn.execute(statement, params)
         self.transactions += 1
 
 
