@@ -207,9 +207,11 @@ class NodeRegistry:
         """The node for a new sandbox: `wanted` if it can take it, else the least loaded online
         node with room that has the template (any node, when `template` is None), among those
         in `prefer` if any of them can (e.g. the nodes that have its image)."""
+        # One session for both reads; running commands do not decide placement.
         async with self.db.session() as session:
             rows = list(await session.scalars(select(NodeRow)))
-        boxes, _ = await self._counts()
+            counts = select(SandboxRow.node_id, func.count()).where(LIVE_SANDBOX)
+            boxes = dict((await session.execute(counts.group_by(SandboxRow.node_id))).all())
         now = utcnow()
 
         def fits(row: NodeRow) -> CorralError | None:
