@@ -137,34 +137,24 @@ class NodeEvents:
             .values(**outcome_values(outcome))
             .returning(CommandRow)
         )
-        options = {"synchronize_session": False}
-        if self.db.is_sqlite or (
-            self.events is not None and self.events_wanted(COMMAND_FINISHED_EVENT)
-        ):
-            async with self.db.transaction() as session:
-                stored = (
-                    await session.execute(ended, execution_options=options)
-                ).scalar_one_or_none()
-                applied = stored is not None
-                exists = applied or await session.get(CommandRow, cid) is not None
-                if stored is not None and self.events is not None:
-                    # With the result, in its transaction: this replica is the one that
-                    # applied it.
-                    await self.events(
-                        COMMAND_FINISHED_EVENT,
-                        stored.sandbox_id,
-                        lambda: command_event(stored),
-                        session,
-                    )
-        else:
-            # No webhook wants the event: the update alone is the whole change, committed as
-            # it runs (one round trip, not three).
-            async with self.db.statements() as session:
-                stored = (
-                    await session.execute(ended, execution_options=options)
-                ).scalar_one_or_none()
-                applied = stored is not None
-                exists = applied or await session.get(CommandRow, cid) is not None
+        # With a webhook event to store, the event goes in the result's transaction (this
+        # replica is the one that applied it). Without, the update is the whole change,
+        # committed as it runs: one round trip, not three (SQLite has no such mode).
+        with_event = self.events is not None and self.events_wanted(COMMAND_FINISHED_EVENT)
+        opened = self.db.transaction() if with_event or self.db.is_sqlite else self.db.statements()
+        async with opened as session:
+            stored = (
+                await session.execute(ended, execution_options={"synchronize_session": False})
+            ).scalar_one_or_none()
+            applied = stored is not None
+            exists = applied or await session.get(CommandRow, cid) is not None
+            if stored is not None and with_event and self.events is not None:
+                await self.events(
+                    COMMAND_FINISHED_EVENT,
+                    stored.sandbox_id,
+                    lambda: command_event(stored),
+                    session,
+                )
         if not exists:
             return {"retry": True}  # its row is being written by the replica that started it
         if not applied and await self._epoch(node_id) != epoch:
