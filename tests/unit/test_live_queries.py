@@ -1,0 +1,73 @@
+"""The counts of live sandboxes read only the live ones: the history keeps every deleted
+sandbox's row, and a count that walked them would slow every create as the history grows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import event, func, select, text
+
+from corral.core.nodes import LIVE_SANDBOX
+from corral.core.sandboxes import SandboxService
+from corral.store.db import Database
+from corral.store.tables import SandboxRow
+
+from .helpers import run
+
+HISTORY = 2_000
+
+
+async def _store(tmp_path: Path) -> Database:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'corral.db'}")
+    await db.migrate()
+    rows = [(f"sb_old{i:05d}", "local", i, "deleted") for i in range(HISTORY)]
+    rows += [("sb_live1", "local", 1, "running"), ("sb_live2", "n2", 1, "stopped")]
+    async with db.transaction() as session:
+        for sid, node, slot, state in rows:
+            await session.execute(
+                text(
+                    "INSERT INTO sandboxes (id, node_id, slot, state, template, spec, created_at,"
+                    " updated_at) VALUES (:id, :node, :slot, :state, 'host', '{}',"
+                    " '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+                ),
+                {"id": sid, "node": node, "slot": slot, "state": state},
+            )
+    return db
+
+
+async def _plans_of(db: Database, statements: list[tuple[str, object]]) -> list[str]:
+    plans = []
+    async with db.session() as session:
+        conn = await session.connection()
+        for sql, params in statements:
+            raw = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)  # type: ignore[arg-type]
+            plans.append(" | ".join(str(r[-1]) for r in raw.all()))
+    return plans
+
+
+def test_live_counts_are_right_and_read_the_live_slot_index(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await _store(tmp_path)
+        seen: list[tuple[str, object]] = []
+
+        def record(_conn, _cursor, statement, parameters, _context, _many):  # type: ignore[no-untyped-def]
+            if statement.lstrip().upper().startswith("SELECT"):
+                seen.append((statement, parameters))
+
+        try:
+            event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+            async with db.session() as session:
+                admitted = await SandboxService._live_count(session)
+                per_node = select(SandboxRow.node_id, func.count()).where(LIVE_SANDBOX)
+                counts = dict((await session.execute(per_node.group_by(SandboxRow.node_id))).all())
+            event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+            assert admitted == 2
+            assert counts == {"local": 1, "n2": 1}
+            assert len(seen) == 2
+            for plan in await _plans_of(db, seen):
+                # The partial index over live sandboxes only, never the table or the state index.
+                assert "uq_sandboxes_live_slot" in plan, plan
+        finally:
+            await db.close()
+
+    run(main())
