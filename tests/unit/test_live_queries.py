@@ -9,6 +9,7 @@ from sqlalchemy import event, func, select, text
 
 from corral.core.nodes import LIVE_SANDBOX
 from corral.core.sandboxes import SandboxService
+from corral.node.directory import NodeDirectory
 from corral.store.db import Database
 from corral.store.tables import SandboxRow
 
@@ -67,6 +68,36 @@ def test_live_counts_are_right_and_read_the_live_slot_index(tmp_path: Path) -> N
             for plan in await _plans_of(db, seen):
                 # The partial index over live sandboxes only, never the table or the state index.
                 assert "uq_sandboxes_live_slot" in plan, plan
+        finally:
+            await db.close()
+
+    run(main())
+
+
+def test_the_live_listing_reads_the_live_sandboxes_only(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await _store(tmp_path)
+        sandboxes = SandboxService(
+            db, NodeDirectory(db, None), tmp_path, max_sandboxes=10, uid_count=10
+        )
+        seen: list[tuple[str, object]] = []
+
+        def record(_conn, _cursor, statement, parameters, _context, _many):  # type: ignore[no-untyped-def]
+            if statement.lstrip().upper().startswith("SELECT"):
+                seen.append((statement, parameters))
+
+        try:
+            event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+            page = await sandboxes.list(limit=1)
+            rest = await sandboxes.list(limit=1, cursor=page.next_cursor)
+            every = await sandboxes.list(include_deleted=True, limit=HISTORY + 10)
+            event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+            assert [s.id for s in page.items] == ["sb_live1"] and page.next_cursor
+            assert [s.id for s in rest.items] == ["sb_live2"] and rest.next_cursor is None
+            assert len(every.items) == HISTORY + 2
+            assert [s.id for s in every.items] == sorted(s.id for s in every.items)
+            plan = (await _plans_of(db, seen[:1]))[0]
+            assert "uq_sandboxes_live_slot" in plan, plan
         finally:
             await db.close()
 

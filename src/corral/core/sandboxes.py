@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -348,13 +348,21 @@ class SandboxService:
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page[Sandbox]:
-        query = select(SandboxRow).order_by(SandboxRow.id).limit(limit + 1)
+        live_only = state is None and not include_deleted
+        if live_only and self.db.is_sqlite:
+            # In id order SQLite walks the primary key through every deleted sandbox the history
+            # keeps to fill a page of live ones (8.8 ms beside 100,000). `+id` is no index's
+            # order: it reads the live-slot partial index and sorts what it finds (0.1 ms).
+            order: Any = text("+sandboxes.id")
+        else:
+            order = SandboxRow.id
+        query = select(SandboxRow).order_by(order).limit(limit + 1)
         if name_prefix:
             escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             query = query.where(SandboxRow.name.like(escaped + "%", escape="\\"))
         if state is not None:
             query = query.where(SandboxRow.state == state.value)
-        elif not include_deleted:
+        elif live_only:
             query = query.where(SandboxRow.state != SandboxState.deleted.value)
         if only is not None:
             query = query.where(covered_by(only))
