@@ -3,15 +3,16 @@ sandbox's row, and a count that walked them would slow every create as the histo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, text
 
-from corral.core.nodes import LIVE_SANDBOX
+from corral.core.nodes import NodeRegistry
 from corral.core.sandboxes import SandboxService
 from corral.node.directory import NodeDirectory
 from corral.store.db import Database
-from corral.store.tables import SandboxRow
 
 from .helpers import run
 
@@ -36,6 +37,22 @@ async def _store(tmp_path: Path) -> Database:
     return db
 
 
+@contextmanager
+def _selects(db: Database) -> Iterator[list[tuple[str, object]]]:
+    """The SELECT statements (and their parameters) the store runs meanwhile."""
+    seen: list[tuple[str, object]] = []
+
+    def record(_conn, _cursor, statement, parameters, _context, _many):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+
+
 async def _plans_of(db: Database, statements: list[tuple[str, object]]) -> list[str]:
     plans = []
     async with db.session() as session:
@@ -49,19 +66,11 @@ async def _plans_of(db: Database, statements: list[tuple[str, object]]) -> list[
 def test_live_counts_are_right_and_read_the_live_slot_index(tmp_path: Path) -> None:
     async def main() -> None:
         db = await _store(tmp_path)
-        seen: list[tuple[str, object]] = []
-
-        def record(_conn, _cursor, statement, parameters, _context, _many):  # type: ignore[no-untyped-def]
-            if statement.lstrip().upper().startswith("SELECT"):
-                seen.append((statement, parameters))
-
         try:
-            event.listen(db.engine.sync_engine, "before_cursor_execute", record)
-            async with db.session() as session:
-                admitted = await SandboxService._live_count(session)
-                per_node = select(SandboxRow.node_id, func.count()).where(LIVE_SANDBOX)
-                counts = dict((await session.execute(per_node.group_by(SandboxRow.node_id))).all())
-            event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+            with _selects(db) as seen:
+                async with db.session() as session:
+                    admitted = await SandboxService._live_count(session)
+                    counts = await NodeRegistry._sandbox_counts(session)
             assert admitted == 2
             assert counts == {"local": 1, "n2": 1}
             assert len(seen) == 2
@@ -80,18 +89,11 @@ def test_the_live_listing_reads_the_live_sandboxes_only(tmp_path: Path) -> None:
         sandboxes = SandboxService(
             db, NodeDirectory(db, None), tmp_path, max_sandboxes=10, uid_count=10
         )
-        seen: list[tuple[str, object]] = []
-
-        def record(_conn, _cursor, statement, parameters, _context, _many):  # type: ignore[no-untyped-def]
-            if statement.lstrip().upper().startswith("SELECT"):
-                seen.append((statement, parameters))
-
         try:
-            event.listen(db.engine.sync_engine, "before_cursor_execute", record)
-            page = await sandboxes.list(limit=1)
-            rest = await sandboxes.list(limit=1, cursor=page.next_cursor)
-            every = await sandboxes.list(include_deleted=True, limit=HISTORY + 10)
-            event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+            with _selects(db) as seen:
+                page = await sandboxes.list(limit=1)
+                rest = await sandboxes.list(limit=1, cursor=page.next_cursor)
+                every = await sandboxes.list(include_deleted=True, limit=HISTORY + 10)
             assert [s.id for s in page.items] == ["sb_live1"] and page.next_cursor
             assert [s.id for s in rest.items] == ["sb_live2"] and rest.next_cursor is None
             assert len(every.items) == HISTORY + 2

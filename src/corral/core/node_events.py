@@ -140,16 +140,18 @@ class NodeEvents:
         # With a webhook event to store, the event goes in the result's transaction (this
         # replica is the one that applied it). Without, the update is the whole change,
         # committed as it runs: one round trip, not three (SQLite has no such mode).
-        with_event = self.events is not None and self.events_wanted(COMMAND_FINISHED_EVENT)
-        opened = self.db.transaction() if with_event or self.db.is_sqlite else self.db.statements()
+        sink = self.events if self.events_wanted(COMMAND_FINISHED_EVENT) else None
+        opened = (
+            self.db.transaction() if sink is not None or self.db.is_sqlite else self.db.statements()
+        )
         async with opened as session:
             stored = (
                 await session.execute(ended, execution_options={"synchronize_session": False})
             ).scalar_one_or_none()
             applied = stored is not None
             exists = applied or await session.get(CommandRow, cid) is not None
-            if stored is not None and with_event and self.events is not None:
-                await self.events(
+            if stored is not None and sink is not None:
+                await sink(
                     COMMAND_FINISHED_EVENT,
                     stored.sandbox_id,
                     lambda: command_event(stored),

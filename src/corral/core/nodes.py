@@ -110,14 +110,22 @@ class NodeRegistry:
             return NodeState.offline
         return NodeState.draining if row.draining else NodeState.online
 
+    @staticmethod
+    async def _sandbox_counts(
+        session: AsyncSession, node_ids: list[str] | None = None
+    ) -> dict[str, int]:
+        """Live sandboxes per node (of `node_ids`, or of every node)."""
+        query = select(SandboxRow.node_id, func.count()).where(LIVE_SANDBOX)
+        if node_ids is not None:
+            query = query.where(SandboxRow.node_id.in_(node_ids))
+        return dict((await session.execute(query.group_by(SandboxRow.node_id))).all())
+
     async def _counts(self, node_ids: list[str] | None = None) -> tuple[dict[str, int], ...]:
-        sandboxes = select(SandboxRow.node_id, func.count()).where(LIVE_SANDBOX)
         commands = select(CommandRow.node_id, func.count()).where(RUNNING)
         if node_ids is not None:
-            sandboxes = sandboxes.where(SandboxRow.node_id.in_(node_ids))
             commands = commands.where(CommandRow.node_id.in_(node_ids))
         async with self.db.session() as session:
-            boxes = dict((await session.execute(sandboxes.group_by(SandboxRow.node_id))).all())
+            boxes = await self._sandbox_counts(session, node_ids)
             running = dict((await session.execute(commands.group_by(CommandRow.node_id))).all())
         return boxes, running
 
@@ -212,8 +220,7 @@ class NodeRegistry:
         # One session for both reads; running commands do not decide placement.
         async with self.db.session() as session:
             rows = list(await session.scalars(select(NodeRow)))
-            counts = select(SandboxRow.node_id, func.count()).where(LIVE_SANDBOX)
-            boxes = dict((await session.execute(counts.group_by(SandboxRow.node_id))).all())
+            boxes = await self._sandbox_counts(session)
         now = utcnow()
 
         def fits(row: NodeRow) -> CorralError | None:
