@@ -44,9 +44,39 @@ def test_commands_start_clean(api: httpx.Client, sandbox_id: str) -> None:
     lines = result["stdout"].split("\n")
     assert lines[0] == "0000000000000000" and lines[1] == "0", result
     assert lines[2] == lines[3], result  # session leader
-    assert lines[4] == f"0::/{result['id']}", result
+    assert lines[4].startswith("0::/") and len(lines[4]) > 4, result  # not the sandbox's own
     root = run(api, sandbox_id, "grep -E '^SigIgn' /proc/self/status", user="root")
     assert root["stdout"].split() == ["SigIgn:", "0000000000000000"], root
+
+
+HOG = """
+import time
+with open("/proc/self/cgroup") as f:
+    print([line for line in f.read().splitlines() if line.startswith("0::")][0])
+hog = b"x" * (80 << 20)
+start = time.process_time()
+while time.process_time() - start < 0.3:
+    pass
+"""
+
+
+def test_each_command_gets_cgroups_made_while_the_last_one_started(
+    api: httpx.Client, sandbox_id: str
+) -> None:
+    # The first command's cgroups are made as it comes, under its id; each later one's were
+    # made while the one before it started, under a name of their own...
+    first = run(api, sandbox_id, "grep '^0::' /proc/self/cgroup")
+    assert first["stdout"] == f"0::/{first['id']}\n", first
+    hog = run(api, sandbox_id, "python3", args=["-c", HOG])
+    assert hog["exit_code"] == 0, hog
+    ahead = hog["stdout"].strip()
+    assert ahead.startswith("0::/cg-"), hog
+    third = run(api, sandbox_id, "grep '^0::' /proc/self/cgroup")["stdout"].strip()
+    assert third.startswith("0::/cg-") and third != ahead
+    # ... and they measure that command alone: its CPU and its peak memory.
+    assert hog["cpu_ms"] >= 250, hog
+    assert hog["peak_memory_bytes"] is not None and hog["peak_memory_bytes"] >= 80 << 20, hog
+    assert run(api, sandbox_id, "true")["peak_memory_bytes"] < 40 << 20
 
 
 def test_missing_program_and_cwd(api: httpx.Client, sandbox_id: str) -> None:

@@ -57,8 +57,12 @@ def test_kill9_and_restart() -> None:
             history = api.get(f"/v1/sandboxes/{sandboxes[0]}/commands").json()["items"]
             assert [c["status"] for c in history][:2] == ["completed", "lost"]
             assert processes_matching("sleep 404") == []
-            # Only the live sandboxes' cgroups exist: the dead command's is gone.
-            assert sorted(cgroup_dirs(srv.cgroup_name)) == sorted(sandboxes)
+            # Only the live sandboxes' cgroups exist, with their next commands' made ahead
+            # (cg-...): the dead command's is gone.
+            dirs = cgroup_dirs(srv.cgroup_name)
+            assert sorted(d for d in dirs if "/" not in d) == sorted(sandboxes)
+            assert all(d.split("/")[1].startswith("cg-") for d in dirs if "/" in d), dirs
+            assert not [d for d in dirs if running["id"] in d], dirs
             # The only mounts are the live sandboxes' own: their file systems (disk_mb), the
             # idmapped views of their base layers and their overlays (docs/root-filesystem.md),
             # once each; and the node's read-only views of the supervisor, the tools and an

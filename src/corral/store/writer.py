@@ -15,7 +15,7 @@ engine.
 
 A small batch (INLINE_MAX rows at most: what one turn of the event loop queued) commits on
 the event loop itself, on a connection of its own: the hop to the thread and back cost a
-sequential exec 6% of its round trip. That connection never waits: it has no busy timeout (a
+sequential exec 5% of its round trip. That connection never waits: it has no busy timeout (a
 batch that finds the store locked goes to the thread, which waits) and no automatic
 checkpoint (which would copy the WAL into the database and fsync on the loop); the thread
 checkpoints instead, after every CHECKPOINT_EVERY commits on the loop, with the writes
