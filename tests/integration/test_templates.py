@@ -35,6 +35,15 @@ def test_a_registered_template_is_the_sandboxs_root() -> None:
             assert api.get(f"/v1/sandboxes/{sid}").json()["template"] == "marked"
             other = api.post(f"/v1/sandboxes/{plain}/exec", json=probe).json()
             assert other["exit_code"] != 0
+            # Both supervisors run on the host's interpreter (from its read-only /usr, not the
+            # template's), from the code the node compiled with it.
+            scripts = {"command": "pgrep -a -f /.corral/supervisor | grep -v bwrap"}
+            for box in (plain, sid):
+                listed = api.post(f"/v1/sandboxes/{box}/exec", json=scripts).json()["stdout"]
+                lines = listed.splitlines()
+                assert len(lines) == 2, listed  # the supervisor and its launcher
+                assert all("/.corral/host/usr/bin/python3" in line for line in lines), listed
+                assert all(" -I -S /.corral/supervisor.pyc " in line for line in lines), listed
             unknown = api.post("/v1/sandboxes", json={"template": "nope"})
             assert unknown.status_code == 409 and "marked" in unknown.json()["error"]["message"]
     finally:

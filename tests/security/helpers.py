@@ -147,13 +147,16 @@ def err(fn, *args):
         return errno.errorcode.get(exc.errno, str(exc.errno))
     return None
 
+# Its script as its command line names it: the compiled code, or the source.
+SUPERVISOR_SCRIPTS = {b"/.corral/supervisor.pyc", b"/.corral/supervisor.py"}
+
 def supervisor_pid():
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open("/proc/%s/cmdline" % name, "rb") as f:
                     argv = f.read().split(b"\0")
-                if b"/.corral/supervisor.py" in argv and not argv[0].endswith(b"bwrap"):
+                if SUPERVISOR_SCRIPTS & set(argv) and not argv[0].endswith(b"bwrap"):
                     return int(name)
             except OSError:
                 pass

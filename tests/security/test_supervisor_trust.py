@@ -31,6 +31,8 @@ from tests.conftest import Server
 pytestmark = pytest.mark.sandbox
 
 MARKS = "/workspace/.marks"
+# The supervisor's script as its command line names it: the compiled code, or the source.
+SUPERVISOR_SCRIPTS = {b"/.corral/supervisor.pyc", b"/.corral/supervisor.py"}
 
 # A library whose constructor appends "<tag> <its process's command line>" to MARKS.
 EVIL_C = r"""
@@ -117,7 +119,7 @@ def trusted_processes(server: Server, sid: str) -> dict[int, str]:
             for pid in procs.read_text().split():
                 try:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                    if b"/.corral/supervisor.py" in argv and not argv[0].endswith(b"bwrap"):
+                    if SUPERVISOR_SCRIPTS & set(argv) and not argv[0].endswith(b"bwrap"):
                         found[int(pid)] = Path(f"/proc/{pid}/maps").read_text()
                 except OSError:
                     continue
