@@ -61,6 +61,20 @@ class Sample:
     def tail(self) -> float | None:
         return percentile(self.values, 99 if self.kind == "latency" else 1)
 
+    @classmethod
+    def merged(cls, parts: list[Sample]) -> Sample:
+        """Rate samples of one figure taken in several windows, as one: their observations
+        together; numeric extras (totals per second, cores) averaged, errors summed."""
+        sample = cls([v for p in parts for v in p.values], kind=parts[0].kind)
+        for key in parts[0].extra:
+            values = [p.extra.get(key) for p in parts]
+            if key == "errors":
+                sample.extra[key] = sum(v or 0 for v in values)
+            elif all(isinstance(v, int | float) for v in values):
+                sample.extra[key] = sum(values) / len(values)
+        sample.extra["windows"] = len(parts)
+        return sample
+
     def summary(self) -> dict[str, Any]:
         return {
             "median": self.median,
