@@ -40,6 +40,11 @@ async def open_db(tmp_path: Path) -> Database:
     return db
 
 
+async def stored_ids(db: Database) -> list[str]:
+    async with db.session() as session:
+        return sorted(await session.scalars(select(CommandRow.id)))
+
+
 def test_concurrent_writes_are_stored_in_shared_transactions(tmp_path: Path) -> None:
     async def main() -> None:
         db = await open_db(tmp_path)
@@ -83,9 +88,7 @@ def test_a_bad_row_fails_alone(tmp_path: Path) -> None:
         assert results[0] is None and results[2] is None
         assert isinstance(results[1], IntegrityError)
         await writer.close()
-        async with db.session() as session:
-            stored = sorted(await session.scalars(select(CommandRow.id)))
-        assert stored == ["cmd_a", "cmd_b", "cmd_taken"]
+        assert await stored_ids(db) == ["cmd_a", "cmd_b", "cmd_taken"]
         await db.close()
 
     run(main())
@@ -98,8 +101,7 @@ def test_without_its_task_each_write_is_a_transaction_of_its_own(tmp_path: Path)
         await writer.insert(COMMANDS, command("cmd_one"))
         with pytest.raises(IntegrityError):
             await writer.insert(COMMANDS, command("cmd_one"))
-        async with db.session() as session:
-            assert list(await session.scalars(select(CommandRow.id))) == ["cmd_one"]
+        assert await stored_ids(db) == ["cmd_one"]
         await writer.close()
         await db.close()
 
@@ -162,9 +164,7 @@ def test_a_locked_store_never_blocks_the_event_loop(tmp_path: Path) -> None:
         await asyncio.wait_for(write, 10)
         ticker.cancel()
         await writer.close()
-        async with db.session() as session:
-            stored = sorted(await session.scalars(select(CommandRow.id)))
-        assert stored == ["cmd_before", "cmd_while_locked"]
+        assert await stored_ids(db) == ["cmd_before", "cmd_while_locked"]
         await db.close()
 
     run(main())

@@ -25,7 +25,6 @@ queued behind it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import sqlite3
@@ -36,7 +35,7 @@ from typing import Any
 
 from sqlalchemy import Executable, Table, bindparam, create_engine, event, insert, make_url, update
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.expression import Insert, Update
 
 from corral.store.db import Database, sqlite_pragmas
@@ -44,9 +43,10 @@ from corral.store.db import Database, sqlite_pragmas
 MAX_BATCH = 500
 INLINE_MAX = 16  # rows a batch committed on the event loop may have (more go to the thread)
 CHECKPOINT_EVERY = 256  # commits on the loop's connection between two checkpoints in the thread
+KEY = "pk_"  # bind name of the key in batched updates (it must not clash with a column)
+BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 log = logging.getLogger(__name__)
-KEY = "pk_"  # bind name of the key in batched updates (it must not clash with a column)
 
 
 @dataclass
@@ -161,27 +161,16 @@ class BatchWriter:
             self._inline = self._inline_engine.raw_connection()
         try:
             _commit(self._inline, plans, groups)
-        except BaseException as exc:
-            self._roll_back_inline()
-            if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF in (
-                sqlite3.SQLITE_BUSY,
-                sqlite3.SQLITE_LOCKED,
-            ):
+        except OperationalError as exc:
+            if exc.orig.sqlite_errorcode & 0xFF in BUSY:
                 return False  # another connection is writing: the thread waits for it
-            if isinstance(exc, sqlite3.Error):
-                raise _as_dbapi_error(exc, getattr(exc, "corral_sql", "")) from exc
             raise
+        finally:
+            if not self._inline.is_valid:
+                self._inline = None  # broken: opened again for the next batch
         self.transactions += 1
         self._inline_commits += 1
         return True
-
-    def _roll_back_inline(self) -> None:
-        try:
-            self._inline.rollback()
-        except Exception:  # a connection that broke is opened again for the next write
-            with contextlib.suppress(Exception):
-                self._inline.invalidate()
-            self._inline = None
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database in the thread. Nothing commits meanwhile (the writes
@@ -197,10 +186,7 @@ class BatchWriter:
             log.warning("WAL checkpoint failed: %s", exc)
 
     def _checkpoint_in_thread(self) -> None:
-        assert self._engine is not None
-        if self._raw is None:
-            self._raw = self._engine.raw_connection()
-        cursor = self._raw.cursor()
+        cursor = self._thread_connection().cursor()
         try:
             cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
@@ -237,21 +223,20 @@ class BatchWriter:
                     conn.execute(statement, params)
             self.transactions += 1
             return
-        if self._raw is None:
-            self._raw = self._engine.raw_connection()
-        raw = self._raw
+        raw = self._thread_connection()
         try:
             _commit(raw, compiled, groups)
-        except BaseException as exc:
-            try:
-                raw.rollback()
-            except Exception:  # a connection that broke is opened again for the next batch
-                raw.invalidate()
-                self._raw = None
-            if isinstance(exc, sqlite3.Error):
-                raise _as_dbapi_error(exc, getattr(exc, "corral_sql", "")) from exc
-            raise
+        finally:
+            if not raw.is_valid:
+                self._raw = None  # broken: opened again for the next batch
         self.transactions += 1
+
+    def _thread_connection(self) -> Any:
+        """The writer thread's DB-API connection, opened on first use."""
+        assert self._engine is not None
+        if self._raw is None:
+            self._raw = self._engine.raw_connection()
+        return self._raw
 
     def _compile(self, first: _Write) -> _Compiled | None:
         shape = first.shape
@@ -306,8 +291,9 @@ class _Compiled:
 
 
 def _commit(raw: Any, plans: Sequence[_Compiled | None], groups: list[Any]) -> None:
-    """Run each group's statement on the DB-API connection `raw`, then commit. A failure
-    carries the SQL it failed on (`corral_sql`) and leaves the rollback to the caller."""
+    """Run each group's statement on the pooled DB-API connection `raw`, then commit. On a
+    failure: roll back (or invalidate `raw` if it cannot), and raise a database error as
+    SQLAlchemy raises it (IntegrityError, OperationalError...)."""
     sql = ""
     try:
         cursor = raw.cursor()
@@ -320,14 +306,14 @@ def _commit(raw: Any, plans: Sequence[_Compiled | None], groups: list[Any]) -> N
             cursor.close()
         sql = "COMMIT"
         raw.commit()
-    except sqlite3.Error as exc:
-        exc.corral_sql = sql  # type: ignore[attr-defined]
+    except BaseException as exc:
+        try:
+            raw.rollback()
+        except Exception:
+            raw.invalidate()
+        if isinstance(exc, sqlite3.Error):
+            raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
         raise
-
-
-def _as_dbapi_error(exc: sqlite3.Error, sql: str) -> DBAPIError:
-    """The error as SQLAlchemy raises it (IntegrityError, OperationalError...)."""
-    return DBAPIError.instance(sql, None, exc, sqlite3.Error)
 
 
 def _never_wait(dbapi_conn: Any, _record: Any) -> None:
