@@ -60,6 +60,7 @@ import ctypes
 import errno
 import fcntl
 import gc
+import mmap
 import os
 import resource
 import select
@@ -75,6 +76,8 @@ except ImportError:  # pragma: no cover - every CPython on Linux has it
 MAX_MESSAGE = 1 << 20
 # A spawn the launcher gets in one message over its socketpair, whose buffer an unprivileged
 # process cannot raise past net.core.wmem_max (~208 KiB); larger ones (huge env or argv) fork.
+# The launcher's events (started, exit, spawn_failed with an errno's text) are far smaller and
+# are read in a buffer of this size too, which comes from the heap, not a mapping of its own.
 LAUNCHER_MAX_MESSAGE = 64 << 10
 MAX_FDS = 16
 PR_SET_DUMPABLE = 4
@@ -173,9 +176,21 @@ def _send(sock, message):
 INT = 4  # bytes of a C int: a descriptor in SCM_RIGHTS
 
 
+# Where messages are received, made at the first one. recvmsg(MAX_MESSAGE) had the allocator
+# map, shrink and unmap 1 MiB for every message (~25 us each, four per command); this private
+# mapping takes pages only as messages touch them, and a forked launcher copies those on write.
+_BUFFER = None
+
+
 def _recv(sock):
+    global _BUFFER
+    if _BUFFER is None:
+        _BUFFER = mmap.mmap(-1, MAX_MESSAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     fds = []
-    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * INT))
+    size, ancdata, _flags, _addr = sock.recvmsg_into([_BUFFER], socket.CMSG_SPACE(MAX_FDS * INT))
+    data = _BUFFER[:size]
+    if size > LAUNCHER_MAX_MESSAGE:
+        _BUFFER.madvise(mmap.MADV_DONTNEED)  # a rare large one: its pages go back
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             whole = len(payload) - len(payload) % INT
@@ -562,7 +577,7 @@ class Supervisor:
         self.selector.register(mine, "launcher")
         # Wait for it (a millisecond or two), so that the next command already uses it.
         try:
-            first = mine.recv(MAX_MESSAGE)
+            first = mine.recv(LAUNCHER_MAX_MESSAGE)
         except OSError:  # stopped by a command meanwhile: try again at the next spawn
             self._launcher_gone(restart=False)
             return
@@ -580,7 +595,7 @@ class Supervisor:
         chan.setblocking(False)
         try:
             while True:
-                data = chan.recv(MAX_MESSAGE)
+                data = chan.recv(LAUNCHER_MAX_MESSAGE)
                 if not data:
                     break
                 self._launcher_event(loads(data))
@@ -632,7 +647,7 @@ class Supervisor:
         if chan is None:
             return False
         try:
-            data = chan.recv(MAX_MESSAGE, flags)
+            data = chan.recv(LAUNCHER_MAX_MESSAGE, flags)
         except (BlockingIOError, TimeoutError):
             return False
         except OSError:
