@@ -172,25 +172,27 @@ class CommandService:
         argv = [SHELL, "-c", req.command] if req.args is None else [req.command, *req.args]
         cid = ids.new_id(ids.COMMAND)
         now = utcnow()
-        row = CommandRow(
-            id=cid,
-            sandbox_id=sandbox.id,
-            node_id=sandbox.node_id,
-            status=CommandStatus.running.value,
-            command=req.command,
-            args=req.args,
-            cwd=req.cwd or default_cwd(sandbox),
-            user=req.user or "user",
-            env_keys=sorted(req.env),
-            timeout_ms=timeout_ms,
-            max_output_bytes=cap,
-            stdout_bytes=0,
-            stderr_bytes=0,
-            stdout_truncated=False,
-            stderr_truncated=False,
-            created_at=now,
-            source=source,
-            oom_killed=False,
+        row = CommandRow.in_memory(
+            {
+                "id": cid,
+                "sandbox_id": sandbox.id,
+                "node_id": sandbox.node_id,
+                "status": CommandStatus.running.value,
+                "command": req.command,
+                "args": req.args,
+                "cwd": req.cwd or default_cwd(sandbox),
+                "user": req.user or "user",
+                "env_keys": sorted(req.env),
+                "timeout_ms": timeout_ms,
+                "max_output_bytes": cap,
+                "stdout_bytes": 0,
+                "stderr_bytes": 0,
+                "stdout_truncated": False,
+                "stderr_truncated": False,
+                "created_at": now,
+                "source": source,
+                "oom_killed": False,
+            }
         )
         spec = CommandSpec(
             id=cid,
@@ -283,7 +285,11 @@ class CommandService:
 
     @staticmethod
     def _values(row: CommandRow) -> dict[str, Any]:
-        return {key: getattr(row, key) for key in COLUMN_KEYS}
+        held = row.__dict__
+        try:  # a row built here holds every column (a loaded one may not: then the ORM's way)
+            return {key: held[key] for key in COLUMN_KEYS}
+        except KeyError:
+            return {key: getattr(row, key) for key in COLUMN_KEYS}
 
     async def _insert(self, row: CommandRow, values: dict[str, Any] | None = None) -> None:
         await self.writer.insert(COMMANDS, values if values is not None else self._values(row))
@@ -344,7 +350,7 @@ class CommandService:
                 outcome = await execution.outcome()
             # The result goes on a copy: readers keep seeing the running row until it is stored.
             values = {**self._values(row), **outcome_values(outcome)}
-            final = CommandRow(**values)
+            final = CommandRow.in_memory(values)
             if stored:
                 await self._record(row.id, outcome)
             else:

@@ -159,7 +159,7 @@ class CommandResults:
                 event.clear()
                 delivered = self._expected.get(cid) if stored is not None else None
                 if delivered is not None:
-                    return CommandRow(**{**stored, **outcome_values(delivered[0])})
+                    return CommandRow.in_memory({**stored, **outcome_values(delivered[0])})
                 if not read:
                     read = True
                     with contextlib.suppress(TimeoutError):

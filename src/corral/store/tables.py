@@ -17,7 +17,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 
@@ -111,6 +111,22 @@ class CommandRow(Base):
         Index("ix_commands_sandbox_created", "sandbox_id", "created_at"),
         Index("ix_commands_status", "status"),
     )
+
+    @classmethod
+    def in_memory(cls, values: dict[str, Any]) -> CommandRow:
+        """A row built in memory, never added to a session (command rows are written with
+        Core statements): `values` go straight into its dict, the other columns None. The
+        constructor fires the ORM's events for every attribute (~40 us a row, two rows a
+        command); this takes ~4 us, and the row reads and sets as one it built."""
+        if cls.__mapper__.configured is False:
+            configure_mappers()  # attribute access needs it; the first query would do it
+        row = cls._sa_class_manager.new_instance()
+        row.__dict__.update(_BLANK_COMMAND)
+        row.__dict__.update(values)
+        return row
+
+
+_BLANK_COMMAND: dict[str, Any] = dict.fromkeys(c.key for c in CommandRow.__table__.columns)
 
 
 class TokenRow(Base):
