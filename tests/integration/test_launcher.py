@@ -60,23 +60,57 @@ while time.process_time() - start < 0.3:
 """
 
 
-def test_each_command_gets_cgroups_made_while_the_last_one_started(
+def cgroup_of(result: dict) -> str:
+    line = next(x for x in result["stdout"].splitlines() if x.startswith("0::"))
+    return line.removeprefix("0::/")
+
+
+def test_commands_one_after_another_use_the_same_cgroups_and_measure_themselves(
     api: httpx.Client, sandbox_id: str
 ) -> None:
-    # The first command's cgroups are made as it comes, under its id; each later one's were
-    # made while the one before it started, under a name of their own...
-    first = run(api, sandbox_id, "grep '^0::' /proc/self/cgroup")
-    assert first["stdout"] == f"0::/{first['id']}\n", first
+    # Each command runs in cgroups of the sandbox's, named for no command in particular...
+    probe = "grep '^0::' /proc/self/cgroup"
+    first = cgroup_of(run(api, sandbox_id, probe))
+    assert first.startswith("cg-") and len(first) == 3 + 16, first
+    # ... which the next command uses once the last one has left them empty,
+    assert cgroup_of(run(api, sandbox_id, probe)) == first
     hog = run(api, sandbox_id, "python3", args=["-c", HOG])
-    assert hog["exit_code"] == 0, hog
-    ahead = hog["stdout"].strip()
-    assert ahead.startswith("0::/cg-"), hog
-    third = run(api, sandbox_id, "grep '^0::' /proc/self/cgroup")["stdout"].strip()
-    assert third.startswith("0::/cg-") and third != ahead
-    # ... and they measure that command alone: its CPU and its peak memory.
+    assert hog["exit_code"] == 0 and cgroup_of(hog) == first, hog
     assert hog["cpu_ms"] >= 250, hog
     assert hog["peak_memory_bytes"] is not None and hog["peak_memory_bytes"] >= 80 << 20, hog
-    assert run(api, sandbox_id, "true")["peak_memory_bytes"] < 40 << 20
+    # ... and each reports its own CPU and peak, not what the cgroup saw before it.
+    after = run(api, sandbox_id, probe)
+    assert cgroup_of(after) == first, after
+    assert after["cpu_ms"] is not None and after["cpu_ms"] < 100, after
+    assert after["peak_memory_bytes"] is not None, after
+    assert after["peak_memory_bytes"] < 40 << 20, after
+
+
+def test_overlapping_commands_get_cgroups_of_their_own(
+    api: httpx.Client, sandbox_id: str
+) -> None:
+    probe = "grep '^0::' /proc/self/cgroup"
+    slow = api.post(
+        f"/v1/sandboxes/{sandbox_id}/commands", json={"command": f"{probe}; sleep 1"}
+    ).json()
+    beside = cgroup_of(run(api, sandbox_id, probe))
+    done = api.get(f"/v1/sandboxes/{sandbox_id}/commands/{slow['id']}?wait=true").json()
+    assert done["exit_code"] == 0, done
+    assert beside != cgroup_of(done) and beside.startswith("cg-"), (beside, done)
+
+
+def test_a_cgroup_left_charged_is_not_used_again(api: httpx.Client, sandbox_id: str) -> None:
+    # A command that writes files leaves their page cache charged to its cgroup: the next
+    # command gets other cgroups, so that its peak is its own.
+    probe = "grep '^0::' /proc/self/cgroup"
+    writer = run(
+        api, sandbox_id, f"{probe}; head -c 8M /dev/zero > /tmp/eight && sync /tmp/eight"
+    )
+    assert writer["exit_code"] == 0, writer
+    assert writer["peak_memory_bytes"] >= 8 << 20, writer
+    after = run(api, sandbox_id, probe)
+    assert cgroup_of(after) != cgroup_of(writer), (writer, after)
+    assert after["peak_memory_bytes"] < 8 << 20, after
 
 
 def test_missing_program_and_cwd(api: httpx.Client, sandbox_id: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import httpx
 import pytest
 
 from tests.conftest import Server, make_data_dir
@@ -17,6 +18,10 @@ from tests.integration.helpers import (
 )
 
 pytestmark = pytest.mark.sandbox
+
+
+def run_stdout(api: httpx.Client, sid: str, command: str) -> str:
+    return api.post(f"/v1/sandboxes/{sid}/exec", json={"command": command}).json()["stdout"]
 
 
 def test_kill9_and_restart() -> None:
@@ -33,7 +38,8 @@ def test_kill9_and_restart() -> None:
             done = api.post(f"/v1/sandboxes/{sandboxes[0]}/exec", json={"command": "echo before"})
             running = api.post(
                 f"/v1/sandboxes/{sandboxes[0]}/commands",
-                json={"command": "sleep 404 & setsid sleep 404 & sleep 404"},
+                json={"command": "grep '^0::' /proc/self/cgroup > sleeper-cgroup;"
+                      " sleep 404 & setsid sleep 404 & sleep 404"},
             ).json()
             assert wait_for(lambda: len(processes_matching("sleep 404")) >= 3)
 
@@ -57,12 +63,13 @@ def test_kill9_and_restart() -> None:
             history = api.get(f"/v1/sandboxes/{sandboxes[0]}/commands").json()["items"]
             assert [c["status"] for c in history][:2] == ["completed", "lost"]
             assert processes_matching("sleep 404") == []
-            # Only the live sandboxes' cgroups exist, with their next commands' made ahead
+            # Only the live sandboxes' cgroups exist, with those kept for their next commands
             # (cg-...): the dead command's is gone.
             dirs = cgroup_dirs(srv.cgroup_name)
             assert sorted(d for d in dirs if "/" not in d) == sorted(sandboxes)
             assert all(d.split("/")[1].startswith("cg-") for d in dirs if "/" in d), dirs
-            assert not [d for d in dirs if running["id"] in d], dirs
+            dead = run_stdout(api, sandboxes[0], "cat sleeper-cgroup").strip().removeprefix("0::/")
+            assert dead.startswith("cg-") and not [d for d in dirs if dead in d], (dead, dirs)
             # The only mounts are the live sandboxes' own: their file systems (disk_mb), the
             # idmapped views of their base layers and their overlays (docs/root-filesystem.md),
             # once each; and the node's read-only views of the supervisor, the tools and an

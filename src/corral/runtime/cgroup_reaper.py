@@ -1,7 +1,8 @@
 """Removing finished commands' cgroups off the event loop, in batches.
 
 Every command gets cgroups of its own (a cgroup2 one to kill its tree, a v1 memory one for its
-peak where the host has one); they are removed once it has ended. An rmdir of a cgroup waits in
+peak where the host has one); once it has ended they serve the sandbox's next command where they
+can (command_cgroups.py), and are removed where they cannot. An rmdir of a cgroup waits in
 the kernel (~0.5 ms for a v1 memory cgroup that was charged pages), too long for the event loop,
 and a thread hop per command cost more than the removal itself at hundreds of execs a second.
 So finished commands queue here, and one thread removes whatever has gathered every

@@ -142,39 +142,6 @@ class ResourceControl:
                 (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
                 (path / "cpu.cfs_quota_us").write_text(str(quota))
 
-    def command_procs(self, sandbox_id: str, name: str) -> list[str]:
-        """A v1 memory cgroup per command (`name`: its cgroups' name), for its peak memory;
-        returns procs files to join."""
-        base = self.v1.get("memory")
-        if base is None:
-            return []
-        path = f"{base}/{sandbox_id}/{name}"  # every exec: plain strings, no pathlib
-        try:
-            os.mkdir(path)
-        except OSError:
-            return []
-        return [path + "/cgroup.procs"]
-
-    def command_usage(self, sandbox_id: str, name: str, unified_dir: Path | None) -> Usage:
-        # Read on every command's end, on the event loop: plain descriptors, no pathlib or io.
-        cpu_ms = None
-        if unified_dir is not None:
-            with contextlib.suppress(OSError, ValueError):
-                usec = _field(f"{unified_dir}/cpu.stat", b"usage_usec")
-                cpu_ms = usec // 1000 if usec is not None else None
-        peak = None
-        oom = 0
-        base = self.v1.get("memory")
-        if base is not None:
-            path = f"{base}/{sandbox_id}/{name}"
-            with contextlib.suppress(OSError, ValueError):
-                peak = int(_read(f"{path}/memory.max_usage_in_bytes"))
-            oom = _oom_kill_count(f"{path}/memory.oom_control")
-        elif unified_dir is not None:
-            with contextlib.suppress(OSError, ValueError):
-                peak = int(_read(f"{unified_dir}/memory.peak"))
-        return Usage(cpu_ms=cpu_ms, peak_memory_bytes=peak, oom_kills=oom)
-
     def sandbox_oom_kills(self, sandbox_id: str) -> int:
         base = self.v1.get("memory")
         if base is not None:
@@ -182,11 +149,6 @@ class ResourceControl:
         if "memory" in self.v2 and self.unified is not None:
             return _oom_kill_count(f"{self.unified}/{sandbox_id}/memory.events")
         return 0
-
-    def remove_command(self, sandbox_id: str, name: str) -> None:
-        base = self.v1.get("memory")
-        if base is not None:
-            self._remove_v1(base / sandbox_id / name)
 
     def remove(self, sandbox_id: str) -> None:
         for base in self.v1.values():

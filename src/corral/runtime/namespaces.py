@@ -18,14 +18,13 @@ import ipaddress
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from corral.pipes import pipe_end
 from corral.runtime import idmap, images, ports, rootfs, snapshots
@@ -47,6 +46,7 @@ from corral.runtime.base import (
 )
 from corral.runtime.cgroup_reaper import CgroupReaper
 from corral.runtime.cgroups import CgroupTree, favor_dynamic_modifications, find_cgroup2
+from corral.runtime.command_cgroups import CommandCgroups
 from corral.runtime.disks import SpareDisks, loop_mount, mkfs_command
 from corral.runtime.frames import (
     FRAMES_PER_WAKE,
@@ -1157,13 +1157,9 @@ def start_time(pid: int) -> int:
     return int(text[text.rindex(b")") + 2 :].split()[19])
 
 
-SPARE_CGROUP_PREFIX = "cg-"  # a command cgroup made ahead, named before its command is known
-
-
-class _CommandCgroups(NamedTuple):
-    name: str  # the directory's name in each hierarchy
-    unified: Path | None  # the cgroup2 directory
-    joins: list[str]  # the cgroup.procs files the launcher joins to start the command
+# Command cgroups a sandbox keeps for its next commands (command_cgroups.py): one serves a
+# sandbox whose commands come one after another; a second, one whose commands overlap.
+IDLE_CGROUPS_MAX = 2
 
 
 class NamespacesSandbox(SandboxHandle):
@@ -1188,7 +1184,8 @@ class NamespacesSandbox(SandboxHandle):
         self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
         self._stderr = b""
         self._home_fds: list[int] | None = None  # the sandbox's own cgroup.procs, opened once
-        self._spare: _CommandCgroups | None = None  # the next command's, made ahead
+        self._idle_cgroups: list[CommandCgroups] = []  # for the next commands (LIFO)
+        self._cgroups_in_use = 0  # commands holding command cgroups now
         self._stopping = False
         # The host pid of its pid 1 and that process's start time (None until it has started):
         # whose /proc/PID/root its terminals come from.
@@ -1356,11 +1353,10 @@ class NamespacesSandbox(SandboxHandle):
     async def spawn(self, spec: ProcessSpec) -> ProcessHandle:
         if not self.alive:
             raise SandboxDied("the sandbox is not running")
-        runtime = self.runtime
-        cgroups, self._spare = self._spare or self._command_cgroups(spec.id), None
-        cgroup, joins = cgroups.unified, cgroups.joins
-        cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in joins]
-        home_fds = self._homes() if joins else []
+        cgroups = self._idle_cgroups.pop() if self._idle_cgroups else self._make_cgroups()
+        cgroups.begin()
+        cgroup, cgroup_fds = cgroups.unified, cgroups.join_fds
+        home_fds = self._homes() if cgroup_fds else []
         if spec.tty:
             master, slave = self._open_pty(spec.rows, spec.cols)
             stdin_w, out_r, err_r = os.dup(master), master, None
@@ -1376,7 +1372,6 @@ class NamespacesSandbox(SandboxHandle):
                     fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             host_fds = [stdin_w, out_r, err_r]
             child_fds = [stdin_r, out_w, err_w]
-        child_fds += cgroup_fds
         if self.config.image is not None:
             # HOME, USER and LOGNAME come from the image's passwd (the supervisor's).
             env = {"PATH": DEFAULT_ENV["PATH"], **self.config.env, **spec.env}
@@ -1406,61 +1401,64 @@ class NamespacesSandbox(SandboxHandle):
             # The supervisor's launcher joins the command's cgroups to start it and goes back
             # to the sandbox's own.
             "joins": len(cgroup_fds), "homes": len(home_fds),
-            "cgroup": cgroup.name if cgroup is not None else "",
+            "cgroup": cgroups.name if cgroup is not None else "",
         }  # fmt: skip
+        self._cgroups_in_use += 1
         try:
-            await self._send(message, child_fds + home_fds)
-            if joins:
-                self.loop.call_soon(self._make_spare)  # while the supervisor starts this one
+            await self._send(message, child_fds + cgroup_fds + home_fds)
+            if cgroup_fds and not self._idle_cgroups and self._cgroups_in_use > 1:
+                # Commands overlap here: the next one's, made while the supervisor starts this.
+                self.loop.call_soon(self._make_spare)
             try:
                 pid = await asyncio.wait_for(started, SPAWN_TIMEOUT)
             except SandboxDied as exc:
                 raise StartUnknown(str(exc)) from None
         except BaseException:
+            self._cgroups_in_use -= 1
             self._forget(spec.id)
             for fd in host_fds:
                 os.close(fd)
-            if cgroup is not None:
+            if cgroup is not None and self.runtime.cgroups is not None:
                 # A launcher killed mid-spawn may have started it after all.
-                runtime.cgroups.kill(cgroup)  # type: ignore[union-attr]
-                await asyncio.to_thread(runtime.cgroups.remove, cgroup)  # type: ignore[union-attr]
-            if runtime.resources is not None:
-                runtime.resources.remove_command(self.config.id, cgroups.name)
+                self.runtime.cgroups.kill(cgroup)
+            self.runtime.reaper.add(cgroups.remove)  # once the killed ones are gone
             raise
         finally:
             for fd in set(child_fds):
                 os.close(fd)
-        process = NamespacesProcess(
-            self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroup, cgroups.name
-        )
+        process = NamespacesProcess(self, spec.id, pid, stdin_w, out_r, err_r, exited, cgroups)
         process.tty = spec.tty
         return process
 
-    def _command_cgroups(self, name: str) -> _CommandCgroups:
-        """Make a command's cgroups under `name`: a cgroup2 one (to kill its tree), and a v1
-        memory one (for its peak) where the host has that hierarchy."""
+    def _make_cgroups(self) -> CommandCgroups:
+        """New command cgroups: a cgroup2 one (to kill the command's tree), and a v1 memory
+        one (for its peak) where the host has that hierarchy."""
         runtime = self.runtime
-        unified = None
-        joins: list[str] = []
-        if runtime.cgroups is not None and self.cgroup is not None:
-            unified = runtime.cgroups.command(self.config.id, name)
-            directory = str(unified)  # every exec passes here: plain strings for the syscalls
-            os.mkdir(directory)
-            joins.append(directory + "/cgroup.procs")
-        if runtime.resources is not None:
-            joins += runtime.resources.command_procs(self.config.id, name)
-        return _CommandCgroups(name, unified, joins)
+        unified = self.cgroup if runtime.cgroups is not None else None
+        memory = None
+        if runtime.resources is not None and "memory" in runtime.resources.v1:
+            memory = runtime.resources.v1["memory"] / self.config.id
+        return CommandCgroups.make(unified, memory)
 
     def _make_spare(self) -> None:
-        """The next command's cgroups, made while this one starts: the two mkdirs (~0.09 ms)
-        leave the next exec's path. Their name is their own (a command's id is not known
-        before it comes, and cgroup2 cannot rename)."""
-        if self._spare is not None or self._stopping or not self.alive:
+        """Command cgroups for the next command, made while this one starts: the two mkdirs
+        (~0.14 ms) leave the next exec's path."""
+        if self._idle_cgroups or self._stopping or not self.alive:
             return
         try:
-            self._spare = self._command_cgroups(SPARE_CGROUP_PREFIX + secrets.token_hex(8))
+            self._idle_cgroups.append(self._make_cgroups())
         except OSError as exc:  # the next command makes its own
             log.debug("sandbox %s: no spare command cgroup: %s", self.config.id, exc)
+
+    def _take_back(self, cgroups: CommandCgroups) -> bool:
+        """A command's cgroups, after it ended: kept for the next command if they can serve
+        it (False: the caller removes them)."""
+        if self._stopping or not self.alive or len(self._idle_cgroups) >= IDLE_CGROUPS_MAX:
+            return False
+        if not cgroups.reusable():
+            return False
+        self._idle_cgroups.append(cgroups)
+        return True
 
     def _open_pty(self, rows: int, cols: int) -> tuple[int, int]:
         """A terminal of the sandbox's own devpts instance, so that the command sees a terminal
@@ -1499,7 +1497,9 @@ class NamespacesSandbox(SandboxHandle):
 
     async def stop(self) -> None:
         self._stopping = True
-        self._spare = None  # its directories go with the sandbox's own
+        for idle in self._idle_cgroups:
+            idle.close()  # their directories go with the sandbox's own
+        self._idle_cgroups.clear()
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()  # bwrap's --die-with-parent takes the whole pid namespace
@@ -1570,18 +1570,18 @@ class NamespacesProcess(ProcessHandle):
         stdout_fd: int,
         stderr_fd: int | None,
         exited: asyncio.Future[ExitStatus],
-        cgroup: Path | None,
-        cgroup_name: str,
+        cgroups: CommandCgroups,
     ) -> None:
         self.sandbox = sandbox
         self.command_id = command_id
-        self.cgroup_name = cgroup_name  # its cgroups' name in each hierarchy
+        self.cgroups = cgroups  # its own until release(), then maybe the next command's
         self.pid = pid  # inside the sandbox's pid namespace
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
         self.stderr_fd = stderr_fd
         self._exited = exited
-        self.cgroup = cgroup
+        self.cgroup = cgroups.unified
+        self._released = False
 
     async def wait(self) -> ExitStatus:
         return await asyncio.shield(self._exited)
@@ -1606,23 +1606,21 @@ class NamespacesProcess(ProcessHandle):
             await self.signal(signal.SIGKILL)
 
     def usage(self) -> Usage:
-        resources = self.sandbox.runtime.resources
-        if resources is None:
+        if self.sandbox.runtime.resources is None:
             return Usage()
-        return resources.command_usage(self.sandbox.config.id, self.cgroup_name, self.cgroup)
+        return self.cgroups.usage()
 
     async def release(self) -> None:
         self.sandbox._forget(self.command_id)
-        if self.sandbox.runtime.cgroups is None or self.cgroup is None:
+        if self._released:
             return
-        # rmdir of a cgroup waits in the kernel: removed by the reaper's thread, in batches.
-        self.sandbox.runtime.reaper.add(self._remove_cgroups)
-
-    def _remove_cgroups(self) -> bool:
-        cgroups = self.sandbox.runtime.cgroups
-        assert cgroups is not None and self.cgroup is not None
-        if cgroups.populated(self.cgroup) or not cgroups.remove(self.cgroup):
-            return False
-        if self.sandbox.runtime.resources is not None:
-            self.sandbox.runtime.resources.remove_command(self.sandbox.config.id, self.cgroup_name)
-        return True
+        self._released = True
+        self.sandbox._cgroups_in_use -= 1
+        # From here on its cgroups may be another command's: nothing of this one touches them.
+        unified, self.cgroup = self.cgroup, None
+        if unified is None:
+            self.cgroups.close()  # without cgroup2 the v1 one goes with the sandbox's own
+            return
+        if not self.sandbox._take_back(self.cgroups):
+            # rmdir of a cgroup waits in the kernel: removed by the reaper's thread, in batches.
+            self.sandbox.runtime.reaper.add(self.cgroups.remove)
