@@ -79,6 +79,7 @@ MAX_MESSAGE = 1 << 20
 # The launcher's events (started, exit, spawn_failed with an errno's text) are far smaller and
 # are read in a buffer of this size too, which comes from the heap, not a mapping of its own.
 LAUNCHER_MAX_MESSAGE = 64 << 10
+LAUNCHER_DRAIN_SECONDS = 1.0
 MAX_FDS = 16
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_READ = 23
@@ -226,8 +227,8 @@ class _Poller:
         except OSError:  # closed since (as selectors allows)
             pass
 
-    def select(self):
-        return [self.data[fd] for fd, _events in self.epoll.poll() if fd in self.data]
+    def select(self, timeout=-1):
+        return [self.data[fd] for fd, _events in self.epoll.poll(timeout) if fd in self.data]
 
 
 def _exit_event(cid, info, **extra):
@@ -534,7 +535,13 @@ class Supervisor:
         self.setup()
         _send(self.sock, {"ev": "ready"})
         while True:
-            for ready in self.selector.select():
+            # The launcher's copies of its events are read when a node message or a child's
+            # exit needs them (a wake-up apiece would take the CPU from the launcher as it
+            # tells the node), and at least every LAUNCHER_DRAIN_SECONDS.
+            ready_now = self.selector.select(LAUNCHER_DRAIN_SECONDS)
+            if not ready_now:
+                self._drain_launcher()
+            for ready in ready_now:
                 if ready == "node":
                     try:
                         data, fds = _recv(self.sock)
@@ -543,6 +550,7 @@ class Supervisor:
                     if not data:
                         return  # the node closed the socket: the sandbox is being stopped
                     try:
+                        self._drain_launcher()  # the state as the launcher left it
                         self._handle(data, fds)
                     finally:
                         for fd in fds:
@@ -554,8 +562,6 @@ class Supervisor:
                     except BlockingIOError:
                         pass
                     self._reap()
-                else:
-                    self._from_launcher()
 
     # launcher lifecycle
 
@@ -574,7 +580,6 @@ class Supervisor:
         self.launcher_chan = mine
         self.launcher_up = False
         mine.settimeout(2.0)  # a stopped launcher must not hang the supervisor
-        self.selector.register(mine, "launcher")
         # Wait for it (a millisecond or two), so that the next command already uses it.
         try:
             first = mine.recv(LAUNCHER_MAX_MESSAGE)
@@ -591,7 +596,6 @@ class Supervisor:
         chan = self.launcher_chan
         if chan is None:
             return
-        self.selector.unregister(chan)
         chan.setblocking(False)
         try:
             while True:
@@ -641,14 +645,16 @@ class Supervisor:
         if restart:
             self._start_launcher()
 
-    def _from_launcher(self, flags=0):
-        """Take one event from the launcher; False if there was none (or it is gone)."""
+    def _from_launcher(self):
+        """Take one event from the launcher if one is there; False if none was (or it is
+        gone). Its descriptor is non-blocking (the socket has a timeout); the socket object
+        would wait up to that timeout before reading, so the read goes around it."""
         chan = self.launcher_chan
         if chan is None:
             return False
         try:
-            data = chan.recv(LAUNCHER_MAX_MESSAGE, flags)
-        except (BlockingIOError, TimeoutError):
+            data = os.read(chan.fileno(), LAUNCHER_MAX_MESSAGE)
+        except BlockingIOError:
             return False
         except OSError:
             data = b""
@@ -694,6 +700,7 @@ class Supervisor:
         _send(self.sock, {"ev": "started", "id": cid, "pid": pid})
 
     def _reap(self):
+        self._drain_launcher()  # what it started, before its orphans are looked at
         flags = os.WEXITED | os.WSTOPPED | os.WNOHANG
         while True:
             try:
@@ -783,7 +790,7 @@ class Supervisor:
 
     def _drain_launcher(self):
         """Take the launcher's events already sent (it tells us before the node)."""
-        while self._from_launcher(socket.MSG_DONTWAIT):
+        while self._from_launcher():
             pass
 
     def _forward(self, message, data, fds):
