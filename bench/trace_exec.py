@@ -78,7 +78,7 @@ def install() -> list[str]:
 
     from corral.core import commands, sandboxes, tokens
     from corral.node import local, output_log
-    from corral.runtime import cgroups, limits, namespaces, rootfs
+    from corral.runtime import cgroups, command_cgroups, limits, namespaces, rootfs
 
     wrapped = []
     targets = [
@@ -96,13 +96,13 @@ def install() -> list[str]:
         (local.LocalExecution, "_wait_exit", "LocalExecution._wait_exit"),
         (namespaces.NamespacesSandbox, "spawn", "NamespacesSandbox.spawn (until 'started')"),
         (namespaces.NamespacesSandbox, "_send", "NamespacesSandbox._send (sendmsg)"),
-        (namespaces.NamespacesProcess, "release", "NamespacesProcess.release (cgroup rmdir)"),
+        (namespaces.NamespacesProcess, "release", "NamespacesProcess.release (cgroups kept)"),
         (namespaces.NamespacesProcess, "usage", "NamespacesProcess.usage (cgroup reads)"),
         (cgroups.CgroupTree, "remove", "CgroupTree.remove"),
         (cgroups.CgroupTree, "populated", "CgroupTree.populated"),
-        (limits.ResourceControl, "command_procs", "ResourceControl.command_procs (mkdirs)"),
-        (limits.ResourceControl, "remove_command", "ResourceControl.remove_command (rmdirs)"),
-        (limits.ResourceControl, "command_usage", "ResourceControl.command_usage"),
+        (command_cgroups.CommandCgroups, "make", "CommandCgroups.make (mkdirs + opens)"),
+        (command_cgroups.CommandCgroups, "reusable", "CommandCgroups.reusable (kept for the next)"),
+        (command_cgroups.CommandCgroups, "remove", "CommandCgroups.remove (rmdirs)"),
         (output_log.OutputLog, "__init__", "OutputLog.__init__ (mkdir + open)"),
         (output_log.OutputLog, "close", "OutputLog.close"),
         # Creating a sandbox (--create).
