@@ -1353,10 +1353,6 @@ class NamespacesSandbox(SandboxHandle):
     async def spawn(self, spec: ProcessSpec) -> ProcessHandle:
         if not self.alive:
             raise SandboxDied("the sandbox is not running")
-        cgroups = self._idle_cgroups.pop() if self._idle_cgroups else self._make_cgroups()
-        cgroups.begin()
-        cgroup, cgroup_fds = cgroups.unified, cgroups.join_fds
-        home_fds = self._homes() if cgroup_fds else []
         if spec.tty:
             master, slave = self._open_pty(spec.rows, spec.cols)
             stdin_w, out_r, err_r = os.dup(master), master, None
@@ -1390,12 +1386,26 @@ class NamespacesSandbox(SandboxHandle):
             env = {**DEFAULT_ENV, **self.config.env, **spec.env}
         if self.config.network != "none":
             env = {**TRUST_ENV, **env}
+        argv = self.runtime.expand_argv(self.config, spec.argv)
+        taken: CommandCgroups | None = None
+        try:
+            taken = self._idle_cgroups.pop() if self._idle_cgroups else self._make_cgroups()
+            cgroups = taken
+            cgroups.begin()
+            home_fds = self._homes() if cgroups.join_fds else []
+        except BaseException:
+            if taken is not None:
+                self.runtime.reaper.add(taken.remove)
+            for fd in {*host_fds, *child_fds}:
+                os.close(fd)
+            raise
+        cgroup, cgroup_fds = cgroups.unified, cgroups.join_fds
         started = self.loop.create_future()
         exited: asyncio.Future[ExitStatus] = self.loop.create_future()
         self._spawns[spec.id] = started
         self._exits[spec.id] = exited
         message = {
-            "op": "spawn", "id": spec.id, "argv": self.runtime.expand_argv(self.config, spec.argv),
+            "op": "spawn", "id": spec.id, "argv": argv,
             "env": env, "cwd": spec.cwd,
             "tty": spec.tty, "rlimits": {"core": 0, **spec.rlimits}, "user": spec.user,
             # The supervisor's launcher joins the command's cgroups to start it and goes back
