@@ -99,7 +99,6 @@ def install() -> list[str]:
         (namespaces.NamespacesProcess, "release", "NamespacesProcess.release (cgroups kept)"),
         (namespaces.NamespacesProcess, "usage", "NamespacesProcess.usage (cgroup reads)"),
         (cgroups.CgroupTree, "remove", "CgroupTree.remove"),
-        (cgroups.CgroupTree, "populated", "CgroupTree.populated"),
         (command_cgroups.CommandCgroups, "make", "CommandCgroups.make (mkdirs + opens)"),
         (command_cgroups.CommandCgroups, "reusable", "CommandCgroups.reusable (kept for the next)"),
         (command_cgroups.CommandCgroups, "remove", "CommandCgroups.remove (rmdirs)"),

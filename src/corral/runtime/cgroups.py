@@ -89,9 +89,6 @@ class CgroupTree:
     def sandbox(self, sandbox_id: str) -> Path:
         return self.base / sandbox_id
 
-    def command(self, sandbox_id: str, command_id: str) -> Path:
-        return self.base / sandbox_id / command_id
-
     @staticmethod
     def procs(path: Path) -> list[int]:
         try:
@@ -99,16 +96,6 @@ class CgroupTree:
         except FileNotFoundError:
             return []
         return [int(p) for p in text.split()]
-
-    @staticmethod
-    def populated(path: Path) -> bool:
-        try:
-            for line in (path / "cgroup.events").read_text().splitlines():
-                if line.startswith("populated "):
-                    return line.endswith("1")
-        except FileNotFoundError:
-            return False
-        return bool(CgroupTree.procs(path))
 
     def signal_all(self, path: Path, signum: int) -> None:
         """Signal every process in the cgroup and below it."""

@@ -27,7 +27,7 @@ import os
 import secrets
 from pathlib import Path
 
-from corral.runtime.limits import Usage
+from corral.runtime.limits import Usage, field_value
 
 PREFIX = "cg-"
 # Charged memory a cgroup may keep and still be used again (a command that only ran keeps
@@ -57,7 +57,6 @@ class CommandCgroups:
         self._cpu_base = 0  # usage_usec before the current command
         self._peak_base = 0  # charged bytes left from before the current command
         self._oom_kills = 0  # as last read
-        self.used = 0  # commands started in it so far
 
     @classmethod
     def make(cls, unified: Path | None, memory_parent: Path | None) -> CommandCgroups:
@@ -81,7 +80,6 @@ class CommandCgroups:
         try:
             cgroups._open()
         except OSError:
-            cgroups.close()
             cgroups.remove()
             raise
         return cgroups
@@ -106,9 +104,8 @@ class CommandCgroups:
 
     def begin(self) -> None:
         """A command is about to start in them: what was used before it is its baseline."""
-        if self.used and self._cpu_fd is not None:
+        if self._cpu_fd is not None:
             self._cpu_base = _field(self._cpu_fd, b"usage_usec") or 0
-        self.used += 1
 
     def usage(self) -> Usage:
         """The current command's CPU time, peak memory and OOM kills (read as it ends)."""
@@ -178,8 +175,4 @@ class CommandCgroups:
 
 def _field(fd: int, key: bytes) -> int | None:
     """The value of `key` in an open cgroup file of "key value" lines; None if absent."""
-    data = b"\n" + os.pread(fd, READ_MAX, 0)
-    at = data.find(b"\n" + key + b" ")
-    if at < 0:
-        return None
-    return int(data[at + len(key) + 2 :].split(None, 1)[0])
+    return field_value(os.pread(fd, READ_MAX, 0), key)

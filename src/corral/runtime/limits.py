@@ -41,14 +41,18 @@ def _read(path: str) -> bytes:
         os.close(fd)
 
 
-def _field(path: str, key: bytes) -> int | None:
-    """The value of `key` in a cgroup file of "key value" lines (cpu.stat, memory.events,
-    memory.oom_control); None if the file has no such line."""
-    data = b"\n" + _read(path)
+def field_value(text: bytes, key: bytes) -> int | None:
+    """The value of `key` in a cgroup file's "key value" lines (cpu.stat, memory.events,
+    memory.oom_control); None if there is no such line."""
+    data = b"\n" + text
     at = data.find(b"\n" + key + b" ")
     if at < 0:
         return None
     return int(data[at + len(key) + 2 :].split(None, 1)[0])
+
+
+def _field(path: str, key: bytes) -> int | None:
+    return field_value(_read(path), key)
 
 
 def _oom_kill_count(path: str) -> int:
